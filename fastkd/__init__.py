@@ -1,0 +1,6 @@
+"""fastkd: fused Triton kernels for knowledge-distillation losses in PyTorch."""
+from .dispatch import backends
+from .kd import KDLoss, kd_loss
+
+__version__ = "0.1.0"
+__all__ = ["kd_loss", "KDLoss", "backends", "__version__"]

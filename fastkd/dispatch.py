@@ -1,0 +1,84 @@
+"""Backend choice for every fastkd op, in one place.
+
+Backends:
+
+- ``"triton"``: the fused Triton kernels in :mod:`fastkd.kernels`. Chosen by ``"auto"`` for CUDA tensors of
+  dtype float32, float16 or bfloat16. On CPU tensors it runs only under the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before triton is imported), which is how the CPU test-suite exercises the very
+  kernel code that runs on the GPU.
+- ``"reference"``: the pure-PyTorch implementation in :mod:`fastkd.reference`, the executable specification.
+  Chosen by ``"auto"`` for CPU tensors and for dtypes the kernels do not take (float64).
+
+The environment variable ``FASTKD_BACKEND`` (``auto``, ``triton`` or ``reference``) replaces ``"auto"`` as the
+default; an explicit ``backend=`` argument always wins.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs its interpreter (kernels execute on CPU tensors with numpy)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when the triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def backends() -> dict:
+    """What can run here: ``{"triton": bool, "triton_interpreter": bool, "cuda": bool, "reference": True}``."""
+    return {
+        "triton": triton_available(),
+        "triton_interpreter": triton_available() and triton_interpreted(),
+        "cuda": torch.cuda.is_available(),
+        "reference": True,
+    }
+
+
+def check_backend_name(requested: str) -> None:
+    """Raise ``ValueError`` unless ``requested`` names a backend."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+
+
+def select_backend(requested: str, *tensors: torch.Tensor) -> str:
+    """Return ``"triton"`` or ``"reference"`` for an op over ``tensors`` (already validated to share a device).
+
+    Raises ``ValueError`` for an unknown backend name and ``RuntimeError`` when the backend asked for cannot
+    run on these tensors.
+    """
+    check_backend_name(requested)
+    if requested == "auto":
+        requested = os.environ.get("FASTKD_BACKEND", "auto")
+        if requested not in BACKENDS:
+            raise ValueError(f"environment variable FASTKD_BACKEND must be one of {BACKENDS}, got {requested!r}")
+    device = tensors[0].device
+    kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
+    if requested == "auto":
+        if device.type == "cuda" and kernel_dtypes and triton_available():
+            return "triton"
+        return "reference"
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not kernel_dtypes:
+            dtypes = sorted({str(t.dtype) for t in tensors})
+            raise RuntimeError(f"backend='triton' takes float32, float16 and bfloat16 tensors, got {dtypes}; "
+                               "use backend='reference' for other dtypes")
+        if device.type == "cpu" and not triton_interpreted():
+            raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                               "before triton is imported, or use backend='reference'")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"backend='triton' runs on CUDA tensors (or CPU ones under the interpreter), "
+                               f"got device {device}")
+    return requested

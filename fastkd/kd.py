@@ -1,0 +1,280 @@
+"""fastkd.kd_loss: temperature-softened logit distillation (KL, reverse KL, generalized JSD) with optional
+hard-label cross-entropy, in one fused pass over each row.
+
+This module holds the validation, the dispatch call, the ``torch.library`` custom ops with their autograd,
+and the reduction. The kernels are in :mod:`fastkd.kernels.kd`, the specification in
+:func:`fastkd.reference.kd_loss_rows`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import reference
+from .dispatch import check_backend_name, select_backend
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+REDUCTIONS = ("batchmean", "sum", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops (Triton backend)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    from .kernels import kd as kd_kernels  # imported lazily: triton is optional and may need TRITON_INTERPRET first
+    return kd_kernels
+
+
+@torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
+def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                     temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
+                     kd_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().kd_forward(student, teacher, labels, temperature=temperature, divergence=divergence, beta=beta,
+                                 ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale)
+
+
+@_kd_loss_rows_op.register_fake
+def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
+    num_rows = student.shape[0]
+    return (student.new_empty(num_rows, dtype=torch.float32),
+            student.new_empty((_kernels().NUM_STATS, num_rows), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastkd::kd_loss_rows_backward", mutates_args=())
+def _kd_loss_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                              labels: Optional[torch.Tensor], stats: torch.Tensor, temperature: float,
+                              divergence: str, beta: float, ignore_index: int, ce_weight: float, kd_scale: float,
+                              teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().kd_backward(grad_loss, student, teacher, labels, stats, temperature=temperature,
+                                  divergence=divergence, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
+                                  kd_scale=kd_scale, teacher_grad=teacher_grad)
+
+
+@_kd_loss_rows_backward_op.register_fake
+def _(grad_loss, student, teacher, labels, stats, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
+      teacher_grad):
+    grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
+    return student.new_empty(student.shape), grad_t
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, *options = inputs
+    ctx.save_for_backward(student, teacher, labels, output[1])
+    ctx.options = options
+
+
+def _backward(ctx, grad_loss, grad_stats):
+    student, teacher, labels, stats = ctx.saved_tensors
+    teacher_grad = ctx.needs_input_grad[1]
+    grad_s, grad_t = _kd_loss_rows_backward_op(grad_loss, student, teacher, labels, stats, *ctx.options,
+                                               teacher_grad)
+    return (grad_s, grad_t if teacher_grad else None) + (None,) * 7
+
+
+_kd_loss_rows_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------------
+
+def _finite_number(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite {'positive ' if positive else ''}number, got {value}")
+    return value
+
+
+def _check_options(*, temperature, divergence, beta, reduction, ignore_index, ce_weight, kd_weight, scale_by_t2,
+                   normalizer) -> dict:
+    """Validate the tensor-free options of kd_loss; return them normalised (floats, ints)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction == "mean":
+        raise ValueError("reduction='mean' averages over every element (rows × classes), which divides the KD loss "
+                         "by the vocabulary size; use reduction='batchmean' (sum over rows ÷ number of counted "
+                         "rows), 'sum' or 'none'")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    beta = _finite_number("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
+    if normalizer is not None:
+        if reduction != "batchmean":
+            raise ValueError(f"normalizer replaces the divisor of reduction='batchmean'; it has no meaning with "
+                             f"reduction={reduction!r}")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
+                raise ValueError(f"normalizer must be a number or a 0-d real tensor, got a tensor of shape "
+                                 f"{tuple(normalizer.shape)}")
+        else:
+            normalizer = _finite_number("normalizer", normalizer, positive=True)
+    return dict(temperature=_finite_number("temperature", temperature, positive=True), divergence=divergence,
+                beta=beta, reduction=reduction, ignore_index=int(ignore_index),
+                ce_weight=_finite_number("ce_weight", ce_weight), kd_weight=_finite_number("kd_weight", kd_weight),
+                scale_by_t2=scale_by_t2, normalizer=normalizer)
+
+
+def _check_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], *,
+                   ce_weight: float, ignore_index: int) -> None:
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape (*, V) with V >= 1, got {tuple(x.shape)}")
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(f"student_logits and teacher_logits must have the same number of classes V (last dim), got "
+                         f"{student.shape[-1]} and {teacher.shape[-1]}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape, got {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")
+    if student.device != teacher.device:
+        raise ValueError(f"student_logits and teacher_logits must be on the same device, got {student.device} and "
+                         f"{teacher.device}")
+    if labels is None:
+        if ce_weight != 0:
+            raise ValueError("ce_weight != 0 needs labels")
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(f"labels must have the shape of student_logits without its last dim, "
+                         f"{tuple(student.shape[:-1])}, got {tuple(labels.shape)}")
+    if labels.device != student.device:
+        raise ValueError(f"labels must be on the device of the logits ({student.device}), got {labels.device}")
+    # a free check where reading the labels costs no device sync; elsewhere bad rows come out NaN
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel() > 0:
+        num_classes = student.shape[-1]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, got "
+                             f"{labels[bad][0].item()}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------------
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+            divergence: str = "kl", beta: float = 0.5, reduction: str = "batchmean",
+            labels: Optional[torch.Tensor] = None, ignore_index: int = -100, ce_weight: float = 0.0,
+            kd_weight: float = 1.0, scale_by_t2: bool = True,
+            normalizer: Union[float, torch.Tensor, None] = None, backend: str = "auto") -> torch.Tensor:
+    r"""Knowledge-distillation loss between student and teacher logits, fused in one pass over each row.
+
+    For each row (leading dims of the ``(*, V)`` logits are flattened), with p_s = softmax(s/T) and
+    p_t = softmax(t/T)::
+
+        row_loss = kd_weight · (T² if scale_by_t2 else 1) · D(p_t, p_s) + ce_weight · CE(softmax(s), label)
+
+    D by ``divergence``:
+
+    - ``"kl"`` (Hinton): KL(p_t‖p_s) = Σ p_t (log p_t − log p_s).
+    - ``"reverse_kl"``: KL(p_s‖p_t).
+    - ``"jsd"``: generalized Jensen–Shannon, β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with m = β·p_t + (1−β)·p_s.
+      It is continuous in β on [0, 1] and exactly 0 at β = 0 and β = 1 (m equals one of the two
+      distributions there). TRL and Liger-Kernel instead switch to forward/reverse KL at the endpoints, a
+      jump; use ``"kl"`` or ``"reverse_kl"`` for those. JSD_β/(β(1−β)) tends to KL(p_t‖p_s) as β→0 and to
+      KL(p_s‖p_t) as β→1.
+
+    The cross-entropy term uses the student logits at temperature 1. The T² factor keeps the soft-target
+    gradient, which scales as 1/T², comparable across temperatures (Hinton et al.); ``scale_by_t2=False``
+    gives the unscaled divergence, as Liger-Kernel and TRL return it.
+
+    ``labels`` (shape ``*``, int64/int32) serve the cross-entropy term and mark rows to skip: a row whose label is
+    ``ignore_index`` contributes 0, gets zero gradient and is not counted. A row with any other label outside
+    [0, V) is an error on CPU tensors; on CUDA (where checking would cost a device sync) its loss is NaN.
+
+    Reduction:
+
+    - ``"batchmean"`` (default): Σ row_loss ÷ number of counted rows (all rows without labels; rows whose label
+      is not ``ignore_index`` with labels). ``normalizer`` (number or 0-d tensor) replaces that divisor, e.g. the
+      counted rows of a whole gradient-accumulation step. A batch with no counted row returns 0 (connected to
+      the graph), never NaN.
+    - ``"sum"``: Σ row_loss.
+    - ``"none"``: row_loss of shape ``*`` (0 at ignored rows).
+
+    torch's element-wise ``"mean"`` divides by N·V and is refused. With the defaults this equals::
+
+        F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                 reduction="batchmean") * T * T        # for 2-D logits
+
+    Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
+    the reference. Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
+    ``backend``: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
+    """
+    options = _check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
+                             ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                             scale_by_t2=scale_by_t2, normalizer=normalizer)
+    _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
+                   ignore_index=options["ignore_index"])
+    row_shape = student_logits.shape[:-1]
+    num_classes = student_logits.shape[-1]
+    student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one
+    teacher = teacher_logits.reshape(-1, num_classes)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    t = options["temperature"]
+    kd_scale = options["kd_weight"] * (t * t if options["scale_by_t2"] else 1.0)
+
+    if select_backend(backend, student, teacher) == "triton":
+        row_loss, _ = _kd_loss_rows_op(student, teacher, flat_labels, t, options["divergence"], options["beta"],
+                                       options["ignore_index"], options["ce_weight"], kd_scale)
+    else:
+        row_loss = reference.kd_loss_rows(student, teacher, flat_labels, temperature=t,
+                                          divergence=options["divergence"], beta=options["beta"],
+                                          ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
+                                          kd_weight=options["kd_weight"], scale_by_t2=options["scale_by_t2"])
+
+    if options["reduction"] == "none":
+        return row_loss.reshape(row_shape)
+    total = row_loss.sum()
+    if options["reduction"] == "sum":
+        return total
+    if options["normalizer"] is not None:
+        return total / options["normalizer"]
+    if flat_labels is None:
+        return total / max(student.shape[0], 1)
+    return total / (flat_labels != options["ignore_index"]).sum().clamp_min(1)
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss`: holds the options, ``forward(student_logits, teacher_logits, labels=None)``.
+
+    ``normalizer`` may also be passed per call to ``forward``.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
+                 reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
+                 kd_weight: float = 1.0, scale_by_t2: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.options = dict(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
+                            ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                            scale_by_t2=scale_by_t2)
+        _check_options(normalizer=None, **self.options)
+        check_backend_name(backend)
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: Optional[torch.Tensor] = None,
+                normalizer: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, labels=labels, normalizer=normalizer, backend=self.backend,
+                       **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

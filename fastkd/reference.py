@@ -1,0 +1,99 @@
+"""Pure-PyTorch reference implementations: the executable specification of every fastkd op.
+
+The kernels are tested against these functions, and these functions against float64 math. They favour
+clarity over speed and memory (they build several N×V temporaries), and are differentiable with autograd.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _weighted(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """Element-wise p·log_ratio with 0 where p = 0 (0·log 0 = 0); autograd-safe where log_ratio is ±inf or NaN."""
+    positive = p > 0
+    return torch.where(positive, p * torch.where(positive, log_ratio, 0), 0)
+
+
+def log_mixture_ratio(x: torch.Tensor, w: float) -> torch.Tensor:
+    """log(1 − w + w·eˣ) for w in [0, 1] and x in [−inf, inf], accurate to rounding also where the result is tiny.
+
+    With x = log p − log q it is log(m/q) for the mixture m = w·p + (1 − w)·q: computing it from x with
+    log1p/expm1, instead of subtracting log q from log m, keeps the generalized JSD accurate as β → 0 or 1.
+    """
+    if w == 0:
+        return torch.zeros_like(x)
+    if w == 1:
+        return x
+    x = torch.where(x.isnan(), 0, x)
+    with torch.no_grad():
+        y = w * torch.expm1(x)
+        tiny = (y > -0.5) & (y <= 1)  # log1p(y) is exact here
+        low = y <= -0.5  # 1 − w + w·eˣ is a sum of two positive terms, no cancellation
+        high = ~(tiny | low)  # e^x may overflow: work in log space
+    tiny_value = torch.log1p(w * torch.expm1(torch.where(tiny, x, 0)))
+    low_value = torch.log((1 - w) + w * torch.exp(torch.where(low, x, 0)))
+    high_value = torch.logaddexp(torch.tensor(math.log1p(-w), dtype=x.dtype, device=x.device),
+                                 math.log(w) + torch.where(high & x.isfinite(), x, 0))
+    value = torch.where(tiny, tiny_value, torch.where(low, low_value, high_value))
+    return torch.where(x == math.inf, math.inf, value)
+
+
+def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float,
+                       divergence: str, beta: float) -> torch.Tensor:
+    """Per-row divergence D between p_t = softmax(t/T) and p_s = softmax(s/T) of (N, V) logits, shape (N,).
+
+    ``"kl"``: Σ p_t (log p_t − log p_s); ``"reverse_kl"``: Σ p_s (log p_s − log p_t);
+    ``"jsd"``: β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with m = β·p_t + (1−β)·p_s (exactly 0 at β = 0 and β = 1).
+    """
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    if divergence == "kl":
+        return _weighted(p_t, log_p_t - log_p_s).sum(-1)
+    if divergence == "reverse_kl":
+        return _weighted(p_s, log_p_s - log_p_t).sum(-1)
+    if divergence == "jsd":
+        log_ratio = log_p_t - log_p_s
+        jsd = torch.zeros_like(log_p_s[..., 0])
+        # log(p_t/m) = −log(1 − (1−β) + (1−β)·p_s/p_t), log(p_s/m) = −log(1 − β + β·p_t/p_s)
+        if beta > 0:  # a zero weight drops its term entirely, so an infinite KL there cannot turn into 0·inf = NaN
+            jsd = jsd - beta * _weighted(p_t, log_mixture_ratio(-log_ratio, 1 - beta)).sum(-1)
+        if beta < 1:
+            jsd = jsd - (1 - beta) * _weighted(p_s, log_mixture_ratio(log_ratio, beta)).sum(-1)
+        return jsd
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], *,
+                 temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
+                 kd_weight: float, scale_by_t2: bool) -> torch.Tensor:
+    """Per-row kd_loss of (N, V) logits before reduction, shape (N,), in float32 (float64 for float64 inputs).
+
+    row loss = kd_weight·(T² if scale_by_t2)·D(p_t, p_s) + ce_weight·CE(softmax(s), label), where D is
+    :func:`kd_divergence_rows` at temperature T and CE is at temperature 1. A row whose label is
+    ``ignore_index`` has loss 0 (and gradient 0); a row whose label is neither ``ignore_index`` nor in
+    [0, V) has loss NaN. A zero weight drops its term (no 0·inf).
+    """
+    math_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    s = student_logits.to(math_dtype)
+    t = teacher_logits.to(math_dtype)
+    num_classes = s.shape[-1]
+    loss = torch.zeros(s.shape[:-1], dtype=math_dtype, device=s.device)
+    if kd_weight != 0:
+        t2 = temperature * temperature if scale_by_t2 else 1.0
+        divergence_rows = kd_divergence_rows(s, t, temperature=temperature, divergence=divergence, beta=beta)
+        loss = loss + kd_weight * t2 * divergence_rows
+    if labels is None:
+        return loss
+    counted = labels != ignore_index
+    in_range = (labels >= 0) & (labels < num_classes)
+    if ce_weight != 0:
+        target = torch.where(counted & in_range, labels, 0).long()
+        cross_entropy = torch.logsumexp(s, dim=-1) - s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        loss = loss + ce_weight * cross_entropy
+    loss = torch.where(counted, loss, 0)
+    return torch.where(counted & ~in_range, math.nan, loss)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastkd, installed as the subpackage ``fastkd.kernels`` (one module per op)."""

@@ -1,0 +1,328 @@
+"""Triton kernels of the kd_loss family: one program per row, forward and backward.
+
+Forward reads each row of student and teacher logits once (online log-sum-exp with a running max; the
+divergence accumulates in the same sweep) and writes the row loss plus five float32 statistics per row.
+The generalized JSD needs both normalisers before its mixture is known, so its forward sweeps the row twice.
+Backward reads the rows once more and writes the gradient(s), already multiplied by the incoming gradient
+of the row loss, which it reads on the device.
+
+Notation (per row): a = s/T, b = t/T, log p_s = (a − max a) − log Σ exp(a − max a), likewise log p_t, and the
+cross-entropy term uses s at temperature 1. Keeping each max apart from its log-sum (instead of one
+log-sum-exp) keeps log p exact to rounding of the small term even for logits of ±1e4. The statistics
+(NUM_STATS, N), float32, hold per row: max a, log-sum a, max b, log-sum b, d0, d1, max s, log-sum s, where
+for "kl"/"reverse_kl" d0 is the divergence, and for "jsd" d0 = KL(p_t‖m), d1 = KL(p_s‖m).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+NUM_STATS = 8
+_MAX_BLOCK = 4096
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """A running max that may still be −inf (nothing finite seen yet), as a safe shift for exp."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _weighted_log_ratio(p, log_p, log_q):
+    """p·(log p − log q) element-wise, 0 where p = 0 (never 0·inf)."""
+    return tl.where(p > 0, p * (log_p - log_q), 0.0)
+
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y) for y > −1, exact to rounding also for tiny y (Kahan's trick: no libdevice needed)."""
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    """eˣ − 1, exact to rounding also for tiny x (Kahan's trick)."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where((u - 1.0 == -1.0) | (u == float("inf")), u - 1.0,
+                                          (u - 1.0) * (x / tl.log(u))))
+
+
+@triton.jit
+def _log_mixture_ratio(x, w, one_minus_w, log_w, log_one_minus_w):
+    """log(1 − w + w·eˣ) for 0 < w < 1, accurate where it is tiny; see fastkd.reference.log_mixture_ratio."""
+    y = w * _expm1(x)
+    tiny = _log1p(y)
+    low = tl.log(one_minus_w + w * tl.exp(tl.minimum(x, 0.0)))
+    high_arg = log_w + x
+    high = tl.maximum(log_one_minus_w, high_arg) + tl.log(1.0 + tl.exp(-tl.abs(log_one_minus_w - high_arg)))
+    high = tl.where(x == float("inf"), x, high)
+    return tl.where(y <= -0.5, low, tl.where(y <= 1.0, tiny, high))
+
+
+@triton.jit
+def _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
+                    INTERIOR_BETA: tl.constexpr):
+    """(log p_t/m, log p_s/m) for m = β p_t + (1−β) p_s. At β = 0 or 1 (INTERIOR_BETA false) m equals the
+    distribution whose term keeps a non-zero weight, and both come back as 0."""
+    d = log_p_t - log_p_s
+    if INTERIOR_BETA:
+        r_t = -_log_mixture_ratio(-d, one_minus_beta, beta, log_one_minus_beta, log_beta)
+        r_s = -_log_mixture_ratio(d, beta, one_minus_beta, log_beta, log_one_minus_beta)
+    else:
+        r_t = tl.zeros_like(d)
+        r_s = tl.zeros_like(d)
+    return r_t, r_s
+
+
+@triton.jit
+def _log_probs(x, inv_temperature, row_max, log_sum):
+    return (x * inv_temperature - row_max) - log_sum
+
+
+@triton.jit
+def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
+    """(counted, label_ok, label) of a row: ignored rows are not counted; a counted row with a label
+    outside [0, V) is not ok (its loss and gradient become NaN)."""
+    if HAS_LABELS:
+        label = tl.load(LABELS + row).to(tl.int64)
+        counted = label != ignore_index
+        label_ok = (label >= 0) & (label < V)
+    else:
+        label = row * 0
+        counted = row >= 0
+        label_ok = counted
+    return counted, label_ok, label
+
+
+@triton.jit
+def kd_forward_kernel(
+    S, T, LABELS, LOSS, STATS,
+    V, stride_s_row, stride_s_col, stride_t_row, stride_t_col, num_rows,
+    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
+    INTERIOR_BETA: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    s_row = S + row * stride_s_row
+    t_row = T + row * stride_t_row
+    n_cols = tl.where(counted, V, 0)  # ignored rows skip the sweep entirely
+
+    # running maxima m_*, sums Σ exp(x − m_*), and for kl/reverse_kl the weighted log ratio
+    # w = Σ e_p·[(x_p − m_p) − (x_q − m_q)] where p is the distribution the divergence averages over
+    m_a = float("-inf")
+    m_b = float("-inf")
+    m_1 = float("-inf")
+    sum_a = 0.0
+    sum_b = 0.0
+    sum_1 = 0.0
+    w = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x_s = tl.load(s_row + cols.to(tl.int64) * stride_s_col, mask=in_row, other=float("-inf")).to(tl.float32)
+        if HAS_KD:
+            x_t = tl.load(t_row + cols.to(tl.int64) * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
+            a = x_s * inv_temperature
+            b = x_t * inv_temperature
+            new_m_a = tl.maximum(m_a, tl.max(a, axis=0))
+            new_m_b = tl.maximum(m_b, tl.max(b, axis=0))
+            shift_a = _finite_or_zero(new_m_a)
+            shift_b = _finite_or_zero(new_m_b)
+            scale_a = tl.exp(m_a - shift_a)
+            scale_b = tl.exp(m_b - shift_b)
+            e_a = tl.exp(a - shift_a)
+            e_b = tl.exp(b - shift_b)
+            if DIVERGENCE != 2:
+                # re-centre w on the new maxima: every old bracket moves by ∓delta
+                delta = (shift_b - _finite_or_zero(m_b)) - (shift_a - _finite_or_zero(m_a))
+                if DIVERGENCE == 0:  # KL(p_t‖p_s): average over p_t
+                    old_w = tl.where(scale_b == 0, 0.0, scale_b * (w - delta * sum_b))
+                    w = old_w + tl.sum(_weighted_log_ratio(e_b, b - shift_b, a - shift_a), axis=0)
+                else:  # KL(p_s‖p_t): average over p_s
+                    old_w = tl.where(scale_a == 0, 0.0, scale_a * (w + delta * sum_a))
+                    w = old_w + tl.sum(_weighted_log_ratio(e_a, a - shift_a, b - shift_b), axis=0)
+            sum_a = sum_a * scale_a + tl.sum(e_a, axis=0)
+            sum_b = sum_b * scale_b + tl.sum(e_b, axis=0)
+            m_a = new_m_a
+            m_b = new_m_b
+        if HAS_CE:
+            new_m_1 = tl.maximum(m_1, tl.max(x_s, axis=0))
+            shift_1 = _finite_or_zero(new_m_1)
+            sum_1 = sum_1 * tl.exp(m_1 - shift_1) + tl.sum(tl.exp(x_s - shift_1), axis=0)
+            m_1 = new_m_1
+
+    log_sum_a = tl.log(sum_a)
+    log_sum_b = tl.log(sum_b)
+    log_sum_1 = tl.log(sum_1)
+    d0 = 0.0
+    d1 = 0.0
+    loss = 0.0
+    if HAS_KD:
+        if DIVERGENCE == 0:
+            d0 = w / sum_b - log_sum_b + log_sum_a
+            loss = kd_scale * d0
+        elif DIVERGENCE == 1:
+            d0 = w / sum_a - log_sum_a + log_sum_b
+            loss = kd_scale * d0
+        else:
+            # second sweep: m = β p_t + (1 − β) p_s needs both normalisers
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                in_row = cols < V
+                x_s = tl.load(s_row + cols.to(tl.int64) * stride_s_col, mask=in_row,
+                              other=float("-inf")).to(tl.float32)
+                x_t = tl.load(t_row + cols.to(tl.int64) * stride_t_col, mask=in_row,
+                              other=float("-inf")).to(tl.float32)
+                log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
+                log_p_t = _log_probs(x_t, inv_temperature, m_b, log_sum_b)
+                r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
+                                           INTERIOR_BETA)
+                d0 += tl.sum(tl.where(log_p_t > float("-inf"), tl.exp(log_p_t) * r_t, 0.0), axis=0)
+                d1 += tl.sum(tl.where(log_p_s > float("-inf"), tl.exp(log_p_s) * r_s, 0.0), axis=0)
+            loss = kd_scale * (beta * d0 + one_minus_beta * d1)
+    if HAS_CE:
+        target = tl.load(s_row + label * stride_s_col, mask=counted & label_ok, other=0.0).to(tl.float32)
+        loss += ce_weight * ((m_1 - target) + log_sum_1)
+    loss = tl.where(counted, loss, 0.0)
+    loss = tl.where(counted & ~label_ok, float("nan"), loss)
+    tl.store(LOSS + row, loss)
+    stats = STATS + row
+    tl.store(stats, tl.where(counted, m_a, 0.0))
+    tl.store(stats + num_rows, tl.where(counted, log_sum_a, 0.0))
+    tl.store(stats + 2 * num_rows, tl.where(counted, m_b, 0.0))
+    tl.store(stats + 3 * num_rows, tl.where(counted, log_sum_b, 0.0))
+    tl.store(stats + 4 * num_rows, tl.where(counted, d0, 0.0))
+    tl.store(stats + 5 * num_rows, tl.where(counted, d1, 0.0))
+    tl.store(stats + 6 * num_rows, tl.where(counted, m_1, 0.0))
+    tl.store(stats + 7 * num_rows, tl.where(counted, log_sum_1, 0.0))
+
+
+@triton.jit
+def kd_backward_kernel(
+    S, T, LABELS, STATS, GRAD_LOSS, GRAD_S, GRAD_T,
+    V, stride_s_row, stride_s_col, stride_t_row, stride_t_col, stride_grad_loss, num_rows,
+    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
+    INTERIOR_BETA: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    grad_loss = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
+    grad_loss = tl.where(counted & ~label_ok, float("nan"), grad_loss)
+    stats = STATS + row
+    m_a = tl.load(stats)
+    log_sum_a = tl.load(stats + num_rows)
+    m_b = tl.load(stats + 2 * num_rows)
+    log_sum_b = tl.load(stats + 3 * num_rows)
+    d0 = tl.load(stats + 4 * num_rows)
+    d1 = tl.load(stats + 5 * num_rows)
+    m_1 = tl.load(stats + 6 * num_rows)
+    log_sum_1 = tl.load(stats + 7 * num_rows)
+    # d(loss)/d(s) = (1/T)·d(loss)/d(a)
+    kd_factor = grad_loss * kd_scale * inv_temperature
+    ce_factor = grad_loss * ce_weight
+    s_row = S + row * stride_s_row
+    t_row = T + row * stride_t_row
+    grad_s_row = GRAD_S + row * V
+    grad_t_row = GRAD_T + row * V
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x_s = tl.load(s_row + cols.to(tl.int64) * stride_s_col, mask=in_row, other=float("-inf")).to(tl.float32)
+        grad_s = tl.zeros([BLOCK], dtype=tl.float32)
+        grad_t = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_KD:
+            x_t = tl.load(t_row + cols.to(tl.int64) * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
+            log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
+            log_p_t = _log_probs(x_t, inv_temperature, m_b, log_sum_b)
+            p_s = tl.exp(log_p_s)
+            p_t = tl.exp(log_p_t)
+            if DIVERGENCE == 0:  # ∂KL(p_t‖p_s)/∂a = p_s − p_t, ∂/∂b = p_t (log p_t/p_s − KL)
+                grad_s = kd_factor * (p_s - p_t)
+                if TEACHER_GRAD:
+                    grad_t = kd_factor * _weighted_log_ratio(p_t, log_p_t, log_p_s + d0)
+            elif DIVERGENCE == 1:  # ∂KL(p_s‖p_t)/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
+                grad_s = kd_factor * _weighted_log_ratio(p_s, log_p_s, log_p_t + d0)
+                if TEACHER_GRAD:
+                    grad_t = kd_factor * (p_t - p_s)
+            else:  # ∂JSD/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b = β p_t (log p_t/m − KL(p_t‖m))
+                r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
+                                           INTERIOR_BETA)
+                grad_s = (kd_factor * one_minus_beta) * tl.where(p_s > 0, p_s * (r_s - d1), 0.0)
+                if TEACHER_GRAD:
+                    grad_t = (kd_factor * beta) * tl.where(p_t > 0, p_t * (r_t - d0), 0.0)
+        if HAS_CE:  # ∂CE/∂s = softmax(s) − onehot(label)
+            q = tl.exp(_log_probs(x_s, 1.0, m_1, log_sum_1))
+            grad_s += ce_factor * (q - tl.where(cols == label, 1.0, 0.0))
+        grad_s = tl.where(counted, grad_s, 0.0)
+        tl.store(grad_s_row + cols, grad_s.to(GRAD_S.dtype.element_ty), mask=in_row)
+        if TEACHER_GRAD:
+            grad_t = tl.where(counted, grad_t, 0.0)
+            tl.store(grad_t_row + cols, grad_t.to(GRAD_T.dtype.element_ty), mask=in_row)
+
+
+def _launch_config(num_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of num_cols entries."""
+    block = min(triton.next_power_of_2(max(num_cols, 1)), _MAX_BLOCK)
+    num_warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
+    return block, num_warps
+
+
+def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
+    return dict(
+        inv_temperature=1.0 / temperature,
+        one_minus_beta=1.0 - beta,
+        log_beta=math.log(beta) if beta > 0 else -math.inf,
+        log_one_minus_beta=math.log1p(-beta) if beta < 1 else -math.inf,
+        beta=beta, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
+        DIVERGENCE=DIVERGENCE_CODES[divergence],
+        HAS_CE=ce_weight != 0, HAS_KD=kd_scale != 0, INTERIOR_BETA=0 < beta < 1,
+    )
+
+
+def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
+    """Row losses (N,) float32 and statistics (5, N) float32 of (N, V) student/teacher logits."""
+    num_rows, num_cols = student.shape
+    loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
+    if num_rows == 0:
+        return loss, stats
+    block, num_warps = _launch_config(num_cols)
+    kd_forward_kernel[(num_rows,)](
+        student, teacher, labels if labels is not None else loss, loss, stats,
+        num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), num_rows,
+        HAS_LABELS=labels is not None, BLOCK=block, num_warps=num_warps,
+        **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
+    )
+    return loss, stats
+
+
+def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
+                ce_weight, kd_scale, teacher_grad):
+    """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor).
+
+    ``grad_loss`` is (N,) and may have stride 0 (an expanded scalar). Gradients are contiguous (N, V) in the
+    dtype of their input.
+    """
+    num_rows, num_cols = student.shape
+    grad_s = torch.empty((num_rows, num_cols), dtype=student.dtype, device=student.device)
+    grad_t = (torch.empty((num_rows, num_cols), dtype=teacher.dtype, device=teacher.device) if teacher_grad
+              else torch.empty(0, dtype=teacher.dtype, device=teacher.device))
+    if num_rows == 0:
+        return grad_s, grad_t
+    block, num_warps = _launch_config(num_cols)
+    kd_backward_kernel[(num_rows,)](
+        student, teacher, labels if labels is not None else stats, stats, grad_loss, grad_s,
+        grad_t if teacher_grad else grad_s,
+        num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+        grad_loss.stride(0), num_rows,
+        HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad, BLOCK=block, num_warps=num_warps,
+        **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
+    )
+    return grad_s, grad_t

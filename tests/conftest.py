@@ -1,0 +1,43 @@
+"""Test set-up: the Triton kernels run on CUDA tensors where a GPU is present, else on CPU tensors under the
+Triton interpreter (which must be switched on before triton is imported)."""
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SESSION_SEED = int(os.environ.get("FASTKD_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"fastkd: device {DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, " \
+           f"random inputs seeded with FASTKD_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator on CPU seeded from the session seed and the test id: fresh inputs on every run, and a
+    failure can be replayed with FASTKD_TEST_SEED."""
+    return torch.Generator().manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+def assert_rel_close(actual, expected, rtol, *, atol=1e-7, what=""):
+    """‖actual − expected‖ ≤ rtol·‖expected‖ + atol over the finite entries; NaN and ±inf must sit at exactly
+    the same places (so a NaN never passes where the expected value is a number)."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN pattern differs"
+    finite = expected.isfinite()
+    assert torch.equal(actual[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()]), \
+        f"{what}: infinities differ"
+    assert actual[finite].isfinite().all(), f"{what}: non-finite where a finite value was expected"
+    err = (actual[finite] - expected[finite]).norm().item()
+    ref = expected[finite].norm().item()
+    assert err <= rtol * ref + atol, f"{what}: relative error {err / max(ref, 1e-300):.3e} > {rtol:g} " \
+                                     f"(abs {err:.3e}, |ref| {ref:.3e})"

@@ -1,0 +1,447 @@
+"""kd_loss: the reference against float64 math, the Triton kernels against the reference, and the API contract."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import reference
+from conftest import DEVICE, assert_rel_close
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+REDUCTIONS = ("batchmean", "sum", "none")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def logits(gen, shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def random_labels(gen, shape, num_classes, ignore_fraction=0.3, ignore_index=-100):
+    labels = torch.randint(0, num_classes, shape, generator=gen)
+    labels[torch.rand(shape, generator=gen) < ignore_fraction] = ignore_index
+    return labels.to(DEVICE)
+
+
+def float64_kd_rows(s, t, labels=None, *, temperature=1.0, divergence="kl", beta=0.5, ce_weight=0.0, kd_weight=1.0,
+                    scale_by_t2=True, ignore_index=-100):
+    """Row losses in float64, written in probability space (xlogy), independently of fastkd.reference."""
+    s, t = s.double().reshape(-1, s.shape[-1]), t.double().reshape(-1, t.shape[-1])
+    p_s, p_t = F.softmax(s / temperature, -1), F.softmax(t / temperature, -1)
+
+    def kl(p, q):
+        return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
+
+    if divergence == "kl":
+        d = kl(p_t, p_s)
+    elif divergence == "reverse_kl":
+        d = kl(p_s, p_t)
+    else:
+        m = beta * p_t + (1 - beta) * p_s
+        d = (beta * kl(p_t, m) if beta > 0 else 0) + ((1 - beta) * kl(p_s, m) if beta < 1 else 0)
+    rows = kd_weight * (temperature ** 2 if scale_by_t2 else 1) * d
+    if labels is not None:
+        labels = labels.reshape(-1)
+        if ce_weight:
+            rows = rows + ce_weight * F.cross_entropy(s, labels.long(), reduction="none", ignore_index=ignore_index)
+        rows = torch.where(labels != ignore_index, rows, 0)
+    return rows
+
+
+def loss_and_grads(s, t, upstream=None, **options):
+    """kd_loss and the gradients of Σ upstream·loss w.r.t. fresh leaf copies of s and t (t only if it is to
+    receive one: t.requires_grad)."""
+    s = s.detach().clone().requires_grad_(True)
+    t_leaf = t.detach().clone().requires_grad_(t.requires_grad)
+    loss = fastkd.kd_loss(s, t_leaf, **options)
+    (loss if upstream is None else loss * upstream).sum().backward()
+    grad_t = t_leaf.grad
+    if grad_t is None and t.requires_grad:  # not reached by the graph (e.g. JSD at β = 0): a zero gradient
+        grad_t = torch.zeros_like(t_leaf)
+    return loss.detach(), s.grad, grad_t
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reference: against float64 math, and gradcheck
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("with_ce", [False, True])
+def test_reference_matches_float64_math(gen, divergence, temperature, with_ce):
+    s, t = logits(gen, (16, 257)).cpu(), logits(gen, (16, 257)).cpu()
+    labels = random_labels(gen, (16,), 257).cpu() if with_ce else None
+    options = dict(temperature=temperature, divergence=divergence, beta=0.3, ce_weight=0.7 if with_ce else 0.0,
+                   kd_weight=0.9)
+    rows = reference.kd_loss_rows(s, t, labels, ignore_index=-100, scale_by_t2=True, **options)
+    assert rows.dtype == torch.float32
+    assert_rel_close(rows, float64_kd_rows(s, t, labels, **options), 1e-5, what="reference rows")
+
+
+@pytest.mark.parametrize("shape", [(8, 50), (2, 3, 50)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_default_equals_the_eager_kl_div_expression(gen, shape, temperature):
+    s, t = logits(gen, shape).cpu().double(), logits(gen, shape).cpu().double()
+    v = shape[-1]
+    eager = F.kl_div(F.log_softmax(s.reshape(-1, v) / temperature, -1), F.log_softmax(t.reshape(-1, v) / temperature, -1),
+                     log_target=True, reduction="batchmean") * temperature ** 2
+    ours = fastkd.kd_loss(s, t, temperature=temperature, backend="reference")
+    assert_rel_close(ours, eager, 1e-12, what="batchmean vs F.kl_div")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reference_gradcheck_float64(gen, divergence, reduction):
+    s = logits(gen, (4, 9), torch.float64).cpu().requires_grad_(True)
+    t = logits(gen, (4, 9), torch.float64).cpu().requires_grad_(True)
+    labels = torch.tensor([3, -100, 0, 8])
+
+    def fn(s, t):
+        return fastkd.kd_loss(s, t, temperature=2.0, divergence=divergence, beta=0.3, reduction=reduction,
+                              labels=labels, ce_weight=0.5, backend="reference")
+
+    assert torch.autograd.gradcheck(fn, (s, t))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the Triton kernels against the reference
+# ------------------------------------------------------------------------------------------------------------
+
+def check_kernel_against_reference(s, t, upstream=None, grad_rtol=None, **options):
+    got = loss_and_grads(s, t, upstream, backend="triton", **options)
+    want = loss_and_grads(s, t, upstream, backend="reference", **options)
+    loss_rtol = RTOL[torch.float32]  # the loss is computed and returned in float32 whatever the input dtype
+    grad_rtol = grad_rtol or RTOL[s.dtype]
+    assert got[0].dtype == torch.float32
+    assert_rel_close(got[0], want[0], loss_rtol, what="loss")
+    assert got[1].dtype == s.dtype and got[1].shape == s.shape
+    assert_rel_close(got[1], want[1], grad_rtol, what="student grad")
+    if t.requires_grad:
+        assert got[2].dtype == t.dtype and got[2].shape == t.shape
+        assert_rel_close(got[2], want[2], grad_rtol, what="teacher grad")
+    else:
+        assert got[2] is None
+    return got
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("label_mode", ["no_labels", "ignore_only", "ce"])
+def test_kernel_matches_reference(gen, divergence, reduction, dtype, label_mode):
+    n, v = 7, 300
+    temperature = 1.0 if label_mode == "ignore_only" else 3.5
+    s, t = logits(gen, (n, v), dtype), logits(gen, (n, v), dtype).requires_grad_(True)
+    labels = None if label_mode == "no_labels" else random_labels(gen, (n,), v)
+    upstream = torch.rand(n, generator=gen).to(DEVICE) + 0.5 if reduction == "none" else None
+    check_kernel_against_reference(s, t, upstream, temperature=temperature, divergence=divergence, beta=0.3,
+                                   reduction=reduction, labels=labels, ce_weight=0.4 if label_mode == "ce" else 0.0,
+                                   kd_weight=0.8)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 17, 1000, 5003])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kernel_vocabulary_sizes(gen, num_classes, divergence):
+    """V = 1, tiny, not a power of two, and larger than one block (the online rescaling across blocks)."""
+    s, t = logits(gen, (3, num_classes)), logits(gen, (3, num_classes)).requires_grad_(True)
+    loss, grad_s, _ = check_kernel_against_reference(s, t, temperature=2.0, divergence=divergence,
+                                                     labels=random_labels(gen, (3,), num_classes, 0.0),
+                                                     ce_weight=0.5)
+    if num_classes == 1:
+        assert loss.item() == 0.0 and not grad_s.any()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(divergence, reduction):
+    s = torch.zeros(0, 11, device=DEVICE, requires_grad=True)
+    loss = fastkd.kd_loss(s, torch.zeros(0, 11, device=DEVICE), divergence=divergence, reduction=reduction,
+                          backend="triton")
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    loss.sum().backward()
+    assert s.grad.shape == s.shape
+    if reduction != "none":
+        assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("with_ce", [False, True])
+def test_all_rows_ignored_gives_zero_connected_to_the_graph(gen, backend, with_ce):
+    s = logits(gen, (4, 30)).requires_grad_(True)
+    loss = fastkd.kd_loss(s, logits(gen, (4, 30)), labels=torch.full((4,), -100, device=DEVICE),
+                          ce_weight=0.5 if with_ce else 0.0, backend=backend)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_ignored_rows_get_zero_gradient_and_are_not_counted(gen, divergence):
+    s, t = logits(gen, (6, 40)), logits(gen, (6, 40))
+    labels = torch.tensor([1, -100, 2, -100, 3, 4], device=DEVICE)
+    counted = labels != -100
+    loss, grad_s, _ = check_kernel_against_reference(s, t, temperature=2.0, divergence=divergence, labels=labels)
+    assert not grad_s[~counted].any()
+    kept = fastkd.kd_loss(s[counted], t[counted], temperature=2.0, divergence=divergence, backend="triton")
+    assert_rel_close(loss, kept, 1e-6, what="ignored rows vs dropped rows")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_masked_vocabulary_minus_inf(gen, divergence, beta):
+    """−inf logits (masked vocabulary) contribute 0·log 0 = 0: the loss stays finite, no NaN, zero gradient
+    there. The first block of the row is entirely masked, the rest partly."""
+    n, v = 3, 5000
+    s, t = logits(gen, (n, v)), logits(gen, (n, v)).requires_grad_(True)
+    masked = torch.rand(n, v, generator=gen).to(DEVICE) < 0.3
+    masked[:, :4096] = True
+    s = s.masked_fill(masked, -math.inf)
+    t = t.detach().masked_fill(masked, -math.inf).requires_grad_(True)
+    labels = (~masked).int().argmax(-1)  # the first unmasked class of each row
+    loss, grad_s, grad_t = check_kernel_against_reference(s, t, temperature=2.0, divergence=divergence, beta=beta,
+                                                          labels=labels, ce_weight=0.3)
+    assert loss.isfinite().all()
+    assert not grad_s[masked].any() and not grad_t[masked].any()
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_teacher_minus_inf_where_student_is_finite(gen, divergence):
+    s, t = logits(gen, (4, 64)), logits(gen, (4, 64))
+    t[:, ::3] = -math.inf
+    loss, _, _ = check_kernel_against_reference(s, t, temperature=1.5, divergence=divergence, reduction="none")
+    assert loss.isfinite().all()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_logits(gen, divergence, dtype):
+    """Logits of ±1e4 (the exponentials overflow without the running max). The gradients are ill-conditioned
+    there (log p moves by ~1e-4 when a logit moves by one float32 ulp), so the kernel is held to the float64
+    truth as tightly as the reference evaluated in float32 is, and the loss to 1e-5."""
+    s = (torch.rand(5, 333, generator=gen) * 2e4 - 1e4).to(dtype).to(DEVICE)
+    t = (s.double().cpu() + torch.randn(5, 333, generator=gen, dtype=torch.float64) * 50).to(dtype).to(DEVICE)
+    t.requires_grad_(True)
+    options = dict(temperature=4.0, divergence=divergence, reduction="none")
+    kernel = loss_and_grads(s, t, backend="triton", **options)
+    ref32 = loss_and_grads(s, t, backend="reference", **options)
+    truth = loss_and_grads(s.double(), t.double(), backend="reference", **options)
+    assert kernel[0].isfinite().all()
+    assert_rel_close(kernel[0], truth[0], RTOL[torch.float32], what="loss vs float64")
+    for what, got, ref, exact in zip(("student grad", "teacher grad"), kernel[1:], ref32[1:], truth[1:]):
+        ref_error = ((ref.double() - exact).norm() / exact.norm()).item()
+        assert_rel_close(got, exact, max(2 * ref_error, RTOL[dtype]), what=f"{what} vs float64")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_non_contiguous_inputs(gen, divergence):
+    base_s = logits(gen, (12, 2 * 150))
+    base_t = logits(gen, (150, 12))
+    s = base_s[::2, ::2]  # row and column strides 600 and 2
+    t = base_t.t()[::2]  # column stride 12: a transposed view
+    assert not s.is_contiguous() and not t.is_contiguous()
+    check_kernel_against_reference(s, t.requires_grad_(True), temperature=2.0, divergence=divergence,
+                                   reduction="none")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_three_dimensional_logits_with_padding(gen, divergence):
+    """(batch, sequence, vocabulary) as in LLM distillation, padded positions marked with ignore_index."""
+    b, seq, v = 2, 5, 97
+    s, t = logits(gen, (b, seq, v), torch.bfloat16), logits(gen, (b, seq, v), torch.bfloat16)
+    labels = random_labels(gen, (b, seq), v)
+    for reduction in REDUCTIONS:
+        loss, grad_s, _ = check_kernel_against_reference(s, t, temperature=2.0, divergence=divergence,
+                                                         reduction=reduction, labels=labels, ce_weight=0.5)
+        if reduction == "none":
+            assert loss.shape == (b, seq)
+    assert grad_s.shape == (b, seq, v)
+
+
+def test_mixed_input_dtypes(gen):
+    s, t = logits(gen, (5, 60), torch.bfloat16), logits(gen, (5, 60), torch.float32)
+    check_kernel_against_reference(s, t.requires_grad_(True), temperature=2.0)
+
+
+def test_int32_labels(gen):
+    s, t = logits(gen, (6, 40)), logits(gen, (6, 40))
+    labels = random_labels(gen, (6,), 40)
+    a = fastkd.kd_loss(s, t, labels=labels.int(), ce_weight=0.5, backend="triton")
+    b = fastkd.kd_loss(s, t, labels=labels, ce_weight=0.5, backend="triton")
+    assert torch.equal(a, b)
+
+
+def test_out_of_range_label_gives_nan_in_the_kernel(gen):
+    """On CUDA the label range is not checked on the host (no sync): the kernel marks the row NaN instead."""
+    s, t = logits(gen, (3, 10)), logits(gen, (3, 10))
+    labels = torch.tensor([2, 10, -100], device=DEVICE)
+    rows, _ = torch.ops.fastkd.kd_loss_rows(s, t, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0)
+    assert rows[0].isfinite() and rows[1].isnan() and rows[2] == 0
+    ref = reference.kd_loss_rows(s, t, labels, temperature=1.0, divergence="kl", beta=0.5, ignore_index=-100,
+                                 ce_weight=0.5, kd_weight=1.0, scale_by_t2=True)
+    assert_rel_close(rows, ref, 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_teacher_gets_no_gradient_unless_it_requires_one(gen, backend):
+    s = logits(gen, (3, 20)).requires_grad_(True)
+    t = logits(gen, (3, 20))
+    fastkd.kd_loss(s, t, backend=backend).backward()
+    assert t.grad is None and s.grad is not None
+
+
+@pytest.mark.parametrize("beta", [0.0, 1e-7, 1 - 1e-7, 1.0])
+def test_jsd_is_continuous_at_the_ends_of_beta(gen, beta):
+    """JSD_β → 0 as β → 0 or 1, smoothly (≈ β·KL(p_t‖p_s) and (1−β)·KL(p_s‖p_t)), with no jump at the ends."""
+    s, t = logits(gen, (4, 50)), logits(gen, (4, 50))
+    jsd = fastkd.kd_loss(s, t, divergence="jsd", beta=beta, reduction="none", backend="triton")
+    if beta in (0.0, 1.0):
+        assert not jsd.any()
+    else:
+        near = "kl" if beta < 0.5 else "reverse_kl"
+        kl = fastkd.kd_loss(s, t, divergence=near, reduction="none", backend="triton")
+        weight = min(beta, 1 - beta)
+        assert_rel_close(jsd / weight, kl, 1e-3, what="JSD/β vs KL")
+
+
+@pytest.mark.parametrize("beta", [1e-7, 1e-4, 0.5, 1 - 1e-4, 1 - 1e-7])
+def test_jsd_near_the_ends_of_beta_is_accurate(gen, beta):
+    """Where JSD_β is tiny its float32 value keeps full relative accuracy (log1p/expm1 forms, no cancellation)."""
+    s, t = logits(gen, (6, 80)), logits(gen, (6, 80)).requires_grad_(True)
+    want = float64_kd_rows(s, t, divergence="jsd", beta=beta)
+    ref = reference.kd_loss_rows(s, t, None, temperature=1.0, divergence="jsd", beta=beta, ignore_index=-100,
+                                 ce_weight=0.0, kd_weight=1.0, scale_by_t2=True)
+    assert_rel_close(ref, want, 1e-5, what="reference vs float64")
+    check_kernel_against_reference(s, t, divergence="jsd", beta=beta, reduction="none")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reductions and the normalizer
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_reductions_relate_as_documented(gen, backend):
+    s, t = logits(gen, (8, 30)), logits(gen, (8, 30))
+    labels = torch.tensor([0, -100, 2, 3, -100, 5, 6, 7], device=DEVICE)
+    rows = fastkd.kd_loss(s, t, labels=labels, reduction="none", backend=backend)
+    total = fastkd.kd_loss(s, t, labels=labels, reduction="sum", backend=backend)
+    mean = fastkd.kd_loss(s, t, labels=labels, reduction="batchmean", backend=backend)
+    assert_rel_close(total, rows.sum(), 1e-6)
+    assert_rel_close(mean, rows.sum() / 6, 1e-6)
+    assert_rel_close(fastkd.kd_loss(s, t, labels=labels, normalizer=3, backend=backend), rows.sum() / 3, 1e-6)
+    normalizer = torch.tensor(12.0, device=DEVICE)
+    assert_rel_close(fastkd.kd_loss(s, t, labels=labels, normalizer=normalizer, backend=backend), rows.sum() / 12,
+                     1e-6)
+
+
+def test_normalizer_makes_gradient_accumulation_equal_one_big_batch(gen):
+    s, t = logits(gen, (10, 33)), logits(gen, (10, 33))
+    labels = random_labels(gen, (10,), 33)
+    whole = loss_and_grads(s, t, labels=labels, ce_weight=0.2, backend="triton")
+    counted = (labels != -100).sum()
+    grads = []
+    for part in (slice(0, 4), slice(4, 10)):
+        _, g, _ = loss_and_grads(s[part], t[part], labels=labels[part], ce_weight=0.2, normalizer=counted,
+                                 backend="triton")
+        grads.append(g)
+    assert_rel_close(torch.cat(grads), whole[1], 1e-6)
+
+
+def test_kdloss_module_matches_the_function(gen):
+    s, t = logits(gen, (4, 25)), logits(gen, (4, 25))
+    labels = random_labels(gen, (4,), 25)
+    module = fastkd.KDLoss(temperature=2.0, divergence="jsd", beta=0.2, ce_weight=0.3, backend="triton")
+    want = fastkd.kd_loss(s, t, temperature=2.0, divergence="jsd", beta=0.2, ce_weight=0.3, labels=labels,
+                          backend="triton")
+    assert torch.equal(module(s, t, labels), want)
+    assert "divergence='jsd'" in repr(module)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(gen, compile_backend):
+    s, t = logits(gen, (6, 40)), logits(gen, (6, 40))
+    labels = random_labels(gen, (6,), 40)
+
+    def step(s, t, labels):
+        return fastkd.kd_loss(s, t, temperature=2.0, labels=labels, ce_weight=0.5, backend="triton") * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    s1 = s.clone().requires_grad_(True)
+    s2 = s.clone().requires_grad_(True)
+    got = compiled(s1, t, labels)
+    want = step(s2, t, labels)
+    got.backward()
+    want.backward()
+    assert_rel_close(got, want, 1e-6)
+    assert_rel_close(s1.grad, s2.grad, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------------------
+
+S = torch.zeros(2, 5)
+T = torch.zeros(2, 5)
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((S, torch.zeros(2, 6)), {}, ValueError, "number of classes V"),
+    ((S, torch.zeros(3, 5)), {}, ValueError, "same shape"),
+    ((S.long(), T), {}, TypeError, "student_logits must be float32"),
+    ((S, T.int()), {}, TypeError, "teacher_logits must be float32"),
+    ((S, "t"), {}, TypeError, "teacher_logits must be a torch.Tensor"),
+    ((torch.zeros(()), torch.zeros(())), {}, ValueError, r"shape \(\*, V\)"),
+    ((torch.zeros(2, 0), torch.zeros(2, 0)), {}, ValueError, "V >= 1"),
+    ((S, T, ), {"temperature": 0}, ValueError, "temperature must be a finite positive"),
+    ((S, T, ), {"temperature": -1.0}, ValueError, "temperature"),
+    ((S, T, ), {"temperature": math.inf}, ValueError, "temperature"),
+    ((S, T, ), {"temperature": math.nan}, ValueError, "temperature"),
+    ((S, T, ), {"temperature": "4"}, TypeError, "temperature must be a real number"),
+    ((S, T, ), {"beta": 1.5}, ValueError, r"beta must lie in \[0, 1\]"),
+    ((S, T, ), {"beta": -0.1}, ValueError, "beta"),
+    ((S, T, ), {"divergence": "kld"}, ValueError, "divergence must be one of"),
+    ((S, T, ), {"reduction": "mean"}, ValueError, "use reduction='batchmean'"),
+    ((S, T, ), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+    ((S, T, ), {"backend": "cuda_please"}, ValueError, "backend must be one of"),
+    ((S, T, ), {"labels": torch.zeros(3, dtype=torch.long)}, ValueError, "labels must have the shape"),
+    ((S, T, ), {"labels": torch.zeros(2)}, TypeError, "labels must be int64 or int32"),
+    ((S, T, ), {"labels": torch.tensor([0, 5])}, ValueError, r"labels must lie in \[0, 5\)"),
+    ((S, T, ), {"labels": torch.tensor([0, -2])}, ValueError, "labels must lie in"),
+    ((S, T, ), {"ce_weight": 1.0}, ValueError, "ce_weight != 0 needs labels"),
+    ((S, T, ), {"ce_weight": math.nan, "labels": torch.tensor([0, 1])}, ValueError, "ce_weight"),
+    ((S, T, ), {"kd_weight": math.inf}, ValueError, "kd_weight"),
+    ((S, T, ), {"normalizer": 0}, ValueError, "normalizer must be a finite positive"),
+    ((S, T, ), {"normalizer": torch.ones(2)}, ValueError, "normalizer must be a number or a 0-d"),
+    ((S, T, ), {"normalizer": 4, "reduction": "sum"}, ValueError, "normalizer replaces the divisor"),
+    ((S, T, ), {"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ((S, T, ), {"scale_by_t2": 1}, TypeError, "scale_by_t2 must be a bool"),
+])
+def test_bad_input_raises_a_clear_error(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastkd.kd_loss(*args, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_mismatch_raises():
+    with pytest.raises(ValueError, match="same device"):
+        fastkd.kd_loss(S.cuda(), T)
+    with pytest.raises(ValueError, match="labels must be on the device"):
+        fastkd.kd_loss(S.cuda(), T.cuda(), labels=torch.zeros(2, dtype=torch.long))
+
+
+def test_device_mismatch_raises_on_meta_tensors():
+    with pytest.raises(ValueError, match="same device"):
+        fastkd.kd_loss(S.to("meta"), T)
+
+
+def test_kdloss_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match="temperature"):
+        fastkd.KDLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastkd.KDLoss(backend="nope")
