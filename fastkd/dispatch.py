@@ -14,7 +14,6 @@ default; an explicit ``backend=`` argument always wins.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -29,17 +28,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when the triton package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # looked up once: torch.compile traces dispatch
 
 
 def backends() -> dict:
     """What can run here: ``{"triton": bool, "triton_interpreter": bool, "cuda": bool, "reference": True}``."""
     return {
-        "triton": triton_available(),
-        "triton_interpreter": triton_available() and triton_interpreted(),
+        "triton": TRITON_AVAILABLE,
+        "triton_interpreter": TRITON_AVAILABLE and triton_interpreted(),
         "cuda": torch.cuda.is_available(),
         "reference": True,
     }
@@ -65,11 +61,11 @@ def select_backend(requested: str, *tensors: torch.Tensor) -> str:
     device = tensors[0].device
     kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
     if requested == "auto":
-        if device.type == "cuda" and kernel_dtypes and triton_available():
+        if device.type == "cuda" and kernel_dtypes and TRITON_AVAILABLE:
             return "triton"
         return "reference"
     if requested == "triton":
-        if not triton_available():
+        if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")
         if not kernel_dtypes:
             dtypes = sorted({str(t.dtype) for t in tensors})

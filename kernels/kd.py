@@ -22,7 +22,6 @@ import triton.language as tl
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 NUM_STATS = 8
-_MAX_BLOCK = 4096
 
 
 @triton.jit
@@ -267,11 +266,15 @@ def kd_backward_kernel(
             tl.store(grad_t_row + cols, grad_t.to(GRAD_T.dtype.element_ty), mask=in_row)
 
 
-def _launch_config(num_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of num_cols entries."""
-    block = min(triton.next_power_of_2(max(num_cols, 1)), _MAX_BLOCK)
-    num_warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
-    return block, num_warps
+def launch_config(num_cols: int, kernel: str) -> dict:
+    """Block size and warps for rows of num_cols entries, from bench/tune_kd.py on an H100 (bench/RESULTS.md):
+    the forward streams best with small single-warp programs (many rows in flight per SM), the backward
+    with wide blocks of 32 elements per thread."""
+    block = triton.next_power_of_2(max(num_cols, 1))
+    if kernel == "forward":
+        return dict(BLOCK=min(block, 512), num_warps=1)
+    block = min(block, 4096)
+    return dict(BLOCK=block, num_warps=max(1, min(block // 128, 32)))
 
 
 def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
@@ -286,25 +289,26 @@ def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scal
     )
 
 
-def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
-    """Row losses (N,) float32 and statistics (5, N) float32 of (N, V) student/teacher logits."""
+def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
+               config=None):
+    """Row losses (N,) float32 and statistics (NUM_STATS, N) float32 of (N, V) student/teacher logits.
+    ``config`` overrides :func:`launch_config` (for tuning)."""
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
     if num_rows == 0:
         return loss, stats
-    block, num_warps = _launch_config(num_cols)
     kd_forward_kernel[(num_rows,)](
         student, teacher, labels if labels is not None else loss, loss, stats,
         num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), num_rows,
-        HAS_LABELS=labels is not None, BLOCK=block, num_warps=num_warps,
+        HAS_LABELS=labels is not None, **(config or launch_config(num_cols, "forward")),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
     )
     return loss, stats
 
 
 def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
-                ce_weight, kd_scale, teacher_grad):
+                ce_weight, kd_scale, teacher_grad, config=None):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor).
 
     ``grad_loss`` is (N,) and may have stride 0 (an expanded scalar). Gradients are contiguous (N, V) in the
@@ -316,13 +320,12 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
               else torch.empty(0, dtype=teacher.dtype, device=teacher.device))
     if num_rows == 0:
         return grad_s, grad_t
-    block, num_warps = _launch_config(num_cols)
     kd_backward_kernel[(num_rows,)](
         student, teacher, labels if labels is not None else stats, stats, grad_loss, grad_s,
         grad_t if teacher_grad else grad_s,
         num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         grad_loss.stride(0), num_rows,
-        HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad, BLOCK=block, num_warps=num_warps,
+        HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad, **(config or launch_config(num_cols, "backward")),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
     )
     return grad_s, grad_t

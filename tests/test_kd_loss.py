@@ -217,9 +217,9 @@ def test_teacher_minus_inf_where_student_is_finite(gen, divergence):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_large_logits(gen, divergence, dtype):
-    """Logits of ±1e4 (the exponentials overflow without the running max). The gradients are ill-conditioned
-    there (log p moves by ~1e-4 when a logit moves by one float32 ulp), so the kernel is held to the float64
-    truth as tightly as the reference evaluated in float32 is, and the loss to 1e-5."""
+    """Logits of ±1e4 (the exponentials overflow without the running max). The problem is ill-conditioned there
+    (log p moves by ~1e-4 when a logit moves by one float32 ulp; the loss can be a tiny sum of e^-15 terms), so
+    the kernel is held to the float64 truth as tightly as the reference evaluated in float32 is, or 1e-5."""
     s = (torch.rand(5, 333, generator=gen) * 2e4 - 1e4).to(dtype).to(DEVICE)
     t = (s.double().cpu() + torch.randn(5, 333, generator=gen, dtype=torch.float64) * 50).to(dtype).to(DEVICE)
     t.requires_grad_(True)
@@ -228,10 +228,10 @@ def test_large_logits(gen, divergence, dtype):
     ref32 = loss_and_grads(s, t, backend="reference", **options)
     truth = loss_and_grads(s.double(), t.double(), backend="reference", **options)
     assert kernel[0].isfinite().all()
-    assert_rel_close(kernel[0], truth[0], RTOL[torch.float32], what="loss vs float64")
-    for what, got, ref, exact in zip(("student grad", "teacher grad"), kernel[1:], ref32[1:], truth[1:]):
+    for what, got, ref, exact in zip(("loss", "student grad", "teacher grad"), kernel, ref32, truth):
         ref_error = ((ref.double() - exact).norm() / exact.norm()).item()
-        assert_rel_close(got, exact, max(2 * ref_error, RTOL[dtype]), what=f"{what} vs float64")
+        floor = RTOL[torch.float32] if what == "loss" else RTOL[dtype]
+        assert_rel_close(got, exact, max(2 * ref_error, floor), what=f"{what} vs float64")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: install, run the whole test-suite on the GPU, tune, benchmark.
+#   bash bench/gpu_session.sh [tests|tune|bench|overhead ...]   (default: tests tune bench); results under $OUT (or ./gpu-out)
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # extra wheels carried along (liger-kernel for the baseline)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+steps=${*:-tests tune bench}
+cd /tmp  # import the installed package, not the source tree
+for step in $steps; do
+    case $step in
+        tests) python3 -m pytest -q -p no:cacheprovider --rootdir="$OLDPWD" "$OLDPWD/tests" 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+        tune)  python3 "$OLDPWD/bench/tune_kd.py" --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" ;;
+        bench) fastkd bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+        overhead) python3 "$OLDPWD/bench/profile_overhead.py" 256 100 2>&1 | head -12 | tee "$OUT/overhead.log" ;;
+    esac
+done

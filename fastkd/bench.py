@@ -1,0 +1,271 @@
+"""Benchmark harness behind ``fastkd bench``: kd_loss against the expressions users run today.
+
+For each shape, every implementation's loss and student gradient are first checked against the float64
+truth (fastkd's reference on float64 copies of the inputs), then timed (median over repeats) for forward alone
+and forward+backward through autograd, and its peak extra memory is read. On CUDA the table also gives the share of the memory roofline: forward reads student and teacher once,
+backward reads both again and writes the student gradient, at a device-to-device copy bandwidth measured in
+the same run.
+
+Timing: CUDA uses ``triton.testing.do_bench`` (CUDA events, L2 flushed before every repeat, median), which
+includes the host's launch overhead whenever the host is slower than the GPU (small shapes); the "graph ms"
+column replays the forward+backward step captured in a CUDA graph, the GPU time without that overhead. CPU
+uses ``time.perf_counter`` around each call (median). Memory: CUDA reads ``torch.cuda.max_memory_allocated`` above
+what was allocated before the call; CPU reads the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) above its resident set before the call, and reports nothing where Linux does not offer
+that.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .kd import kd_loss
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_SHAPES = {
+    "cuda": ["256x100:fp32", "1024x1000:fp32", "8192x32000:bf16", "4096x128256:bf16"],
+    "cpu": ["256x100:fp32", "1024x1000:fp32", "512x32000:fp32"],
+}
+
+
+@dataclasses.dataclass
+class Result:
+    shape: str
+    implementation: str
+    forward_ms: Optional[float]
+    forward_backward_ms: Optional[float]
+    graph_ms: Optional[float]
+    peak_extra_mib: Optional[float]
+    roofline_pct: Optional[float]
+    max_rel_error: Optional[float]
+    within_tolerance: Optional[bool]
+    note: str = ""
+
+
+def parse_shape(spec: str) -> tuple[int, int, torch.dtype]:
+    """``"8192x32000:bf16"`` → (8192, 32000, torch.bfloat16); the dtype defaults to fp32."""
+    dims, _, dtype = spec.partition(":")
+    try:
+        rows, cols = (int(x) for x in dims.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a shape is written ROWSxVOCAB[:fp32|fp16|bf16], got {spec!r}") from None
+    if dtype and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r} in {spec!r}")
+    return rows, cols, DTYPES[dtype or "fp32"]
+
+
+def eager_kd(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The expression KD code writes today (torchdistill, mdistiller, most training scripts)."""
+    return F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
+                    log_target=True, reduction="batchmean") * temperature * temperature
+
+
+def implementations(temperature: float) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    impls = {
+        "fastkd": lambda s, t: kd_loss(s, t, temperature=temperature),
+        "torch eager": lambda s, t: eager_kd(s, t, temperature),
+        "torch.compile": torch.compile(lambda s, t: eager_kd(s, t, temperature), dynamic=False),
+    }
+    if importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.transformers.kl_div import LigerKLDIVLoss
+        liger = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        impls["liger-kernel"] = lambda s, t: liger(F.log_softmax(s / temperature, dim=-1),
+                                                    F.log_softmax(t / temperature, dim=-1)) * temperature ** 2
+    return impls
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20) -> float:
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=warmup * 10, rep=reps * 10, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def graph_replay_ms(step: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median time of one replay of a CUDA graph that captured ``step``: the GPU time of a training step whose
+    host launch overhead is gone. Raises RuntimeError where ``step`` cannot be captured (a host sync inside)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return median_ms(graph.replay, device, reps=reps)
+
+
+def _read_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory above what was in use before ``fn()`` (MiB); None where it cannot be measured."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident set
+        before = _read_status_kib("VmRSS")
+        fn()
+        return max(_read_status_kib("VmHWM") - before, 0) / 1024
+    except (OSError, KeyError):
+        return None
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2**30) -> float:
+    """Device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=2, reps=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def float64_truth(student: torch.Tensor, teacher: torch.Tensor, temperature: float, chunk_rows: int = 1024):
+    """Batchmean loss and student gradient of the default kd_loss, computed in float64 a few rows at a time."""
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    grad = torch.empty(student.shape, dtype=torch.float64, device=student.device)
+    for start in range(0, student.shape[0], chunk_rows):
+        s = student[start:start + chunk_rows].detach().double().requires_grad_(True)
+        loss = kd_loss(s, teacher[start:start + chunk_rows].double(), temperature=temperature, reduction="sum",
+                       backend="reference")
+        (grad[start:start + chunk_rows],) = torch.autograd.grad(loss, s)
+        total += loss.detach()
+    rows = max(student.shape[0], 1)
+    return total / rows, grad.div_(rows)
+
+
+def bench_shape(spec: str, device: torch.device, temperature: float, impls, bandwidth_gbs: Optional[float],
+                reps: int) -> list[Result]:
+    rows, cols, dtype = parse_shape(spec)
+    gen = torch.Generator(device="cpu").manual_seed(rows * 1_000_003 + cols)
+    student = (torch.randn(rows, cols, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_(True)
+    teacher = (torch.randn(rows, cols, generator=gen) * 2).to(device=device, dtype=dtype)
+    elem = student.element_size()
+    roofline_bytes = rows * cols * 5 * elem  # forward: s + t, backward: s + t + ∂s
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # a bf16/fp16 gradient is rounded to 2^-8 or 2^-11
+
+    ref_loss, ref_grad = float64_truth(student, teacher, temperature)
+    results = []
+    for name, impl in impls.items():
+        try:
+            loss = impl(student, teacher)
+            (grad,) = torch.autograd.grad(loss, student)
+            error = max(_rel_error(loss, ref_loss), _rel_error(grad, ref_grad))
+            del loss, grad
+
+            def forward():
+                with torch.no_grad():
+                    return impl(student, teacher)
+
+            def forward_backward():
+                return torch.autograd.grad(impl(student, teacher), student)
+
+            fwd = median_ms(forward, device, reps=reps)
+            fwd_bwd = median_ms(forward_backward, device, reps=reps)
+            memory = peak_extra_mib(forward_backward, device)
+            roofline = None
+            if bandwidth_gbs is not None and device.type == "cuda":
+                roofline = 100 * (roofline_bytes / (bandwidth_gbs * 1e9) * 1e3) / fwd_bwd
+            result = Result(spec, name, fwd, fwd_bwd, None, memory, roofline, error, error <= tolerance)
+        except RuntimeError as exc:  # out of memory, say: reported, not fatal
+            result = Result(spec, name, None, None, None, None, None, None, None, f"{type(exc).__name__}: {exc}"[:80])
+        if device.type == "cuda" and result.forward_backward_ms is not None:
+            try:
+                result.graph_ms = graph_replay_ms(forward_backward, device, reps)
+            except RuntimeError:
+                result.note = "not capturable in a CUDA graph (host sync)"
+        results.append(result)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def environment(device: torch.device) -> dict:
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d")}
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+        env["triton"] = triton.__version__
+    if device.type == "cpu":
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def format_table(results: list[Result]) -> str:
+    def fmt(x, spec):
+        return format("-", ">" + spec.split(".")[0]) if x is None else format(x, spec)
+
+    base = {r.shape: r.forward_backward_ms for r in results if r.implementation == "fastkd"}
+    header = (f"{'shape':<18} {'implementation':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'graph ms':>9} "
+              f"{'fastkd speedup':>14} "
+              f"{'peak MiB':>9} {'roofline':>8} {'rel err':>8}  within tolerance")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        speedup = (r.forward_backward_ms / base[r.shape]
+                   if r.forward_backward_ms and base.get(r.shape) else None)
+        within = "-" if r.within_tolerance is None else ("yes" if r.within_tolerance else "NO")
+        lines.append(f"{r.shape:<18} {r.implementation:<14} {fmt(r.forward_ms, '9.3f')} "
+                     f"{fmt(r.forward_backward_ms, '11.3f')} {fmt(r.graph_ms, '9.3f')} {fmt(speedup, '13.2f')}x {fmt(r.peak_extra_mib, '9.1f')} "
+                     f"{fmt(r.roofline_pct, '7.1f')}{' ' if r.roofline_pct is None else '%'} {fmt(r.max_rel_error, '8.1e')}  {within} {r.note}")
+    return "\n".join(lines)
+
+
+def run(shapes: Optional[list[str]] = None, *, device: Optional[str] = None, temperature: float = 4.0,
+        reps: int = 20, json_path: Optional[str] = None, log=print) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shapes = shapes or DEFAULT_SHAPES[dev.type]
+    for spec in shapes:
+        parse_shape(spec)  # fail before any timing
+    env = environment(dev)
+    bandwidth = copy_bandwidth_gbs(dev)
+    env["copy_bandwidth_gbs"] = round(bandwidth, 1)
+    log(f"fastkd bench: {env}")
+    log(f"kd_loss forward+backward, T={temperature}, batchmean; speedup = implementation time / fastkd time; "
+        f"rel err = max relative error of loss and student gradient against float64; roofline = time to read "
+        f"s and t twice and write the gradient at the copy bandwidth / measured time")
+    impls = implementations(temperature)
+    results = []
+    for spec in shapes:
+        results += bench_shape(spec, dev, temperature, impls, bandwidth, reps)
+    log(format_table(results))
+    report = {"environment": env, "temperature": temperature, "results": [dataclasses.asdict(r) for r in results]}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
