@@ -51,12 +51,12 @@ def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     """
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    p_s, p_t = log_p_s.exp(), log_p_t.exp()
     if divergence == "kl":
-        return _weighted(p_t, log_p_t - log_p_s).sum(-1)
+        return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
     if divergence == "reverse_kl":
-        return _weighted(p_s, log_p_s - log_p_t).sum(-1)
+        return _weighted(log_p_s.exp(), log_p_s - log_p_t).sum(-1)
     if divergence == "jsd":
+        p_s, p_t = log_p_s.exp(), log_p_t.exp()
         log_ratio = log_p_t - log_p_s
         jsd = torch.zeros_like(log_p_s[..., 0])
         # log(p_t/m) = −log(1 − (1−β) + (1−β)·p_s/p_t), log(p_s/m) = −log(1 − β + β·p_t/p_s)

@@ -31,9 +31,9 @@ def _finite_or_zero(m):
 
 
 @triton.jit
-def _weighted_log_ratio(p, log_p, log_q):
-    """p·(log p − log q) element-wise, 0 where p = 0 (never 0·inf)."""
-    return tl.where(p > 0, p * (log_p - log_q), 0.0)
+def _weighted(p, x):
+    """p·x element-wise, 0 where p = 0 (0·log 0 = 0, never 0·inf)."""
+    return tl.where(p > 0, p * x, 0.0)
 
 
 @triton.jit
@@ -142,10 +142,10 @@ def kd_forward_kernel(
                 delta = (shift_b - _finite_or_zero(m_b)) - (shift_a - _finite_or_zero(m_a))
                 if DIVERGENCE == 0:  # KL(p_t‖p_s): average over p_t
                     old_w = tl.where(scale_b == 0, 0.0, scale_b * (w - delta * sum_b))
-                    w = old_w + tl.sum(_weighted_log_ratio(e_b, b - shift_b, a - shift_a), axis=0)
+                    w = old_w + tl.sum(_weighted(e_b, (b - shift_b) - (a - shift_a)), axis=0)
                 else:  # KL(p_s‖p_t): average over p_s
                     old_w = tl.where(scale_a == 0, 0.0, scale_a * (w + delta * sum_a))
-                    w = old_w + tl.sum(_weighted_log_ratio(e_a, a - shift_a, b - shift_b), axis=0)
+                    w = old_w + tl.sum(_weighted(e_a, (a - shift_a) - (b - shift_b)), axis=0)
             sum_a = sum_a * scale_a + tl.sum(e_a, axis=0)
             sum_b = sum_b * scale_b + tl.sum(e_b, axis=0)
             m_a = new_m_a
@@ -182,8 +182,8 @@ def kd_forward_kernel(
                 log_p_t = _log_probs(x_t, inv_temperature, m_b, log_sum_b)
                 r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
                                            INTERIOR_BETA)
-                d0 += tl.sum(tl.where(log_p_t > float("-inf"), tl.exp(log_p_t) * r_t, 0.0), axis=0)
-                d1 += tl.sum(tl.where(log_p_s > float("-inf"), tl.exp(log_p_s) * r_s, 0.0), axis=0)
+                d0 += tl.sum(_weighted(tl.exp(log_p_t), r_t), axis=0)
+                d1 += tl.sum(_weighted(tl.exp(log_p_s), r_s), axis=0)
             loss = kd_scale * (beta * d0 + one_minus_beta * d1)
     if HAS_CE:
         target = tl.load(s_row + label * stride_s_col, mask=counted & label_ok, other=0.0).to(tl.float32)
@@ -245,17 +245,17 @@ def kd_backward_kernel(
             if DIVERGENCE == 0:  # ∂KL(p_t‖p_s)/∂a = p_s − p_t, ∂/∂b = p_t (log p_t/p_s − KL)
                 grad_s = kd_factor * (p_s - p_t)
                 if TEACHER_GRAD:
-                    grad_t = kd_factor * _weighted_log_ratio(p_t, log_p_t, log_p_s + d0)
+                    grad_t = kd_factor * _weighted(p_t, (log_p_t - log_p_s) - d0)
             elif DIVERGENCE == 1:  # ∂KL(p_s‖p_t)/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
-                grad_s = kd_factor * _weighted_log_ratio(p_s, log_p_s, log_p_t + d0)
+                grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d0)
                 if TEACHER_GRAD:
                     grad_t = kd_factor * (p_t - p_s)
             else:  # ∂JSD/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b = β p_t (log p_t/m − KL(p_t‖m))
                 r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
                                            INTERIOR_BETA)
-                grad_s = (kd_factor * one_minus_beta) * tl.where(p_s > 0, p_s * (r_s - d1), 0.0)
+                grad_s = (kd_factor * one_minus_beta) * _weighted(p_s, r_s - d1)
                 if TEACHER_GRAD:
-                    grad_t = (kd_factor * beta) * tl.where(p_t > 0, p_t * (r_t - d0), 0.0)
+                    grad_t = (kd_factor * beta) * _weighted(p_t, r_t - d0)
         if HAS_CE:  # ∂CE/∂s = softmax(s) − onehot(label)
             q = tl.exp(_log_probs(x_s, 1.0, m_1, log_sum_1))
             grad_s += ce_factor * (q - tl.where(cols == label, 1.0, 0.0))

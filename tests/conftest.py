@@ -19,6 +19,14 @@ def pytest_report_header(config):
            f"random inputs seeded with FASTKD_TEST_SEED={SESSION_SEED}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("fastkd", f"replay with FASTKD_TEST_SEED={SESSION_SEED}"))
+
+
 @pytest.fixture
 def gen(request):
     """A torch.Generator on CPU seeded from the session seed and the test id: fresh inputs on every run, and a

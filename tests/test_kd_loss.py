@@ -217,21 +217,24 @@ def test_teacher_minus_inf_where_student_is_finite(gen, divergence):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_large_logits(gen, divergence, dtype):
-    """Logits of ±1e4 (the exponentials overflow without the running max). The problem is ill-conditioned there
-    (log p moves by ~1e-4 when a logit moves by one float32 ulp; the loss can be a tiny sum of e^-15 terms), so
-    the kernel is held to the float64 truth as tightly as the reference evaluated in float32 is, or 1e-5."""
+    """Logits of ±1e4 (the exponentials overflow without the running max). The problem is ill-conditioned there:
+    log p moves by ε·|s|/T ≈ 1.5e-4 when a logit moves by one float32 ulp ε, and the loss can be a tiny sum of
+    e^-15 terms. So each output is held to the float64 truth within the larger of: its dtype's usual tolerance,
+    8× the error of the reference evaluated in float32 on the same inputs, and 2·ε·max|s|/T."""
     s = (torch.rand(5, 333, generator=gen) * 2e4 - 1e4).to(dtype).to(DEVICE)
     t = (s.double().cpu() + torch.randn(5, 333, generator=gen, dtype=torch.float64) * 50).to(dtype).to(DEVICE)
     t.requires_grad_(True)
-    options = dict(temperature=4.0, divergence=divergence, reduction="none")
+    temperature = 4.0
+    options = dict(temperature=temperature, divergence=divergence, reduction="none")
     kernel = loss_and_grads(s, t, backend="triton", **options)
     ref32 = loss_and_grads(s, t, backend="reference", **options)
     truth = loss_and_grads(s.double(), t.double(), backend="reference", **options)
+    conditioning = 2 * torch.finfo(torch.float32).eps * max(s.abs().max().item(), t.abs().max().item()) / temperature
     assert kernel[0].isfinite().all()
     for what, got, ref, exact in zip(("loss", "student grad", "teacher grad"), kernel, ref32, truth):
         ref_error = ((ref.double() - exact).norm() / exact.norm()).item()
         floor = RTOL[torch.float32] if what == "loss" else RTOL[dtype]
-        assert_rel_close(got, exact, max(2 * ref_error, floor), what=f"{what} vs float64")
+        assert_rel_close(got, exact, max(floor, 8 * ref_error, conditioning), what=f"{what} vs float64")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -293,8 +296,9 @@ def test_teacher_gets_no_gradient_unless_it_requires_one(gen, backend):
 
 @pytest.mark.parametrize("beta", [0.0, 1e-7, 1 - 1e-7, 1.0])
 def test_jsd_is_continuous_at_the_ends_of_beta(gen, beta):
-    """JSD_β → 0 as β → 0 or 1, smoothly (≈ β·KL(p_t‖p_s) and (1−β)·KL(p_s‖p_t)), with no jump at the ends."""
-    s, t = logits(gen, (4, 50)), logits(gen, (4, 50))
+    """JSD_β → 0 as β → 0 or 1, smoothly (≈ β·KL(p_t‖p_s) and (1−β)·KL(p_s‖p_t)), with no jump at the ends.
+    (Moderate logits: the next term of the expansion grows with Σ p_t²/p_s.)"""
+    s, t = logits(gen, (4, 50), scale=1.0), logits(gen, (4, 50), scale=1.0)
     jsd = fastkd.kd_loss(s, t, divergence="jsd", beta=beta, reduction="none", backend="triton")
     if beta in (0.0, 1.0):
         assert not jsd.any()

@@ -1,0 +1,42 @@
+"""pytest-benchmark micro-benchmarks of kd_loss forward+backward against the eager expression and torch.compile.
+
+    pytest bench --benchmark-enable                     # time them (CUDA when available, else CPU)
+    pytest bench                                        # what CI runs: each case once, as a smoke test
+
+On CPU fastkd runs its reference (the C++ CPU backend is a later issue); for tables with roofline and memory
+use ``fastkd bench`` (bench/RESULTS.md).
+"""
+import pytest
+import torch
+
+import fastkd
+from fastkd.bench import eager_kd
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(256, 100), (1024, 1000)] if DEVICE == "cpu" else [(1024, 1000), (8192, 32000)]
+TEMPERATURE = 4.0
+IMPLEMENTATIONS = {
+    "fastkd": lambda s, t: fastkd.kd_loss(s, t, temperature=TEMPERATURE),
+    "eager": lambda s, t: eager_kd(s, t, TEMPERATURE),
+    "compile": torch.compile(lambda s, t: eager_kd(s, t, TEMPERATURE), dynamic=False),
+}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: f"{shape[0]}x{shape[1]}")
+def test_kd_loss_forward_backward(benchmark, implementation, shape):
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    s = (torch.randn(shape, device=DEVICE) * 2).to(dtype).requires_grad_(True)
+    t = (torch.randn(shape, device=DEVICE) * 2).to(dtype)
+    fn = IMPLEMENTATIONS[implementation]
+
+    def step():
+        grad = torch.autograd.grad(fn(s, t), s)[0]
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return grad
+
+    grad = benchmark(step)
+    want = torch.autograd.grad(fastkd.kd_loss(s, t, temperature=TEMPERATURE, backend="reference"), s)[0]
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    assert ((grad.double() - want.double()).norm() / want.double().norm()).item() < tolerance
