@@ -51,7 +51,7 @@ def main():
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 timings.append((ms, config))
             timings.sort(key=lambda x: x[0])
-            chosen = kd.launch_config(cols, kernel)
+            chosen = kd.launch_config(cols, kernel, OPTIONS["divergence"])
             print(f"{rows}x{cols} {dtype} {kernel}: launch_config picks {chosen}")
             for ms, config in timings[:6] + [x for x in timings if x[1] == chosen]:
                 print(f"    {config}  {ms * 1e3:9.1f} us  {nbytes[kernel] / ms / 1e6:7.0f} GB/s")

@@ -266,15 +266,16 @@ def kd_backward_kernel(
             tl.store(grad_t_row + cols, grad_t.to(GRAD_T.dtype.element_ty), mask=in_row)
 
 
-def launch_config(num_cols: int, kernel: str) -> dict:
+def launch_config(num_cols: int, kernel: str, divergence: str) -> dict:
     """Block size and warps for rows of num_cols entries, from bench/tune_kd.py on an H100 (bench/RESULTS.md):
-    the forward streams best with small single-warp programs (many rows in flight per SM), the backward
-    with wide blocks of 32 elements per thread."""
+    the KL forward streams best with small single-warp programs (many rows in flight per SM), the backward
+    with wide blocks of 32 elements per thread; the JSD forward, heavy in arithmetic, with 16 per thread."""
     block = triton.next_power_of_2(max(num_cols, 1))
-    if kernel == "forward":
+    if kernel == "forward" and divergence != "jsd":
         return dict(BLOCK=min(block, 512), num_warps=1)
     block = min(block, 4096)
-    return dict(BLOCK=block, num_warps=max(1, min(block // 128, 32)))
+    per_warp = 512 if kernel == "forward" else 128
+    return dict(BLOCK=block, num_warps=max(1, min(block // per_warp, 32)))
 
 
 def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
@@ -301,7 +302,7 @@ def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignor
     kd_forward_kernel[(num_rows,)](
         student, teacher, labels if labels is not None else loss, loss, stats,
         num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), num_rows,
-        HAS_LABELS=labels is not None, **(config or launch_config(num_cols, "forward")),
+        HAS_LABELS=labels is not None, **(config or launch_config(num_cols, "forward", divergence)),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
     )
     return loss, stats
@@ -325,7 +326,8 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
         grad_t if teacher_grad else grad_s,
         num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
         grad_loss.stride(0), num_rows,
-        HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad, **(config or launch_config(num_cols, "backward")),
+        HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad,
+        **(config or launch_config(num_cols, "backward", divergence)),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
     )
     return grad_s, grad_t
