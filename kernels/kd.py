@@ -84,6 +84,12 @@ def _log_probs(x, inv_temperature, row_max, log_sum):
 
 
 @triton.jit
+def _load_block(row_ptr, cols, stride_col, in_row):
+    """One block of a row as float32, −inf past its end (so it adds nothing to max or sum)."""
+    return tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=in_row, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
     """(counted, label_ok, label) of a row: ignored rows are not counted; a counted row with a label
     outside [0, V) is not ok (its loss and gradient become NaN)."""
@@ -124,9 +130,9 @@ def kd_forward_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
-        x_s = tl.load(s_row + cols.to(tl.int64) * stride_s_col, mask=in_row, other=float("-inf")).to(tl.float32)
+        x_s = _load_block(s_row, cols, stride_s_col, in_row)
         if HAS_KD:
-            x_t = tl.load(t_row + cols.to(tl.int64) * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
+            x_t = _load_block(t_row, cols, stride_t_col, in_row)
             a = x_s * inv_temperature
             b = x_t * inv_temperature
             new_m_a = tl.maximum(m_a, tl.max(a, axis=0))
@@ -174,10 +180,8 @@ def kd_forward_kernel(
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 in_row = cols < V
-                x_s = tl.load(s_row + cols.to(tl.int64) * stride_s_col, mask=in_row,
-                              other=float("-inf")).to(tl.float32)
-                x_t = tl.load(t_row + cols.to(tl.int64) * stride_t_col, mask=in_row,
-                              other=float("-inf")).to(tl.float32)
+                x_s = _load_block(s_row, cols, stride_s_col, in_row)
+                x_t = _load_block(t_row, cols, stride_t_col, in_row)
                 log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
                 log_p_t = _log_probs(x_t, inv_temperature, m_b, log_sum_b)
                 r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
@@ -233,11 +237,11 @@ def kd_backward_kernel(
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
-        x_s = tl.load(s_row + cols.to(tl.int64) * stride_s_col, mask=in_row, other=float("-inf")).to(tl.float32)
+        x_s = _load_block(s_row, cols, stride_s_col, in_row)
         grad_s = tl.zeros([BLOCK], dtype=tl.float32)
         grad_t = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
-            x_t = tl.load(t_row + cols.to(tl.int64) * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
+            x_t = _load_block(t_row, cols, stride_t_col, in_row)
             log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
             log_p_t = _log_probs(x_t, inv_temperature, m_b, log_sum_b)
             p_s = tl.exp(log_p_s)
