@@ -151,7 +151,8 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2**30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
@@ -185,7 +186,7 @@ def bench_shape(spec: str, device: torch.device, temperature: float, impls, band
         try:
             loss = impl(student, teacher)
             (grad,) = torch.autograd.grad(loss, student)
-            error = max(_rel_error(loss, ref_loss), _rel_error(grad, ref_grad))
+            error = max(relative_error(loss, ref_loss), relative_error(grad, ref_grad))
             del loss, grad
 
             def forward():
