@@ -1,7 +1,71 @@
-"""Build script. The Triton kernels live in kernels/ and install as the subpackage fastkd.kernels."""
+"""Build script. The Triton kernels live in kernels/ and install as the subpackage fastkd.kernels; the C++ CPU
+backend in csrc/ builds as the extension fastkd._C.
+
+The extension is optional: if it cannot be built (no C++17 compiler, say) the install goes on without it and
+fastkd runs CPU tensors through its reference implementation. FASTKD_BUILD_CPU=0 skips it on purpose.
+Each instruction-set translation unit gets its own flags; at run time the extension picks the best one the CPU
+supports. OpenMP is used where the compiler has it.
+"""
+import os
+import platform
+import subprocess
+import tempfile
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+
+ISA_FLAGS = {  # per source file; x86-64 with GCC or Clang only, other targets build the portable kernels alone
+    "kd_cpu_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"],
+    "kd_cpu_avx2.cpp": ["-mavx2", "-mfma"],
+}
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+class BuildExt(build_ext):
+    """build_ext with per-file instruction-set flags and OpenMP when the compiler accepts -fopenmp."""
+
+    def build_extension(self, ext):
+        unix = self.compiler.compiler_type == "unix"
+        if unix and self._accepts("-fopenmp"):
+            ext.extra_compile_args.append("-fopenmp")
+            ext.extra_link_args.append("-fopenmp")
+        compile_one = self.compiler._compile
+
+        def compile_with_isa_flags(obj, src, src_ext, cc_args, extra_postargs, pp_opts):
+            flags = ISA_FLAGS.get(os.path.basename(src), []) if unix and X86 else []
+            compile_one(obj, src, src_ext, cc_args, extra_postargs + flags, pp_opts)
+
+        self.compiler._compile = compile_with_isa_flags
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler._compile = compile_one
+
+    def _accepts(self, flag):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cpp")
+            with open(src, "w") as f:
+                f.write("int main() { return 0; }\n")
+            cmd = self.compiler.compiler_so + [flag, src, "-o", os.path.join(tmp, "probe")]
+            return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+ext_modules = []
+if os.environ.get("FASTKD_BUILD_CPU", "1") != "0":
+    ext_modules.append(Pybind11Extension(
+        "fastkd._C",
+        [os.path.join("csrc", f) for f in ("module.cpp", "buffer_pool.cpp", "kd_cpu_avx512.cpp", "kd_cpu_avx2.cpp",
+                                           "kd_cpu_portable.cpp")],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-ffp-contract=fast"] if os.name != "nt" else ["/O2"],
+        depends=[os.path.join("csrc", f) for f in ("buffer_pool.h", "kd_cpu.h", "kd_cpu_impl.h", "simd.h")],
+        optional=True,
+    ))
+    ParallelCompile("FASTKD_BUILD_JOBS", default=0).install()
 
 setup(
     packages=["fastkd", "fastkd.kernels"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExt},
 )

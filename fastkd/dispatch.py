@@ -6,10 +6,13 @@ Backends:
   dtype float32, float16 or bfloat16. On CPU tensors it runs only under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before triton is imported), which is how the CPU test-suite exercises the very
   kernel code that runs on the GPU.
+- ``"cpu"``: the C++ CPU kernels of the extension ``fastkd._C`` (:mod:`fastkd.cpu_backend`). Chosen by ``"auto"``
+  for CPU tensors of dtype float32, float16 or bfloat16 when the extension was built.
 - ``"reference"``: the pure-PyTorch implementation in :mod:`fastkd.reference`, the executable specification.
-  Chosen by ``"auto"`` for CPU tensors and for dtypes the kernels do not take (float64).
+  Chosen by ``"auto"`` for dtypes the kernels do not take (float64), and for CPU tensors when the extension is
+  missing.
 
-The environment variable ``FASTKD_BACKEND`` (``auto``, ``triton`` or ``reference``) replaces ``"auto"`` as the
+The environment variable ``FASTKD_BACKEND`` (``auto``, ``triton``, ``cpu`` or ``reference``) replaces ``"auto"`` as the
 default; an explicit ``backend=`` argument always wins.
 """
 from __future__ import annotations
@@ -19,7 +22,9 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+from . import cpu_backend
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -32,11 +37,15 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # looked up o
 
 
 def backends() -> dict:
-    """What can run here: ``{"triton": bool, "triton_interpreter": bool, "cuda": bool, "reference": True}``."""
+    """What can run here: ``{"triton": bool, "triton_interpreter": bool, "cuda": bool, "cpu": bool,
+    "cpu_isa": str or None, "reference": True}`` (``cpu``: the C++ extension was built; ``cpu_isa``: the
+    instruction set its kernels use, see :mod:`fastkd.cpu_backend`)."""
     return {
         "triton": TRITON_AVAILABLE,
         "triton_interpreter": TRITON_AVAILABLE and triton_interpreted(),
         "cuda": torch.cuda.is_available(),
+        "cpu": cpu_backend.AVAILABLE,
+        "cpu_isa": cpu_backend.isa(),
         "reference": True,
     }
 
@@ -47,8 +56,15 @@ def check_backend_name(requested: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
 
 
+def _require_kernel_dtypes(backend: str, tensors) -> None:
+    if not all(t.dtype in KERNEL_DTYPES for t in tensors):
+        dtypes = sorted({str(t.dtype) for t in tensors})
+        raise RuntimeError(f"backend={backend!r} takes float32, float16 and bfloat16 tensors, got {dtypes}; "
+                           "use backend='reference' for other dtypes")
+
+
 def select_backend(requested: str, *tensors: torch.Tensor) -> str:
-    """Return ``"triton"`` or ``"reference"`` for an op over ``tensors`` (already validated to share a device).
+    """Return ``"triton"``, ``"cpu"`` or ``"reference"`` for an op over ``tensors`` (validated to share a device).
 
     Raises ``ValueError`` for an unknown backend name and ``RuntimeError`` when the backend asked for cannot
     run on these tensors.
@@ -63,14 +79,21 @@ def select_backend(requested: str, *tensors: torch.Tensor) -> str:
     if requested == "auto":
         if device.type == "cuda" and kernel_dtypes and TRITON_AVAILABLE:
             return "triton"
+        if device.type == "cpu" and kernel_dtypes and cpu_backend.AVAILABLE:
+            return "cpu"
         return "reference"
+    if requested == "cpu":
+        if not cpu_backend.AVAILABLE:
+            raise RuntimeError(f"backend='cpu' needs the C++ extension fastkd._C, which was not built "
+                               f"({cpu_backend.IMPORT_ERROR}); reinstall fastkd with a C++17 compiler, or use "
+                               "backend='reference'")
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' runs on CPU tensors, got device {device}")
+        _require_kernel_dtypes(requested, tensors)
     if requested == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not kernel_dtypes:
-            dtypes = sorted({str(t.dtype) for t in tensors})
-            raise RuntimeError(f"backend='triton' takes float32, float16 and bfloat16 tensors, got {dtypes}; "
-                               "use backend='reference' for other dtypes")
+        _require_kernel_dtypes(requested, tensors)
         if device.type == "cpu" and not triton_interpreted():
             raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                                "before triton is imported, or use backend='reference'")

@@ -14,8 +14,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import reference
+from . import cpu_backend, reference
 from .dispatch import check_backend_name, select_backend
+from .kernel_args import NUM_STATS
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -23,10 +24,13 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# custom ops (Triton backend)
+# custom ops (kernel backends: "triton" and "cpu")
 # ----------------------------------------------------------------------------------------------------------------
 
-def _kernels():
+def _launchers(backend: str):
+    """The module whose kd_forward/kd_backward run ``backend``'s kernels (both take and return the same things)."""
+    if backend == "cpu":
+        return cpu_backend
     from .kernels import kd as kd_kernels  # imported lazily: triton is optional and may need TRITON_INTERPRET first
     return kd_kernels
 
@@ -34,54 +38,90 @@ def _kernels():
 @torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
 def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                      temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
-                     kd_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().kd_forward(student, teacher, labels, temperature=temperature, divergence=divergence, beta=beta,
-                                 ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale)
+                     kd_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launchers(backend).kd_forward(student, teacher, labels, temperature=temperature, divergence=divergence,
+                                          beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
+                                          kd_scale=kd_scale)
 
 
 @_kd_loss_rows_op.register_fake
-def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
+def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale, backend):
     num_rows = student.shape[0]
     return (student.new_empty(num_rows, dtype=torch.float32),
-            student.new_empty((_kernels().NUM_STATS, num_rows), dtype=torch.float32))
+            student.new_empty((NUM_STATS, num_rows), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastkd::kd_loss_rows_backward", mutates_args=())
 def _kd_loss_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
                               labels: Optional[torch.Tensor], stats: torch.Tensor, temperature: float,
                               divergence: str, beta: float, ignore_index: int, ce_weight: float, kd_scale: float,
-                              teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().kd_backward(grad_loss, student, teacher, labels, stats, temperature=temperature,
-                                  divergence=divergence, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
-                                  kd_scale=kd_scale, teacher_grad=teacher_grad)
+                              backend: str, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launchers(backend).kd_backward(grad_loss, student, teacher, labels, stats, temperature=temperature,
+                                           divergence=divergence, beta=beta, ignore_index=ignore_index,
+                                           ce_weight=ce_weight, kd_scale=kd_scale, teacher_grad=teacher_grad)
 
 
 @_kd_loss_rows_backward_op.register_fake
 def _(grad_loss, student, teacher, labels, stats, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
-      teacher_grad):
+      backend, teacher_grad):
     grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
     return student.new_empty(student.shape), grad_t
 
 
+def _fuse_gradient(ctx, backend: str, divergence: str, grad_scale: Optional[torch.Tensor]) -> bool:
+    """Whether the forward computes the gradient too (C++ backend, kl/reverse_kl, eager mode, a gradient wanted):
+    then each exponential is computed once instead of twice (csrc/kd_cpu_impl.h). Under torch.compile the
+    two-kernel path keeps the graph functional."""
+    return (backend == "cpu" and divergence in cpu_backend.FUSED_DIVERGENCES and grad_scale is not None
+            and any(ctx.needs_input_grad[:2]) and not torch.compiler.is_compiling()
+            and math.isfinite(float(grad_scale)) and float(grad_scale) > 0)
+
+
 class _KDLossRows(torch.autograd.Function):
-    """Row losses of the Triton backend: forward and backward are the two custom ops above. (Not
+    """Row losses through a kernel backend: forward and backward are the two custom ops above. (Not
     ``register_autograd``: its generated backward wrapper took ~200 µs of host time per call on the H100 machine,
-    bench/profile_overhead.py; dynamo traces an autograd.Function just as well.)"""
+    bench/profile_overhead.py; dynamo traces an autograd.Function just as well.)
+
+    With the C++ backend in eager mode the forward may also write the gradient of ``grad_scale·Σ row_loss``
+    (see :func:`_fuse_gradient`); the backward then only rescales rows whose incoming gradient differs from
+    ``grad_scale`` (none in ``loss.backward()`` of a batchmean or sum loss). A second backward through the same
+    graph (``retain_graph=True``) runs the backward kernel.
+    """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, *options):
-        row_loss, stats = torch.ops.fastkd.kd_loss_rows.default(student, teacher, labels, *options)
+    def forward(ctx, student, teacher, labels, grad_scale, backend, *options):
+        ctx.fused_grads = None
+        if _fuse_gradient(ctx, backend, options[1], grad_scale):
+            temperature, divergence, beta, ignore_index, ce_weight, kd_scale = options
+            row_loss, stats, grad_s, grad_t = cpu_backend.kd_forward_with_grad(
+                student, teacher, labels, grad_scale=float(grad_scale), teacher_grad=ctx.needs_input_grad[1],
+                temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
+                ce_weight=ce_weight, kd_scale=kd_scale)
+            ctx.fused_grads = (grad_s, grad_t, grad_scale)
+        else:
+            row_loss, stats = torch.ops.fastkd.kd_loss_rows.default(student, teacher, labels, *options, backend)
         ctx.save_for_backward(student, teacher, labels, stats)
+        ctx.backend = backend
         ctx.options = options
         return row_loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        student, teacher, labels, stats = ctx.saved_tensors
         teacher_grad = ctx.needs_input_grad[1]
-        grad_s, grad_t = torch.ops.fastkd.kd_loss_rows_backward.default(grad_loss, student, teacher, labels, stats,
-                                                                        *ctx.options, teacher_grad)
-        return (grad_s, grad_t if teacher_grad else None, None) + (None,) * len(ctx.options)
+        if ctx.fused_grads is not None:
+            grad_s, grad_t, grad_scale = ctx.fused_grads
+            ctx.fused_grads = None  # rescaled in place below: usable once
+            factor = grad_loss / grad_scale
+            if not bool((factor == 1).all()):
+                factor = factor.unsqueeze(1)
+                grad_s.mul_(factor)
+                if teacher_grad:
+                    grad_t.mul_(factor)
+        else:
+            student, teacher, labels, stats = ctx.saved_tensors
+            grad_s, grad_t = torch.ops.fastkd.kd_loss_rows_backward.default(
+                grad_loss, student, teacher, labels, stats, *ctx.options, ctx.backend, teacher_grad)
+        return (grad_s, grad_t if teacher_grad else None, None, None, None) + (None,) * len(ctx.options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,9 +276,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     t = options["temperature"]
     kd_scale = options["kd_weight"] * (t * t if options["scale_by_t2"] else 1.0)
 
-    if select_backend(backend, student, teacher) == "triton":
-        row_loss = _KDLossRows.apply(student, teacher, flat_labels, t, options["divergence"], options["beta"],
-                                     options["ignore_index"], options["ce_weight"], kd_scale)
+    chosen = select_backend(backend, student, teacher)
+    if options["reduction"] == "batchmean":
+        divisor = options["normalizer"]
+        if divisor is None:
+            divisor = max(student.shape[0], 1) if flat_labels is None else \
+                (flat_labels != options["ignore_index"]).sum().clamp_min(1)
+    else:
+        divisor = 1
+    if chosen in ("triton", "cpu"):
+        # grad_scale: the gradient each row loss receives from a plain backward of the reduced loss (used by
+        # the C++ backend's fused gradient only; on CUDA it would cost a launch)
+        grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" else None
+        row_loss = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, t, options["divergence"],
+                                     options["beta"], options["ignore_index"], options["ce_weight"], kd_scale)
     else:
         row_loss = reference.kd_loss_rows(student, teacher, flat_labels, temperature=t,
                                           divergence=options["divergence"], beta=options["beta"],
@@ -250,11 +301,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     total = row_loss.sum()
     if options["reduction"] == "sum":
         return total
-    if options["normalizer"] is not None:
-        return total / options["normalizer"]
-    if flat_labels is None:
-        return total / max(student.shape[0], 1)
-    return total / (flat_labels != options["ignore_index"]).sum().clamp_min(1)
+    return total / divisor
 
 
 class KDLoss(nn.Module):

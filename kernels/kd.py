@@ -1,7 +1,7 @@
 """Triton kernels of the kd_loss family: one program per row, forward and backward.
 
 Forward reads each row of student and teacher logits once (online log-sum-exp with a running max; the
-divergence accumulates in the same sweep) and writes the row loss plus five float32 statistics per row.
+divergence accumulates in the same sweep) and writes the row loss plus NUM_STATS float32 statistics per row.
 The generalized JSD needs both normalisers before its mixture is known, so its forward sweeps the row twice.
 Backward reads the rows once more and writes the gradient(s), already multiplied by the incoming gradient
 of the row loss, which it reads on the device.
@@ -14,14 +14,11 @@ for "kl"/"reverse_kl" d0 is the divergence, and for "jsd" d0 = KL(p_t‖m), d1 =
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
-NUM_STATS = 8
+from ..kernel_args import DIVERGENCE_CODES, NUM_STATS, kd_scalars
 
 
 @triton.jit
@@ -284,11 +281,7 @@ def launch_config(num_cols: int, kernel: str, divergence: str) -> dict:
 
 def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
     return dict(
-        inv_temperature=1.0 / temperature,
-        one_minus_beta=1.0 - beta,
-        log_beta=math.log(beta) if beta > 0 else -math.inf,
-        log_one_minus_beta=math.log1p(-beta) if beta < 1 else -math.inf,
-        beta=beta, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
+        **kd_scalars(temperature, beta), ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
         DIVERGENCE=DIVERGENCE_CODES[divergence],
         HAS_CE=ce_weight != 0, HAS_KD=kd_scale != 0, INTERIOR_BETA=0 < beta < 1,
     )

@@ -3,6 +3,7 @@ Triton interpreter (which must be switched on before triton is imported)."""
 import os
 import random
 import zlib
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -11,6 +12,45 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Kernel(NamedTuple):
+    backend: str
+    device: torch.device
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's test tensors live: the C++ CPU backend takes CPU tensors, the others DEVICE."""
+    return torch.device("cpu") if backend == "cpu" else DEVICE
+
+
+def skip_unless_available(backend: str) -> None:
+    from fastkd import cpu_backend
+    if backend == "cpu" and not cpu_backend.AVAILABLE:
+        pytest.skip(f"the C++ extension fastkd._C was not built: {cpu_backend.IMPORT_ERROR}")
+
+
+CPU_ISAS = ("avx512", "avx2", "portable")
+
+
+@pytest.fixture(params=["triton"] + [f"cpu-{isa}" for isa in CPU_ISAS])
+def kernel(request):
+    """Each kernel backend under test, with the device of its tensors: the Triton kernels (CUDA, or CPU tensors
+    under the interpreter) and the C++ CPU kernels with each instruction set this CPU runs."""
+    backend, _, isa = request.param.partition("-")
+    skip_unless_available(backend)
+    if not isa:
+        yield Kernel(backend, backend_device(backend))
+        return
+    from fastkd import cpu_backend
+    if isa not in cpu_backend.usable_isas():
+        pytest.skip(f"this CPU or build has no {isa} kernels (usable: {cpu_backend.usable_isas()})")
+    default = cpu_backend.isa()
+    cpu_backend.set_isa(isa)
+    try:
+        yield Kernel(backend, backend_device(backend))
+    finally:
+        cpu_backend.set_isa(default)
 SESSION_SEED = int(os.environ.get("FASTKD_TEST_SEED", random.randrange(2**31)))
 
 

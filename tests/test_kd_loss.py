@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import reference
-from conftest import DEVICE, assert_rel_close
+from conftest import DEVICE, assert_rel_close, backend_device, skip_unless_available
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -15,14 +15,14 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 
-def logits(gen, shape, dtype=torch.float32, scale=3.0):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+def logits(gen, shape, dtype=torch.float32, scale=3.0, device=DEVICE):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
 
 
-def random_labels(gen, shape, num_classes, ignore_fraction=0.3, ignore_index=-100):
+def random_labels(gen, shape, num_classes, ignore_fraction=0.3, ignore_index=-100, device=DEVICE):
     labels = torch.randint(0, num_classes, shape, generator=gen)
     labels[torch.rand(shape, generator=gen) < ignore_fraction] = ignore_index
-    return labels.to(DEVICE)
+    return labels.to(device)
 
 
 def float64_kd_rows(s, t, labels=None, *, temperature=1.0, divergence="kl", beta=0.5, ce_weight=0.0, kd_weight=1.0,
@@ -106,11 +106,11 @@ def test_reference_gradcheck_float64(gen, divergence, reduction):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the Triton kernels against the reference
+# the kernel backends (Triton, C++ CPU) against the reference
 # ------------------------------------------------------------------------------------------------------------
 
-def check_kernel_against_reference(s, t, upstream=None, grad_rtol=None, **options):
-    got = loss_and_grads(s, t, upstream, backend="triton", **options)
+def check_kernel_against_reference(kernel, s, t, upstream=None, grad_rtol=None, **options):
+    got = loss_and_grads(s, t, upstream, backend=kernel.backend, **options)
     want = loss_and_grads(s, t, upstream, backend="reference", **options)
     loss_rtol = RTOL[torch.float32]  # the loss is computed and returned in float32 whatever the input dtype
     grad_rtol = grad_rtol or RTOL[s.dtype]
@@ -130,24 +130,27 @@ def check_kernel_against_reference(s, t, upstream=None, grad_rtol=None, **option
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("label_mode", ["no_labels", "ignore_only", "ce"])
-def test_kernel_matches_reference(gen, divergence, reduction, dtype, label_mode):
+def test_kernel_matches_reference(kernel, gen, divergence, reduction, dtype, label_mode):
     n, v = 7, 300
     temperature = 1.0 if label_mode == "ignore_only" else 3.5
-    s, t = logits(gen, (n, v), dtype), logits(gen, (n, v), dtype).requires_grad_(True)
-    labels = None if label_mode == "no_labels" else random_labels(gen, (n,), v)
-    upstream = torch.rand(n, generator=gen).to(DEVICE) + 0.5 if reduction == "none" else None
-    check_kernel_against_reference(s, t, upstream, temperature=temperature, divergence=divergence, beta=0.3,
+    s = logits(gen, (n, v), dtype, device=kernel.device)
+    t = logits(gen, (n, v), dtype, device=kernel.device).requires_grad_(True)
+    labels = None if label_mode == "no_labels" else random_labels(gen, (n,), v, device=kernel.device)
+    upstream = torch.rand(n, generator=gen).to(kernel.device) + 0.5 if reduction == "none" else None
+    check_kernel_against_reference(kernel, s, t, upstream, temperature=temperature, divergence=divergence, beta=0.3,
                                    reduction=reduction, labels=labels, ce_weight=0.4 if label_mode == "ce" else 0.0,
                                    kd_weight=0.8)
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 17, 1000, 5003])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_kernel_vocabulary_sizes(gen, num_classes, divergence):
+def test_kernel_vocabulary_sizes(kernel, gen, num_classes, divergence):
     """V = 1, tiny, not a power of two, and larger than one block (the online rescaling across blocks)."""
-    s, t = logits(gen, (3, num_classes)), logits(gen, (3, num_classes)).requires_grad_(True)
-    loss, grad_s, _ = check_kernel_against_reference(s, t, temperature=2.0, divergence=divergence,
-                                                     labels=random_labels(gen, (3,), num_classes, 0.0),
+    s = logits(gen, (3, num_classes), device=kernel.device)
+    t = logits(gen, (3, num_classes), device=kernel.device).requires_grad_(True)
+    loss, grad_s, _ = check_kernel_against_reference(kernel, s, t, temperature=2.0, divergence=divergence,
+                                                     labels=random_labels(gen, (3,), num_classes, 0.0,
+                                                                          device=kernel.device),
                                                      ce_weight=0.5)
     if num_classes == 1:
         assert loss.item() == 0.0 and not grad_s.any()
@@ -155,10 +158,10 @@ def test_kernel_vocabulary_sizes(gen, num_classes, divergence):
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_empty_batch(divergence, reduction):
-    s = torch.zeros(0, 11, device=DEVICE, requires_grad=True)
-    loss = fastkd.kd_loss(s, torch.zeros(0, 11, device=DEVICE), divergence=divergence, reduction=reduction,
-                          backend="triton")
+def test_empty_batch(kernel, divergence, reduction):
+    s = torch.zeros(0, 11, device=kernel.device, requires_grad=True)
+    loss = fastkd.kd_loss(s, torch.zeros(0, 11, device=kernel.device), divergence=divergence, reduction=reduction,
+                          backend=kernel.backend)
     assert loss.shape == ((0,) if reduction == "none" else ())
     loss.sum().backward()
     assert s.grad.shape == s.shape
@@ -166,11 +169,13 @@ def test_empty_batch(divergence, reduction):
         assert loss.item() == 0.0
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 @pytest.mark.parametrize("with_ce", [False, True])
 def test_all_rows_ignored_gives_zero_connected_to_the_graph(gen, backend, with_ce):
-    s = logits(gen, (4, 30)).requires_grad_(True)
-    loss = fastkd.kd_loss(s, logits(gen, (4, 30)), labels=torch.full((4,), -100, device=DEVICE),
+    skip_unless_available(backend)
+    device = backend_device(backend)
+    s = logits(gen, (4, 30), device=device).requires_grad_(True)
+    loss = fastkd.kd_loss(s, logits(gen, (4, 30), device=device), labels=torch.full((4,), -100, device=device),
                           ce_weight=0.5 if with_ce else 0.0, backend=backend)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
@@ -178,186 +183,192 @@ def test_all_rows_ignored_gives_zero_connected_to_the_graph(gen, backend, with_c
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_ignored_rows_get_zero_gradient_and_are_not_counted(gen, divergence):
-    s, t = logits(gen, (6, 40)), logits(gen, (6, 40))
-    labels = torch.tensor([1, -100, 2, -100, 3, 4], device=DEVICE)
+def test_ignored_rows_get_zero_gradient_and_are_not_counted(kernel, gen, divergence):
+    s, t = logits(gen, (6, 40), device=kernel.device), logits(gen, (6, 40), device=kernel.device)
+    labels = torch.tensor([1, -100, 2, -100, 3, 4], device=kernel.device)
     counted = labels != -100
-    loss, grad_s, _ = check_kernel_against_reference(s, t, temperature=2.0, divergence=divergence, labels=labels)
+    loss, grad_s, _ = check_kernel_against_reference(kernel, s, t, temperature=2.0, divergence=divergence,
+                                                     labels=labels)
     assert not grad_s[~counted].any()
-    kept = fastkd.kd_loss(s[counted], t[counted], temperature=2.0, divergence=divergence, backend="triton")
+    kept = fastkd.kd_loss(s[counted], t[counted], temperature=2.0, divergence=divergence, backend=kernel.backend)
     assert_rel_close(loss, kept, 1e-6, what="ignored rows vs dropped rows")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_masked_vocabulary_minus_inf(gen, divergence, beta):
+def test_masked_vocabulary_minus_inf(kernel, gen, divergence, beta):
     """−inf logits (masked vocabulary) contribute 0·log 0 = 0: the loss stays finite, no NaN, zero gradient
     there. The first block of the row is entirely masked, the rest partly."""
     n, v = 3, 5000
-    s, t = logits(gen, (n, v)), logits(gen, (n, v)).requires_grad_(True)
-    masked = torch.rand(n, v, generator=gen).to(DEVICE) < 0.3
+    s, t = logits(gen, (n, v), device=kernel.device), logits(gen, (n, v), device=kernel.device).requires_grad_(True)
+    masked = torch.rand(n, v, generator=gen).to(kernel.device) < 0.3
     masked[:, :4096] = True
     s = s.masked_fill(masked, -math.inf)
     t = t.detach().masked_fill(masked, -math.inf).requires_grad_(True)
     labels = (~masked).int().argmax(-1)  # the first unmasked class of each row
-    loss, grad_s, grad_t = check_kernel_against_reference(s, t, temperature=2.0, divergence=divergence, beta=beta,
-                                                          labels=labels, ce_weight=0.3)
+    loss, grad_s, grad_t = check_kernel_against_reference(kernel, s, t, temperature=2.0, divergence=divergence,
+                                                          beta=beta, labels=labels, ce_weight=0.3)
     assert loss.isfinite().all()
     assert not grad_s[masked].any() and not grad_t[masked].any()
 
 
 @pytest.mark.parametrize("divergence", ["kl", "jsd"])
-def test_teacher_minus_inf_where_student_is_finite(gen, divergence):
-    s, t = logits(gen, (4, 64)), logits(gen, (4, 64))
+def test_teacher_minus_inf_where_student_is_finite(kernel, gen, divergence):
+    s, t = logits(gen, (4, 64), device=kernel.device), logits(gen, (4, 64), device=kernel.device)
     t[:, ::3] = -math.inf
-    loss, _, _ = check_kernel_against_reference(s, t, temperature=1.5, divergence=divergence, reduction="none")
+    loss, _, _ = check_kernel_against_reference(kernel, s, t, temperature=1.5, divergence=divergence, reduction="none")
     assert loss.isfinite().all()
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_large_logits(gen, divergence, dtype):
+def test_large_logits(kernel, gen, divergence, dtype):
     """Logits of ±1e4 (the exponentials overflow without the running max). The problem is ill-conditioned there:
     log p moves by ε·|s|/T ≈ 1.5e-4 when a logit moves by one float32 ulp ε, and the loss can be a tiny sum of
     e^-15 terms. So each output is held to the float64 truth within the larger of: its dtype's usual tolerance,
     8× the error of the reference evaluated in float32 on the same inputs, and 2·ε·max|s|/T."""
-    s = (torch.rand(5, 333, generator=gen) * 2e4 - 1e4).to(dtype).to(DEVICE)
-    t = (s.double().cpu() + torch.randn(5, 333, generator=gen, dtype=torch.float64) * 50).to(dtype).to(DEVICE)
+    s = (torch.rand(5, 333, generator=gen) * 2e4 - 1e4).to(dtype).to(kernel.device)
+    t = (s.double().cpu() + torch.randn(5, 333, generator=gen, dtype=torch.float64) * 50).to(dtype).to(kernel.device)
     t.requires_grad_(True)
     temperature = 4.0
     options = dict(temperature=temperature, divergence=divergence, reduction="none")
-    kernel = loss_and_grads(s, t, backend="triton", **options)
+    got = loss_and_grads(s, t, backend=kernel.backend, **options)
     ref32 = loss_and_grads(s, t, backend="reference", **options)
     truth = loss_and_grads(s.double(), t.double(), backend="reference", **options)
     conditioning = 2 * torch.finfo(torch.float32).eps * max(s.abs().max().item(), t.abs().max().item()) / temperature
-    assert kernel[0].isfinite().all()
-    for what, got, ref, exact in zip(("loss", "student grad", "teacher grad"), kernel, ref32, truth):
+    assert got[0].isfinite().all()
+    for what, got, ref, exact in zip(("loss", "student grad", "teacher grad"), got, ref32, truth):
         ref_error = ((ref.double() - exact).norm() / exact.norm()).item()
         floor = RTOL[torch.float32] if what == "loss" else RTOL[dtype]
         assert_rel_close(got, exact, max(floor, 8 * ref_error, conditioning), what=f"{what} vs float64")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_non_contiguous_inputs(gen, divergence):
-    base_s = logits(gen, (12, 2 * 150))
-    base_t = logits(gen, (150, 12))
+def test_non_contiguous_inputs(kernel, gen, divergence):
+    base_s = logits(gen, (12, 2 * 150), device=kernel.device)
+    base_t = logits(gen, (150, 12), device=kernel.device)
     s = base_s[::2, ::2]  # row and column strides 600 and 2
     t = base_t.t()[::2]  # column stride 12: a transposed view
     assert not s.is_contiguous() and not t.is_contiguous()
-    check_kernel_against_reference(s, t.requires_grad_(True), temperature=2.0, divergence=divergence,
+    check_kernel_against_reference(kernel, s, t.requires_grad_(True), temperature=2.0, divergence=divergence,
                                    reduction="none")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_three_dimensional_logits_with_padding(gen, divergence):
+def test_three_dimensional_logits_with_padding(kernel, gen, divergence):
     """(batch, sequence, vocabulary) as in LLM distillation, padded positions marked with ignore_index."""
     b, seq, v = 2, 5, 97
-    s, t = logits(gen, (b, seq, v), torch.bfloat16), logits(gen, (b, seq, v), torch.bfloat16)
-    labels = random_labels(gen, (b, seq), v)
+    s = logits(gen, (b, seq, v), torch.bfloat16, device=kernel.device)
+    t = logits(gen, (b, seq, v), torch.bfloat16, device=kernel.device)
+    labels = random_labels(gen, (b, seq), v, device=kernel.device)
     for reduction in REDUCTIONS:
-        loss, grad_s, _ = check_kernel_against_reference(s, t, temperature=2.0, divergence=divergence,
+        loss, grad_s, _ = check_kernel_against_reference(kernel, s, t, temperature=2.0, divergence=divergence,
                                                          reduction=reduction, labels=labels, ce_weight=0.5)
         if reduction == "none":
             assert loss.shape == (b, seq)
     assert grad_s.shape == (b, seq, v)
 
 
-def test_mixed_input_dtypes(gen):
-    s, t = logits(gen, (5, 60), torch.bfloat16), logits(gen, (5, 60), torch.float32)
-    check_kernel_against_reference(s, t.requires_grad_(True), temperature=2.0)
+def test_mixed_input_dtypes(kernel, gen):
+    s = logits(gen, (5, 60), torch.bfloat16, device=kernel.device)
+    t = logits(gen, (5, 60), torch.float32, device=kernel.device)
+    check_kernel_against_reference(kernel, s, t.requires_grad_(True), temperature=2.0)
 
 
-def test_int32_labels(gen):
-    s, t = logits(gen, (6, 40)), logits(gen, (6, 40))
-    labels = random_labels(gen, (6,), 40)
-    a = fastkd.kd_loss(s, t, labels=labels.int(), ce_weight=0.5, backend="triton")
-    b = fastkd.kd_loss(s, t, labels=labels, ce_weight=0.5, backend="triton")
+def test_int32_labels(kernel, gen):
+    s, t = logits(gen, (6, 40), device=kernel.device), logits(gen, (6, 40), device=kernel.device)
+    labels = random_labels(gen, (6,), 40, device=kernel.device)
+    a = fastkd.kd_loss(s, t, labels=labels.int(), ce_weight=0.5, backend=kernel.backend)
+    b = fastkd.kd_loss(s, t, labels=labels, ce_weight=0.5, backend=kernel.backend)
     assert torch.equal(a, b)
 
 
-def test_out_of_range_label_gives_nan_in_the_kernel(gen):
+def test_out_of_range_label_gives_nan_in_the_kernel(kernel, gen):
     """On CUDA the label range is not checked on the host (no sync): the kernel marks the row NaN instead."""
-    s, t = logits(gen, (3, 10)), logits(gen, (3, 10))
-    labels = torch.tensor([2, 10, -100], device=DEVICE)
-    rows, _ = torch.ops.fastkd.kd_loss_rows(s, t, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0)
+    s, t = logits(gen, (3, 10), device=kernel.device), logits(gen, (3, 10), device=kernel.device)
+    labels = torch.tensor([2, 10, -100], device=kernel.device)
+    rows, _ = torch.ops.fastkd.kd_loss_rows(s, t, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0, kernel.backend)
     assert rows[0].isfinite() and rows[1].isnan() and rows[2] == 0
     ref = reference.kd_loss_rows(s, t, labels, temperature=1.0, divergence="kl", beta=0.5, ignore_index=-100,
                                  ce_weight=0.5, kd_weight=1.0, scale_by_t2=True)
     assert_rel_close(rows, ref, 1e-6)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_teacher_gets_no_gradient_unless_it_requires_one(gen, backend):
-    s = logits(gen, (3, 20)).requires_grad_(True)
-    t = logits(gen, (3, 20))
+    skip_unless_available(backend)
+    s = logits(gen, (3, 20), device=backend_device(backend)).requires_grad_(True)
+    t = logits(gen, (3, 20), device=backend_device(backend))
     fastkd.kd_loss(s, t, backend=backend).backward()
     assert t.grad is None and s.grad is not None
 
 
 @pytest.mark.parametrize("beta", [0.0, 1e-7, 1 - 1e-7, 1.0])
-def test_jsd_is_continuous_at_the_ends_of_beta(gen, beta):
+def test_jsd_is_continuous_at_the_ends_of_beta(kernel, gen, beta):
     """JSD_β → 0 as β → 0 or 1, smoothly (≈ β·KL(p_t‖p_s) and (1−β)·KL(p_s‖p_t)), with no jump at the ends.
     (Moderate logits: the next term of the expansion grows with Σ p_t²/p_s.)"""
-    s, t = logits(gen, (4, 50), scale=1.0), logits(gen, (4, 50), scale=1.0)
-    jsd = fastkd.kd_loss(s, t, divergence="jsd", beta=beta, reduction="none", backend="triton")
+    s, t = logits(gen, (4, 50), scale=1.0, device=kernel.device), logits(gen, (4, 50), scale=1.0, device=kernel.device)
+    jsd = fastkd.kd_loss(s, t, divergence="jsd", beta=beta, reduction="none", backend=kernel.backend)
     if beta in (0.0, 1.0):
         assert not jsd.any()
     else:
         near = "kl" if beta < 0.5 else "reverse_kl"
-        kl = fastkd.kd_loss(s, t, divergence=near, reduction="none", backend="triton")
+        kl = fastkd.kd_loss(s, t, divergence=near, reduction="none", backend=kernel.backend)
         weight = min(beta, 1 - beta)
         assert_rel_close(jsd / weight, kl, 1e-3, what="JSD/β vs KL")
 
 
 @pytest.mark.parametrize("beta", [1e-7, 1e-4, 0.5, 1 - 1e-4, 1 - 1e-7])
-def test_jsd_near_the_ends_of_beta_is_accurate(gen, beta):
+def test_jsd_near_the_ends_of_beta_is_accurate(kernel, gen, beta):
     """Where JSD_β is tiny its float32 value keeps full relative accuracy (log1p/expm1 forms, no cancellation)."""
-    s, t = logits(gen, (6, 80)), logits(gen, (6, 80)).requires_grad_(True)
+    s, t = logits(gen, (6, 80), device=kernel.device), logits(gen, (6, 80), device=kernel.device).requires_grad_(True)
     want = float64_kd_rows(s, t, divergence="jsd", beta=beta)
     ref = reference.kd_loss_rows(s, t, None, temperature=1.0, divergence="jsd", beta=beta, ignore_index=-100,
                                  ce_weight=0.0, kd_weight=1.0, scale_by_t2=True)
     assert_rel_close(ref, want, 1e-5, what="reference vs float64")
-    check_kernel_against_reference(s, t, divergence="jsd", beta=beta, reduction="none")
+    check_kernel_against_reference(kernel, s, t, divergence="jsd", beta=beta, reduction="none")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # reductions and the normalizer
 # ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_reductions_relate_as_documented(gen, backend):
-    s, t = logits(gen, (8, 30)), logits(gen, (8, 30))
-    labels = torch.tensor([0, -100, 2, 3, -100, 5, 6, 7], device=DEVICE)
+    skip_unless_available(backend)
+    device = backend_device(backend)
+    s, t = logits(gen, (8, 30), device=device), logits(gen, (8, 30), device=device)
+    labels = torch.tensor([0, -100, 2, 3, -100, 5, 6, 7], device=device)
     rows = fastkd.kd_loss(s, t, labels=labels, reduction="none", backend=backend)
     total = fastkd.kd_loss(s, t, labels=labels, reduction="sum", backend=backend)
     mean = fastkd.kd_loss(s, t, labels=labels, reduction="batchmean", backend=backend)
     assert_rel_close(total, rows.sum(), 1e-6)
     assert_rel_close(mean, rows.sum() / 6, 1e-6)
     assert_rel_close(fastkd.kd_loss(s, t, labels=labels, normalizer=3, backend=backend), rows.sum() / 3, 1e-6)
-    normalizer = torch.tensor(12.0, device=DEVICE)
+    normalizer = torch.tensor(12.0, device=device)
     assert_rel_close(fastkd.kd_loss(s, t, labels=labels, normalizer=normalizer, backend=backend), rows.sum() / 12,
                      1e-6)
 
 
-def test_normalizer_makes_gradient_accumulation_equal_one_big_batch(gen):
-    s, t = logits(gen, (10, 33)), logits(gen, (10, 33))
-    labels = random_labels(gen, (10,), 33)
-    whole = loss_and_grads(s, t, labels=labels, ce_weight=0.2, backend="triton")
+def test_normalizer_makes_gradient_accumulation_equal_one_big_batch(kernel, gen):
+    s, t = logits(gen, (10, 33), device=kernel.device), logits(gen, (10, 33), device=kernel.device)
+    labels = random_labels(gen, (10,), 33, device=kernel.device)
+    whole = loss_and_grads(s, t, labels=labels, ce_weight=0.2, backend=kernel.backend)
     counted = (labels != -100).sum()
     grads = []
     for part in (slice(0, 4), slice(4, 10)):
         _, g, _ = loss_and_grads(s[part], t[part], labels=labels[part], ce_weight=0.2, normalizer=counted,
-                                 backend="triton")
+                                 backend=kernel.backend)
         grads.append(g)
     assert_rel_close(torch.cat(grads), whole[1], 1e-6)
 
 
-def test_kdloss_module_matches_the_function(gen):
-    s, t = logits(gen, (4, 25)), logits(gen, (4, 25))
-    labels = random_labels(gen, (4,), 25)
-    module = fastkd.KDLoss(temperature=2.0, divergence="jsd", beta=0.2, ce_weight=0.3, backend="triton")
+def test_kdloss_module_matches_the_function(kernel, gen):
+    s, t = logits(gen, (4, 25), device=kernel.device), logits(gen, (4, 25), device=kernel.device)
+    labels = random_labels(gen, (4,), 25, device=kernel.device)
+    module = fastkd.KDLoss(temperature=2.0, divergence="jsd", beta=0.2, ce_weight=0.3, backend=kernel.backend)
     want = fastkd.kd_loss(s, t, temperature=2.0, divergence="jsd", beta=0.2, ce_weight=0.3, labels=labels,
-                          backend="triton")
+                          backend=kernel.backend)
     assert torch.equal(module(s, t, labels), want)
     assert "divergence='jsd'" in repr(module)
 
@@ -367,12 +378,12 @@ def test_kdloss_module_matches_the_function(gen):
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(gen, compile_backend):
-    s, t = logits(gen, (6, 40)), logits(gen, (6, 40))
-    labels = random_labels(gen, (6,), 40)
+def test_torch_compile_fullgraph(kernel, gen, compile_backend):
+    s, t = logits(gen, (6, 40), device=kernel.device), logits(gen, (6, 40), device=kernel.device)
+    labels = random_labels(gen, (6,), 40, device=kernel.device)
 
     def step(s, t, labels):
-        return fastkd.kd_loss(s, t, temperature=2.0, labels=labels, ce_weight=0.5, backend="triton") * 2
+        return fastkd.kd_loss(s, t, temperature=2.0, labels=labels, ce_weight=0.5, backend=kernel.backend) * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend=compile_backend)

@@ -1,0 +1,60 @@
+// The C++ CPU backend of fastkd.kd_loss: the arguments of one launch and the kernels of each instruction set.
+//
+// No torch headers: Python passes data pointers, shapes, strides and dtype codes (fastkd/cpu_backend.py), so the
+// extension builds in seconds and does not depend on the torch ABI.
+#pragma once
+#include <cstdint>
+
+namespace fastkd {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2 };
+constexpr int kNumStats = 8;  // per row, as the Triton kernels store them (kernels/kd.py)
+
+// (num_rows, num_cols) logits with unit column stride and any row stride (in elements).
+struct Rows {
+    const void* data = nullptr;
+    int dtype = kFloat32;
+    int64_t row_stride = 0;
+};
+
+struct KDArgs {
+    Rows student, teacher;
+    int64_t num_rows = 0, num_cols = 0;
+    const int64_t* labels = nullptr;  // (num_rows,) or null
+    int64_t ignore_index = -100;
+    int divergence = kKL;
+    float inv_temperature = 1, beta = 0.5f, one_minus_beta = 0.5f, log_beta = 0, log_one_minus_beta = 0;
+    float ce_weight = 0, kd_scale = 1;
+    // forward outputs: loss (num_rows,), stats (kNumStats, num_rows), float32
+    float* loss = nullptr;
+    float* stats = nullptr;
+    // forward with the gradient (kl and reverse_kl only): when fused_grad_student is set, the forward also writes
+    // ∂(grad_scale·Σ row_loss)/∂s there (and ∂/∂t into fused_grad_teacher if set), contiguous, in the input dtype
+    void* fused_grad_student = nullptr;
+    void* fused_grad_teacher = nullptr;
+    float grad_scale = 1;
+    // backward: grad_loss (float32, stride in elements, may be 0), stats from the forward, and the gradients,
+    // contiguous (num_rows, num_cols) in the dtype of their input; grad_teacher null unless it is wanted
+    const float* grad_loss = nullptr;
+    int64_t grad_loss_stride = 1;
+    void* grad_student = nullptr;
+    void* grad_teacher = nullptr;
+    int num_threads = 1;
+};
+
+using KDKernel = void (*)(const KDArgs&);
+
+// One compiled instruction set. forward/backward are null when the compiler could not target it.
+struct CpuIsa {
+    const char* name;
+    bool (*cpu_supports)();
+    KDKernel forward;
+    KDKernel backward;
+};
+
+namespace avx512 { extern const CpuIsa isa; }
+namespace avx2 { extern const CpuIsa isa; }
+namespace portable { extern const CpuIsa isa; }
+
+}  // namespace fastkd

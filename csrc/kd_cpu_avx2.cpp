@@ -1,0 +1,13 @@
+// kd_loss CPU kernels for AVX2 (setup.py compiles this file with -mavx2 -mfma); an empty entry when the compiler
+// did not target it.
+#include "kd_cpu.h"
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#define FASTKD_ISA avx2
+#define FASTKD_ISA_NAME "avx2"
+#define FASTKD_VEC_BYTES 32
+#define FASTKD_CPU_SUPPORTS() \
+    (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+#include "kd_cpu_impl.h"
+#else
+extern const fastkd::CpuIsa fastkd::avx2::isa = {"avx2", nullptr, nullptr, nullptr};
+#endif

@@ -1,0 +1,16 @@
+// kd_loss CPU kernels for AVX-512 (setup.py compiles this file with -mavx512f -mavx512bw -mavx512dq -mavx512vl
+// -mfma); an empty entry when the compiler did not target it.
+#include "kd_cpu.h"
+#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__FMA__)
+#define FASTKD_ISA avx512
+#define FASTKD_ISA_NAME "avx512"
+#define FASTKD_VEC_BYTES 64
+#define FASTKD_CPU_SUPPORTS()                                                                             \
+    (__builtin_cpu_init(), __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&     \
+                               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && \
+                               __builtin_cpu_supports("fma"))
+#include "kd_cpu_impl.h"
+#else
+extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr};
+#endif

@@ -1,0 +1,161 @@
+// fastkd._C: the pybind11 binding of the C++ CPU backend. A narrow surface: Python (fastkd/cpu_backend.py) passes
+// data pointers, shapes, strides and dtype codes in a dict, checked here before any kernel runs; no torch headers.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "buffer_pool.h"
+#include "kd_cpu.h"
+
+namespace py = pybind11;
+
+namespace fastkd {
+namespace {
+
+const CpuIsa* const kIsas[] = {&avx512::isa, &avx2::isa, &portable::isa};  // best first
+
+bool usable(const CpuIsa& isa) { return isa.forward != nullptr && isa.cpu_supports(); }
+
+const CpuIsa* best_isa() {
+    for (const CpuIsa* isa : kIsas) {
+        if (usable(*isa)) return isa;
+    }
+    return &portable::isa;
+}
+
+const CpuIsa* g_isa = best_isa();
+
+std::vector<std::string> usable_isas() {
+    std::vector<std::string> names;
+    for (const CpuIsa* isa : kIsas) {
+        if (usable(*isa)) names.emplace_back(isa->name);
+    }
+    return names;
+}
+
+void set_isa(const std::string& name) {
+    for (const CpuIsa* isa : kIsas) {
+        if (name == isa->name) {
+            if (!usable(*isa)) throw std::invalid_argument("instruction set '" + name + "' is not usable here");
+            g_isa = isa;
+            return;
+        }
+    }
+    throw std::invalid_argument("unknown instruction set '" + name + "'");
+}
+
+template <typename T>
+T get(const py::dict& d, const char* key) {
+    if (!d.contains(key)) throw std::invalid_argument(std::string("missing kernel argument '") + key + "'");
+    return d[key].cast<T>();
+}
+
+template <typename T>
+T* pointer(const py::dict& d, const char* key) {
+    return reinterpret_cast<T*>(get<uintptr_t>(d, key));
+}
+
+Rows rows(const py::dict& d, const char* key) {
+    const auto spec = get<std::tuple<uintptr_t, int, int64_t>>(d, key);  // (pointer, dtype code, row stride)
+    Rows r{reinterpret_cast<const void*>(std::get<0>(spec)), std::get<1>(spec), std::get<2>(spec)};
+    if (r.dtype != kFloat32 && r.dtype != kFloat16 && r.dtype != kBFloat16) {
+        throw std::invalid_argument(std::string(key) + ": unknown dtype code " + std::to_string(r.dtype));
+    }
+    return r;
+}
+
+KDArgs common_args(const py::dict& d) {
+    KDArgs a;
+    a.student = rows(d, "student");
+    a.teacher = rows(d, "teacher");
+    a.num_rows = get<int64_t>(d, "num_rows");
+    a.num_cols = get<int64_t>(d, "num_cols");
+    a.labels = pointer<const int64_t>(d, "labels");
+    a.ignore_index = get<int64_t>(d, "ignore_index");
+    a.divergence = get<int>(d, "divergence");
+    a.inv_temperature = get<float>(d, "inv_temperature");
+    a.beta = get<float>(d, "beta");
+    a.one_minus_beta = get<float>(d, "one_minus_beta");
+    a.log_beta = get<float>(d, "log_beta");
+    a.log_one_minus_beta = get<float>(d, "log_one_minus_beta");
+    a.ce_weight = get<float>(d, "ce_weight");
+    a.kd_scale = get<float>(d, "kd_scale");
+    a.stats = pointer<float>(d, "stats");
+    a.num_threads = get<int>(d, "num_threads");
+    if (a.num_rows < 0 || a.num_cols < 1 || a.num_cols > INT32_MAX) {
+        throw std::invalid_argument("num_rows must be >= 0 and num_cols in [1, 2^31)");
+    }
+    if (a.divergence != kKL && a.divergence != kReverseKL && a.divergence != kJSD) {
+        throw std::invalid_argument("unknown divergence code " + std::to_string(a.divergence));
+    }
+    if (a.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+    if (a.num_rows > 0 && (a.student.data == nullptr || a.teacher.data == nullptr || a.stats == nullptr)) {
+        throw std::invalid_argument("null data pointer");
+    }
+    return a;
+}
+
+void kd_forward(const py::dict& d) {
+    KDArgs a = common_args(d);
+    a.loss = pointer<float>(d, "loss");
+    if (a.num_rows > 0 && a.loss == nullptr) throw std::invalid_argument("null loss pointer");
+    a.fused_grad_student = pointer<void>(d, "fused_grad_student");
+    a.fused_grad_teacher = pointer<void>(d, "fused_grad_teacher");
+    a.grad_scale = get<float>(d, "grad_scale");
+    if (a.fused_grad_student == nullptr && a.fused_grad_teacher != nullptr) {
+        throw std::invalid_argument("fused_grad_teacher needs fused_grad_student");
+    }
+    py::gil_scoped_release release;
+    g_isa->forward(a);
+}
+
+void kd_backward(const py::dict& d) {
+    KDArgs a = common_args(d);
+    a.grad_loss = pointer<const float>(d, "grad_loss");
+    a.grad_loss_stride = get<int64_t>(d, "grad_loss_stride");
+    a.grad_student = pointer<void>(d, "grad_student");
+    a.grad_teacher = pointer<void>(d, "grad_teacher");
+    if (a.num_rows > 0 && (a.grad_loss == nullptr || a.grad_student == nullptr)) {
+        throw std::invalid_argument("null gradient pointer");
+    }
+    py::gil_scoped_release release;
+    g_isa->backward(a);
+}
+
+// An uninitialised uint8 numpy array of nbytes from the buffer pool; its memory goes back to the pool when the
+// array (and every tensor made from it with torch.from_numpy) is gone.
+py::array_t<uint8_t> empty_buffer(size_t nbytes) {
+    void* block = buffer_pool::allocate(nbytes);
+    py::capsule owner(block, [](void* b) { buffer_pool::release(b); });
+    return py::array_t<uint8_t>({static_cast<py::ssize_t>(nbytes)}, {static_cast<py::ssize_t>(1)},
+                                static_cast<uint8_t*>(block), owner);
+}
+
+}  // namespace
+}  // namespace fastkd
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "fastkd's C++ CPU kernels (see fastkd.cpu_backend for the Python interface)";
+    m.def("isa", [] { return std::string(fastkd::g_isa->name); }, "The instruction set the kernels run with.");
+    m.def("usable_isas", &fastkd::usable_isas, "Instruction sets compiled in and supported by this CPU, best first.");
+    m.def("set_isa", &fastkd::set_isa, py::arg("name"), "Run the kernels with this instruction set.");
+    m.def("kd_forward", &fastkd::kd_forward, py::arg("args"), "kd_loss forward over all rows (see kd_cpu.h).");
+    m.def("kd_backward", &fastkd::kd_backward, py::arg("args"), "kd_loss backward over all rows (see kd_cpu.h).");
+    m.def("empty_buffer", &fastkd::empty_buffer, py::arg("nbytes"),
+          "Uninitialised uint8 array from the buffer pool (csrc/buffer_pool.h).");
+    m.def("empty_cache", &fastkd::buffer_pool::empty, "Free the pool's cached blocks.");
+    m.def("cached_bytes", &fastkd::buffer_pool::cached_bytes, "Bytes held in the pool's free blocks.");
+    m.def("cache_limit", &fastkd::buffer_pool::limit, "The most bytes the pool keeps in free blocks.");
+    m.def("set_cache_limit", &fastkd::buffer_pool::set_limit, py::arg("nbytes"),
+          "Set the most bytes the pool keeps in free blocks (0 turns caching off).");
+#ifdef _OPENMP
+    m.attr("openmp") = true;
+#else
+    m.attr("openmp") = false;
+#endif
+}

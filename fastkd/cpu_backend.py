@@ -1,0 +1,156 @@
+"""The C++ CPU backend: the extension ``fastkd._C`` built from csrc/ (pybind11, OpenMP, AVX-512/AVX2/portable
+kernels chosen at run time), and the launchers that hand it CPU tensors.
+
+The extension sees no torch types: each launcher passes data pointers, shapes, row strides and dtype codes, and
+allocates the outputs with torch. Rows must have unit column stride; other layouts are copied first. When the
+extension was not built (no compiler at install time, ``FASTKD_BUILD_CPU=0``) :data:`AVAILABLE` is False and
+CPU tensors run through the reference implementation.
+
+The kernels run on ``torch.get_num_threads()`` threads. Each row is computed by one thread in a fixed order, so
+the results are the same, bit for bit, for every thread count.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .kernel_args import DIVERGENCE_CODES, NUM_STATS, kd_scalars
+
+try:
+    from . import _C
+except ImportError as exc:  # not built: the package works without it
+    _C = None
+    IMPORT_ERROR: Optional[ImportError] = exc
+else:
+    IMPORT_ERROR = None
+
+AVAILABLE = _C is not None
+if AVAILABLE and "FASTKD_CPU_CACHE_BYTES" in os.environ:
+    _C.set_cache_limit(int(os.environ["FASTKD_CPU_CACHE_BYTES"]))
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FUSED_DIVERGENCES = ("kl", "reverse_kl")
+
+
+def _extension():
+    if _C is None:
+        raise RuntimeError(f"the C++ CPU backend (fastkd._C) was not built: {IMPORT_ERROR}")
+    return _C
+
+
+def isa() -> Optional[str]:
+    """The instruction set the kernels run with (``"avx512"``, ``"avx2"`` or ``"portable"``), None if not built."""
+    return _C.isa() if _C is not None else None
+
+
+def usable_isas() -> list:
+    """Instruction sets compiled into the extension and supported by this CPU, best first."""
+    return _C.usable_isas() if _C is not None else []
+
+
+def set_isa(name: str) -> None:
+    """Run the kernels with instruction set ``name`` (one of :func:`usable_isas`), e.g. to test or time the
+    portable path on a CPU that has AVX-512."""
+    _extension().set_isa(name)
+
+
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor; from 1 MiB up its memory comes from the extension's buffer pool, which keeps
+    released blocks for the next call of the same size (a fresh large allocation is zero-filled page by page on
+    first touch, which costs more than the kernels). See :func:`empty_cache`."""
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if _C is None or nbytes < 2**20:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(_C.empty_buffer(nbytes)).view(dtype).view(shape)
+
+
+def empty_cache() -> None:
+    """Free the buffer pool's cached blocks (memory of released kernel outputs kept for reuse)."""
+    if _C is not None:
+        _C.empty_cache()
+
+
+def cache_info() -> dict:
+    """``{"cached_bytes": ..., "limit_bytes": ...}`` of the buffer pool (0 and 0 without the extension)."""
+    if _C is None:
+        return {"cached_bytes": 0, "limit_bytes": 0}
+    return {"cached_bytes": _C.cached_bytes(), "limit_bytes": _C.cache_limit()}
+
+
+def set_cache_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` in the buffer pool's free blocks (default 1 GiB, or the environment variable
+    ``FASTKD_CPU_CACHE_BYTES``; 0 turns caching off)."""
+    _extension().set_cache_limit(int(nbytes))
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(tensor with unit column stride, (data pointer, dtype code, row stride)) of an (N, V) tensor."""
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    return x, (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0))
+
+
+def _kd_args(student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index, ce_weight,
+             kd_scale) -> tuple[dict, list]:
+    """The argument dict of both kernels, and the tensors it points into (to keep them alive)."""
+    student, student_spec = _rows(student)
+    teacher, teacher_spec = _rows(teacher)
+    if labels is not None:
+        labels = labels.to(torch.int64).contiguous()
+    args = dict(student=student_spec, teacher=teacher_spec, num_rows=student.shape[0], num_cols=student.shape[1],
+                labels=labels.data_ptr() if labels is not None else 0, ignore_index=ignore_index,
+                divergence=DIVERGENCE_CODES[divergence], ce_weight=ce_weight, kd_scale=kd_scale,
+                stats=stats.data_ptr(), num_threads=torch.get_num_threads(), **kd_scalars(temperature, beta))
+    return args, [student, teacher, labels]
+
+
+def _forward(student, teacher, labels, options, grad_scale=None, teacher_grad=False):
+    num_rows = student.shape[0]
+    loss = torch.empty(num_rows, dtype=torch.float32)
+    stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32)
+    args, _keep = _kd_args(student, teacher, labels, stats, **options)
+    args.update(loss=loss.data_ptr(), fused_grad_student=0, fused_grad_teacher=0, grad_scale=1.0)
+    grads = ()
+    if grad_scale is not None:
+        grad_s = empty(student.shape, student.dtype)
+        grad_t = empty(teacher.shape if teacher_grad else (0,), teacher.dtype)
+        args.update(fused_grad_student=grad_s.data_ptr(), grad_scale=grad_scale,
+                    fused_grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
+        grads = (grad_s, grad_t)
+    _extension().kd_forward(args)
+    return (loss, stats) + grads
+
+
+def kd_forward(student, teacher, labels, **options):
+    """Row losses (N,) float32 and statistics (NUM_STATS, N) float32 of (N, V) CPU logits; the same contract as
+    :func:`fastkd.kernels.kd.kd_forward`. Options: temperature, divergence, beta, ignore_index, ce_weight,
+    kd_scale."""
+    return _forward(student, teacher, labels, options)
+
+
+def kd_forward_with_grad(student, teacher, labels, *, grad_scale: float, teacher_grad: bool, **options):
+    """:func:`kd_forward` plus the gradients of ``grad_scale·Σ row_loss`` w.r.t. student (and teacher if
+    teacher_grad; else an empty tensor), written by the same kernel from the exponentials it already holds, so
+    no exponential is computed twice. Divergences ``"kl"`` and ``"reverse_kl"`` (see :data:`FUSED_DIVERGENCES`)."""
+    if options["divergence"] not in FUSED_DIVERGENCES:
+        raise ValueError(f"the fused gradient covers divergences {FUSED_DIVERGENCES}, got {options['divergence']!r}")
+    return _forward(student, teacher, labels, options, float(grad_scale), teacher_grad)
+
+
+def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
+                ce_weight, kd_scale, teacher_grad):
+    """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),
+    contiguous (N, V) in the dtype of their input; the same contract as :func:`fastkd.kernels.kd.kd_backward`."""
+    grad_s = empty(student.shape, student.dtype)
+    grad_t = empty(teacher.shape if teacher_grad else (0,), teacher.dtype)
+    grad_loss = grad_loss.to(torch.float32)
+    stats = stats.contiguous()
+    args, _keep = _kd_args(student, teacher, labels, stats, temperature=temperature, divergence=divergence,
+                           beta=beta, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale)
+    args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr(),
+                grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
+    _extension().kd_backward(args)
+    return grad_s, grad_t

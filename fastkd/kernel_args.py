@@ -1,0 +1,21 @@
+"""Arguments the kd_loss kernels of every backend share (Triton in :mod:`fastkd.kernels.kd`, C++ in csrc/):
+the divergence codes, the number of per-row statistics the forward stores for the backward, and the scalars
+derived from the options."""
+from __future__ import annotations
+
+import math
+
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+# per row, float32, laid out (NUM_STATS, N): max a, log-sum a, max b, log-sum b, d0, d1, max s, log-sum s
+NUM_STATS = 8
+
+
+def kd_scalars(temperature: float, beta: float) -> dict:
+    """1/T and the JSD mixture weights with their logs (−inf for a zero weight)."""
+    return dict(
+        inv_temperature=1.0 / temperature,
+        beta=beta,
+        one_minus_beta=1.0 - beta,
+        log_beta=math.log(beta) if beta > 0 else -math.inf,
+        log_one_minus_beta=math.log1p(-beta) if beta < 1 else -math.inf,
+    )
