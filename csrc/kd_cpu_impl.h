@@ -32,7 +32,7 @@ inline float fmax_(float a, float b) { return a > b ? a : b; }
 inline int64_t min_(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // p·x, 0 where p = 0 (0·log 0 = 0, never 0·inf)
-inline vf weighted(vf p, vf x) { return p > 0.0f ? p * x : splat(0.0f); }
+inline vf weighted(vf p, vf x) { return p == 0.0f ? splat(0.0f) : p * x; }
 
 inline vi column_indices(int64_t start) {
     vi cols;

@@ -287,7 +287,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     if chosen in ("triton", "cpu"):
         # grad_scale: the gradient each row loss receives from a plain backward of the reduced loss (used by
         # the C++ backend's fused gradient only; on CUDA it would cost a launch)
-        grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" else None
+        wants_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
+        grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" and wants_grad else None
         row_loss = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, t, options["divergence"],
                                      options["beta"], options["ignore_index"], options["ce_weight"], kd_scale)
     else:

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 
 def _weighted(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """Element-wise p·log_ratio with 0 where p = 0 (0·log 0 = 0); autograd-safe where log_ratio is ±inf or NaN."""
-    positive = p > 0
-    return torch.where(positive, p * torch.where(positive, log_ratio, 0), 0)
+    """Element-wise p·log_ratio with 0 where p = 0 (0·log 0 = 0); autograd-safe where log_ratio is ±inf or NaN.
+    A NaN p stays NaN (a NaN logit must not vanish from the loss)."""
+    zero = p == 0
+    return torch.where(zero, 0, p * torch.where(zero, 0, log_ratio))
 
 
 def log_mixture_ratio(x: torch.Tensor, w: float) -> torch.Tensor:
@@ -28,7 +29,8 @@ def log_mixture_ratio(x: torch.Tensor, w: float) -> torch.Tensor:
         return torch.zeros_like(x)
     if w == 1:
         return x
-    x = torch.where(x.isnan(), 0, x)
+    nan = x.isnan()
+    x = torch.where(nan, 0, x)  # the branches below stay NaN-free for autograd; NaN is put back at the end
     with torch.no_grad():
         y = w * torch.expm1(x)
         tiny = (y > -0.5) & (y <= 1)  # log1p(y) is exact here
@@ -39,7 +41,7 @@ def log_mixture_ratio(x: torch.Tensor, w: float) -> torch.Tensor:
     high_value = torch.logaddexp(torch.tensor(math.log1p(-w), dtype=x.dtype, device=x.device),
                                  math.log(w) + torch.where(high & x.isfinite(), x, 0))
     value = torch.where(tiny, tiny_value, torch.where(low, low_value, high_value))
-    return torch.where(x == math.inf, math.inf, value)
+    return torch.where(nan, math.nan, torch.where(x == math.inf, math.inf, value))
 
 
 def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float,
@@ -57,7 +59,8 @@ def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         return _weighted(log_p_s.exp(), log_p_s - log_p_t).sum(-1)
     if divergence == "jsd":
         p_s, p_t = log_p_s.exp(), log_p_t.exp()
-        log_ratio = log_p_t - log_p_s
+        both_zero = (log_p_t == -math.inf) & (log_p_s == -math.inf)  # masked in both: weighted by 0 below
+        log_ratio = torch.where(both_zero, 0, log_p_t - log_p_s)
         jsd = torch.zeros_like(log_p_s[..., 0])
         # log(p_t/m) = −log(1 − (1−β) + (1−β)·p_s/p_t), log(p_s/m) = −log(1 − β + β·p_t/p_s)
         if beta > 0:  # a zero weight drops its term entirely, so an infinite KL there cannot turn into 0·inf = NaN

@@ -29,8 +29,8 @@ def _finite_or_zero(m):
 
 @triton.jit
 def _weighted(p, x):
-    """p·x element-wise, 0 where p = 0 (0·log 0 = 0, never 0·inf)."""
-    return tl.where(p > 0, p * x, 0.0)
+    """p·x element-wise, 0 where p = 0 (0·log 0 = 0, never 0·inf); NaN where p is NaN."""
+    return tl.where(p == 0, 0.0, p * x)
 
 
 @triton.jit

@@ -221,6 +221,20 @@ def test_teacher_minus_inf_where_student_is_finite(kernel, gen, divergence):
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_or_plus_inf_logit_makes_its_row_nan_and_only_that_row(kernel, gen, divergence, bad, where):
+    """A NaN or +inf logit gives its row a NaN loss and NaN gradients, as in the reference (never a number that
+    hides it); the other rows are untouched."""
+    s, t = logits(gen, (4, 300), device=kernel.device), logits(gen, (4, 300), device=kernel.device)
+    (s if where == "student" else t)[1, 123] = bad
+    got, _ = check_kernel_against_reference(kernel, s, t.requires_grad_(True), temperature=2.0,
+                                            divergence=divergence, reduction="none"), None
+    assert got[0][1].isnan() and got[1][1].isnan().all() and got[2][1].isnan().all()
+    assert got[0][[0, 2, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_large_logits(kernel, gen, divergence, dtype):
     """Logits of ±1e4 (the exponentials overflow without the running max). The problem is ill-conditioned there:

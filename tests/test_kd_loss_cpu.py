@@ -1,0 +1,172 @@
+"""The C++ CPU backend (fastkd._C): what the shared kernel tests in test_kd_loss.py do not cover — thread-count
+determinism, the fused-gradient path against the backward kernel, the buffer pool, and the package without the
+extension."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import cpu_backend
+from fastkd.dispatch import select_backend
+from conftest import CPU_ISAS, assert_rel_close
+
+needs_extension = pytest.mark.skipif(not cpu_backend.AVAILABLE, reason="the C++ extension fastkd._C was not built")
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+def logits(gen, shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def loss_and_grads(s, t, upstream=None, **options):
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, **options)
+    (loss if upstream is None else loss * upstream).sum().backward()
+    return loss.detach(), s.grad, t.grad
+
+
+@pytest.fixture
+def threads():
+    """Restores torch's thread count (the kernels use torch.get_num_threads() threads)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_results_do_not_depend_on_the_thread_count(gen, threads, isa, divergence, dtype):
+    """Each row is reduced by one thread in a fixed order: 1, 2 and 3 threads give the same bits."""
+    if isa not in cpu_backend.usable_isas():
+        pytest.skip(f"no {isa} kernels here")
+    default = cpu_backend.isa()
+    cpu_backend.set_isa(isa)
+    try:
+        s, t = logits(gen, (37, 2500), dtype), logits(gen, (37, 2500), dtype)
+        labels = torch.randint(0, 2500, (37,), generator=gen)
+        labels[::4] = -100
+        upstream = torch.rand(37, generator=gen)
+        results = []
+        for num_threads in (1, 2, 3):
+            torch.set_num_threads(num_threads)
+            results.append(loss_and_grads(s, t, upstream, temperature=2.0, divergence=divergence, labels=labels,
+                                          ce_weight=0.3, reduction="none", backend="cpu"))
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                assert torch.equal(a, b)
+    finally:
+        cpu_backend.set_isa(default)
+
+
+@needs_extension
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_fused_gradient_equals_the_backward_kernel(gen, divergence, reduction):
+    """In eager mode the forward writes the gradient (the backward rescales it when the incoming gradient is not
+    the one it assumed); a second backward of the same graph runs the backward kernel. Both match the reference."""
+    s = logits(gen, (9, 700)).requires_grad_(True)
+    t = logits(gen, (9, 700)).requires_grad_(True)
+    labels = torch.randint(0, 700, (9,), generator=gen)
+    labels[2] = -100
+    options = dict(temperature=3.0, divergence=divergence, reduction=reduction, labels=labels, ce_weight=0.25)
+    loss = fastkd.kd_loss(s, t, backend="cpu", **options)
+    upstream = torch.rand(loss.shape, generator=gen) + 0.5
+    fused = torch.autograd.grad((loss * upstream).sum() * 0.7, (s, t), retain_graph=True)
+    kernel = torch.autograd.grad((loss * upstream).sum() * 0.7, (s, t))
+    reference = fastkd.kd_loss(s, t, backend="reference", **options)
+    want = torch.autograd.grad((reference * upstream).sum() * 0.7, (s, t))
+    for got_fused, got_kernel, expected in zip(fused, kernel, want):
+        assert_rel_close(got_fused, expected, 1e-5, what="fused")
+        assert_rel_close(got_kernel, expected, 1e-5, what="backward kernel")
+
+
+@needs_extension
+def test_no_grad_forward_allocates_no_gradient(gen):
+    s, t = logits(gen, (64, 8192)).requires_grad_(True), logits(gen, (64, 8192))
+    cpu_backend.empty_cache()
+    with torch.no_grad():
+        fastkd.kd_loss(s, t, backend="cpu")
+    assert cpu_backend.cache_info()["cached_bytes"] == 0
+
+
+@needs_extension
+def test_buffer_pool_reuses_released_gradients(gen):
+    s, t = logits(gen, (64, 8192)).requires_grad_(True), logits(gen, (64, 8192))
+    cpu_backend.empty_cache()
+    (grad,) = torch.autograd.grad(fastkd.kd_loss(s, t, backend="cpu"), s)
+    pointer = grad.data_ptr()
+    assert cpu_backend.cache_info()["cached_bytes"] == 0  # in use
+    del grad
+    cached = cpu_backend.cache_info()["cached_bytes"]
+    assert cached >= 64 * 8192 * 4
+    (grad,) = torch.autograd.grad(fastkd.kd_loss(s, t, backend="cpu"), s)
+    assert grad.data_ptr() == pointer and cpu_backend.cache_info()["cached_bytes"] == 0
+    kept = grad.clone()
+    cpu_backend.empty_cache()  # frees cached blocks only: the live gradient stays valid
+    assert torch.equal(grad, kept)
+    del grad
+    assert cpu_backend.cache_info()["cached_bytes"] == cached
+    cpu_backend.empty_cache()
+    assert cpu_backend.cache_info()["cached_bytes"] == 0
+
+
+@needs_extension
+def test_buffer_pool_limit_zero_caches_nothing(gen):
+    limit = cpu_backend.cache_info()["limit_bytes"]
+    try:
+        cpu_backend.set_cache_limit(0)
+        s, t = logits(gen, (64, 8192)).requires_grad_(True), logits(gen, (64, 8192))
+        torch.autograd.grad(fastkd.kd_loss(s, t, backend="cpu"), s)
+        assert cpu_backend.cache_info() == {"cached_bytes": 0, "limit_bytes": 0}
+    finally:
+        cpu_backend.set_cache_limit(limit)
+
+
+@needs_extension
+def test_auto_picks_the_cpu_backend_for_cpu_tensors_of_kernel_dtypes():
+    x = torch.zeros(2, 3)
+    assert select_backend("auto", x, x) == "cpu"
+    assert select_backend("auto", x.bfloat16(), x) == "cpu"
+    assert select_backend("auto", x.double(), x.double()) == "reference"
+    with pytest.raises(RuntimeError, match="backend='cpu' takes float32, float16 and bfloat16"):
+        select_backend("cpu", x.double(), x.double())
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend='cpu' runs on CPU tensors"):
+            select_backend("cpu", x.cuda(), x.cuda())
+    info = fastkd.backends()
+    assert info["cpu"] and info["cpu_isa"] in CPU_ISAS
+
+
+def test_without_the_extension_the_package_runs_the_reference():
+    """As after an install where the extension could not be built: fastkd imports, reports it, auto uses the
+    reference on CPU, and backend='cpu' says why it cannot run."""
+    code = """
+import sys
+sys.modules["fastkd._C"] = None  # makes `from . import _C` fail
+import torch, fastkd
+from fastkd.dispatch import select_backend
+assert not fastkd.backends()["cpu"] and fastkd.backends()["cpu_isa"] is None
+x = torch.randn(3, 7)
+assert select_backend("auto", x, x) == "reference"
+assert fastkd.kd_loss(x, torch.randn(3, 7), temperature=2.0).isfinite()
+try:
+    fastkd.kd_loss(x, x, backend="cpu")
+except RuntimeError as exc:
+    assert "fastkd._C, which was not built" in str(exc), exc
+else:
+    raise AssertionError("backend='cpu' ran without the extension")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@needs_extension
+def test_set_isa_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        cpu_backend.set_isa("sse9")
