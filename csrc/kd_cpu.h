@@ -45,12 +45,23 @@ struct KDArgs {
 
 using KDKernel = void (*)(const KDArgs&);
 
-// One compiled instruction set. forward/backward are null when the compiler could not target it.
+// rows[r, :] *= factors[r·factor_stride] for the rows whose factor is not 1 (contiguous rows of `dtype`).
+struct ScaleRowsArgs {
+    void* rows = nullptr;
+    int dtype = kFloat32;
+    int64_t num_rows = 0, num_cols = 0;
+    const float* factors = nullptr;
+    int64_t factor_stride = 1;
+    int num_threads = 1;
+};
+
+// One compiled instruction set. The kernels are null when the compiler could not target it.
 struct CpuIsa {
     const char* name;
     bool (*cpu_supports)();
     KDKernel forward;
     KDKernel backward;
+    void (*scale_rows)(const ScaleRowsArgs&);
 };
 
 namespace avx512 { extern const CpuIsa isa; }

@@ -12,5 +12,5 @@
                                __builtin_cpu_supports("fma"))
 #include "kd_cpu_impl.h"
 #else
-extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr};
+extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr, nullptr};
 #endif

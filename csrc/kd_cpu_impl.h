@@ -320,13 +320,23 @@ void backward_row(const KDArgs& args, int64_t row) {
     }
 }
 
-template <typename RowFn>
-void for_each_row(const KDArgs& args, RowFn row_fn) {
+template <typename Args, typename RowFn>
+void for_each_row(const Args& args, RowFn row_fn) {
 #pragma omp parallel num_threads(args.num_threads)
     {
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < args.num_rows; ++row) row_fn(args, row);
         store_fence();
+    }
+}
+
+void scale_row(const ScaleRowsArgs& args, int64_t row) {
+    const float factor = args.factors[row * args.factor_stride];
+    if (factor == 1.0f) return;
+    void* data = gradient_row(args.rows, args.dtype, row, args.num_cols);
+    for (int64_t c = 0; c < args.num_cols; c += kLanes) {
+        const int n = static_cast<int>(min_(kLanes, args.num_cols - c));
+        store_lanes(data, args.dtype, c, n, load_lanes(data, args.dtype, c, n, 0.0f) * factor);
     }
 }
 
@@ -387,6 +397,7 @@ void with_divergence(const KDArgs& args) {
 
 void forward(const KDArgs& args) { with_divergence<ForwardRows>(args); }
 void backward(const KDArgs& args) { with_divergence<BackwardRows>(args); }
+void scale_rows(const ScaleRowsArgs& args) { for_each_row(args, scale_row); }
 
 }  // namespace
 }  // namespace FASTKD_ISA
@@ -399,6 +410,6 @@ namespace FASTKD_ISA {
 namespace {
 bool cpu_supports() { return FASTKD_CPU_SUPPORTS(); }
 }  // namespace
-extern const CpuIsa isa = {FASTKD_ISA_NAME, cpu_supports, forward, backward};
+extern const CpuIsa isa = {FASTKD_ISA_NAME, cpu_supports, forward, backward, scale_rows};
 }  // namespace FASTKD_ISA
 }  // namespace fastkd

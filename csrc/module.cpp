@@ -127,6 +127,24 @@ void kd_backward(const py::dict& d) {
     g_isa->backward(a);
 }
 
+void scale_rows(const py::dict& d) {
+    ScaleRowsArgs a;
+    a.rows = pointer<void>(d, "rows");
+    a.dtype = get<int>(d, "dtype");
+    a.num_rows = get<int64_t>(d, "num_rows");
+    a.num_cols = get<int64_t>(d, "num_cols");
+    a.factors = pointer<const float>(d, "factors");
+    a.factor_stride = get<int64_t>(d, "factor_stride");
+    a.num_threads = get<int>(d, "num_threads");
+    if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16) throw std::invalid_argument("dtype code");
+    if (a.num_rows < 0 || a.num_cols < 0 || a.num_threads < 1) throw std::invalid_argument("bad sizes");
+    if (a.num_rows > 0 && a.num_cols > 0 && (a.rows == nullptr || a.factors == nullptr)) {
+        throw std::invalid_argument("null pointer");
+    }
+    py::gil_scoped_release release;
+    g_isa->scale_rows(a);
+}
+
 // An uninitialised uint8 numpy array of nbytes from the buffer pool; its memory goes back to the pool when the
 // array (and every tensor made from it with torch.from_numpy) is gone.
 py::array_t<uint8_t> empty_buffer(size_t nbytes) {
@@ -146,6 +164,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_isa", &fastkd::set_isa, py::arg("name"), "Run the kernels with this instruction set.");
     m.def("kd_forward", &fastkd::kd_forward, py::arg("args"), "kd_loss forward over all rows (see kd_cpu.h).");
     m.def("kd_backward", &fastkd::kd_backward, py::arg("args"), "kd_loss backward over all rows (see kd_cpu.h).");
+    m.def("scale_rows", &fastkd::scale_rows, py::arg("args"), "Rows times per-row factors, in place (kd_cpu.h).");
     m.def("empty_buffer", &fastkd::empty_buffer, py::arg("nbytes"),
           "Uninitialised uint8 array from the buffer pool (csrc/buffer_pool.h).");
     m.def("empty_cache", &fastkd::buffer_pool::empty, "Free the pool's cached blocks.");

@@ -140,6 +140,15 @@ def kd_forward_with_grad(student, teacher, labels, *, grad_scale: float, teacher
     return _forward(student, teacher, labels, options, float(grad_scale), teacher_grad)
 
 
+def scale_rows_(rows: torch.Tensor, factors: torch.Tensor) -> None:
+    """``rows[i] *= factors[i]`` in place for a contiguous (N, V) CPU tensor and (N,) float32 factors; rows whose
+    factor is exactly 1 are not touched (one rounding in the tensor's dtype, computed in float32)."""
+    factors = factors.to(torch.float32)
+    _extension().scale_rows(dict(rows=rows.data_ptr(), dtype=DTYPE_CODES[rows.dtype], num_rows=rows.shape[0],
+                                 num_cols=rows.shape[1], factors=factors.data_ptr(), factor_stride=factors.stride(0),
+                                 num_threads=torch.get_num_threads()))
+
+
 def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
                 ce_weight, kd_scale, teacher_grad):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),

@@ -111,12 +111,10 @@ class _KDLossRows(torch.autograd.Function):
         if ctx.fused_grads is not None:
             grad_s, grad_t, grad_scale = ctx.fused_grads
             ctx.fused_grads = None  # rescaled in place below: usable once
-            factor = grad_loss / grad_scale
-            if not bool((factor == 1).all()):
-                factor = factor.unsqueeze(1)
-                grad_s.mul_(factor)
-                if teacher_grad:
-                    grad_t.mul_(factor)
+            factor = grad_loss / grad_scale  # exactly 1 for the rows of a plain backward of a batchmean/sum loss
+            cpu_backend.scale_rows_(grad_s, factor)
+            if teacher_grad:
+                cpu_backend.scale_rows_(grad_t, factor)
         else:
             student, teacher, labels, stats = ctx.saved_tensors
             grad_s, grad_t = torch.ops.fastkd.kd_loss_rows_backward.default(

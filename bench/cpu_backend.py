@@ -1,0 +1,62 @@
+"""The C++ CPU backend in detail: fwd+bwd of kd_loss (KL, T=4, batchmean) per instruction set, thread count and
+dtype, the cost of a cold buffer pool (every call page-faults a fresh gradient), and of an upstream gradient
+other than 1 (0.5·loss: the backward rescales the gradient the forward wrote). bench/RESULTS.md quotes it.
+
+    python bench/cpu_backend.py [--shape 2048x32000] [--reps 10]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastkd
+from fastkd import cpu_backend
+
+
+def median_ms(fn, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="2048x32000")
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    rows, cols = (int(x) for x in args.shape.split("x"))
+    gen = torch.Generator().manual_seed(0)
+    base_s, base_t = torch.randn(rows, cols, generator=gen) * 2, torch.randn(rows, cols, generator=gen) * 2
+    threads, isa, limit = torch.get_num_threads(), cpu_backend.isa(), cpu_backend.cache_info()["limit_bytes"]
+    print(f"{args.shape}, T=4, batchmean; torch {torch.__version__}, usable ISAs {cpu_backend.usable_isas()}, "
+          f"median of {args.reps}")
+    print(f"{'isa':<9} {'dtype':<9} {'threads':>7} {'fwd ms':>8} {'fwd+bwd ms':>11} {'0.5*loss ms':>12} "
+          f"{'cold pool ms':>12}")
+    for dtype in (torch.float32, torch.bfloat16):
+        s, t = base_s.to(dtype).requires_grad_(True), base_t.to(dtype)
+        for name in cpu_backend.usable_isas():
+            for num_threads in sorted({1, threads}):
+                cpu_backend.set_isa(name)
+                torch.set_num_threads(num_threads)
+                forward = median_ms(lambda: fastkd.kd_loss(s.detach(), t, temperature=4.0), args.reps)
+                step = median_ms(lambda: torch.autograd.grad(fastkd.kd_loss(s, t, temperature=4.0), s), args.reps)
+                scaled = median_ms(lambda: torch.autograd.grad(0.5 * fastkd.kd_loss(s, t, temperature=4.0), s),
+                                   args.reps)
+                cpu_backend.set_cache_limit(0)
+                cold = median_ms(lambda: torch.autograd.grad(fastkd.kd_loss(s, t, temperature=4.0), s),
+                                 max(args.reps // 2, 3), warmup=1)
+                cpu_backend.set_cache_limit(limit)
+                print(f"{name:<9} {str(dtype)[6:]:<9} {num_threads:>7} {forward:8.1f} {step:11.1f} {scaled:12.1f} "
+                      f"{cold:12.1f}", flush=True)
+    cpu_backend.set_isa(isa)
+    torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
