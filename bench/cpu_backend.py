@@ -36,6 +36,11 @@ def main():
     threads, isa, limit = torch.get_num_threads(), cpu_backend.isa(), cpu_backend.cache_info()["limit_bytes"]
     print(f"{args.shape}, T=4, batchmean; torch {torch.__version__}, usable ISAs {cpu_backend.usable_isas()}, "
           f"median of {args.reps}")
+    fresh = median_ms(lambda: torch.empty_like(base_s).fill_(1.0), args.reps)
+    reused = torch.empty_like(base_s)
+    existing = median_ms(lambda: reused.fill_(1.0), args.reps)
+    print(f"page-fault cost of a fresh {base_s.nbytes / 1e6:.0f} MB torch tensor: torch.empty_like(x).fill_(1) "
+          f"{fresh:.1f} ms, fill_(1) of an existing one {existing:.1f} ms")
     print(f"{'isa':<9} {'dtype':<9} {'threads':>7} {'fwd ms':>8} {'fwd+bwd ms':>11} {'0.5*loss ms':>12} "
           f"{'cold pool ms':>12}")
     for dtype in (torch.float32, torch.bfloat16):

@@ -1,6 +1,7 @@
 """The C++ CPU backend (fastkd._C): what the shared kernel tests in test_kd_loss.py do not cover — thread-count
 determinism, the fused-gradient path against the backward kernel, the buffer pool, and the package without the
 extension."""
+import os
 import subprocess
 import sys
 
@@ -164,6 +165,11 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif(os.environ.get("FASTKD_REQUIRE_CPU_EXTENSION") != "1", reason="set by .ci/run")
+def test_extension_was_built_where_it_must_be():
+    assert cpu_backend.AVAILABLE, cpu_backend.IMPORT_ERROR
 
 
 @needs_extension
