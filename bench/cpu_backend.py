@@ -5,24 +5,17 @@ other than 1 (0.5·loss: the backward rescales the gradient the forward wrote). 
     python bench/cpu_backend.py [--shape 2048x32000] [--reps 10]
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 import fastkd
-from fastkd import cpu_backend
+from fastkd import bench, cpu_backend
+
+CPU = torch.device("cpu")
 
 
 def median_ms(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return bench.median_ms(fn, CPU, warmup=warmup, reps=reps)
 
 
 def main():
