@@ -8,7 +8,7 @@
 namespace fastkd {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2 };
+enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3 };
 constexpr int kNumStats = 8;  // per row, as the Triton kernels store them (kernels/kd.py)
 
 // (num_rows, num_cols) logits with unit column stride and any row stride (in elements).

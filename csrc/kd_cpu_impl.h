@@ -121,6 +121,7 @@ void forward_row(const KDArgs& args, int64_t row) {
         shifts = e_1 + padded;
     }
     float m_a = -kInf, m_b = -kInf, m_1 = -kInf, sum_a = 0, sum_b = 0, sum_1 = 0, w = 0;
+    float s_ab = 0, s_aa = 0, s_bb = 0;  // cosine: ⟨e_a, e_b⟩, ‖e_a‖², ‖e_b‖² (the normalisers cancel)
     vi nan_seen = vi{};  // the exponentials below drop NaN, so a row with NaN (or +inf) is marked as a whole
     for (int64_t start = 0; start < num_cols; start += kBlock) {
         const int64_t end = min_(start + kBlock, num_cols);
@@ -141,6 +142,7 @@ void forward_row(const KDArgs& args, int64_t row) {
             const float new_m_a = fmax_(m_a, block_max_s * inv_t), new_m_b = fmax_(m_b, hmax(max_t) * inv_t);
             const float shift_a = finite_or_zero(new_m_a), shift_b = finite_or_zero(new_m_b);
             vf acc_a = splat(0.0f), acc_b = splat(0.0f), acc_w = splat(0.0f);
+            vf acc_ab = splat(0.0f), acc_aa = splat(0.0f), acc_bb = splat(0.0f);
             for (int64_t c = start; c < end; c += kLanes) {
                 const int n = static_cast<int>(min_(kLanes, end - c));
                 prefetch(r.student, s_dtype, c + kPrefetch);
@@ -152,13 +154,23 @@ void forward_row(const KDArgs& args, int64_t row) {
                 acc_b += exp_b;
                 if (kDivergence == kKL) acc_w += weighted(exp_b, b - a);
                 if (kDivergence == kReverseKL) acc_w += weighted(exp_a, a - b);
+                if (kDivergence == kCosine) {
+                    acc_ab += exp_a * exp_b;
+                    acc_aa += exp_a * exp_a;
+                    acc_bb += exp_b * exp_b;
+                }
                 if (kFused) {
                     vstore(e_a + c, exp_a);
                     vstore(e_b + c, exp_b);
                 }
             }
             const float scale_a = std::exp(m_a - shift_a), scale_b = std::exp(m_b - shift_b);
-            if (kDivergence != kJSD) {  // re-centre w on the new maxima: every old bracket moves by ∓delta
+            if (kDivergence == kCosine) {
+                s_ab = s_ab * (scale_a * scale_b) + hsum(acc_ab);
+                s_aa = s_aa * (scale_a * scale_a) + hsum(acc_aa);
+                s_bb = s_bb * (scale_b * scale_b) + hsum(acc_bb);
+            }
+            if (kDivergence == kKL || kDivergence == kReverseKL) {  // re-centre w on the new maxima
                 const float delta = (shift_b - finite_or_zero(m_b)) - (shift_a - finite_or_zero(m_a));
                 if (kDivergence == kKL) {
                     w = (scale_b == 0 ? 0.0f : scale_b * (w - delta * sum_b)) + hsum(acc_w);
@@ -193,10 +205,16 @@ void forward_row(const KDArgs& args, int64_t row) {
     bool nan_row = m_a == kInf || m_b == kInf || m_1 == kInf;
     for (int i = 0; i < kLanes; ++i) nan_row |= nan_seen[i] != 0;
     if (nan_row) m_a = m_b = m_1 = __builtin_nanf("");  // NaN statistics make the backward's gradient NaN too
-    const float log_sum_a = std::log(sum_a), log_sum_b = std::log(sum_b), log_sum_1 = std::log(sum_1);
+    // cosine: log ‖e‖₂ in place of the log-sums (the backward's "probabilities" are then p/‖p‖)
+    const float log_sum_a = kDivergence == kCosine ? 0.5f * std::log(s_aa) : std::log(sum_a);
+    const float log_sum_b = kDivergence == kCosine ? 0.5f * std::log(s_bb) : std::log(sum_b);
+    const float log_sum_1 = std::log(sum_1);
     float d0 = 0, d1 = 0, loss = 0;
     if (kHasKD) {
-        if (kDivergence == kKL) {
+        if (kDivergence == kCosine) {
+            d0 = s_ab / std::sqrt(s_aa * s_bb);
+            loss = args.kd_scale * (1.0f - d0);
+        } else if (kDivergence == kKL) {
             d0 = w / sum_b - log_sum_b + log_sum_a;
             loss = args.kd_scale * d0;
         } else if (kDivergence == kReverseKL) {
@@ -305,6 +323,9 @@ void backward_row(const KDArgs& args, int64_t row) {
             } else if (kDivergence == kReverseKL) {  // ∂KL(p_s‖p_t)/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
                 grad_s = kd_factor * weighted(p_s, (log_p_s - log_p_t) - d0);
                 if (kTeacherGrad) grad_t = kd_factor * (p_t - p_s);
+            } else if (kDivergence == kCosine) {  // p is p/‖p‖ here: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
+                grad_s = -kd_factor * (p_s * (p_t - d0 * p_s));
+                if (kTeacherGrad) grad_t = -kd_factor * (p_t * (p_s - d0 * p_t));
             } else {  // ∂JSD/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b = β p_t (log p_t/m − KL(p_t‖m))
                 const JSDRatios ratio = jsd_log_ratios(args, log_p_s, log_p_t);
                 grad_s = (kd_factor * args.one_minus_beta) * weighted(p_s, ratio.student - d1);
@@ -352,7 +373,8 @@ void forward_rows(const KDArgs& args) {
 
 template <int kDivergence, bool kHasKD, bool kHasCE>
 void forward_rows(const KDArgs& args) {
-    if (args.fused_grad_student != nullptr) return forward_rows<kDivergence, kHasKD, kHasCE, kDivergence != kJSD>(args);
+    constexpr bool kFusable = kDivergence == kKL || kDivergence == kReverseKL;
+    if (args.fused_grad_student != nullptr) return forward_rows<kDivergence, kHasKD, kHasCE, kFusable>(args);
     forward_rows<kDivergence, kHasKD, kHasCE, false>(args);
 }
 
@@ -391,7 +413,8 @@ void with_divergence(const KDArgs& args) {
     switch (args.divergence) {
         case kKL: return with_flags<kKL, Rows>(args);
         case kReverseKL: return with_flags<kReverseKL, Rows>(args);
-        default: return with_flags<kJSD, Rows>(args);
+        case kJSD: return with_flags<kJSD, Rows>(args);
+        default: return with_flags<kCosine, Rows>(args);
     }
 }
 

@@ -90,7 +90,7 @@ KDArgs common_args(const py::dict& d) {
     if (a.num_rows < 0 || a.num_cols < 1 || a.num_cols > INT32_MAX) {
         throw std::invalid_argument("num_rows must be >= 0 and num_cols in [1, 2^31)");
     }
-    if (a.divergence != kKL && a.divergence != kReverseKL && a.divergence != kJSD) {
+    if (a.divergence < kKL || a.divergence > kCosine) {
         throw std::invalid_argument("unknown divergence code " + std::to_string(a.divergence));
     }
     if (a.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");

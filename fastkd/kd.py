@@ -18,7 +18,7 @@ from . import cpu_backend, reference
 from .dispatch import check_backend_name, select_backend
 from .kernel_args import NUM_STATS
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 REDUCTIONS = ("batchmean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -234,6 +234,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
       distributions there). TRL and Liger-Kernel instead switch to forward/reverse KL at the endpoints, a
       jump; use ``"kl"`` or ``"reverse_kl"`` for those. JSD_β/(β(1−β)) tends to KL(p_t‖p_s) as β→0 and to
       KL(p_s‖p_t) as β→1.
+    - ``"cosine"`` (SPEQ): 1 − ⟨p_s, p_t⟩/(‖p_s‖‖p_t‖), in [0, 1]; 0 when the two distributions are equal.
 
     The cross-entropy term uses the student logits at temperature 1. The T² factor keeps the soft-target
     gradient, which scales as 1/T², comparable across temperatures (Hinton et al.); ``scale_by_t2=False``

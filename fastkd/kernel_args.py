@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
-# per row, float32, laid out (NUM_STATS, N): max a, log-sum a, max b, log-sum b, d0, d1, max s, log-sum s
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "cosine": 3}
+# per row, float32, laid out (NUM_STATS, N): max a, log-sum a, max b, log-sum b, d0, d1, max s, log-sum s.
+# For "cosine" the log-sum slots hold log ‖exp(a − max a)‖₂ (likewise b) and d0 the cosine.
 NUM_STATS = 8
 
 

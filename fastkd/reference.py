@@ -49,7 +49,8 @@ def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     """Per-row divergence D between p_t = softmax(t/T) and p_s = softmax(s/T) of (N, V) logits, shape (N,).
 
     ``"kl"``: Σ p_t (log p_t − log p_s); ``"reverse_kl"``: Σ p_s (log p_s − log p_t);
-    ``"jsd"``: β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with m = β·p_t + (1−β)·p_s (exactly 0 at β = 0 and β = 1).
+    ``"jsd"``: β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with m = β·p_t + (1−β)·p_s (exactly 0 at β = 0 and β = 1);
+    ``"cosine"``: 1 − ⟨p_s, p_t⟩/(‖p_s‖‖p_t‖).
     """
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
@@ -68,6 +69,9 @@ def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         if beta < 1:
             jsd = jsd - (1 - beta) * _weighted(p_s, log_mixture_ratio(log_ratio, beta)).sum(-1)
         return jsd
+    if divergence == "cosine":
+        p_s, p_t = log_p_s.exp(), log_p_t.exp()
+        return 1 - (p_s * p_t).sum(-1) / (p_s.norm(dim=-1) * p_t.norm(dim=-1))
     raise ValueError(f"unknown divergence {divergence!r}")
 
 

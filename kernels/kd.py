@@ -10,7 +10,9 @@ Notation (per row): a = s/T, b = t/T, log p_s = (a − max a) − log Σ exp(a �
 cross-entropy term uses s at temperature 1. Keeping each max apart from its log-sum (instead of one
 log-sum-exp) keeps log p exact to rounding of the small term even for logits of ±1e4. The statistics
 (NUM_STATS, N), float32, hold per row: max a, log-sum a, max b, log-sum b, d0, d1, max s, log-sum s, where
-for "kl"/"reverse_kl" d0 is the divergence, and for "jsd" d0 = KL(p_t‖m), d1 = KL(p_s‖m).
+for "kl"/"reverse_kl" d0 is the divergence, for "jsd" d0 = KL(p_t‖m), d1 = KL(p_s‖m), and for "cosine" d0 is
+the cosine of p_s and p_t and the log-sums are replaced by log ‖exp(x − max)‖₂, so that the backward's
+"probabilities" are the unit vectors p/‖p‖.
 """
 from __future__ import annotations
 
@@ -124,6 +126,9 @@ def kd_forward_kernel(
     sum_b = 0.0
     sum_1 = 0.0
     w = 0.0
+    s_ab = 0.0
+    s_aa = 0.0
+    s_bb = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
@@ -140,7 +145,11 @@ def kd_forward_kernel(
             scale_b = tl.exp(m_b - shift_b)
             e_a = tl.exp(a - shift_a)
             e_b = tl.exp(b - shift_b)
-            if DIVERGENCE != 2:
+            if DIVERGENCE == 3:  # ⟨e_a, e_b⟩, ‖e_a‖², ‖e_b‖² (the normalisers cancel in the cosine)
+                s_ab = s_ab * (scale_a * scale_b) + tl.sum(e_a * e_b, axis=0)
+                s_aa = s_aa * (scale_a * scale_a) + tl.sum(e_a * e_a, axis=0)
+                s_bb = s_bb * (scale_b * scale_b) + tl.sum(e_b * e_b, axis=0)
+            if DIVERGENCE <= 1:
                 # re-centre w on the new maxima: every old bracket moves by ∓delta
                 delta = (shift_b - _finite_or_zero(m_b)) - (shift_a - _finite_or_zero(m_a))
                 if DIVERGENCE == 0:  # KL(p_t‖p_s): average over p_t
@@ -172,6 +181,11 @@ def kd_forward_kernel(
         elif DIVERGENCE == 1:
             d0 = w / sum_a - log_sum_a + log_sum_b
             loss = kd_scale * d0
+        elif DIVERGENCE == 3:
+            log_sum_a = 0.5 * tl.log(s_aa)  # stored in place of the log-sums: the backward needs ‖p‖, not Σp
+            log_sum_b = 0.5 * tl.log(s_bb)
+            d0 = s_ab / tl.sqrt(s_aa * s_bb)
+            loss = kd_scale * (1.0 - d0)
         else:
             # second sweep: m = β p_t + (1 − β) p_s needs both normalisers
             for start in range(0, n_cols, BLOCK):
@@ -251,6 +265,10 @@ def kd_backward_kernel(
                 grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d0)
                 if TEACHER_GRAD:
                     grad_t = kd_factor * (p_t - p_s)
+            elif DIVERGENCE == 3:  # p here is p/‖p‖: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s), likewise ∂/∂b
+                grad_s = -kd_factor * (p_s * (p_t - d0 * p_s))
+                if TEACHER_GRAD:
+                    grad_t = -kd_factor * (p_t * (p_s - d0 * p_t))
             else:  # ∂JSD/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b = β p_t (log p_t/m − KL(p_t‖m))
                 r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
                                            INTERIOR_BETA)

@@ -9,7 +9,7 @@ import fastkd
 from fastkd import reference
 from conftest import DEVICE, assert_rel_close, backend_device, skip_unless_available
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 REDUCTIONS = ("batchmean", "sum", "none")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -38,6 +38,8 @@ def float64_kd_rows(s, t, labels=None, *, temperature=1.0, divergence="kl", beta
         d = kl(p_t, p_s)
     elif divergence == "reverse_kl":
         d = kl(p_s, p_t)
+    elif divergence == "cosine":
+        d = 1 - F.cosine_similarity(p_s, p_t, dim=-1, eps=0)
     else:
         m = beta * p_t + (1 - beta) * p_s
         d = (beta * kl(p_t, m) if beta > 0 else 0) + ((1 - beta) * kl(p_s, m) if beta < 1 else 0)
@@ -234,13 +236,15 @@ def test_nan_or_plus_inf_logit_makes_its_row_nan_and_only_that_row(kernel, gen, 
     assert got[0][[0, 2, 3]].isfinite().all()
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_large_logits(kernel, gen, divergence, dtype):
     """Logits of ±1e4 (the exponentials overflow without the running max). The problem is ill-conditioned there:
     log p moves by ε·|s|/T ≈ 1.5e-4 when a logit moves by one float32 ulp ε, and the loss can be a tiny sum of
     e^-15 terms. So each output is held to the float64 truth within the larger of: its dtype's usual tolerance,
-    8× the error of the reference evaluated in float32 on the same inputs, and 2·ε·max|s|/T."""
+    8× the error of the reference evaluated in float32 on the same inputs, and 2·ε·max|s|/T.
+    (Not "cosine": for near one-hot rows 1 − cos and its gradient, ~1e-11 here, sit below float32's resolution
+    of the cosine, in the reference as in the kernels; see test_cosine_of_large_logits_is_right_to_float32.)"""
     s = (torch.rand(5, 333, generator=gen) * 2e4 - 1e4).to(dtype).to(kernel.device)
     t = (s.double().cpu() + torch.randn(5, 333, generator=gen, dtype=torch.float64) * 50).to(dtype).to(kernel.device)
     t.requires_grad_(True)
@@ -255,6 +259,19 @@ def test_large_logits(kernel, gen, divergence, dtype):
         ref_error = ((ref.double() - exact).norm() / exact.norm()).item()
         floor = RTOL[torch.float32] if what == "loss" else RTOL[dtype]
         assert_rel_close(got, exact, max(floor, 8 * ref_error, conditioning), what=f"{what} vs float64")
+
+
+def test_cosine_of_large_logits_is_right_to_float32(kernel, gen):
+    """Where 1 − cos is far below float32's resolution of 1 (near one-hot rows), loss and gradient are right in
+    absolute terms: 1 − cos within a few float32 ulps of 1, scaled as the outputs are (loss by T², gradients by
+    T²/T)."""
+    s = (torch.rand(5, 333, generator=gen) * 2e4 - 1e4).to(kernel.device)
+    t = (s.double().cpu() + torch.randn(5, 333, generator=gen, dtype=torch.float64) * 50).float().to(kernel.device)
+    options = dict(temperature=4.0, divergence="cosine", reduction="none")
+    got = loss_and_grads(s, t.requires_grad_(True), backend=kernel.backend, **options)
+    truth = loss_and_grads(s.double(), t.double().requires_grad_(True), backend="reference", **options)
+    for what, a, b, scale in zip(("loss", "student grad", "teacher grad"), got, truth, (16.0, 4.0, 4.0)):
+        assert (a.double() - b).abs().max() <= 8 * torch.finfo(torch.float32).eps * scale, what
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -14,7 +14,7 @@ from fastkd.dispatch import select_backend
 from conftest import CPU_ISAS, assert_rel_close
 
 needs_extension = pytest.mark.skipif(not cpu_backend.AVAILABLE, reason="the C++ extension fastkd._C was not built")
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 
 
 def logits(gen, shape, dtype=torch.float32, scale=3.0):
