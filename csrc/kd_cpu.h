@@ -9,7 +9,8 @@ namespace fastkd {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3 };
-constexpr int kNumStats = 8;  // per row, as the Triton kernels store them (kernels/kd.py)
+constexpr int kNumStats = 8;    // per row, as the Triton kernels store them (kernels/kd.py)
+constexpr int kNumMetrics = 4;  // agreement, KL(p_t‖p_s), H(p_t), H(p_s) at T = 1
 
 // (num_rows, num_cols) logits with unit column stride and any row stride (in elements).
 struct Rows {
@@ -29,6 +30,8 @@ struct KDArgs {
     // forward outputs: loss (num_rows,), stats (kNumStats, num_rows), float32
     float* loss = nullptr;
     float* stats = nullptr;
+    // optional forward output: (kNumMetrics, num_rows) float32 fidelity metrics at T = 1 (kernel_args.py), or null
+    float* metrics = nullptr;
     // forward with the gradient (kl and reverse_kl only): when fused_grad_student is set, the forward also writes
     // ∂(grad_scale·Σ row_loss)/∂s there (and ∂/∂t into fused_grad_teacher if set), contiguous, in the input dtype
     void* fused_grad_student = nullptr;

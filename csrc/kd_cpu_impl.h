@@ -103,7 +103,24 @@ inline void* gradient_row(void* grad, int dtype, int64_t row, int64_t num_cols) 
 
 // kFused (kl and reverse_kl): the first sweep also keeps each exponential, and a second sweep over those (no
 // exponential recomputed) writes the gradient of grad_scale·row_loss.
-template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused, bool kTeacherGrad>
+// A running Σ e·[bracket] after its exponentials are rescaled by `scale` and each bracket moves by −delta.
+inline float recentred(float w, float scale, float delta, float total) {
+    return scale == 0 ? 0.0f : scale * (w - delta * total);
+}
+
+// Column of the first entry equal to `value` in [start, end) (value is the maximum of that range).
+inline int64_t first_index_of(const void* row, int dtype, int64_t start, int64_t end, float value) {
+    for (int64_t c = start; c < end; c += kLanes) {
+        const int n = static_cast<int>(min_(kLanes, end - c));
+        const vf x = load_lanes(row, dtype, c, n, -kInf);
+        for (int i = 0; i < n; ++i) {
+            if (x[i] == value) return c + i;
+        }
+    }
+    return start;
+}
+
+template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused, bool kTeacherGrad, bool kMetrics>
 void forward_row(const KDArgs& args, int64_t row) {
     const Row r = row_state(args, row);
     const int64_t num_cols = r.counted ? args.num_cols : 0;  // ignored rows skip the sweep
@@ -122,6 +139,9 @@ void forward_row(const KDArgs& args, int64_t row) {
     }
     float m_a = -kInf, m_b = -kInf, m_1 = -kInf, sum_a = 0, sum_b = 0, sum_1 = 0, w = 0;
     float s_ab = 0, s_aa = 0, s_bb = 0;  // cosine: ⟨e_a, e_b⟩, ‖e_a‖², ‖e_b‖² (the normalisers cancel)
+    // metrics at T = 1: teacher max and sum, KL(p_t‖p_s) bracket sum, Σ e·(x − m) of each, first argmaxes
+    float m_t1 = -kInf, sum_t1 = 0, w_1 = 0, u_s = 0, u_t = 0, best_s = -kInf, best_t = -kInf;
+    int64_t argmax_s = 0, argmax_t = 0;
     vi nan_seen = vi{};  // the exponentials below drop NaN, so a row with NaN (or +inf) is marked as a whole
     for (int64_t start = 0; start < num_cols; start += kBlock) {
         const int64_t end = min_(start + kBlock, num_cols);
@@ -131,15 +151,26 @@ void forward_row(const KDArgs& args, int64_t row) {
             const vf x_s = load_lanes(r.student, s_dtype, c, n, -kInf);
             max_s = vmax(x_s, max_s);
             nan_seen |= x_s != x_s;
-            if (kHasKD) {
+            if (kHasKD || kMetrics) {
                 const vf x_t = load_lanes(r.teacher, t_dtype, c, n, -kInf);
                 max_t = vmax(x_t, max_t);
                 nan_seen |= x_t != x_t;
             }
         }
         const float block_max_s = hmax(max_s);
+        const float block_max_t = hmax(max_t);
+        if (kMetrics) {
+            if (block_max_s > best_s) {
+                best_s = block_max_s;
+                argmax_s = first_index_of(r.student, s_dtype, start, end, block_max_s);
+            }
+            if (block_max_t > best_t) {
+                best_t = block_max_t;
+                argmax_t = first_index_of(r.teacher, t_dtype, start, end, block_max_t);
+            }
+        }
         if (kHasKD) {
-            const float new_m_a = fmax_(m_a, block_max_s * inv_t), new_m_b = fmax_(m_b, hmax(max_t) * inv_t);
+            const float new_m_a = fmax_(m_a, block_max_s * inv_t), new_m_b = fmax_(m_b, block_max_t * inv_t);
             const float shift_a = finite_or_zero(new_m_a), shift_b = finite_or_zero(new_m_b);
             vf acc_a = splat(0.0f), acc_b = splat(0.0f), acc_w = splat(0.0f);
             vf acc_ab = splat(0.0f), acc_aa = splat(0.0f), acc_bb = splat(0.0f);
@@ -172,11 +203,8 @@ void forward_row(const KDArgs& args, int64_t row) {
             }
             if (kDivergence == kKL || kDivergence == kReverseKL) {  // re-centre w on the new maxima
                 const float delta = (shift_b - finite_or_zero(m_b)) - (shift_a - finite_or_zero(m_a));
-                if (kDivergence == kKL) {
-                    w = (scale_b == 0 ? 0.0f : scale_b * (w - delta * sum_b)) + hsum(acc_w);
-                } else {
-                    w = (scale_a == 0 ? 0.0f : scale_a * (w + delta * sum_a)) + hsum(acc_w);
-                }
+                w = kDivergence == kKL ? recentred(w, scale_b, delta, sum_b) + hsum(acc_w)
+                                       : recentred(w, scale_a, -delta, sum_a) + hsum(acc_w);
             }
             sum_a = sum_a * scale_a + hsum(acc_a);
             sum_b = sum_b * scale_b + hsum(acc_b);
@@ -187,16 +215,37 @@ void forward_row(const KDArgs& args, int64_t row) {
                 shifts[3 * (start / kBlock) + 1] = shift_b;
             }
         }
-        if (kHasCE) {
+        if (kHasCE || kMetrics) {
             const float new_m_1 = fmax_(m_1, block_max_s), shift_1 = finite_or_zero(new_m_1);
-            vf acc_1 = splat(0.0f);
+            const float new_m_t1 = fmax_(m_t1, block_max_t), shift_t1 = finite_or_zero(new_m_t1);
+            vf acc_1 = splat(0.0f), acc_t1 = splat(0.0f), acc_w1 = splat(0.0f), acc_us = splat(0.0f);
+            vf acc_ut = splat(0.0f);
             for (int64_t c = start; c < end; c += kLanes) {
                 const int n = static_cast<int>(min_(kLanes, end - c));
-                const vf exp_1 = vexp_nonpositive(load_lanes(r.student, s_dtype, c, n, -kInf) - shift_1);
+                const vf x_1 = load_lanes(r.student, s_dtype, c, n, -kInf) - shift_1;
+                const vf exp_1 = vexp_nonpositive(x_1);
                 acc_1 += exp_1;
-                if (kFused) vstore(e_1 + c, exp_1);
+                if (kFused && kHasCE) vstore(e_1 + c, exp_1);
+                if (kMetrics) {
+                    const vf x_t1 = load_lanes(r.teacher, t_dtype, c, n, -kInf) - shift_t1;
+                    const vf exp_t1 = vexp_nonpositive(x_t1);
+                    acc_t1 += exp_t1;
+                    acc_w1 += weighted(exp_t1, x_t1 - x_1);
+                    acc_us += weighted(exp_1, x_1);
+                    acc_ut += weighted(exp_t1, x_t1);
+                }
             }
-            sum_1 = sum_1 * std::exp(m_1 - shift_1) + hsum(acc_1);
+            const float scale_1 = std::exp(m_1 - shift_1);
+            if (kMetrics) {
+                const float scale_t1 = std::exp(m_t1 - shift_t1);
+                const float moved_1 = shift_1 - finite_or_zero(m_1), moved_t1 = shift_t1 - finite_or_zero(m_t1);
+                w_1 = recentred(w_1, scale_t1, moved_t1 - moved_1, sum_t1) + hsum(acc_w1);
+                u_s = recentred(u_s, scale_1, moved_1, sum_1) + hsum(acc_us);
+                u_t = recentred(u_t, scale_t1, moved_t1, sum_t1) + hsum(acc_ut);
+                sum_t1 = sum_t1 * scale_t1 + hsum(acc_t1);
+                m_t1 = new_m_t1;
+            }
+            sum_1 = sum_1 * scale_1 + hsum(acc_1);
             m_1 = new_m_1;
             if (kFused) shifts[3 * (start / kBlock) + 2] = shift_1;
         }
@@ -245,6 +294,15 @@ void forward_row(const KDArgs& args, int64_t row) {
     args.loss[row] = loss;
     const float stats[kNumStats] = {m_a, log_sum_a, m_b, log_sum_b, d0, d1, m_1, log_sum_1};
     for (int k = 0; k < kNumStats; ++k) args.stats[k * args.num_rows + row] = r.counted ? stats[k] : 0.0f;
+    if (kMetrics) {
+        const float log_sum_t1 = std::log(sum_t1);
+        const float metrics[kNumMetrics] = {argmax_s == argmax_t ? 1.0f : 0.0f,
+                                            w_1 / sum_t1 - log_sum_t1 + log_sum_1, log_sum_t1 - u_t / sum_t1,
+                                            log_sum_1 - u_s / sum_1};
+        for (int k = 0; k < kNumMetrics; ++k) {
+            args.metrics[k * args.num_rows + row] = r.counted ? (nan_row ? __builtin_nanf("") : metrics[k]) : 0.0f;
+        }
+    }
     if (!kFused) return;
 
     // second sweep, over the kept exponentials: p = e·exp(shift − max − log-sum) per block
@@ -362,13 +420,21 @@ void scale_row(const ScaleRowsArgs& args, int64_t row) {
 }
 
 // The template flags from the runtime options, one at a time.
+template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused, bool kTeacherGrad>
+void forward_rows(const KDArgs& args) {
+    if (args.metrics != nullptr) {
+        for_each_row(args, forward_row<kDivergence, kHasKD, kHasCE, kFused, kTeacherGrad, true>);
+    } else {
+        for_each_row(args, forward_row<kDivergence, kHasKD, kHasCE, kFused, kTeacherGrad, false>);
+    }
+}
+
 template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused>
 void forward_rows(const KDArgs& args) {
     if (kFused && args.fused_grad_teacher != nullptr) {
-        for_each_row(args, forward_row<kDivergence, kHasKD, kHasCE, kFused, true>);
-    } else {
-        for_each_row(args, forward_row<kDivergence, kHasKD, kHasCE, kFused, false>);
+        return forward_rows<kDivergence, kHasKD, kHasCE, kFused, true>(args);
     }
+    forward_rows<kDivergence, kHasKD, kHasCE, kFused, false>(args);
 }
 
 template <int kDivergence, bool kHasKD, bool kHasCE>

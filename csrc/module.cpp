@@ -107,6 +107,7 @@ void kd_forward(const py::dict& d) {
     a.fused_grad_student = pointer<void>(d, "fused_grad_student");
     a.fused_grad_teacher = pointer<void>(d, "fused_grad_teacher");
     a.grad_scale = get<float>(d, "grad_scale");
+    a.metrics = pointer<float>(d, "metrics");
     if (a.fused_grad_student == nullptr && a.fused_grad_teacher != nullptr) {
         throw std::invalid_argument("fused_grad_teacher needs fused_grad_student");
     }

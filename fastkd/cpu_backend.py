@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .kernel_args import DIVERGENCE_CODES, NUM_STATS, kd_scalars
+from .kernel_args import DIVERGENCE_CODES, NUM_METRICS, NUM_STATS, kd_scalars
 
 try:
     from . import _C
@@ -107,12 +107,14 @@ def _kd_args(student, teacher, labels, stats, *, temperature, divergence, beta, 
     return args, [student, teacher, labels]
 
 
-def _forward(student, teacher, labels, options, grad_scale=None, teacher_grad=False):
+def _forward(student, teacher, labels, options, with_metrics, grad_scale=None, teacher_grad=False):
     num_rows = student.shape[0]
     loss = torch.empty(num_rows, dtype=torch.float32)
     stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32)
+    metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32)
     args, _keep = _kd_args(student, teacher, labels, stats, **options)
-    args.update(loss=loss.data_ptr(), fused_grad_student=0, fused_grad_teacher=0, grad_scale=1.0)
+    args.update(loss=loss.data_ptr(), fused_grad_student=0, fused_grad_teacher=0, grad_scale=1.0,
+                metrics=metrics.data_ptr() if with_metrics else 0)
     grads = ()
     if grad_scale is not None:
         grad_s = empty(student.shape, student.dtype)
@@ -121,23 +123,24 @@ def _forward(student, teacher, labels, options, grad_scale=None, teacher_grad=Fa
                     fused_grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
         grads = (grad_s, grad_t)
     _extension().kd_forward(args)
-    return (loss, stats) + grads
+    return (loss, stats, metrics) + grads
 
 
-def kd_forward(student, teacher, labels, **options):
-    """Row losses (N,) float32 and statistics (NUM_STATS, N) float32 of (N, V) CPU logits; the same contract as
-    :func:`fastkd.kernels.kd.kd_forward`. Options: temperature, divergence, beta, ignore_index, ce_weight,
-    kd_scale."""
-    return _forward(student, teacher, labels, options)
+def kd_forward(student, teacher, labels, *, with_metrics=False, **options):
+    """Row losses (N,) float32, statistics (NUM_STATS, N) and metrics (NUM_METRICS, N, or empty without
+    ``with_metrics``) float32 of (N, V) CPU logits; the same contract as :func:`fastkd.kernels.kd.kd_forward`.
+    Options: temperature, divergence, beta, ignore_index, ce_weight, kd_scale."""
+    return _forward(student, teacher, labels, options, with_metrics)
 
 
-def kd_forward_with_grad(student, teacher, labels, *, grad_scale: float, teacher_grad: bool, **options):
+def kd_forward_with_grad(student, teacher, labels, *, grad_scale: float, teacher_grad: bool, with_metrics=False,
+                         **options):
     """:func:`kd_forward` plus the gradients of ``grad_scale·Σ row_loss`` w.r.t. student (and teacher if
     teacher_grad; else an empty tensor), written by the same kernel from the exponentials it already holds, so
     no exponential is computed twice. Divergences ``"kl"`` and ``"reverse_kl"`` (see :data:`FUSED_DIVERGENCES`)."""
     if options["divergence"] not in FUSED_DIVERGENCES:
         raise ValueError(f"the fused gradient covers divergences {FUSED_DIVERGENCES}, got {options['divergence']!r}")
-    return _forward(student, teacher, labels, options, float(grad_scale), teacher_grad)
+    return _forward(student, teacher, labels, options, with_metrics, float(grad_scale), teacher_grad)
 
 
 def scale_rows_(rows: torch.Tensor, factors: torch.Tensor) -> None:

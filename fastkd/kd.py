@@ -16,10 +16,11 @@ from torch import nn
 
 from . import cpu_backend, reference
 from .dispatch import check_backend_name, select_backend
-from .kernel_args import NUM_STATS
+from .kernel_args import NUM_METRICS, NUM_STATS
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 REDUCTIONS = ("batchmean", "sum", "none")
+FIDELITY_METRICS = ("top1_agreement", "predictive_kl", "teacher_entropy", "student_entropy")  # kernel_args order
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -38,17 +39,20 @@ def _launchers(backend: str):
 @torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
 def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                      temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
-                     kd_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     kd_scale: float, backend: str,
+                     with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launchers(backend).kd_forward(student, teacher, labels, temperature=temperature, divergence=divergence,
                                           beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
-                                          kd_scale=kd_scale)
+                                          kd_scale=kd_scale, with_metrics=with_metrics)
 
 
 @_kd_loss_rows_op.register_fake
-def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale, backend):
+def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale, backend,
+      with_metrics):
     num_rows = student.shape[0]
     return (student.new_empty(num_rows, dtype=torch.float32),
-            student.new_empty((NUM_STATS, num_rows), dtype=torch.float32))
+            student.new_empty((NUM_STATS, num_rows), dtype=torch.float32),
+            student.new_empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastkd::kd_loss_rows_backward", mutates_args=())
@@ -89,24 +93,26 @@ class _KDLossRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, grad_scale, backend, *options):
+    def forward(ctx, student, teacher, labels, grad_scale, backend, with_metrics, *options):
         ctx.fused_grads = None
         if _fuse_gradient(ctx, backend, options[1], grad_scale):
             temperature, divergence, beta, ignore_index, ce_weight, kd_scale = options
-            row_loss, stats, grad_s, grad_t = cpu_backend.kd_forward_with_grad(
+            row_loss, stats, metrics, grad_s, grad_t = cpu_backend.kd_forward_with_grad(
                 student, teacher, labels, grad_scale=float(grad_scale), teacher_grad=ctx.needs_input_grad[1],
-                temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
-                ce_weight=ce_weight, kd_scale=kd_scale)
+                with_metrics=with_metrics, temperature=temperature, divergence=divergence, beta=beta,
+                ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale)
             ctx.fused_grads = (grad_s, grad_t, grad_scale)
         else:
-            row_loss, stats = torch.ops.fastkd.kd_loss_rows.default(student, teacher, labels, *options, backend)
+            row_loss, stats, metrics = torch.ops.fastkd.kd_loss_rows.default(student, teacher, labels, *options,
+                                                                             backend, with_metrics)
         ctx.save_for_backward(student, teacher, labels, stats)
         ctx.backend = backend
         ctx.options = options
-        return row_loss
+        ctx.mark_non_differentiable(metrics)
+        return row_loss, metrics
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_metrics):
         teacher_grad = ctx.needs_input_grad[1]
         if ctx.fused_grads is not None:
             grad_s, grad_t, grad_scale = ctx.fused_grads
@@ -119,7 +125,7 @@ class _KDLossRows(torch.autograd.Function):
             student, teacher, labels, stats = ctx.saved_tensors
             grad_s, grad_t = torch.ops.fastkd.kd_loss_rows_backward.default(
                 grad_loss, student, teacher, labels, stats, *ctx.options, ctx.backend, teacher_grad)
-        return (grad_s, grad_t if teacher_grad else None, None, None, None) + (None,) * len(ctx.options)
+        return (grad_s, grad_t if teacher_grad else None, None, None, None, None) + (None,) * len(ctx.options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,7 +223,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
             divergence: str = "kl", beta: float = 0.5, reduction: str = "batchmean",
             labels: Optional[torch.Tensor] = None, ignore_index: int = -100, ce_weight: float = 0.0,
             kd_weight: float = 1.0, scale_by_t2: bool = True,
-            normalizer: Union[float, torch.Tensor, None] = None, backend: str = "auto") -> torch.Tensor:
+            normalizer: Union[float, torch.Tensor, None] = None, return_stats: bool = False,
+            backend: str = "auto") -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     r"""Knowledge-distillation loss between student and teacher logits, fused in one pass over each row.
 
     For each row (leading dims of the ``(*, V)`` logits are flattened), with p_s = softmax(s/T) and
@@ -258,6 +265,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
                  reduction="batchmean") * T * T        # for 2-D logits
 
+    ``return_stats=True`` returns ``(loss, stats)``, where ``stats`` holds fidelity metrics (Stanton et al., "Does
+    knowledge distillation really work?") computed in the same forward pass, without gradient and without a
+    host sync, each a 0-d float32 tensor averaged over the counted rows (0 if there are none):
+    ``"top1_agreement"`` (argmax s = argmax t, first index on ties), ``"predictive_kl"`` (KL(p_t‖p_s) at
+    T = 1), ``"teacher_entropy"`` and ``"student_entropy"`` (at T = 1, in nats).
+
     Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
     the reference. Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
     ``backend``: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
@@ -267,6 +280,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
                              scale_by_t2=scale_by_t2, normalizer=normalizer)
     _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
                    ignore_index=options["ignore_index"])
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one
@@ -288,20 +303,29 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         # the C++ backend's fused gradient only; on CUDA it would cost a launch)
         wants_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
         grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" and wants_grad else None
-        row_loss = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, t, options["divergence"],
-                                     options["beta"], options["ignore_index"], options["ce_weight"], kd_scale)
+        row_loss, metrics = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, return_stats, t,
+                                              options["divergence"], options["beta"], options["ignore_index"],
+                                              options["ce_weight"], kd_scale)
     else:
         row_loss = reference.kd_loss_rows(student, teacher, flat_labels, temperature=t,
                                           divergence=options["divergence"], beta=options["beta"],
                                           ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
                                           kd_weight=options["kd_weight"], scale_by_t2=options["scale_by_t2"])
+        metrics = reference.kd_fidelity_rows(student, teacher, flat_labels, ignore_index=options["ignore_index"]) \
+            if return_stats else None
 
     if options["reduction"] == "none":
-        return row_loss.reshape(row_shape)
-    total = row_loss.sum()
-    if options["reduction"] == "sum":
-        return total
-    return total / divisor
+        loss = row_loss.reshape(row_shape)
+    elif options["reduction"] == "sum":
+        loss = row_loss.sum()
+    else:
+        loss = row_loss.sum() / divisor
+    if not return_stats:
+        return loss
+    counted = max(student.shape[0], 1) if flat_labels is None else \
+        (flat_labels != options["ignore_index"]).sum().clamp_min(1)
+    means = metrics.sum(1) / counted
+    return loss, dict(zip(FIDELITY_METRICS, means.unbind()))
 
 
 class KDLoss(nn.Module):

@@ -104,3 +104,23 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
         loss = loss + ce_weight * cross_entropy
     loss = torch.where(counted, loss, 0)
     return torch.where(counted & ~in_range, math.nan, loss)
+
+
+def kd_fidelity_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], *,
+                     ignore_index: int) -> torch.Tensor:
+    """Per-row fidelity metrics of (N, V) logits at temperature 1, shape (4, N), no gradient: top-1 agreement
+    (argmax s = argmax t, 1 or 0), KL(p_t‖p_s), H(p_t), H(p_s); 0 at rows whose label is ``ignore_index``."""
+    with torch.no_grad():
+        math_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+        s = student_logits.to(math_dtype)
+        t = teacher_logits.to(math_dtype)
+        log_p_s, log_p_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+        rows = torch.stack([
+            (s.argmax(-1) == t.argmax(-1)).to(math_dtype),
+            kd_divergence_rows(s, t, temperature=1.0, divergence="kl", beta=0.5),
+            -_weighted(log_p_t.exp(), log_p_t).sum(-1),
+            -_weighted(log_p_s.exp(), log_p_s).sum(-1),
+        ])
+        if labels is not None:
+            rows = torch.where(labels != ignore_index, rows, 0)
+        return rows

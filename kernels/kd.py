@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernel_args import DIVERGENCE_CODES, NUM_STATS, kd_scalars
+from ..kernel_args import DIVERGENCE_CODES, NUM_METRICS, NUM_STATS, kd_scalars
 
 
 @triton.jit
@@ -78,6 +78,21 @@ def _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_mi
 
 
 @triton.jit
+def _recentred(w, scale, delta, total):
+    """A running Σ e·[bracket] after its exponentials are rescaled by `scale` and each bracket moves by −delta."""
+    return tl.where(scale == 0, 0.0, scale * (w - delta * total))
+
+
+@triton.jit
+def _first_argmax(x, start, best, best_index):
+    """(max, index of its first occurrence) over the row so far, given this block x starting at column start."""
+    block_best = tl.max(x, axis=0)
+    block_index = (tl.argmax(x, axis=0) + start).to(tl.int32)
+    better = block_best > best
+    return tl.where(better, block_best, best), tl.where(better, block_index, best_index)
+
+
+@triton.jit
 def _log_probs(x, inv_temperature, row_max, log_sum):
     return (x * inv_temperature - row_max) - log_sum
 
@@ -105,11 +120,11 @@ def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
 
 @triton.jit
 def kd_forward_kernel(
-    S, T, LABELS, LOSS, STATS,
+    S, T, LABELS, LOSS, STATS, METRICS,
     V, stride_s_row, stride_s_col, stride_t_row, stride_t_col, num_rows,
     inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
-    INTERIOR_BETA: tl.constexpr, BLOCK: tl.constexpr,
+    INTERIOR_BETA: tl.constexpr, HAS_METRICS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
@@ -129,12 +144,24 @@ def kd_forward_kernel(
     s_ab = 0.0
     s_aa = 0.0
     s_bb = 0.0
+    # fidelity metrics at T = 1: teacher max and sum, KL(p_t‖p_s) bracket sum, Σ e·(x − m) of each (entropies),
+    # and the first argmax of each row
+    m_t1 = float("-inf")
+    sum_t1 = 0.0
+    w_1 = 0.0
+    u_s = 0.0
+    u_t = 0.0
+    best_s = float("-inf")
+    best_t = float("-inf")
+    argmax_s = tl.zeros((), dtype=tl.int32)
+    argmax_t = tl.zeros((), dtype=tl.int32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
         x_s = _load_block(s_row, cols, stride_s_col, in_row)
-        if HAS_KD:
+        if HAS_KD or HAS_METRICS:
             x_t = _load_block(t_row, cols, stride_t_col, in_row)
+        if HAS_KD:
             a = x_s * inv_temperature
             b = x_t * inv_temperature
             new_m_a = tl.maximum(m_a, tl.max(a, axis=0))
@@ -153,19 +180,36 @@ def kd_forward_kernel(
                 # re-centre w on the new maxima: every old bracket moves by ∓delta
                 delta = (shift_b - _finite_or_zero(m_b)) - (shift_a - _finite_or_zero(m_a))
                 if DIVERGENCE == 0:  # KL(p_t‖p_s): average over p_t
-                    old_w = tl.where(scale_b == 0, 0.0, scale_b * (w - delta * sum_b))
-                    w = old_w + tl.sum(_weighted(e_b, (b - shift_b) - (a - shift_a)), axis=0)
+                    w = _recentred(w, scale_b, delta, sum_b) + \
+                        tl.sum(_weighted(e_b, (b - shift_b) - (a - shift_a)), axis=0)
                 else:  # KL(p_s‖p_t): average over p_s
-                    old_w = tl.where(scale_a == 0, 0.0, scale_a * (w + delta * sum_a))
-                    w = old_w + tl.sum(_weighted(e_a, (a - shift_a) - (b - shift_b)), axis=0)
+                    w = _recentred(w, scale_a, -delta, sum_a) + \
+                        tl.sum(_weighted(e_a, (a - shift_a) - (b - shift_b)), axis=0)
             sum_a = sum_a * scale_a + tl.sum(e_a, axis=0)
             sum_b = sum_b * scale_b + tl.sum(e_b, axis=0)
             m_a = new_m_a
             m_b = new_m_b
-        if HAS_CE:
+        if HAS_CE or HAS_METRICS:
             new_m_1 = tl.maximum(m_1, tl.max(x_s, axis=0))
             shift_1 = _finite_or_zero(new_m_1)
-            sum_1 = sum_1 * tl.exp(m_1 - shift_1) + tl.sum(tl.exp(x_s - shift_1), axis=0)
+            scale_1 = tl.exp(m_1 - shift_1)
+            e_1 = tl.exp(x_s - shift_1)
+            if HAS_METRICS:
+                new_m_t1 = tl.maximum(m_t1, tl.max(x_t, axis=0))
+                shift_t1 = _finite_or_zero(new_m_t1)
+                scale_t1 = tl.exp(m_t1 - shift_t1)
+                e_t1 = tl.exp(x_t - shift_t1)
+                moved_1 = shift_1 - _finite_or_zero(m_1)
+                moved_t1 = shift_t1 - _finite_or_zero(m_t1)
+                w_1 = _recentred(w_1, scale_t1, moved_t1 - moved_1, sum_t1) + \
+                    tl.sum(_weighted(e_t1, (x_t - shift_t1) - (x_s - shift_1)), axis=0)
+                u_s = _recentred(u_s, scale_1, moved_1, sum_1) + tl.sum(_weighted(e_1, x_s - shift_1), axis=0)
+                u_t = _recentred(u_t, scale_t1, moved_t1, sum_t1) + tl.sum(_weighted(e_t1, x_t - shift_t1), axis=0)
+                sum_t1 = sum_t1 * scale_t1 + tl.sum(e_t1, axis=0)
+                m_t1 = new_m_t1
+                best_s, argmax_s = _first_argmax(x_s, start, best_s, argmax_s)
+                best_t, argmax_t = _first_argmax(x_t, start, best_t, argmax_t)
+            sum_1 = sum_1 * scale_1 + tl.sum(e_1, axis=0)
             m_1 = new_m_1
 
     log_sum_a = tl.log(sum_a)
@@ -215,6 +259,13 @@ def kd_forward_kernel(
     tl.store(stats + 5 * num_rows, tl.where(counted, d1, 0.0))
     tl.store(stats + 6 * num_rows, tl.where(counted, m_1, 0.0))
     tl.store(stats + 7 * num_rows, tl.where(counted, log_sum_1, 0.0))
+    if HAS_METRICS:  # agreement, KL(p_t‖p_s), H(p_t), H(p_s), all at T = 1
+        log_sum_t1 = tl.log(sum_t1)
+        metrics = METRICS + row
+        tl.store(metrics, tl.where(counted & (argmax_s == argmax_t), 1.0, 0.0))
+        tl.store(metrics + num_rows, tl.where(counted, w_1 / sum_t1 - log_sum_t1 + log_sum_1, 0.0))
+        tl.store(metrics + 2 * num_rows, tl.where(counted, log_sum_t1 - u_t / sum_t1, 0.0))
+        tl.store(metrics + 3 * num_rows, tl.where(counted, log_sum_1 - u_s / sum_1, 0.0))
 
 
 @triton.jit
@@ -306,21 +357,25 @@ def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scal
 
 
 def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
-               config=None):
-    """Row losses (N,) float32 and statistics (NUM_STATS, N) float32 of (N, V) student/teacher logits.
-    ``config`` overrides :func:`launch_config` (for tuning)."""
+               with_metrics=False, config=None):
+    """Row losses (N,) float32, statistics (NUM_STATS, N) float32 and metrics (NUM_METRICS, N) float32 (or an
+    empty tensor without ``with_metrics``) of (N, V) student/teacher logits. ``config`` overrides
+    :func:`launch_config` (for tuning)."""
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
+    metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32,
+                          device=student.device)
     if num_rows == 0:
-        return loss, stats
+        return loss, stats, metrics
     kd_forward_kernel[(num_rows,)](
-        student, teacher, labels if labels is not None else loss, loss, stats,
+        student, teacher, labels if labels is not None else loss, loss, stats, metrics if with_metrics else loss,
         num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), num_rows,
-        HAS_LABELS=labels is not None, **(config or launch_config(num_cols, "forward", divergence)),
+        HAS_LABELS=labels is not None, HAS_METRICS=with_metrics,
+        **(config or launch_config(num_cols, "forward", divergence)),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
     )
-    return loss, stats
+    return loss, stats, metrics
 
 
 def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,

@@ -318,7 +318,7 @@ def test_out_of_range_label_gives_nan_in_the_kernel(kernel, gen):
     """On CUDA the label range is not checked on the host (no sync): the kernel marks the row NaN instead."""
     s, t = logits(gen, (3, 10), device=kernel.device), logits(gen, (3, 10), device=kernel.device)
     labels = torch.tensor([2, 10, -100], device=kernel.device)
-    rows, _ = torch.ops.fastkd.kd_loss_rows(s, t, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0, kernel.backend)
+    rows, _, _ = torch.ops.fastkd.kd_loss_rows(s, t, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0, kernel.backend, False)
     assert rows[0].isfinite() and rows[1].isnan() and rows[2] == 0
     ref = reference.kd_loss_rows(s, t, labels, temperature=1.0, divergence="kl", beta=0.5, ignore_index=-100,
                                  ce_weight=0.5, kd_weight=1.0, scale_by_t2=True)
@@ -358,6 +358,67 @@ def test_jsd_near_the_ends_of_beta_is_accurate(kernel, gen, beta):
                                  ce_weight=0.0, kd_weight=1.0, scale_by_t2=True)
     assert_rel_close(ref, want, 1e-5, what="reference vs float64")
     check_kernel_against_reference(kernel, s, t, divergence="jsd", beta=beta, reduction="none")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fidelity metrics (return_stats)
+# ------------------------------------------------------------------------------------------------------------
+
+def float64_fidelity(s, t, labels=None, ignore_index=-100):
+    """Mean top-1 agreement, KL(p_t‖p_s), H(p_t), H(p_s) at T = 1 over counted rows, in float64 with xlogy."""
+    s, t = s.double().reshape(-1, s.shape[-1]), t.double().reshape(-1, t.shape[-1])
+    p_s, p_t = F.softmax(s, -1), F.softmax(t, -1)
+    rows = torch.stack([(s.argmax(-1) == t.argmax(-1)).double(),
+                        (torch.xlogy(p_t, p_t) - torch.xlogy(p_t, p_s)).sum(-1),
+                        -torch.xlogy(p_t, p_t).sum(-1), -torch.xlogy(p_s, p_s).sum(-1)])
+    counted = torch.ones(s.shape[0], dtype=torch.bool) if labels is None else labels.reshape(-1).cpu() != ignore_index
+    return rows[:, counted.to(rows.device)].sum(1) / max(int(counted.sum()), 1)
+
+
+def test_reference_fidelity_metrics_match_float64_math(gen):
+    s, t = logits(gen, (9, 300)), logits(gen, (9, 300))
+    labels = random_labels(gen, (9,), 300)
+    _, stats = fastkd.kd_loss(s, t, labels=labels, return_stats=True, backend="reference")
+    assert list(stats) == ["top1_agreement", "predictive_kl", "teacher_entropy", "student_entropy"]
+    assert_rel_close(torch.stack(list(stats.values())), float64_fidelity(s, t, labels), 1e-5)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_classes", [40, 5003])
+@pytest.mark.parametrize("with_ce", [False, True])
+def test_kernel_fidelity_metrics_match_the_reference(kernel, gen, divergence, dtype, num_classes, with_ce):
+    """The metrics (at T = 1) come from the same pass as a loss at T = 3, across blocks, with and without the
+    CE term that shares the student's T = 1 sums; asking for them leaves the loss and its gradient unchanged."""
+    s = logits(gen, (6, num_classes), dtype, device=kernel.device)
+    t = (s.double().cpu() + torch.randn(6, num_classes, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    t[3] = torch.randn(num_classes, generator=gen, dtype=torch.float64).to(dtype)  # a row that likely disagrees
+    t = t.to(kernel.device)
+    labels = random_labels(gen, (6,), num_classes, device=kernel.device)
+    options = dict(temperature=3.0, divergence=divergence, labels=labels, ce_weight=0.3 if with_ce else 0.0)
+    s_leaf = s.detach().clone().requires_grad_(True)
+    loss, stats = fastkd.kd_loss(s_leaf, t, return_stats=True, backend=kernel.backend, **options)
+    plain = fastkd.kd_loss(s, t, backend=kernel.backend, **options)
+    assert torch.equal(loss.detach(), plain)
+    want = fastkd.kd_loss(s, t, return_stats=True, backend="reference", **options)[1]
+    for name in stats:
+        assert stats[name].shape == () and stats[name].dtype == torch.float32 and not stats[name].requires_grad
+        assert_rel_close(stats[name], want[name], RTOL[torch.float32], what=name)
+    loss.backward()
+    assert s_leaf.grad.isfinite().all()
+
+
+def test_fidelity_metrics_of_an_empty_or_fully_ignored_batch_are_zero(kernel):
+    s = torch.zeros(3, 7, device=kernel.device)
+    for labels in (torch.full((3,), -100, device=kernel.device), None):
+        rows = slice(None) if labels is not None else slice(0, 0)
+        _, stats = fastkd.kd_loss(s[rows], s[rows], labels=labels, return_stats=True, backend=kernel.backend)
+        assert all(value.item() == 0.0 for value in stats.values())
+
+
+def test_return_stats_must_be_a_bool():
+    with pytest.raises(TypeError, match="return_stats must be a bool"):
+        fastkd.kd_loss(S, T, return_stats=1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -407,6 +468,19 @@ def test_kdloss_module_matches_the_function(kernel, gen):
 # ------------------------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph_with_stats(kernel, gen):
+    s, t = logits(gen, (6, 40), device=kernel.device), logits(gen, (6, 40), device=kernel.device)
+
+    def step(s, t):
+        loss, stats = fastkd.kd_loss(s, t, temperature=2.0, return_stats=True, backend=kernel.backend)
+        return loss, stats["top1_agreement"], stats["predictive_kl"]
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(s, t)
+    for a, b in zip(got, step(s, t)):
+        assert_rel_close(a, b, 1e-6)
+
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(kernel, gen, compile_backend):

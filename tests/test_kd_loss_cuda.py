@@ -23,12 +23,15 @@ def test_no_host_sync_in_forward_and_backward(divergence):
     labels[::3] = -100
     normalizer = torch.tensor(7.0, device="cuda")  # a host-to-device copy, itself a sync: made before the check
     fastkd.kd_loss(s, t, labels=labels, ce_weight=0.5, divergence=divergence).backward()  # compile first
+    fastkd.kd_loss(s, t, labels=labels, divergence=divergence, return_stats=True)[0].backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         loss = fastkd.kd_loss(s, t, temperature=2.0, labels=labels, ce_weight=0.5, divergence=divergence)
         loss.backward()
         fastkd.kd_loss(s, t, normalizer=normalizer).backward()
+        loss, stats = fastkd.kd_loss(s, t, labels=labels, divergence=divergence, return_stats=True)
+        loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
