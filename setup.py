@@ -57,7 +57,8 @@ if os.environ.get("FASTKD_BUILD_CPU", "1") != "0":
         [os.path.join("csrc", f) for f in ("module.cpp", "buffer_pool.cpp", "kd_cpu_avx512.cpp", "kd_cpu_avx2.cpp",
                                            "kd_cpu_portable.cpp")],
         cxx_std=17,
-        extra_compile_args=["-O3", "-ffp-contract=fast"] if os.name != "nt" else ["/O2"],
+        # -fno-wrapv undoes Python's -fwrapv, which made the vector loops up to 2× slower (bench/RESULTS.md)
+        extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-wrapv"] if os.name != "nt" else ["/O2"],
         depends=[os.path.join("csrc", f) for f in ("buffer_pool.h", "kd_cpu.h", "kd_cpu_impl.h", "simd.h")],
         optional=True,
     ))

@@ -1,6 +1,7 @@
 """The C++ CPU backend in detail: fwd+bwd of kd_loss (KL, T=4, batchmean) per instruction set, thread count and
-dtype, the cost of a cold buffer pool (every call page-faults a fresh gradient), and of an upstream gradient
-other than 1 (0.5·loss: the backward rescales the gradient the forward wrote). bench/RESULTS.md quotes it.
+dtype, the cost of a cold buffer pool (every call page-faults a fresh gradient), of an upstream gradient other
+than 1 (0.5·loss: the backward rescales the gradient the forward wrote), and of return_stats=True in the forward.
+bench/RESULTS.md quotes it.
 
     python bench/cpu_backend.py [--shape 2048x32000] [--reps 10]
 """
@@ -34,8 +35,8 @@ def main():
     existing = median_ms(lambda: reused.fill_(1.0), args.reps)
     print(f"page-fault cost of a fresh {base_s.nbytes / 1e6:.0f} MB torch tensor: torch.empty_like(x).fill_(1) "
           f"{fresh:.1f} ms, fill_(1) of an existing one {existing:.1f} ms")
-    print(f"{'isa':<9} {'dtype':<9} {'threads':>7} {'fwd ms':>8} {'fwd+bwd ms':>11} {'0.5*loss ms':>12} "
-          f"{'cold pool ms':>12}")
+    print(f"{'isa':<9} {'dtype':<9} {'threads':>7} {'fwd ms':>8} {'fwd+stats ms':>12} {'fwd+bwd ms':>11} "
+          f"{'0.5*loss ms':>12} {'cold pool ms':>12}")
     for dtype in (torch.float32, torch.bfloat16):
         s, t = base_s.to(dtype).requires_grad_(True), base_t.to(dtype)
         for name in cpu_backend.usable_isas():
@@ -43,6 +44,8 @@ def main():
                 cpu_backend.set_isa(name)
                 torch.set_num_threads(num_threads)
                 forward = median_ms(lambda: fastkd.kd_loss(s.detach(), t, temperature=4.0), args.reps)
+                with_stats = median_ms(lambda: fastkd.kd_loss(s.detach(), t, temperature=4.0, return_stats=True),
+                                       args.reps)
                 step = median_ms(lambda: torch.autograd.grad(fastkd.kd_loss(s, t, temperature=4.0), s), args.reps)
                 scaled = median_ms(lambda: torch.autograd.grad(0.5 * fastkd.kd_loss(s, t, temperature=4.0), s),
                                    args.reps)
@@ -50,8 +53,8 @@ def main():
                 cold = median_ms(lambda: torch.autograd.grad(fastkd.kd_loss(s, t, temperature=4.0), s),
                                  max(args.reps // 2, 3), warmup=1)
                 cpu_backend.set_cache_limit(limit)
-                print(f"{name:<9} {str(dtype)[6:]:<9} {num_threads:>7} {forward:8.1f} {step:11.1f} {scaled:12.1f} "
-                      f"{cold:12.1f}", flush=True)
+                print(f"{name:<9} {str(dtype)[6:]:<9} {num_threads:>7} {forward:8.1f} {with_stats:12.1f} {step:11.1f} "
+                      f"{scaled:12.1f} {cold:12.1f}", flush=True)
     cpu_backend.set_isa(isa)
     torch.set_num_threads(threads)
 
