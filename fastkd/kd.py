@@ -331,7 +331,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
 class KDLoss(nn.Module):
     """Module form of :func:`kd_loss`: holds the options, ``forward(student_logits, teacher_logits, labels=None)``.
 
-    ``normalizer`` may also be passed per call to ``forward``.
+    ``normalizer`` and ``return_stats`` may also be passed per call to ``forward``.
     """
 
     def __init__(self, *, temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
@@ -346,10 +346,10 @@ class KDLoss(nn.Module):
         self.backend = backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None,
-                normalizer: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
-        return kd_loss(student_logits, teacher_logits, labels=labels, normalizer=normalizer, backend=self.backend,
-                       **self.options)
+                labels: Optional[torch.Tensor] = None, normalizer: Union[float, torch.Tensor, None] = None,
+                return_stats: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
+        return kd_loss(student_logits, teacher_logits, labels=labels, normalizer=normalizer,
+                       return_stats=return_stats, backend=self.backend, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -463,6 +463,8 @@ def test_kdloss_module_matches_the_function(kernel, gen):
                           backend=kernel.backend)
     assert torch.equal(module(s, t, labels), want)
     assert "divergence='jsd'" in repr(module)
+    loss, stats = module(s, t, labels, return_stats=True)
+    assert torch.equal(loss, want) and "top1_agreement" in stats
 
 
 # ------------------------------------------------------------------------------------------------------------
