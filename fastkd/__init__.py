@@ -1,6 +1,7 @@
 """fastkd: fused Triton kernels for knowledge-distillation losses in PyTorch."""
 from .dispatch import backends
+from .dkd import dkd_loss
 from .kd import KDLoss, kd_loss
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "KDLoss", "backends", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "dkd_loss", "backends", "__version__"]

@@ -63,23 +63,30 @@ def _require_kernel_dtypes(backend: str, tensors) -> None:
                            "use backend='reference' for other dtypes")
 
 
-def select_backend(requested: str, *tensors: torch.Tensor) -> str:
-    """Return ``"triton"``, ``"cpu"`` or ``"reference"`` for an op over ``tensors`` (validated to share a device).
+def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
+                   kernels: tuple = ("triton", "cpu")) -> str:
+    """Return ``"triton"``, ``"cpu"`` or ``"reference"`` for the op ``op`` over ``tensors`` (validated to share
+    a device); ``kernels`` names the kernel backends the op has (the reference always exists).
 
     Raises ``ValueError`` for an unknown backend name and ``RuntimeError`` when the backend asked for cannot
-    run on these tensors.
+    run on these tensors or does not exist for this op.
     """
     check_backend_name(requested)
+    explicit = requested != "auto"
     if requested == "auto":
         requested = os.environ.get("FASTKD_BACKEND", "auto")
         if requested not in BACKENDS:
             raise ValueError(f"environment variable FASTKD_BACKEND must be one of {BACKENDS}, got {requested!r}")
+    if requested not in ("auto", "reference") and requested not in kernels:
+        if explicit:
+            raise RuntimeError(f"{op} has no {requested!r} backend yet (it has {kernels + ('reference',)})")
+        requested = "auto"  # FASTKD_BACKEND names a backend this op lacks: choose among those it has
     device = tensors[0].device
     kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
     if requested == "auto":
-        if device.type == "cuda" and kernel_dtypes and TRITON_AVAILABLE:
+        if "triton" in kernels and device.type == "cuda" and kernel_dtypes and TRITON_AVAILABLE:
             return "triton"
-        if device.type == "cpu" and kernel_dtypes and cpu_backend.AVAILABLE:
+        if "cpu" in kernels and device.type == "cpu" and kernel_dtypes and cpu_backend.AVAILABLE:
             return "cpu"
         return "reference"
     if requested == "cpu":

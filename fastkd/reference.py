@@ -124,3 +124,40 @@ def kd_fidelity_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         if labels is not None:
             rows = torch.where(labels != ignore_index, rows, 0)
         return rows
+
+
+def dkd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                  temperature: float, alpha: float, beta: float, ignore_index: int, ce_weight: float) -> torch.Tensor:
+    """Per-row decoupled KD loss of (N, V) logits, V ≥ 2, shape (N,), float32 (float64 for float64 inputs):
+    α·T²·KL(b_t‖b_s) + β·T²·KL(p̂_t‖p̂_s) + ce_weight·CE, with b = [p_gt, 1 − p_gt] and p̂ the softmax over the
+    non-target classes, all from log-sum-exp with and without the target class (no log of a sum of
+    probabilities). 0 at rows whose label is ``ignore_index``, NaN at other labels outside [0, V)."""
+    math_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    s = student_logits.to(math_dtype)
+    t = teacher_logits.to(math_dtype)
+    num_classes = s.shape[-1]
+    counted = labels != ignore_index
+    in_range = (labels >= 0) & (labels < num_classes)
+    target = torch.where(counted & in_range, labels, 0).long().unsqueeze(-1)
+    is_target = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, target, True)
+
+    def split_log_probs(x):
+        """log p_gt, log(1 − p_gt) and log p̂ (−inf at the target) of logits at temperature T: the binary pair
+        from the target logit z_gt and the non-target log-sum-exp r, as −softplus(r − z_gt) and −softplus(z_gt − r)
+        (accurate however close p_gt is to 0 or 1)."""
+        z = x / temperature
+        log_sum_rest = torch.logsumexp(z.masked_fill(is_target, -math.inf), dim=-1)
+        gap = z.gather(-1, target).squeeze(-1) - log_sum_rest
+        log_hat = z.masked_fill(is_target, -math.inf) - log_sum_rest.unsqueeze(-1)
+        return -F.softplus(-gap), -F.softplus(gap), log_hat
+
+    log_gt_s, log_rest_s, log_hat_s = split_log_probs(s)
+    log_gt_t, log_rest_t, log_hat_t = split_log_probs(t)
+    tckd = (_weighted(log_gt_t.exp(), log_gt_t - log_gt_s) + _weighted(log_rest_t.exp(), log_rest_t - log_rest_s))
+    # p̂ = 0 in both at the target: 0·log(0/0) = 0
+    nckd = _weighted(log_hat_t.exp(), torch.where(is_target, 0, log_hat_t - log_hat_s)).sum(-1)
+    loss = temperature * temperature * (alpha * tckd + beta * nckd)
+    if ce_weight != 0:
+        loss = loss + ce_weight * (torch.logsumexp(s, dim=-1) - s.gather(-1, target).squeeze(-1))
+    loss = torch.where(counted, loss, 0)
+    return torch.where(counted & ~in_range, math.nan, loss)

@@ -1,0 +1,67 @@
+"""fastkd.dkd_loss: Decoupled Knowledge Distillation (Zhao et al., CVPR 2022), computed from log-sum-exp
+statistics with and without the target class, so it stays finite and accurate when p_gt → 1.
+
+This module holds the validation, the dispatch call and the reduction. The op has only its reference
+implementation so far (:func:`fastkd.reference.dkd_loss_rows`); ``"auto"`` runs it on every device.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from . import reference
+from .dispatch import select_backend
+from .kd import _check_options, _check_tensors, _finite_number
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, reduction: str = "batchmean",
+             ignore_index: int = -100, ce_weight: float = 0.0,
+             normalizer: Union[float, torch.Tensor, None] = None, backend: str = "auto") -> torch.Tensor:
+    r"""Decoupled KD loss of ``(*, V)`` logits (V ≥ 2) against integer ``labels`` of shape ``*``.
+
+    With b = [p_gt, 1 − p_gt] (the probability of the target class at temperature T, and of the rest) and p̂ the
+    softmax over the non-target classes only, per row::
+
+        row_loss = α·T²·KL(b_t‖b_s) + β·T²·KL(p̂_t‖p̂_s) + ce_weight·CE(softmax(s), label)
+                 =        TCKD     +        NCKD
+
+    (mdistiller's defaults α = 1, β = 8, T = 4; its warm-up factor min(epoch/warmup, 1) belongs to the training
+    loop). KD = TCKD + (1 − p_gt^t)·NCKD. Everything is computed from the target logit z_gt and the log-sum-exp r
+    of the non-target logits (at T): log p_gt = −softplus(r − z_gt), log(1 − p_gt) = −softplus(z_gt − r),
+    log p̂_j = z_j − r, never the log of a sum of probabilities, which in mdistiller's code gives inf or NaN when
+    p_gt → 1.
+
+    ``labels`` are required. A row whose label is ``ignore_index`` contributes 0, gets zero gradient and is not
+    counted; another label outside [0, V) is an error on CPU and NaN on CUDA. ``reduction`` and ``normalizer``
+    are those of :func:`fastkd.kd_loss` (``"batchmean"`` divides by the counted rows). Math in float32 (float64
+    for float64 inputs); the loss is float32.
+    """
+    options = _check_options(temperature=temperature, divergence="kl", beta=0.5, reduction=reduction,
+                             ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=1.0, scale_by_t2=True,
+                             normalizer=normalizer)
+    alpha = _finite_number("alpha", alpha)
+    beta = _finite_number("beta", beta)
+    if labels is None:
+        raise ValueError("dkd_loss needs labels: the target class splits each distribution")
+    _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
+                   ignore_index=options["ignore_index"])
+    num_classes = student_logits.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"dkd_loss needs at least 2 classes (a target and a non-target), got V={num_classes}")
+    student = student_logits.reshape(-1, num_classes)
+    teacher = teacher_logits.reshape(-1, num_classes)
+    flat_labels = labels.reshape(-1)
+    select_backend(backend, student, teacher, op="dkd_loss", kernels=())
+    row_loss = reference.dkd_loss_rows(student, teacher, flat_labels, temperature=options["temperature"],
+                                       alpha=alpha, beta=beta, ignore_index=options["ignore_index"],
+                                       ce_weight=options["ce_weight"])
+    if options["reduction"] == "none":
+        return row_loss.reshape(labels.shape)
+    if options["reduction"] == "sum":
+        return row_loss.sum()
+    divisor = options["normalizer"]
+    if divisor is None:
+        divisor = (flat_labels != options["ignore_index"]).sum().clamp_min(1)
+    return row_loss.sum() / divisor
