@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import cpu_backend, reference
 from .dispatch import check_backend_name, select_backend
@@ -112,6 +113,7 @@ class _KDLossRows(torch.autograd.Function):
         return row_loss, metrics
 
     @staticmethod
+    @once_differentiable  # the kernels' gradient has no graph of its own: refuse create_graph=True, loudly
     def backward(ctx, grad_loss, _grad_metrics):
         teacher_grad = ctx.needs_input_grad[1]
         if ctx.fused_grads is not None:

@@ -325,6 +325,16 @@ def test_out_of_range_label_gives_nan_in_the_kernel(kernel, gen):
     assert_rel_close(rows, ref, 1e-6)
 
 
+def test_double_backward_through_a_kernel_raises(kernel, gen):
+    """Second-order gradients are not implemented by the kernels: create_graph=True must fail loudly, not
+    return a gradient without a graph."""
+    s = logits(gen, (3, 20), device=kernel.device).requires_grad_(True)
+    loss = fastkd.kd_loss(s, logits(gen, (3, 20), device=kernel.device), backend=kernel.backend)
+    (grad,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|not implemented"):
+        torch.autograd.grad(grad.sum(), s)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_teacher_gets_no_gradient_unless_it_requires_one(gen, backend):
     skip_unless_available(backend)
