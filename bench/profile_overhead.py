@@ -35,7 +35,7 @@ cases = {
     "triton forward launch": lambda: kd.kd_forward(s, t, None, **options),
     "triton backward launch": lambda: kd.kd_backward(grad_loss, s, t, None, stats, teacher_grad=False, **options),
     "custom op forward": lambda: torch.ops.fastkd.kd_loss_rows(s.detach(), t, None, 4.0, "kl", 0.5, -100, 0.0, 16.0,
-                                                               "triton", False),
+                                                               1.0, "triton", False),
     "kd_loss forward (no grad)": lambda: fastkd.kd_loss(s.detach(), t, temperature=4.0),
     "kd_loss forward (grad mode)": lambda: fastkd.kd_loss(s, t, temperature=4.0),
     "kd_loss fwd+bwd autograd.grad": lambda: torch.autograd.grad(fastkd.kd_loss(s, t, temperature=4.0), s),

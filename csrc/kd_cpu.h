@@ -8,7 +8,7 @@
 namespace fastkd {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3 };
+enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3, kDKD = 4 };
 constexpr int kNumStats = 8;    // per row, as the Triton kernels store them (kernels/kd.py)
 constexpr int kNumMetrics = 4;  // agreement, KL(p_t‖p_s), H(p_t), H(p_s) at T = 1
 
@@ -27,6 +27,7 @@ struct KDArgs {
     int divergence = kKL;
     float inv_temperature = 1, beta = 0.5f, one_minus_beta = 0.5f, log_beta = 0, log_one_minus_beta = 0;
     float ce_weight = 0, kd_scale = 1;
+    float alpha = 1;  // dkd: the TCKD weight (beta weighs NCKD)
     // forward outputs: loss (num_rows,), stats (kNumStats, num_rows), float32
     float* loss = nullptr;
     float* stats = nullptr;

@@ -28,6 +28,7 @@ constexpr int64_t kBlock = 1024;  // columns per block: the block of student and
 constexpr int64_t kPrefetch = 2 * kBlock;
 
 inline float finite_or_zero(float m) { return m == -kInf ? 0.0f : m; }
+inline float softplus(float x) { return (x > 0 ? x : 0.0f) + std::log1p(std::exp(-std::fabs(x))); }
 inline float fmax_(float a, float b) { return a > b ? a : b; }
 inline int64_t min_(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -137,6 +138,7 @@ void forward_row(const KDArgs& args, int64_t row) {
         e_1 = e_b + padded;
         shifts = e_1 + padded;
     }
+    const vi label = vi{} + static_cast<int32_t>(r.label_ok ? r.label : -1);
     float m_a = -kInf, m_b = -kInf, m_1 = -kInf, sum_a = 0, sum_b = 0, sum_1 = 0, w = 0;
     float s_ab = 0, s_aa = 0, s_bb = 0;  // cosine: ⟨e_a, e_b⟩, ‖e_a‖², ‖e_b‖² (the normalisers cancel)
     // metrics at T = 1: teacher max and sum, KL(p_t‖p_s) bracket sum, Σ e·(x − m) of each, first argmaxes
@@ -145,7 +147,7 @@ void forward_row(const KDArgs& args, int64_t row) {
     vi nan_seen = vi{};  // the exponentials below drop NaN, so a row with NaN (or +inf) is marked as a whole
     for (int64_t start = 0; start < num_cols; start += kBlock) {
         const int64_t end = min_(start + kBlock, num_cols);
-        vf max_s = splat(-kInf), max_t = splat(-kInf);
+        vf max_s = splat(-kInf), max_t = splat(-kInf), max_rest_s = splat(-kInf), max_rest_t = splat(-kInf);
         for (int64_t c = start; c < end; c += kLanes) {
             const int n = static_cast<int>(min_(kLanes, end - c));
             const vf x_s = load_lanes(r.student, s_dtype, c, n, -kInf);
@@ -155,10 +157,17 @@ void forward_row(const KDArgs& args, int64_t row) {
                 const vf x_t = load_lanes(r.teacher, t_dtype, c, n, -kInf);
                 max_t = vmax(x_t, max_t);
                 nan_seen |= x_t != x_t;
+                if (kDivergence == kDKD) {  // the non-target maxima
+                    const vi target = column_indices(c) == label;
+                    max_rest_s = vmax(target ? splat(-kInf) : x_s, max_rest_s);
+                    max_rest_t = vmax(target ? splat(-kInf) : x_t, max_rest_t);
+                }
             }
         }
         const float block_max_s = hmax(max_s);
         const float block_max_t = hmax(max_t);
+        const float kd_max_s = kDivergence == kDKD ? hmax(max_rest_s) : block_max_s;
+        const float kd_max_t = kDivergence == kDKD ? hmax(max_rest_t) : block_max_t;
         if (kMetrics) {
             if (block_max_s > best_s) {
                 best_s = block_max_s;
@@ -170,7 +179,7 @@ void forward_row(const KDArgs& args, int64_t row) {
             }
         }
         if (kHasKD) {
-            const float new_m_a = fmax_(m_a, block_max_s * inv_t), new_m_b = fmax_(m_b, block_max_t * inv_t);
+            const float new_m_a = fmax_(m_a, kd_max_s * inv_t), new_m_b = fmax_(m_b, kd_max_t * inv_t);
             const float shift_a = finite_or_zero(new_m_a), shift_b = finite_or_zero(new_m_b);
             vf acc_a = splat(0.0f), acc_b = splat(0.0f), acc_w = splat(0.0f);
             vf acc_ab = splat(0.0f), acc_aa = splat(0.0f), acc_bb = splat(0.0f);
@@ -178,12 +187,17 @@ void forward_row(const KDArgs& args, int64_t row) {
                 const int n = static_cast<int>(min_(kLanes, end - c));
                 prefetch(r.student, s_dtype, c + kPrefetch);
                 prefetch(r.teacher, t_dtype, c + kPrefetch);
-                const vf a = load_lanes(r.student, s_dtype, c, n, -kInf) * inv_t - shift_a;
-                const vf b = load_lanes(r.teacher, t_dtype, c, n, -kInf) * inv_t - shift_b;
+                vf a = load_lanes(r.student, s_dtype, c, n, -kInf) * inv_t - shift_a;
+                vf b = load_lanes(r.teacher, t_dtype, c, n, -kInf) * inv_t - shift_b;
+                if (kDivergence == kDKD) {  // dkd: sums and w over the non-target classes only
+                    const vi target = column_indices(c) == label;
+                    a = target ? splat(-kInf) : a;
+                    b = target ? splat(-kInf) : b;
+                }
                 const vf exp_a = vexp_nonpositive(a), exp_b = vexp_nonpositive(b);
                 acc_a += exp_a;
                 acc_b += exp_b;
-                if (kDivergence == kKL) acc_w += weighted(exp_b, b - a);
+                if (kDivergence == kKL || kDivergence == kDKD) acc_w += weighted(exp_b, b - a);
                 if (kDivergence == kReverseKL) acc_w += weighted(exp_a, a - b);
                 if (kDivergence == kCosine) {
                     acc_ab += exp_a * exp_b;
@@ -201,10 +215,10 @@ void forward_row(const KDArgs& args, int64_t row) {
                 s_aa = s_aa * (scale_a * scale_a) + hsum(acc_aa);
                 s_bb = s_bb * (scale_b * scale_b) + hsum(acc_bb);
             }
-            if (kDivergence == kKL || kDivergence == kReverseKL) {  // re-centre w on the new maxima
+            if (kDivergence == kKL || kDivergence == kReverseKL || kDivergence == kDKD) {  // re-centre w
                 const float delta = (shift_b - finite_or_zero(m_b)) - (shift_a - finite_or_zero(m_a));
-                w = kDivergence == kKL ? recentred(w, scale_b, delta, sum_b) + hsum(acc_w)
-                                       : recentred(w, scale_a, -delta, sum_a) + hsum(acc_w);
+                w = kDivergence == kReverseKL ? recentred(w, scale_a, -delta, sum_a) + hsum(acc_w)
+                                              : recentred(w, scale_b, delta, sum_b) + hsum(acc_w);
             }
             sum_a = sum_a * scale_a + hsum(acc_a);
             sum_b = sum_b * scale_b + hsum(acc_b);
@@ -263,6 +277,20 @@ void forward_row(const KDArgs& args, int64_t row) {
         if (kDivergence == kCosine) {
             d0 = s_ab / std::sqrt(s_aa * s_bb);
             loss = args.kd_scale * (1.0f - d0);
+        } else if (kDivergence == kDKD) {  // α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
+            d0 = w / sum_b - log_sum_b + log_sum_a;  // NCKD
+            float gap_s = 0, gap_t = 0;  // target logit minus the non-target log-sum-exp, at T
+            if (r.counted && r.label_ok) {
+                gap_s = load_lanes(r.student, s_dtype, r.label, 1, 0.0f)[0] * inv_t - (m_a + log_sum_a);
+                gap_t = load_lanes(r.teacher, t_dtype, r.label, 1, 0.0f)[0] * inv_t - (m_b + log_sum_b);
+            }
+            const float log_p_s = -softplus(-gap_s), log_q_s = -softplus(gap_s);
+            const float log_p_t = -softplus(-gap_t), log_q_t = -softplus(gap_t);
+            const float p_t = std::exp(log_p_t), q_t = std::exp(log_q_t);
+            const float tckd = (p_t == 0 ? 0.0f : p_t * (log_p_t - log_p_s)) +
+                               (q_t == 0 ? 0.0f : q_t * (log_q_t - log_q_s));
+            d1 = p_t - std::exp(log_p_s);  // the backward's TCKD term
+            loss = args.kd_scale * (args.alpha * tckd + args.beta * d0);
         } else if (kDivergence == kKL) {
             d0 = w / sum_b - log_sum_b + log_sum_a;
             loss = args.kd_scale * d0;
@@ -312,7 +340,6 @@ void forward_row(const KDArgs& args, int64_t row) {
     const float nan_or_one = (!r.label_ok || nan_row) ? __builtin_nanf("") : 1.0f;
     const float kd_factor = nan_or_one * args.grad_scale * args.kd_scale * inv_t;  // ∂/∂s = (1/T)·∂/∂a
     const float ce_factor = nan_or_one * args.grad_scale * args.ce_weight;
-    const vi label = vi{} + static_cast<int32_t>(r.label_ok ? r.label : -1);
     for (int64_t start = 0; start < num_cols; start += kBlock) {
         const int64_t end = min_(start + kBlock, num_cols);
         const float* shift = shifts + 3 * (start / kBlock);
@@ -372,8 +399,13 @@ void backward_row(const KDArgs& args, int64_t row) {
         const vf x_s = load_lanes(r.student, s_dtype, c, n, -kInf);
         vf grad_s = splat(0.0f), grad_t = splat(0.0f);
         if (kHasKD) {
-            const vf log_p_s = (x_s * inv_t - m_a) - log_sum_a;
-            const vf log_p_t = (load_lanes(r.teacher, t_dtype, c, n, -kInf) * inv_t - m_b) - log_sum_b;
+            vf log_p_s = (x_s * inv_t - m_a) - log_sum_a;
+            vf log_p_t = (load_lanes(r.teacher, t_dtype, c, n, -kInf) * inv_t - m_b) - log_sum_b;
+            const vi target = column_indices(c) == label;
+            if (kDivergence == kDKD) {  // p̂: 0 at the target
+                log_p_s = target ? splat(-kInf) : log_p_s;
+                log_p_t = target ? splat(-kInf) : log_p_t;
+            }
             const vf p_s = vexp_nonpositive(log_p_s), p_t = vexp_nonpositive(log_p_t);
             if (kDivergence == kKL) {  // ∂KL(p_t‖p_s)/∂a = p_s − p_t, ∂/∂b = p_t (log p_t/p_s − KL)
                 grad_s = kd_factor * (p_s - p_t);
@@ -381,6 +413,9 @@ void backward_row(const KDArgs& args, int64_t row) {
             } else if (kDivergence == kReverseKL) {  // ∂KL(p_s‖p_t)/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
                 grad_s = kd_factor * weighted(p_s, (log_p_s - log_p_t) - d0);
                 if (kTeacherGrad) grad_t = kd_factor * (p_t - p_s);
+            } else if (kDivergence == kDKD) {  // student only; d1 = p_t,gt − p_s,gt
+                const vf non_target = args.beta * (p_s - p_t) + args.alpha * d1 * p_s;
+                grad_s = kd_factor * (target ? splat(-args.alpha * d1) : non_target);
             } else if (kDivergence == kCosine) {  // p is p/‖p‖ here: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
                 grad_s = -kd_factor * (p_s * (p_t - d0 * p_s));
                 if (kTeacherGrad) grad_t = -kd_factor * (p_t * (p_s - d0 * p_t));
@@ -480,7 +515,8 @@ void with_divergence(const KDArgs& args) {
         case kKL: return with_flags<kKL, Rows>(args);
         case kReverseKL: return with_flags<kReverseKL, Rows>(args);
         case kJSD: return with_flags<kJSD, Rows>(args);
-        default: return with_flags<kCosine, Rows>(args);
+        case kCosine: return with_flags<kCosine, Rows>(args);
+        default: return with_flags<kDKD, Rows>(args);
     }
 }
 

@@ -85,12 +85,13 @@ KDArgs common_args(const py::dict& d) {
     a.log_one_minus_beta = get<float>(d, "log_one_minus_beta");
     a.ce_weight = get<float>(d, "ce_weight");
     a.kd_scale = get<float>(d, "kd_scale");
+    a.alpha = get<float>(d, "alpha");
     a.stats = pointer<float>(d, "stats");
     a.num_threads = get<int>(d, "num_threads");
     if (a.num_rows < 0 || a.num_cols < 1 || a.num_cols > INT32_MAX) {
         throw std::invalid_argument("num_rows must be >= 0 and num_cols in [1, 2^31)");
     }
-    if (a.divergence < kKL || a.divergence > kCosine) {
+    if (a.divergence < kKL || a.divergence > kDKD) {
         throw std::invalid_argument("unknown divergence code " + std::to_string(a.divergence));
     }
     if (a.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");

@@ -94,7 +94,7 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
 
 
 def _kd_args(student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index, ce_weight,
-             kd_scale) -> tuple[dict, list]:
+             kd_scale, alpha=1.0) -> tuple[dict, list]:
     """The argument dict of both kernels, and the tensors it points into (to keep them alive)."""
     student, student_spec = _rows(student)
     teacher, teacher_spec = _rows(teacher)
@@ -102,7 +102,7 @@ def _kd_args(student, teacher, labels, stats, *, temperature, divergence, beta, 
         labels = labels.to(torch.int64).contiguous()
     args = dict(student=student_spec, teacher=teacher_spec, num_rows=student.shape[0], num_cols=student.shape[1],
                 labels=labels.data_ptr() if labels is not None else 0, ignore_index=ignore_index,
-                divergence=DIVERGENCE_CODES[divergence], ce_weight=ce_weight, kd_scale=kd_scale,
+                divergence=DIVERGENCE_CODES[divergence], ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
                 stats=stats.data_ptr(), num_threads=torch.get_num_threads(), **kd_scalars(temperature, beta))
     return args, [student, teacher, labels]
 
@@ -153,7 +153,7 @@ def scale_rows_(rows: torch.Tensor, factors: torch.Tensor) -> None:
 
 
 def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
-                ce_weight, kd_scale, teacher_grad):
+                ce_weight, kd_scale, teacher_grad, alpha=1.0):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),
     contiguous (N, V) in the dtype of their input; the same contract as :func:`fastkd.kernels.kd.kd_backward`."""
     grad_s = empty(student.shape, student.dtype)
@@ -161,7 +161,7 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
     grad_loss = grad_loss.to(torch.float32)
     stats = stats.contiguous()
     args, _keep = _kd_args(student, teacher, labels, stats, temperature=temperature, divergence=divergence,
-                           beta=beta, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale)
+                           beta=beta, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
     args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr(),
                 grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
     _extension().kd_backward(args)

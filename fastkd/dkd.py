@@ -1,8 +1,10 @@
 """fastkd.dkd_loss: Decoupled Knowledge Distillation (Zhao et al., CVPR 2022), computed from log-sum-exp
 statistics with and without the target class, so it stays finite and accurate when p_gt → 1.
 
-This module holds the validation, the dispatch call and the reduction. The op has only its reference
-implementation so far (:func:`fastkd.reference.dkd_loss_rows`); ``"auto"`` runs it on every device.
+This module holds the validation, the dispatch call and the reduction. The kernels are those of kd_loss with
+divergence code "dkd" (the target column masked out of the sums, the target logits read apart); their
+specification is :func:`fastkd.reference.dkd_loss_rows`. They give no gradient to the teacher: with
+``teacher_logits.requires_grad`` ``"auto"`` runs the reference.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from . import reference
 from .dispatch import select_backend
-from .kd import _check_options, _check_tensors, _finite_number
+from .kd import _check_options, _check_tensors, _finite_number, _KDLossRows
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -36,7 +38,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     ``labels`` are required. A row whose label is ``ignore_index`` contributes 0, gets zero gradient and is not
     counted; another label outside [0, V) is an error on CPU and NaN on CUDA. ``reduction`` and ``normalizer``
     are those of :func:`fastkd.kd_loss` (``"batchmean"`` divides by the counted rows). Math in float32 (float64
-    for float64 inputs); the loss is float32.
+    for float64 inputs); the loss is float32. ``backend`` as in kd_loss; the kernels compute no teacher gradient.
     """
     options = _check_options(temperature=temperature, divergence="kl", beta=0.5, reduction=reduction,
                              ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=1.0, scale_by_t2=True,
@@ -53,10 +55,21 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     student = student_logits.reshape(-1, num_classes)
     teacher = teacher_logits.reshape(-1, num_classes)
     flat_labels = labels.reshape(-1)
-    select_backend(backend, student, teacher, op="dkd_loss", kernels=())
-    row_loss = reference.dkd_loss_rows(student, teacher, flat_labels, temperature=options["temperature"],
-                                       alpha=alpha, beta=beta, ignore_index=options["ignore_index"],
-                                       ce_weight=options["ce_weight"])
+    chosen = select_backend(backend, student, teacher, op="dkd_loss", kernels=("triton", "cpu"))
+    if chosen != "reference" and torch.is_grad_enabled() and teacher.requires_grad:
+        if backend != "auto":
+            raise RuntimeError(f"dkd_loss's {chosen!r} kernels give no gradient to the teacher; detach "
+                               "teacher_logits or use backend='reference'")
+        chosen = "reference"
+    temperature = options["temperature"]
+    if chosen == "reference":
+        row_loss = reference.dkd_loss_rows(student, teacher, flat_labels, temperature=temperature, alpha=alpha,
+                                           beta=beta, ignore_index=options["ignore_index"],
+                                           ce_weight=options["ce_weight"])
+    else:  # the kd_loss kernels with divergence "dkd": β weighs NCKD, α TCKD, kd_scale is T²
+        row_loss, _ = _KDLossRows.apply(student, teacher, flat_labels, None, chosen, False, temperature, "dkd", beta,
+                                        options["ignore_index"], options["ce_weight"], temperature * temperature,
+                                        alpha)
     if options["reduction"] == "none":
         return row_loss.reshape(labels.shape)
     if options["reduction"] == "sum":

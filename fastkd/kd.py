@@ -40,15 +40,15 @@ def _launchers(backend: str):
 @torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
 def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                      temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
-                     kd_scale: float, backend: str,
+                     kd_scale: float, alpha: float, backend: str,
                      with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launchers(backend).kd_forward(student, teacher, labels, temperature=temperature, divergence=divergence,
                                           beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
-                                          kd_scale=kd_scale, with_metrics=with_metrics)
+                                          kd_scale=kd_scale, alpha=alpha, with_metrics=with_metrics)
 
 
 @_kd_loss_rows_op.register_fake
-def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale, backend,
+def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha, backend,
       with_metrics):
     num_rows = student.shape[0]
     return (student.new_empty(num_rows, dtype=torch.float32),
@@ -60,15 +60,16 @@ def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_
 def _kd_loss_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
                               labels: Optional[torch.Tensor], stats: torch.Tensor, temperature: float,
                               divergence: str, beta: float, ignore_index: int, ce_weight: float, kd_scale: float,
-                              backend: str, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                              alpha: float, backend: str, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launchers(backend).kd_backward(grad_loss, student, teacher, labels, stats, temperature=temperature,
                                            divergence=divergence, beta=beta, ignore_index=ignore_index,
-                                           ce_weight=ce_weight, kd_scale=kd_scale, teacher_grad=teacher_grad)
+                                           ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
+                                           teacher_grad=teacher_grad)
 
 
 @_kd_loss_rows_backward_op.register_fake
 def _(grad_loss, student, teacher, labels, stats, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
-      backend, teacher_grad):
+      alpha, backend, teacher_grad):
     grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
     return student.new_empty(student.shape), grad_t
 
@@ -97,11 +98,11 @@ class _KDLossRows(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, grad_scale, backend, with_metrics, *options):
         ctx.fused_grads = None
         if _fuse_gradient(ctx, backend, options[1], grad_scale):
-            temperature, divergence, beta, ignore_index, ce_weight, kd_scale = options
+            temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha = options
             row_loss, stats, metrics, grad_s, grad_t = cpu_backend.kd_forward_with_grad(
                 student, teacher, labels, grad_scale=float(grad_scale), teacher_grad=ctx.needs_input_grad[1],
                 with_metrics=with_metrics, temperature=temperature, divergence=divergence, beta=beta,
-                ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale)
+                ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
             ctx.fused_grads = (grad_s, grad_t, grad_scale)
         else:
             row_loss, stats, metrics = torch.ops.fastkd.kd_loss_rows.default(student, teacher, labels, *options,
@@ -307,7 +308,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" and wants_grad else None
         row_loss, metrics = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, return_stats, t,
                                               options["divergence"], options["beta"], options["ignore_index"],
-                                              options["ce_weight"], kd_scale)
+                                              options["ce_weight"], kd_scale, 1.0)
     else:
         row_loss = reference.kd_loss_rows(student, teacher, flat_labels, temperature=t,
                                           divergence=options["divergence"], beta=options["beta"],

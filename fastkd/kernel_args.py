@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 
-DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "cosine": 3}
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "cosine": 3, "dkd": 4}
 # per row, float32, laid out (NUM_STATS, N): max a, log-sum a, max b, log-sum b, d0, d1, max s, log-sum s.
-# For "cosine" the log-sum slots hold log ‖exp(a − max a)‖₂ (likewise b) and d0 the cosine.
+# For "cosine" the log-sum slots hold log ‖exp(a − max a)‖₂ (likewise b) and d0 the cosine. For "dkd" (labels
+# required; beta weighs NCKD, alpha TCKD) the maxima and log-sums cover the non-target classes, d0 is NCKD and
+# d1 = p_t,gt − p_s,gt.
 NUM_STATS = 8
 # per row, float32, (NUM_METRICS, N), when asked for: top-1 agreement (0/1), KL(p_t‖p_s), H(p_t), H(p_s), at T = 1;
 # 0 at ignored rows

@@ -78,6 +78,12 @@ def _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_mi
 
 
 @triton.jit
+def _softplus(x):
+    """log(1 + eˣ), accurate for every x (log1p of the small term)."""
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
 def _recentred(w, scale, delta, total):
     """A running Σ e·[bracket] after its exponentials are rescaled by `scale` and each bracket moves by −delta."""
     return tl.where(scale == 0, 0.0, scale * (w - delta * total))
@@ -122,7 +128,7 @@ def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
 def kd_forward_kernel(
     S, T, LABELS, LOSS, STATS, METRICS,
     V, stride_s_row, stride_s_col, stride_t_row, stride_t_col, num_rows,
-    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale,
+    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale, alpha,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
     INTERIOR_BETA: tl.constexpr, HAS_METRICS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -164,6 +170,9 @@ def kd_forward_kernel(
         if HAS_KD:
             a = x_s * inv_temperature
             b = x_t * inv_temperature
+            if DIVERGENCE == 4:  # dkd: the sums and w below cover the non-target classes only
+                a = tl.where(cols == label, float("-inf"), a)
+                b = tl.where(cols == label, float("-inf"), b)
             new_m_a = tl.maximum(m_a, tl.max(a, axis=0))
             new_m_b = tl.maximum(m_b, tl.max(b, axis=0))
             shift_a = _finite_or_zero(new_m_a)
@@ -176,10 +185,10 @@ def kd_forward_kernel(
                 s_ab = s_ab * (scale_a * scale_b) + tl.sum(e_a * e_b, axis=0)
                 s_aa = s_aa * (scale_a * scale_a) + tl.sum(e_a * e_a, axis=0)
                 s_bb = s_bb * (scale_b * scale_b) + tl.sum(e_b * e_b, axis=0)
-            if DIVERGENCE <= 1:
+            if DIVERGENCE <= 1 or DIVERGENCE == 4:
                 # re-centre w on the new maxima: every old bracket moves by ∓delta
                 delta = (shift_b - _finite_or_zero(m_b)) - (shift_a - _finite_or_zero(m_a))
-                if DIVERGENCE == 0:  # KL(p_t‖p_s): average over p_t
+                if DIVERGENCE != 1:  # KL(p_t‖p_s): average over p_t
                     w = _recentred(w, scale_b, delta, sum_b) + \
                         tl.sum(_weighted(e_b, (b - shift_b) - (a - shift_a)), axis=0)
                 else:  # KL(p_s‖p_t): average over p_s
@@ -225,6 +234,19 @@ def kd_forward_kernel(
         elif DIVERGENCE == 1:
             d0 = w / sum_a - log_sum_a + log_sum_b
             loss = kd_scale * d0
+        elif DIVERGENCE == 4:  # dkd: α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
+            d0 = w / sum_b - log_sum_b + log_sum_a  # NCKD
+            gap_s = tl.load(s_row + label * stride_s_col, mask=counted & label_ok, other=0.0).to(tl.float32) * \
+                inv_temperature - (m_a + log_sum_a)
+            gap_t = tl.load(t_row + label * stride_t_col, mask=counted & label_ok, other=0.0).to(tl.float32) * \
+                inv_temperature - (m_b + log_sum_b)
+            log_p_s = -_softplus(-gap_s)
+            log_q_s = -_softplus(gap_s)
+            log_p_t = -_softplus(-gap_t)
+            log_q_t = -_softplus(gap_t)
+            tckd = _weighted(tl.exp(log_p_t), log_p_t - log_p_s) + _weighted(tl.exp(log_q_t), log_q_t - log_q_s)
+            d1 = tl.exp(log_p_t) - tl.exp(log_p_s)  # the backward's TCKD term
+            loss = kd_scale * (alpha * tckd + beta * d0)
         elif DIVERGENCE == 3:
             log_sum_a = 0.5 * tl.log(s_aa)  # stored in place of the log-sums: the backward needs ‖p‖, not Σp
             log_sum_b = 0.5 * tl.log(s_bb)
@@ -272,7 +294,7 @@ def kd_forward_kernel(
 def kd_backward_kernel(
     S, T, LABELS, STATS, GRAD_LOSS, GRAD_S, GRAD_T,
     V, stride_s_row, stride_s_col, stride_t_row, stride_t_col, stride_grad_loss, num_rows,
-    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale,
+    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale, alpha,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
     INTERIOR_BETA: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -306,6 +328,9 @@ def kd_backward_kernel(
             x_t = _load_block(t_row, cols, stride_t_col, in_row)
             log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
             log_p_t = _log_probs(x_t, inv_temperature, m_b, log_sum_b)
+            if DIVERGENCE == 4:
+                log_p_s = tl.where(cols == label, float("-inf"), log_p_s)
+                log_p_t = tl.where(cols == label, float("-inf"), log_p_t)
             p_s = tl.exp(log_p_s)
             p_t = tl.exp(log_p_t)
             if DIVERGENCE == 0:  # ∂KL(p_t‖p_s)/∂a = p_s − p_t, ∂/∂b = p_t (log p_t/p_s − KL)
@@ -316,6 +341,9 @@ def kd_backward_kernel(
                 grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d0)
                 if TEACHER_GRAD:
                     grad_t = kd_factor * (p_t - p_s)
+            elif DIVERGENCE == 4:  # dkd (student only): p here is p̂, 0 at the target; d1 = p_t,gt − p_s,gt
+                is_target = cols == label
+                grad_s = kd_factor * tl.where(is_target, -alpha * d1, beta * (p_s - p_t) + alpha * d1 * p_s)
             elif DIVERGENCE == 3:  # p here is p/‖p‖: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s), likewise ∂/∂b
                 grad_s = -kd_factor * (p_s * (p_t - d0 * p_s))
                 if TEACHER_GRAD:
@@ -348,16 +376,16 @@ def launch_config(num_cols: int, kernel: str, divergence: str) -> dict:
     return dict(BLOCK=block, num_warps=max(1, min(block // per_warp, 32)))
 
 
-def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale):
+def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha):
     return dict(
-        **kd_scalars(temperature, beta), ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
+        **kd_scalars(temperature, beta), ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
         DIVERGENCE=DIVERGENCE_CODES[divergence],
         HAS_CE=ce_weight != 0, HAS_KD=kd_scale != 0, INTERIOR_BETA=0 < beta < 1,
     )
 
 
 def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
-               with_metrics=False, config=None):
+               alpha=1.0, with_metrics=False, config=None):
     """Row losses (N,) float32, statistics (NUM_STATS, N) float32 and metrics (NUM_METRICS, N) float32 (or an
     empty tensor without ``with_metrics``) of (N, V) student/teacher logits. ``config`` overrides
     :func:`launch_config` (for tuning)."""
@@ -373,13 +401,13 @@ def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignor
         num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), num_rows,
         HAS_LABELS=labels is not None, HAS_METRICS=with_metrics,
         **(config or launch_config(num_cols, "forward", divergence)),
-        **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
+        **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
     )
     return loss, stats, metrics
 
 
 def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
-                ce_weight, kd_scale, teacher_grad, config=None):
+                ce_weight, kd_scale, teacher_grad, alpha=1.0, config=None):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor).
 
     ``grad_loss`` is (N,) and may have stride 0 (an expanded scalar). Gradients are contiguous (N, V) in the
@@ -398,6 +426,6 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
         grad_loss.stride(0), num_rows,
         HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad,
         **(config or launch_config(num_cols, "backward", divergence)),
-        **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale),
+        **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
     )
     return grad_s, grad_t
