@@ -21,6 +21,7 @@ from .kernel_args import NUM_METRICS, NUM_STATS
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 REDUCTIONS = ("batchmean", "sum", "none")
+ENSEMBLES = ("prob", "logit")
 FIDELITY_METRICS = ("top1_agreement", "predictive_kl", "teacher_entropy", "student_entropy")  # kernel_args order
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -218,6 +219,47 @@ def _check_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
                              f"{labels[bad][0].item()}")
 
 
+def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, ensemble: str):
+    """(K, *, V) teacher logits and their weights normalised to sum 1 when ``teacher_logits`` is a list of K
+    tensors or a tensor with one more leading dim than the student; None for a single teacher."""
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    if isinstance(teacher_logits, (list, tuple)):
+        if len(teacher_logits) == 0:
+            raise ValueError("teacher_logits is an empty list; give at least one teacher")
+        for k, x in enumerate(teacher_logits):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"teacher_logits[{k}] must be a torch.Tensor, got {type(x).__name__}")
+            if x.shape != student.shape:
+                raise ValueError(f"teacher_logits[{k}] must have the student's shape {tuple(student.shape)}, got "
+                                 f"{tuple(x.shape)}")
+        teachers = torch.stack(list(teacher_logits))
+    elif isinstance(teacher_logits, torch.Tensor) and isinstance(student, torch.Tensor) and \
+            teacher_logits.dim() == student.dim() + 1:
+        if teacher_logits.shape[1:] != student.shape:
+            raise ValueError(f"an ensemble teacher_logits must have shape (K, *student shape) = (K, "
+                             f"{', '.join(map(str, student.shape))}), got {tuple(teacher_logits.shape)}")
+        teachers = teacher_logits
+    else:
+        if teacher_weights is not None:
+            raise ValueError("teacher_weights needs K teachers: teacher_logits of shape (K, *, V) or a list")
+        return None
+    num_teachers = teachers.shape[0]
+    if teacher_weights is None:
+        weights = torch.full((num_teachers,), 1.0 / num_teachers)
+    else:
+        weights = torch.as_tensor(teacher_weights, dtype=torch.float64).detach().cpu() \
+            if not isinstance(teacher_weights, torch.Tensor) else teacher_weights.detach().double().cpu()
+        if weights.shape != (num_teachers,):
+            raise ValueError(f"teacher_weights must have shape ({num_teachers},) for {num_teachers} teachers, got "
+                             f"{tuple(weights.shape)}")
+        if not bool(weights.isfinite().all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+            raise ValueError(f"teacher_weights must be finite, non-negative and sum to a positive value, got "
+                             f"{weights.tolist()}")
+        weights = (weights / weights.sum()).float()
+    return teachers, weights
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,6 +269,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
             labels: Optional[torch.Tensor] = None, ignore_index: int = -100, ce_weight: float = 0.0,
             kd_weight: float = 1.0, scale_by_t2: bool = True,
             normalizer: Union[float, torch.Tensor, None] = None, return_stats: bool = False,
+            teacher_weights=None, ensemble: str = "prob",
             backend: str = "auto") -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     r"""Knowledge-distillation loss between student and teacher logits, fused in one pass over each row.
 
@@ -274,6 +317,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     ``"top1_agreement"`` (argmax s = argmax t, first index on ties), ``"predictive_kl"`` (KL(p_t‖p_s) at
     T = 1), ``"teacher_entropy"`` and ``"student_entropy"`` (at T = 1, in nats).
 
+    Several teachers: ``teacher_logits`` of shape ``(K, *, V)`` or a list of K ``(*, V)`` tensors, with
+    ``teacher_weights`` (K non-negative numbers, normalised to sum 1; uniform by default). ``ensemble="prob"``
+    (default) distils towards Σ_k w_k softmax(t_k/T), the mean of the teachers' distributions (Hinton's
+    ensemble, FEED); ``ensemble="logit"`` towards softmax(Σ_k w_k t_k/T). Both are computed stably
+    (:func:`fastkd.reference.ensemble_teacher_logits`) as one effective teacher that every backend then runs;
+    for now that takes one N×V float32 temporary, and ``return_stats`` is not available with an ensemble.
+
     Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
     the reference. Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
     ``backend``: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
@@ -281,10 +331,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     options = _check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
                              ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
                              scale_by_t2=scale_by_t2, normalizer=normalizer)
-    _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
-                   ignore_index=options["ignore_index"])
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    ensemble_teachers = _teacher_ensemble(student_logits, teacher_logits, teacher_weights, ensemble)
+    if ensemble_teachers is not None:
+        if return_stats:
+            raise ValueError("return_stats is not available with several teachers yet")
+        teachers, weights = ensemble_teachers
+        _check_tensors(student_logits, teachers[0], labels, ce_weight=options["ce_weight"],
+                       ignore_index=options["ignore_index"])
+        teacher_logits = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble,
+                                                           temperature=options["temperature"])
+    _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
+                   ignore_index=options["ignore_index"])
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one

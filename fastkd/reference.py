@@ -161,3 +161,23 @@ def dkd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
         loss = loss + ce_weight * (torch.logsumexp(s, dim=-1) - s.gather(-1, target).squeeze(-1))
     loss = torch.where(counted, loss, 0)
     return torch.where(counted & ~in_range, math.nan, loss)
+
+
+def ensemble_teacher_logits(teacher_logits: torch.Tensor, weights: torch.Tensor, *, ensemble: str,
+                            temperature: float) -> torch.Tensor:
+    """Logits z of shape ``teacher_logits.shape[1:]`` whose softmax(z/T) is the target of K teachers
+    ``teacher_logits`` (K, *, V) with weights (K,) summing to 1, float32 (float64 for float64 inputs):
+
+    - ``"prob"``: Σ_k w_k softmax(t_k/T), the arithmetic mean of the distributions, as z = T·log Σ_k w_k
+      softmax(t_k/T) (a log-sum-exp over k of log w_k + log_softmax(t_k/T));
+    - ``"logit"``: softmax(Σ_k w_k t_k / T), the normalised geometric mean, as z = Σ_k w_k t_k.
+    """
+    math_dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    t = teacher_logits.to(math_dtype)
+    w = weights.to(device=t.device, dtype=math_dtype).reshape((-1,) + (1,) * (t.dim() - 1))
+    if ensemble == "logit":
+        return (w * t).sum(0)
+    if ensemble == "prob":
+        log_p = F.log_softmax(t / temperature, dim=-1) + torch.log(w)
+        return temperature * torch.logsumexp(log_p, dim=0)
+    raise ValueError(f"unknown ensemble {ensemble!r}")

@@ -1,0 +1,110 @@
+"""kd_loss with several teachers: the prob (mean of distributions) and logit (geometric) ensembles against
+float64 math, list and tensor forms, weights, gradients to the teachers, every backend, and errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import reference
+from conftest import assert_rel_close
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
+
+
+def logits(gen, shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def float64_target(teachers, weights, ensemble, temperature):
+    t, w = teachers.double(), torch.as_tensor(weights, dtype=torch.float64)
+    w = (w / w.sum()).reshape(-1, *([1] * (t.dim() - 1)))
+    if ensemble == "prob":
+        return (w * F.softmax(t / temperature, -1)).sum(0)
+    return F.softmax((w * t).sum(0) / temperature, -1)
+
+
+@pytest.mark.parametrize("ensemble", ["prob", "logit"])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_ensemble_target_matches_float64_math(gen, ensemble, temperature):
+    teachers = logits(gen, (3, 5, 40))
+    weights = torch.tensor([0.5, 0.2, 0.3])
+    z = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble, temperature=temperature)
+    assert z.shape == (5, 40) and z.dtype == torch.float32
+    assert_rel_close(F.softmax(z.double() / temperature, -1), float64_target(teachers, weights, ensemble, temperature),
+                     1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("ensemble", ["prob", "logit"])
+def test_ensemble_loss_matches_float64_math(gen, divergence, ensemble):
+    """The loss against the ensemble target equals the divergence to that target in float64 (KL checked in
+    closed form; the others through the single-teacher float64 path with the target as logits)."""
+    s, teachers = logits(gen, (6, 30)), logits(gen, (4, 6, 30))
+    weights = [1.0, 2.0, 0.0, 1.0]
+    got = fastkd.kd_loss(s, teachers, teacher_weights=weights, ensemble=ensemble, temperature=2.0,
+                         divergence=divergence, reduction="none", backend="reference")
+    target = float64_target(teachers, weights, ensemble, 2.0)
+    want = fastkd.kd_loss(s.double(), 2.0 * target.log(), temperature=2.0, divergence=divergence,
+                          reduction="none", backend="reference")
+    assert_rel_close(got, want, 1e-5)
+    if divergence == "kl":
+        p_s = F.softmax(s.double() / 2.0, -1)
+        closed = 4.0 * (torch.xlogy(target, target) - torch.xlogy(target, p_s)).sum(-1)
+        assert_rel_close(got, closed, 1e-5)
+
+
+def test_list_and_stacked_forms_agree_and_uniform_is_the_default(gen):
+    s, teachers = logits(gen, (5, 20)), logits(gen, (3, 5, 20))
+    stacked = fastkd.kd_loss(s, teachers, temperature=3.0)
+    assert torch.equal(fastkd.kd_loss(s, list(teachers), temperature=3.0), stacked)
+    assert_rel_close(fastkd.kd_loss(s, teachers, teacher_weights=[2, 2, 2], temperature=3.0), stacked, 1e-6)
+    one = fastkd.kd_loss(s, teachers[:1], temperature=3.0)  # K = 1 is the single teacher
+    assert_rel_close(one, fastkd.kd_loss(s, teachers[0], temperature=3.0), 1e-6)
+
+
+@pytest.mark.parametrize("ensemble", ["prob", "logit"])
+def test_every_backend_runs_the_ensemble(kernel, gen, ensemble):
+    s = logits(gen, (7, 300)).to(kernel.device)
+    teachers = logits(gen, (3, 7, 300), torch.bfloat16).to(kernel.device).requires_grad_(True)
+    labels = torch.tensor([0, 5, -100, 7, 299, 1, 2], device=kernel.device)
+    options = dict(temperature=2.5, labels=labels, ce_weight=0.2, ensemble=ensemble, teacher_weights=[0.2, 0.3, 0.5])
+    results = []
+    for backend in (kernel.backend, "reference"):
+        s_leaf = s.detach().clone().requires_grad_(True)
+        t_leaf = teachers.detach().clone().requires_grad_(True)
+        loss = fastkd.kd_loss(s_leaf, t_leaf, backend=backend, **options)
+        loss.backward()
+        results.append((loss.detach(), s_leaf.grad, t_leaf.grad))
+    for got, want, what in zip(results[0], results[1], ("loss", "student grad", "teacher grads")):
+        assert_rel_close(got, want, 1e-5 if what != "teacher grads" else 1e-2, what=what)
+
+
+def test_ensemble_gradcheck_float64(gen):
+    s = logits(gen, (3, 6), torch.float64).requires_grad_(True)
+    teachers = logits(gen, (2, 3, 6), torch.float64).requires_grad_(True)
+    for ensemble in ("prob", "logit"):
+        assert torch.autograd.gradcheck(
+            lambda s, t: fastkd.kd_loss(s, t, temperature=2.0, ensemble=ensemble, teacher_weights=[0.3, 0.7]),
+            (s, teachers))
+
+
+S = torch.zeros(2, 5)
+
+
+@pytest.mark.parametrize("teacher, kwargs, error, match", [
+    (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, 2.0]), ValueError, r"teacher_weights must have shape \(3,\)"),
+    (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, -1.0, 1.0]), ValueError, "non-negative"),
+    (torch.zeros(3, 2, 5), dict(teacher_weights=[0.0, 0.0, 0.0]), ValueError, "sum to a positive value"),
+    (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, float("nan"), 1.0]), ValueError, "finite"),
+    (torch.zeros(3, 2, 6), {}, ValueError, r"shape \(K, \*student shape\)"),
+    ([torch.zeros(2, 5), torch.zeros(2, 6)], {}, ValueError, r"teacher_logits\[1\] must have the student's shape"),
+    ([], {}, ValueError, "empty list"),
+    ([torch.zeros(2, 5), "t"], {}, TypeError, r"teacher_logits\[1\] must be a torch.Tensor"),
+    (torch.zeros(2, 5), dict(teacher_weights=[1.0]), ValueError, "teacher_weights needs K teachers"),
+    (torch.zeros(3, 2, 5), dict(ensemble="median"), ValueError, "ensemble must be one of"),
+    (torch.zeros(3, 2, 5), dict(return_stats=True), ValueError, "return_stats is not available"),
+    (torch.zeros(3, 2, 5, dtype=torch.long), {}, TypeError, "teacher_logits must be float32"),
+])
+def test_bad_ensembles_raise_clear_errors(teacher, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastkd.kd_loss(S, teacher, **kwargs)
