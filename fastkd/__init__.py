@@ -2,6 +2,7 @@
 from .dispatch import backends
 from .dkd import dkd_loss
 from .kd import KDLoss, kd_loss
+from .topk import TopK, topk_teacher
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "KDLoss", "dkd_loss", "backends", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "dkd_loss", "TopK", "topk_teacher", "backends", "__version__"]

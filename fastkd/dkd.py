@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from .dispatch import select_backend
-from .kd import _check_options, _check_tensors, _finite_number, _KDLossRows
+from .kd import _check_options, _check_tensors, _divisor, _finite_number, _KDLossRows, _reduce
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -70,11 +70,4 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         row_loss, _ = _KDLossRows.apply(student, teacher, flat_labels, None, chosen, False, temperature, "dkd", beta,
                                         options["ignore_index"], options["ce_weight"], temperature * temperature,
                                         alpha)
-    if options["reduction"] == "none":
-        return row_loss.reshape(labels.shape)
-    if options["reduction"] == "sum":
-        return row_loss.sum()
-    divisor = options["normalizer"]
-    if divisor is None:
-        divisor = (flat_labels != options["ignore_index"]).sum().clamp_min(1)
-    return row_loss.sum() / divisor
+    return _reduce(row_loss, labels.shape, options["reduction"], _divisor(options, flat_labels, student.shape[0]))

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 from . import cpu_backend, reference
 from .dispatch import check_backend_name, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS
+from .topk import TAILS, TopK
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -260,6 +261,71 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
     return teachers, weights
 
 
+def _counted_rows(flat_labels: Optional[torch.Tensor], num_rows: int, ignore_index: int):
+    """The rows that count, at least 1: all of them without labels, else those whose label is not ignore_index."""
+    return max(num_rows, 1) if flat_labels is None else (flat_labels != ignore_index).sum().clamp_min(1)
+
+
+def _divisor(options: dict, flat_labels: Optional[torch.Tensor], num_rows: int):
+    """What the sum of row losses is divided by: the normalizer or the counted rows for "batchmean", else 1."""
+    if options["reduction"] != "batchmean":
+        return 1
+    if options["normalizer"] is not None:
+        return options["normalizer"]
+    return _counted_rows(flat_labels, num_rows, options["ignore_index"])
+
+
+def _reduce(row_loss: torch.Tensor, row_shape, reduction: str, divisor) -> torch.Tensor:
+    if reduction == "none":
+        return row_loss.reshape(row_shape)
+    return row_loss.sum() if reduction == "sum" else row_loss.sum() / divisor
+
+
+def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stats, backend) -> torch.Tensor:
+    """kd_loss against a sparse teacher (validation, then the reference rows, the CE term and the reduction)."""
+    tail = tail if tail is not None else ("bucket" if topk.kind == "logprobs" else "renormalize")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if tail == "bucket" and topk.kind != "logprobs":
+        raise ValueError("tail='bucket' needs the teacher's log-probabilities (TopK kind='logprobs'); top-K logits "
+                         "say nothing of the mass outside them: use tail='renormalize'")
+    if options["divergence"] != "kl":
+        raise ValueError(f"a TopK teacher works with divergence='kl' for now, got {options['divergence']!r}")
+    if return_stats:
+        raise ValueError("return_stats is not available with a TopK teacher yet")
+    check_backend_name(backend)
+    _check_tensors(student_logits, student_logits, labels, ce_weight=options["ce_weight"],
+                   ignore_index=options["ignore_index"])
+    num_classes = student_logits.shape[-1]
+    if topk.values.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"TopK values must have shape (*, K) with * = {tuple(student_logits.shape[:-1])}, got "
+                         f"{tuple(topk.values.shape)}")
+    k = topk.values.shape[-1]
+    if k > num_classes:
+        raise ValueError(f"TopK has K={k} entries per row, more than the V={num_classes} classes")
+    if topk.values.device != student_logits.device:
+        raise ValueError(f"TopK must be on the device of the logits ({student_logits.device}), got "
+                         f"{topk.values.device}")
+    indices = topk.indices.reshape(-1, k).long()
+    if indices.numel() and bool(((indices < 0) | (indices >= num_classes)).any()):
+        raise ValueError(f"TopK indices must lie in [0, {num_classes})")
+    if k > 1 and indices.numel() and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+        raise ValueError("TopK indices must be distinct within a row")
+    student = student_logits.reshape(-1, num_classes)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    t = options["temperature"]
+    kl = reference.kd_topk_rows(student, topk.values.reshape(-1, k), indices, kind=topk.kind, tail=tail,
+                                temperature=t)
+    rows = options["kd_weight"] * (t * t if options["scale_by_t2"] else 1.0) * kl
+    if flat_labels is not None:  # the CE term and the ignored rows, as for a full teacher
+        ce_rows = reference.kd_loss_rows(student, student, flat_labels, temperature=t, divergence="kl", beta=0.5,
+                                         ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
+                                         kd_weight=0.0, scale_by_t2=True)
+        rows = torch.where(flat_labels != options["ignore_index"], rows + ce_rows, 0)
+    divisor = _divisor(options, flat_labels, student.shape[0])
+    return _reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +335,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
             labels: Optional[torch.Tensor] = None, ignore_index: int = -100, ce_weight: float = 0.0,
             kd_weight: float = 1.0, scale_by_t2: bool = True,
             normalizer: Union[float, torch.Tensor, None] = None, return_stats: bool = False,
-            teacher_weights=None, ensemble: str = "prob",
+            teacher_weights=None, ensemble: str = "prob", tail: Optional[str] = None,
             backend: str = "auto") -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     r"""Knowledge-distillation loss between student and teacher logits, fused in one pass over each row.
 
@@ -324,6 +390,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     (:func:`fastkd.reference.ensemble_teacher_logits`) as one effective teacher that every backend then runs;
     for now that takes one N×V float32 temporary, and ``return_stats`` is not available with an ensemble.
 
+    A sparse teacher: ``teacher_logits`` may be a :class:`fastkd.TopK` (its top-K values and indices per row,
+    e.g. from an inference server, or :func:`fastkd.topk_teacher`), with ``divergence="kl"``. ``tail="bucket"``
+    (the default for log-probabilities) keeps the mass outside the K as one more class, against the student's
+    mass outside the K; ``tail="renormalize"`` (the default, and the only choice, for logits) renormalises the
+    teacher over its K classes. The student keeps its full-row normalisation and gets a gradient on all V
+    logits. See :func:`fastkd.reference.kd_topk_rows` for the temperature; this path runs the reference on every
+    device for now and checks the indices on the host.
+
     Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
     the reference. Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
     ``backend``: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
@@ -333,6 +407,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
                              scale_by_t2=scale_by_t2, normalizer=normalizer)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    if isinstance(teacher_logits, TopK):
+        return _kd_loss_topk(student_logits, teacher_logits, labels, tail, options, return_stats, backend)
+    if tail is not None:
+        raise ValueError("tail applies to a TopK teacher only")
     ensemble_teachers = _teacher_ensemble(student_logits, teacher_logits, teacher_weights, ensemble)
     if ensemble_teachers is not None:
         if return_stats:
@@ -353,13 +431,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     kd_scale = options["kd_weight"] * (t * t if options["scale_by_t2"] else 1.0)
 
     chosen = select_backend(backend, student, teacher)
-    if options["reduction"] == "batchmean":
-        divisor = options["normalizer"]
-        if divisor is None:
-            divisor = max(student.shape[0], 1) if flat_labels is None else \
-                (flat_labels != options["ignore_index"]).sum().clamp_min(1)
-    else:
-        divisor = 1
+    divisor = _divisor(options, flat_labels, student.shape[0])
     if chosen in ("triton", "cpu"):
         # grad_scale: the gradient each row loss receives from a plain backward of the reduced loss (used by
         # the C++ backend's fused gradient only; on CUDA it would cost a launch)
@@ -376,17 +448,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         metrics = reference.kd_fidelity_rows(student, teacher, flat_labels, ignore_index=options["ignore_index"]) \
             if return_stats else None
 
-    if options["reduction"] == "none":
-        loss = row_loss.reshape(row_shape)
-    elif options["reduction"] == "sum":
-        loss = row_loss.sum()
-    else:
-        loss = row_loss.sum() / divisor
+    loss = _reduce(row_loss, row_shape, options["reduction"], divisor)
     if not return_stats:
         return loss
-    counted = max(student.shape[0], 1) if flat_labels is None else \
-        (flat_labels != options["ignore_index"]).sum().clamp_min(1)
-    means = metrics.sum(1) / counted
+    means = metrics.sum(1) / _counted_rows(flat_labels, student.shape[0], options["ignore_index"])
     return loss, dict(zip(FIDELITY_METRICS, means.unbind()))
 
 

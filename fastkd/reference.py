@@ -181,3 +181,30 @@ def ensemble_teacher_logits(teacher_logits: torch.Tensor, weights: torch.Tensor,
         log_p = F.log_softmax(t / temperature, dim=-1) + torch.log(w)
         return temperature * torch.logsumexp(log_p, dim=0)
     raise ValueError(f"unknown ensemble {ensemble!r}")
+
+
+def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, kind: str,
+                 tail: str, temperature: float) -> torch.Tensor:
+    """Per-row KL(p_t‖p_s) of (N, V) student logits against a sparse teacher given by its top-K entries
+    ``values`` / ``indices`` (N, K), float32 (float64 for float64 inputs), before the T² and weights.
+
+    The teacher's log-weights are v_k/T on its K classes (v: logits or log-probabilities); with
+    ``tail="bucket"`` (log-probabilities only) a (K+1)-th pseudo-class, the rest of the vocabulary, has log-weight
+    log(1 − Σ_k exp v_k)/T; p_t is their softmax (at T = 1 exactly the given probabilities and the remaining
+    mass). With ``tail="renormalize"`` p_t is the softmax over the K classes alone. The student keeps its
+    full-row normalisation: log p_s,k = s_k/T − logsumexp(s/T), and its bucket probability is the mass of every
+    class outside the K (a log-sum-exp over those columns).
+    """
+    math_dtype = torch.float64 if torch.float64 in (student_logits.dtype, values.dtype) else torch.float32
+    z = student_logits.to(math_dtype) / temperature
+    v = values.to(math_dtype)
+    log_sum = torch.logsumexp(z, dim=-1, keepdim=True)
+    log_p_s = z.gather(-1, indices) - log_sum
+    weights = v / temperature
+    if tail == "bucket" and indices.shape[-1] < z.shape[-1]:  # with K = V there is no rest: the bucket is empty
+        rest = torch.logsumexp(z.scatter(-1, indices, -math.inf), dim=-1, keepdim=True) - log_sum
+        log_tail = torch.log1p(-torch.exp(torch.logsumexp(v, dim=-1, keepdim=True)).clamp(max=1.0))
+        weights = torch.cat([weights, log_tail / temperature], dim=-1)
+        log_p_s = torch.cat([log_p_s, rest], dim=-1)
+    log_p_t = F.log_softmax(weights, dim=-1)
+    return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)

@@ -1,0 +1,124 @@
+"""kd_loss with a sparse (top-K) teacher: the bucket and renormalise semantics against float64 math written
+independently, K = V equals the full teacher, gradients over all V student logits, and errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import TopK, topk_teacher
+from conftest import assert_rel_close
+
+
+def logits(gen, shape, scale=3.0, dtype=torch.float32):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def float64_topk_kl(s, t, k, tail, temperature):
+    """Written out at T = 1 semantics generalised as documented: the teacher's K log-probabilities (and the
+    remaining mass as one class) are weights at 1/T; the student's full-row probabilities, coarsened to the same
+    partition."""
+    s, t = s.double(), t.double()
+    lp_t = F.log_softmax(t, -1)
+    values, idx = lp_t.topk(k, -1)
+    p_s = F.softmax(s / temperature, -1)
+    q_s = p_s.gather(-1, idx)
+    w = values / temperature
+    if tail == "bucket":
+        rest_t = 1 - values.exp().sum(-1, keepdim=True)
+        w = torch.cat([w, rest_t.log() / temperature], -1)
+        q_s = torch.cat([q_s, 1 - q_s.sum(-1, keepdim=True)], -1)
+    p_t = F.softmax(w, -1)
+    return (torch.xlogy(p_t, p_t) - torch.xlogy(p_t, q_s)).sum(-1)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_loss_matches_float64_math(gen, tail, temperature):
+    s, t = logits(gen, (6, 200)), logits(gen, (6, 200))
+    teacher = topk_teacher(t, 10)
+    got = fastkd.kd_loss(s, teacher, temperature=temperature, tail=tail, reduction="none")
+    want = temperature ** 2 * float64_topk_kl(s, t, 10, tail, temperature)
+    assert got.dtype == torch.float32
+    assert_rel_close(got, want, 1e-5)
+
+
+def test_bucket_at_t1_is_the_kl_of_the_coarsened_distributions(gen):
+    """At T = 1 the bucket teacher is exactly the teacher's distribution coarsened to K classes + the rest."""
+    s, t = logits(gen, (4, 60)), logits(gen, (4, 60))
+    teacher = topk_teacher(t, 7)
+    got = fastkd.kd_loss(s, teacher, reduction="none")
+    p_t, p_s = F.softmax(t.double(), -1), F.softmax(s.double(), -1)
+    idx = teacher.indices
+    a = torch.cat([p_t.gather(-1, idx), 1 - p_t.gather(-1, idx).sum(-1, keepdim=True)], -1)
+    b = torch.cat([p_s.gather(-1, idx), 1 - p_s.gather(-1, idx).sum(-1, keepdim=True)], -1)
+    assert_rel_close(got, (a * (a / b).log()).sum(-1), 1e-5)
+
+
+def test_full_k_equals_the_full_teacher(gen):
+    s, t = logits(gen, (5, 30)), logits(gen, (5, 30))
+    for kind, tail in (("logprobs", "bucket"), ("logits", "renormalize")):
+        got = fastkd.kd_loss(s, topk_teacher(t, 30, kind=kind), temperature=2.0, tail=tail)
+        assert_rel_close(got, fastkd.kd_loss(s, t, temperature=2.0), 1e-5)
+
+
+def test_student_gradient_reaches_all_classes_and_matches_float64(gen):
+    s = logits(gen, (3, 40), dtype=torch.float64).requires_grad_(True)
+    t = logits(gen, (3, 40))
+    teacher = topk_teacher(t, 5)
+    labels = torch.tensor([1, -100, 39])
+    assert torch.autograd.gradcheck(
+        lambda s: fastkd.kd_loss(s, TopK(teacher.values.double(), teacher.indices), temperature=2.0, labels=labels,
+                                 ce_weight=0.3), (s,))
+    s32 = s.detach().float().requires_grad_(True)
+    fastkd.kd_loss(s32, teacher, temperature=2.0).backward()
+    outside = torch.ones_like(s32, dtype=torch.bool).scatter_(-1, teacher.indices, False)
+    assert s32.grad[outside].abs().sum() > 0  # the classes outside the K get a gradient too
+
+
+def test_labels_ce_and_reductions(gen):
+    s, t = logits(gen, (6, 25)), logits(gen, (6, 25))
+    labels = torch.tensor([0, -100, 3, 4, -100, 24])
+    teacher = topk_teacher(t, 4)
+    rows = fastkd.kd_loss(s, teacher, labels=labels, ce_weight=0.5, reduction="none", temperature=2.0)
+    assert rows[1] == 0 and rows[4] == 0
+    kl = 4.0 * float64_topk_kl(s, t, 4, "bucket", 2.0)
+    ce = F.cross_entropy(s.double(), labels.clamp(min=0), reduction="none")
+    counted = labels != -100
+    assert_rel_close(rows[counted], (kl + 0.5 * ce)[counted], 1e-5)
+    assert_rel_close(fastkd.kd_loss(s, teacher, labels=labels, ce_weight=0.5, temperature=2.0), rows.sum() / 4, 1e-6)
+
+
+S = torch.zeros(2, 5)
+GOOD = TopK(torch.full((2, 2), -1.0), torch.tensor([[0, 1], [2, 3]]))
+
+
+@pytest.mark.parametrize("make, kwargs, error, match", [
+    (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), kind="probs"), {}, ValueError, "kind"),
+    (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 3, dtype=torch.long)), {}, ValueError, "same shape"),
+    (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 2)), {}, TypeError, "indices must be an int64"),
+    (lambda: TopK(torch.zeros(2, 6), torch.arange(6).repeat(2, 1)), {}, ValueError, "more than the V=5"),
+    (lambda: TopK(torch.zeros(2, 2), torch.tensor([[0, 5], [1, 2]])), {}, ValueError, r"indices must lie in \[0, 5\)"),
+    (lambda: TopK(torch.zeros(2, 2), torch.tensor([[1, 1], [1, 2]])), {}, ValueError, "distinct"),
+    (lambda: TopK(torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long)), {}, ValueError, r"shape \(\*, K\)"),
+    (lambda: TopK(torch.zeros(2, 2), torch.tensor([[0, 1], [1, 2]]), kind="logits"), dict(tail="bucket"),
+     ValueError, "needs the teacher's log-probabilities"),
+    (lambda: GOOD, dict(divergence="jsd"), ValueError, "divergence='kl'"),
+    (lambda: GOOD, dict(tail="middle"), ValueError, "tail must be one of"),
+    (lambda: GOOD, dict(return_stats=True), ValueError, "return_stats is not available"),
+])
+def test_bad_topk_raises_clear_errors(make, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastkd.kd_loss(S, make(), **kwargs)
+
+
+def test_tail_without_a_topk_teacher_is_an_error():
+    with pytest.raises(ValueError, match="tail applies to a TopK teacher only"):
+        fastkd.kd_loss(S, S, tail="bucket")
+
+
+def test_topk_teacher_helper_checks_k():
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, V=5\]"):
+        topk_teacher(S, 6)
+    assert math.isclose(topk_teacher(S, 5).values.exp().sum(-1)[0].item(), 1.0, rel_tol=1e-6)
