@@ -1,4 +1,4 @@
-"""fastkd: fused Triton kernels for knowledge-distillation losses in PyTorch."""
+"""fastkd: knowledge-distillation losses for PyTorch as fused Triton (GPU) and C++ (CPU) kernels."""
 from .dispatch import backends
 from .dkd import dkd_loss
 from .kd import KDLoss, kd_loss

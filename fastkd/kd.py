@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -330,12 +330,14 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
 # public API
 # ----------------------------------------------------------------------------------------------------------------
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Sequence[torch.Tensor], TopK], *,
+            temperature: float = 1.0,
             divergence: str = "kl", beta: float = 0.5, reduction: str = "batchmean",
             labels: Optional[torch.Tensor] = None, ignore_index: int = -100, ce_weight: float = 0.0,
             kd_weight: float = 1.0, scale_by_t2: bool = True,
             normalizer: Union[float, torch.Tensor, None] = None, return_stats: bool = False,
-            teacher_weights=None, ensemble: str = "prob", tail: Optional[str] = None,
+            teacher_weights: Union[Sequence[float], torch.Tensor, None] = None, ensemble: str = "prob",
+            tail: Optional[str] = None,
             backend: str = "auto") -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     r"""Knowledge-distillation loss between student and teacher logits, fused in one pass over each row.
 
