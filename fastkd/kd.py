@@ -77,11 +77,12 @@ def _(grad_loss, student, teacher, labels, stats, temperature, divergence, beta,
 
 
 def _fuse_gradient(ctx, backend: str, divergence: str, grad_scale: Optional[torch.Tensor]) -> bool:
-    """Whether the forward computes the gradient too (C++ backend, kl/reverse_kl, eager mode, a gradient wanted):
+    """Whether the forward computes the gradient too (C++ backend, kl/reverse_kl, eager mode, the student wants a
+    gradient):
     then each exponential is computed once instead of twice (csrc/kd_cpu_impl.h). Under torch.compile the
     two-kernel path keeps the graph functional."""
     return (backend == "cpu" and divergence in cpu_backend.FUSED_DIVERGENCES and grad_scale is not None
-            and any(ctx.needs_input_grad[:2]) and not torch.compiler.is_compiling()
+            and ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
             and math.isfinite(float(grad_scale)) and float(grad_scale) > 0)
 
 

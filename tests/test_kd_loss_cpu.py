@@ -176,3 +176,25 @@ def test_extension_was_built_where_it_must_be():
 def test_set_isa_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown instruction set"):
         cpu_backend.set_isa("sse9")
+
+
+@needs_extension
+def test_teacher_only_gradient_takes_the_backward_kernel(gen):
+    """When only the teacher wants a gradient the forward does not write a student gradient it would drop."""
+    def kernel_node(loss):
+        nodes = [loss.grad_fn]
+        while nodes:
+            node = nodes.pop()
+            if hasattr(node, "fused_grads"):
+                return node
+            nodes += [next_node for next_node, _ in node.next_functions if next_node is not None]
+        raise AssertionError("no kd_loss kernel node in the graph")
+
+    s, t = logits(gen, (8, 300)), logits(gen, (8, 300))
+    assert kernel_node(fastkd.kd_loss(s.requires_grad_(True), t, backend="cpu")).fused_grads is not None
+    s, t = s.detach(), t.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, temperature=2.0, backend="cpu")
+    assert kernel_node(loss).fused_grads is None
+    (grad,) = torch.autograd.grad(loss, t)
+    want = torch.autograd.grad(fastkd.kd_loss(s, t, temperature=2.0, backend="reference"), t)[0]
+    assert_rel_close(grad, want, 1e-5)
