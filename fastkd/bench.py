@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from . import cpu_backend
 from .kd import kd_loss
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -136,7 +137,6 @@ def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> Optional[f
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    from . import cpu_backend
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM to the current resident set
@@ -229,7 +229,6 @@ def environment(device: torch.device) -> dict:
         import triton
         env["triton"] = triton.__version__
     if device.type == "cpu":
-        from . import cpu_backend
         env["threads"] = torch.get_num_threads()
         env["fastkd_cpu_backend"] = cpu_backend.isa() or "not built (reference)"
     return env

@@ -61,7 +61,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     released blocks for the next call of the same size (a fresh large allocation is zero-filled page by page on
     first touch, which costs more than the kernels). See :func:`empty_cache`."""
     shape = tuple(shape)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if _C is None or nbytes < 2**20:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(_C.empty_buffer(nbytes)).view(dtype).view(shape)

@@ -56,13 +56,6 @@ def check_backend_name(requested: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
 
 
-def _require_kernel_dtypes(backend: str, tensors) -> None:
-    if not all(t.dtype in KERNEL_DTYPES for t in tensors):
-        dtypes = sorted({str(t.dtype) for t in tensors})
-        raise RuntimeError(f"backend={backend!r} takes float32, float16 and bfloat16 tensors, got {dtypes}; "
-                           "use backend='reference' for other dtypes")
-
-
 def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
                    kernels: tuple = ("triton", "cpu")) -> str:
     """Return ``"triton"``, ``"cpu"`` or ``"reference"`` for the op ``op`` over ``tensors`` (validated to share
@@ -89,6 +82,10 @@ def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
         if "cpu" in kernels and device.type == "cpu" and kernel_dtypes and cpu_backend.AVAILABLE:
             return "cpu"
         return "reference"
+    if requested != "reference" and not kernel_dtypes:
+        dtypes = sorted({str(t.dtype) for t in tensors})
+        raise RuntimeError(f"backend={requested!r} takes float32, float16 and bfloat16 tensors, got {dtypes}; "
+                           "use backend='reference' for other dtypes")
     if requested == "cpu":
         if not cpu_backend.AVAILABLE:
             raise RuntimeError(f"backend='cpu' needs the C++ extension fastkd._C, which was not built "
@@ -96,11 +93,9 @@ def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
                                "backend='reference'")
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpu' runs on CPU tensors, got device {device}")
-        _require_kernel_dtypes(requested, tensors)
     if requested == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        _require_kernel_dtypes(requested, tensors)
         if device.type == "cpu" and not triton_interpreted():
             raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                                "before triton is imported, or use backend='reference'")

@@ -78,9 +78,8 @@ def _(grad_loss, student, teacher, labels, stats, temperature, divergence, beta,
 
 def _fuse_gradient(ctx, backend: str, divergence: str, grad_scale: Optional[torch.Tensor]) -> bool:
     """Whether the forward computes the gradient too (C++ backend, kl/reverse_kl, eager mode, the student wants a
-    gradient):
-    then each exponential is computed once instead of twice (csrc/kd_cpu_impl.h). Under torch.compile the
-    two-kernel path keeps the graph functional."""
+    gradient): then each exponential is computed once instead of twice (csrc/kd_cpu_impl.h). Under
+    torch.compile the two-kernel path keeps the graph functional."""
     return (backend == "cpu" and divergence in cpu_backend.FUSED_DIVERGENCES and grad_scale is not None
             and ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
             and math.isfinite(float(grad_scale)) and float(grad_scale) > 0)
@@ -236,8 +235,7 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
                 raise ValueError(f"teacher_logits[{k}] must have the student's shape {tuple(student.shape)}, got "
                                  f"{tuple(x.shape)}")
         teachers = torch.stack(list(teacher_logits))
-    elif isinstance(teacher_logits, torch.Tensor) and isinstance(student, torch.Tensor) and \
-            teacher_logits.dim() == student.dim() + 1:
+    elif isinstance(teacher_logits, torch.Tensor) and teacher_logits.dim() == student.dim() + 1:
         if teacher_logits.shape[1:] != student.shape:
             raise ValueError(f"an ensemble teacher_logits must have shape (K, *student shape) = (K, "
                              f"{', '.join(map(str, student.shape))}), got {tuple(teacher_logits.shape)}")
@@ -250,8 +248,7 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
     if teacher_weights is None:
         weights = torch.full((num_teachers,), 1.0 / num_teachers)
     else:
-        weights = torch.as_tensor(teacher_weights, dtype=torch.float64).detach().cpu() \
-            if not isinstance(teacher_weights, torch.Tensor) else teacher_weights.detach().double().cpu()
+        weights = torch.as_tensor(teacher_weights).detach().double().cpu()
         if weights.shape != (num_teachers,):
             raise ValueError(f"teacher_weights must have shape ({num_teachers},) for {num_teachers} teachers, got "
                              f"{tuple(weights.shape)}")
@@ -260,6 +257,12 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
                              f"{weights.tolist()}")
         weights = (weights / weights.sum()).float()
     return teachers, weights
+
+
+def _kd_scale(options: dict) -> float:
+    """The factor of the divergence in each row loss: kd_weight, times T² with scale_by_t2."""
+    t = options["temperature"]
+    return options["kd_weight"] * (t * t if options["scale_by_t2"] else 1.0)
 
 
 def _counted_rows(flat_labels: Optional[torch.Tensor], num_rows: int, ignore_index: int):
@@ -294,9 +297,9 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
         raise ValueError(f"a TopK teacher works with divergence='kl' for now, got {options['divergence']!r}")
     if return_stats:
         raise ValueError("return_stats is not available with a TopK teacher yet")
-    check_backend_name(backend)
     _check_tensors(student_logits, student_logits, labels, ce_weight=options["ce_weight"],
                    ignore_index=options["ignore_index"])
+    select_backend(backend, student_logits, op="kd_loss with a TopK teacher", kernels=())
     num_classes = student_logits.shape[-1]
     if topk.values.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"TopK values must have shape (*, K) with * = {tuple(student_logits.shape[:-1])}, got "
@@ -317,7 +320,7 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
     t = options["temperature"]
     kl = reference.kd_topk_rows(student, topk.values.reshape(-1, k), indices, kind=topk.kind, tail=tail,
                                 temperature=t)
-    rows = options["kd_weight"] * (t * t if options["scale_by_t2"] else 1.0) * kl
+    rows = _kd_scale(options) * kl
     if flat_labels is not None:  # the CE term and the ignored rows, as for a full teacher
         ce_rows = reference.kd_loss_rows(student, student, flat_labels, temperature=t, divergence="kl", beta=0.5,
                                          ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
@@ -403,7 +406,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
 
     Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
     the reference. Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
-    ``backend``: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
+    ``backend``: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
     """
     options = _check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
                              ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
@@ -423,15 +426,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
                        ignore_index=options["ignore_index"])
         teacher_logits = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble,
                                                            temperature=options["temperature"])
-    _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
-                   ignore_index=options["ignore_index"])
+    else:
+        _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
+                       ignore_index=options["ignore_index"])
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one
     teacher = teacher_logits.reshape(-1, num_classes)
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
-    kd_scale = options["kd_weight"] * (t * t if options["scale_by_t2"] else 1.0)
+    kd_scale = _kd_scale(options)
 
     chosen = select_backend(backend, student, teacher)
     divisor = _divisor(options, flat_labels, student.shape[0])

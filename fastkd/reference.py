@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: the precision every reference computes in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _weighted(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """Element-wise p·log_ratio with 0 where p = 0 (0·log 0 = 0); autograd-safe where log_ratio is ±inf or NaN.
     A NaN p stays NaN (a NaN logit must not vanish from the loss)."""
@@ -85,7 +90,7 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     ``ignore_index`` has loss 0 (and gradient 0); a row whose label is neither ``ignore_index`` nor in
     [0, V) has loss NaN. A zero weight drops its term (no 0·inf).
     """
-    math_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    math_dtype = _math_dtype(student_logits, teacher_logits)
     s = student_logits.to(math_dtype)
     t = teacher_logits.to(math_dtype)
     num_classes = s.shape[-1]
@@ -111,7 +116,7 @@ def kd_fidelity_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """Per-row fidelity metrics of (N, V) logits at temperature 1, shape (4, N), no gradient: top-1 agreement
     (argmax s = argmax t, 1 or 0), KL(p_t‖p_s), H(p_t), H(p_s); 0 at rows whose label is ``ignore_index``."""
     with torch.no_grad():
-        math_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+        math_dtype = _math_dtype(student_logits, teacher_logits)
         s = student_logits.to(math_dtype)
         t = teacher_logits.to(math_dtype)
         log_p_s, log_p_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
@@ -132,7 +137,7 @@ def dkd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     α·T²·KL(b_t‖b_s) + β·T²·KL(p̂_t‖p̂_s) + ce_weight·CE, with b = [p_gt, 1 − p_gt] and p̂ the softmax over the
     non-target classes, all from log-sum-exp with and without the target class (no log of a sum of
     probabilities). 0 at rows whose label is ``ignore_index``, NaN at other labels outside [0, V)."""
-    math_dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    math_dtype = _math_dtype(student_logits, teacher_logits)
     s = student_logits.to(math_dtype)
     t = teacher_logits.to(math_dtype)
     num_classes = s.shape[-1]
@@ -172,7 +177,7 @@ def ensemble_teacher_logits(teacher_logits: torch.Tensor, weights: torch.Tensor,
       softmax(t_k/T) (a log-sum-exp over k of log w_k + log_softmax(t_k/T));
     - ``"logit"``: softmax(Σ_k w_k t_k / T), the normalised geometric mean, as z = Σ_k w_k t_k.
     """
-    math_dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    math_dtype = _math_dtype(teacher_logits)
     t = teacher_logits.to(math_dtype)
     w = weights.to(device=t.device, dtype=math_dtype).reshape((-1,) + (1,) * (t.dim() - 1))
     if ensemble == "logit":
@@ -195,7 +200,7 @@ def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: to
     full-row normalisation: log p_s,k = s_k/T − logsumexp(s/T), and its bucket probability is the mass of every
     class outside the K (a log-sum-exp over those columns).
     """
-    math_dtype = torch.float64 if torch.float64 in (student_logits.dtype, values.dtype) else torch.float32
+    math_dtype = _math_dtype(student_logits, values)
     z = student_logits.to(math_dtype) / temperature
     v = values.to(math_dtype)
     log_sum = torch.logsumexp(z, dim=-1, keepdim=True)

@@ -107,6 +107,7 @@ GOOD = TopK(torch.full((2, 2), -1.0), torch.tensor([[0, 1], [2, 3]]))
     (lambda: GOOD, dict(divergence="jsd"), ValueError, "divergence='kl'"),
     (lambda: GOOD, dict(tail="middle"), ValueError, "tail must be one of"),
     (lambda: GOOD, dict(return_stats=True), ValueError, "return_stats is not available"),
+    (lambda: GOOD, dict(backend="cpu"), RuntimeError, "TopK teacher has no 'cpu' backend yet"),
 ])
 def test_bad_topk_raises_clear_errors(make, kwargs, error, match):
     with pytest.raises(error, match=match):
