@@ -60,8 +60,7 @@ struct Row {
 };
 
 inline const void* row_pointer(const Rows& rows, int64_t row) {
-    const int64_t bytes = rows.dtype == kFloat32 ? 4 : 2;
-    return static_cast<const char*>(rows.data) + row * rows.row_stride * bytes;
+    return static_cast<const char*>(rows.data) + row * rows.row_stride * element_size(rows.dtype);
 }
 
 inline Row row_state(const KDArgs& args, int64_t row) {
@@ -99,11 +98,9 @@ void store_zero_gradients(const KDArgs& args, void* grad_s_row, void* grad_t_row
 }
 
 inline void* gradient_row(void* grad, int dtype, int64_t row, int64_t num_cols) {
-    return static_cast<char*>(grad) + row * num_cols * (dtype == kFloat32 ? 4 : 2);
+    return static_cast<char*>(grad) + row * num_cols * element_size(dtype);
 }
 
-// kFused (kl and reverse_kl): the first sweep also keeps each exponential, and a second sweep over those (no
-// exponential recomputed) writes the gradient of grad_scale·row_loss.
 // A running Σ e·[bracket] after its exponentials are rescaled by `scale` and each bracket moves by −delta.
 inline float recentred(float w, float scale, float delta, float total) {
     return scale == 0 ? 0.0f : scale * (w - delta * total);
@@ -121,6 +118,8 @@ inline int64_t first_index_of(const void* row, int dtype, int64_t start, int64_t
     return start;
 }
 
+// kFused (kl and reverse_kl): the first sweep also keeps each exponential, and a second sweep over those (no
+// exponential recomputed) writes the gradient of grad_scale·row_loss. kMetrics: the fidelity metrics at T = 1.
 template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused, bool kTeacherGrad, bool kMetrics>
 void forward_row(const KDArgs& args, int64_t row) {
     const Row r = row_state(args, row);

@@ -60,13 +60,17 @@ T* pointer(const py::dict& d, const char* key) {
     return reinterpret_cast<T*>(get<uintptr_t>(d, key));
 }
 
+int dtype_code(int code, const char* key) {
+    if (code != kFloat32 && code != kFloat16 && code != kBFloat16) {
+        throw std::invalid_argument(std::string(key) + ": unknown dtype code " + std::to_string(code));
+    }
+    return code;
+}
+
 Rows rows(const py::dict& d, const char* key) {
     const auto spec = get<std::tuple<uintptr_t, int, int64_t>>(d, key);  // (pointer, dtype code, row stride)
-    Rows r{reinterpret_cast<const void*>(std::get<0>(spec)), std::get<1>(spec), std::get<2>(spec)};
-    if (r.dtype != kFloat32 && r.dtype != kFloat16 && r.dtype != kBFloat16) {
-        throw std::invalid_argument(std::string(key) + ": unknown dtype code " + std::to_string(r.dtype));
-    }
-    return r;
+    return Rows{reinterpret_cast<const void*>(std::get<0>(spec)), dtype_code(std::get<1>(spec), key),
+                std::get<2>(spec)};
 }
 
 KDArgs common_args(const py::dict& d) {
@@ -132,13 +136,12 @@ void kd_backward(const py::dict& d) {
 void scale_rows(const py::dict& d) {
     ScaleRowsArgs a;
     a.rows = pointer<void>(d, "rows");
-    a.dtype = get<int>(d, "dtype");
+    a.dtype = dtype_code(get<int>(d, "dtype"), "rows");
     a.num_rows = get<int64_t>(d, "num_rows");
     a.num_cols = get<int64_t>(d, "num_cols");
     a.factors = pointer<const float>(d, "factors");
     a.factor_stride = get<int64_t>(d, "factor_stride");
     a.num_threads = get<int>(d, "num_threads");
-    if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16) throw std::invalid_argument("dtype code");
     if (a.num_rows < 0 || a.num_cols < 0 || a.num_threads < 1) throw std::invalid_argument("bad sizes");
     if (a.num_rows > 0 && a.num_cols > 0 && (a.rows == nullptr || a.factors == nullptr)) {
         throw std::invalid_argument("null pointer");

@@ -158,6 +158,9 @@ inline vh f32_to_f16(vf x) {
     return __builtin_convertvector(h | (sign >> 16), vh);
 }
 
+// Bytes per element of a storage dtype.
+inline int64_t element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
 // n ≤ kLanes entries of a row of `dtype` as float32; lanes past n hold `fill`.
 inline vf load_lanes(const void* row, int dtype, int64_t start, int n, float fill) {
     if (dtype == kFloat32) {
@@ -207,7 +210,7 @@ inline void store_lanes(void* row, int dtype, int64_t start, int n, vf v) {
 
 // Asks for the cache line holding column `col` of a row of `dtype` (never faults, whatever the address).
 inline void prefetch(const void* row, int dtype, int64_t col) {
-    __builtin_prefetch(static_cast<const char*>(row) + col * (dtype == kFloat32 ? 4 : 2), 0, 3);
+    __builtin_prefetch(static_cast<const char*>(row) + col * element_size(dtype), 0, 3);
 }
 
 // Orders the streaming stores above before anything that follows.
