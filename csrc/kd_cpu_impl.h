@@ -73,6 +73,11 @@ inline Row row_state(const KDArgs& args, int64_t row) {
     return r;
 }
 
+// The logit at the row's label as float32 (0 where the row has no valid label).
+inline float target_logit(const Row& r, const void* row, int dtype) {
+    return r.counted && r.label_ok ? load_lanes(row, dtype, r.label, 1, 0.0f)[0] : 0.0f;
+}
+
 struct JSDRatios {
     vf teacher, student;  // log p_t/m, log p_s/m
 };
@@ -278,11 +283,9 @@ void forward_row(const KDArgs& args, int64_t row) {
             loss = args.kd_scale * (1.0f - d0);
         } else if (kDivergence == kDKD) {  // α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
             d0 = w / sum_b - log_sum_b + log_sum_a;  // NCKD
-            float gap_s = 0, gap_t = 0;  // target logit minus the non-target log-sum-exp, at T
-            if (r.counted && r.label_ok) {
-                gap_s = load_lanes(r.student, s_dtype, r.label, 1, 0.0f)[0] * inv_t - (m_a + log_sum_a);
-                gap_t = load_lanes(r.teacher, t_dtype, r.label, 1, 0.0f)[0] * inv_t - (m_b + log_sum_b);
-            }
+            // target logit minus the non-target log-sum-exp, at T
+            const float gap_s = target_logit(r, r.student, s_dtype) * inv_t - (m_a + log_sum_a);
+            const float gap_t = target_logit(r, r.teacher, t_dtype) * inv_t - (m_b + log_sum_b);
             const float log_p_s = -softplus(-gap_s), log_q_s = -softplus(gap_s);
             const float log_p_t = -softplus(-gap_t), log_q_t = -softplus(gap_t);
             const float p_t = std::exp(log_p_t), q_t = std::exp(log_q_t);
@@ -312,9 +315,7 @@ void forward_row(const KDArgs& args, int64_t row) {
         }
     }
     if (kHasCE) {
-        float target = 0;
-        if (r.counted && r.label_ok) target = load_lanes(r.student, s_dtype, r.label, 1, 0.0f)[0];
-        loss += args.ce_weight * ((m_1 - target) + log_sum_1);
+        loss += args.ce_weight * ((m_1 - target_logit(r, r.student, s_dtype)) + log_sum_1);
     }
     if (!r.counted) loss = 0;
     if (r.counted && (!r.label_ok || nan_row)) loss = __builtin_nanf("");

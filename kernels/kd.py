@@ -110,6 +110,12 @@ def _load_block(row_ptr, cols, stride_col, in_row):
 
 
 @triton.jit
+def _target_logit(row_ptr, label, stride_col, valid):
+    """The logit at the label's column as float32 (0 where the row has no valid label)."""
+    return tl.load(row_ptr + label * stride_col, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
     """(counted, label_ok, label) of a row: ignored rows are not counted; a counted row with a label
     outside [0, V) is not ok (its loss and gradient become NaN)."""
@@ -236,10 +242,8 @@ def kd_forward_kernel(
             loss = kd_scale * d0
         elif DIVERGENCE == 4:  # dkd: α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
             d0 = w / sum_b - log_sum_b + log_sum_a  # NCKD
-            gap_s = tl.load(s_row + label * stride_s_col, mask=counted & label_ok, other=0.0).to(tl.float32) * \
-                inv_temperature - (m_a + log_sum_a)
-            gap_t = tl.load(t_row + label * stride_t_col, mask=counted & label_ok, other=0.0).to(tl.float32) * \
-                inv_temperature - (m_b + log_sum_b)
+            gap_s = _target_logit(s_row, label, stride_s_col, counted & label_ok) * inv_temperature - (m_a + log_sum_a)
+            gap_t = _target_logit(t_row, label, stride_t_col, counted & label_ok) * inv_temperature - (m_b + log_sum_b)
             log_p_s = -_softplus(-gap_s)
             log_q_s = -_softplus(gap_s)
             log_p_t = -_softplus(-gap_t)
@@ -267,8 +271,7 @@ def kd_forward_kernel(
                 d1 += tl.sum(_weighted(tl.exp(log_p_s), r_s), axis=0)
             loss = kd_scale * (beta * d0 + one_minus_beta * d1)
     if HAS_CE:
-        target = tl.load(s_row + label * stride_s_col, mask=counted & label_ok, other=0.0).to(tl.float32)
-        loss += ce_weight * ((m_1 - target) + log_sum_1)
+        loss += ce_weight * ((m_1 - _target_logit(s_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
     loss = tl.where(counted, loss, 0.0)
     loss = tl.where(counted & ~label_ok, float("nan"), loss)
     tl.store(LOSS + row, loss)
