@@ -74,6 +74,11 @@ def gen(request):
     return torch.Generator().manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
 
 
+def logits(gen, shape, dtype=torch.float32, scale=3.0, device="cpu"):
+    """Random logits, N(0, scale²) drawn in float64 from ``gen``, then cast to ``dtype`` on ``device``."""
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
 def assert_rel_close(actual, expected, rtol, *, atol=1e-7, what=""):
     """‖actual − expected‖ ≤ rtol·‖expected‖ + atol over the finite entries; NaN and ±inf must sit at exactly
     the same places (so a NaN never passes where the expected value is a number)."""

@@ -7,11 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from conftest import assert_rel_close
+from conftest import assert_rel_close, logits
 
-
-def logits(gen, shape, scale=3.0, dtype=torch.float32):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 def float64_dkd_rows(s, t, labels, temperature, alpha, beta):

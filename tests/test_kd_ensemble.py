@@ -6,13 +6,10 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import reference
-from conftest import assert_rel_close
+from conftest import assert_rel_close, logits
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 
-
-def logits(gen, shape, dtype=torch.float32, scale=3.0):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 def float64_target(teachers, weights, ensemble, temperature):

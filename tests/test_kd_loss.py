@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import reference
-from conftest import DEVICE, assert_rel_close, backend_device, skip_unless_available
+from conftest import DEVICE, assert_rel_close, logits as random_logits, backend_device, skip_unless_available
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -16,7 +16,7 @@ RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.fl
 
 
 def logits(gen, shape, dtype=torch.float32, scale=3.0, device=DEVICE):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    return random_logits(gen, shape, dtype, scale, device)
 
 
 def random_labels(gen, shape, num_classes, ignore_fraction=0.3, ignore_index=-100, device=DEVICE):

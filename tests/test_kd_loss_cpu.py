@@ -11,14 +11,11 @@ import torch
 import fastkd
 from fastkd import cpu_backend
 from fastkd.dispatch import select_backend
-from conftest import CPU_ISAS, assert_rel_close
+from conftest import CPU_ISAS, assert_rel_close, logits
 
 needs_extension = pytest.mark.skipif(not cpu_backend.AVAILABLE, reason="the C++ extension fastkd._C was not built")
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 
-
-def logits(gen, shape, dtype=torch.float32, scale=3.0):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 def loss_and_grads(s, t, upstream=None, **options):

@@ -8,11 +8,8 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import TopK, topk_teacher
-from conftest import assert_rel_close
+from conftest import assert_rel_close, logits
 
-
-def logits(gen, shape, scale=3.0, dtype=torch.float32):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 def float64_topk_kl(s, t, k, tail, temperature):
