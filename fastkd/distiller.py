@@ -1,0 +1,421 @@
+r"""``fastkd.Distiller``: a student, a frozen teacher and weighted loss terms, as one ``nn.Module``.
+
+::
+
+    from fastkd.distiller import CrossEntropy, Distiller, Features, KD
+
+    distiller = Distiller(student, teacher, terms={
+        "ce": CrossEntropy(weight=0.1),
+        "kd": KD(weight=0.9, temperature=4.0),
+        "hint": Features("layer3", "layer3", weight=1.0),   # module paths, captured by forward hooks
+    }, example_inputs=x[:2])                                 # sizes the feature adapters
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1)     # the student's and the adapters'
+    for x, y in loader:
+        out = distiller(x, y)           # out.output: student logits; out.losses: {"ce": ..., "kd": ..., "hint": ...}
+        out.loss.backward()             # out.loss = Σ losses; out.metrics: top-1 agreement, predictive KL, ...
+        optimizer.step(); optimizer.zero_grad()
+    distiller.advance_schedules()       # once per epoch (or per step): weights/temperatures that are schedules
+
+Each term's value is ``weight(step) · term(batch)``; weights (and the temperatures of KD/DKD) may be numbers or
+:mod:`fastkd.schedules`, evaluated at ``distiller.schedule_step``.
+
+**Reduction.** The per-row terms (KD, DKD, CrossEntropy) sum over rows (tokens for ``(N, L, V)`` logits) and
+divide by one divisor, the same for all of them: the counted rows of the call (rows whose label is not
+``ignore_index``; all rows without labels), or ``normalizer`` when given. For gradient accumulation over micro-
+batches pass ``normalizer`` = the counted rows of the whole optimizer step (:meth:`Distiller.counted_rows`), and
+the micro-batch losses add up to the loss of the whole batch. Under DDP, ``normalize_across_ranks=True`` sums the
+counted rows over the ranks (one all-reduce of one number, no host sync) and divides by the world size, so that
+DDP's gradient average equals the gradient of the concatenated batch even when ranks count different numbers of
+rows; a rank with no counted row contributes 0. :class:`Features` terms average over their elements.
+
+**Teacher.** The teacher is put in eval mode, its parameters stop requiring grad, and it runs under
+``torch.no_grad()`` (not ``inference_mode``: its logits are saved for the student's backward). It is held, not
+registered, so it is not in ``state_dict()``, ``parameters()`` or ``train()``/DDP's reach; ``.to()``,
+``.cuda()`` and ``.half()`` move it along. ``distiller.student`` is the model to save.
+
+**Features.** With ``capture="hooks"`` (default), :class:`Features` names modules by path (``"layer3.1.conv2"``)
+and forward hooks record their outputs (a module that runs more than once per forward records each call; the term's
+``call`` picks one). The hooks are picklable objects (``torch.save``, ``copy.deepcopy`` work) and
+:meth:`Distiller.remove_hooks` removes them. With ``capture="outputs"`` no hook is installed: both models return
+``(logits, features)``, features a dict (or a sequence), and terms name keys (or indices).
+
+**Recipes.** A teacher-assistant chain (TAKD) is two distillers run one after the other: distil the assistant
+from the teacher, then ``Distiller(student, assistant, ...)``. An early-stopped teacher (Cho & Hariharan) is
+the teacher's checkpoint from an early epoch, loaded before building the distiller. The soft-loss decay of KD
+for quantized networks is ``KD(weight=schedules.Linear(0.9, 0.0, epochs))``; DKD's warm-up is
+``DKD(weight=schedules.Warmup(20))`` with the epoch as the step.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import adapter_for
+from .dkd import dkd_loss
+from .kd import _check_options, kd_loss
+from .schedules import Schedule, as_schedule
+
+CAPTURE_MODES = ("hooks", "outputs")
+
+
+class DistillBatch(NamedTuple):
+    """What a loss term sees for one call of the distiller."""
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    student_features: Mapping[Any, list]   # module path (or output key) → its outputs in call order
+    teacher_features: Mapping[Any, list]
+    labels: Optional[torch.Tensor]
+    ignore_index: int
+    normalizer: Union[int, torch.Tensor]   # the divisor of the per-row terms
+    step: int                              # the schedule step
+    inputs: Any
+
+
+class DistillOutput(NamedTuple):
+    """``output``: the student's logits; ``losses``: each term's weighted value; ``loss``: their sum;
+    ``metrics``: detached fidelity metrics (see :func:`fastkd.kd_loss`'s ``return_stats``)."""
+    output: torch.Tensor
+    losses: dict
+    loss: torch.Tensor
+    metrics: dict
+
+
+class Term:
+    """A loss term: ``term(batch)`` is its unweighted value (or ``(value, metrics)``); ``weight`` a schedule."""
+
+    def __init__(self, weight: Union[float, Schedule] = 1.0):
+        self.weight = as_schedule(weight, "weight")
+
+    def __call__(self, batch: DistillBatch):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class KD(Term):
+    """:func:`fastkd.kd_loss` (KD part only: CE is its own term) of the student and teacher logits, reduced with
+    the distiller's divisor. Rows whose label is ``ignore_index`` are skipped when labels are given. Also
+    reports the fidelity metrics (when the teacher logits are one teacher's)."""
+
+    def __init__(self, weight: Union[float, Schedule] = 1.0, *, temperature: Union[float, Schedule] = 4.0,
+                 divergence: str = "kl", beta: float = 0.5, scale_by_t2: bool = True, backend: str = "auto"):
+        super().__init__(weight)
+        self.temperature = as_schedule(temperature, "temperature")
+        self.options = dict(divergence=divergence, beta=beta, scale_by_t2=scale_by_t2, backend=backend)
+        _check_options(temperature=self.temperature(0), divergence=divergence, beta=beta, reduction="batchmean",
+                       ignore_index=-100, ce_weight=0.0, kd_weight=1.0, scale_by_t2=scale_by_t2, normalizer=None)
+
+    def __call__(self, batch: DistillBatch):
+        one_teacher = batch.teacher_logits.dim() == batch.student_logits.dim()
+        return kd_loss(batch.student_logits, batch.teacher_logits, temperature=self.temperature(batch.step),
+                       labels=batch.labels, ignore_index=batch.ignore_index, normalizer=batch.normalizer,
+                       return_stats=one_teacher, **self.options)
+
+
+class DKD(Term):
+    """:func:`fastkd.dkd_loss` (α·TCKD + β·NCKD; needs labels), reduced with the distiller's divisor. Its warm-up
+    is a schedule on ``weight``: ``DKD(weight=schedules.Warmup(20))``."""
+
+    def __init__(self, weight: Union[float, Schedule] = 1.0, *, alpha: float = 1.0, beta: float = 8.0,
+                 temperature: Union[float, Schedule] = 4.0, backend: str = "auto"):
+        super().__init__(weight)
+        self.temperature = as_schedule(temperature, "temperature")
+        self.options = dict(alpha=alpha, beta=beta, backend=backend)
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        return dkd_loss(batch.student_logits, batch.teacher_logits, _labels(batch, self),
+                        temperature=self.temperature(batch.step), ignore_index=batch.ignore_index,
+                        normalizer=batch.normalizer, **self.options)
+
+
+class CrossEntropy(Term):
+    """Hard-label cross-entropy of the student logits: Σ over counted rows of −log softmax(s)[label] ÷ the
+    distiller's divisor (0, not NaN, when no row counts)."""
+
+    def __init__(self, weight: Union[float, Schedule] = 1.0, *, label_smoothing: float = 0.0):
+        super().__init__(weight)
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        logits, labels = batch.student_logits, _labels(batch, self)
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(f"labels must have the shape of the student logits without the class dim, "
+                             f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                ignore_index=batch.ignore_index, reduction="sum",
+                                label_smoothing=self.label_smoothing)
+        return total / batch.normalizer
+
+
+class Features(Term):
+    """Feature matching (FitNets): ``loss(adapter(student feature), teacher feature)``.
+
+    ``student``/``teacher``: module paths (``capture="hooks"``) or keys of the features the models return
+    (``capture="outputs"``). ``call``: which call's output when the module runs more than once per forward
+    (default the last). ``adapter``: ``"auto"`` (built from the example batch by
+    :func:`fastkd.adapters.adapter_for`, identity when the shapes agree), ``None`` (none; shapes must agree), or
+    a module. ``loss``: any ``loss(student, teacher) -> Tensor``, by default ``F.mse_loss`` (mean over elements).
+    """
+
+    def __init__(self, student: Any, teacher: Any, weight: Union[float, Schedule] = 1.0, *,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+                 adapter: Union[str, nn.Module, None] = "auto", call: int = -1):
+        super().__init__(weight)
+        if not (adapter is None or adapter == "auto" or isinstance(adapter, nn.Module)):
+            raise ValueError(f"adapter must be 'auto', None or an nn.Module, got {adapter!r}")
+        if not callable(loss):
+            raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+        self.student, self.teacher, self.loss, self.adapter, self.call = student, teacher, loss, adapter, call
+
+    def pick(self, features: Mapping[Any, list], key: Any, side: str) -> torch.Tensor:
+        outputs = features.get(key, [])
+        if not outputs:
+            raise RuntimeError(f"the {side}'s feature {key!r} was not produced by its forward (module not run, or "
+                               f"hooks removed)")
+        try:
+            return outputs[self.call]
+        except IndexError:
+            raise IndexError(f"call={self.call}, but the {side}'s module {key!r} ran {len(outputs)} time(s) in this "
+                             f"forward") from None
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        student = self.pick(batch.student_features, self.student, "student")
+        teacher = self.pick(batch.teacher_features, self.teacher, "teacher")
+        if self.adapter == "auto":
+            raise RuntimeError("this Features term's adapter has not been built: give the Distiller example_inputs")
+        if self.adapter is not None:
+            student = self.adapter(student)
+        if student.shape != teacher.shape:
+            raise ValueError(f"student feature {self.student!r} has shape {tuple(student.shape)} (after the "
+                             f"adapter) but teacher feature {self.teacher!r} has {tuple(teacher.shape)}; use "
+                             f"adapter='auto' or a module that maps one to the other")
+        return self.loss(student, teacher)
+
+
+class Custom(Term):
+    """Any ``fn(batch) -> Tensor`` (or ``(Tensor, metrics)``) as a weighted term."""
+
+    def __init__(self, fn: Callable[[DistillBatch], Any], weight: Union[float, Schedule] = 1.0):
+        super().__init__(weight)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, batch: DistillBatch):
+        return self.fn(batch)
+
+
+def _labels(batch: DistillBatch, term: Term) -> torch.Tensor:
+    if batch.labels is None:
+        raise ValueError(f"{type(term).__name__} needs labels: call distiller(inputs, labels)")
+    return batch.labels
+
+
+class _RecordOutput:
+    """Forward hook that appends the module's output to ``store[key]`` (a plain object, so it pickles)."""
+
+    def __init__(self, store: dict, key: str):
+        self.store, self.key = store, key
+
+    def __call__(self, module: nn.Module, args, output) -> None:
+        self.store.setdefault(self.key, []).append(output)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module whose paths users name: under DistributedDataParallel (.module) and torch.compile (._orig_mod)."""
+    while True:
+        inner = getattr(model, "module", None) if isinstance(model, nn.parallel.DistributedDataParallel) \
+            else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _call(model: nn.Module, inputs: Any):
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+class Distiller(nn.Module):
+    """A student, a frozen teacher and named, weighted loss terms (see the :mod:`fastkd.distiller` docstring).
+
+    ``terms``: a dict name → :class:`Term` (or a callable ``fn(batch)``, weight 1); default ``{"kd": KD()}``.
+    ``example_inputs``: one batch (as ``forward`` takes it) to size the adapters of :class:`Features` terms;
+    both models run it once in eval mode without gradient. ``ignore_index``: the label of rows to skip.
+    ``forward(inputs, labels=None, *, normalizer=None)`` returns a :class:`DistillOutput`; ``inputs`` is a
+    tensor, or a tuple/list (positional) or dict (keyword) of the models' arguments.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, terms: Optional[Mapping[str, Any]] = None,
+                 example_inputs: Any = None, capture: str = "hooks", ignore_index: int = -100,
+                 normalize_across_ranks: bool = False):
+        super().__init__()
+        for name, model in (("student", student), ("teacher", teacher)):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+        if capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
+        terms = {"kd": KD()} if terms is None else dict(terms)
+        if not terms:
+            raise ValueError("terms must name at least one loss term")
+        for name, term in terms.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"term names must be non-empty strings without '.', got {name!r}")
+            if not isinstance(term, Term):
+                if not callable(term):
+                    raise TypeError(f"term {name!r} must be a fastkd Term or a callable, got {type(term).__name__}")
+                terms[name] = Custom(term)
+        self.student = student
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # held, not registered (see above)
+        self.terms = terms
+        self.capture = capture
+        self.ignore_index = int(ignore_index)
+        self.normalize_across_ranks = normalize_across_ranks
+        self.schedule_step = 0
+        self.adapters = nn.ModuleDict()
+        self._captured = {"student": {}, "teacher": {}}
+        self._hooks = []
+        features = {name: term for name, term in terms.items() if isinstance(term, Features)}
+        if capture == "hooks":
+            for term in features.values():
+                self._hook("student", student, term.student)
+                self._hook("teacher", teacher, term.teacher)
+        if any(term.adapter == "auto" for term in features.values()):
+            self._build_adapters(features, example_inputs)
+        for name, term in features.items():
+            if isinstance(term.adapter, nn.Module):
+                self.adapters[name] = term.adapter
+
+    def _hook(self, side: str, model: nn.Module, path: str) -> None:
+        store = self._captured[side]
+        if path in store:
+            return
+        try:
+            module = _unwrapped(model).get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"the {side} has no module {path!r}") from None
+        self._hooks.append(module.register_forward_hook(_RecordOutput(store, path)))
+        store[path] = []
+
+    def _build_adapters(self, features: dict, example_inputs: Any) -> None:
+        if example_inputs is None:
+            auto = [name for name, term in features.items() if term.adapter == "auto"]
+            raise ValueError(f"Features terms {auto} have adapter='auto', which needs example_inputs (one batch) to "
+                             f"size the adapters; or pass adapter=None or a module")
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                student_out, teacher_out = _call(self.student, example_inputs), _call(self.teacher, example_inputs)
+                student_features, teacher_features = self._features(student_out, teacher_out)
+                for term in features.values():
+                    if term.adapter != "auto":
+                        continue
+                    student = term.pick(student_features, term.student, "student")
+                    teacher = term.pick(teacher_features, term.teacher, "teacher")
+                    term.adapter = adapter_for(student.shape, teacher.shape).to(student.device, student.dtype)
+        finally:
+            self.student.train(was_training)
+            self._clear()
+
+    def _features(self, student_out, teacher_out):
+        if self.capture == "hooks":
+            return self._captured["student"], self._captured["teacher"]
+        features = []
+        for side, out in (("student", student_out), ("teacher", teacher_out)):
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise ValueError(f"with capture='outputs' the {side} must return (logits, features), got "
+                                 f"{type(out).__name__}")
+            found = out[1]
+            keys = found.keys() if isinstance(found, Mapping) else range(len(found))
+            features.append({key: [found[key]] for key in keys})
+        return features
+
+    def _clear(self) -> None:
+        for store in self._captured.values():
+            for outputs in store.values():
+                outputs.clear()
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks from the student and teacher (Features terms then fail with a clear error)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def counted_rows(self, labels: Optional[torch.Tensor], logits_shape: Optional[torch.Size] = None):
+        """The rows the per-row terms count: labels ≠ ignore_index (a 0-d tensor), else all rows of
+        ``logits_shape[:-1]``. Sum it over the micro-batches of an optimizer step to get its ``normalizer``."""
+        if labels is not None:
+            return (labels != self.ignore_index).sum()
+        if logits_shape is None:
+            raise ValueError("counted_rows needs labels or the logits' shape")
+        return logits_shape[:-1].numel()
+
+    def _normalizer(self, logits: torch.Tensor, labels: Optional[torch.Tensor], normalizer):
+        if normalizer is not None:
+            return normalizer
+        count = self.counted_rows(labels, logits.shape)
+        if not (self.normalize_across_ranks and dist.is_available() and dist.is_initialized()):
+            return count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
+        count = torch.as_tensor(count, dtype=torch.float32, device=logits.device)
+        dist.all_reduce(count)
+        return count.clamp_min(1) / dist.get_world_size()
+
+    def forward(self, inputs: Any, labels: Optional[torch.Tensor] = None, *,
+                normalizer: Union[float, torch.Tensor, None] = None) -> DistillOutput:
+        self._clear()
+        try:
+            student_out = _call(self.student, inputs)
+            with torch.no_grad():
+                teacher_out = _call(self.teacher, inputs)
+            student_features, teacher_features = self._features(student_out, teacher_out)
+            if self.capture == "outputs":
+                student_out, teacher_out = student_out[0], teacher_out[0]
+            batch = DistillBatch(student_out, teacher_out, student_features, teacher_features, labels,
+                                 self.ignore_index, self._normalizer(student_out, labels, normalizer),
+                                 self.schedule_step, inputs)
+            losses, metrics = {}, {}
+            for name, term in self.terms.items():
+                value = term(batch)
+                if isinstance(value, tuple):
+                    value, term_metrics = value
+                    for key, metric in term_metrics.items():
+                        metrics.setdefault(key, metric.detach())
+                losses[name] = term.weight(self.schedule_step) * value
+            if not metrics and student_out.shape == teacher_out.shape:
+                with torch.no_grad():
+                    _, metrics = kd_loss(student_out, teacher_out, labels=labels, ignore_index=self.ignore_index,
+                                         return_stats=True)
+        finally:
+            self._clear()
+        return DistillOutput(student_out, losses, sum(losses.values()), metrics)
+
+    def advance_schedules(self, steps: int = 1) -> int:
+        """Move every schedule on by ``steps`` (call once per epoch or once per optimizer step); the new step."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer ≥ 0, got {steps!r}")
+        self.schedule_step += steps
+        return self.schedule_step
+
+    def get_extra_state(self) -> dict:
+        return {"schedule_step": self.schedule_step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.schedule_step = int(state["schedule_step"])
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def extra_repr(self) -> str:
+        terms = ", ".join(f"{name}={term!r}" for name, term in self.terms.items())
+        return f"teacher={type(self.teacher).__name__} (frozen, not registered), terms={{{terms}}}"
