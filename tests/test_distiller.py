@@ -374,3 +374,27 @@ def test_ddp_over_two_processes_matches_one_process_on_the_concatenated_batch(tm
     for rank in ranks:
         for got, want in zip(rank["grads"], grads(student)):
             assert_rel_close(got, want, 1e-5)
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Train with a Distiller"):]
+    example = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python"))]
+
+    class Model(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.layer3 = nn.Linear(10, width)
+            self.head = nn.Linear(width, CLASSES)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.layer3(x)))
+
+    x, y = batch()
+    student, teacher = Model(8), Model(16)
+    before = student.layer3.weight.clone()
+    scope = {"torch": torch, "student": student, "teacher": teacher, "x": x, "loader": [(x, y)], "epochs": 2}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["distiller"].schedule_step == 2 and (tmp_path / "student.pt").exists()
+    assert not torch.equal(student.layer3.weight, before)
