@@ -99,14 +99,17 @@ class Term:
 
 class KD(Term):
     """:func:`fastkd.kd_loss` (KD part only: CE is its own term) of the student and teacher logits, reduced with
-    the distiller's divisor. Rows whose label is ``ignore_index`` are skipped when labels are given. Also
-    reports the fidelity metrics (when the teacher logits are one teacher's)."""
+    the distiller's divisor. Rows whose label is ``ignore_index`` are skipped when labels are given. A teacher
+    that returns ``(K, *, V)`` logits is an ensemble (``teacher_weights``, ``ensemble`` as in kd_loss). Also
+    reports the fidelity metrics (for one teacher)."""
 
     def __init__(self, weight: Union[float, Schedule] = 1.0, *, temperature: Union[float, Schedule] = 4.0,
-                 divergence: str = "kl", beta: float = 0.5, scale_by_t2: bool = True, backend: str = "auto"):
+                 divergence: str = "kl", beta: float = 0.5, scale_by_t2: bool = True, teacher_weights=None,
+                 ensemble: str = "prob", backend: str = "auto"):
         super().__init__(weight)
         self.temperature = as_schedule(temperature, "temperature")
-        self.options = dict(divergence=divergence, beta=beta, scale_by_t2=scale_by_t2, backend=backend)
+        self.options = dict(divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
+                            teacher_weights=teacher_weights, ensemble=ensemble, backend=backend)
         _check_options(temperature=self.temperature(0), divergence=divergence, beta=beta, reduction="batchmean",
                        ignore_index=-100, ce_weight=0.0, kd_weight=1.0, scale_by_t2=scale_by_t2, normalizer=None)
 

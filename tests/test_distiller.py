@@ -398,3 +398,23 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(example, "README.md", "exec"), scope)
     assert scope["distiller"].schedule_step == 2 and (tmp_path / "student.pt").exists()
     assert not torch.equal(student.layer3.weight, before)
+
+
+def test_a_teacher_returning_k_logits_is_an_ensemble():
+    class Ensemble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = nn.ModuleList(make_pair(seed=s)[1] for s in range(3))
+
+        def forward(self, x):
+            return torch.stack([m(x) for m in self.members])
+
+    student, _ = make_pair()
+    teacher = Ensemble()
+    x, y = batch()
+    weights = [0.5, 0.3, 0.2]
+    out = Distiller(student, teacher, terms={"kd": KD(teacher_weights=weights, ensemble="logit")})(x, y)
+    expected = fastkd.kd_loss(student(x), teacher(x).detach(), temperature=4.0, labels=y, teacher_weights=weights,
+                              ensemble="logit")
+    assert_rel_close(out.loss, expected, 1e-5)
+    assert out.metrics == {}
