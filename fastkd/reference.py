@@ -213,3 +213,61 @@ def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: to
         log_p_s = torch.cat([log_p_s, rest], dim=-1)
     log_p_t = F.log_softmax(weights, dim=-1)
     return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
+
+
+def power_iteration(matrices: list, u: torch.Tensor, v: torch.Tensor, *, n_iter: int, eps: float):
+    """``n_iter`` power iterations on each matrix W (m × n) of ``matrices`` from the flat vectors u (Σ m) and v
+    (Σ n), without gradient: a = W v, b = Wᵀ u, σ = ‖a‖, u ← a/max(σ, eps), v ← b/max(‖b‖, eps) (both from the
+    previous vectors: one read of W per iteration). Returns σ (L,) of the last iteration, the new u and v, and
+    the v that the last iteration started from."""
+    dtype = _math_dtype(*matrices)
+    with torch.no_grad():
+        u_parts = list(u.to(dtype).split([w.shape[0] for w in matrices]))
+        v_parts = list(v.to(dtype).split([w.shape[1] for w in matrices]))
+        sigma = torch.zeros(len(matrices), dtype=dtype, device=u.device)
+        v_prev = v_parts
+        for _ in range(n_iter):
+            v_prev = v_parts
+            products = [(w.to(dtype) @ v_i, w.to(dtype).T @ u_i) for w, u_i, v_i in zip(matrices, u_parts, v_parts)]
+            sigma = torch.stack([a.norm() for a, _ in products])
+            u_parts = [a / a.norm().clamp_min(eps) for a, _ in products]
+            v_parts = [b / b.norm().clamp_min(eps) for _, b in products]
+    return sigma, torch.cat(u_parts), torch.cat(v_parts), torch.cat(v_prev)
+
+
+def spectral_norms(matrices: list, u: torch.Tensor, v: torch.Tensor, *, n_iter: int, eps: float):
+    """σ_max estimates of ``matrices`` after :func:`power_iteration`, differentiable in the matrices:
+    σ_i = uᵢᵀ W_i vₚᵣₑᵥ,ᵢ (= ‖W_i vₚᵣₑᵥ,ᵢ‖) with the vectors held constant, so ∂σ_i/∂W_i = uᵢ vₚᵣₑᵥ,ᵢᵀ (as in
+    ``torch.nn.utils.spectral_norm``). Returns σ (L,) and the new u and v."""
+    _, u, v, v_prev = power_iteration(matrices, u, v, n_iter=n_iter, eps=eps)
+    u_parts = u.split([w.shape[0] for w in matrices])
+    v_parts = v_prev.split([w.shape[1] for w in matrices])
+    sigma = torch.stack([u_i @ (w.to(u.dtype) @ v_i) for w, u_i, v_i in zip(matrices, u_parts, v_parts)])
+    return sigma, u, v
+
+
+def transmitting_singular_values(features: list, *, n_iter: int, init: str, eps: float,
+                                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """LONDON's σ_i per sample for adjacent features F_i → F_{i+1} of shape (B, C, H, W): G_i =
+    pool(F_i)·F_{i+1}ᵀ/(H_{i+1}W_{i+1}) (C_i × C_{i+1}, F_i average-pooled to F_{i+1}'s size), K = G Gᵀ, and
+    ``n_iter`` steps of v ← Kv/‖Kv‖ from v₀ = 1 (``init="ones"``) or v₀ ~ U(0, 1) (``"uniform"``), normalised;
+    σ_i = sqrt(max(‖K v‖, eps)) of the last step. Autograd differentiates through the iterations. Returns
+    (L − 1, B)."""
+    dtype = _math_dtype(*features)
+    sigmas = []
+    for early, late in zip(features[:-1], features[1:]):
+        early, late = early.to(dtype), late.to(dtype)
+        size = late.shape[2:]
+        pooled = F.adaptive_avg_pool2d(early, size).flatten(2)  # (B, C_i, HW)
+        gram = pooled @ late.flatten(2).transpose(1, 2) / (size[0] * size[1])  # (B, C_i, C_{i+1})
+        kernel = gram @ gram.transpose(1, 2)  # (B, C_i, C_i)
+        shape = (gram.shape[0], gram.shape[1], 1)
+        vec = torch.ones(shape, dtype=dtype, device=gram.device) if init == "ones" else \
+            torch.rand(shape, generator=generator, dtype=dtype, device=gram.device)
+        vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(eps)
+        for _ in range(n_iter):
+            product = kernel @ vec
+            norm = product.norm(dim=1, keepdim=True)
+            vec = product / norm.clamp_min(eps)
+        sigmas.append(norm.flatten().clamp_min(eps).sqrt())
+    return torch.stack(sigmas)

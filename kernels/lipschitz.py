@@ -1,0 +1,125 @@
+"""Triton kernels of the grouped power iteration: every matrix of a list in one launch per pass over the weights.
+
+One iteration on a matrix W (m × n) with unit vectors u (m), v (n) computes, reading W once,
+
+    a = W v,    b = Wᵀ u,    σ = ‖a‖,    u ← a / max(σ, eps),    v ← b / max(‖b‖, eps)
+
+(both products from the previous vectors: u and v follow two interleaved power iterations of W Wᵀ and WᵀW).
+
+- :func:`power_step_kernel`: one program per tile of BLOCK_R rows of one matrix (a flat list of tiles over all
+  matrices). It sweeps the tile's columns once, accumulating a for its rows and writing its partial Σ_rows W u
+  per column to a scratch row of its own (no atomics: the sums do not depend on scheduling).
+- :func:`power_finish_kernel`: one program per matrix; sums the partials into b, normalises a and b into the new
+  u, v and writes σ. It reads vectors only.
+
+Weights are addressed through a table of data pointers (int64), so the list is read in place, without stacking.
+All matrices of a launch share a dtype; math is float32; offsets are 64-bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# columns of the per-matrix table (int64): rows, cols, row stride, offset in u, offset in v, offset of its
+# partials, number of row tiles
+ROWS, COLS, STRIDE, U_OFFSET, V_OFFSET, PARTIAL_OFFSET, NUM_TILES, NUM_FIELDS = range(8)
+
+
+@triton.jit
+def power_step_kernel(POINTERS, TABLE, TILE_MATRIX, TILE_INDEX, U, V, A, PARTIALS,
+                      ELEMENT: tl.constexpr, NUM_FIELDS: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    tile = tl.program_id(0)
+    matrix = tl.load(TILE_MATRIX + tile).to(tl.int64)
+    tile_index = tl.load(TILE_INDEX + tile).to(tl.int64)
+    weights = tl.load(POINTERS + matrix).to(tl.pointer_type(ELEMENT))
+    info = TABLE + matrix * NUM_FIELDS
+    num_rows, num_cols, stride = tl.load(info + 0), tl.load(info + 1), tl.load(info + 2)
+    u_offset, v_offset, partial_offset = tl.load(info + 3), tl.load(info + 4), tl.load(info + 5)
+
+    rows = tile_index * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    in_rows = rows < num_rows
+    u = tl.load(U + u_offset + rows, mask=in_rows, other=0.0)
+    a = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    partials = PARTIALS + partial_offset + tile_index * num_cols
+    for start in range(0, num_cols, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+        in_cols = cols < num_cols
+        w = tl.load(weights + rows[:, None] * stride + cols[None, :], mask=in_rows[:, None] & in_cols[None, :],
+                    other=0.0).to(tl.float32)
+        v = tl.load(V + v_offset + cols, mask=in_cols, other=0.0)
+        a += tl.sum(w * v[None, :], axis=1)
+        tl.store(partials + cols, tl.sum(w * u[:, None], axis=0), mask=in_cols)
+    tl.store(A + u_offset + rows, a, mask=in_rows)
+
+
+@triton.jit
+def power_finish_kernel(TABLE, A, PARTIALS, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    matrix = tl.program_id(0).to(tl.int64)
+    info = TABLE + matrix * NUM_FIELDS
+    num_rows, num_cols = tl.load(info + 0), tl.load(info + 1)
+    u_offset, v_offset, partial_offset, num_tiles = tl.load(info + 3), tl.load(info + 4), tl.load(info + 5), \
+        tl.load(info + 6)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+
+    squares = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, num_rows, BLOCK):
+        a = tl.load(A + u_offset + start + lanes, mask=start + lanes < num_rows, other=0.0)
+        squares += a * a
+    sigma = tl.sqrt(tl.sum(squares, axis=0))
+    tl.store(SIGMA + matrix, sigma)
+    scale = 1.0 / tl.maximum(sigma, eps)
+    for start in range(0, num_rows, BLOCK):
+        in_rows = start + lanes < num_rows
+        a = tl.load(A + u_offset + start + lanes, mask=in_rows, other=0.0)
+        tl.store(U_OUT + u_offset + start + lanes, a * scale, mask=in_rows)
+
+    squares = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, num_cols, BLOCK):
+        in_cols = start + lanes < num_cols
+        b = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(0, num_tiles):
+            b += tl.load(PARTIALS + partial_offset + t * num_cols + start + lanes, mask=in_cols, other=0.0)
+        squares += b * b
+        tl.store(V_OUT + v_offset + start + lanes, b, mask=in_cols)
+    scale = 1.0 / tl.maximum(tl.sqrt(tl.sum(squares, axis=0)), eps)
+    for start in range(0, num_cols, BLOCK):
+        in_cols = start + lanes < num_cols
+        b = tl.load(V_OUT + v_offset + start + lanes, mask=in_cols, other=0.0)
+        tl.store(V_OUT + v_offset + start + lanes, b * scale, mask=in_cols)
+
+
+_ELEMENTS = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+BLOCK_R, BLOCK_C, FINISH_BLOCK = 16, 128, 256
+
+
+def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
+    """``n_iter`` grouped iterations over ``matrices`` (2-D views, unit column stride, one dtype) from the flat
+    float32 vectors u (Σ rows) and v (Σ cols). Returns σ (L,) of the last iteration, the new u and v, and the v
+    that last iteration started from (σ = ‖W v_prev‖, so ∂σ/∂W = u vₚᵣₑᵥᵀ)."""
+    device = u.device
+    tiles = [triton.cdiv(w.shape[0], BLOCK_R) for w in matrices]
+    table, offsets = [], [0, 0, 0]
+    for w, num_tiles in zip(matrices, tiles):
+        table.append([w.shape[0], w.shape[1], w.stride(0), *offsets, num_tiles])
+        offsets = [offsets[0] + w.shape[0], offsets[1] + w.shape[1], offsets[2] + num_tiles * w.shape[1]]
+    table = torch.tensor(table, dtype=torch.int64).to(device)
+    pointers = torch.tensor([w.data_ptr() for w in matrices], dtype=torch.int64).to(device)
+    tile_matrix = torch.repeat_interleave(torch.arange(len(matrices)), torch.tensor(tiles)).to(torch.int32)
+    tile_index = torch.cat([torch.arange(n) for n in tiles]).to(torch.int32)
+    tile_matrix, tile_index = tile_matrix.to(device), tile_index.to(device)
+    a = torch.empty_like(u)
+    partials = torch.empty(offsets[2], dtype=torch.float32, device=device)
+    sigma = torch.empty(len(matrices), dtype=torch.float32, device=device)
+    element = _ELEMENTS[matrices[0].dtype]
+    for _ in range(n_iter):
+        v_prev = v
+        power_step_kernel[(len(tile_matrix),)](pointers, table, tile_matrix, tile_index, u, v, a, partials,
+                                               ELEMENT=element, NUM_FIELDS=NUM_FIELDS, BLOCK_R=BLOCK_R,
+                                               BLOCK_C=BLOCK_C)
+        u, v = torch.empty_like(u), torch.empty_like(v)
+        power_finish_kernel[(len(matrices),)](table, a, partials, u, v, sigma, eps, NUM_FIELDS=NUM_FIELDS,
+                                              BLOCK=FINISH_BLOCK)
+    return sigma, u, v, v_prev
