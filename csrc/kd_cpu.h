@@ -1,9 +1,12 @@
-// The C++ CPU backend of fastkd.kd_loss: the arguments of one launch and the kernels of each instruction set.
+// The C++ CPU backend of fastkd.kd_loss (and of the power iteration of fastkd.lipschitz, power_iteration_cpu.h):
+// the arguments of one launch and the kernels of each instruction set.
 //
 // No torch headers: Python passes data pointers, shapes, strides and dtype codes (fastkd/cpu_backend.py), so the
 // extension builds in seconds and does not depend on the torch ABI.
 #pragma once
 #include <cstdint>
+
+#include "power_iteration_cpu.h"
 
 namespace fastkd {
 
@@ -66,6 +69,7 @@ struct CpuIsa {
     KDKernel forward;
     KDKernel backward;
     void (*scale_rows)(const ScaleRowsArgs&);
+    void (*power_iteration)(const PowerArgs&);
 };
 
 namespace avx512 { extern const CpuIsa isa; }

@@ -527,14 +527,3 @@ void scale_rows(const ScaleRowsArgs& args) { for_each_row(args, scale_row); }
 }  // namespace
 }  // namespace FASTKD_ISA
 }  // namespace fastkd
-
-// This instruction set's entry in the table of kd_cpu.h (FASTKD_ISA_NAME and FASTKD_CPU_SUPPORTS come from the
-// translation unit).
-namespace fastkd {
-namespace FASTKD_ISA {
-namespace {
-bool cpu_supports() { return FASTKD_CPU_SUPPORTS(); }
-}  // namespace
-extern const CpuIsa isa = {FASTKD_ISA_NAME, cpu_supports, forward, backward, scale_rows};
-}  // namespace FASTKD_ISA
-}  // namespace fastkd

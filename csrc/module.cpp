@@ -150,6 +150,33 @@ void scale_rows(const py::dict& d) {
     g_isa->scale_rows(a);
 }
 
+void power_iteration(const py::dict& d) {
+    PowerArgs a;
+    a.dtype = dtype_code(get<int>(d, "dtype"), "matrices");
+    for (const auto& spec : get<std::vector<std::tuple<uintptr_t, int64_t, int64_t, int64_t>>>(d, "matrices")) {
+        const PowerMatrix w{reinterpret_cast<const void*>(std::get<0>(spec)), std::get<1>(spec), std::get<2>(spec),
+                            std::get<3>(spec)};  // (pointer, rows, cols, row stride)
+        if (w.data == nullptr || w.rows < 1 || w.cols < 1 || w.row_stride < w.cols) {
+            throw std::invalid_argument("matrices: each needs a pointer, rows >= 1, cols >= 1, row stride >= cols");
+        }
+        a.matrices.push_back(w);
+    }
+    if (a.matrices.empty()) throw std::invalid_argument("matrices is empty");
+    a.n_iter = get<int64_t>(d, "n_iter");
+    a.eps = get<float>(d, "eps");
+    a.u = pointer<const float>(d, "u");
+    a.v = pointer<const float>(d, "v");
+    a.sigma = pointer<float>(d, "sigma");
+    a.u_out = pointer<float>(d, "u_out");
+    a.v_out = pointer<float>(d, "v_out");
+    a.v_prev = pointer<float>(d, "v_prev");
+    a.num_threads = get<int>(d, "num_threads");
+    if (a.n_iter < 1 || !(a.eps > 0) || a.num_threads < 1) throw std::invalid_argument("n_iter, eps, num_threads");
+    if (!a.u || !a.v || !a.sigma || !a.u_out || !a.v_out || !a.v_prev) throw std::invalid_argument("null pointer");
+    py::gil_scoped_release release;
+    g_isa->power_iteration(a);
+}
+
 // An uninitialised uint8 numpy array of nbytes from the buffer pool; its memory goes back to the pool when the
 // array (and every tensor made from it with torch.from_numpy) is gone.
 py::array_t<uint8_t> empty_buffer(size_t nbytes) {
@@ -170,6 +197,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("kd_forward", &fastkd::kd_forward, py::arg("args"), "kd_loss forward over all rows (see kd_cpu.h).");
     m.def("kd_backward", &fastkd::kd_backward, py::arg("args"), "kd_loss backward over all rows (see kd_cpu.h).");
     m.def("scale_rows", &fastkd::scale_rows, py::arg("args"), "Rows times per-row factors, in place (kd_cpu.h).");
+    m.def("power_iteration", &fastkd::power_iteration, py::arg("args"),
+          "Grouped power iteration over a list of matrices (power_iteration_cpu.h).");
     m.def("empty_buffer", &fastkd::empty_buffer, py::arg("nbytes"),
           "Uninitialised uint8 array from the buffer pool (csrc/buffer_pool.h).");
     m.def("empty_cache", &fastkd::buffer_pool::empty, "Free the pool's cached blocks.");

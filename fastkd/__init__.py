@@ -1,11 +1,12 @@
 """fastkd: knowledge-distillation losses for PyTorch as fused Triton (GPU) and C++ (CPU) kernels."""
-from . import adapters, schedules
+from . import adapters, lipschitz, schedules
 from .dispatch import backends
 from .distiller import Distiller
 from .dkd import dkd_loss
 from .kd import KDLoss, kd_loss
+from .lipschitz import london_loss, spectral_norms
 from .topk import TopK, topk_teacher
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "KDLoss", "dkd_loss", "TopK", "topk_teacher", "Distiller", "adapters", "schedules", "backends",
-           "__version__"]
+__all__ = ["kd_loss", "KDLoss", "dkd_loss", "TopK", "topk_teacher", "spectral_norms", "london_loss", "Distiller",
+           "adapters", "lipschitz", "schedules", "backends", "__version__"]

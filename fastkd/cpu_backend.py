@@ -166,3 +166,19 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
                 grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
     _extension().kd_backward(args)
     return grad_s, grad_t
+
+
+def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
+    """``n_iter`` grouped power iterations over 2-D CPU ``matrices`` (one dtype, unit column stride) from flat
+    float32 u, v: σ (L,), the new u and v, and the v of the last iteration's start; the same contract as
+    :func:`fastkd.kernels.lipschitz.power_iteration`."""
+    matrices = [m if m.stride(1) == 1 else m.contiguous() for m in matrices]
+    u, v = u.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
+    sigma = torch.empty(len(matrices), dtype=torch.float32)
+    u_out, v_out, v_prev = torch.empty_like(u), torch.empty_like(v), torch.empty_like(v)
+    _extension().power_iteration(dict(
+        matrices=[(m.data_ptr(), m.shape[0], m.shape[1], m.stride(0)) for m in matrices],
+        dtype=DTYPE_CODES[matrices[0].dtype], n_iter=n_iter, eps=eps, u=u.data_ptr(), v=v.data_ptr(),
+        sigma=sigma.data_ptr(), u_out=u_out.data_ptr(), v_out=v_out.data_ptr(), v_prev=v_prev.data_ptr(),
+        num_threads=torch.get_num_threads()))
+    return sigma, u_out, v_out, v_prev

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from . import reference
+from . import cpu_backend, reference
 from .dispatch import select_backend
 
 DEFAULT_ITERATIONS = 250
@@ -104,27 +104,34 @@ def _check_state(state, matrices: list) -> PowerIterationState:
 # kernel backend: a custom op for the iterations, an autograd.Function for ∂σ/∂W = u vₚᵣₑᵥᵀ
 # ----------------------------------------------------------------------------------------------------------------
 
+def _launcher(backend: str):
+    """The module whose power_iteration runs ``backend``'s kernels (same arguments, same results)."""
+    if backend == "cpu":
+        return cpu_backend
+    from .kernels import lipschitz as lipschitz_kernels  # lazily: triton may need TRITON_INTERPRET first
+    return lipschitz_kernels
+
+
 @torch.library.custom_op("fastkd::power_iteration", mutates_args=())
 def _power_iteration_op(matrices: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_iter: int,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .kernels import lipschitz as lipschitz_kernels  # lazily: triton may need TRITON_INTERPRET first
-    sigma, u, v_new, v_prev = lipschitz_kernels.power_iteration(matrices, u, v, n_iter=n_iter, eps=eps)
+                        eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    sigma, u, v_new, v_prev = _launcher(backend).power_iteration(matrices, u, v, n_iter=n_iter, eps=eps)
     return sigma, u, v_new, v_prev.clone() if v_prev is v else v_prev  # an op may not return its input
 
 
 @_power_iteration_op.register_fake
-def _(matrices, u, v, n_iter, eps):
+def _(matrices, u, v, n_iter, eps, backend):
     return u.new_empty(len(matrices)), u.new_empty(u.shape), v.new_empty(v.shape), v.new_empty(v.shape)
 
 
 class _SpectralNorms(torch.autograd.Function):
-    """apply(*matrices, u, v, n_iter, eps) → (σ, u, v). All arguments are varargs: with ``forward(ctx, u, v, n_iter,
-    eps, *matrices)`` dynamo (torch 2.13) scrambled the arguments of exactly two matrices."""
+    """apply(*matrices, u, v, n_iter, eps, backend) → (σ, u, v). All arguments are varargs: with ``forward(ctx, u, v,
+    n_iter, eps, *matrices)`` dynamo (torch 2.13) scrambled the arguments of exactly two matrices."""
 
     @staticmethod
     def forward(ctx, *args):
-        *matrices, u, v, n_iter, eps = args
-        sigma, u, v, v_prev = torch.ops.fastkd.power_iteration.default(list(matrices), u, v, n_iter, eps)
+        *matrices, u, v, n_iter, eps, backend = args
+        sigma, u, v, v_prev = torch.ops.fastkd.power_iteration.default(list(matrices), u, v, n_iter, eps, backend)
         ctx.save_for_backward(u, v_prev)
         ctx.shapes = [(m.shape, m.dtype) for m in matrices]
         ctx.mark_non_differentiable(u, v)
@@ -137,7 +144,7 @@ class _SpectralNorms(torch.autograd.Function):
         v_parts = v_prev.split([shape[1] for shape, _ in ctx.shapes])
         grads = [torch.outer(grad_sigma[i] * u_i, v_i).to(dtype) if ctx.needs_input_grad[i] else None
                  for i, (u_i, v_i, (_, dtype)) in enumerate(zip(u_parts, v_parts, ctx.shapes))]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def spectral_norms(weights: Sequence[torch.Tensor], *, n_iter: int = DEFAULT_ITERATIONS,
@@ -145,8 +152,10 @@ def spectral_norms(weights: Sequence[torch.Tensor], *, n_iter: int = DEFAULT_ITE
                    generator: Optional[torch.Generator] = None, backend: str = "auto"
                    ) -> tuple[torch.Tensor, PowerIterationState]:
     r"""Largest singular value σ_max of each weight in ``weights`` by ``n_iter`` power iterations (see the module
-    docstring), all matrices together: on the ``"triton"`` backend one grouped launch reads every weight once per
-    iteration (plus a small launch over the vectors).
+    docstring), all matrices together: on the ``"triton"`` backend (CUDA) one grouped launch reads every weight
+    once per iteration (plus a small launch over the vectors); on the ``"cpu"`` backend (CPU tensors, the C++
+    extension) one OpenMP pass does, its results the same for any thread count; ``"reference"`` loops over the
+    matrices in PyTorch (two matrix-vector products each).
 
     ``weights``: a list of ≥ 2-D tensors (Linear (out, in); Conv (out, in, *k) viewed as (out, in·∏k)) on one
     device, float32/float16/bfloat16 (one dtype for the kernel) or float64 (reference). ``state``: the vectors of
@@ -160,13 +169,13 @@ def spectral_norms(weights: Sequence[torch.Tensor], *, n_iter: int = DEFAULT_ITE
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
     state = init_state(weights, generator=generator) if state is None else _check_state(state, matrices)
-    chosen = select_backend(backend, *matrices, op="spectral_norms", kernels=("triton",))
-    if chosen == "triton":
+    chosen = select_backend(backend, *matrices, op="spectral_norms")
+    if chosen in ("triton", "cpu"):
         if len({m.dtype for m in matrices}) > 1:
             dtypes = sorted({str(m.dtype) for m in matrices})
-            raise ValueError(f"the triton backend takes weights of one dtype, got {dtypes}; cast them, or call "
+            raise ValueError(f"the {chosen} backend takes weights of one dtype, got {dtypes}; cast them, or call "
                              f"spectral_norms once per dtype")
-        sigma, u, v = _SpectralNorms.apply(*matrices, state.u, state.v, n_iter, float(eps))
+        sigma, u, v = _SpectralNorms.apply(*matrices, state.u, state.v, n_iter, float(eps), chosen)
     else:
         sigma, u, v = reference.spectral_norms(matrices, state.u, state.v, n_iter=n_iter, eps=float(eps))
     return sigma, PowerIterationState(u.detach(), v.detach())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE, assert_rel_close
+from conftest import DEVICE, assert_rel_close, skip_unless_available
 from fastkd import lipschitz, reference
 
 # Linear, Conv2d, Conv1d, one row, one column, more rows than a tile and more columns than a block, more rows
@@ -30,10 +30,10 @@ def state_on(weights, seed=1):
 
 @pytest.mark.parametrize("n_iter", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_reference(n_iter, dtype):
-    weights = make_weights(dtype)
+def test_kernel_matches_reference(kernel, n_iter, dtype):
+    weights = make_weights(dtype, device=kernel.device)
     state = state_on(weights)
-    sigma, new = lipschitz.spectral_norms(weights, n_iter=n_iter, state=state, backend="triton")
+    sigma, new = lipschitz.spectral_norms(weights, n_iter=n_iter, state=state, backend=kernel.backend)
     # the reference in float64 on the same (rounded) weights: the kernel's float32 sums are all that differ
     ref_sigma, ref_u, ref_v = reference.spectral_norms(as_float64_matrices(weights), state.u.double(),
                                                        state.v.double(), n_iter=n_iter, eps=1e-12)
@@ -42,8 +42,8 @@ def test_kernel_matches_reference(n_iter, dtype):
     assert_rel_close(new.u, ref_u, 1e-5, what="u")
     assert_rel_close(new.v, ref_v, 1e-5, what="v")
     if dtype != torch.float32:  # and within 1e-2 of the float32 weights before rounding
-        exact, _, _ = reference.spectral_norms(as_float64_matrices(make_weights()), state.u.double(),
-                                               state.v.double(), n_iter=n_iter, eps=1e-12)
+        unrounded = as_float64_matrices(make_weights(device=kernel.device))
+        exact, _, _ = reference.spectral_norms(unrounded, state.u.double(), state.v.double(), n_iter=n_iter, eps=1e-12)
         assert_rel_close(sigma, exact, 1e-2, what="sigma vs unrounded weights")
 
 
@@ -66,37 +66,54 @@ def test_default_iterations_reach_matrix_norm_within_1e3_on_gaussian_matrices(sh
     assert abs(sigma.item() - exact.item()) <= 1e-3 * exact.item()
 
 
-def test_kernel_converges_like_the_reference():
-    weights = make_weights(shapes=[(12, 20), (4, 2, 3, 3)])
-    sigma, _ = lipschitz.spectral_norms(weights, n_iter=60, state=state_on(weights), backend="triton")
+def test_kernel_converges_like_the_reference(kernel):
+    weights = make_weights(shapes=[(12, 20), (4, 2, 3, 3)], device=kernel.device)
+    sigma, _ = lipschitz.spectral_norms(weights, n_iter=60, state=state_on(weights), backend=kernel.backend)
     exact = torch.stack([torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).double().cpu(), ord=2) for w in weights])
     assert_rel_close(sigma, exact, 1e-3)
 
 
-def test_state_carries_the_iteration_across_calls():
-    weights = make_weights()
+def test_state_carries_the_iteration_across_calls(kernel):
+    weights = make_weights(device=kernel.device)
     state = state_on(weights)
-    at_once, end = lipschitz.spectral_norms(weights, n_iter=5, state=state, backend="triton")
-    _, middle = lipschitz.spectral_norms(weights, n_iter=2, state=state, backend="triton")
-    in_two, end_two = lipschitz.spectral_norms(weights, n_iter=3, state=middle, backend="triton")
+    at_once, end = lipschitz.spectral_norms(weights, n_iter=5, state=state, backend=kernel.backend)
+    _, middle = lipschitz.spectral_norms(weights, n_iter=2, state=state, backend=kernel.backend)
+    in_two, end_two = lipschitz.spectral_norms(weights, n_iter=3, state=middle, backend=kernel.backend)
     assert_rel_close(in_two, at_once, 1e-6)
     assert_rel_close(end_two.u, end.u, 1e-6)
     assert not end.u.requires_grad and end.u.dtype == torch.float32
 
 
-def test_gradient_is_u_v_prev_outer_product_in_kernel_and_reference():
-    weights = make_weights()
+def test_gradient_is_u_v_prev_outer_product_in_kernel_and_reference(kernel):
+    weights = make_weights(device=kernel.device)
     state = state_on(weights)
     scale = torch.arange(1.0, len(weights) + 1, device=weights[0].device)
     grads = {}
-    for backend in ("triton", "reference"):
+    for backend in (kernel.backend, "reference"):
         leaves = [w.clone().requires_grad_() for w in weights]
         sigma, _ = lipschitz.spectral_norms(leaves, n_iter=3, state=state, backend=backend)
         (sigma * scale).sum().backward()
         grads[backend] = [w.grad for w in leaves]
-    for kernel, ref, w in zip(grads["triton"], grads["reference"], weights):
-        assert kernel.shape == w.shape and kernel.dtype == w.dtype
-        assert_rel_close(kernel, ref, 1e-5)
+    for got, ref, w in zip(grads[kernel.backend], grads["reference"], weights):
+        assert got.shape == w.shape and got.dtype == w.dtype
+        assert_rel_close(got, ref, 1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_kernel_gives_the_same_bits_for_any_thread_count(threads):
+    skip_unless_available("cpu")
+    weights = make_weights(torch.bfloat16, device="cpu")
+    state = state_on(weights)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = lipschitz.spectral_norms(weights, n_iter=3, state=state, backend="cpu")
+        torch.set_num_threads(threads)
+        got = lipschitz.spectral_norms(weights, n_iter=3, state=state, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1].u, expected[1].u)
+    assert torch.equal(got[1].v, expected[1].v)
 
 
 def test_reference_gradcheck_in_float64_for_one_iteration_from_a_given_state():
@@ -119,10 +136,12 @@ def test_gradient_at_convergence_is_the_top_singular_pair():
     assert_rel_close(weight.grad * torch.sign(weight.grad[0, 0] * expected[0, 0]), expected, 1e-10)
 
 
-def test_spectral_norms_compile_fullgraph():
-    weights = make_weights(shapes=[(8, 12), (5, 3)])
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_spectral_norms_compile_fullgraph(backend):
+    skip_unless_available(backend)
+    weights = make_weights(shapes=[(8, 12), (5, 3)], device=DEVICE if backend == "triton" else "cpu")
     state = state_on(weights)
-    compiled = torch.compile(lambda ws, st: lipschitz.spectral_norms(ws, n_iter=2, state=st, backend="triton")[0],
+    compiled = torch.compile(lambda ws, st: lipschitz.spectral_norms(ws, n_iter=2, state=st, backend=backend)[0],
                              fullgraph=True)
     assert_rel_close(compiled(weights, state),
                      lipschitz.spectral_norms(weights, n_iter=2, state=state, backend="reference")[0], 1e-5)
@@ -139,7 +158,7 @@ def test_spectral_norms_compile_fullgraph():
     (lambda w: lipschitz.spectral_norms(w, state=lipschitz.init_state(w[:1])), ValueError, "state.u must have"),
     (lambda w: lipschitz.spectral_norms(w, state=(1, 2)), TypeError, "PowerIterationState"),
     (lambda w: lipschitz.spectral_norms([w[0], w[1].half()], backend="triton"), ValueError, "one dtype"),
-    (lambda w: lipschitz.spectral_norms(w, backend="cpu"), RuntimeError, "no 'cpu' backend"),
+    (lambda w: lipschitz.spectral_norms([w[0].double(), w[1]], backend="triton"), RuntimeError, "float64"),
 ])
 def test_bad_arguments_are_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
