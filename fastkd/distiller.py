@@ -16,6 +16,7 @@ r"""``fastkd.Distiller``: a student, a frozen teacher and weighted loss terms, a
         optimizer.step(); optimizer.zero_grad()
     distiller.advance_schedules()       # once per epoch (or per step): weights/temperatures that are schedules
 
+Terms: :class:`KD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London`, :class:`Custom`.
 Each term's value is ``weight(step) · term(batch)``; weights (and the temperatures of KD/DKD) may be numbers or
 :mod:`fastkd.schedules`, evaluated at ``distiller.schedule_step``.
 
@@ -57,6 +58,7 @@ from torch import nn
 from .adapters import adapter_for
 from .dkd import dkd_loss
 from .kd import _check_options, kd_loss
+from .lipschitz import london_loss
 from .schedules import Schedule, as_schedule
 
 CAPTURE_MODES = ("hooks", "outputs")
@@ -92,6 +94,10 @@ class Term:
 
     def __call__(self, batch: DistillBatch):
         raise NotImplementedError
+
+    def captures(self) -> tuple[list, list]:
+        """The student and teacher features (module paths or output keys) this term reads."""
+        return [], []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -175,20 +181,12 @@ class Features(Term):
             raise TypeError(f"loss must be callable, got {type(loss).__name__}")
         self.student, self.teacher, self.loss, self.adapter, self.call = student, teacher, loss, adapter, call
 
-    def pick(self, features: Mapping[Any, list], key: Any, side: str) -> torch.Tensor:
-        outputs = features.get(key, [])
-        if not outputs:
-            raise RuntimeError(f"the {side}'s feature {key!r} was not produced by its forward (module not run, or "
-                               f"hooks removed)")
-        try:
-            return outputs[self.call]
-        except IndexError:
-            raise IndexError(f"call={self.call}, but the {side}'s module {key!r} ran {len(outputs)} time(s) in this "
-                             f"forward") from None
+    def captures(self) -> tuple[list, list]:
+        return [self.student], [self.teacher]
 
     def __call__(self, batch: DistillBatch) -> torch.Tensor:
-        student = self.pick(batch.student_features, self.student, "student")
-        teacher = self.pick(batch.teacher_features, self.teacher, "teacher")
+        student = _feature(batch.student_features, self.student, "student", self.call)
+        teacher = _feature(batch.teacher_features, self.teacher, "teacher", self.call)
         if self.adapter == "auto":
             raise RuntimeError("this Features term's adapter has not been built: give the Distiller example_inputs")
         if self.adapter is not None:
@@ -198,6 +196,28 @@ class Features(Term):
                              f"adapter) but teacher feature {self.teacher!r} has {tuple(teacher.shape)}; use "
                              f"adapter='auto' or a module that maps one to the other")
         return self.loss(student, teacher)
+
+
+class London(Term):
+    """:func:`fastkd.london_loss` (LONDON's Lipschitz-continuity loss) over the stage features named by
+    ``student`` and ``teacher`` (lists of L ≥ 2 module paths or output keys, (B, C, H, W) maps, last call of
+    each); ``n_iter``, ``init`` as there. The authors' CIFAR weight is α/200."""
+
+    def __init__(self, student: list, teacher: list, weight: Union[float, Schedule] = 1.0, *, n_iter: int = 10,
+                 init: str = "uniform"):
+        super().__init__(weight)
+        if len(student) != len(teacher) or len(student) < 2:
+            raise ValueError(f"student and teacher must name the same number (≥ 2) of stages, got {len(student)} "
+                             f"and {len(teacher)}")
+        self.student, self.teacher, self.n_iter, self.init = list(student), list(teacher), n_iter, init
+
+    def captures(self) -> tuple[list, list]:
+        return self.student, self.teacher
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        return london_loss([_feature(batch.student_features, key, "student", -1) for key in self.student],
+                           [_feature(batch.teacher_features, key, "teacher", -1) for key in self.teacher],
+                           n_iter=self.n_iter, init=self.init)
 
 
 class Custom(Term):
@@ -211,6 +231,19 @@ class Custom(Term):
 
     def __call__(self, batch: DistillBatch):
         return self.fn(batch)
+
+
+def _feature(features: Mapping[Any, list], key: Any, side: str, call: int) -> torch.Tensor:
+    """The output of call ``call`` of the module (or output key) ``key`` in this forward."""
+    outputs = features.get(key, [])
+    if not outputs:
+        raise RuntimeError(f"the {side}'s feature {key!r} was not produced by its forward (module not run, or hooks "
+                           f"removed)")
+    try:
+        return outputs[call]
+    except IndexError:
+        raise IndexError(f"call={call}, but the {side}'s module {key!r} ran {len(outputs)} time(s) in this "
+                         f"forward") from None
 
 
 def _labels(batch: DistillBatch, term: Term) -> torch.Tensor:
@@ -286,11 +319,14 @@ class Distiller(nn.Module):
         self.adapters = nn.ModuleDict()
         self._captured = {"student": {}, "teacher": {}}
         self._hooks = []
-        features = {name: term for name, term in terms.items() if isinstance(term, Features)}
         if capture == "hooks":
-            for term in features.values():
-                self._hook("student", student, term.student)
-                self._hook("teacher", teacher, term.teacher)
+            for term in terms.values():
+                student_keys, teacher_keys = term.captures()
+                for key in student_keys:
+                    self._hook("student", student, key)
+                for key in teacher_keys:
+                    self._hook("teacher", teacher, key)
+        features = {name: term for name, term in terms.items() if isinstance(term, Features)}
         if any(term.adapter == "auto" for term in features.values()):
             self._build_adapters(features, example_inputs)
         for name, term in features.items():
@@ -322,8 +358,8 @@ class Distiller(nn.Module):
                 for term in features.values():
                     if term.adapter != "auto":
                         continue
-                    student = term.pick(student_features, term.student, "student")
-                    teacher = term.pick(teacher_features, term.teacher, "teacher")
+                    student = _feature(student_features, term.student, "student", term.call)
+                    teacher = _feature(teacher_features, term.teacher, "teacher", term.call)
                     term.adapter = adapter_for(student.shape, teacher.shape).to(student.device, student.dtype)
         finally:
             self.student.train(was_training)

@@ -14,7 +14,7 @@ from torch import nn
 import fastkd
 from conftest import assert_rel_close
 from fastkd import schedules
-from fastkd.distiller import DKD, KD, CrossEntropy, Custom, Distiller, Features
+from fastkd.distiller import DKD, KD, CrossEntropy, Custom, Distiller, Features, London
 
 CLASSES = 7
 
@@ -418,3 +418,22 @@ def test_a_teacher_returning_k_logits_is_an_ensemble():
                               ensemble="logit")
     assert_rel_close(out.loss, expected, 1e-5)
     assert out.metrics == {}
+
+
+def test_london_term_reads_the_stage_features_and_matches_london_loss():
+    def convnet(width):
+        torch.manual_seed(width)
+        return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, stride=2),
+                             nn.ReLU(), nn.Conv2d(2 * width, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    student, teacher = convnet(4), convnet(6)
+    x = torch.randn(3, 3, 8, 8)
+    term = London(["1", "3", "4"], ["1", "3", "4"], weight=0.5, n_iter=4, init="ones")
+    out = Distiller(student, teacher, terms={"london": term})(x)
+    s_feats = [student[:2](x), student[:4](x), student[:5](x)]
+    t_feats = [f.detach() for f in (teacher[:2](x), teacher[:4](x), teacher[:5](x))]
+    assert_rel_close(out.losses["london"], 0.5 * fastkd.london_loss(s_feats, t_feats, n_iter=4, init="ones"), 1e-5)
+    out.loss.backward()
+    assert student[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="same number"):
+        London(["1", "3"], ["1"])
