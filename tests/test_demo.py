@@ -20,7 +20,7 @@ def test_demo_runs_and_reports_every_model_and_column(tmp_path):
         assert row in text
     assert "seed 1/1 student (distilled)" in progress.getvalue() and progress.getvalue().endswith("\n")
     record = json.loads(path.read_text())
-    assert record["sizes"] == {"train": 1078, "val": 359, "test": 360}
+    assert record["sizes"] == {"train": 250, "val": 359, "test": 360}
     assert record["epochs"] == {"teacher": 2, "student": 2}
     for name in ("scratch", "distilled"):
         test = summary[name]["test"]
@@ -33,6 +33,11 @@ def test_training_set_can_be_cut_to_a_number_per_class():
     splits = demo.load_splits("cpu", per_class=5)
     assert len(splits["train"].y) == 50 and splits["train"].y.bincount().tolist() == [5] * 10
     assert len(splits["test"].y) == 360
+    whole = demo.load_splits("cpu")
+    assert len(whole["train"].y) == 1078
+    train_rows = {tuple(row.tolist()) for row in whole["train"].x}
+    assert all(tuple(row.tolist()) in train_rows for row in splits["train"].x)
+    assert not {tuple(row.tolist()) for row in splits["test"].x} & {tuple(r.tolist()) for r in splits["train"].x}
 
 
 @pytest.mark.parametrize("argv, message", [
