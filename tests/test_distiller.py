@@ -265,15 +265,16 @@ def test_a_batch_with_every_row_ignored_gives_zero_loss_and_zero_gradient():
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in student.parameters())
 
 
-def test_autocast_bfloat16_with_grad_scaler_stays_close_to_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_with_grad_scaler_stays_close_to_float32(dtype):
     student, teacher = make_pair()
     x, y = batch()
     distiller = Distiller(student, teacher, terms={"ce": CrossEntropy(0.5), "kd": KD(0.5),
                                                    "hint": Features("blocks", "blocks")}, example_inputs=x)
     full = distiller(x, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         mixed = distiller(x, y)
-    assert mixed.output.dtype == torch.bfloat16
+    assert mixed.output.dtype == dtype
     for name in full.losses:
         assert torch.isfinite(mixed.losses[name])
         assert_rel_close(mixed.losses[name], full.losses[name], 5e-2)
