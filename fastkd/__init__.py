@@ -3,10 +3,12 @@ from . import adapters, lipschitz, schedules
 from .dispatch import backends
 from .distiller import Distiller
 from .dkd import dkd_loss
+from .features import FEED, feature_loss, ofd_margin
 from .kd import KDLoss, kd_loss
 from .lipschitz import london_loss, spectral_norms
 from .topk import TopK, topk_teacher
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "KDLoss", "dkd_loss", "TopK", "topk_teacher", "spectral_norms", "london_loss", "Distiller",
+__all__ = ["kd_loss", "KDLoss", "dkd_loss", "TopK", "topk_teacher", "feature_loss", "ofd_margin", "FEED",
+           "spectral_norms", "london_loss", "Distiller",
            "adapters", "lipschitz", "schedules", "backends", "__version__"]

@@ -57,6 +57,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .dkd import dkd_loss
+from .features import feature_loss
 from .kd import _check_options, kd_loss
 from .lipschitz import london_loss
 from .schedules import Schedule, as_schedule
@@ -168,11 +169,12 @@ class Features(Term):
     (``capture="outputs"``). ``call``: which call's output when the module runs more than once per forward
     (default the last). ``adapter``: ``"auto"`` (built from the example batch by
     :func:`fastkd.adapters.adapter_for`, identity when the shapes agree), ``None`` (none; shapes must agree), or
-    a module. ``loss``: any ``loss(student, teacher) -> Tensor``, by default ``F.mse_loss`` (mean over elements).
+    a module. ``loss``: any ``loss(student, teacher) -> Tensor``; by default :func:`fastkd.feature_loss` (mean
+    squared error over elements; e.g. ``functools.partial(feature_loss, normalize="channel")`` for others).
     """
 
     def __init__(self, student: Any, teacher: Any, weight: Union[float, Schedule] = 1.0, *,
-                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = feature_loss,
                  adapter: Union[str, nn.Module, None] = "auto", call: int = -1):
         super().__init__(weight)
         if not (adapter is None or adapter == "auto" or isinstance(adapter, nn.Module)):

@@ -271,3 +271,55 @@ def transmitting_singular_values(features: list, *, n_iter: int, init: str, eps:
             vec = product / norm.clamp_min(eps)
         sigmas.append(norm.flatten().clamp_min(eps).sqrt())
     return torch.stack(sigmas)
+
+
+FEATURE_NORM_EPS = 1e-5   # standardisation: (x − mean)/sqrt(var + eps), as BatchNorm/LayerNorm
+FEATURE_L2_EPS = 1e-12    # l2: x/max(‖x‖, eps), as F.normalize
+FEATURE_COSINE_EPS = 1e-8  # cosine: ⟨s, t⟩/(max(‖s‖, eps)·max(‖t‖, eps))
+
+
+def _standardize(x: torch.Tensor, present: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """(x − mean)/sqrt(var + eps) over ``dims``, statistics over the present elements only (0 where none is)."""
+    count = present.sum(dims, keepdim=True)
+    safe = count.clamp_min(1)
+    mean = torch.where(present, x, 0).sum(dims, keepdim=True) / safe
+    var = torch.where(present, (x - mean) ** 2, 0).sum(dims, keepdim=True) / safe
+    return torch.where(present, (x - mean) / torch.sqrt(var + FEATURE_NORM_EPS), 0)
+
+
+def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, *, kind: str, beta: float,
+                       normalize: Optional[str], margin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted loss terms and their weights of :func:`fastkd.feature_loss`, on features already in the
+    (N, C, S) layout (channels in dim 1, the spatial/token dims flattened into S) and a float mask broadcast to
+    it. Elements with mask 0 are absent: they enter no statistic and no loss. Returns ``(terms, weights)``, both
+    (N, C, S) for element-wise kinds and (N, 1, S) for ``"cosine"``; the loss is Σ terms (÷ Σ weights for
+    ``"mean"``)."""
+    dtype = _math_dtype(student, teacher, mask)
+    s, t, m = student.to(dtype), teacher.to(dtype), mask.to(dtype)
+    present = m != 0
+    if normalize == "channel":
+        s, t = _standardize(s, present, (2,)), _standardize(t, present, (2,))
+    elif normalize == "sample":
+        s, t = _standardize(s, present, (1, 2)), _standardize(t, present, (1, 2))
+    elif normalize == "l2" and kind != "cosine":  # cosine does not change when its inputs are rescaled
+        s = s / torch.where(present, s, 0).norm(dim=1, keepdim=True).clamp_min(FEATURE_L2_EPS)
+        t = t / torch.where(present, t, 0).norm(dim=1, keepdim=True).clamp_min(FEATURE_L2_EPS)
+    if kind == "cosine":
+        m = m[:, :1]  # the mask is constant along the channels (checked by feature_loss)
+        s, t = torch.where(present, s, 0), torch.where(present, t, 0)
+        dot = (s * t).sum(1, keepdim=True)
+        norms = s.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS) * \
+            t.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS)
+        return torch.where(m != 0, m * (1 - dot / norms), 0), m
+    counted = present
+    if margin is not None:
+        t = torch.maximum(t, margin.to(dtype).view(1, -1, 1))
+        counted = present & ((s > t) | (t > 0))
+    diff = s - t
+    if kind == "mse":
+        term = diff ** 2
+    elif kind == "l1":
+        term = diff.abs()
+    else:  # smooth_l1
+        term = torch.where(diff.abs() < beta, 0.5 * diff ** 2 / beta, diff.abs() - 0.5 * beta)
+    return torch.where(counted, m * term, 0), m

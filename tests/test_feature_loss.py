@@ -1,0 +1,230 @@
+"""fastkd.feature_loss: the Triton kernels against the reference over kinds, normalisations, layouts, masks and
+dtypes; the reference against float64 and gradcheck; OFD margin; FEED; errors."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import fastkd
+from conftest import DEVICE, assert_rel_close
+from fastkd import features, reference
+
+SUPPORTED = [(kind, norm) for kind in features.KINDS for norm in features.NORMALIZATIONS
+             if not (kind == "cosine" and norm in ("channel", "sample"))]
+# (shape, channel_dim, mask shape or None, mask kind): maps with a spatial bool mask, channel-last tokens with a
+# float token mask, vectors without a mask, a 5-d map with a per-channel mask (where the kind allows it)
+LAYOUTS = [((2, 3, 4, 5), 1, (2, 1, 4, 5), "bool"), ((2, 6, 5), -1, (2, 6, 1), "float"), ((4, 7), 1, None, None),
+           ((2, 3, 2, 2, 3), 1, (3, 1, 1, 1), "float")]
+
+
+def make(shape, dtype=torch.float32, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype).to(device)
+
+
+def make_mask(shape, mask_kind, seed=3, device=DEVICE):
+    if shape is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(shape, generator=g)
+    mask = values > 0.3 if mask_kind == "bool" else torch.where(values > 0.3, values * 2, 0.0)
+    return mask.to(device)
+
+
+def layout_applies(kind, normalize, layout):
+    shape, channel_dim, mask_shape, _ = layout
+    if normalize == "channel" and len(shape) == 2:
+        return False
+    per_channel_mask = mask_shape is not None and len(mask_shape) + 1 == len(shape) and mask_shape[0] > 1
+    return not ((kind == "cosine" or normalize == "l2") and per_channel_mask)
+
+
+def run(student, teacher, backend, teacher_grad=True, **options):
+    s = student.clone().requires_grad_()
+    t = teacher.clone().requires_grad_(teacher_grad)
+    loss = fastkd.feature_loss(s, t, backend=backend, **options)
+    loss.backward()
+    return loss.detach(), s.grad, t.grad
+
+
+@pytest.mark.parametrize("kind, normalize, layout", [
+    pytest.param(kind, normalize, layout, id=f"{kind}-{normalize}-{len(layout[0])}d-{layout[3]}")
+    for kind, normalize in SUPPORTED for layout in LAYOUTS if layout_applies(kind, normalize, layout)])
+def test_kernel_matches_reference(kind, normalize, layout):
+    shape, channel_dim, mask_shape, mask_kind = layout
+    student, teacher = make(shape), make(shape, seed=1)
+    options = dict(kind=kind, normalize=normalize, channel_dim=channel_dim, mask=make_mask(mask_shape, mask_kind),
+                   beta=0.7)
+    got = run(student, teacher, "triton", **options)
+    want = run(student, teacher, "reference", **options)
+    for name, a, b in zip(("loss", "grad student", "grad teacher"), got, want):
+        assert_rel_close(a, b, 1e-5, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind, normalize", [("mse", "channel"), ("cosine", None), ("smooth_l1", "l2")])
+def test_half_precision_inputs_within_1e2(dtype, kind, normalize):
+    student, teacher = make((2, 4, 3, 3)), make((2, 4, 3, 3), seed=1)
+    got = run(student.to(dtype), teacher.to(dtype), "triton", kind=kind, normalize=normalize)
+    want = run(student, teacher, "reference", kind=kind, normalize=normalize)
+    assert got[1].dtype == dtype
+    for a, b in zip(got, want):
+        assert_rel_close(a, b, 1e-2)
+
+
+@pytest.mark.parametrize("kind, normalize", SUPPORTED + [("cosine", "channel"), ("cosine", "sample")])
+def test_reference_in_float32_matches_float64(kind, normalize):
+    student, teacher = make((2, 3, 4, 4), device="cpu"), make((2, 3, 4, 4), seed=1, device="cpu")
+    mask = make_mask((2, 1, 4, 4), "float", device="cpu")
+    options = dict(kind=kind, normalize=normalize, mask=mask)
+    got = run(student, teacher, "reference", **options)
+    want = run(student.double(), teacher.double(), "reference", **{**options, "mask": mask.double()})
+    for a, b in zip(got, want):
+        assert_rel_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("kind, normalize", SUPPORTED + [("cosine", "channel")])
+def test_reference_gradcheck_in_float64(kind, normalize):
+    student = make((2, 3, 2, 3), torch.float64, device="cpu").requires_grad_()
+    teacher = make((2, 3, 2, 3), torch.float64, seed=1, device="cpu").requires_grad_()
+    mask = make_mask((2, 1, 2, 3), "float", device="cpu").double()
+
+    def loss(s, t):
+        return fastkd.feature_loss(s, t, kind=kind, normalize=normalize, mask=mask, beta=0.5, backend="reference")
+    assert torch.autograd.gradcheck(loss, (student, teacher))
+
+
+def test_reference_gradcheck_with_a_margin():
+    student = make((2, 3, 2, 2), torch.float64, device="cpu").requires_grad_()
+    teacher = make((2, 3, 2, 2), torch.float64, seed=1, device="cpu").requires_grad_()
+    margin = torch.tensor([-0.3, 0.1, -1.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s, t: fastkd.feature_loss(s, t, margin=margin, backend="reference"),
+                                    (student, teacher))
+
+
+@pytest.mark.parametrize("kind", ["mse", "l1", "smooth_l1"])
+def test_margin_matches_reference_and_the_ofd_formula(kind):
+    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
+    margin = torch.tensor([-0.5, 0.2, -2.0], device=DEVICE)
+    mask = make_mask((2, 1, 4, 4), "bool")
+    got = run(student, teacher, "triton", kind=kind, margin=margin, mask=mask, beta=0.5)
+    want = run(student, teacher, "reference", kind=kind, margin=margin, mask=mask, beta=0.5)
+    for a, b in zip(got, want):
+        assert_rel_close(a, b, 1e-5)
+    if kind == "mse":  # OFD: Σ (s − t')²·1[(s > t') ∨ (t' > 0)] over the masked count
+        target = torch.maximum(teacher, margin.view(1, -1, 1, 1))
+        counted = ((student > target) | (target > 0)) & mask
+        expected = ((student - target) ** 2 * counted).sum() / mask.expand_as(student).sum()
+        assert_rel_close(got[0], expected, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind, normalize", [("mse", "channel"), ("cosine", None), ("l1", "sample")])
+def test_fully_masked_input_gives_zero_loss_and_zero_gradient(backend, kind, normalize):
+    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
+    loss, grad_s, grad_t = run(student, teacher, backend, kind=kind, normalize=normalize,
+                               mask=torch.zeros(2, 1, 4, 4, dtype=torch.bool, device=DEVICE))
+    assert loss.item() == 0.0
+    assert torch.equal(grad_s, torch.zeros_like(grad_s)) and torch.equal(grad_t, torch.zeros_like(grad_t))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_masked_out_elements_change_nothing(backend):
+    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
+    mask = make_mask((2, 1, 4, 4), "bool")
+    base = run(student, teacher, backend, normalize="channel", mask=mask)
+    wild = torch.where(mask, student, 1e4)
+    moved = run(wild, teacher, backend, normalize="channel", mask=mask)
+    assert_rel_close(moved[0], base[0], 1e-5)
+    assert torch.equal(moved[1] != 0, base[1] != 0) and not moved[1][~mask.expand_as(student)].any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sum_reduction_and_teacher_without_grad(backend):
+    student, teacher = make((3, 4, 5)), make((3, 4, 5), seed=1)
+    total, _, grad_t = run(student, teacher, backend, teacher_grad=False, reduction="sum", kind="l1")
+    assert grad_t is None
+    assert_rel_close(total, (student - teacher).abs().sum(), 1e-5)
+
+
+def test_mean_without_mask_is_torch_mse_loss():
+    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
+    assert_rel_close(fastkd.feature_loss(student, teacher), nn.functional.mse_loss(student, teacher), 1e-5)
+
+
+def test_cosine_with_channel_standardisation_runs_the_reference():
+    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
+    auto = fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel")
+    assert_rel_close(auto, fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel",
+                                               backend="reference"), 1e-6)
+    with pytest.raises(RuntimeError, match="no 'triton' backend"):
+        fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel", backend="triton")
+
+
+def test_feature_loss_compiles_fullgraph():
+    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
+    compiled = torch.compile(functools.partial(fastkd.feature_loss, normalize="channel", backend="triton"),
+                             fullgraph=True)
+    assert_rel_close(compiled(student, teacher),
+                     fastkd.feature_loss(student, teacher, normalize="channel", backend="reference"), 1e-5)
+
+
+def test_ofd_margin_is_the_conditional_mean_of_the_negative_part():
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.3, -1.0, 2.0]))  # the last: Φ(−β/|γ|) = Φ(−4) < 1e-3 → −3|γ|
+    margin = fastkd.ofd_margin(bn)
+    samples = torch.randn(2_000_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for c in range(2):
+        x = bn.bias[c].double() + bn.weight[c].abs().double() * samples
+        assert margin[c].item() == pytest.approx(x[x < 0].mean().item(), rel=5e-3)
+    assert margin[2].item() == pytest.approx(-1.5)
+    with pytest.raises(TypeError, match="affine BatchNorm"):
+        fastkd.ofd_margin(nn.BatchNorm2d(3, affine=False))
+
+
+def test_feed_sums_weighted_losses_of_one_adapter_per_teacher():
+    student = make((2, 4, 4, 4), device="cpu")
+    teachers = [make((2, 8, 4, 4), seed=1, device="cpu"), make((2, 6, 2, 2), seed=2, device="cpu")]
+    feed = fastkd.FEED(student, teachers, weights=[0.7, 0.3])
+    expected = sum(w * fastkd.feature_loss(a(student), t, normalize="l2")
+                   for w, a, t in zip([0.7, 0.3], feed.adapters, teachers))
+    loss = feed(student, teachers)
+    assert_rel_close(loss, expected, 1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in feed.parameters())
+    with pytest.raises(ValueError, match="2 adapters"):
+        feed(student, teachers[:1])
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s, t: fastkd.feature_loss(s, t[:1]), ValueError, "same shape"),
+    (lambda s, t: fastkd.feature_loss(s, t.int()), TypeError, "teacher_feat must be a floating-point"),
+    (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(5, 1, 1)), ValueError, "does not broadcast"),
+    (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(1, 2, 3, 4, 4)), ValueError, "enlarge"),
+    (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(2, 3, 1, 1, dtype=torch.int64)), TypeError, "mask"),
+    (lambda s, t: fastkd.feature_loss(s, t, kind="huber"), ValueError, "kind"),
+    (lambda s, t: fastkd.feature_loss(s, t, normalize="batch"), ValueError, "normalize"),
+    (lambda s, t: fastkd.feature_loss(s, t, reduction="none"), ValueError, "reduction"),
+    (lambda s, t: fastkd.feature_loss(s, t, kind="smooth_l1", beta=0.0), ValueError, "beta"),
+    (lambda s, t: fastkd.feature_loss(s, t, margin=torch.zeros(4)), ValueError, r"shape \(C,\) = \(3,\)"),
+    (lambda s, t: fastkd.feature_loss(s, t, margin=torch.zeros(3), normalize="l2"), ValueError, "normalize=None"),
+    (lambda s, t: fastkd.feature_loss(s, t, kind="cosine", mask=torch.ones(3, 1, 1)), ValueError,
+     "constant along the channels"),
+    (lambda s, t: fastkd.feature_loss(s, t, channel_dim=0), ValueError, "channel_dim"),
+    (lambda s, t: fastkd.feature_loss(s[:, :, 0, 0], t[:, :, 0, 0], normalize="channel"), ValueError, "none"),
+])
+def test_bad_arguments_name_what_is_wrong(call, error, message):
+    with pytest.raises(error, match=message):
+        call(make((2, 3, 4, 4), device="cpu"), make((2, 3, 4, 4), seed=1, device="cpu"))
+
+
+def test_reference_terms_follow_the_documented_formula():
+    student, teacher = make((1, 2, 3), device="cpu"), make((1, 2, 3), seed=1, device="cpu")
+    terms, weights = reference.feature_loss_terms(student, teacher, torch.ones(1, 2, 3), kind="smooth_l1", beta=1.0,
+                                                  normalize=None, margin=None)
+    diff = (student - teacher).abs()
+    assert_rel_close(terms, torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5), 1e-6)
+    assert torch.equal(weights, torch.ones(1, 2, 3))
