@@ -186,16 +186,17 @@ def feature_forward_kernel(S, T, M, MARGIN, TERMS, WEIGHTS, num_c, num_s,
         tl.store(TERMS + group, tl.where(m != 0, m * (1.0 - cosine), 0.0))
         tl.store(WEIGHTS + group, m)
     else:
-        _, shift_s, shift_t, scale_s, scale_t, _, _ = _group_normalizers(S, T, M, group, num_c, num_s, s_strides,
-                                                                         t_strides, m_strides, HAS_MASK, GROUP,
-                                                                         NORMALIZE, BLOCK)
+        normalizers = _group_normalizers(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK,
+                                         GROUP, NORMALIZE, BLOCK)
+        shift_s, shift_t, scale_s, scale_t = normalizers[1], normalizers[2], normalizers[3], normalizers[4]
         terms = tl.zeros((BLOCK,), tl.float32)
         weights = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, _group_size(num_c, num_s, GROUP), BLOCK):
             n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
-            m, ys, yt, counted, _ = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides, m_strides,
-                                                     shift_s, shift_t, scale_s, scale_t, HAS_MASK, HAS_MARGIN)
-            term, _ = _term_and_slope(ys - yt, beta, KIND)
+            m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides,
+                                                           m_strides, shift_s, shift_t, scale_s, scale_t, HAS_MASK,
+                                                           HAS_MARGIN)
+            term, slope = _term_and_slope(ys - yt, beta, KIND)
             terms += tl.where(counted, m * term, 0.0)
             weights += m
         tl.store(TERMS + group, tl.sum(terms, 0))
@@ -248,10 +249,10 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
         if NORMALIZE != 0:
             for start in range(0, size, BLOCK):
                 n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
-                m, ys, yt, counted, _ = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides,
-                                                         m_strides, shift_s, shift_t, scale_s, scale_t, HAS_MASK,
-                                                         HAS_MARGIN)
-                _, slope = _term_and_slope(ys - yt, beta, KIND)
+                m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides,
+                                                               t_strides, m_strides, shift_s, shift_t, scale_s,
+                                                               scale_t, HAS_MASK, HAS_MARGIN)
+                term, slope = _term_and_slope(ys - yt, beta, KIND)
                 g = tl.where(counted, scale * m * slope, 0.0)
                 present = m != 0
                 sum_gs += tl.where(present, g, 0.0)
@@ -267,7 +268,7 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
             m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides,
                                                            m_strides, shift_s, shift_t, scale_s, scale_t, HAS_MASK,
                                                            HAS_MARGIN)
-            _, slope = _term_and_slope(ys - yt, beta, KIND)
+            term, slope = _term_and_slope(ys - yt, beta, KIND)
             g = tl.where(counted, scale * m * slope, 0.0)
             present = m != 0
             if NORMALIZE == 1:

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-# columns of the per-matrix table (int64): rows, cols, row stride, offset in u, offset in v, offset of its
-# partials, number of row tiles
-ROWS, COLS, STRIDE, U_OFFSET, V_OFFSET, PARTIAL_OFFSET, NUM_TILES, NUM_FIELDS = range(8)
+# the per-matrix table (int64) has NUM_FIELDS columns: rows, cols, row stride, offset in u, offset in v, offset of
+# its partials, number of row tiles
+NUM_FIELDS = 7
 
 
 @triton.jit
