@@ -1,7 +1,7 @@
 // The C++ CPU backend of fastkd.lipschitz.spectral_norms: grouped power iteration over a list of matrices.
 //
 // One iteration, per matrix W (rows × cols, unit column stride) from unit vectors u, v, reading W once:
-//   a = W v,  b = Wᵀ u,  σ = ‖a‖,  u ← a / max(σ, eps),  v ← b / max(‖b‖, eps)
+//   a = W v,  b = Wᵀ u,  σ = ‖a‖,  u ← a / σ,  v ← b / ‖b‖  (a vector whose new norm is ≤ eps is kept)
 // (the algorithm of kernels/lipschitz.py). Rows are cut into tiles of kPowerTileRows; the tiles of all matrices
 // are shared out among OpenMP threads, each tile writing its rows of a and its own partial Σ_rows W u per column,
 // which are then summed in tile order: the results do not depend on the thread count.

@@ -77,14 +77,15 @@ void power_tile(const PowerMatrix& w, int dtype, int64_t tile, const float* u, c
     for (; r < end; ++r) power_rows<1>(w, dtype, r, u, v, a, partial);
 }
 
-// σ = ‖a‖, u ← a/max(σ, eps); b = Σ_tiles partials (in tile order), v ← b/max(‖b‖, eps).
+// σ = ‖a‖, u ← a/σ; b = Σ_tiles partials (in tile order), v ← b/‖b‖; a vector whose new norm is ≤ eps keeps
+// its previous value (u_in, v_in), so that a zero weight does not zero its state for good.
 void power_finish(const PowerMatrix& w, int64_t tiles, float eps, const float* a, const float* partials,
-                  float* sigma, float* u, float* v) {
+                  const float* u_in, const float* v_in, float* sigma, float* u, float* v) {
     double squares = 0;
     for (int64_t r = 0; r < w.rows; ++r) squares += double(a[r]) * a[r];
     *sigma = static_cast<float>(std::sqrt(squares));
     const float u_scale = 1.0f / (*sigma > eps ? *sigma : eps);
-    for (int64_t r = 0; r < w.rows; ++r) u[r] = a[r] * u_scale;
+    for (int64_t r = 0; r < w.rows; ++r) u[r] = *sigma > eps ? a[r] * u_scale : u_in[r];
     squares = 0;
     for (int64_t c = 0; c < w.cols; ++c) {
         float b = 0.0f;
@@ -94,7 +95,7 @@ void power_finish(const PowerMatrix& w, int64_t tiles, float eps, const float* a
     }
     const float norm = static_cast<float>(std::sqrt(squares));
     const float v_scale = 1.0f / (norm > eps ? norm : eps);
-    for (int64_t c = 0; c < w.cols; ++c) v[c] *= v_scale;
+    for (int64_t c = 0; c < w.cols; ++c) v[c] = norm > eps ? v[c] * v_scale : v_in[c];
 }
 
 void power_iteration(const PowerArgs& args) {
@@ -136,8 +137,8 @@ void power_iteration(const PowerArgs& args) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t m = 0; m < num_matrices; ++m) {
                 power_finish(args.matrices[m], layout.tiles[m], args.eps, a_data + layout.u_offset[m],
-                             partial_data + layout.partial_offset[m], args.sigma + m, u_new + layout.u_offset[m],
-                             v_new + layout.v_offset[m]);
+                             partial_data + layout.partial_offset[m], u + layout.u_offset[m], v + layout.v_offset[m],
+                             args.sigma + m, u_new + layout.u_offset[m], v_new + layout.v_offset[m]);
             }
         }
         u = u_new;

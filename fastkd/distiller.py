@@ -24,7 +24,8 @@ Each term's value is ``weight(step) · term(batch)``; weights (and the temperatu
 divide by one divisor, the same for all of them: the counted rows of the call (rows whose label is not
 ``ignore_index``; all rows without labels), or ``normalizer`` when given. For gradient accumulation over micro-
 batches pass ``normalizer`` = the counted rows of the whole optimizer step (:meth:`Distiller.counted_rows`), and
-the micro-batch losses add up to the loss of the whole batch. Under DDP, ``normalize_across_ranks=True`` sums the
+the micro-batch losses add up to the loss of the whole batch (a normalizer of 0, a step without a counted row,
+counts as 1: the losses are 0). Under DDP, ``normalize_across_ranks=True`` sums the
 counted rows over the ranks (one all-reduce of one number, no host sync) and divides by the world size, so that
 DDP's gradient average equals the gradient of the concatenated batch even when ranks count different numbers of
 rows; a rank with no counted row contributes 0. :class:`Features` terms average over their elements.
@@ -35,8 +36,10 @@ registered, so it is not in ``state_dict()``, ``parameters()`` or ``train()``/DD
 ``.cuda()`` and ``.half()`` move it along. ``distiller.student`` is the model to save.
 
 **Features.** With ``capture="hooks"`` (default), :class:`Features` names modules by path (``"layer3.1.conv2"``)
-and forward hooks record their outputs (a module that runs more than once per forward records each call; the term's
-``call`` picks one). The hooks are picklable objects (``torch.save``, ``copy.deepcopy`` work) and
+and forward hooks record their outputs while the distiller runs the models, and only then (a module that runs more
+than once per forward records each call; the term's ``call`` picks one). An output changed in place after its module
+ran (``ReLU(inplace=True)`` after a BatchNorm, ``out += identity``) is an error in eager mode, not a silently
+different feature. The hooks are picklable objects (``torch.save``, ``copy.deepcopy`` work) and
 :meth:`Distiller.remove_hooks` removes them. With ``capture="outputs"`` no hook is installed: both models return
 ``(logits, features)``, features a dict (or a sequence), and terms name keys (or indices).
 
@@ -254,14 +257,50 @@ def _labels(batch: DistillBatch, term: Term) -> torch.Tensor:
     return batch.labels
 
 
-class _RecordOutput:
-    """Forward hook that appends the module's output to ``store[key]`` (a plain object, so it pickles)."""
+class _Capture:
+    """What the forward hooks record, only while the distiller runs its two models: per side, module path →
+    outputs in call order, with their tensors' versions to notice a later in-place change (versions are not
+    recorded inside torch.compile, whose functionalised graphs bump them). A plain object, so it pickles."""
 
-    def __init__(self, store: dict, key: str):
-        self.store, self.key = store, key
+    def __init__(self):
+        self.active = False
+        self.outputs = {"student": {}, "teacher": {}}
+        self.versions = {"student": {}, "teacher": {}}
+
+    def add(self, side: str, key: str) -> None:
+        self.outputs[side].setdefault(key, [])
+        self.versions[side].setdefault(key, [])
+
+    def clear(self) -> None:
+        self.active = False
+        for store in (*self.outputs.values(), *self.versions.values()):
+            for values in store.values():
+                values.clear()
+
+    def check_unchanged(self) -> None:
+        for side, store in self.outputs.items():
+            for key, outputs in store.items():
+                for output, version in zip(outputs, self.versions[side][key]):
+                    if version is not None and output._version != version:
+                        raise RuntimeError(
+                            f"the output of the {side}'s module {key!r} was changed in place after the module ran "
+                            f"(an in-place op follows it, e.g. ReLU(inplace=True) or `out += identity`), so the "
+                            f"captured feature is not that module's output; capture another module, or make that "
+                            f"op out of place")
+
+
+class _RecordOutput:
+    """Forward hook that records the module's output in a :class:`_Capture` while it is active."""
+
+    def __init__(self, capture: _Capture, side: str, key: str):
+        self.capture, self.side, self.key = capture, side, key
 
     def __call__(self, module: nn.Module, args, output) -> None:
-        self.store.setdefault(self.key, []).append(output)
+        if not self.capture.active:
+            return
+        self.capture.outputs[self.side][self.key].append(output)
+        eager_tensor = isinstance(output, torch.Tensor) and not torch.compiler.is_compiling()
+        self.capture.versions[self.side][self.key].append(output._version if eager_tensor else None)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -319,7 +358,7 @@ class Distiller(nn.Module):
         self.normalize_across_ranks = normalize_across_ranks
         self.schedule_step = 0
         self.adapters = nn.ModuleDict()
-        self._captured = {"student": {}, "teacher": {}}
+        self._capture = _Capture()
         self._hooks = []
         if capture == "hooks":
             for term in terms.values():
@@ -336,15 +375,27 @@ class Distiller(nn.Module):
                 self.adapters[name] = term.adapter
 
     def _hook(self, side: str, model: nn.Module, path: str) -> None:
-        store = self._captured[side]
-        if path in store:
+        if path in self._capture.outputs[side]:
             return
         try:
             module = _unwrapped(model).get_submodule(path)
         except AttributeError:
             raise ValueError(f"the {side} has no module {path!r}") from None
-        self._hooks.append(module.register_forward_hook(_RecordOutput(store, path)))
-        store[path] = []
+        self._hooks.append(module.register_forward_hook(_RecordOutput(self._capture, side, path)))
+        self._capture.add(side, path)
+
+    def _run_models(self, inputs: Any):
+        """Both models' outputs, the hooks recording meanwhile (and checked for later in-place changes)."""
+        self._capture.clear()
+        self._capture.active = True
+        try:
+            student_out = _call(self.student, inputs)
+            with torch.no_grad():
+                teacher_out = _call(self.teacher, inputs)
+        finally:
+            self._capture.active = False
+        self._capture.check_unchanged()
+        return student_out, teacher_out
 
     def _build_adapters(self, features: dict, example_inputs: Any) -> None:
         if example_inputs is None:
@@ -355,7 +406,7 @@ class Distiller(nn.Module):
         self.student.eval()
         try:
             with torch.no_grad():
-                student_out, teacher_out = _call(self.student, example_inputs), _call(self.teacher, example_inputs)
+                student_out, teacher_out = self._run_models(example_inputs)
                 student_features, teacher_features = self._features(student_out, teacher_out)
                 for term in features.values():
                     if term.adapter != "auto":
@@ -365,11 +416,11 @@ class Distiller(nn.Module):
                     term.adapter = adapter_for(student.shape, teacher.shape).to(student.device, student.dtype)
         finally:
             self.student.train(was_training)
-            self._clear()
+            self._capture.clear()
 
     def _features(self, student_out, teacher_out):
         if self.capture == "hooks":
-            return self._captured["student"], self._captured["teacher"]
+            return self._capture.outputs["student"], self._capture.outputs["teacher"]
         features = []
         for side, out in (("student", student_out), ("teacher", teacher_out)):
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -379,11 +430,6 @@ class Distiller(nn.Module):
             keys = found.keys() if isinstance(found, Mapping) else range(len(found))
             features.append({key: [found[key]] for key in keys})
         return features
-
-    def _clear(self) -> None:
-        for store in self._captured.values():
-            for outputs in store.values():
-                outputs.clear()
 
     def remove_hooks(self) -> None:
         """Remove the forward hooks from the student and teacher (Features terms then fail with a clear error)."""
@@ -401,8 +447,10 @@ class Distiller(nn.Module):
         return logits_shape[:-1].numel()
 
     def _normalizer(self, logits: torch.Tensor, labels: Optional[torch.Tensor], normalizer):
+        if isinstance(normalizer, torch.Tensor):  # 0: no counted row in the whole step; the losses are 0
+            return torch.where(normalizer > 0, normalizer, torch.ones_like(normalizer))
         if normalizer is not None:
-            return normalizer
+            return normalizer if normalizer != 0 else 1
         count = self.counted_rows(labels, logits.shape)
         if not (self.normalize_across_ranks and dist.is_available() and dist.is_initialized()):
             return count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
@@ -412,11 +460,8 @@ class Distiller(nn.Module):
 
     def forward(self, inputs: Any, labels: Optional[torch.Tensor] = None, *,
                 normalizer: Union[float, torch.Tensor, None] = None) -> DistillOutput:
-        self._clear()
         try:
-            student_out = _call(self.student, inputs)
-            with torch.no_grad():
-                teacher_out = _call(self.teacher, inputs)
+            student_out, teacher_out = self._run_models(inputs)
             student_features, teacher_features = self._features(student_out, teacher_out)
             if self.capture == "outputs":
                 student_out, teacher_out = student_out[0], teacher_out[0]
@@ -436,7 +481,7 @@ class Distiller(nn.Module):
                     _, metrics = kd_loss(student_out, teacher_out, labels=labels, ignore_index=self.ignore_index,
                                          return_stats=True)
         finally:
-            self._clear()
+            self._capture.clear()
         return DistillOutput(student_out, losses, sum(losses.values()), metrics)
 
     def advance_schedules(self, steps: int = 1) -> int:

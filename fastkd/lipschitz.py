@@ -4,7 +4,10 @@ the LONDON loss (Shang et al., "Lipschitz Continuity Guided Knowledge Distillati
 Power iteration, per matrix W (m × n; a Conv weight (out, in, *k) is viewed as (out, in·∏k)), from unit vectors
 u, v; each iteration reads W once::
 
-    a = W v,   b = Wᵀ u,   σ = ‖a‖,   u ← a / max(σ, eps),   v ← b / max(‖b‖, eps)
+    a = W v,   b = Wᵀ u,   σ = ‖a‖,   u ← a / σ,   v ← b / ‖b‖
+
+(a vector whose new norm is ≤ eps keeps its previous value: a zero weight, a LoRA B matrix at initialisation say,
+gets σ = 0 without losing its state).
 
 σ ≤ σ_max(W) and converges to it. From a random start, ``n_iter=250`` gives σ within 1e-3 (relative) of
 ``torch.linalg.matrix_norm(W, ord=2)`` for Gaussian random matrices up to 2048×512 and 1000×1000, the slow case

@@ -215,11 +215,18 @@ def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: to
     return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
 
 
+def _unit_or_kept(x: torch.Tensor, previous: torch.Tensor, eps: float) -> torch.Tensor:
+    """x/‖x‖, or ``previous`` where ‖x‖ ≤ eps."""
+    norm = x.norm()
+    return torch.where(norm > eps, x / norm.clamp_min(eps), previous)
+
+
 def power_iteration(matrices: list, u: torch.Tensor, v: torch.Tensor, *, n_iter: int, eps: float):
     """``n_iter`` power iterations on each matrix W (m × n) of ``matrices`` from the flat vectors u (Σ m) and v
-    (Σ n), without gradient: a = W v, b = Wᵀ u, σ = ‖a‖, u ← a/max(σ, eps), v ← b/max(‖b‖, eps) (both from the
-    previous vectors: one read of W per iteration). Returns σ (L,) of the last iteration, the new u and v, and
-    the v that the last iteration started from."""
+    (Σ n), without gradient: a = W v, b = Wᵀ u, σ = ‖a‖, u ← a/σ, v ← b/‖b‖ (both from the previous vectors: one
+    read of W per iteration). Returns σ (L,) of the last iteration, the new u and v, and
+    the v that the last iteration started from. A vector whose new norm is ≤ eps is kept unchanged (a zero weight
+    must not zero its state for good)."""
     dtype = _math_dtype(*matrices)
     with torch.no_grad():
         u_parts = list(u.to(dtype).split([w.shape[0] for w in matrices]))
@@ -230,8 +237,8 @@ def power_iteration(matrices: list, u: torch.Tensor, v: torch.Tensor, *, n_iter:
             v_prev = v_parts
             products = [(w.to(dtype) @ v_i, w.to(dtype).T @ u_i) for w, u_i, v_i in zip(matrices, u_parts, v_parts)]
             sigma = torch.stack([a.norm() for a, _ in products])
-            u_parts = [a / a.norm().clamp_min(eps) for a, _ in products]
-            v_parts = [b / b.norm().clamp_min(eps) for _, b in products]
+            u_parts = [_unit_or_kept(a, u_i, eps) for (a, _), u_i in zip(products, u_parts)]
+            v_parts = [_unit_or_kept(b, v_i, eps) for (_, b), v_i in zip(products, v_parts)]
     return sigma, torch.cat(u_parts), torch.cat(v_parts), torch.cat(v_prev)
 
 
@@ -294,9 +301,11 @@ def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch
     it. Elements with mask 0 are absent: they enter no statistic and no loss. Returns ``(terms, weights)``, both
     (N, C, S) for element-wise kinds and (N, 1, S) for ``"cosine"``; the loss is Σ terms (÷ Σ weights for
     ``"mean"``)."""
-    dtype = _math_dtype(student, teacher, mask)
-    s, t, m = student.to(dtype), teacher.to(dtype), mask.to(dtype)
+    dtype = _math_dtype(student, teacher)
+    m = mask.to(dtype)
     present = m != 0
+    # absent elements are zeroed first: a NaN or inf there must reach neither the loss nor the gradient
+    s, t = torch.where(present, student.to(dtype), 0), torch.where(present, teacher.to(dtype), 0)
     if normalize == "channel":
         s, t = _standardize(s, present, (2,)), _standardize(t, present, (2,))
     elif normalize == "sample":
@@ -313,7 +322,8 @@ def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch
         return torch.where(m != 0, m * (1 - dot / norms), 0), m
     counted = present
     if margin is not None:
-        t = torch.maximum(t, margin.to(dtype).view(1, -1, 1))
+        margin = margin.to(dtype).view(1, -1, 1)
+        t = torch.where(t > margin, t, margin)  # at a tie the margin is the target
         counted = present & ((s > t) | (t > 0))
     diff = s - t
     if kind == "mse":

@@ -147,7 +147,7 @@ def _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides, m_s
     clipped = counted & False
     if HAS_MARGIN:
         margin = tl.load(MARGIN + c, mask=inside, other=0.0).to(tl.float32)
-        clipped = margin > yt
+        clipped = margin >= yt
         yt = tl.maximum(yt, margin)
         counted = counted & ((ys > yt) | (yt > 0))
     return m, ys, yt, counted, clipped
@@ -229,11 +229,11 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
             n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
             xs = _load(S, n, c, s, s_strides, inside)
             xt = _load(T, n, c, s, t_strides, inside)
-            grad_s = weight * (coef_s * xs - xt / (a * b))  # 0 where the position is masked out: weight = 0
+            grad_s = tl.where(weight != 0, weight * (coef_s * xs - xt / (a * b)), 0.0)  # masked out: 0, even for NaN
             tl.store(GRAD_S + n * gs_strides[0] + c * gs_strides[1] + s * gs_strides[2],
                      grad_s.to(GRAD_S.dtype.element_ty), mask=inside)
             if TEACHER_GRAD:
-                grad_t = weight * (coef_t * xt - xs / (a * b))
+                grad_t = tl.where(weight != 0, weight * (coef_t * xt - xs / (a * b)), 0.0)
                 tl.store(GRAD_T + n * gt_strides[0] + c * gt_strides[1] + s * gt_strides[2],
                          grad_t.to(GRAD_T.dtype.element_ty), mask=inside)
     else:
@@ -296,7 +296,7 @@ def _grid_and_block(num_n: int, num_c: int, num_s: int, group: int) -> tuple[int
 def _common(student, teacher, mask, margin, *, kind, normalize, group, beta):
     num_n, num_c, num_s = student.shape
     mask_arg = mask if mask is not None else student
-    return dict(args=(student, teacher, mask_arg, margin if margin is not None else student),
+    return dict(args=(student, teacher, mask_arg, margin.contiguous() if margin is not None else student),
                 sizes=(num_c, num_s),
                 strides=(*student.stride(), *teacher.stride(), *(mask.stride() if mask is not None else (0, 0, 0))),
                 beta=beta,

@@ -2,7 +2,9 @@
 
 One iteration on a matrix W (m × n) with unit vectors u (m), v (n) computes, reading W once,
 
-    a = W v,    b = Wᵀ u,    σ = ‖a‖,    u ← a / max(σ, eps),    v ← b / max(‖b‖, eps)
+    a = W v,    b = Wᵀ u,    σ = ‖a‖,    u ← a / σ,    v ← b / ‖b‖
+
+(a vector whose new norm is ≤ eps is kept as it was, so a zero weight does not zero its state for good)
 
 (both products from the previous vectors: u and v follow two interleaved power iterations of W Wᵀ and WᵀW).
 
@@ -55,7 +57,7 @@ def power_step_kernel(POINTERS, TABLE, TILE_MATRIX, TILE_INDEX, U, V, A, PARTIAL
 
 
 @triton.jit
-def power_finish_kernel(TABLE, A, PARTIALS, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS: tl.constexpr,
+def power_finish_kernel(TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS: tl.constexpr,
                         BLOCK: tl.constexpr):
     matrix = tl.program_id(0).to(tl.int64)
     info = TABLE + matrix * NUM_FIELDS
@@ -74,7 +76,8 @@ def power_finish_kernel(TABLE, A, PARTIALS, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS
     for start in range(0, num_rows, BLOCK):
         in_rows = start + lanes < num_rows
         a = tl.load(A + u_offset + start + lanes, mask=in_rows, other=0.0)
-        tl.store(U_OUT + u_offset + start + lanes, a * scale, mask=in_rows)
+        u = tl.load(U_IN + u_offset + start + lanes, mask=in_rows, other=0.0)
+        tl.store(U_OUT + u_offset + start + lanes, tl.where(sigma > eps, a * scale, u), mask=in_rows)
 
     squares = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, num_cols, BLOCK):
@@ -84,11 +87,13 @@ def power_finish_kernel(TABLE, A, PARTIALS, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS
             b += tl.load(PARTIALS + partial_offset + t * num_cols + start + lanes, mask=in_cols, other=0.0)
         squares += b * b
         tl.store(V_OUT + v_offset + start + lanes, b, mask=in_cols)
-    scale = 1.0 / tl.maximum(tl.sqrt(tl.sum(squares, axis=0)), eps)
+    norm = tl.sqrt(tl.sum(squares, axis=0))
+    scale = 1.0 / tl.maximum(norm, eps)
     for start in range(0, num_cols, BLOCK):
         in_cols = start + lanes < num_cols
         b = tl.load(V_OUT + v_offset + start + lanes, mask=in_cols, other=0.0)
-        tl.store(V_OUT + v_offset + start + lanes, b * scale, mask=in_cols)
+        v = tl.load(V_IN + v_offset + start + lanes, mask=in_cols, other=0.0)
+        tl.store(V_OUT + v_offset + start + lanes, tl.where(norm > eps, b * scale, v), mask=in_cols)
 
 
 _ELEMENTS = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -100,6 +105,7 @@ def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
     float32 vectors u (Σ rows) and v (Σ cols). Returns σ (L,) of the last iteration, the new u and v, and the v
     that last iteration started from (σ = ‖W v_prev‖, so ∂σ/∂W = u vₚᵣₑᵥᵀ)."""
     device = u.device
+    u, v = u.contiguous(), v.contiguous()
     tiles = [triton.cdiv(w.shape[0], BLOCK_R) for w in matrices]
     table, offsets = [], [0, 0, 0]
     for w, num_tiles in zip(matrices, tiles):
@@ -119,7 +125,8 @@ def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
         power_step_kernel[(len(tile_matrix),)](pointers, table, tile_matrix, tile_index, u, v, a, partials,
                                                ELEMENT=element, NUM_FIELDS=NUM_FIELDS, BLOCK_R=BLOCK_R,
                                                BLOCK_C=BLOCK_C)
-        u, v = torch.empty_like(u), torch.empty_like(v)
-        power_finish_kernel[(len(matrices),)](table, a, partials, u, v, sigma, eps, NUM_FIELDS=NUM_FIELDS,
-                                              BLOCK=FINISH_BLOCK)
+        u_new, v_new = torch.empty_like(u), torch.empty_like(v)
+        power_finish_kernel[(len(matrices),)](table, a, partials, u, v, u_new, v_new, sigma, eps,
+                                              NUM_FIELDS=NUM_FIELDS, BLOCK=FINISH_BLOCK)
+        u, v = u_new, v_new
     return sigma, u, v, v_prev

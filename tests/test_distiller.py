@@ -108,7 +108,7 @@ def test_hooks_capture_nested_module_paths():
         "hint": Features("blocks.1.mlp.0", "blocks.0", adapter=nn.Linear(12, 20)), "probe": record})
     distiller(batch()[0])
     assert captured["s"] is seen["s"] and captured["t"] is seen["t"]
-    assert all(not outputs for store in distiller._captured.values() for outputs in store.values())
+    assert all(not outputs for store in distiller._capture.outputs.values() for outputs in store.values())
 
 
 def test_a_module_called_twice_records_both_calls_and_call_picks_one():
@@ -438,3 +438,49 @@ def test_london_term_reads_the_stage_features_and_matches_london_loss():
     assert student[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="same number"):
         London(["1", "3"], ["1"])
+
+
+def test_hooks_record_nothing_outside_the_distiller_forward():
+    student, teacher = make_pair()
+    x = batch()[0]
+    distiller = Distiller(student, teacher, terms={"hint": Features("blocks", "blocks")}, example_inputs=x)
+    for _ in range(3):
+        student(x)
+    assert all(not outputs for store in distiller._capture.outputs.values() for outputs in store.values())
+    buffer = io.BytesIO()
+    torch.save(distiller.student, buffer)  # the saved student carries an inactive hook and no tensors
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    restored(x)
+    hook = next(iter(restored.blocks._forward_hooks.values()))
+    assert not hook.capture.active and not hook.capture.outputs["student"]["blocks"]
+
+
+def test_a_feature_changed_in_place_after_its_module_is_an_error():
+    class PreActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(10, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.relu = nn.ReLU(inplace=True)
+            self.head = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            return self.head(self.relu(self.bn(self.linear(x))))
+
+    torch.manual_seed(0)
+    student, teacher = PreActivation(), PreActivation()
+    distiller = Distiller(student, teacher, terms={"hint": Features("bn", "bn", adapter=None)})
+    with pytest.raises(RuntimeError, match="'bn' was changed in place"):
+        distiller(batch()[0])
+    fine = Distiller(student, teacher, terms={"hint": Features("linear", "linear", adapter=None)})
+    assert torch.isfinite(fine(batch()[0]).loss)
+
+
+def test_a_step_without_counted_rows_gives_zero_losses_not_nan():
+    student, teacher = make_pair()
+    x, y = batch(rows=3, ignored=range(3))
+    distiller = Distiller(student, teacher, terms={"ce": CrossEntropy(), "kd": KD(), "dkd": DKD()})
+    for normalizer in (distiller.counted_rows(y), 0):
+        out = distiller(x, y, normalizer=normalizer)
+        assert all(value.item() == 0.0 for value in out.losses.values())

@@ -228,3 +228,34 @@ def test_reference_terms_follow_the_documented_formula():
     diff = (student - teacher).abs()
     assert_rel_close(terms, torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5), 1e-6)
     assert torch.equal(weights, torch.ones(1, 2, 3))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind, normalize", [("mse", None), ("mse", "channel"), ("l1", "sample"), ("mse", "l2"),
+                                             ("cosine", None)])
+def test_nan_and_inf_in_masked_out_elements_reach_neither_loss_nor_gradient(backend, kind, normalize):
+    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
+    student[0, :, 0, 0] = float("nan")
+    teacher[0, :, 0, 0] = float("inf")
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool, device=DEVICE)
+    mask[0, :, 0, 0] = False
+    loss, grad_s, grad_t = run(student, teacher, backend, kind=kind, normalize=normalize, mask=mask)
+    clean = run(torch.where(mask, student, 0), torch.where(mask, teacher, 0), backend, kind=kind,
+                normalize=normalize, mask=mask)
+    assert torch.isfinite(loss) and torch.isfinite(grad_s).all() and torch.isfinite(grad_t).all()
+    for a, b in zip((loss, grad_s, grad_t), clean):
+        assert_rel_close(a, b, 1e-6)
+
+
+def test_a_non_contiguous_margin_is_read_by_its_strides():
+    student, teacher = make((2, 4, 3, 3)), make((2, 4, 3, 3), seed=1)
+    margin = torch.randn(8, generator=torch.Generator().manual_seed(2)).to(DEVICE)[::2]
+    assert_rel_close(fastkd.feature_loss(student, teacher, margin=margin, backend="triton"),
+                     fastkd.feature_loss(student, teacher, margin=margin.contiguous(), backend="reference"), 1e-5)
+
+
+def test_a_float64_mask_does_not_change_the_loss_dtype():
+    student, teacher = make((2, 3, 4, 4), device="cpu"), make((2, 3, 4, 4), seed=1, device="cpu")
+    loss = fastkd.feature_loss(student, teacher, mask=torch.ones(2, 1, 4, 4, dtype=torch.float64),
+                               backend="reference")
+    assert loss.dtype == torch.float32

@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent('''
                         options_b, arch)
     step = {"POINTERS": "*i64", "TABLE": "*i64", "TILE_MATRIX": "*i32", "TILE_INDEX": "*i32", "U": f32, "V": f32,
             "A": f32, "PARTIALS": f32}
-    finish = {"TABLE": "*i64", "A": f32, "PARTIALS": f32, "U_OUT": f32, "V_OUT": f32, "SIGMA": f32, "eps": "fp32"}
+    finish = {"TABLE": "*i64", "A": f32, "PARTIALS": f32, "U_IN": f32, "V_IN": f32, "U_OUT": f32, "V_OUT": f32,
+              "SIGMA": f32, "eps": "fp32"}
     for arch in (80, 90):
         for element in (tl.float32, tl.bfloat16):
             options = dict(ELEMENT=element, NUM_FIELDS=lipschitz.NUM_FIELDS, BLOCK_R=lipschitz.BLOCK_R,

@@ -258,3 +258,27 @@ def test_london_loss_uniform_init_is_seeded_by_the_generator():
 def test_london_loss_bad_arguments(make, error, message):
     with pytest.raises(error, match=message):
         make(stages(0), stages(1))
+
+
+def test_a_zero_weight_keeps_its_state_and_recovers(kernel):
+    weights = make_weights(shapes=[(6, 5), (4, 3)], device=kernel.device)
+    zero = [torch.zeros_like(weights[0]), weights[1]]
+    state = state_on(weights)
+    sigma, after_zero = lipschitz.spectral_norms(zero, n_iter=3, state=state, backend=kernel.backend)
+    assert sigma[0].item() == 0.0
+    assert_rel_close(after_zero.u[:6], state.u[:6], 0.0)  # u of the zero weight kept as it was
+    sigma, _ = lipschitz.spectral_norms(weights, n_iter=100, state=after_zero, backend=kernel.backend)
+    exact = torch.linalg.matrix_norm(weights[0].double().cpu(), ord=2)
+    assert sigma[0].item() == pytest.approx(exact.item(), rel=1e-3)
+
+
+def test_a_strided_state_is_read_correctly():
+    weights = make_weights(shapes=[(6, 5), (4, 3)])
+    state = state_on(weights)
+    spread = [torch.zeros(2 * x.numel(), device=x.device) for x in state]
+    for full, x in zip(spread, state):
+        full[::2] = x
+    strided = lipschitz.PowerIterationState(spread[0][::2], spread[1][::2])
+    got, _ = lipschitz.spectral_norms(weights, n_iter=3, state=strided, backend="triton")
+    want, _ = lipschitz.spectral_norms(weights, n_iter=3, state=state, backend="reference")
+    assert_rel_close(got, want, 1e-5)
