@@ -1,5 +1,5 @@
-// fastkd CPU kernels (kd_loss, power iteration) for AVX2 (setup.py compiles this file with -mavx2 -mfma); an empty entry when the compiler
-// did not target it.
+// fastkd CPU kernels (kd_loss, power iteration) for AVX2 (setup.py compiles this file with -mavx2 -mfma);
+// an empty entry when the compiler did not target it.
 #include "kd_cpu.h"
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define FASTKD_ISA avx2

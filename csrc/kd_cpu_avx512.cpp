@@ -1,5 +1,5 @@
-// fastkd CPU kernels (kd_loss, power iteration) for AVX-512 (setup.py compiles this file with -mavx512f -mavx512bw -mavx512dq -mavx512vl
-// -mfma); an empty entry when the compiler did not target it.
+// fastkd CPU kernels (kd_loss, power iteration) for AVX-512 (setup.py compiles this file with -mavx512f
+// -mavx512bw -mavx512dq -mavx512vl -mfma); an empty entry when the compiler did not target it.
 #include "kd_cpu.h"
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VL__) && defined(__FMA__)

@@ -1,4 +1,5 @@
-// fastkd CPU kernels (kd_loss, power iteration) for any CPU: 16-byte vectors (SSE2 on x86-64, NEON on ARM, scalar code elsewhere).
+// fastkd CPU kernels (kd_loss, power iteration) for any CPU: 16-byte vectors (SSE2 on x86-64, NEON on ARM,
+// scalar code elsewhere).
 #define FASTKD_ISA portable
 #define FASTKD_ISA_NAME "portable"
 #define FASTKD_VEC_BYTES 16
