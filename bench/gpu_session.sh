@@ -15,7 +15,7 @@ for step in $steps; do
     case $step in
         tests) python3 -m pytest -q -p no:cacheprovider --rootdir="$OLDPWD" "$OLDPWD/tests" 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
         tune)  python3 "$OLDPWD/bench/tune_kd.py" --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" ;;
-        bench) fastkd bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+        bench) fastkd bench --op all --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
         divergences) python3 "$OLDPWD/bench/divergences.py" 2>&1 | tee "$OUT/divergences.log" ;;
         overhead) python3 "$OLDPWD/bench/profile_overhead.py" 256 100 2>&1 | head -12 | tee "$OUT/overhead.log" ;;
     esac

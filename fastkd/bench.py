@@ -1,4 +1,8 @@
-"""Benchmark harness behind ``fastkd bench``: kd_loss against the expressions users run today.
+"""Benchmark harness behind ``fastkd bench``: fastkd's ops against the expressions users run today.
+
+Ops (``--op``): ``kd`` (kd_loss vs the eager KL expression, torch.compile of it and Liger-Kernel), ``feature``
+(feature_loss with a spatial mask and per-channel standardisation vs the eager expression and torch.compile of it)
+and ``lipschitz`` (one power iteration over every Linear/Conv weight of ResNet-18 vs a per-layer torch loop).
 
 For each shape, every implementation's loss and student gradient are first checked against the float64
 truth (fastkd's reference on float64 copies of the inputs), then timed (median over repeats) for forward alone
@@ -31,12 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_backend
+from .features import feature_loss
 from .kd import kd_loss
+from .lipschitz import init_state, spectral_norms
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPS = ("kd", "feature", "lipschitz")
 DEFAULT_SHAPES = {
-    "cuda": ["256x100:fp32", "1024x1000:fp32", "8192x32000:bf16", "4096x128256:bf16"],
-    "cpu": ["256x100:fp32", "1024x1000:fp32", "512x32000:fp32"],
+    "kd": {"cuda": ["256x100:fp32", "1024x1000:fp32", "8192x32000:bf16", "4096x128256:bf16"],
+           "cpu": ["256x100:fp32", "1024x1000:fp32", "512x32000:fp32"]},
+    "feature": {"cuda": ["64x256x28x28:bf16", "256x256x28x28:bf16"], "cpu": ["16x64x28x28:fp32"]},
+    "lipschitz": {"cuda": ["resnet18:fp32", "resnet18:bf16"], "cpu": ["resnet18:fp32"]},
 }
 
 
@@ -54,16 +63,33 @@ class Result:
     note: str = ""
 
 
-def parse_shape(spec: str) -> tuple[int, int, torch.dtype]:
-    """``"8192x32000:bf16"`` → (8192, 32000, torch.bfloat16); the dtype defaults to fp32."""
+SHAPE_FORMS = {"kd": "ROWSxVOCAB", "feature": "NxCxHxW", "lipschitz": "resnet18"}
+
+
+def parse_spec(spec: str, op: str = "kd", default_dtype: str = "fp32") -> tuple[tuple, torch.dtype]:
+    """``"8192x32000:bf16"`` → ((8192, 32000), torch.bfloat16) for ``op`` (``"resnet18"`` for lipschitz); the
+    dtype defaults to ``default_dtype``."""
     dims, _, dtype = spec.partition(":")
-    try:
-        rows, cols = (int(x) for x in dims.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"a shape is written ROWSxVOCAB[:fp32|fp16|bf16], got {spec!r}") from None
     if dtype and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r} in {spec!r}")
-    return rows, cols, DTYPES[dtype or "fp32"]
+    form = SHAPE_FORMS[op]
+    if op == "lipschitz":
+        if dims != "resnet18":
+            raise ValueError(f"lipschitz benchmarks the weights of {form}: write resnet18[:dtype], got {spec!r}")
+        return (), DTYPES[dtype or default_dtype]
+    try:
+        shape = tuple(int(x) for x in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != len(form.split("x")) or min(shape, default=0) < 1:
+        raise ValueError(f"a {op} shape is written {form}[:fp32|fp16|bf16], got {spec!r}")
+    return shape, DTYPES[dtype or default_dtype]
+
+
+def parse_shape(spec: str) -> tuple[int, int, torch.dtype]:
+    """``"8192x32000:bf16"`` → (8192, 32000, torch.bfloat16); the dtype defaults to fp32."""
+    (rows, cols), dtype = parse_spec(spec, "kd")
+    return rows, cols, dtype
 
 
 def eager_kd(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -221,6 +247,133 @@ def bench_shape(spec: str, device: torch.device, temperature: float, impls, band
     return results
 
 
+def _timed_result(spec: str, name: str, device: torch.device, forward, forward_backward, reps: int,
+                  roofline_bytes: Optional[float], bandwidth_gbs: Optional[float], error: float,
+                  tolerance: float) -> Result:
+    """Time ``forward`` (and ``forward_backward`` unless None), read the peak memory, fill a Result."""
+    fwd = median_ms(forward, device, reps=reps)
+    fwd_bwd = median_ms(forward_backward, device, reps=reps) if forward_backward is not None else None
+    memory = peak_extra_mib(forward_backward or forward, device)
+    timed = fwd_bwd if fwd_bwd is not None else fwd
+    roofline = None
+    if bandwidth_gbs is not None and roofline_bytes is not None:
+        roofline = 100 * (roofline_bytes / (bandwidth_gbs * 1e9) * 1e3) / timed
+    return Result(spec, name, fwd, fwd_bwd, None, memory, roofline, error, error <= tolerance)
+
+
+def eager_feature_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked, per-channel standardised MSE between (N, C, H, W) maps, as eager code writes it."""
+    count = mask.sum((2, 3), keepdim=True).clamp_min(1)
+
+    def standardise(x):
+        mean = (x * mask).sum((2, 3), keepdim=True) / count
+        var = (((x - mean) * mask) ** 2).sum((2, 3), keepdim=True) / count
+        return (x - mean) / torch.sqrt(var + 1e-5)
+    diff = standardise(s.float()) - standardise(t.float())
+    return (diff ** 2 * mask).sum() / mask.expand_as(diff).sum()
+
+
+def bench_feature_shape(spec: str, device: torch.device, bandwidth_gbs: Optional[float], reps: int) -> list[Result]:
+    """feature_loss (spatial mask, normalize="channel", mse) forward and forward+backward against eager code."""
+    shape, dtype = parse_spec(spec, "feature")
+    gen = torch.Generator(device="cpu").manual_seed(sum(shape))
+    student = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    teacher = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    mask = (torch.rand(shape[0], 1, *shape[2:], generator=gen) > 0.2).to(device=device, dtype=torch.float32)
+    impls = {
+        "fastkd": lambda s, t: feature_loss(s, t, mask=mask, normalize="channel"),
+        "torch eager": lambda s, t: eager_feature_loss(s, t, mask),
+        "torch.compile": torch.compile(lambda s, t: eager_feature_loss(s, t, mask), dynamic=False),
+    }
+    s64 = student.detach().double().requires_grad_(True)
+    truth = feature_loss(s64, teacher.double(), mask=mask.double(), normalize="channel", backend="reference")
+    (truth_grad,) = torch.autograd.grad(truth, s64)
+    # forward reads s, t and the mask; backward reads them again and writes the gradient of s
+    roofline_bytes = student.numel() * student.element_size() * 5 + 2 * mask.numel() * mask.element_size()
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    results = []
+    for name, impl in impls.items():
+        try:
+            loss = impl(student, teacher)
+            (grad,) = torch.autograd.grad(loss, student)
+            error = max(relative_error(loss, truth), relative_error(grad, truth_grad))
+            del loss, grad
+
+            def forward():
+                with torch.no_grad():
+                    return impl(student, teacher)
+            results.append(_timed_result(spec, name, device, forward,
+                                         lambda: torch.autograd.grad(impl(student, teacher), student), reps,
+                                         roofline_bytes, bandwidth_gbs, error, tolerance))
+        except RuntimeError as exc:
+            results.append(Result(spec, name, None, None, None, None, None, None, None,
+                                  f"{type(exc).__name__}: {exc}"[:80]))
+    return results
+
+
+def resnet18_weight_shapes() -> list:
+    """The 21 Linear/Conv weight shapes of torchvision's ResNet-18 (11.7M parameters), without torchvision."""
+    shapes = [(64, 3, 7, 7)]
+    channels = 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            shapes += [(width, channels if block == 0 else width, 3, 3), (width, width, 3, 3)]
+            if block == 0 and (stride != 1 or channels != width):
+                shapes.append((width, channels, 1, 1))
+        channels = width
+    return shapes + [(1000, 512)]
+
+
+def resnet18_weights(dtype: torch.dtype, device, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g) / shape[1] ** 0.5).to(dtype).to(device)
+            for shape in resnet18_weight_shapes()]
+
+
+def loop_power_iteration(weights: list, us: list, vs: list, eps: float = 1e-12) -> torch.Tensor:
+    """The iteration of spectral_norms, layer by layer in PyTorch (W v and Wᵀ u: each weight read twice); updates
+    us/vs in place and returns σ."""
+    sigmas = []
+    for i, w in enumerate(weights):
+        matrix = w.reshape(w.shape[0], -1)
+        a = torch.mv(matrix, vs[i].to(w.dtype)).float()
+        b = torch.mv(matrix.T, us[i].to(w.dtype)).float()
+        sigma = a.norm()
+        us[i], vs[i] = a / sigma.clamp_min(eps), b / b.norm().clamp_min(eps)
+        sigmas.append(sigma)
+    return torch.stack(sigmas)
+
+
+def power_iteration_steps(weights: list) -> dict:
+    """name → step(): one power iteration over the whole list, each implementation with its own state."""
+    state = [init_state(weights, generator=torch.Generator().manual_seed(1))]
+    us = list(state[0].u.split([w.shape[0] for w in weights]))
+    vs = list(state[0].v.split([w[0].numel() for w in weights]))
+
+    def fused():
+        sigma, state[0] = spectral_norms(weights, n_iter=1, state=state[0])
+        return sigma
+    return {"fastkd": fused, "per-layer torch loop": lambda: loop_power_iteration(weights, us, vs)}
+
+
+def bench_lipschitz(spec: str, device: torch.device, bandwidth_gbs: Optional[float], reps: int) -> list[Result]:
+    """One power iteration over ResNet-18's weights: fastkd's grouped pass against the per-layer loop. The
+    roofline is reading every weight once; "rel err" is the largest σ difference from fastkd after 200
+    iterations of each."""
+    _, dtype = parse_spec(spec, "lipschitz")
+    weights = resnet18_weights(dtype, device)
+    steps = power_iteration_steps(weights)
+    sigmas = {}
+    for name, step in steps.items():
+        for _ in range(200):
+            sigmas[name] = step()
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    return [_timed_result(spec, name, device, step, None, reps, nbytes, bandwidth_gbs,
+                          relative_error(sigmas[name], sigmas["fastkd"].double()), tolerance)
+            for name, step in steps.items()]
+
+
 def environment(device: torch.device) -> dict:
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "python": platform.python_version(),
@@ -235,43 +388,70 @@ def environment(device: torch.device) -> dict:
 
 
 def format_table(results: list[Result]) -> str:
+    """One line per (shape, implementation); the speedup compares forward+backward (forward alone where an op has
+    no backward) with fastkd's on the same shape."""
     def fmt(x, spec):
         return format("-", ">" + spec.split(".")[0]) if x is None else format(x, spec)
 
-    base = {r.shape: r.forward_backward_ms for r in results if r.implementation == "fastkd"}
-    header = (f"{'shape':<18} {'implementation':<14} {'fwd ms':>9} {'fwd+bwd ms':>11} {'graph ms':>9} "
-              f"{'fastkd speedup':>14} "
-              f"{'peak MiB':>9} {'roofline':>8} {'rel err':>8}  within tolerance")
+    def timed(r):
+        return r.forward_backward_ms if r.forward_backward_ms is not None else r.forward_ms
+
+    base = {r.shape: timed(r) for r in results if r.implementation == "fastkd"}
+    header = (f"{'shape':<18} {'implementation':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'graph ms':>9} "
+              f"{'fastkd speedup':>14} {'peak MiB':>9} {'roofline':>8} {'rel err':>8}  within tolerance")
     lines = [header, "-" * len(header)]
     for r in results:
-        speedup = (r.forward_backward_ms / base[r.shape]
-                   if r.forward_backward_ms and base.get(r.shape) else None)
+        speedup = timed(r) / base[r.shape] if timed(r) and base.get(r.shape) else None
         within = "-" if r.within_tolerance is None else ("yes" if r.within_tolerance else "NO")
-        lines.append(f"{r.shape:<18} {r.implementation:<14} {fmt(r.forward_ms, '9.3f')} "
-                     f"{fmt(r.forward_backward_ms, '11.3f')} {fmt(r.graph_ms, '9.3f')} {fmt(speedup, '13.2f')}x {fmt(r.peak_extra_mib, '9.1f')} "
-                     f"{fmt(r.roofline_pct, '7.1f')}{' ' if r.roofline_pct is None else '%'} {fmt(r.max_rel_error, '8.1e')}  {within} {r.note}")
+        lines.append(f"{r.shape:<18} {r.implementation:<20} {fmt(r.forward_ms, '9.3f')} "
+                     f"{fmt(r.forward_backward_ms, '11.3f')} {fmt(r.graph_ms, '9.3f')} {fmt(speedup, '13.2f')}x "
+                     f"{fmt(r.peak_extra_mib, '9.1f')} {fmt(r.roofline_pct, '7.1f')}"
+                     f"{' ' if r.roofline_pct is None else '%'} {fmt(r.max_rel_error, '8.1e')}  {within} {r.note}")
     return "\n".join(lines)
 
 
-def run(shapes: Optional[list[str]] = None, *, device: Optional[str] = None, temperature: float = 4.0,
-        reps: int = 20, json_path: Optional[str] = None, log=print) -> dict:
+def run(shapes: Optional[list[str]] = None, *, op: str = "kd", device: Optional[str] = None,
+        temperature: float = 4.0, reps: int = 20, dtype: Optional[str] = None, json_path: Optional[str] = None,
+        log=print) -> dict:
+    """Benchmark ``op`` (one of :data:`OPS`, or ``"all"`` with the default shapes of each) on ``shapes`` (default:
+    sized for the device; ``dtype`` is the dtype of shapes that name none), print the table, optionally write
+    JSON; returns the report."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shapes = shapes or DEFAULT_SHAPES[dev.type]
-    for spec in shapes:
-        parse_shape(spec)  # fail before any timing
+    if op not in OPS + ("all",):
+        raise ValueError(f"op must be one of {OPS + ('all',)}, got {op!r}")
+    if op == "all" and shapes:
+        raise ValueError("--op all runs each op's default shapes; give --shapes with a single --op")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    plan = {name: [spec if ":" in spec or dtype is None else f"{spec}:{dtype}"
+                   for spec in (shapes or DEFAULT_SHAPES[name][dev.type])]
+            for name in (OPS if op == "all" else (op,))}
+    for name, specs in plan.items():
+        for spec in specs:
+            parse_spec(spec, name)  # fail before any timing
     env = environment(dev)
     bandwidth = copy_bandwidth_gbs(dev)
     env["copy_bandwidth_gbs"] = round(bandwidth, 1)
     log(f"fastkd bench: {env}")
-    log(f"kd_loss forward+backward, T={temperature}, batchmean; speedup = implementation time / fastkd time; "
-        f"rel err = max relative error of loss and student gradient against float64; roofline = time to read "
-        f"s and t twice and write the gradient at the copy bandwidth / measured time")
-    impls = implementations(temperature)
-    results = []
-    for spec in shapes:
-        results += bench_shape(spec, dev, temperature, impls, bandwidth, reps)
-    log(format_table(results))
-    report = {"environment": env, "temperature": temperature, "results": [dataclasses.asdict(r) for r in results]}
+    report = {"environment": env, "temperature": temperature, "results": {}}
+    for name, specs in plan.items():
+        if name == "kd":
+            log(f"kd_loss forward+backward, T={temperature}, batchmean; speedup = implementation time / fastkd "
+                f"time; rel err = max relative error of loss and student gradient against float64; roofline = "
+                f"time to read s and t twice and write the gradient at the copy bandwidth / measured time")
+            impls = implementations(temperature)
+            results = [r for spec in specs for r in bench_shape(spec, dev, temperature, impls, bandwidth, reps)]
+        elif name == "feature":
+            log("feature_loss (mse, spatial mask, normalize='channel') forward and forward+backward; rel err against "
+                "float64; roofline = time to read s, t and the mask twice and write the gradient / measured time")
+            results = [r for spec in specs for r in bench_feature_shape(spec, dev, bandwidth, reps)]
+        else:
+            log("spectral norms: one power iteration over the 21 Linear/Conv weights of ResNet-18 (fwd ms); rel err "
+                "= largest σ difference from fastkd after 200 iterations; roofline = time to read every weight "
+                "once / measured time")
+            results = [r for spec in specs for r in bench_lipschitz(spec, dev, bandwidth, reps)]
+        log(format_table(results))
+        report["results"][name] = [dataclasses.asdict(r) for r in results]
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

@@ -1,6 +1,6 @@
 """The ``fastkd`` command line: ``fastkd demo`` distils a student on scikit-learn's digits and compares it with
-the same student trained from scratch; ``fastkd bench`` times kd_loss against torch eager, torch.compile and
-Liger-Kernel (when installed) on this machine."""
+the same student trained from scratch; ``fastkd bench`` times fastkd's ops (kd_loss, feature_loss, spectral norms)
+against torch eager, torch.compile, Liger-Kernel (when installed) or a per-layer loop, on this machine."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +10,15 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastkd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="time kd_loss forward+backward against the usual baselines")
+    bench = commands.add_parser("bench", help="time fastkd's ops against the usual baselines")
+    bench.add_argument("--op", choices=["kd", "feature", "lipschitz", "all"], default="kd",
+                       help="kd: kd_loss; feature: feature_loss; lipschitz: spectral norms of ResNet-18's weights; "
+                            "all: each with its default shapes (default kd)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    bench.add_argument("--shapes", nargs="+", metavar="NxV[:DTYPE]",
-                       help="e.g. 8192x32000:bf16 (dtype fp32, fp16 or bf16; default fp32); "
-                            "default: a few shapes sized for the device")
+    bench.add_argument("--shapes", nargs="+", metavar="SHAPE[:DTYPE]",
+                       help="kd: ROWSxVOCAB (8192x32000:bf16); feature: NxCxHxW (256x256x28x28:bf16); lipschitz: "
+                            "resnet18[:bf16]; dtype fp32, fp16 or bf16; default: a few shapes sized for the device")
+    bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="dtype of the shapes that name none")
     bench.add_argument("--temperature", type=float, default=4.0)
     bench.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (CPU; ×10 ms on CUDA)")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -31,8 +35,8 @@ def main(argv=None) -> int:
         return _demo(parser, args)
     from . import bench as harness  # imports torch only once the arguments are known to be good
     try:
-        harness.run(args.shapes, device=args.device, temperature=args.temperature, reps=args.reps,
-                    json_path=args.json)
+        harness.run(args.shapes, op=args.op, device=args.device, temperature=args.temperature, reps=args.reps,
+                    dtype=args.dtype, json_path=args.json)
     except ValueError as exc:
         parser.error(str(exc))
     return 0

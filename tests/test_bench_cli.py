@@ -1,0 +1,47 @@
+"""fastkd bench: argument parsing, and each op's table and JSON on tiny CPU shapes (timing itself is not tested)."""
+import json
+
+import pytest
+
+from fastkd import bench, cli
+
+
+@pytest.mark.parametrize("spec, op, expected", [
+    ("8192x32000:bf16", "kd", ((8192, 32000), "torch.bfloat16")),
+    ("2x3x4x5", "feature", ((2, 3, 4, 5), "torch.float32")),
+    ("resnet18:fp16", "lipschitz", ((), "torch.float16")),
+])
+def test_parse_spec(spec, op, expected):
+    shape, dtype = bench.parse_spec(spec, op)
+    assert (shape, str(dtype)) == expected
+
+
+@pytest.mark.parametrize("spec, op, message", [
+    ("8x16x2", "kd", "ROWSxVOCAB"),
+    ("2x3x4", "feature", "NxCxHxW"),
+    ("2x0x4x4", "feature", "NxCxHxW"),
+    ("resnet50", "lipschitz", "resnet18"),
+    ("8x16:fp8", "kd", "dtype"),
+])
+def test_bad_specs_say_the_form(spec, op, message):
+    with pytest.raises(ValueError, match=message):
+        bench.parse_spec(spec, op)
+
+
+@pytest.mark.parametrize("op, shapes", [("feature", ["2x3x4x4"]), ("lipschitz", None)])
+def test_run_checks_agreement_and_writes_json(tmp_path, monkeypatch, op, shapes):
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 30.0)  # measuring it copies 1 GiB
+    path = tmp_path / "bench.json"
+    lines = []
+    report = bench.run(shapes, op=op, device="cpu", reps=1, json_path=str(path), log=lines.append)
+    results = json.loads(path.read_text())["results"][op]
+    assert results == report["results"][op]
+    assert {r["implementation"] for r in results} >= {"fastkd"}
+    assert all(r["within_tolerance"] for r in results), results
+    assert "fastkd" in lines[-1]
+
+
+def test_all_ops_take_no_shapes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--op", "all", "--shapes", "8x16"])
+    assert "--op all runs each op's default shapes" in capsys.readouterr().err
