@@ -197,20 +197,20 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
     channel_dim = _check(student_feat, teacher_feat, mask, kind=kind, normalize=normalize, margin=margin,
                          channel_dim=channel_dim, reduction=reduction, beta=beta)
     student, teacher = _as_groups(student_feat, channel_dim), _as_groups(teacher_feat, channel_dim)
-    mask3 = None if mask is None else _as_groups(mask.expand(student_feat.shape), channel_dim)
     group = _kernel_group(kind, normalize, student.shape[1], student.shape[2])
     if group is None:
         chosen = select_backend(backend, student_feat, teacher_feat, kernels=(),
                                 op=f"feature_loss with normalize={normalize!r} and kind={kind!r}")
     else:
         chosen = select_backend(backend, student_feat, teacher_feat, op="feature_loss", kernels=("triton",))
-    if chosen == "triton":
-        if mask3 is not None and mask3.dtype == torch.bool:
-            mask3 = mask3.view(torch.uint8)
-        return _FeatureLoss.apply(student, teacher, mask3, margin, kind, normalize or "", group, float(beta),
+    if chosen == "triton":  # the kernels read the mask through its strides (0 where it is broadcast)
+        groups_mask = None if mask is None else _as_groups(
+            (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).expand(student_feat.shape), channel_dim)
+        return _FeatureLoss.apply(student, teacher, groups_mask, margin, kind, normalize or "", group, float(beta),
                                   reduction == "mean")
-    weights_mask = torch.ones((), dtype=student.dtype, device=student.device).expand(student.shape) \
-        if mask3 is None else mask3
+    math_dtype = reference._math_dtype(student, teacher)  # cast before expanding: no full-size copy of the mask
+    weights_mask = torch.ones((), dtype=math_dtype, device=student.device).expand(student.shape) if mask is None \
+        else _as_groups(mask.to(math_dtype).expand(student_feat.shape), channel_dim)
     terms, weights = reference.feature_loss_terms(student, teacher, weights_mask, kind=kind, beta=float(beta),
                                                   normalize=normalize, margin=margin)
     total = terms.sum()

@@ -286,12 +286,11 @@ FEATURE_COSINE_EPS = 1e-8  # cosine: ⟨s, t⟩/(max(‖s‖, eps)·max(‖t‖,
 
 
 def _standardize(x: torch.Tensor, present: torch.Tensor, dims: tuple) -> torch.Tensor:
-    """(x − mean)/sqrt(var + eps) over ``dims``, statistics over the present elements only (0 where none is)."""
-    count = present.sum(dims, keepdim=True)
-    safe = count.clamp_min(1)
-    mean = torch.where(present, x, 0).sum(dims, keepdim=True) / safe
-    var = torch.where(present, (x - mean) ** 2, 0).sum(dims, keepdim=True) / safe
-    return torch.where(present, (x - mean) / torch.sqrt(var + FEATURE_NORM_EPS), 0)
+    """(x − mean)/sqrt(var + eps) over ``dims``, statistics over the present elements only, 0 where absent; x must
+    already be 0 where absent."""
+    count = present.sum(dims, keepdim=True).clamp_min(1)
+    centered = torch.where(present, x - x.sum(dims, keepdim=True) / count, 0)
+    return centered / torch.sqrt((centered ** 2).sum(dims, keepdim=True) / count + FEATURE_NORM_EPS)
 
 
 def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, *, kind: str, beta: float,
@@ -311,16 +310,15 @@ def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch
     elif normalize == "sample":
         s, t = _standardize(s, present, (1, 2)), _standardize(t, present, (1, 2))
     elif normalize == "l2" and kind != "cosine":  # cosine does not change when its inputs are rescaled
-        s = s / torch.where(present, s, 0).norm(dim=1, keepdim=True).clamp_min(FEATURE_L2_EPS)
-        t = t / torch.where(present, t, 0).norm(dim=1, keepdim=True).clamp_min(FEATURE_L2_EPS)
+        s = s / s.norm(dim=1, keepdim=True).clamp_min(FEATURE_L2_EPS)
+        t = t / t.norm(dim=1, keepdim=True).clamp_min(FEATURE_L2_EPS)
     if kind == "cosine":
         m = m[:, :1]  # the mask is constant along the channels (checked by feature_loss)
-        s, t = torch.where(present, s, 0), torch.where(present, t, 0)
         dot = (s * t).sum(1, keepdim=True)
         norms = s.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS) * \
             t.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS)
         return torch.where(m != 0, m * (1 - dot / norms), 0), m
-    counted = present
+    counted = None
     if margin is not None:
         margin = margin.to(dtype).view(1, -1, 1)
         t = torch.where(t > margin, t, margin)  # at a tie the margin is the target
@@ -332,4 +330,5 @@ def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch
         term = diff.abs()
     else:  # smooth_l1
         term = torch.where(diff.abs() < beta, 0.5 * diff ** 2 / beta, diff.abs() - 0.5 * beta)
-    return torch.where(counted, m * term, 0), m
+    terms = m * term  # 0 where absent: m = 0 there and the zeroed inputs keep the term finite
+    return (terms if counted is None else torch.where(counted, terms, 0)), m
