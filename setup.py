@@ -59,7 +59,9 @@ if os.environ.get("FASTKD_BUILD_CPU", "1") != "0":
         cxx_std=17,
         # -fno-wrapv undoes Python's -fwrapv, which made the vector loops up to 2× slower (bench/RESULTS.md)
         extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-wrapv"] if os.name != "nt" else ["/O2"],
-        depends=[os.path.join("csrc", f) for f in ("buffer_pool.h", "kd_cpu.h", "kd_cpu_impl.h", "simd.h")],
+        depends=[os.path.join("csrc", f) for f in ("buffer_pool.h", "cpu_isa_entry.h", "feature_loss_cpu.h",
+                                                   "feature_loss_impl.h", "kd_cpu.h", "kd_cpu_impl.h",
+                                                   "power_iteration_cpu.h", "power_iteration_impl.h", "simd.h")],
         optional=True,
     ))
     ParallelCompile("FASTKD_BUILD_JOBS", default=0).install()

@@ -1,4 +1,5 @@
-// The C++ CPU backend of fastkd.kd_loss (and of the power iteration of fastkd.lipschitz, power_iteration_cpu.h):
+// The C++ CPU backend of fastkd.kd_loss (and of feature_loss, feature_loss_cpu.h, and the power iteration of
+// fastkd.lipschitz, power_iteration_cpu.h):
 // the arguments of one launch and the kernels of each instruction set.
 //
 // No torch headers: Python passes data pointers, shapes, strides and dtype codes (fastkd/cpu_backend.py), so the
@@ -6,6 +7,7 @@
 #pragma once
 #include <cstdint>
 
+#include "feature_loss_cpu.h"
 #include "power_iteration_cpu.h"
 
 namespace fastkd {
@@ -70,6 +72,8 @@ struct CpuIsa {
     KDKernel backward;
     void (*scale_rows)(const ScaleRowsArgs&);
     void (*power_iteration)(const PowerArgs&);
+    void (*feature_forward)(const FeatureArgs&);
+    void (*feature_backward)(const FeatureArgs&);
 };
 
 namespace avx512 { extern const CpuIsa isa; }

@@ -1,4 +1,4 @@
-// fastkd CPU kernels (kd_loss, power iteration) for AVX2 (setup.py compiles this file with -mavx2 -mfma);
+// fastkd CPU kernels (kd_loss, feature_loss, power iteration) for AVX2 (setup.py compiles this file with -mavx2 -mfma);
 // an empty entry when the compiler did not target it.
 #include "kd_cpu.h"
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
@@ -9,7 +9,9 @@
     (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
 #include "kd_cpu_impl.h"
 #include "power_iteration_impl.h"
+#include "feature_loss_impl.h"
 #include "cpu_isa_entry.h"
 #else
-extern const fastkd::CpuIsa fastkd::avx2::isa = {"avx2", nullptr, nullptr, nullptr, nullptr, nullptr};
+extern const fastkd::CpuIsa fastkd::avx2::isa = {"avx2", nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                    nullptr, nullptr};
 #endif

@@ -1,4 +1,4 @@
-// fastkd CPU kernels (kd_loss, power iteration) for AVX-512 (setup.py compiles this file with -mavx512f
+// fastkd CPU kernels (kd_loss, feature_loss, power iteration) for AVX-512 (setup.py compiles this file with -mavx512f
 // -mavx512bw -mavx512dq -mavx512vl -mfma); an empty entry when the compiler did not target it.
 #include "kd_cpu.h"
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
@@ -12,7 +12,9 @@
                                __builtin_cpu_supports("fma"))
 #include "kd_cpu_impl.h"
 #include "power_iteration_impl.h"
+#include "feature_loss_impl.h"
 #include "cpu_isa_entry.h"
 #else
-extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr, nullptr, nullptr};
+extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                    nullptr, nullptr};
 #endif

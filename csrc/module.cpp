@@ -177,6 +177,68 @@ void power_iteration(const py::dict& d) {
     g_isa->power_iteration(a);
 }
 
+Strided3 strided3(const py::dict& d, const char* key) {
+    // (pointer, dtype code, (stride n, stride c, stride s)); pointer 0: absent
+    const auto spec = get<std::tuple<uintptr_t, int, std::tuple<int64_t, int64_t, int64_t>>>(d, key);
+    const int code = std::get<1>(spec);
+    if (code != kFloat32 && code != kFloat16 && code != kBFloat16 && code != kUInt8) {
+        throw std::invalid_argument(std::string(key) + ": unknown dtype code " + std::to_string(code));
+    }
+    const auto strides = std::get<2>(spec);
+    Strided3 x;
+    x.data = reinterpret_cast<const void*>(std::get<0>(spec));
+    x.dtype = code;
+    x.stride[0] = std::get<0>(strides);
+    x.stride[1] = std::get<1>(strides);
+    x.stride[2] = std::get<2>(strides);
+    return x;
+}
+
+FeatureArgs feature_args(const py::dict& d) {
+    FeatureArgs a;
+    a.student = strided3(d, "student");
+    a.teacher = strided3(d, "teacher");
+    a.mask = strided3(d, "mask");
+    a.num_n = get<int64_t>(d, "num_n");
+    a.num_c = get<int64_t>(d, "num_c");
+    a.num_s = get<int64_t>(d, "num_s");
+    a.margin = pointer<const float>(d, "margin");
+    a.kind = get<int>(d, "kind");
+    a.normalize = get<int>(d, "normalize");
+    a.group = get<int>(d, "group");
+    a.beta = get<float>(d, "beta");
+    a.num_threads = get<int>(d, "num_threads");
+    if (a.num_n < 0 || a.num_c < 0 || a.num_s < 0 || a.num_threads < 1) throw std::invalid_argument("bad sizes");
+    if (a.kind < 0 || a.kind > 3 || a.normalize < 0 || a.normalize > 2 || a.group < 0 || a.group > 2) {
+        throw std::invalid_argument("unknown kind, normalize or group code");
+    }
+    if (a.student.dtype == kUInt8 || a.teacher.dtype == kUInt8) throw std::invalid_argument("uint8 features");
+    if (a.num_n * a.num_c * a.num_s > 0 && (a.student.data == nullptr || a.teacher.data == nullptr)) {
+        throw std::invalid_argument("null feature pointer");
+    }
+    return a;
+}
+
+void feature_forward(const py::dict& d) {
+    FeatureArgs a = feature_args(d);
+    a.terms = pointer<float>(d, "terms");
+    a.weights = pointer<float>(d, "weights");
+    if (a.terms == nullptr || a.weights == nullptr) throw std::invalid_argument("null output pointer");
+    py::gil_scoped_release release;
+    g_isa->feature_forward(a);
+}
+
+void feature_backward(const py::dict& d) {
+    FeatureArgs a = feature_args(d);
+    a.scale = pointer<const float>(d, "scale");
+    a.grad_student = strided3(d, "grad_student");
+    a.grad_teacher = strided3(d, "grad_teacher");
+    if (a.scale == nullptr || a.grad_student.data == nullptr) throw std::invalid_argument("null pointer");
+    if (a.grad_student.dtype == kUInt8 || a.grad_teacher.dtype == kUInt8) throw std::invalid_argument("uint8 grad");
+    py::gil_scoped_release release;
+    g_isa->feature_backward(a);
+}
+
 // An uninitialised uint8 numpy array of nbytes from the buffer pool; its memory goes back to the pool when the
 // array (and every tensor made from it with torch.from_numpy) is gone.
 py::array_t<uint8_t> empty_buffer(size_t nbytes) {
@@ -199,6 +261,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("scale_rows", &fastkd::scale_rows, py::arg("args"), "Rows times per-row factors, in place (kd_cpu.h).");
     m.def("power_iteration", &fastkd::power_iteration, py::arg("args"),
           "Grouped power iteration over a list of matrices (power_iteration_cpu.h).");
+    m.def("feature_forward", &fastkd::feature_forward, py::arg("args"),
+          "feature_loss: per-group sums of weighted terms and weights (feature_loss_cpu.h).");
+    m.def("feature_backward", &fastkd::feature_backward, py::arg("args"),
+          "feature_loss: gradients of the scaled sum of terms (feature_loss_cpu.h).");
     m.def("empty_buffer", &fastkd::empty_buffer, py::arg("nbytes"),
           "Uninitialised uint8 array from the buffer pool (csrc/buffer_pool.h).");
     m.def("empty_cache", &fastkd::buffer_pool::empty, "Free the pool's cached blocks.");

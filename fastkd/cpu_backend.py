@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from .kernel_args import DIVERGENCE_CODES, NUM_METRICS, NUM_STATS, kd_scalars
+from .kernel_args import (DIVERGENCE_CODES, FEATURE_KIND_CODES, FEATURE_NORMALIZE_CODES, NUM_METRICS, NUM_STATS,
+                          kd_scalars)
 
 try:
     from . import _C
@@ -182,3 +183,52 @@ def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
         sigma=sigma.data_ptr(), u_out=u_out.data_ptr(), v_out=v_out.data_ptr(), v_prev=v_prev.data_ptr(),
         num_threads=torch.get_num_threads()))
     return sigma, u_out, v_out, v_prev
+
+
+FEATURE_MASK_CODES = {torch.bool: 3, torch.uint8: 3}  # read as uint8; float masks use DTYPE_CODES
+
+
+def _strided3(x: Optional[torch.Tensor]) -> tuple:
+    if x is None:
+        return (0, 0, (0, 0, 0))
+    code = FEATURE_MASK_CODES[x.dtype] if x.dtype in FEATURE_MASK_CODES else DTYPE_CODES[x.dtype]
+    return (x.data_ptr(), code, tuple(x.stride()))
+
+
+def _feature_args(student, teacher, mask, margin, *, kind, normalize, group, beta) -> tuple[dict, list]:
+    if mask is not None and mask.is_floating_point() and mask.dtype not in DTYPE_CODES:
+        mask = mask.to(torch.float32)
+    margin = margin.to(torch.float32).contiguous() if margin is not None else None
+    num_n, num_c, num_s = student.shape
+    args = dict(student=_strided3(student), teacher=_strided3(teacher), mask=_strided3(mask), num_n=num_n,
+                num_c=num_c, num_s=num_s, margin=margin.data_ptr() if margin is not None else 0,
+                kind=FEATURE_KIND_CODES[kind], normalize=FEATURE_NORMALIZE_CODES[normalize], group=group,
+                beta=beta, num_threads=torch.get_num_threads())
+    return args, [mask, margin]
+
+
+def feature_forward(student, teacher, mask, margin, *, kind, normalize, group, beta):
+    """Per-group Σ mask·term and Σ mask of (N, C, S) CPU features; the contract of
+    :func:`fastkd.kernels.features.feature_forward`."""
+    args, _keep = _feature_args(student, teacher, mask, margin, kind=kind, normalize=normalize, group=group,
+                                beta=beta)
+    groups = (student.shape[0] * student.shape[1], student.shape[0] * student.shape[2], student.shape[0])[group]
+    terms = torch.empty(groups, dtype=torch.float32)
+    weights = torch.empty(groups, dtype=torch.float32)
+    if groups:
+        _extension().feature_forward(dict(args, terms=terms.data_ptr(), weights=weights.data_ptr()))
+    return terms, weights
+
+
+def feature_backward(scale, student, teacher, mask, margin, *, kind, normalize, group, beta, teacher_grad):
+    """Gradients of scale·Σ terms w.r.t. (N, C, S) CPU student (and teacher if teacher_grad; else empty) features,
+    laid out like their inputs; the contract of :func:`fastkd.kernels.features.feature_backward`."""
+    args, _keep = _feature_args(student, teacher, mask, margin, kind=kind, normalize=normalize, group=group,
+                                beta=beta)
+    grad_s = torch.empty_like(student)
+    grad_t = torch.empty_like(teacher) if teacher_grad else torch.empty(0, dtype=teacher.dtype)
+    scale = scale.to(torch.float32).contiguous()
+    if student.numel():
+        _extension().feature_backward(dict(args, scale=scale.data_ptr(), grad_student=_strided3(grad_s),
+                                           grad_teacher=_strided3(grad_t if teacher_grad else None)))
+    return grad_s, grad_t

@@ -17,9 +17,9 @@ Statistics (mean, variance, norms) run over the present elements. ``reduction="m
 Σ m·term. For "cosine" and "l2" the mask must be constant along the channels (size 1 there).
 
 Backends (:mod:`fastkd.dispatch`): ``"triton"`` runs one fused kernel per pass (CUDA, or the interpreter on
-CPU); the statistics are computed in the same launch, one program per normalisation group. CPU tensors run the
-reference (no C++ kernel yet). ``normalize="channel"`` or ``"sample"`` with ``kind="cosine"`` mixes two
-groupings and always runs the reference.
+CPU), the statistics computed in the same launch, one program per normalisation group; ``"cpu"`` runs the same
+algorithm in the C++ extension (csrc/feature_loss_impl.h, OpenMP over groups, the same bits for any thread count).
+``normalize="channel"`` or ``"sample"`` with ``kind="cosine"`` mixes two groupings and always runs the reference.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import cpu_backend, reference
 from .adapters import adapter_for
 from .dispatch import select_backend
 
@@ -39,21 +39,24 @@ NORMALIZATIONS = (None, "channel", "sample", "l2")
 REDUCTIONS = ("mean", "sum")
 
 
-def _launchers():
+def _launchers(backend: str):
+    """The module whose feature_forward/feature_backward run ``backend``'s kernels (same arguments, results)."""
+    if backend == "cpu":
+        return cpu_backend
     from .kernels import features as feature_kernels  # lazily: triton may need TRITON_INTERPRET first
     return feature_kernels
 
 
 @torch.library.custom_op("fastkd::feature_loss_groups", mutates_args=())
 def _feature_loss_groups_op(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor],
-                            margin: Optional[torch.Tensor], kind: str, normalize: str, group: int,
-                            beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers().feature_forward(student, teacher, mask, margin, kind=kind, normalize=normalize or None,
-                                        group=group, beta=beta)
+                            margin: Optional[torch.Tensor], kind: str, normalize: str, group: int, beta: float,
+                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launchers(backend).feature_forward(student, teacher, mask, margin, kind=kind,
+                                               normalize=normalize or None, group=group, beta=beta)
 
 
 @_feature_loss_groups_op.register_fake
-def _(student, teacher, mask, margin, kind, normalize, group, beta):
+def _(student, teacher, mask, margin, kind, normalize, group, beta, backend):
     num_n, num_c, num_s = student.shape
     groups = (num_n * num_c, num_n * num_s, num_n)[group]
     return student.new_empty(groups, dtype=torch.float32), student.new_empty(groups, dtype=torch.float32)
@@ -62,15 +65,15 @@ def _(student, teacher, mask, margin, kind, normalize, group, beta):
 @torch.library.custom_op("fastkd::feature_loss_backward", mutates_args=())
 def _feature_loss_backward_op(scale: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
                               mask: Optional[torch.Tensor], margin: Optional[torch.Tensor], kind: str,
-                              normalize: str, group: int, beta: float,
+                              normalize: str, group: int, beta: float, backend: str,
                               teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers().feature_backward(scale, student, teacher, mask, margin, kind=kind,
-                                         normalize=normalize or None, group=group, beta=beta,
-                                         teacher_grad=teacher_grad)
+    return _launchers(backend).feature_backward(scale, student, teacher, mask, margin, kind=kind,
+                                                normalize=normalize or None, group=group, beta=beta,
+                                                teacher_grad=teacher_grad)
 
 
 @_feature_loss_backward_op.register_fake
-def _(scale, student, teacher, mask, margin, kind, normalize, group, beta, teacher_grad):
+def _(scale, student, teacher, mask, margin, kind, normalize, group, beta, backend, teacher_grad):
     return torch.empty_like(student), torch.empty_like(teacher) if teacher_grad else teacher.new_empty(0)
 
 
@@ -78,14 +81,14 @@ class _FeatureLoss(torch.autograd.Function):
     """(N, C, S) features → 0-d float32 loss through the kernels; backward scales by incoming grad ÷ divisor."""
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, margin, kind, normalize, group, beta, mean):
+    def forward(ctx, student, teacher, mask, margin, kind, normalize, group, beta, backend, mean):
         terms, weights = torch.ops.fastkd.feature_loss_groups.default(student, teacher, mask, margin, kind,
-                                                                      normalize, group, beta)
+                                                                      normalize, group, beta, backend)
         total = terms.sum()
         divisor = weights.sum() if mean else torch.ones((), dtype=torch.float32, device=terms.device)
         loss = torch.where(divisor > 0, total / divisor.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         ctx.save_for_backward(student, teacher, mask, margin, divisor)
-        ctx.options = (kind, normalize, group, beta)
+        ctx.options = (kind, normalize, group, beta, backend)
         return loss
 
     @staticmethod
@@ -96,7 +99,7 @@ class _FeatureLoss(torch.autograd.Function):
         teacher_grad = ctx.needs_input_grad[1]
         grad_s, grad_t = torch.ops.fastkd.feature_loss_backward.default(
             scale.reshape(1).to(torch.float32), student, teacher, mask, margin, *ctx.options, teacher_grad)
-        return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None
+        return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None, None
 
 
 def _as_groups(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -192,7 +195,7 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
 
     Returns a 0-d float32 loss (float64 for float64 inputs). The gradient reaches the student features, and the
     teacher features when they require grad; inputs may be float32, float16 or bfloat16 (math in float32).
-    ``backend``: ``"auto"``, ``"triton"`` or ``"reference"``.
+    ``backend``: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
     """
     channel_dim = _check(student_feat, teacher_feat, mask, kind=kind, normalize=normalize, margin=margin,
                          channel_dim=channel_dim, reduction=reduction, beta=beta)
@@ -202,12 +205,12 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
         chosen = select_backend(backend, student_feat, teacher_feat, kernels=(),
                                 op=f"feature_loss with normalize={normalize!r} and kind={kind!r}")
     else:
-        chosen = select_backend(backend, student_feat, teacher_feat, op="feature_loss", kernels=("triton",))
-    if chosen == "triton":  # the kernels read the mask through its strides (0 where it is broadcast)
+        chosen = select_backend(backend, student_feat, teacher_feat, op="feature_loss")
+    if chosen in ("triton", "cpu"):  # the kernels read the mask through its strides (0 where it is broadcast)
         groups_mask = None if mask is None else _as_groups(
             (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).expand(student_feat.shape), channel_dim)
         return _FeatureLoss.apply(student, teacher, groups_mask, margin, kind, normalize or "", group, float(beta),
-                                  reduction == "mean")
+                                  chosen, reduction == "mean")
     math_dtype = reference._math_dtype(student, teacher)  # cast before expanding: no full-size copy of the mask
     weights_mask = torch.ones((), dtype=math_dtype, device=student.device).expand(student.shape) if mask is None \
         else _as_groups(mask.to(math_dtype).expand(student_feat.shape), channel_dim)

@@ -1,6 +1,6 @@
-"""Arguments the kd_loss kernels of every backend share (Triton in :mod:`fastkd.kernels.kd`, C++ in csrc/):
-the divergence codes, the number of per-row statistics the forward stores for the backward, and the scalars
-derived from the options."""
+"""Arguments the kernels of every backend share (Triton in :mod:`fastkd.kernels`, C++ in csrc/): kd_loss's
+divergence codes, the number of per-row statistics its forward stores for the backward and the scalars derived
+from its options; feature_loss's kind and normalisation codes."""
 from __future__ import annotations
 
 import math
@@ -25,3 +25,8 @@ def kd_scalars(temperature: float, beta: float) -> dict:
         log_beta=math.log(beta) if beta > 0 else -math.inf,
         log_one_minus_beta=math.log1p(-beta) if beta < 1 else -math.inf,
     )
+
+# feature_loss (kernels/features.py and csrc/feature_loss_impl.h): kind, and the normalisation (1: standardise over
+# the group, 2: l2)
+FEATURE_KIND_CODES = {"mse": 0, "l1": 1, "smooth_l1": 2, "cosine": 3}
+FEATURE_NORMALIZE_CODES = {None: 0, "channel": 1, "sample": 1, "l2": 2}

@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernel_args import FEATURE_KIND_CODES, FEATURE_NORMALIZE_CODES
 from ..reference import FEATURE_COSINE_EPS, FEATURE_L2_EPS, FEATURE_NORM_EPS
 
-KIND_CODES = {"mse": 0, "l1": 1, "smooth_l1": 2, "cosine": 3}
-NORMALIZE_CODES = {None: 0, "channel": 1, "sample": 1, "l2": 2}  # 1: standardise over the group
 NORM_EPS = tl.constexpr(FEATURE_NORM_EPS)
 L2_EPS = tl.constexpr(FEATURE_L2_EPS)
 COSINE_EPS = tl.constexpr(FEATURE_COSINE_EPS)
@@ -300,7 +299,7 @@ def _common(student, teacher, mask, margin, *, kind, normalize, group, beta):
                 sizes=(num_c, num_s),
                 strides=(*student.stride(), *teacher.stride(), *(mask.stride() if mask is not None else (0, 0, 0))),
                 beta=beta,
-                constexprs=dict(KIND=KIND_CODES[kind], NORMALIZE=NORMALIZE_CODES[normalize], GROUP=group,
+                constexprs=dict(KIND=FEATURE_KIND_CODES[kind], NORMALIZE=FEATURE_NORMALIZE_CODES[normalize], GROUP=group,
                                 HAS_MASK=mask is not None, HAS_MARGIN=margin is not None),
                 grid_block=_grid_and_block(num_n, num_c, num_s, group))
 

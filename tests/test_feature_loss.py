@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 import fastkd
-from conftest import DEVICE, assert_rel_close
+from conftest import DEVICE, assert_rel_close, skip_unless_available
 from fastkd import features, reference
 
+BACKENDS = ["triton", "cpu", "reference"]
 SUPPORTED = [(kind, norm) for kind in features.KINDS for norm in features.NORMALIZATIONS
              if not (kind == "cosine" and norm in ("channel", "sample"))]
 # (shape, channel_dim, mask shape or None, mask kind): maps with a spatial bool mask, channel-last tokens with a
@@ -41,6 +42,10 @@ def layout_applies(kind, normalize, layout):
 
 
 def run(student, teacher, backend, teacher_grad=True, **options):
+    skip_unless_available(backend)
+    if backend == "cpu":  # the C++ kernels take CPU tensors
+        student, teacher = student.cpu(), teacher.cpu()
+        options = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
     s = student.clone().requires_grad_()
     t = teacher.clone().requires_grad_(teacher_grad)
     loss = fastkd.feature_loss(s, t, backend=backend, **options)
@@ -51,12 +56,12 @@ def run(student, teacher, backend, teacher_grad=True, **options):
 @pytest.mark.parametrize("kind, normalize, layout", [
     pytest.param(kind, normalize, layout, id=f"{kind}-{normalize}-{len(layout[0])}d-{layout[3]}")
     for kind, normalize in SUPPORTED for layout in LAYOUTS if layout_applies(kind, normalize, layout)])
-def test_kernel_matches_reference(kind, normalize, layout):
+def test_kernel_matches_reference(kernel, kind, normalize, layout):
     shape, channel_dim, mask_shape, mask_kind = layout
-    student, teacher = make(shape), make(shape, seed=1)
-    options = dict(kind=kind, normalize=normalize, channel_dim=channel_dim, mask=make_mask(mask_shape, mask_kind),
-                   beta=0.7)
-    got = run(student, teacher, "triton", **options)
+    student, teacher = make(shape, device=kernel.device), make(shape, seed=1, device=kernel.device)
+    options = dict(kind=kind, normalize=normalize, channel_dim=channel_dim, beta=0.7,
+                   mask=make_mask(mask_shape, mask_kind, device=kernel.device))
+    got = run(student, teacher, kernel.backend, **options)
     want = run(student, teacher, "reference", **options)
     for name, a, b in zip(("loss", "grad student", "grad teacher"), got, want):
         assert_rel_close(a, b, 1e-5, what=name)
@@ -64,9 +69,9 @@ def test_kernel_matches_reference(kind, normalize, layout):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind, normalize", [("mse", "channel"), ("cosine", None), ("smooth_l1", "l2")])
-def test_half_precision_inputs_within_1e2(dtype, kind, normalize):
-    student, teacher = make((2, 4, 3, 3)), make((2, 4, 3, 3), seed=1)
-    got = run(student.to(dtype), teacher.to(dtype), "triton", kind=kind, normalize=normalize)
+def test_half_precision_inputs_within_1e2(kernel, dtype, kind, normalize):
+    student, teacher = make((2, 4, 3, 3), device=kernel.device), make((2, 4, 3, 3), seed=1, device=kernel.device)
+    got = run(student.to(dtype), teacher.to(dtype), kernel.backend, kind=kind, normalize=normalize)
     want = run(student, teacher, "reference", kind=kind, normalize=normalize)
     assert got[1].dtype == dtype
     for a, b in zip(got, want):
@@ -104,11 +109,11 @@ def test_reference_gradcheck_with_a_margin():
 
 
 @pytest.mark.parametrize("kind", ["mse", "l1", "smooth_l1"])
-def test_margin_matches_reference_and_the_ofd_formula(kind):
-    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
-    margin = torch.tensor([-0.5, 0.2, -2.0], device=DEVICE)
-    mask = make_mask((2, 1, 4, 4), "bool")
-    got = run(student, teacher, "triton", kind=kind, margin=margin, mask=mask, beta=0.5)
+def test_margin_matches_reference_and_the_ofd_formula(kernel, kind):
+    student, teacher = make((2, 3, 4, 4), device=kernel.device), make((2, 3, 4, 4), seed=1, device=kernel.device)
+    margin = torch.tensor([-0.5, 0.2, -2.0], device=kernel.device)
+    mask = make_mask((2, 1, 4, 4), "bool", device=kernel.device)
+    got = run(student, teacher, kernel.backend, kind=kind, margin=margin, mask=mask, beta=0.5)
     want = run(student, teacher, "reference", kind=kind, margin=margin, mask=mask, beta=0.5)
     for a, b in zip(got, want):
         assert_rel_close(a, b, 1e-5)
@@ -119,7 +124,7 @@ def test_margin_matches_reference_and_the_ofd_formula(kind):
         assert_rel_close(got[0], expected, 1e-5)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind, normalize", [("mse", "channel"), ("cosine", None), ("l1", "sample")])
 def test_fully_masked_input_gives_zero_loss_and_zero_gradient(backend, kind, normalize):
     student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
@@ -129,7 +134,7 @@ def test_fully_masked_input_gives_zero_loss_and_zero_gradient(backend, kind, nor
     assert torch.equal(grad_s, torch.zeros_like(grad_s)) and torch.equal(grad_t, torch.zeros_like(grad_t))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_out_elements_change_nothing(backend):
     student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
     mask = make_mask((2, 1, 4, 4), "bool")
@@ -140,7 +145,7 @@ def test_masked_out_elements_change_nothing(backend):
     assert torch.equal(moved[1] != 0, base[1] != 0) and not moved[1][~mask.expand_as(student)].any()
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sum_reduction_and_teacher_without_grad(backend):
     student, teacher = make((3, 4, 5)), make((3, 4, 5), seed=1)
     total, _, grad_t = run(student, teacher, backend, teacher_grad=False, reduction="sum", kind="l1")
@@ -158,13 +163,17 @@ def test_cosine_with_channel_standardisation_runs_the_reference():
     auto = fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel")
     assert_rel_close(auto, fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel",
                                                backend="reference"), 1e-6)
-    with pytest.raises(RuntimeError, match="no 'triton' backend"):
-        fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel", backend="triton")
+    for backend in ("triton", "cpu"):
+        with pytest.raises(RuntimeError, match=f"no '{backend}' backend"):
+            fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel", backend=backend)
 
 
-def test_feature_loss_compiles_fullgraph():
-    student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
-    compiled = torch.compile(functools.partial(fastkd.feature_loss, normalize="channel", backend="triton"),
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_feature_loss_compiles_fullgraph(backend):
+    skip_unless_available(backend)
+    device = DEVICE if backend == "triton" else "cpu"
+    student, teacher = make((2, 3, 4, 4), device=device), make((2, 3, 4, 4), seed=1, device=device)
+    compiled = torch.compile(functools.partial(fastkd.feature_loss, normalize="channel", backend=backend),
                              fullgraph=True)
     assert_rel_close(compiled(student, teacher),
                      fastkd.feature_loss(student, teacher, normalize="channel", backend="reference"), 1e-5)
@@ -230,7 +239,7 @@ def test_reference_terms_follow_the_documented_formula():
     assert torch.equal(weights, torch.ones(1, 2, 3))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind, normalize", [("mse", None), ("mse", "channel"), ("l1", "sample"), ("mse", "l2"),
                                              ("cosine", None)])
 def test_nan_and_inf_in_masked_out_elements_reach_neither_loss_nor_gradient(backend, kind, normalize):
@@ -247,11 +256,31 @@ def test_nan_and_inf_in_masked_out_elements_reach_neither_loss_nor_gradient(back
         assert_rel_close(a, b, 1e-6)
 
 
-def test_a_non_contiguous_margin_is_read_by_its_strides():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_non_contiguous_margin_is_read_by_its_strides(backend):
     student, teacher = make((2, 4, 3, 3)), make((2, 4, 3, 3), seed=1)
     margin = torch.randn(8, generator=torch.Generator().manual_seed(2)).to(DEVICE)[::2]
-    assert_rel_close(fastkd.feature_loss(student, teacher, margin=margin, backend="triton"),
-                     fastkd.feature_loss(student, teacher, margin=margin.contiguous(), backend="reference"), 1e-5)
+    got = run(student, teacher, backend, margin=margin)
+    want = run(student, teacher, "reference", margin=margin.contiguous())
+    for a, b in zip(got, want):
+        assert_rel_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("normalize", [None, "channel", "l2"])
+def test_cpu_kernel_gives_the_same_bits_for_any_thread_count(threads, normalize):
+    skip_unless_available("cpu")
+    student, teacher = make((3, 5, 4, 6), device="cpu"), make((3, 5, 4, 6), seed=1, device="cpu")
+    mask = make_mask((3, 1, 4, 6), "float", device="cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = run(student, teacher, "cpu", normalize=normalize, mask=mask)
+        torch.set_num_threads(threads)
+        got = run(student, teacher, "cpu", normalize=normalize, mask=mask)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_a_float64_mask_does_not_change_the_loss_dtype():
