@@ -1,5 +1,6 @@
 // This instruction set's entry in the table of kd_cpu.h: included last by kd_cpu_<isa>.cpp, after the kernels
-// (kd_cpu_impl.h, power_iteration_impl.h, feature_loss_impl.h), with FASTKD_ISA, FASTKD_ISA_NAME and FASTKD_CPU_SUPPORTS defined.
+// (kd_cpu_impl.h, power_iteration_impl.h, feature_loss_impl.h), with FASTKD_ISA, FASTKD_ISA_NAME and
+// FASTKD_CPU_SUPPORTS defined.
 #pragma once
 #include "kd_cpu.h"
 

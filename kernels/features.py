@@ -299,8 +299,8 @@ def _common(student, teacher, mask, margin, *, kind, normalize, group, beta):
                 sizes=(num_c, num_s),
                 strides=(*student.stride(), *teacher.stride(), *(mask.stride() if mask is not None else (0, 0, 0))),
                 beta=beta,
-                constexprs=dict(KIND=FEATURE_KIND_CODES[kind], NORMALIZE=FEATURE_NORMALIZE_CODES[normalize], GROUP=group,
-                                HAS_MASK=mask is not None, HAS_MARGIN=margin is not None),
+                constexprs=dict(KIND=FEATURE_KIND_CODES[kind], NORMALIZE=FEATURE_NORMALIZE_CODES[normalize],
+                                GROUP=group, HAS_MASK=mask is not None, HAS_MARGIN=margin is not None),
                 grid_block=_grid_and_block(num_n, num_c, num_s, group))
 
 
