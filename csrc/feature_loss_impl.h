@@ -184,6 +184,13 @@ inline void term_and_slope(int kind, float beta, vf d, vf* term, vf* slope) {
     }
 }
 
+// The gradient of scale·m·term w.r.t. the normalised student value of each element that counts (0 elsewhere).
+inline vf loss_gradient(const FeatureArgs& a, const Chunk& k, float scale) {
+    vf term, slope;
+    term_and_slope(a.kind, a.beta, k.ys - k.yt, &term, &slope);
+    return k.counted ? scale * k.m * slope : splat(0.0f);
+}
+
 // The mask weight of a cosine group (one position; the mask is constant along its channels).
 inline float position_weight(const FeatureArgs& a, int64_t g) {
     float weight = 0;
@@ -257,9 +264,7 @@ void feature_backward_group(const FeatureArgs& a, int64_t g) {
             for (int64_t i = 0; i < r.length; i += kLanes) {
                 const int n = lanes(r, i);
                 const Chunk k = normalized_chunk(a, r, i, n, z);
-                vf term, slope;
-                term_and_slope(a.kind, a.beta, k.ys - k.yt, &term, &slope);
-                const vf grad = k.counted ? scale * k.m * slope : splat(0.0f);
+                const vf grad = loss_gradient(a, k, scale);
                 const vi present = k.m != 0.0f;
                 sum_gs += present ? grad : splat(0.0f);
                 sum_gys += present ? grad * k.ys : splat(0.0f);
@@ -279,9 +284,7 @@ void feature_backward_group(const FeatureArgs& a, int64_t g) {
         for (int64_t i = 0; i < r.length; i += kLanes) {
             const int n = lanes(r, i);
             const Chunk k = normalized_chunk(a, r, i, n, z);
-            vf term, slope;
-            term_and_slope(a.kind, a.beta, k.ys - k.yt, &term, &slope);
-            const vf grad = k.counted ? scale * k.m * slope : splat(0.0f);
+            const vf grad = loss_gradient(a, k, scale);
             vf grad_s, grad_t;
             if (a.normalize == 1) {
                 grad_s = z.scale_s * (grad - mean_gs - k.ys * mean_gys);

@@ -17,6 +17,7 @@ default; an explicit ``backend=`` argument always wins.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -48,6 +49,15 @@ def backends() -> dict:
         "cpu_isa": cpu_backend.isa(),
         "reference": True,
     }
+
+
+def launchers(backend: str, triton_module: str):
+    """The module whose launchers run ``backend``'s kernels of an op: :mod:`fastkd.cpu_backend` for ``"cpu"``,
+    else ``fastkd.kernels.<triton_module>`` (imported here, lazily: triton is optional and may need
+    TRITON_INTERPRET set first). Both take and return the same things."""
+    if backend == "cpu":
+        return cpu_backend
+    return importlib.import_module(f"fastkd.kernels.{triton_module}")
 
 
 def check_backend_name(requested: str) -> None:

@@ -30,29 +30,21 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import cpu_backend, reference
+from . import reference
 from .adapters import adapter_for
-from .dispatch import select_backend
+from .dispatch import launchers, select_backend
 
 KINDS = ("mse", "l1", "smooth_l1", "cosine")
 NORMALIZATIONS = (None, "channel", "sample", "l2")
 REDUCTIONS = ("mean", "sum")
 
 
-def _launchers(backend: str):
-    """The module whose feature_forward/feature_backward run ``backend``'s kernels (same arguments, results)."""
-    if backend == "cpu":
-        return cpu_backend
-    from .kernels import features as feature_kernels  # lazily: triton may need TRITON_INTERPRET first
-    return feature_kernels
-
-
 @torch.library.custom_op("fastkd::feature_loss_groups", mutates_args=())
 def _feature_loss_groups_op(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor],
                             margin: Optional[torch.Tensor], kind: str, normalize: str, group: int, beta: float,
                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers(backend).feature_forward(student, teacher, mask, margin, kind=kind,
-                                               normalize=normalize or None, group=group, beta=beta)
+    return launchers(backend, "features").feature_forward(student, teacher, mask, margin, kind=kind,
+                                                          normalize=normalize or None, group=group, beta=beta)
 
 
 @_feature_loss_groups_op.register_fake
@@ -67,9 +59,9 @@ def _feature_loss_backward_op(scale: torch.Tensor, student: torch.Tensor, teache
                               mask: Optional[torch.Tensor], margin: Optional[torch.Tensor], kind: str,
                               normalize: str, group: int, beta: float, backend: str,
                               teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers(backend).feature_backward(scale, student, teacher, mask, margin, kind=kind,
-                                                normalize=normalize or None, group=group, beta=beta,
-                                                teacher_grad=teacher_grad)
+    return launchers(backend, "features").feature_backward(scale, student, teacher, mask, margin, kind=kind,
+                                                           normalize=normalize or None, group=group, beta=beta,
+                                                           teacher_grad=teacher_grad)
 
 
 @_feature_loss_backward_op.register_fake

@@ -16,7 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import cpu_backend, reference
-from .dispatch import check_backend_name, select_backend
+from .dispatch import check_backend_name, launchers, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS
 from .topk import TAILS, TopK
 
@@ -31,22 +31,15 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # custom ops (kernel backends: "triton" and "cpu")
 # ----------------------------------------------------------------------------------------------------------------
 
-def _launchers(backend: str):
-    """The module whose kd_forward/kd_backward run ``backend``'s kernels (both take and return the same things)."""
-    if backend == "cpu":
-        return cpu_backend
-    from .kernels import kd as kd_kernels  # imported lazily: triton is optional and may need TRITON_INTERPRET first
-    return kd_kernels
-
-
 @torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
 def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                      temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
                      kd_scale: float, alpha: float, backend: str,
                      with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launchers(backend).kd_forward(student, teacher, labels, temperature=temperature, divergence=divergence,
-                                          beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
-                                          kd_scale=kd_scale, alpha=alpha, with_metrics=with_metrics)
+    return launchers(backend, "kd").kd_forward(student, teacher, labels, temperature=temperature,
+                                               divergence=divergence, beta=beta, ignore_index=ignore_index,
+                                               ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
+                                               with_metrics=with_metrics)
 
 
 @_kd_loss_rows_op.register_fake
@@ -63,10 +56,10 @@ def _kd_loss_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, te
                               labels: Optional[torch.Tensor], stats: torch.Tensor, temperature: float,
                               divergence: str, beta: float, ignore_index: int, ce_weight: float, kd_scale: float,
                               alpha: float, backend: str, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launchers(backend).kd_backward(grad_loss, student, teacher, labels, stats, temperature=temperature,
-                                           divergence=divergence, beta=beta, ignore_index=ignore_index,
-                                           ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
-                                           teacher_grad=teacher_grad)
+    return launchers(backend, "kd").kd_backward(grad_loss, student, teacher, labels, stats,
+                                                temperature=temperature, divergence=divergence, beta=beta,
+                                                ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
+                                                alpha=alpha, teacher_grad=teacher_grad)
 
 
 @_kd_loss_rows_backward_op.register_fake

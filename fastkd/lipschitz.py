@@ -27,8 +27,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from . import cpu_backend, reference
-from .dispatch import select_backend
+from . import reference
+from .dispatch import launchers, select_backend
 
 DEFAULT_ITERATIONS = 250
 LONDON_INITS = ("uniform", "ones")
@@ -107,18 +107,11 @@ def _check_state(state, matrices: list) -> PowerIterationState:
 # kernel backend: a custom op for the iterations, an autograd.Function for ∂σ/∂W = u vₚᵣₑᵥᵀ
 # ----------------------------------------------------------------------------------------------------------------
 
-def _launcher(backend: str):
-    """The module whose power_iteration runs ``backend``'s kernels (same arguments, same results)."""
-    if backend == "cpu":
-        return cpu_backend
-    from .kernels import lipschitz as lipschitz_kernels  # lazily: triton may need TRITON_INTERPRET first
-    return lipschitz_kernels
-
-
 @torch.library.custom_op("fastkd::power_iteration", mutates_args=())
 def _power_iteration_op(matrices: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_iter: int,
                         eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    sigma, u, v_new, v_prev = _launcher(backend).power_iteration(matrices, u, v, n_iter=n_iter, eps=eps)
+    sigma, u, v_new, v_prev = launchers(backend, "lipschitz").power_iteration(matrices, u, v, n_iter=n_iter,
+                                                                              eps=eps)
     return sigma, u, v_new, v_prev.clone() if v_prev is v else v_prev  # an op may not return its input
 
 

@@ -136,6 +136,13 @@ def _term_and_slope(diff, beta, KIND: tl.constexpr):
 
 
 @triton.jit
+def _loss_gradient(ys, yt, m, counted, scale, beta, KIND: tl.constexpr):
+    """The gradient of scale·m·term w.r.t. the normalised student value of each element that counts."""
+    term, slope = _term_and_slope(ys - yt, beta, KIND)
+    return tl.where(counted, scale * m * slope, 0.0)
+
+
+@triton.jit
 def _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides, m_strides, shift_s, shift_t, scale_s,
                      scale_t, HAS_MASK: tl.constexpr, HAS_MARGIN: tl.constexpr):
     """Mask weight, normalised student and teacher ((x − shift)·scale), and whether each element counts."""
@@ -251,8 +258,7 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
                 m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides,
                                                                t_strides, m_strides, shift_s, shift_t, scale_s,
                                                                scale_t, HAS_MASK, HAS_MARGIN)
-                term, slope = _term_and_slope(ys - yt, beta, KIND)
-                g = tl.where(counted, scale * m * slope, 0.0)
+                g = _loss_gradient(ys, yt, m, counted, scale, beta, KIND)
                 present = m != 0
                 sum_gs += tl.where(present, g, 0.0)
                 sum_gys += tl.where(present, g * ys, 0.0)
@@ -267,8 +273,7 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
             m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides,
                                                            m_strides, shift_s, shift_t, scale_s, scale_t, HAS_MASK,
                                                            HAS_MARGIN)
-            term, slope = _term_and_slope(ys - yt, beta, KIND)
-            g = tl.where(counted, scale * m * slope, 0.0)
+            g = _loss_gradient(ys, yt, m, counted, scale, beta, KIND)
             present = m != 0
             if NORMALIZE == 1:
                 grad_s = scale_s * (g - mean_gs - ys * mean_gys)
