@@ -410,9 +410,52 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: str) -> None:
+    """Save a figure of ``report`` (from :func:`run`): for kd_loss and feature_loss, forward+backward time against
+    the problem size (vocabulary; elements per sample) and the share of the memory roofline, per implementation;
+    for the spectral norms, one iteration's time per implementation. Needs matplotlib (``pip install
+    'fastkd[bench]'``)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'fastkd[bench]'") from exc
+    ops = [op for op in OPS if report["results"].get(op)]
+    figure, axes = plt.subplots(2, len(ops), figsize=(5 * len(ops), 7), squeeze=False)
+    for column, op in enumerate(ops):
+        results = report["results"][op]
+        time_axis, roofline_axis = axes[0][column], axes[1][column]
+        if op == "lipschitz":
+            labels = [f"{r['implementation']}\n{r['shape']}" for r in results]
+            time_axis.bar(labels, [r["forward_ms"] or 0 for r in results])
+            roofline_axis.bar(labels, [r["roofline_pct"] or 0 for r in results])
+            time_axis.set_ylabel("one iteration, ms")
+        else:
+            def size(spec):
+                shape, _ = parse_spec(spec, op)
+                return shape[1] if op == "kd" else shape[1] * shape[2] * shape[3]
+            for name in dict.fromkeys(r["implementation"] for r in results):
+                points = sorted((size(r["shape"]), r["forward_backward_ms"], r["roofline_pct"]) for r in results
+                                if r["implementation"] == name and r["forward_backward_ms"] is not None)
+                time_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+                roofline_axis.plot([p[0] for p in points], [p[2] or 0 for p in points], marker="o", label=name)
+            for axis in (time_axis, roofline_axis):
+                axis.set_xscale("log")
+                axis.set_xlabel("vocabulary size" if op == "kd" else "elements per sample (C·H·W)")
+            time_axis.set_yscale("log")
+            time_axis.set_ylabel("forward+backward, ms")
+            time_axis.legend()
+        time_axis.set_title(f"{op} on {report['environment']['device']}")
+        roofline_axis.set_ylabel("% of memory roofline")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def run(shapes: Optional[list[str]] = None, *, op: str = "kd", device: Optional[str] = None,
         temperature: float = 4.0, reps: int = 20, dtype: Optional[str] = None, json_path: Optional[str] = None,
-        log=print) -> dict:
+        plot_path: Optional[str] = None, log=print) -> dict:
     """Benchmark ``op`` (one of :data:`OPS`, or ``"all"`` with the default shapes of each) on ``shapes`` (default:
     sized for the device; ``dtype`` is the dtype of shapes that name none), print the table, optionally write
     JSON; returns the report."""
@@ -423,6 +466,8 @@ def run(shapes: Optional[list[str]] = None, *, op: str = "kd", device: Optional[
         raise ValueError("--op all runs each op's default shapes; give --shapes with a single --op")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install 'fastkd[bench]'")
     plan = {name: [spec if ":" in spec or dtype is None else f"{spec}:{dtype}"
                    for spec in (shapes or DEFAULT_SHAPES[name][dev.type])]
             for name in (OPS if op == "all" else (op,))}
@@ -455,4 +500,6 @@ def run(shapes: Optional[list[str]] = None, *, op: str = "kd", device: Optional[
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
+    if plot_path:
+        plot(report, plot_path)
     return report

@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     bench.add_argument("--temperature", type=float, default=4.0)
     bench.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (CPU; ×10 ms on CUDA)")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="also save a figure (PNG/PDF/SVG by extension; needs matplotlib)")
     demo = commands.add_parser("demo", help="distil a student on the digits dataset vs the same student from scratch")
     demo.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda")
     demo.add_argument("--seeds", type=int, default=5, help="independent runs averaged in the table (default 5)")
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     from . import bench as harness  # imports torch only once the arguments are known to be good
     try:
         harness.run(args.shapes, op=args.op, device=args.device, temperature=args.temperature, reps=args.reps,
-                    dtype=args.dtype, json_path=args.json)
+                    dtype=args.dtype, json_path=args.json, plot_path=args.plot)
     except ValueError as exc:
         parser.error(str(exc))
     return 0

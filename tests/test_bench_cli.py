@@ -45,3 +45,17 @@ def test_all_ops_take_no_shapes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--op", "all", "--shapes", "8x16"])
     assert "--op all runs each op's default shapes" in capsys.readouterr().err
+
+
+def test_plot_draws_every_op_of_a_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = dict(implementation="fastkd", forward_ms=1.0, forward_backward_ms=2.0, graph_ms=None,
+                  peak_extra_mib=0.0, roofline_pct=50.0, max_rel_error=1e-7, within_tolerance=True, note="")
+    report = {"environment": {"device": "cpu"}, "results": {
+        "kd": [dict(result, shape="256x100"), dict(result, shape="1024x1000", forward_backward_ms=3.0),
+               dict(result, shape="1024x1000", implementation="torch eager", forward_backward_ms=9.0)],
+        "feature": [dict(result, shape="2x3x4x4:fp32")],
+        "lipschitz": [dict(result, shape="resnet18:fp32", forward_backward_ms=None)]}}
+    path = tmp_path / "bench.png"
+    bench.plot(report, str(path))
+    assert path.stat().st_size > 10_000
