@@ -77,6 +77,28 @@ inline void store_run(const Strided3& x, int64_t start, int64_t step, int n, vf 
     for (int i = 0; i < n; ++i) store_lanes(const_cast<void*>(x.data), x.dtype, start + i * step, 1, splat(v[i]));
 }
 
+// A sum over a group in a fixed order: vectors add up in a float32 block of kBlockVectors, and blocks in
+// float64, so that groups of millions of elements keep their statistics accurate (the same order for any thread
+// count, as each group is summed by one thread).
+class GroupSum {
+  public:
+    void add(vf x) {
+        block_ += x;
+        if (++count_ == kBlockVectors) {
+            total_ += hsum(block_);
+            block_ = splat(0.0f);
+            count_ = 0;
+        }
+    }
+    float value() const { return static_cast<float>(total_ + hsum(block_)); }
+
+  private:
+    static constexpr int kBlockVectors = 64;
+    vf block_ = splat(0.0f);
+    double total_ = 0;
+    int count_ = 0;
+};
+
 inline int lanes(const Run& r, int64_t i) { return static_cast<int>(r.length - i < kLanes ? r.length - i : kLanes); }
 
 // The per-group normalisation y = (x − shift)·scale of each side, the count of present elements and the norms.
@@ -86,53 +108,53 @@ struct Normalizers {
 
 // Σ over the group's present elements of s², t², s·t.
 inline void sums_of_squares(const FeatureArgs& a, int64_t g, float* ss, float* tt, float* st) {
-    vf vss = splat(0.0f), vtt = splat(0.0f), vst = splat(0.0f);
+    GroupSum vss, vtt, vst;
     for_each_run(a, g, [&](const Run& r) {
         for (int64_t i = 0; i < r.length; i += kLanes) {
             const int n = lanes(r, i);
             const vi present = load_mask(a, r, i, n) != 0.0f;
             const vf xs = present ? load_run(a.student, r.s + i * r.s_step, r.s_step, n) : splat(0.0f);
             const vf xt = present ? load_run(a.teacher, r.t + i * r.t_step, r.t_step, n) : splat(0.0f);
-            vss += xs * xs;
-            vtt += xt * xt;
-            vst += xs * xt;
+            vss.add(xs * xs);
+            vtt.add(xt * xt);
+            vst.add(xs * xt);
         }
     });
-    *ss = hsum(vss);
-    *tt = hsum(vtt);
-    *st = hsum(vst);
+    *ss = vss.value();
+    *tt = vtt.value();
+    *st = vst.value();
 }
 
 Normalizers group_normalizers(const FeatureArgs& a, int64_t g) {
     Normalizers z;
     if (a.normalize == 1) {  // mean, then the variance around it (two sweeps, as the Triton kernel)
-        vf count = splat(0.0f), sum_s = splat(0.0f), sum_t = splat(0.0f);
+        GroupSum count, sum_s, sum_t;
         for_each_run(a, g, [&](const Run& r) {
             for (int64_t i = 0; i < r.length; i += kLanes) {
                 const int n = lanes(r, i);
                 const vi present = load_mask(a, r, i, n) != 0.0f;
-                count += present ? splat(1.0f) : splat(0.0f);
-                sum_s += present ? load_run(a.student, r.s + i * r.s_step, r.s_step, n) : splat(0.0f);
-                sum_t += present ? load_run(a.teacher, r.t + i * r.t_step, r.t_step, n) : splat(0.0f);
+                count.add(present ? splat(1.0f) : splat(0.0f));
+                sum_s.add(present ? load_run(a.student, r.s + i * r.s_step, r.s_step, n) : splat(0.0f));
+                sum_t.add(present ? load_run(a.teacher, r.t + i * r.t_step, r.t_step, n) : splat(0.0f));
             }
         });
-        z.count = hsum(count);
+        z.count = count.value();
         const float safe = z.count > 1.0f ? z.count : 1.0f;
-        z.shift_s = hsum(sum_s) / safe;
-        z.shift_t = hsum(sum_t) / safe;
-        vf var_s = splat(0.0f), var_t = splat(0.0f);
+        z.shift_s = sum_s.value() / safe;
+        z.shift_t = sum_t.value() / safe;
+        GroupSum var_s, var_t;
         for_each_run(a, g, [&](const Run& r) {
             for (int64_t i = 0; i < r.length; i += kLanes) {
                 const int n = lanes(r, i);
                 const vi present = load_mask(a, r, i, n) != 0.0f;
                 const vf ds = load_run(a.student, r.s + i * r.s_step, r.s_step, n) - z.shift_s;
                 const vf dt = load_run(a.teacher, r.t + i * r.t_step, r.t_step, n) - z.shift_t;
-                var_s += present ? ds * ds : splat(0.0f);
-                var_t += present ? dt * dt : splat(0.0f);
+                var_s.add(present ? ds * ds : splat(0.0f));
+                var_t.add(present ? dt * dt : splat(0.0f));
             }
         });
-        z.scale_s = 1.0f / std::sqrt(hsum(var_s) / safe + kFeatureNormEps);
-        z.scale_t = 1.0f / std::sqrt(hsum(var_t) / safe + kFeatureNormEps);
+        z.scale_s = 1.0f / std::sqrt(var_s.value() / safe + kFeatureNormEps);
+        z.scale_t = 1.0f / std::sqrt(var_t.value() / safe + kFeatureNormEps);
     } else if (a.normalize == 2) {
         float ss, tt, st;
         sums_of_squares(a, g, &ss, &tt, &st);
@@ -210,19 +232,19 @@ void feature_forward_group(const FeatureArgs& a, int64_t g) {
         return;
     }
     const Normalizers z = group_normalizers(a, g);
-    vf terms = splat(0.0f), weights = splat(0.0f);
+    GroupSum terms, weights;
     for_each_run(a, g, [&](const Run& r) {
         for (int64_t i = 0; i < r.length; i += kLanes) {
             const int n = lanes(r, i);
             const Chunk k = normalized_chunk(a, r, i, n, z);
             vf term, slope;
             term_and_slope(a.kind, a.beta, k.ys - k.yt, &term, &slope);
-            terms += k.counted ? k.m * term : splat(0.0f);
-            weights += k.m;
+            terms.add(k.counted ? k.m * term : splat(0.0f));
+            weights.add(k.m);
         }
     });
-    a.terms[g] = hsum(terms);
-    a.weights[g] = hsum(weights);
+    a.terms[g] = terms.value();
+    a.weights[g] = weights.value();
 }
 
 void feature_backward_group(const FeatureArgs& a, int64_t g) {
@@ -259,25 +281,25 @@ void feature_backward_group(const FeatureArgs& a, int64_t g) {
     // kernel: standardised ∂/∂x = r·(g − mean g − y·mean(g·y)); l2 ∂/∂x = r·(g − y·⟨y, g⟩))
     float mean_gs = 0, mean_gys = 0, mean_gt = 0, mean_gyt = 0, dot_s = 0, dot_t = 0;
     if (a.normalize != 0) {
-        vf sum_gs = splat(0.0f), sum_gys = splat(0.0f), sum_gt = splat(0.0f), sum_gyt = splat(0.0f);
+        GroupSum sum_gs, sum_gys, sum_gt, sum_gyt;
         for_each_run(a, g, [&](const Run& r) {
             for (int64_t i = 0; i < r.length; i += kLanes) {
                 const int n = lanes(r, i);
                 const Chunk k = normalized_chunk(a, r, i, n, z);
                 const vf grad = loss_gradient(a, k, scale);
                 const vi present = k.m != 0.0f;
-                sum_gs += present ? grad : splat(0.0f);
-                sum_gys += present ? grad * k.ys : splat(0.0f);
-                sum_gt -= present ? grad : splat(0.0f);
-                sum_gyt -= present ? grad * k.yt : splat(0.0f);
+                sum_gs.add(present ? grad : splat(0.0f));
+                sum_gys.add(present ? grad * k.ys : splat(0.0f));
+                sum_gt.add(present ? -grad : splat(0.0f));
+                sum_gyt.add(present ? -grad * k.yt : splat(0.0f));
             }
         });
         const float safe = z.count > 1.0f ? z.count : 1.0f;
-        dot_s = hsum(sum_gys);
-        dot_t = hsum(sum_gyt);
-        mean_gs = hsum(sum_gs) / safe;
+        dot_s = sum_gys.value();
+        dot_t = sum_gyt.value();
+        mean_gs = sum_gs.value() / safe;
         mean_gys = dot_s / safe;
-        mean_gt = hsum(sum_gt) / safe;
+        mean_gt = sum_gt.value() / safe;
         mean_gyt = dot_t / safe;
     }
     for_each_run(a, g, [&](const Run& r) {
@@ -317,9 +339,12 @@ void feature_forward(const FeatureArgs& args) {
 
 void feature_backward(const FeatureArgs& args) {
     const int64_t groups = feature_groups(args);
-#pragma omp parallel for schedule(dynamic, 16) num_threads(args.num_threads)
-    for (int64_t g = 0; g < groups; ++g) feature_backward_group(args, g);
-    store_fence();
+#pragma omp parallel num_threads(args.num_threads)
+    {
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t g = 0; g < groups; ++g) feature_backward_group(args, g);
+        store_fence();  // each thread orders its own streaming stores
+    }
 }
 
 }  // namespace

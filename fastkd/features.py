@@ -191,6 +191,8 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
     """
     channel_dim = _check(student_feat, teacher_feat, mask, kind=kind, normalize=normalize, margin=margin,
                          channel_dim=channel_dim, reduction=reduction, beta=beta)
+    if student_feat.numel() == 0:  # nothing to match: 0, connected to both inputs (as a fully masked input)
+        return (student_feat.sum() + teacher_feat.sum()).to(reference._math_dtype(student_feat, teacher_feat)) * 0
     student, teacher = _as_groups(student_feat, channel_dim), _as_groups(teacher_feat, channel_dim)
     group = _kernel_group(kind, normalize, student.shape[1], student.shape[2])
     if group is None:

@@ -59,3 +59,13 @@ def test_plot_draws_every_op_of_a_report(tmp_path):
     path = tmp_path / "bench.png"
     bench.plot(report, str(path))
     assert path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("shapes, expected", [(None, ["resnet18:bf16"]), (["resnet18"], ["resnet18:bf16"]),
+                                              (["resnet18:fp32"], ["resnet18:fp32"])])
+def test_dtype_applies_to_default_shapes_and_to_shapes_without_one(monkeypatch, shapes, expected):
+    seen = []
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 30.0)
+    monkeypatch.setattr(bench, "bench_lipschitz", lambda spec, *args: seen.append(spec) or [])
+    bench.run(shapes, op="lipschitz", device="cpu", dtype="bf16", log=lambda line: None)
+    assert seen == expected

@@ -288,3 +288,23 @@ def test_a_float64_mask_does_not_change_the_loss_dtype():
     loss = fastkd.feature_loss(student, teacher, mask=torch.ones(2, 1, 4, 4, dtype=torch.float64),
                                backend="reference")
     assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("normalize, shape", [("sample", (1, 3, 4_000_000)), ("channel", (1, 1, 4_000_000))])
+def test_cpu_statistics_stay_accurate_over_large_groups(normalize, shape):
+    skip_unless_available("cpu")
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(shape, generator=g) + 3
+    teacher = 2 * torch.randn(shape, generator=g) + 1
+    got = run(student, teacher, "cpu", normalize=normalize)
+    want = run(student.double(), teacher.double(), "reference", normalize=normalize)
+    for a, b in zip(got, want):
+        assert_rel_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_features_give_zero(backend):
+    student = torch.zeros(0, 3, 4, 4, device=DEVICE, requires_grad=True)
+    loss = fastkd.feature_loss(student, torch.zeros(0, 3, 4, 4, device=DEVICE), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == student.shape
