@@ -267,8 +267,11 @@ def _divisor(options: dict, flat_labels: Optional[torch.Tensor], num_rows: int):
     """What the sum of row losses is divided by: the normalizer or the counted rows for "batchmean", else 1."""
     if options["reduction"] != "batchmean":
         return 1
-    if options["normalizer"] is not None:
-        return options["normalizer"]
+    normalizer = options["normalizer"]
+    if isinstance(normalizer, torch.Tensor):  # 0: no counted row in the whole step, which gives 0, not NaN
+        return torch.where(normalizer == 0, torch.ones_like(normalizer), normalizer)
+    if normalizer is not None:
+        return normalizer
     return _counted_rows(flat_labels, num_rows, options["ignore_index"])
 
 
@@ -366,8 +369,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
 
     - ``"batchmean"`` (default): Σ row_loss ÷ number of counted rows (all rows without labels; rows whose label
       is not ``ignore_index`` with labels). ``normalizer`` (number or 0-d tensor) replaces that divisor, e.g. the
-      counted rows of a whole gradient-accumulation step. A batch with no counted row returns 0 (connected to
-      the graph), never NaN.
+      counted rows of a whole gradient-accumulation step (a 0-d tensor 0, a step without counted rows, counts
+      as 1). A batch with no counted row returns 0 (connected to the graph), never NaN.
     - ``"sum"``: Σ row_loss.
     - ``"none"``: row_loss of shape ``*`` (0 at ignored rows).
 

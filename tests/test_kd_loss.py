@@ -466,6 +466,15 @@ def test_normalizer_makes_gradient_accumulation_equal_one_big_batch(kernel, gen)
     assert_rel_close(torch.cat(grads), whole[1], 1e-6)
 
 
+def test_a_zero_tensor_normalizer_gives_zero_not_nan(kernel, gen):
+    s, t = logits(gen, (3, 17), device=kernel.device), logits(gen, (3, 17), device=kernel.device)
+    labels = torch.full((3,), -100, device=kernel.device)
+    loss, grad_s, _ = loss_and_grads(s, t, labels=labels, ce_weight=0.2,
+                                     normalizer=torch.zeros((), dtype=torch.int64, device=kernel.device),
+                                     backend=kernel.backend)
+    assert loss.item() == 0.0 and torch.equal(grad_s, torch.zeros_like(grad_s))
+
+
 def test_kdloss_module_matches_the_function(kernel, gen):
     s, t = logits(gen, (4, 25), device=kernel.device), logits(gen, (4, 25), device=kernel.device)
     labels = random_labels(gen, (4,), 25, device=kernel.device)
