@@ -60,8 +60,9 @@ T* pointer(const py::dict& d, const char* key) {
     return reinterpret_cast<T*>(get<uintptr_t>(d, key));
 }
 
-int dtype_code(int code, const char* key) {
-    if (code != kFloat32 && code != kFloat16 && code != kBFloat16) {
+// A checked dtype code; masks (allow_uint8) may also be kUInt8.
+int dtype_code(int code, const char* key, bool allow_uint8 = false) {
+    if (code != kFloat32 && code != kFloat16 && code != kBFloat16 && !(allow_uint8 && code == kUInt8)) {
         throw std::invalid_argument(std::string(key) + ": unknown dtype code " + std::to_string(code));
     }
     return code;
@@ -177,17 +178,13 @@ void power_iteration(const py::dict& d) {
     g_isa->power_iteration(a);
 }
 
-Strided3 strided3(const py::dict& d, const char* key) {
+Strided3 strided3(const py::dict& d, const char* key, bool allow_uint8 = false) {
     // (pointer, dtype code, (stride n, stride c, stride s)); pointer 0: absent
     const auto spec = get<std::tuple<uintptr_t, int, std::tuple<int64_t, int64_t, int64_t>>>(d, key);
-    const int code = std::get<1>(spec);
-    if (code != kFloat32 && code != kFloat16 && code != kBFloat16 && code != kUInt8) {
-        throw std::invalid_argument(std::string(key) + ": unknown dtype code " + std::to_string(code));
-    }
     const auto strides = std::get<2>(spec);
     Strided3 x;
     x.data = reinterpret_cast<const void*>(std::get<0>(spec));
-    x.dtype = code;
+    x.dtype = dtype_code(std::get<1>(spec), key, allow_uint8);
     x.stride[0] = std::get<0>(strides);
     x.stride[1] = std::get<1>(strides);
     x.stride[2] = std::get<2>(strides);
@@ -198,7 +195,7 @@ FeatureArgs feature_args(const py::dict& d) {
     FeatureArgs a;
     a.student = strided3(d, "student");
     a.teacher = strided3(d, "teacher");
-    a.mask = strided3(d, "mask");
+    a.mask = strided3(d, "mask", /*allow_uint8=*/true);
     a.num_n = get<int64_t>(d, "num_n");
     a.num_c = get<int64_t>(d, "num_c");
     a.num_s = get<int64_t>(d, "num_s");
@@ -212,7 +209,6 @@ FeatureArgs feature_args(const py::dict& d) {
     if (a.kind < 0 || a.kind > 3 || a.normalize < 0 || a.normalize > 2 || a.group < 0 || a.group > 2) {
         throw std::invalid_argument("unknown kind, normalize or group code");
     }
-    if (a.student.dtype == kUInt8 || a.teacher.dtype == kUInt8) throw std::invalid_argument("uint8 features");
     if (a.num_n * a.num_c * a.num_s > 0 && (a.student.data == nullptr || a.teacher.data == nullptr)) {
         throw std::invalid_argument("null feature pointer");
     }
@@ -234,7 +230,6 @@ void feature_backward(const py::dict& d) {
     a.grad_student = strided3(d, "grad_student");
     a.grad_teacher = strided3(d, "grad_teacher");
     if (a.scale == nullptr || a.grad_student.data == nullptr) throw std::invalid_argument("null pointer");
-    if (a.grad_student.dtype == kUInt8 || a.grad_teacher.dtype == kUInt8) throw std::invalid_argument("uint8 grad");
     py::gil_scoped_release release;
     g_isa->feature_backward(a);
 }

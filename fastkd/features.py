@@ -69,6 +69,11 @@ def _(scale, student, teacher, mask, margin, kind, normalize, group, beta, backe
     return torch.empty_like(student), torch.empty_like(teacher) if teacher_grad else teacher.new_empty(0)
 
 
+def _over(x: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """x ÷ divisor, and 0 where the divisor is 0 (nothing counted), never NaN."""
+    return torch.where(divisor > 0, x / divisor.clamp_min(torch.finfo(divisor.dtype).tiny), 0)
+
+
 class _FeatureLoss(torch.autograd.Function):
     """(N, C, S) features → 0-d float32 loss through the kernels; backward scales by incoming grad ÷ divisor."""
 
@@ -78,7 +83,7 @@ class _FeatureLoss(torch.autograd.Function):
                                                                       normalize, group, beta, backend)
         total = terms.sum()
         divisor = weights.sum() if mean else torch.ones((), dtype=torch.float32, device=terms.device)
-        loss = torch.where(divisor > 0, total / divisor.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        loss = _over(total, divisor)
         ctx.save_for_backward(student, teacher, mask, margin, divisor)
         ctx.options = (kind, normalize, group, beta, backend)
         return loss
@@ -87,7 +92,7 @@ class _FeatureLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         student, teacher, mask, margin, divisor = ctx.saved_tensors
-        scale = torch.where(divisor > 0, grad_loss / divisor.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        scale = _over(grad_loss, divisor)
         teacher_grad = ctx.needs_input_grad[1]
         grad_s, grad_t = torch.ops.fastkd.feature_loss_backward.default(
             scale.reshape(1).to(torch.float32), student, teacher, mask, margin, *ctx.options, teacher_grad)
@@ -213,8 +218,7 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
     total = terms.sum()
     if reduction == "sum":
         return total
-    divisor = weights.sum()
-    return torch.where(divisor > 0, total / torch.where(divisor > 0, divisor, 1), 0)
+    return _over(total, weights.sum())
 
 
 def ofd_margin(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:

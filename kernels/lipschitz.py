@@ -57,6 +57,18 @@ def power_step_kernel(POINTERS, TABLE, TILE_MATRIX, TILE_INDEX, U, V, A, PARTIAL
 
 
 @triton.jit
+def _unit_or_kept(SOURCE, KEPT, OUT, count, norm, eps, BLOCK: tl.constexpr):
+    """OUT ← SOURCE / norm where norm > eps, else KEPT (``count`` entries each; SOURCE may be OUT)."""
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    scale = 1.0 / tl.maximum(norm, eps)
+    for start in range(0, count, BLOCK):
+        inside = start + lanes < count
+        x = tl.load(SOURCE + start + lanes, mask=inside, other=0.0)
+        kept = tl.load(KEPT + start + lanes, mask=inside, other=0.0)
+        tl.store(OUT + start + lanes, tl.where(norm > eps, x * scale, kept), mask=inside)
+
+
+@triton.jit
 def power_finish_kernel(TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS: tl.constexpr,
                         BLOCK: tl.constexpr):
     matrix = tl.program_id(0).to(tl.int64)
@@ -72,12 +84,7 @@ def power_finish_kernel(TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, eps
         squares += a * a
     sigma = tl.sqrt(tl.sum(squares, axis=0))
     tl.store(SIGMA + matrix, sigma)
-    scale = 1.0 / tl.maximum(sigma, eps)
-    for start in range(0, num_rows, BLOCK):
-        in_rows = start + lanes < num_rows
-        a = tl.load(A + u_offset + start + lanes, mask=in_rows, other=0.0)
-        u = tl.load(U_IN + u_offset + start + lanes, mask=in_rows, other=0.0)
-        tl.store(U_OUT + u_offset + start + lanes, tl.where(sigma > eps, a * scale, u), mask=in_rows)
+    _unit_or_kept(A + u_offset, U_IN + u_offset, U_OUT + u_offset, num_rows, sigma, eps, BLOCK)
 
     squares = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, num_cols, BLOCK):
@@ -87,13 +94,8 @@ def power_finish_kernel(TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, eps
             b += tl.load(PARTIALS + partial_offset + t * num_cols + start + lanes, mask=in_cols, other=0.0)
         squares += b * b
         tl.store(V_OUT + v_offset + start + lanes, b, mask=in_cols)
-    norm = tl.sqrt(tl.sum(squares, axis=0))
-    scale = 1.0 / tl.maximum(norm, eps)
-    for start in range(0, num_cols, BLOCK):
-        in_cols = start + lanes < num_cols
-        b = tl.load(V_OUT + v_offset + start + lanes, mask=in_cols, other=0.0)
-        v = tl.load(V_IN + v_offset + start + lanes, mask=in_cols, other=0.0)
-        tl.store(V_OUT + v_offset + start + lanes, tl.where(norm > eps, b * scale, v), mask=in_cols)
+    _unit_or_kept(V_OUT + v_offset, V_IN + v_offset, V_OUT + v_offset, num_cols, tl.sqrt(tl.sum(squares, axis=0)),
+                  eps, BLOCK)
 
 
 _ELEMENTS = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
