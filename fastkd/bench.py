@@ -212,12 +212,23 @@ def bench_shape(spec: str, device: torch.device, temperature: float, impls, band
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # a bf16/fp16 gradient is rounded to 2^-8 or 2^-11
 
     ref_loss, ref_grad = float64_truth(student, teacher, temperature)
+    return _bench_implementations(spec, device, impls, student, teacher, ref_loss, ref_grad, roofline_bytes,
+                                  bandwidth_gbs, tolerance, reps)
+
+
+def _bench_implementations(spec: str, device: torch.device, impls: dict, student: torch.Tensor,
+                           teacher: torch.Tensor, truth_loss: torch.Tensor, truth_grad: torch.Tensor,
+                           roofline_bytes: float, bandwidth_gbs: Optional[float], tolerance: float,
+                           reps: int) -> list[Result]:
+    """For each ``impl(student, teacher)``: its loss and student gradient against the truth, then its forward and
+    forward+backward times, memory, roofline share and (CUDA) CUDA-graph replay time. Failures (out of memory,
+    say) are reported in the row, not raised."""
     results = []
     for name, impl in impls.items():
         try:
             loss = impl(student, teacher)
             (grad,) = torch.autograd.grad(loss, student)
-            error = max(relative_error(loss, ref_loss), relative_error(grad, ref_grad))
+            error = max(relative_error(loss, truth_loss), relative_error(grad, truth_grad))
             del loss, grad
 
             def forward():
@@ -227,14 +238,9 @@ def bench_shape(spec: str, device: torch.device, temperature: float, impls, band
             def forward_backward():
                 return torch.autograd.grad(impl(student, teacher), student)
 
-            fwd = median_ms(forward, device, reps=reps)
-            fwd_bwd = median_ms(forward_backward, device, reps=reps)
-            memory = peak_extra_mib(forward_backward, device)
-            roofline = None
-            if bandwidth_gbs is not None:
-                roofline = 100 * (roofline_bytes / (bandwidth_gbs * 1e9) * 1e3) / fwd_bwd
-            result = Result(spec, name, fwd, fwd_bwd, None, memory, roofline, error, error <= tolerance)
-        except RuntimeError as exc:  # out of memory, say: reported, not fatal
+            result = _timed_result(spec, name, device, forward, forward_backward, reps, roofline_bytes,
+                                   bandwidth_gbs, error, tolerance)
+        except RuntimeError as exc:
             result = Result(spec, name, None, None, None, None, None, None, None, f"{type(exc).__name__}: {exc}"[:80])
         if device.type == "cuda" and result.forward_backward_ms is not None:
             try:
@@ -291,24 +297,8 @@ def bench_feature_shape(spec: str, device: torch.device, bandwidth_gbs: Optional
     # forward reads s, t and the mask; backward reads them again and writes the gradient of s
     roofline_bytes = student.numel() * student.element_size() * 5 + 2 * mask.numel() * mask.element_size()
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
-    results = []
-    for name, impl in impls.items():
-        try:
-            loss = impl(student, teacher)
-            (grad,) = torch.autograd.grad(loss, student)
-            error = max(relative_error(loss, truth), relative_error(grad, truth_grad))
-            del loss, grad
-
-            def forward():
-                with torch.no_grad():
-                    return impl(student, teacher)
-            results.append(_timed_result(spec, name, device, forward,
-                                         lambda: torch.autograd.grad(impl(student, teacher), student), reps,
-                                         roofline_bytes, bandwidth_gbs, error, tolerance))
-        except RuntimeError as exc:
-            results.append(Result(spec, name, None, None, None, None, None, None, None,
-                                  f"{type(exc).__name__}: {exc}"[:80]))
-    return results
+    return _bench_implementations(spec, device, impls, student, teacher, truth, truth_grad, roofline_bytes,
+                                  bandwidth_gbs, tolerance, reps)
 
 
 def resnet18_weight_shapes() -> list:
