@@ -127,10 +127,16 @@ def _forward(student, teacher, labels, options, with_metrics, grad_scale=None, t
     return (loss, stats, metrics) + grads
 
 
-def kd_forward(student, teacher, labels, *, with_metrics=False, **options):
+def _one_teacher(ensemble: str) -> None:
+    if ensemble != "none":
+        raise ValueError("the C++ kd_loss kernels take one teacher; an ensemble's target is materialised first")
+
+
+def kd_forward(student, teacher, labels, *, with_metrics=False, teacher_weights=None, ensemble="none", **options):
     """Row losses (N,) float32, statistics (NUM_STATS, N) and metrics (NUM_METRICS, N, or empty without
-    ``with_metrics``) float32 of (N, V) CPU logits; the same contract as :func:`fastkd.kernels.kd.kd_forward`.
-    Options: temperature, divergence, beta, ignore_index, ce_weight, kd_scale."""
+    ``with_metrics``) float32 of (N, V) CPU logits; the same contract as :func:`fastkd.kernels.kd.kd_forward`,
+    for one teacher. Options: temperature, divergence, beta, ignore_index, ce_weight, kd_scale."""
+    _one_teacher(ensemble)
     return _forward(student, teacher, labels, options, with_metrics)
 
 
@@ -154,9 +160,10 @@ def scale_rows_(rows: torch.Tensor, factors: torch.Tensor) -> None:
 
 
 def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
-                ce_weight, kd_scale, teacher_grad, alpha=1.0):
+                ce_weight, kd_scale, teacher_grad, alpha=1.0, teacher_weights=None, ensemble="none"):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),
     contiguous (N, V) in the dtype of their input; the same contract as :func:`fastkd.kernels.kd.kd_backward`."""
+    _one_teacher(ensemble)
     grad_s = empty(student.shape, student.dtype)
     grad_t = empty(teacher.shape if teacher_grad else (0,), teacher.dtype)
     grad_loss = grad_loss.to(torch.float32)

@@ -111,7 +111,7 @@ class KD(Term):
     """:func:`fastkd.kd_loss` (KD part only: CE is its own term) of the student and teacher logits, reduced with
     the distiller's divisor. Rows whose label is ``ignore_index`` are skipped when labels are given. A teacher
     that returns ``(K, *, V)`` logits is an ensemble (``teacher_weights``, ``ensemble`` as in kd_loss). Also
-    reports the fidelity metrics (for one teacher)."""
+    reports the fidelity metrics (for an ensemble, against its distribution at T = 1)."""
 
     def __init__(self, weight: Union[float, Schedule] = 1.0, *, temperature: Union[float, Schedule] = 4.0,
                  divergence: str = "kl", beta: float = 0.5, scale_by_t2: bool = True, teacher_weights=None,
@@ -124,10 +124,9 @@ class KD(Term):
                        ignore_index=-100, ce_weight=0.0, kd_weight=1.0, scale_by_t2=scale_by_t2, normalizer=None)
 
     def __call__(self, batch: DistillBatch):
-        one_teacher = batch.teacher_logits.dim() == batch.student_logits.dim()
         return kd_loss(batch.student_logits, batch.teacher_logits, temperature=self.temperature(batch.step),
                        labels=batch.labels, ignore_index=batch.ignore_index, normalizer=batch.normalizer,
-                       return_stats=one_teacher, **self.options)
+                       return_stats=True, **self.options)
 
 
 class DKD(Term):

@@ -67,7 +67,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
                                            beta=beta, ignore_index=options["ignore_index"],
                                            ce_weight=options["ce_weight"])
     else:  # the kd_loss kernels with divergence "dkd": β weighs NCKD, α TCKD, kd_scale is T²
-        row_loss, _ = _KDLossRows.apply(student, teacher, flat_labels, None, chosen, False, temperature, "dkd", beta,
-                                        options["ignore_index"], options["ce_weight"], temperature * temperature,
-                                        alpha)
+        row_loss, _ = _KDLossRows.apply(student, teacher, flat_labels, None, chosen, False, None, "none",
+                                        temperature, "dkd", beta, options["ignore_index"], options["ce_weight"],
+                                        temperature * temperature, alpha)
     return _reduce(row_loss, labels.shape, options["reduction"], _divisor(options, flat_labels, student.shape[0]))

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_backend, reference
 from .dispatch import check_backend_name, launchers, select_backend
-from .kernel_args import NUM_METRICS, NUM_STATS
+from .kernel_args import NUM_METRICS, stats_rows
 from .topk import TAILS, TopK
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
@@ -31,40 +31,46 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # custom ops (kernel backends: "triton" and "cpu")
 # ----------------------------------------------------------------------------------------------------------------
 
+# ``teacher`` is (N, V) with ensemble "none", or (K, N, V) with ``teacher_weights`` (K,) float32 summing to 1 and
+# ensemble "prob" or "logit" (Triton only; no teacher gradient)
+
 @torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
-def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                     temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
-                     kd_scale: float, alpha: float, backend: str,
+def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, teacher_weights: Optional[torch.Tensor],
+                     labels: Optional[torch.Tensor], temperature: float, divergence: str, beta: float,
+                     ignore_index: int, ce_weight: float, kd_scale: float, alpha: float, ensemble: str, backend: str,
                      with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return launchers(backend, "kd").kd_forward(student, teacher, labels, temperature=temperature,
                                                divergence=divergence, beta=beta, ignore_index=ignore_index,
                                                ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
-                                               with_metrics=with_metrics)
+                                               with_metrics=with_metrics, teacher_weights=teacher_weights,
+                                               ensemble=ensemble)
 
 
 @_kd_loss_rows_op.register_fake
-def _(student, teacher, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha, backend,
-      with_metrics):
+def _(student, teacher, teacher_weights, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
+      alpha, ensemble, backend, with_metrics):
     num_rows = student.shape[0]
     return (student.new_empty(num_rows, dtype=torch.float32),
-            student.new_empty((NUM_STATS, num_rows), dtype=torch.float32),
+            student.new_empty((stats_rows(teacher, ensemble), num_rows), dtype=torch.float32),
             student.new_empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastkd::kd_loss_rows_backward", mutates_args=())
 def _kd_loss_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                              labels: Optional[torch.Tensor], stats: torch.Tensor, temperature: float,
-                              divergence: str, beta: float, ignore_index: int, ce_weight: float, kd_scale: float,
-                              alpha: float, backend: str, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                              teacher_weights: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                              stats: torch.Tensor, temperature: float, divergence: str, beta: float,
+                              ignore_index: int, ce_weight: float, kd_scale: float, alpha: float, ensemble: str,
+                              backend: str, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return launchers(backend, "kd").kd_backward(grad_loss, student, teacher, labels, stats,
                                                 temperature=temperature, divergence=divergence, beta=beta,
                                                 ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
-                                                alpha=alpha, teacher_grad=teacher_grad)
+                                                alpha=alpha, teacher_grad=teacher_grad,
+                                                teacher_weights=teacher_weights, ensemble=ensemble)
 
 
 @_kd_loss_rows_backward_op.register_fake
-def _(grad_loss, student, teacher, labels, stats, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
-      alpha, backend, teacher_grad):
+def _(grad_loss, student, teacher, teacher_weights, labels, stats, temperature, divergence, beta, ignore_index,
+      ce_weight, kd_scale, alpha, ensemble, backend, teacher_grad):
     grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
     return student.new_empty(student.shape), grad_t
 
@@ -90,9 +96,10 @@ class _KDLossRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, grad_scale, backend, with_metrics, *options):
+    def forward(ctx, student, teacher, labels, grad_scale, backend, with_metrics, teacher_weights, ensemble,
+                *options):
         ctx.fused_grads = None
-        if _fuse_gradient(ctx, backend, options[1], grad_scale):
+        if ensemble == "none" and _fuse_gradient(ctx, backend, options[1], grad_scale):
             temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha = options
             row_loss, stats, metrics, grad_s, grad_t = cpu_backend.kd_forward_with_grad(
                 student, teacher, labels, grad_scale=float(grad_scale), teacher_grad=ctx.needs_input_grad[1],
@@ -100,10 +107,11 @@ class _KDLossRows(torch.autograd.Function):
                 ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
             ctx.fused_grads = (grad_s, grad_t, grad_scale)
         else:
-            row_loss, stats, metrics = torch.ops.fastkd.kd_loss_rows.default(student, teacher, labels, *options,
-                                                                             backend, with_metrics)
-        ctx.save_for_backward(student, teacher, labels, stats)
+            row_loss, stats, metrics = torch.ops.fastkd.kd_loss_rows.default(
+                student, teacher, teacher_weights, labels, *options, ensemble, backend, with_metrics)
+        ctx.save_for_backward(student, teacher, teacher_weights, labels, stats)
         ctx.backend = backend
+        ctx.ensemble = ensemble
         ctx.options = options
         ctx.mark_non_differentiable(metrics)
         return row_loss, metrics
@@ -120,10 +128,11 @@ class _KDLossRows(torch.autograd.Function):
             if teacher_grad:
                 cpu_backend.scale_rows_(grad_t, factor)
         else:
-            student, teacher, labels, stats = ctx.saved_tensors
+            student, teacher, teacher_weights, labels, stats = ctx.saved_tensors
             grad_s, grad_t = torch.ops.fastkd.kd_loss_rows_backward.default(
-                grad_loss, student, teacher, labels, stats, *ctx.options, ctx.backend, teacher_grad)
-        return (grad_s, grad_t if teacher_grad else None, None, None, None, None) + (None,) * len(ctx.options)
+                grad_loss, student, teacher, teacher_weights, labels, stats, *ctx.options, ctx.ensemble, ctx.backend,
+                teacher_grad)
+        return (grad_s, grad_t if teacher_grad else None) + (None,) * (6 + len(ctx.options))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,9 +397,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     Several teachers: ``teacher_logits`` of shape ``(K, *, V)`` or a list of K ``(*, V)`` tensors, with
     ``teacher_weights`` (K non-negative numbers, normalised to sum 1; uniform by default). ``ensemble="prob"``
     (default) distils towards Σ_k w_k softmax(t_k/T), the mean of the teachers' distributions (Hinton's
-    ensemble, FEED); ``ensemble="logit"`` towards softmax(Σ_k w_k t_k/T). Both are computed stably
-    (:func:`fastkd.reference.ensemble_teacher_logits`) as one effective teacher that every backend then runs;
-    for now that takes one N×V float32 temporary, and ``return_stats`` is not available with an ensemble.
+    ensemble, FEED); ``ensemble="logit"`` towards softmax(Σ_k w_k t_k/T). The Triton kernels read the K rows in
+    place and mix them in log space (log Σ_k w_k softmax(t_k/T) as a log-sum-exp over k; the forward first sweeps
+    the K rows once for each teacher's normaliser, which it keeps for the backward): no N×V temporary. The
+    C++ and reference backends, and any backend when the teachers require grad, compute the target's logits
+    first (:func:`fastkd.reference.ensemble_teacher_logits`, one N×V float32 tensor). A list of teachers is
+    stacked into one (K, N, V) tensor first; pass a (K, *, V) tensor to avoid that copy. With
+    ``return_stats`` the teacher of the metrics is the ensemble's distribution at T = 1.
 
     A sparse teacher: ``teacher_logits`` may be a :class:`fastkd.TopK` (its top-K values and indices per row,
     e.g. from an inference server, or :func:`fastkd.topk_teacher`), with ``divergence="kl"``. ``tail="bucket"``
@@ -414,42 +427,54 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     if tail is not None:
         raise ValueError("tail applies to a TopK teacher only")
     ensemble_teachers = _teacher_ensemble(student_logits, teacher_logits, teacher_weights, ensemble)
-    if ensemble_teachers is not None:
-        if return_stats:
-            raise ValueError("return_stats is not available with several teachers yet")
-        teachers, weights = ensemble_teachers
-        _check_tensors(student_logits, teachers[0], labels, ce_weight=options["ce_weight"],
-                       ignore_index=options["ignore_index"])
-        teacher_logits = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble,
-                                                           temperature=options["temperature"])
-    else:
-        _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
-                       ignore_index=options["ignore_index"])
+    _check_tensors(student_logits, teacher_logits if ensemble_teachers is None else ensemble_teachers[0][0], labels,
+                   ce_weight=options["ce_weight"], ignore_index=options["ignore_index"])
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one
-    teacher = teacher_logits.reshape(-1, num_classes)
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
     kd_scale = _kd_scale(options)
 
-    chosen = select_backend(backend, student, teacher)
+    if ensemble_teachers is None:
+        teacher = teacher_logits.reshape(-1, num_classes)
+        chosen = select_backend(backend, student, teacher)
+    else:
+        teachers, weights = ensemble_teachers
+        teachers = teachers.reshape(teachers.shape[0], -1, num_classes)
+        chosen = select_backend(backend, student, teachers)
+    teacher_weights, fused_ensemble, metrics_teacher = None, "none", None
+    if ensemble_teachers is not None:
+        if chosen == "triton" and not (torch.is_grad_enabled() and teachers.requires_grad):
+            # the fused kernels read the K teacher rows in place: no N×V temporary
+            teacher, teacher_weights, fused_ensemble = teachers, weights.to(student.device), ensemble
+        else:  # one N×V float32 temporary: the target's logits (C++ and reference backends, teacher gradients)
+            teacher = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble, temperature=t)
+            if return_stats and ensemble == "prob" and t != 1.0:  # the metrics' teacher is the mean at T = 1
+                with torch.no_grad():
+                    metrics_teacher = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble,
+                                                                        temperature=1.0)
     divisor = _divisor(options, flat_labels, student.shape[0])
+    kernel_metrics = return_stats and metrics_teacher is None
     if chosen in ("triton", "cpu"):
         # grad_scale: the gradient each row loss receives from a plain backward of the reduced loss (used by
         # the C++ backend's fused gradient only; on CUDA it would cost a launch)
         wants_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
         grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" and wants_grad else None
-        row_loss, metrics = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, return_stats, t,
-                                              options["divergence"], options["beta"], options["ignore_index"],
-                                              options["ce_weight"], kd_scale, 1.0)
+        row_loss, metrics = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, kernel_metrics,
+                                              teacher_weights, fused_ensemble, t, options["divergence"],
+                                              options["beta"], options["ignore_index"], options["ce_weight"],
+                                              kd_scale, 1.0)
     else:
         row_loss = reference.kd_loss_rows(student, teacher, flat_labels, temperature=t,
                                           divergence=options["divergence"], beta=options["beta"],
                                           ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
                                           kd_weight=options["kd_weight"], scale_by_t2=options["scale_by_t2"])
         metrics = reference.kd_fidelity_rows(student, teacher, flat_labels, ignore_index=options["ignore_index"]) \
-            if return_stats else None
+            if kernel_metrics else None
+    if metrics_teacher is not None:
+        metrics = reference.kd_fidelity_rows(student.detach(), metrics_teacher, flat_labels,
+                                             ignore_index=options["ignore_index"])
 
     loss = _reduce(row_loss, row_shape, options["reduction"], divisor)
     if not return_stats:

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernel_args import DIVERGENCE_CODES, NUM_METRICS, NUM_STATS, kd_scalars
+from ..kernel_args import DIVERGENCE_CODES, ENSEMBLE_CODES, NUM_METRICS, NUM_STATS, kd_scalars, stats_rows
+
+_NUM_STATS = tl.constexpr(NUM_STATS)
 
 
 @triton.jit
@@ -110,6 +112,73 @@ def _load_block(row_ptr, cols, stride_col, in_row):
 
 
 @triton.jit
+def _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row):
+    """One block of every teacher's row, (TEACHERS, BLOCK) float32, −inf past the row's end and on padding rows."""
+    offsets = teachers[:, None].to(tl.int64) * stride_t_teacher + cols[None, :].to(tl.int64) * stride_t_col
+    return tl.load(t_row + offsets, mask=teacher_ok[:, None] & in_row[None, :], other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef, scale,
+                   ENSEMBLE: tl.constexpr):
+    """One block of the teacher's logits times ``scale``, −inf past the row's end. One teacher (ENSEMBLE 0): its
+    logits. The logit ensemble (2, coef_k = w_k): Σ_k w_k t_k. The prob ensemble (1, coef_k = log Σ exp(scale·t_k)
+    − log w_k, from the pre-pass): log Σ_k w_k softmax(scale·t_k), the log of the mean distribution itself."""
+    if ENSEMBLE == 0:
+        return _load_block(t_row, cols, stride_t_col, in_row) * scale
+    x = _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row)
+    if ENSEMBLE == 2:
+        mean = tl.sum(tl.where(teacher_ok[:, None], coef[:, None] * x, 0.0), axis=0)
+        return tl.where(in_row, mean * scale, float("-inf"))
+    c = tl.where(teacher_ok[:, None], x * scale - coef[:, None], float("-inf"))
+    shift = _finite_or_zero(tl.max(c, axis=0))
+    return shift + tl.log(tl.sum(tl.exp(c - shift[None, :]), axis=0))
+
+
+@triton.jit
+def _online_row_logsumexp(m, total, x):
+    """(max, Σ exp(x − max)) per row of the (R, BLOCK) blocks seen so far, after adding block x."""
+    new_m = tl.maximum(m, tl.max(x, axis=1))
+    shift = _finite_or_zero(new_m)
+    return new_m, total * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+
+
+@triton.jit
+def _ensemble_coefficients(T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers,
+                           inv_temperature, STATS, num_rows, FORWARD: tl.constexpr, HAS_METRICS: tl.constexpr,
+                           ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr, BLOCK: tl.constexpr):
+    """(teachers, teacher_ok, coef at T, coef at T = 1) of :func:`_teacher_block` for one row. The prob ensemble
+    needs each teacher's log-normaliser: the forward sweeps the K rows once for it (also at T = 1 for the
+    metrics) and stores the one at T in the statistics rows NUM_STATS + k; the backward reads it there."""
+    teachers = tl.arange(0, TEACHERS)
+    teacher_ok = teachers < num_teachers
+    if ENSEMBLE == 0:
+        unused = tl.zeros((TEACHERS,), dtype=tl.float32)
+        return teachers, teacher_ok, unused, unused
+    weights = tl.load(WEIGHTS + teachers, mask=teacher_ok, other=0.0)
+    if ENSEMBLE == 2:
+        return teachers, teacher_ok, weights, weights
+    log_weights = tl.log(weights)
+    norm_stats = STATS + (_NUM_STATS + teachers.to(tl.int64)) * num_rows + row
+    if not FORWARD:
+        return teachers, teacher_ok, tl.load(norm_stats, mask=teacher_ok, other=0.0) - log_weights, log_weights
+    t_row = T + row * stride_t_row
+    m = tl.full((TEACHERS,), float("-inf"), tl.float32)
+    total = tl.zeros((TEACHERS,), dtype=tl.float32)
+    m_1 = tl.full((TEACHERS,), float("-inf"), tl.float32)
+    total_1 = tl.zeros((TEACHERS,), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, cols < n_cols)
+        m, total = _online_row_logsumexp(m, total, x * inv_temperature)
+        if HAS_METRICS:
+            m_1, total_1 = _online_row_logsumexp(m_1, total_1, x)
+    log_norm = m + tl.log(total)
+    tl.store(norm_stats, tl.where(n_cols > 0, log_norm, 0.0), mask=teacher_ok)
+    return teachers, teacher_ok, log_norm - log_weights, (m_1 + tl.log(total_1)) - log_weights
+
+
+@triton.jit
 def _target_logit(row_ptr, label, stride_col, valid):
     """The logit at the label's column as float32 (0 where the row has no valid label)."""
     return tl.load(row_ptr + label * stride_col, mask=valid, other=0.0).to(tl.float32)
@@ -132,17 +201,21 @@ def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
 
 @triton.jit
 def kd_forward_kernel(
-    S, T, LABELS, LOSS, STATS, METRICS,
-    V, stride_s_row, stride_s_col, stride_t_row, stride_t_col, num_rows,
+    S, T, WEIGHTS, LABELS, LOSS, STATS, METRICS,
+    V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, num_rows, num_teachers,
     inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale, alpha,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
-    INTERIOR_BETA: tl.constexpr, HAS_METRICS: tl.constexpr, BLOCK: tl.constexpr,
+    INTERIOR_BETA: tl.constexpr, HAS_METRICS: tl.constexpr, ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
     s_row = S + row * stride_s_row
     t_row = T + row * stride_t_row
     n_cols = tl.where(counted, V, 0)  # ignored rows skip the sweep entirely
+    teachers, teacher_ok, coef, coef_1 = _ensemble_coefficients(
+        T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers, inv_temperature, STATS,
+        num_rows, True, HAS_METRICS, ENSEMBLE, TEACHERS, BLOCK)
 
     # running maxima m_*, sums Σ exp(x − m_*), and for kl/reverse_kl the weighted log ratio
     # w = Σ e_p·[(x_p − m_p) − (x_q − m_q)] where p is the distribution the divergence averages over
@@ -171,11 +244,19 @@ def kd_forward_kernel(
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
         x_s = _load_block(s_row, cols, stride_s_col, in_row)
-        if HAS_KD or HAS_METRICS:
-            x_t = _load_block(t_row, cols, stride_t_col, in_row)
+        if ENSEMBLE == 1:  # the mean distribution's logits at T and at T = 1 are not proportional
+            if HAS_METRICS:
+                x_t = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
+                                     coef_1, 1.0, ENSEMBLE)
+            if HAS_KD:
+                b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef,
+                                   inv_temperature, ENSEMBLE)
+        elif HAS_KD or HAS_METRICS:
+            x_t = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef,
+                                 1.0, ENSEMBLE)
+            b = x_t * inv_temperature
         if HAS_KD:
             a = x_s * inv_temperature
-            b = x_t * inv_temperature
             if DIVERGENCE == 4:  # dkd: the sums and w below cover the non-target classes only
                 a = tl.where(cols == label, float("-inf"), a)
                 b = tl.where(cols == label, float("-inf"), b)
@@ -262,9 +343,10 @@ def kd_forward_kernel(
                 cols = start + tl.arange(0, BLOCK)
                 in_row = cols < V
                 x_s = _load_block(s_row, cols, stride_s_col, in_row)
-                x_t = _load_block(t_row, cols, stride_t_col, in_row)
+                b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef,
+                                   inv_temperature, ENSEMBLE)
                 log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
-                log_p_t = _log_probs(x_t, inv_temperature, m_b, log_sum_b)
+                log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
                 r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
                                            INTERIOR_BETA)
                 d0 += tl.sum(_weighted(tl.exp(log_p_t), r_t), axis=0)
@@ -295,14 +377,19 @@ def kd_forward_kernel(
 
 @triton.jit
 def kd_backward_kernel(
-    S, T, LABELS, STATS, GRAD_LOSS, GRAD_S, GRAD_T,
-    V, stride_s_row, stride_s_col, stride_t_row, stride_t_col, stride_grad_loss, num_rows,
+    S, T, WEIGHTS, LABELS, STATS, GRAD_LOSS, GRAD_S, GRAD_T,
+    V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, stride_grad_loss, num_rows,
+    num_teachers,
     inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale, alpha,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
-    INTERIOR_BETA: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    INTERIOR_BETA: tl.constexpr, TEACHER_GRAD: tl.constexpr, ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    teachers, teacher_ok, coef, _ = _ensemble_coefficients(
+        T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, V, num_teachers, inv_temperature, STATS,
+        num_rows, False, False, ENSEMBLE, TEACHERS, BLOCK)
     grad_loss = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
     grad_loss = tl.where(counted & ~label_ok, float("nan"), grad_loss)
     stats = STATS + row
@@ -328,9 +415,10 @@ def kd_backward_kernel(
         grad_s = tl.zeros([BLOCK], dtype=tl.float32)
         grad_t = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
-            x_t = _load_block(t_row, cols, stride_t_col, in_row)
+            b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef,
+                               inv_temperature, ENSEMBLE)
             log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
-            log_p_t = _log_probs(x_t, inv_temperature, m_b, log_sum_b)
+            log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
             if DIVERGENCE == 4:
                 log_p_s = tl.where(cols == label, float("-inf"), log_p_s)
                 log_p_t = tl.where(cols == label, float("-inf"), log_p_t)
@@ -367,16 +455,19 @@ def kd_backward_kernel(
             tl.store(grad_t_row + cols, grad_t.to(GRAD_T.dtype.element_ty), mask=in_row)
 
 
-def launch_config(num_cols: int, kernel: str, divergence: str) -> dict:
+def launch_config(num_cols: int, kernel: str, divergence: str, num_teachers: int = 1) -> dict:
     """Block size and warps for rows of num_cols entries, from bench/tune_kd.py on an H100 (bench/RESULTS.md):
     the KL forward streams best with small single-warp programs (many rows in flight per SM), the backward
-    with wide blocks of 32 elements per thread; the JSD forward, heavy in arithmetic, with 16 per thread."""
+    with wide blocks of 32 elements per thread; the JSD forward, heavy in arithmetic, with 16 per thread.
+    An ensemble reads (K, BLOCK) tiles: its blocks shrink by K (rounded up to a power of 2) so a program holds
+    as many elements as with one teacher (not tuned on a GPU yet)."""
     block = triton.next_power_of_2(max(num_cols, 1))
+    teachers = triton.next_power_of_2(num_teachers)
     if kernel == "forward" and divergence != "jsd":
-        return dict(BLOCK=min(block, 512), num_warps=1)
-    block = min(block, 4096)
+        return dict(BLOCK=max(min(block, 512) // teachers, 16), num_warps=1)
+    block = max(min(block, 4096) // teachers, 16)
     per_warp = 512 if kernel == "forward" else 128
-    return dict(BLOCK=block, num_warps=max(1, min(block // per_warp, 32)))
+    return dict(BLOCK=block, num_warps=max(1, min(block * teachers // per_warp, 32)))
 
 
 def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha):
@@ -387,48 +478,65 @@ def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scal
     )
 
 
+def _teacher_args(teacher, teacher_weights, ensemble) -> dict:
+    """The teacher's strides and ensemble arguments: ``teacher`` is (N, V), or (K, N, V) with ``teacher_weights``
+    (K,) float32 summing to 1 and ``ensemble`` "prob" or "logit"."""
+    if ensemble == "none":
+        return dict(stride_t_teacher=0, stride_t_row=teacher.stride(0), stride_t_col=teacher.stride(1),
+                    num_teachers=1, ENSEMBLE=0, TEACHERS=1)
+    return dict(stride_t_teacher=teacher.stride(0), stride_t_row=teacher.stride(1), stride_t_col=teacher.stride(2),
+                num_teachers=teacher.shape[0], ENSEMBLE=ENSEMBLE_CODES[ensemble],
+                TEACHERS=triton.next_power_of_2(teacher.shape[0]))
+
+
 def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
-               alpha=1.0, with_metrics=False, config=None):
-    """Row losses (N,) float32, statistics (NUM_STATS, N) float32 and metrics (NUM_METRICS, N) float32 (or an
-    empty tensor without ``with_metrics``) of (N, V) student/teacher logits. ``config`` overrides
+               alpha=1.0, with_metrics=False, teacher_weights=None, ensemble="none", config=None):
+    """Row losses (N,) float32, statistics (:func:`fastkd.kernel_args.stats_rows`, N) float32 and metrics (NUM_METRICS, N) float32
+    (or an empty tensor without ``with_metrics``) of (N, V) student logits against (N, V) teacher logits, or
+    against the ensemble of (K, N, V) teachers (see :func:`_teacher_args`). ``config`` overrides
     :func:`launch_config` (for tuning)."""
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
-    stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
+    stats = torch.empty(stats_rows(teacher, ensemble), num_rows, dtype=torch.float32, device=student.device)
     metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32,
                           device=student.device)
     if num_rows == 0:
         return loss, stats, metrics
+    teacher_args = _teacher_args(teacher, teacher_weights, ensemble)
     kd_forward_kernel[(num_rows,)](
-        student, teacher, labels if labels is not None else loss, loss, stats, metrics if with_metrics else loss,
-        num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), num_rows,
-        HAS_LABELS=labels is not None, HAS_METRICS=with_metrics,
-        **(config or launch_config(num_cols, "forward", divergence)),
+        student, teacher, teacher_weights if teacher_weights is not None else loss,
+        labels if labels is not None else loss, loss, stats, metrics if with_metrics else loss,
+        num_cols, student.stride(0), student.stride(1), num_rows=num_rows, HAS_LABELS=labels is not None,
+        HAS_METRICS=with_metrics, **teacher_args,
+        **(config or launch_config(num_cols, "forward", divergence, teacher_args["num_teachers"])),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
     )
     return loss, stats, metrics
 
 
 def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
-                ce_weight, kd_scale, teacher_grad, alpha=1.0, config=None):
-    """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor).
+                ce_weight, kd_scale, teacher_grad, alpha=1.0, teacher_weights=None, ensemble="none", config=None):
+    """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad, one teacher only; else an
+    empty tensor).
 
     ``grad_loss`` is (N,) and may have stride 0 (an expanded scalar). Gradients are contiguous (N, V) in the
     dtype of their input.
     """
+    if teacher_grad and ensemble != "none":
+        raise ValueError("the ensemble kernels give no gradient to the teachers")
     num_rows, num_cols = student.shape
     grad_s = torch.empty((num_rows, num_cols), dtype=student.dtype, device=student.device)
     grad_t = (torch.empty((num_rows, num_cols), dtype=teacher.dtype, device=teacher.device) if teacher_grad
               else torch.empty(0, dtype=teacher.dtype, device=teacher.device))
     if num_rows == 0:
         return grad_s, grad_t
+    teacher_args = _teacher_args(teacher, teacher_weights, ensemble)
     kd_backward_kernel[(num_rows,)](
-        student, teacher, labels if labels is not None else stats, stats, grad_loss, grad_s,
-        grad_t if teacher_grad else grad_s,
-        num_cols, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        grad_loss.stride(0), num_rows,
-        HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad,
-        **(config or launch_config(num_cols, "backward", divergence)),
+        student, teacher, teacher_weights if teacher_weights is not None else stats,
+        labels if labels is not None else stats, stats, grad_loss, grad_s, grad_t if teacher_grad else grad_s,
+        num_cols, student.stride(0), student.stride(1), stride_grad_loss=grad_loss.stride(0), num_rows=num_rows,
+        HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad, **teacher_args,
+        **(config or launch_config(num_cols, "backward", divergence, teacher_args["num_teachers"])),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
     )
     return grad_s, grad_t

@@ -415,10 +415,12 @@ def test_a_teacher_returning_k_logits_is_an_ensemble():
     x, y = batch()
     weights = [0.5, 0.3, 0.2]
     out = Distiller(student, teacher, terms={"kd": KD(teacher_weights=weights, ensemble="logit")})(x, y)
-    expected = fastkd.kd_loss(student(x), teacher(x).detach(), temperature=4.0, labels=y, teacher_weights=weights,
-                              ensemble="logit")
+    expected, stats = fastkd.kd_loss(student(x), teacher(x).detach(), temperature=4.0, labels=y,
+                                     teacher_weights=weights, ensemble="logit", return_stats=True)
     assert_rel_close(out.loss, expected, 1e-5)
-    assert out.metrics == {}
+    assert out.metrics.keys() == stats.keys()  # against the ensemble's distribution at T = 1
+    for key in stats:
+        assert_rel_close(out.metrics[key], stats[key], 1e-5, what=key)
 
 
 def test_london_term_reads_the_stage_features_and_matches_london_loss():

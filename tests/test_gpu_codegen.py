@@ -1,4 +1,4 @@
-"""The Triton kernels of feature_loss and spectral_norms compile for sm_80 and sm_90 (PTX), without a GPU.
+"""The Triton kernels of kd_loss, feature_loss and spectral_norms compile for sm_80 and sm_90 (PTX), without a GPU.
 
 The CPU test-suite runs these kernels under the Triton interpreter, which executes Python and so cannot see
 errors that only the GPU code generator raises (a loop-carried variable changing type, say). This compiles a
@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastkd.kernels import features, lipschitz
+    from fastkd.kernels import features, kd, lipschitz
 
     def compile_for(fn, signature, constexprs, arch):
         triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
@@ -50,6 +50,26 @@ SCRIPT = textwrap.dedent('''
             compile_for(lipschitz.power_step_kernel, {**step, **dict.fromkeys(options, "constexpr")}, options, arch)
         options = dict(NUM_FIELDS=lipschitz.NUM_FIELDS, BLOCK=lipschitz.FINISH_BLOCK)
         compile_for(lipschitz.power_finish_kernel, {**finish, **dict.fromkeys(options, "constexpr")}, options, arch)
+    scalars = "inv_temperature beta one_minus_beta log_beta log_one_minus_beta ce_weight kd_scale alpha".split()
+    kd_common = {"V": "i64", "stride_s_row": "i64", "stride_s_col": "i64", "stride_t_teacher": "i64",
+                 "stride_t_row": "i64", "stride_t_col": "i64", "num_rows": "i64", "num_teachers": "i32",
+                 "ignore_index": "i64", **dict.fromkeys(scalars, "fp32")}
+    kd_forward = {"S": "*bf16", "T": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "LOSS": f32, "STATS": f32,
+                  "METRICS": f32, **kd_common}
+    kd_backward = {"S": "*bf16", "T": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "STATS": f32, "GRAD_LOSS": f32,
+                   "GRAD_S": "*bf16", "GRAD_T": "*bf16", "stride_grad_loss": "i64", **kd_common}
+    # (DIVERGENCE, ENSEMBLE, TEACHERS): every divergence with one teacher, and both ensembles
+    for divergence, ensemble, teachers in [(0, 0, 1), (1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 0, 1), (0, 1, 4),
+                                           (2, 1, 4), (1, 2, 2)]:
+        options = dict(DIVERGENCE=divergence, HAS_LABELS=True, HAS_CE=True, HAS_KD=True, INTERIOR_BETA=True,
+                       ENSEMBLE=ensemble, TEACHERS=teachers, BLOCK=128)
+        for arch in (80, 90):
+            options_f = {**options, "HAS_METRICS": True}
+            compile_for(kd.kd_forward_kernel, {**kd_forward, **dict.fromkeys(options_f, "constexpr")}, options_f,
+                        arch)
+            options_b = {**options, "TEACHER_GRAD": ensemble == 0}
+            compile_for(kd.kd_backward_kernel, {**kd_backward, **dict.fromkeys(options_b, "constexpr")}, options_b,
+                        arch)
     print("compiled")
 ''')
 

@@ -318,8 +318,8 @@ def test_out_of_range_label_gives_nan_in_the_kernel(kernel, gen):
     """On CUDA the label range is not checked on the host (no sync): the kernel marks the row NaN instead."""
     s, t = logits(gen, (3, 10), device=kernel.device), logits(gen, (3, 10), device=kernel.device)
     labels = torch.tensor([2, 10, -100], device=kernel.device)
-    rows, _, _ = torch.ops.fastkd.kd_loss_rows(s, t, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0, 1.0, kernel.backend,
-                                               False)
+    rows, _, _ = torch.ops.fastkd.kd_loss_rows(s, t, None, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0, 1.0, "none",
+                                               kernel.backend, False)
     assert rows[0].isfinite() and rows[1].isnan() and rows[2] == 0
     ref = reference.kd_loss_rows(s, t, labels, temperature=1.0, divergence="kl", beta=0.5, ignore_index=-100,
                                  ce_weight=0.5, kd_weight=1.0, scale_by_t2=True)
