@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from .dispatch import select_backend
-from .kd import _check_options, _check_tensors, _divisor, _finite_number, _KDLossRows, _reduce
+from .kd import _check_options, _check_tensors, _divisor, _finite_number, _kernel_or_reference, _KDLossRows, _reduce
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -56,11 +56,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     teacher = teacher_logits.reshape(-1, num_classes)
     flat_labels = labels.reshape(-1)
     chosen = select_backend(backend, student, teacher, op="dkd_loss", kernels=("triton", "cpu"))
-    if chosen != "reference" and torch.is_grad_enabled() and teacher.requires_grad:
-        if backend != "auto":
-            raise RuntimeError(f"dkd_loss's {chosen!r} kernels give no gradient to the teacher; detach "
-                               "teacher_logits or use backend='reference'")
-        chosen = "reference"
+    chosen = _kernel_or_reference(chosen, backend, "dkd_loss", "teacher_logits",
+                                  torch.is_grad_enabled() and teacher.requires_grad)
     temperature = options["temperature"]
     if chosen == "reference":
         row_loss = reference.dkd_loss_rows(student, teacher, flat_labels, temperature=temperature, alpha=alpha,

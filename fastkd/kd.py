@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_backend, reference
 from .dispatch import check_backend_name, launchers, select_backend
-from .kernel_args import NUM_METRICS, stats_rows
+from .kernel_args import NUM_METRICS, NUM_STATS, stats_rows
 from .topk import TAILS, TopK
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
@@ -133,6 +133,60 @@ class _KDLossRows(torch.autograd.Function):
                 grad_loss, student, teacher, teacher_weights, labels, stats, *ctx.options, ctx.ensemble, ctx.backend,
                 teacher_grad)
         return (grad_s, grad_t if teacher_grad else None) + (None,) * (6 + len(ctx.options))
+
+
+# a sparse teacher (TopK): Triton only; no gradient to its values
+
+@torch.library.custom_op("fastkd::kd_topk_rows", mutates_args=())
+def _kd_topk_rows_op(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                     labels: Optional[torch.Tensor], temperature: float, tail: str, ignore_index: int,
+                     ce_weight: float, kd_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return launchers(backend, "kd").kd_topk_forward(student, values, indices, labels, temperature=temperature,
+                                                    tail=tail, ignore_index=ignore_index, ce_weight=ce_weight,
+                                                    kd_scale=kd_scale)
+
+
+@_kd_topk_rows_op.register_fake
+def _(student, values, indices, labels, temperature, tail, ignore_index, ce_weight, kd_scale, backend):
+    num_rows = student.shape[0]
+    return (student.new_empty(num_rows, dtype=torch.float32),
+            student.new_empty((NUM_STATS, num_rows), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastkd::kd_topk_rows_backward", mutates_args=())
+def _kd_topk_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, values: torch.Tensor,
+                              indices: torch.Tensor, labels: Optional[torch.Tensor], stats: torch.Tensor,
+                              temperature: float, tail: str, ignore_index: int, ce_weight: float, kd_scale: float,
+                              backend: str) -> torch.Tensor:
+    return launchers(backend, "kd").kd_topk_backward(grad_loss, student, values, indices, labels, stats,
+                                                     temperature=temperature, tail=tail, ignore_index=ignore_index,
+                                                     ce_weight=ce_weight, kd_scale=kd_scale)
+
+
+@_kd_topk_rows_backward_op.register_fake
+def _(grad_loss, student, values, indices, labels, stats, temperature, tail, ignore_index, ce_weight, kd_scale,
+      backend):
+    return student.new_empty(student.shape)
+
+
+class _KDTopKRows(torch.autograd.Function):
+    """Row losses against a sparse teacher through the two custom ops above; the gradient reaches the student
+    only."""
+
+    @staticmethod
+    def forward(ctx, student, values, indices, labels, *options):
+        row_loss, stats = torch.ops.fastkd.kd_topk_rows.default(student, values, indices, labels, *options)
+        ctx.save_for_backward(student, values, indices, labels, stats)
+        ctx.options = options
+        return row_loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        student, values, indices, labels, stats = ctx.saved_tensors
+        grad_s = torch.ops.fastkd.kd_topk_rows_backward.default(grad_loss, student, values, indices, labels, stats,
+                                                                *ctx.options)
+        return (grad_s, None, None, None) + (None,) * len(ctx.options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,8 +344,20 @@ def _reduce(row_loss: torch.Tensor, row_shape, reduction: str, divisor) -> torch
     return row_loss.sum() if reduction == "sum" else row_loss.sum() / divisor
 
 
+def _kernel_or_reference(chosen: str, requested: str, op: str, what_needs_grad: str, needs_grad: bool) -> str:
+    """The reference instead of kernels that give ``what_needs_grad`` no gradient when it needs one (or an error
+    when a kernel backend was asked for by name)."""
+    if chosen == "reference" or not needs_grad:
+        return chosen
+    if requested != "auto":
+        raise RuntimeError(f"{op}'s {chosen!r} kernels give no gradient to {what_needs_grad}; detach it or use "
+                           "backend='reference'")
+    return "reference"
+
+
 def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stats, backend) -> torch.Tensor:
-    """kd_loss against a sparse teacher (validation, then the reference rows, the CE term and the reduction)."""
+    """kd_loss against a sparse teacher: validation, the Triton kernels or the reference rows (+ CE), and the
+    reduction."""
     tail = tail if tail is not None else ("bucket" if topk.kind == "logprobs" else "renormalize")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -304,7 +370,6 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
         raise ValueError("return_stats is not available with a TopK teacher yet")
     _check_tensors(student_logits, student_logits, labels, ce_weight=options["ce_weight"],
                    ignore_index=options["ignore_index"])
-    select_backend(backend, student_logits, op="kd_loss with a TopK teacher", kernels=())
     num_classes = student_logits.shape[-1]
     if topk.values.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"TopK values must have shape (*, K) with * = {tuple(student_logits.shape[:-1])}, got "
@@ -315,22 +380,30 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
     if topk.values.device != student_logits.device:
         raise ValueError(f"TopK must be on the device of the logits ({student_logits.device}), got "
                          f"{topk.values.device}")
-    indices = topk.indices.reshape(-1, k).long()
-    if indices.numel() and bool(((indices < 0) | (indices >= num_classes)).any()):
-        raise ValueError(f"TopK indices must lie in [0, {num_classes})")
-    if k > 1 and indices.numel() and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
-        raise ValueError("TopK indices must be distinct within a row")
     student = student_logits.reshape(-1, num_classes)
+    values, indices = topk.values.reshape(-1, k), topk.indices.reshape(-1, k)
+    # free checks where reading the indices costs no device sync; elsewhere the kernels make such rows NaN
+    if indices.device.type == "cpu" and not torch.compiler.is_compiling() and indices.numel():
+        if bool(((indices < 0) | (indices >= num_classes)).any()):
+            raise ValueError(f"TopK indices must lie in [0, {num_classes})")
+        if k > 1 and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+            raise ValueError("TopK indices must be distinct within a row")
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
-    kl = reference.kd_topk_rows(student, topk.values.reshape(-1, k), indices, kind=topk.kind, tail=tail,
-                                temperature=t)
-    rows = _kd_scale(options) * kl
-    if flat_labels is not None:  # the CE term and the ignored rows, as for a full teacher
-        ce_rows = reference.kd_loss_rows(student, student, flat_labels, temperature=t, divergence="kl", beta=0.5,
-                                         ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
-                                         kd_weight=0.0, scale_by_t2=True)
-        rows = torch.where(flat_labels != options["ignore_index"], rows + ce_rows, 0)
+    chosen = select_backend(backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton",))
+    chosen = _kernel_or_reference(chosen, backend, "kd_loss with a TopK teacher", "the TopK values",
+                                  torch.is_grad_enabled() and values.requires_grad)
+    if chosen == "triton":
+        rows = _KDTopKRows.apply(student, values, indices, flat_labels, t, tail, options["ignore_index"],
+                                 options["ce_weight"], _kd_scale(options), chosen)
+    else:
+        rows = _kd_scale(options) * reference.kd_topk_rows(student, values, indices.long(), kind=topk.kind,
+                                                           tail=tail, temperature=t)
+        if flat_labels is not None:  # the CE term and the ignored rows, as for a full teacher
+            ce_rows = reference.kd_loss_rows(student, student, flat_labels, temperature=t, divergence="kl",
+                                             beta=0.5, ignore_index=options["ignore_index"],
+                                             ce_weight=options["ce_weight"], kd_weight=0.0, scale_by_t2=True)
+            rows = torch.where(flat_labels != options["ignore_index"], rows + ce_rows, 0)
     divisor = _divisor(options, flat_labels, student.shape[0])
     return _reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
 
@@ -410,8 +483,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     (the default for log-probabilities) keeps the mass outside the K as one more class, against the student's
     mass outside the K; ``tail="renormalize"`` (the default, and the only choice, for logits) renormalises the
     teacher over its K classes. The student keeps its full-row normalisation and gets a gradient on all V
-    logits. See :func:`fastkd.reference.kd_topk_rows` for the temperature; this path runs the reference on every
-    device for now and checks the indices on the host.
+    logits. See :func:`fastkd.reference.kd_topk_rows` for the temperature. On CUDA (and under the Triton
+    interpreter) the Triton kernels run it in one sweep over each student row: the student's mass outside the K
+    is summed over those columns themselves (each compared with the K indices, O(K) per element), never as
+    1 − Σ_K, which loses everything when the K hold almost all of it. Indices are checked on the host for CPU
+    tensors (out of range, repeated); on CUDA such rows come out NaN. The kernels give no gradient to the TopK
+    values (values that require grad run the reference); CPU tensors run the reference.
 
     Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
     the reference. Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).

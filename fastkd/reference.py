@@ -208,7 +208,7 @@ def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: to
     weights = v / temperature
     if tail == "bucket" and indices.shape[-1] < z.shape[-1]:  # with K = V there is no rest: the bucket is empty
         rest = torch.logsumexp(z.scatter(-1, indices, -math.inf), dim=-1, keepdim=True) - log_sum
-        log_tail = torch.log1p(-torch.exp(torch.logsumexp(v, dim=-1, keepdim=True)).clamp(max=1.0))
+        log_tail = torch.log(-torch.expm1(torch.logsumexp(v, dim=-1, keepdim=True).clamp(max=0.0)))
         weights = torch.cat([weights, log_tail / temperature], dim=-1)
         log_p_s = torch.cat([log_p_s, rest], dim=-1)
     log_p_t = F.log_softmax(weights, dim=-1)

@@ -1,8 +1,8 @@
 """Sparse teachers: the top-K entries an inference server returns instead of a full row of logits.
 
 :class:`TopK` holds them; pass one as ``teacher_logits`` to :func:`fastkd.kd_loss`. :func:`topk_teacher` makes one
-from full teacher logits. The loss runs its reference implementation (:func:`fastkd.reference.kd_topk_rows`) on
-every device for now.
+from full teacher logits. The loss's specification is :func:`fastkd.reference.kd_topk_rows`; its Triton kernels are
+``kd_topk_forward_kernel``/``kd_topk_backward_kernel`` in :mod:`fastkd.kernels.kd`.
 """
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ log-sum-exp) keeps log p exact to rounding of the small term even for logits of 
 for "kl"/"reverse_kl" d0 is the divergence, for "jsd" d0 = KL(p_t‖m), d1 = KL(p_s‖m), and for "cosine" d0 is
 the cosine of p_s and p_t and the log-sums are replaced by log ‖exp(x − max)‖₂, so that the backward's
 "probabilities" are the unit vectors p/‖p‖.
+
+Several teachers (ENSEMBLE 1, 2) are read as (TEACHERS, BLOCK) tiles of a (K, N, V) tensor and mixed per block
+into one teacher row (:func:`_teacher_block`); everything after that is the one-teacher code. A sparse teacher
+(TopK) has kernels of its own (``kd_topk_*``) that share the helpers.
 """
 from __future__ import annotations
 
@@ -455,6 +459,163 @@ def kd_backward_kernel(
             tl.store(grad_t_row + cols, grad_t.to(GRAD_T.dtype.element_ty), mask=in_row)
 
 
+@triton.jit
+def _online_logsumexp(m, total, x):
+    """(max, Σ exp(x − max)) of a row's blocks so far after adding block x (−inf entries add nothing)."""
+    new_m = tl.maximum(m, tl.max(x, axis=0))
+    shift = _finite_or_zero(new_m)
+    return new_m, total * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+
+
+@triton.jit
+def _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col,
+                TOPK: tl.constexpr):
+    """A sparse teacher's row: (slot_ok, values as float32 (−inf on padding), indices clamped into [0, V), and
+    whether the indices are valid: each in [0, V), no two equal)."""
+    slots = tl.arange(0, TOPK)
+    slot_ok = slots < K
+    values = tl.load(VALUES + row * stride_v_row + slots * stride_v_col, mask=slot_ok, other=float("-inf"))
+    indices = tl.load(INDICES + row * stride_i_row + slots * stride_i_col, mask=slot_ok, other=0).to(tl.int64)
+    in_range = (indices >= 0) & (indices < V)
+    repeats = tl.zeros((TOPK,), dtype=tl.int32)
+    for k in range(0, K):
+        index_k = tl.load(INDICES + row * stride_i_row + k * stride_i_col).to(tl.int64)
+        repeats += (slot_ok & (indices == index_k)).to(tl.int32)
+    valid = tl.sum((slot_ok & (~in_range | (repeats > 1))).to(tl.int32), axis=0) == 0
+    return slot_ok, values.to(tl.float32), tl.where(slot_ok & in_range, indices, 0), valid
+
+
+@triton.jit
+def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET: tl.constexpr):
+    """(log p_t on the K slots, log p_t of the tail bucket) of a sparse teacher: the softmax of v_k/T (and, with
+    BUCKET, of log(1 − Σ_k exp v_k)/T, the remaining mass of log-probabilities v); without BUCKET the tail is
+    −inf."""
+    w = tl.where(slot_ok, values * inv_temperature, float("-inf"))
+    top = tl.max(w, axis=0)
+    if BUCKET:
+        top_v = tl.max(values, axis=0)
+        log_mass = top_v + tl.log(tl.sum(tl.exp(values - top_v), axis=0))  # log Σ exp v, ≤ 0 up to rounding
+        w_tail = tl.log(-_expm1(tl.minimum(log_mass, 0.0))) * inv_temperature
+        top = tl.maximum(top, w_tail)
+        log_norm = top + tl.log(tl.sum(tl.exp(w - top), axis=0) + tl.exp(w_tail - top))
+        return w - log_norm, w_tail - log_norm
+    log_norm = top + tl.log(tl.sum(tl.exp(w - top), axis=0))
+    return w - log_norm, tl.zeros_like(log_norm) + float("-inf")
+
+
+@triton.jit
+def kd_topk_forward_kernel(
+    S, VALUES, INDICES, LABELS, LOSS, STATS,
+    V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, num_rows,
+    inv_temperature, ignore_index, ce_weight, kd_scale,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BUCKET: tl.constexpr,
+    TOPK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """KL(p_t‖p_s) against a sparse teacher (K values and indices per row), see fastkd.reference.kd_topk_rows.
+    One sweep over the student row: its log-sum-exp at T, with BUCKET also over the columns outside the K (each
+    column compared with the K indices: exact, no subtraction of nearly equal sums), and at T = 1 for CE."""
+    row = tl.program_id(0).to(tl.int64)
+    counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    s_row = S + row * stride_s_row
+    n_cols = tl.where(counted, V, 0)
+    slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
+                                                       stride_i_row, stride_i_col, TOPK)
+    m_a = float("-inf")
+    sum_a = 0.0
+    m_rest = float("-inf")
+    sum_rest = 0.0
+    m_1 = float("-inf")
+    sum_1 = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x_s = _load_block(s_row, cols, stride_s_col, cols < V)
+        if HAS_KD:
+            a = x_s * inv_temperature
+            m_a, sum_a = _online_logsumexp(m_a, sum_a, a)
+            if BUCKET:
+                in_topk = tl.zeros((BLOCK,), dtype=tl.int1)
+                for k in range(0, K):
+                    in_topk |= cols == tl.load(INDICES + row * stride_i_row + k * stride_i_col)
+                m_rest, sum_rest = _online_logsumexp(m_rest, sum_rest, tl.where(in_topk, float("-inf"), a))
+        if HAS_CE:
+            m_1, sum_1 = _online_logsumexp(m_1, sum_1, x_s)
+    log_sum_a = tl.log(sum_a)
+    log_sum_1 = tl.log(sum_1)
+    kl = 0.0
+    tail_factor = 1.0
+    loss = 0.0
+    if HAS_KD:
+        log_p_s = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32) * \
+            inv_temperature - m_a - log_sum_a
+        log_p_t, log_p_t_tail = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
+        kl = tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_p_t), log_p_t - log_p_s), 0.0), axis=0)
+        if BUCKET:  # the student's bucket: its mass outside the K
+            log_ratio_tail = log_p_t_tail - ((m_rest + tl.log(sum_rest)) - (m_a + log_sum_a))
+            kl += _weighted(tl.exp(log_p_t_tail), log_ratio_tail)
+            # ∂KL/∂a_j = p_s,j·(1 − p_t,tail/p_s,tail) outside the K
+            tail_factor = tl.where(log_p_t_tail == float("-inf"), 1.0, -_expm1(log_ratio_tail))
+        loss = kd_scale * kl
+    if HAS_CE:
+        loss += ce_weight * ((m_1 - _target_logit(s_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
+    loss = tl.where(counted, loss, 0.0)
+    loss = tl.where(counted & (~label_ok | ~indices_ok), float("nan"), loss)
+    tl.store(LOSS + row, loss)
+    stats = STATS + row
+    tl.store(stats, tl.where(counted, m_a, 0.0))
+    tl.store(stats + num_rows, tl.where(counted, log_sum_a, 0.0))
+    tl.store(stats + 2 * num_rows, tl.where(counted, tail_factor, 0.0))
+    tl.store(stats + 3 * num_rows, tl.where(counted, kl, 0.0))
+    tl.store(stats + 4 * num_rows, tl.where(counted, m_1, 0.0))
+    tl.store(stats + 5 * num_rows, tl.where(counted, log_sum_1, 0.0))
+
+
+@triton.jit
+def kd_topk_backward_kernel(
+    S, VALUES, INDICES, LABELS, STATS, GRAD_LOSS, GRAD_S,
+    V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, stride_grad_loss,
+    num_rows, inv_temperature, ignore_index, ce_weight, kd_scale,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BUCKET: tl.constexpr,
+    TOPK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The student gradient against a sparse teacher: p_s,j·tail_factor (KD) + softmax − onehot (CE) on every
+    column, then the K teacher columns rewritten with p_s,k − p_t,k (after a barrier: the same program stored
+    them in the sweep)."""
+    row = tl.program_id(0).to(tl.int64)
+    counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
+                                                       stride_i_row, stride_i_col, TOPK)
+    grad_loss = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
+    grad_loss = tl.where(counted & (~label_ok | ~indices_ok), float("nan"), grad_loss)
+    stats = STATS + row
+    m_a = tl.load(stats)
+    log_sum_a = tl.load(stats + num_rows)
+    tail_factor = tl.load(stats + 2 * num_rows)
+    m_1 = tl.load(stats + 4 * num_rows)
+    log_sum_1 = tl.load(stats + 5 * num_rows)
+    kd_factor = grad_loss * kd_scale * inv_temperature
+    ce_factor = grad_loss * ce_weight
+    s_row = S + row * stride_s_row
+    grad_row = GRAD_S + row * V
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x_s = _load_block(s_row, cols, stride_s_col, in_row)
+        grad = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_KD:
+            grad = (kd_factor * tail_factor) * tl.exp(_log_probs(x_s, inv_temperature, m_a, log_sum_a))
+        if HAS_CE:
+            grad += ce_factor * (tl.exp(_log_probs(x_s, 1.0, m_1, log_sum_1)) - tl.where(cols == label, 1.0, 0.0))
+        tl.store(grad_row + cols, tl.where(counted, grad, 0.0).to(GRAD_S.dtype.element_ty), mask=in_row)
+    if HAS_KD:
+        tl.debug_barrier()
+        x_k = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)
+        log_p_t, _ = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
+        grad = kd_factor * (tl.exp(_log_probs(x_k, inv_temperature, m_a, log_sum_a)) - tl.exp(log_p_t))
+        if HAS_CE:
+            grad += ce_factor * (tl.exp(_log_probs(x_k, 1.0, m_1, log_sum_1)) - tl.where(indices == label, 1.0, 0.0))
+        tl.store(grad_row + indices, tl.where(counted, grad, 0.0).to(GRAD_S.dtype.element_ty), mask=slot_ok)
+
+
 def launch_config(num_cols: int, kernel: str, divergence: str, num_teachers: int = 1) -> dict:
     """Block size and warps for rows of num_cols entries, from bench/tune_kd.py on an H100 (bench/RESULTS.md):
     the KL forward streams best with small single-warp programs (many rows in flight per SM), the backward
@@ -540,3 +701,49 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
     )
     return grad_s, grad_t
+
+
+def _topk_args(values, indices, tail, num_cols) -> dict:
+    num_slots = values.shape[1]
+    return dict(K=num_slots, stride_v_row=values.stride(0), stride_v_col=values.stride(1),
+                stride_i_row=indices.stride(0), stride_i_col=indices.stride(1),
+                BUCKET=tail == "bucket" and num_slots < num_cols, TOPK=triton.next_power_of_2(num_slots))
+
+
+def _topk_scalars(temperature, ignore_index, ce_weight, kd_scale) -> dict:
+    return dict(inv_temperature=1.0 / temperature, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
+                HAS_CE=ce_weight != 0, HAS_KD=kd_scale != 0)
+
+
+def kd_topk_forward(student, values, indices, labels, *, temperature, tail, ignore_index, ce_weight, kd_scale):
+    """Row losses (N,) and statistics (NUM_STATS, N), float32, of (N, V) student logits against a sparse teacher:
+    (N, K) ``values`` and int ``indices`` (see :class:`fastkd.TopK`). The statistics hold per row: max a,
+    log-sum a, the tail factor 1 − p_t,tail/p_s,tail (1 without a bucket), the KL, max s, log-sum s."""
+    num_rows, num_cols = student.shape
+    loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    stats = torch.zeros(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
+    if num_rows == 0:
+        return loss, stats
+    kd_topk_forward_kernel[(num_rows,)](
+        student, values, indices, labels if labels is not None else indices, loss, stats, num_cols,
+        stride_s_row=student.stride(0), stride_s_col=student.stride(1), num_rows=num_rows,
+        HAS_LABELS=labels is not None, **_topk_args(values, indices, tail, num_cols),
+        **_topk_scalars(temperature, ignore_index, ce_weight, kd_scale), **launch_config(num_cols, "forward", "kl"),
+    )
+    return loss, stats
+
+
+def kd_topk_backward(grad_loss, student, values, indices, labels, stats, *, temperature, tail, ignore_index,
+                     ce_weight, kd_scale):
+    """Gradient of Σ grad_loss·row_loss w.r.t. the student logits, contiguous (N, V) in their dtype."""
+    num_rows, num_cols = student.shape
+    grad_s = torch.empty((num_rows, num_cols), dtype=student.dtype, device=student.device)
+    if num_rows == 0:
+        return grad_s
+    kd_topk_backward_kernel[(num_rows,)](
+        student, values, indices, labels if labels is not None else indices, stats, grad_loss, grad_s, num_cols,
+        stride_s_row=student.stride(0), stride_s_col=student.stride(1), stride_grad_loss=grad_loss.stride(0),
+        num_rows=num_rows, HAS_LABELS=labels is not None, **_topk_args(values, indices, tail, num_cols),
+        **_topk_scalars(temperature, ignore_index, ce_weight, kd_scale), **launch_config(num_cols, "backward", "kl"),
+    )
+    return grad_s

@@ -1,5 +1,6 @@
 """kd_loss with a sparse (top-K) teacher: the bucket and renormalise semantics against float64 math written
-independently, K = V equals the full teacher, gradients over all V student logits, and errors."""
+independently, K = V equals the full teacher, gradients over all V student logits, the Triton kernels against the
+reference (also where the student's mass outside the K is tiny), bad indices in the kernels, and errors."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import TopK, topk_teacher
-from conftest import assert_rel_close, logits
+from conftest import DEVICE, assert_rel_close, logits
 
 
 
@@ -85,6 +86,88 @@ def test_labels_ce_and_reductions(gen):
     counted = labels != -100
     assert_rel_close(rows[counted], (kl + 0.5 * ce)[counted], 1e-5)
     assert_rel_close(fastkd.kd_loss(s, teacher, labels=labels, ce_weight=0.5, temperature=2.0), rows.sum() / 4, 1e-6)
+
+
+def kernel_and_reference(s, teacher, **options):
+    """(loss, student grad) from the Triton kernels and from the reference."""
+    results = []
+    for backend in ("triton", "reference"):
+        leaf = s.detach().clone().requires_grad_(True)
+        loss = fastkd.kd_loss(leaf, teacher, backend=backend, **options)
+        loss.sum().backward()
+        results.append((loss, leaf.grad))
+    return results
+
+
+@pytest.mark.parametrize("kind, tail", [("logprobs", "bucket"), ("logprobs", "renormalize"), ("logits", "renormalize")])
+@pytest.mark.parametrize("k", [1, 7, 150])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_topk_kernels_match_the_reference(gen, kind, tail, k, dtype, rtol):
+    """Strided student logits, int32 indices, labels with an ignored row and CE, V = 150 (K = V: no bucket)."""
+    s = logits(gen, (5, 300), dtype).to(DEVICE)[:, ::2]
+    teacher = topk_teacher(logits(gen, (5, 150)).to(DEVICE), k, kind=kind)
+    teacher = TopK(teacher.values.to(dtype), teacher.indices.int(), kind)
+    labels = torch.tensor([3, -100, 149, 0, 7], device=DEVICE)
+    (loss, grad), (want_loss, want_grad) = kernel_and_reference(s, teacher, temperature=2.0, tail=tail, labels=labels,
+                                                                ce_weight=0.4)
+    assert_rel_close(loss, want_loss, rtol, what="loss")
+    assert_rel_close(grad, want_grad, rtol, what="grad")
+
+
+def test_topk_kernels_stay_exact_when_the_student_mass_outside_the_k_is_tiny(gen):
+    """The student puts all but ~1e-11 of its mass on the teacher's K classes while the teacher keeps 1e-3 outside:
+    the bucket term is then large and rests on the student's tiny remainder, which the kernels sum over the
+    columns outside the K (a subtraction 1 − Σ_K in float32 would leave only rounding)."""
+    num_classes, k = 64, 4
+    t = logits(gen, (3, num_classes))
+    teacher = topk_teacher(t, k)
+    lp = teacher.values.double()
+    lp = lp - torch.logsumexp(lp, -1, keepdim=True) + math.log1p(-1e-3)  # the K hold 1 − 1e-3 of the teacher
+    teacher = TopK(lp.float(), teacher.indices)
+    s = torch.zeros(3, num_classes, dtype=torch.float64).scatter(-1, teacher.indices, 30.0)
+    (loss, grad), _ = kernel_and_reference(s.float().to(DEVICE), TopK(teacher.values.to(DEVICE),
+                                                                       teacher.indices.to(DEVICE)), reduction="none")
+    p_s = F.softmax(s, -1)
+    q_s = torch.cat([p_s.gather(-1, teacher.indices), 1 - p_s.gather(-1, teacher.indices).sum(-1, keepdim=True)], -1)
+    p_t = torch.cat([teacher.values.double().exp(), torch.full((3, 1), 1e-3, dtype=torch.float64)], -1)
+    p_t = p_t / p_t.sum(-1, keepdim=True)
+    assert_rel_close(loss, (torch.xlogy(p_t, p_t) - torch.xlogy(p_t, q_s)).sum(-1), 1e-5)
+    assert grad.isfinite().all()
+
+
+def test_topk_kernel_rows_with_bad_indices_are_nan(gen):
+    """Where the host does not check (CUDA: it would cost a sync) the kernels mark such rows NaN."""
+    s = logits(gen, (4, 10)).to(DEVICE)
+    values = torch.full((4, 3), -2.0, device=DEVICE)
+    indices = torch.tensor([[0, 1, 2], [0, 10, 2], [4, 5, 4], [9, 8, -1]], device=DEVICE)
+    rows, _ = torch.ops.fastkd.kd_topk_rows(s, values, indices, None, 1.0, "bucket", -100, 0.0, 1.0, "triton")
+    assert rows[0].isfinite() and rows[1:].isnan().all()
+
+
+def test_topk_values_that_require_grad_use_the_reference(gen):
+    s = logits(gen, (3, 20)).to(DEVICE)
+    teacher = topk_teacher(logits(gen, (3, 20)).to(DEVICE), 5)
+    values = teacher.values.clone().requires_grad_(True)
+    fastkd.kd_loss(s, TopK(values, teacher.indices), temperature=2.0).backward()
+    assert values.grad is not None and values.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="give no gradient to the TopK values"):
+        fastkd.kd_loss(s, TopK(values, teacher.indices), backend="triton")
+
+
+def test_topk_torch_compile_fullgraph(gen):
+    s = logits(gen, (4, 30)).to(DEVICE).requires_grad_(True)
+    teacher = topk_teacher(logits(gen, (4, 30)).to(DEVICE), 6)
+    labels = torch.tensor([1, 2, -100, 29], device=DEVICE)
+
+    def step(s, values, indices):
+        return fastkd.kd_loss(s, TopK(values, indices), temperature=2.0, labels=labels, ce_weight=0.5,
+                              backend="triton")
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(s, teacher.values, teacher.indices)
+    (grad,) = torch.autograd.grad(got, s)
+    want = step(s, teacher.values, teacher.indices)
+    assert_rel_close(got, want, 1e-6)
+    assert_rel_close(grad, torch.autograd.grad(want, s)[0], 1e-6)
 
 
 S = torch.zeros(2, 5)
