@@ -2,9 +2,9 @@
 #pragma once
 #include <cstdint>
 
-namespace fastkd {
+#include "kd_args.h"  // the dtype codes
 
-constexpr int kUInt8 = 3;  // a mask dtype code beside kFloat32/kFloat16/kBFloat16 (bool masks are read as uint8)
+namespace fastkd {
 
 // A strided (N, C, S) view: element (n, c, s) at data + n·stride[0] + c·stride[1] + s·stride[2] (in elements).
 struct Strided3 {

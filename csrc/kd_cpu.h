@@ -8,49 +8,10 @@
 #include <cstdint>
 
 #include "feature_loss_cpu.h"
+#include "kd_args.h"
 #include "power_iteration_cpu.h"
 
 namespace fastkd {
-
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3, kDKD = 4 };
-constexpr int kNumStats = 8;    // per row, as the Triton kernels store them (kernels/kd.py)
-constexpr int kNumMetrics = 4;  // agreement, KL(p_t‖p_s), H(p_t), H(p_s) at T = 1
-
-// (num_rows, num_cols) logits with unit column stride and any row stride (in elements).
-struct Rows {
-    const void* data = nullptr;
-    int dtype = kFloat32;
-    int64_t row_stride = 0;
-};
-
-struct KDArgs {
-    Rows student, teacher;
-    int64_t num_rows = 0, num_cols = 0;
-    const int64_t* labels = nullptr;  // (num_rows,) or null
-    int64_t ignore_index = -100;
-    int divergence = kKL;
-    float inv_temperature = 1, beta = 0.5f, one_minus_beta = 0.5f, log_beta = 0, log_one_minus_beta = 0;
-    float ce_weight = 0, kd_scale = 1;
-    float alpha = 1;  // dkd: the TCKD weight (beta weighs NCKD)
-    // forward outputs: loss (num_rows,), stats (kNumStats, num_rows), float32
-    float* loss = nullptr;
-    float* stats = nullptr;
-    // optional forward output: (kNumMetrics, num_rows) float32 fidelity metrics at T = 1 (kernel_args.py), or null
-    float* metrics = nullptr;
-    // forward with the gradient (kl and reverse_kl only): when fused_grad_student is set, the forward also writes
-    // ∂(grad_scale·Σ row_loss)/∂s there (and ∂/∂t into fused_grad_teacher if set), contiguous, in the input dtype
-    void* fused_grad_student = nullptr;
-    void* fused_grad_teacher = nullptr;
-    float grad_scale = 1;
-    // backward: grad_loss (float32, stride in elements, may be 0), stats from the forward, and the gradients,
-    // contiguous (num_rows, num_cols) in the dtype of their input; grad_teacher null unless it is wanted
-    const float* grad_loss = nullptr;
-    int64_t grad_loss_stride = 1;
-    void* grad_student = nullptr;
-    void* grad_teacher = nullptr;
-    int num_threads = 1;
-};
 
 using KDKernel = void (*)(const KDArgs&);
 

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from .kernel_args import (DIVERGENCE_CODES, FEATURE_KIND_CODES, FEATURE_NORMALIZE_CODES, NUM_METRICS, NUM_STATS,
-                          kd_scalars)
+from .kernel_args import (DTYPE_CODES, FEATURE_KIND_CODES, FEATURE_NORMALIZE_CODES, NUM_METRICS, NUM_STATS,
+                          kd_launch_args)
 
 try:
     from . import _C
@@ -31,7 +31,6 @@ else:
 AVAILABLE = _C is not None
 if AVAILABLE and "FASTKD_CPU_CACHE_BYTES" in os.environ:
     _C.set_cache_limit(int(os.environ["FASTKD_CPU_CACHE_BYTES"]))
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FUSED_DIVERGENCES = ("kl", "reverse_kl")
 
 
@@ -87,33 +86,12 @@ def set_cache_limit(nbytes: int) -> None:
     _extension().set_cache_limit(int(nbytes))
 
 
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(tensor with unit column stride, (data pointer, dtype code, row stride)) of an (N, V) tensor."""
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        x = x.contiguous()
-    return x, (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0))
-
-
-def _kd_args(student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index, ce_weight,
-             kd_scale, alpha=1.0) -> tuple[dict, list]:
-    """The argument dict of both kernels, and the tensors it points into (to keep them alive)."""
-    student, student_spec = _rows(student)
-    teacher, teacher_spec = _rows(teacher)
-    if labels is not None:
-        labels = labels.to(torch.int64).contiguous()
-    args = dict(student=student_spec, teacher=teacher_spec, num_rows=student.shape[0], num_cols=student.shape[1],
-                labels=labels.data_ptr() if labels is not None else 0, ignore_index=ignore_index,
-                divergence=DIVERGENCE_CODES[divergence], ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
-                stats=stats.data_ptr(), num_threads=torch.get_num_threads(), **kd_scalars(temperature, beta))
-    return args, [student, teacher, labels]
-
-
 def _forward(student, teacher, labels, options, with_metrics, grad_scale=None, teacher_grad=False):
     num_rows = student.shape[0]
     loss = torch.empty(num_rows, dtype=torch.float32)
     stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32)
     metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32)
-    args, _keep = _kd_args(student, teacher, labels, stats, **options)
+    args, _keep = kd_launch_args(student, teacher, labels, stats, num_threads=torch.get_num_threads(), **options)
     args.update(loss=loss.data_ptr(), fused_grad_student=0, fused_grad_teacher=0, grad_scale=1.0,
                 metrics=metrics.data_ptr() if with_metrics else 0)
     grads = ()
@@ -168,8 +146,9 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
     grad_t = empty(teacher.shape if teacher_grad else (0,), teacher.dtype)
     grad_loss = grad_loss.to(torch.float32)
     stats = stats.contiguous()
-    args, _keep = _kd_args(student, teacher, labels, stats, temperature=temperature, divergence=divergence,
-                           beta=beta, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
+    args, _keep = kd_launch_args(student, teacher, labels, stats, num_threads=torch.get_num_threads(),
+                                 temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
+                                 ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
     args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr(),
                 grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
     _extension().kd_backward(args)

@@ -1,9 +1,12 @@
-"""Arguments the kernels of every backend share (Triton in :mod:`fastkd.kernels`, C++ in csrc/): kd_loss's
-divergence codes, the number of per-row statistics its forward stores for the backward and the scalars derived
-from its options; feature_loss's kind and normalisation codes."""
+"""Arguments the kernels of every backend share (Triton in :mod:`fastkd.kernels`, C++ and CUDA in csrc/): kd_loss's
+divergence codes, the number of per-row statistics its forward stores for the backward, the scalars derived
+from its options and the argument dict of the C++/CUDA kd_loss kernels; feature_loss's kind and normalisation
+codes."""
 from __future__ import annotations
 
 import math
+
+import torch
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "cosine": 3, "dkd": 4}
 # per row, float32, laid out (NUM_STATS, N): max a, log-sum a, max b, log-sum b, d0, d1, max s, log-sum s.
@@ -33,6 +36,33 @@ def kd_scalars(temperature: float, beta: float) -> dict:
         log_beta=math.log(beta) if beta > 0 else -math.inf,
         log_one_minus_beta=math.log1p(-beta) if beta < 1 else -math.inf,
     )
+
+# the dtype codes of the C++ and CUDA kernels (csrc/kd_args.h)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def rows_spec(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(tensor with unit column stride, (data pointer, dtype code, row stride)) of an (N, V) tensor; other
+    layouts are copied first."""
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    return x, (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0))
+
+
+def kd_launch_args(student, teacher, labels, stats, *, num_threads, temperature, divergence, beta, ignore_index,
+                   ce_weight, kd_scale, alpha=1.0) -> tuple[dict, list]:
+    """The argument dict of the C++ and CUDA kd_loss kernels (csrc/binding_args.h ``common_args``), and the
+    tensors it points into (to keep them alive)."""
+    student, student_spec = rows_spec(student)
+    teacher, teacher_spec = rows_spec(teacher)
+    if labels is not None:
+        labels = labels.to(torch.int64).contiguous()
+    args = dict(student=student_spec, teacher=teacher_spec, num_rows=student.shape[0], num_cols=student.shape[1],
+                labels=labels.data_ptr() if labels is not None else 0, ignore_index=ignore_index,
+                divergence=DIVERGENCE_CODES[divergence], ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
+                stats=stats.data_ptr(), num_threads=num_threads, **kd_scalars(temperature, beta))
+    return args, [student, teacher, labels]
+
 
 # feature_loss (kernels/features.py and csrc/feature_loss_impl.h): kind, and the normalisation (1: standardise over
 # the group, 2: l2)
