@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import cpu_backend
+from . import cpu_backend, cuda_backend
 from .features import feature_loss
 from .kd import kd_loss
 from .lipschitz import init_state, spectral_norms
@@ -98,12 +98,17 @@ def eager_kd(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tens
                     log_target=True, reduction="batchmean") * temperature * temperature
 
 
-def implementations(temperature: float) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def implementations(temperature: float, device: torch.device = torch.device("cpu")
+                    ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """kd_loss (its default backend for the device) and the baselines; on CUDA also the CUDA C++ kernels when they
+    can run (``"fastkd (cuda)"``)."""
     impls = {
         "fastkd": lambda s, t: kd_loss(s, t, temperature=temperature),
         "torch eager": lambda s, t: eager_kd(s, t, temperature),
         "torch.compile": torch.compile(lambda s, t: eager_kd(s, t, temperature), dynamic=False),
     }
+    if device.type == "cuda" and cuda_backend.available():
+        impls["fastkd (cuda)"] = lambda s, t: kd_loss(s, t, temperature=temperature, backend="cuda")
     if importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.transformers.kl_div import LigerKLDIVLoss
         liger = LigerKLDIVLoss(reduction="batchmean", log_target=True)
@@ -484,7 +489,7 @@ def run(shapes: Optional[list[str]] = None, *, op: str = "kd", device: Optional[
             log(f"kd_loss forward+backward, T={temperature}, batchmean; speedup = implementation time / fastkd "
                 f"time; rel err = max relative error of loss and student gradient against float64; roofline = "
                 f"time to read s and t twice and write the gradient at the copy bandwidth / measured time")
-            impls = implementations(temperature)
+            impls = implementations(temperature, dev)
             results = [r for spec in specs for r in bench_shape(spec, dev, temperature, impls, bandwidth, reps)]
         elif name == "feature":
             log("feature_loss (mse, spatial mask, normalize='channel') forward and forward+backward; rel err against "

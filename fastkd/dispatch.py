@@ -8,11 +8,14 @@ Backends:
   kernel code that runs on the GPU.
 - ``"cpu"``: the C++ CPU kernels of the extension ``fastkd._C`` (:mod:`fastkd.cpu_backend`). Chosen by ``"auto"``
   for CPU tensors of dtype float32, float16 or bfloat16 when the extension was built.
+- ``"cuda"``: the CUDA C++ kernels of the extension ``fastkd._C_cuda`` (:mod:`fastkd.cuda_backend`), for kd_loss
+  only, prebuilt or built just in time on first use. Never chosen by ``"auto"`` (not yet measured against Triton
+  on a GPU); a call outside what they cover (:func:`fastkd.cuda_backend.covers`) runs on Triton.
 - ``"reference"``: the pure-PyTorch implementation in :mod:`fastkd.reference`, the executable specification.
   Chosen by ``"auto"`` for dtypes the kernels do not take (float64), and for CPU tensors when the extension is
   missing.
 
-The environment variable ``FASTKD_BACKEND`` (``auto``, ``triton``, ``cpu`` or ``reference``) replaces ``"auto"`` as the
+The environment variable ``FASTKD_BACKEND`` (``auto``, ``triton``, ``cpu``, ``cuda`` or ``reference``) replaces ``"auto"`` as the
 default; an explicit ``backend=`` argument always wins.
 """
 from __future__ import annotations
@@ -23,9 +26,9 @@ import os
 
 import torch
 
-from . import cpu_backend
+from . import cpu_backend, cuda_backend
 
-BACKENDS = ("auto", "triton", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cpu", "cuda", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -38,13 +41,15 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # looked up o
 
 
 def backends() -> dict:
-    """What can run here: ``{"triton": bool, "triton_interpreter": bool, "cuda": bool, "cpu": bool,
-    "cpu_isa": str or None, "reference": True}`` (``cpu``: the C++ extension was built; ``cpu_isa``: the
-    instruction set its kernels use, see :mod:`fastkd.cpu_backend`)."""
+    """What can run here: ``{"triton": bool, "triton_interpreter": bool, "cuda": bool, "cuda_kernels": bool,
+    "cpu": bool, "cpu_isa": str or None, "reference": True}`` (``cuda``: a CUDA device; ``cuda_kernels``: the
+    CUDA C++ kernels can run, prebuilt or buildable, see :mod:`fastkd.cuda_backend`; ``cpu``: the C++ extension
+    was built; ``cpu_isa``: the instruction set its kernels use, see :mod:`fastkd.cpu_backend`)."""
     return {
         "triton": TRITON_AVAILABLE,
         "triton_interpreter": TRITON_AVAILABLE and triton_interpreted(),
         "cuda": torch.cuda.is_available(),
+        "cuda_kernels": cuda_backend.available(),
         "cpu": cpu_backend.AVAILABLE,
         "cpu_isa": cpu_backend.isa(),
         "reference": True,
@@ -53,10 +58,12 @@ def backends() -> dict:
 
 def launchers(backend: str, triton_module: str):
     """The module whose launchers run ``backend``'s kernels of an op: :mod:`fastkd.cpu_backend` for ``"cpu"``,
-    else ``fastkd.kernels.<triton_module>`` (imported here, lazily: triton is optional and may need
-    TRITON_INTERPRET set first). Both take and return the same things."""
+    :mod:`fastkd.cuda_backend` for ``"cuda"``, else ``fastkd.kernels.<triton_module>`` (imported here, lazily:
+    triton is optional and may need TRITON_INTERPRET set first). All take and return the same things."""
     if backend == "cpu":
         return cpu_backend
+    if backend == "cuda":
+        return cuda_backend
     return importlib.import_module(f"fastkd.kernels.{triton_module}")
 
 
@@ -103,6 +110,12 @@ def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
                                "backend='reference'")
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpu' runs on CPU tensors, got device {device}")
+    if requested == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"backend='cuda' runs on CUDA tensors, got device {device}")
+        if not cuda_backend.available():
+            raise RuntimeError("backend='cuda' needs the extension fastkd._C_cuda: it was not prebuilt, and "
+                               "building it now needs nvcc (and FASTKD_CUDA_JIT not 0)")
     if requested == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")

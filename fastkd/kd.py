@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import cpu_backend, reference
+from . import cpu_backend, cuda_backend, reference
 from .dispatch import check_backend_name, launchers, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS, stats_rows
 from .topk import TAILS, TopK
@@ -492,7 +492,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
 
     Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
     the reference. Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
-    ``backend``: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
+    ``backend``: ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
+    ``"cuda"`` (CUDA C++ kernels, never chosen by ``"auto"`` yet) covers divergences kl and reverse_kl with CE and
+    one teacher of the student's dtype without ``return_stats``; other calls run on the Triton kernels.
     """
     options = _check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
                              ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
@@ -515,11 +517,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
 
     if ensemble_teachers is None:
         teacher = teacher_logits.reshape(-1, num_classes)
-        chosen = select_backend(backend, student, teacher)
+        chosen = select_backend(backend, student, teacher, kernels=("triton", "cpu", "cuda"))
     else:
         teachers, weights = ensemble_teachers
         teachers = teachers.reshape(teachers.shape[0], -1, num_classes)
-        chosen = select_backend(backend, student, teachers)
+        chosen = select_backend(backend, student, teachers, kernels=("triton", "cpu", "cuda"))
+    if chosen == "cuda" and not cuda_backend.covers(student, teachers if ensemble_teachers else teacher,
+                                                    divergence=options["divergence"], with_metrics=return_stats,
+                                                    ensemble=ensemble_teachers is not None):
+        chosen = "triton"  # outside the CUDA kernels' subset
     teacher_weights, fused_ensemble, metrics_teacher = None, "none", None
     if ensemble_teachers is not None:
         if chosen == "triton" and not (torch.is_grad_enabled() and teachers.requires_grad):
@@ -533,9 +539,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
                                                                         temperature=1.0)
     divisor = _divisor(options, flat_labels, student.shape[0])
     kernel_metrics = return_stats and metrics_teacher is None
-    if chosen in ("triton", "cpu"):
+    if chosen in ("triton", "cpu", "cuda"):
         # grad_scale: the gradient each row loss receives from a plain backward of the reduced loss (used by
-        # the C++ backend's fused gradient only; on CUDA it would cost a launch)
+        # the C++ CPU backend's fused gradient only; on CUDA it would cost a launch)
         wants_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
         grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" and wants_grad else None
         row_loss, metrics = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, kernel_metrics,

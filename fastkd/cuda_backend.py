@@ -1,0 +1,113 @@
+"""The CUDA C++ backend of kd_loss (``backend="cuda"``): the extension ``fastkd._C_cuda`` built from csrc/kd_cuda.cu,
+and the launchers that hand it CUDA tensors.
+
+The extension is prebuilt by setup.py when it finds nvcc and a GPU driver (``FASTKD_BUILD_CUDA=1`` forces it,
+``0`` skips it); otherwise it is built just in time on first use, with nvcc and ninja, for the current GPU's
+architecture and cached per user (:mod:`fastkd.cuda_build`; ``FASTKD_CUDA_JIT=0`` forbids that; without ninja
+the steps run one after another). Kernels are
+launched on PyTorch's current stream; nothing synchronises.
+
+What it covers (:func:`covers`): divergences ``"kl"`` and ``"reverse_kl"`` with the hard-label CE term, labels
+and ``ignore_index``, one teacher of the student's dtype (float32, float16, bfloat16), gradients to the student
+and the teacher. Anything else (JSD, cosine, DKD, ensembles, ``return_stats``, mixed dtypes) runs on the Triton
+kernels instead: kd_loss falls back to them, and says so in its docstring. ``backend="auto"`` does not pick
+``"cuda"``: it has not been measured against the Triton kernels on a GPU yet.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import torch
+
+from . import cuda_build
+from .kernel_args import DTYPE_CODES, NUM_STATS, kd_launch_args
+
+DIVERGENCES = ("kl", "reverse_kl")
+_module = None
+
+
+def _import_prebuilt():
+    try:
+        from . import _C_cuda
+    except ImportError:
+        return None
+    return _C_cuda
+
+
+def _import_path(path) -> object:
+    spec = importlib.util.spec_from_file_location(f"{__package__}.{cuda_build.MODULE}", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension():
+    """The loaded extension: the prebuilt one, else one built just in time for the current device (minutes the
+    first time, cached afterwards). Raises RuntimeError when neither is possible."""
+    global _module
+    if _module is None:
+        module = _import_prebuilt()
+        if module is None:
+            if os.environ.get("FASTKD_CUDA_JIT", "1") == "0":
+                raise RuntimeError("backend='cuda' needs the extension fastkd._C_cuda, which was not built, and "
+                                   "FASTKD_CUDA_JIT=0 forbids building it now")
+            major, minor = torch.cuda.get_device_capability()
+            module = _import_path(cuda_build.cached_build((f"{major}{minor}",)))
+        _module = module
+    return _module
+
+
+def available() -> bool:
+    """Whether ``backend="cuda"`` can run here: a CUDA device, and the extension prebuilt or buildable (nvcc
+    found, just in time allowed)."""
+    if not torch.cuda.is_available():
+        return False
+    if _module is not None or _import_prebuilt() is not None:
+        return True
+    return os.environ.get("FASTKD_CUDA_JIT", "1") != "0" and cuda_build.find_nvcc() is not None
+
+
+def covers(student: torch.Tensor, teacher: torch.Tensor, *, divergence: str, with_metrics: bool,
+           ensemble: bool) -> bool:
+    """Whether the CUDA kernels compute this kd_loss call (see the module docstring); the rest runs on Triton."""
+    return (divergence in DIVERGENCES and not with_metrics and not ensemble and student.dtype == teacher.dtype
+            and student.dtype in DTYPE_CODES)
+
+
+def _launch_args(student, teacher, labels, stats, options) -> tuple[dict, list]:
+    if options.get("ensemble", "none") != "none" or options["divergence"] not in DIVERGENCES:
+        raise ValueError(f"the CUDA kernels take one teacher and divergences {DIVERGENCES}")
+    options = {k: v for k, v in options.items() if k not in ("ensemble", "teacher_weights")}
+    args, keep = kd_launch_args(student, teacher, labels, stats, num_threads=1, **options)
+    args["stream"] = torch.cuda.current_stream(student.device).cuda_stream
+    return args, keep
+
+
+def kd_forward(student, teacher, labels, *, with_metrics=False, **options):
+    """Row losses (N,) float32, statistics (NUM_STATS, N) float32 and an empty metrics tensor of (N, V) CUDA
+    logits; the contract of :func:`fastkd.kernels.kd.kd_forward` for the calls :func:`covers` accepts."""
+    if with_metrics:
+        raise ValueError("the CUDA kernels compute no fidelity metrics")
+    num_rows = student.shape[0]
+    loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
+    stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
+    args, _keep = _launch_args(student, teacher, labels, stats, options)
+    args["loss"] = loss.data_ptr()
+    with torch.cuda.device(student.device):
+        extension().kd_forward(args)
+    return loss, stats, torch.empty(0, dtype=torch.float32, device=student.device)
+
+
+def kd_backward(grad_loss, student, teacher, labels, stats, *, teacher_grad, **options):
+    """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),
+    contiguous (N, V) in the dtype of their input; the contract of :func:`fastkd.kernels.kd.kd_backward`."""
+    grad_s = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad_t = torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=teacher.device)
+    grad_loss = grad_loss.to(torch.float32)
+    args, _keep = _launch_args(student, teacher, labels, stats.contiguous(), options)
+    args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr(),
+                grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
+    with torch.cuda.device(student.device):
+        extension().kd_backward(args)
+    return grad_s, grad_t
+
