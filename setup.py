@@ -6,11 +6,11 @@ fastkd runs CPU tensors through its reference implementation. FASTKD_BUILD_CPU=0
 Each instruction-set translation unit gets its own flags; at run time the extension picks the best one the CPU
 supports. OpenMP is used where the compiler has it.
 
-The CUDA extension (fastkd/cuda_build.py: nvcc, with ninja where there is one; no torch headers) is built next to it when
-FASTKD_BUILD_CUDA is "1" (a failure stops the install), or by default ("auto") when nvcc and an NVIDIA driver are
-both present (a failure only warns: the module can still be built just in time on first use). "0" skips it.
-FASTKD_CUDA_ARCHS lists the compute capabilities (default "80;90"). The CUDA sources also ship inside the
-package (fastkd/csrc), for that just-in-time build.
+The CUDA extension (fastkd/cuda_build.py: nvcc, with ninja where there is one; no torch headers) is built next
+to it when FASTKD_BUILD_CUDA is "1" (a failure stops the install), or by default ("auto") when nvcc and an NVIDIA
+driver are both present (a failure only warns: the module can still be built just in time on first use). "0"
+skips it. FASTKD_CUDA_ARCHS lists the compute capabilities (default "80;90"). The CUDA sources also ship inside
+the package (fastkd/csrc), for that just-in-time build.
 """
 import ctypes.util
 import importlib.util
@@ -22,7 +22,7 @@ import tempfile
 import warnings
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -78,7 +78,7 @@ class BuildExt(build_ext):
         if not _cuda_wanted(builder):
             return
         output = os.path.join(os.path.dirname(self.get_ext_fullpath("fastkd._C")), builder.module_filename())
-        arches = os.environ.get("FASTKD_CUDA_ARCHS", "80;90").split(";")
+        arches = builder.parse_arches(os.environ.get("FASTKD_CUDA_ARCHS", "80;90"))
         try:
             builder.build(output, arches)
         except RuntimeError as exc:
@@ -104,7 +104,18 @@ class BuildPy(build_py):
         target = os.path.join(self.build_lib, "fastkd", "csrc")
         os.makedirs(target, exist_ok=True)
         for name in builder.SOURCES + builder.HEADERS:
-            shutil.copy2(os.path.join(ROOT, "csrc", name), target)
+            source = os.path.join(ROOT, "csrc", name)
+            if not os.path.exists(source):
+                warnings.warn(f"fastkd: {source} is missing; the CUDA extension cannot be built just in time")
+                continue
+            shutil.copy2(source, target)
+
+
+class WithExtensions(Distribution):
+    """Always runs build_ext (which builds the CUDA module), also when the CPU extension is skipped."""
+
+    def has_ext_modules(self):
+        return True
 
 
 ext_modules = []
@@ -129,4 +140,5 @@ setup(
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
+    distclass=WithExtensions,
 )

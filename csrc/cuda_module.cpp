@@ -64,4 +64,6 @@ PYBIND11_MODULE(_C_cuda, m) {
     m.def("kd_forward", &fastkd::kd_forward, "kd_loss row losses and statistics (arguments in a dict)");
     m.def("kd_backward", &fastkd::kd_backward, "kd_loss gradients (arguments in a dict)");
     m.def("threads_per_row", &fastkd::cuda_row::threads_per_row, "the block size for rows of num_cols entries");
+    m.attr("runtime_version") = fastkd::kd_cuda_runtime_version();
+    m.attr("archs") = FASTKD_CUDA_ARCHS;  // the compute capabilities with machine code, e.g. "80,90" (cuda_build.py)
 }

@@ -107,15 +107,18 @@ __device__ __forceinline__ OnlineRow block_merge(OnlineRow x, const Options& o) 
     x = warp_merge(x, o);
     if (lane == 0) partial[warp] = x;
     __syncthreads();
-    if (warp == 0) x = warp_merge(lane < static_cast<int>(blockDim.x) / kWarp ? partial[lane] : cuda_row::empty_row(), o);
+    if (warp == 0) {
+        x = warp_merge(lane < static_cast<int>(blockDim.x) / kWarp ? partial[lane] : cuda_row::empty_row(), o);
+    }
     return x;
 }
 
 template <typename T, int VEC>
-__global__ void kd_forward_kernel(const T* __restrict__ student, int64_t student_stride, const T* __restrict__ teacher,
-                                  int64_t teacher_stride, const int64_t* __restrict__ labels, int64_t ignore_index,
-                                  int64_t num_rows, int64_t num_cols, Options o, float kd_scale, float ce_weight,
-                                  float* __restrict__ loss, float* __restrict__ stats) {
+__global__ void __launch_bounds__(cuda_row::kMaxThreads)
+    kd_forward_kernel(const T* __restrict__ student, int64_t student_stride, const T* __restrict__ teacher,
+                      int64_t teacher_stride, const int64_t* __restrict__ labels, int64_t ignore_index,
+                      int64_t num_rows, int64_t num_cols, Options o, float kd_scale, float ce_weight,
+                      float* __restrict__ loss, float* __restrict__ stats) {
     const int64_t row = blockIdx.x;
     const Label label = cuda_row::row_label(labels, row, num_cols, ignore_index);
     const T* s_row = student + row * student_stride;
@@ -146,13 +149,12 @@ __global__ void kd_forward_kernel(const T* __restrict__ student, int64_t student
 }
 
 template <typename T, int VEC>
-__global__ void kd_backward_kernel(const T* __restrict__ student, int64_t student_stride,
-                                   const T* __restrict__ teacher, int64_t teacher_stride,
-                                   const int64_t* __restrict__ labels, int64_t ignore_index, int64_t num_rows,
-                                   int64_t num_cols, Options o, float kd_scale, float ce_weight,
-                                   const float* __restrict__ stats, const float* __restrict__ grad_loss,
-                                   int64_t grad_loss_stride, T* __restrict__ grad_student,
-                                   T* __restrict__ grad_teacher) {
+__global__ void __launch_bounds__(cuda_row::kMaxThreads)
+    kd_backward_kernel(const T* __restrict__ student, int64_t student_stride, const T* __restrict__ teacher,
+                       int64_t teacher_stride, const int64_t* __restrict__ labels, int64_t ignore_index,
+                       int64_t num_rows, int64_t num_cols, Options o, float kd_scale, float ce_weight,
+                       const float* __restrict__ stats, const float* __restrict__ grad_loss,
+                       int64_t grad_loss_stride, T* __restrict__ grad_student, T* __restrict__ grad_teacher) {
     const int64_t row = blockIdx.x;
     const Label label = cuda_row::row_label(labels, row, num_cols, ignore_index);
     const T* s_row = student + row * student_stride;
@@ -260,6 +262,7 @@ struct Backward {
 }  // namespace
 
 std::string kd_forward_cuda(const KDArgs& a, void* stream) { return by_dtype<Forward>(a, stream); }
+int kd_cuda_runtime_version() { return CUDART_VERSION; }
 std::string kd_backward_cuda(const KDArgs& a, void* stream) { return by_dtype<Backward>(a, stream); }
 
 }  // namespace fastkd

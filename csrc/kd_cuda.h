@@ -15,4 +15,7 @@ namespace fastkd {
 std::string kd_forward_cuda(const KDArgs& a, void* stream);
 std::string kd_backward_cuda(const KDArgs& a, void* stream);
 
+// The CUDA runtime version the kernels were built (and statically linked) with, as CUDART_VERSION (13000: 13.0).
+int kd_cuda_runtime_version();
+
 }  // namespace fastkd

@@ -12,9 +12,10 @@ Standard library only: setup.py loads this file by path, before torch may be ins
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,14 @@ def _pybind11_include() -> str:
     return pybind11.get_include()
 
 
+def parse_arches(text: str) -> list:
+    """Compute capabilities from "80;90", "8.0,9.0" or "80 90" as ["80", "90"]; ValueError for anything else."""
+    arches = [a.replace(".", "") for a in re.split(r"[;,\s]+", text.strip()) if a]
+    if not arches or not all(re.fullmatch(r"\d{2,3}a?", a) for a in arches):
+        raise ValueError(f"compute capabilities must look like '80;90' (or '8.0;9.0'), got {text!r}")
+    return arches
+
+
 def gencode_flags(arches: Sequence[str]) -> list:
     """Machine code for each compute capability ("80", "90", ...) and PTX of the newest, which later GPUs JIT."""
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
@@ -86,19 +95,26 @@ def _commands(nvcc: str, src: Path, work: Path, output: Path, arches: Sequence[s
     steps, objects = [], []
     for source in SOURCES:
         obj = work / f"{Path(source).stem}.o"
-        arch_flags = gencode_flags(arches) if source.endswith(".cu") else []
+        # the .cu gets machine code for each architecture; the binding reports which (module.archs)
+        arch_flags = (gencode_flags(arches) if source.endswith(".cu")
+                      else [f'-DFASTKD_CUDA_ARCHS="{",".join(arches)}"'])
         steps.append(([nvcc, *flags, *arch_flags, "-c", str(src / source), "-o", str(obj)], obj, [src / source]))
         objects.append(obj)
     steps.append(([nvcc, "-shared", *map(str, objects), "-o", str(output)], output, objects))
     return steps
 
 
+def _ninja_path(path) -> str:
+    return str(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
 def _ninja_file(steps: list, headers: list) -> str:
     lines = ["ninja_required_version = 1.3", "rule run", "  command = $cmd", "  description = $desc"]
     for command, output, inputs in steps:
-        implicit = f" | {' '.join(map(str, headers))}" if output.suffix == ".o" else ""
-        lines += [f"build {output}: run {' '.join(map(str, inputs))}{implicit}",
-                  f"  cmd = {subprocess.list2cmdline(command)}", f"  desc = {Path(command[0]).name} {output.name}"]
+        implicit = f" | {' '.join(map(_ninja_path, headers))}" if output.suffix == ".o" else ""
+        lines += [f"build {_ninja_path(output)}: run {' '.join(map(_ninja_path, inputs))}{implicit}",
+                  f"  cmd = {shlex.join(command).replace('$', '$$')}",
+                  f"  desc = {Path(command[0]).name} {output.name}"]
     return "\n".join(lines) + "\n"
 
 
@@ -140,8 +156,9 @@ def cache_dir() -> Path:
 
 
 def build_key(arches: Sequence[str]) -> str:
-    """What the cached module depends on: the sources, the nvcc version, the Python ABI and the architectures."""
-    digest = hashlib.sha256()
+    """What the cached module depends on: this builder (its flags), the sources, the nvcc version, the Python ABI
+    and the architectures."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())  # the flags
     src = source_dir()
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (src / name).read_bytes())
@@ -157,7 +174,20 @@ def cached_build(arches: Sequence[str]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     output = directory / module_filename()
     with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            import fcntl  # POSIX; elsewhere concurrent first builds each build (the replace stays atomic)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:
+            pass
         if not output.exists():
             build(output, arches)
     return output
+
+
+def nvcc_major() -> Optional[int]:
+    """The CUDA major version of the nvcc :func:`find_nvcc` finds (13 for "release 13.0"), None without one."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None
+    found = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    return int(found.group(1)) if found else None

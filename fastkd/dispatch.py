@@ -15,8 +15,8 @@ Backends:
   Chosen by ``"auto"`` for dtypes the kernels do not take (float64), and for CPU tensors when the extension is
   missing.
 
-The environment variable ``FASTKD_BACKEND`` (``auto``, ``triton``, ``cpu``, ``cuda`` or ``reference``) replaces ``"auto"`` as the
-default; an explicit ``backend=`` argument always wins.
+The environment variable ``FASTKD_BACKEND`` (``auto``, ``triton``, ``cpu``, ``cuda`` or ``reference``) replaces
+``"auto"`` as the default; an explicit ``backend=`` argument always wins.
 """
 from __future__ import annotations
 
@@ -114,8 +114,7 @@ def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
         if device.type != "cuda":
             raise RuntimeError(f"backend='cuda' runs on CUDA tensors, got device {device}")
         if not cuda_backend.available():
-            raise RuntimeError("backend='cuda' needs the extension fastkd._C_cuda: it was not prebuilt, and "
-                               "building it now needs nvcc (and FASTKD_CUDA_JIT not 0)")
+            raise RuntimeError(f"backend='cuda' cannot run here: {cuda_backend.why_unavailable()}")
     if requested == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")

@@ -652,10 +652,10 @@ def _teacher_args(teacher, teacher_weights, ensemble) -> dict:
 
 def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
                alpha=1.0, with_metrics=False, teacher_weights=None, ensemble="none", config=None):
-    """Row losses (N,) float32, statistics (:func:`fastkd.kernel_args.stats_rows`, N) float32 and metrics (NUM_METRICS, N) float32
-    (or an empty tensor without ``with_metrics``) of (N, V) student logits against (N, V) teacher logits, or
-    against the ensemble of (K, N, V) teachers (see :func:`_teacher_args`). ``config`` overrides
-    :func:`launch_config` (for tuning)."""
+    """Row losses (N,) float32, statistics (:func:`fastkd.kernel_args.stats_rows`, N) float32 and metrics
+    (NUM_METRICS, N) float32 (or an empty tensor without ``with_metrics``) of (N, V) student logits against (N, V)
+    teacher logits, or against the ensemble of (K, N, V) teachers (see :func:`_teacher_args`). ``config``
+    overrides :func:`launch_config` (for tuning)."""
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(stats_rows(teacher, ensemble), num_rows, dtype=torch.float32, device=student.device)

@@ -29,7 +29,9 @@ OnlineRow block_merge(std::vector<OnlineRow> lanes, const Options& o) {
     auto butterfly = [&](std::vector<OnlineRow>& warp_lanes, int first) {
         for (int mask = kWarp / 2; mask > 0; mask >>= 1) {
             std::vector<OnlineRow> before(warp_lanes.begin() + first, warp_lanes.begin() + first + kWarp);
-            for (int lane = 0; lane < kWarp; ++lane) warp_lanes[first + lane] = merge(before[lane], before[lane ^ mask], o);
+            for (int lane = 0; lane < kWarp; ++lane) {
+                warp_lanes[first + lane] = merge(before[lane], before[lane ^ mask], o);
+            }
         }
     };
     std::vector<OnlineRow> partial(kWarp, empty_row());

@@ -70,6 +70,7 @@ def test_cuda_build_without_ninja_runs_the_steps_one_by_one(tmp_path, monkeypatc
 def test_cuda_module_imports_checks_its_arguments_and_reports_a_missing_gpu(built_module):
     module = cuda_backend._import_path(built_module[1])
     assert module.threads_per_row(32000, 8) == 256 and module.threads_per_row(100, 4) == 32
+    assert module.archs == "80,90" and module.runtime_version // 1000 == cuda_build.nvcc_major()
     s, t = torch.randn(2, 16), torch.randn(2, 16)
     stats, loss = torch.empty(NUM_STATS, 2), torch.empty(2)
     args, _keep = kd_launch_args(s, t, None, stats, num_threads=1, temperature=2.0, divergence="kl", beta=0.5,
@@ -161,6 +162,19 @@ def test_cuda_row_math_on_the_host_edge_rows(harness, tmp_path, gen):
     assert loss[2].isnan() and loss[[0, 1, 3]].isfinite().all()
 
 
+def test_which_prebuilt_modules_run_on_which_gpus():
+    assert cuda_backend.runs_on("80,90", (8, 0)) and cuda_backend.runs_on("80,90", (8, 9))  # sm_80 code on 8.x
+    assert cuda_backend.runs_on("80,90", (9, 0)) and cuda_backend.runs_on("80,90", (12, 0))  # PTX of 9.0
+    assert not cuda_backend.runs_on("80,90", (7, 5)) and not cuda_backend.runs_on("86", (8, 0))
+
+
+def test_compute_capabilities_are_parsed_or_refused():
+    assert cuda_build.parse_arches("80;90") == cuda_build.parse_arches("8.0, 9.0") == ["80", "90"]
+    for bad in ("", "sm_80", "8"):
+        with pytest.raises(ValueError, match="compute capabilities"):
+            cuda_build.parse_arches(bad)
+
+
 def test_backend_cuda_refuses_cpu_tensors():
     with pytest.raises(RuntimeError, match="backend='cuda' runs on CUDA tensors"):
         fastkd.kd_loss(torch.zeros(2, 5), torch.zeros(2, 5), backend="cuda")
@@ -212,13 +226,16 @@ def test_cuda_backend_hands_what_it_does_not_cover_to_triton(gen):
 @needs_gpu
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="needs compute-sanitizer")
 def test_cuda_kernels_are_memcheck_clean():
+    # 1000 columns: the 16-byte vector kernels; rows of 1001 in a stride of 1008: vector loads with a partial last
+    # vector, scalar gradient stores; 1001 contiguous: the one-entry kernels
     script = textwrap.dedent("""
         import torch, fastkd
         for dtype in (torch.float32, torch.bfloat16):
-            s = torch.randn(5, 1001, device="cuda", dtype=dtype, requires_grad=True)
-            t = torch.randn(5, 1001, device="cuda", dtype=dtype, requires_grad=True)
-            labels = torch.tensor([0, -100, 1000, 3, 4], device="cuda")
-            fastkd.kd_loss(s, t, labels=labels, ce_weight=0.5, backend="cuda").backward()
+            for cols, stride in ((1000, 1000), (1001, 1008), (1001, 1001)):
+                s = torch.randn(5, stride, device="cuda", dtype=dtype)[:, :cols].requires_grad_(True)
+                t = torch.randn(5, stride, device="cuda", dtype=dtype)[:, :cols].requires_grad_(True)
+                labels = torch.tensor([0, -100, cols - 1, 3, 4], device="cuda")
+                fastkd.kd_loss(s, t, labels=labels, ce_weight=0.5, backend="cuda").backward()
         torch.cuda.synchronize()
         print("ok")
     """)
