@@ -301,8 +301,10 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
             raise ValueError("teacher_weights needs K teachers: teacher_logits of shape (K, *, V) or a list")
         return None
     num_teachers = teachers.shape[0]
+    if num_teachers == 0:
+        raise ValueError("teacher_logits holds K = 0 teachers; give at least one")
     if teacher_weights is None:
-        weights = torch.full((num_teachers,), 1.0 / num_teachers)
+        weights = torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float32)
     else:
         weights = torch.as_tensor(teacher_weights).detach().double().cpu()
         if weights.shape != (num_teachers,):

@@ -15,7 +15,8 @@ DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "cosine": 3, "dkd": 4}
 # d1 = p_t,gt − p_s,gt.
 NUM_STATS = 8
 # several teachers (kd_loss's ``ensemble``): 0 one teacher, 1 the mean of their distributions (whose forward also
-# stores each teacher's log-normaliser at T in statistics rows NUM_STATS + k), 2 the weighted mean of their logits
+# stores each teacher's max and log-sum at T in statistics rows NUM_STATS + k and NUM_STATS + K + k), 2 the weighted
+# mean of their logits
 ENSEMBLE_CODES = {"none": 0, "prob": 1, "logit": 2}
 # per row, float32, (NUM_METRICS, N), when asked for: top-1 agreement (0/1), KL(p_t‖p_s), H(p_t), H(p_s), at T = 1;
 # 0 at ignored rows
@@ -24,7 +25,7 @@ NUM_METRICS = 4
 
 def stats_rows(teacher, ensemble: str) -> int:
     """Rows of kd_loss's forward statistics for a teacher (N, V), or (K, N, V) teachers with ``ensemble``."""
-    return NUM_STATS + (teacher.shape[0] if ensemble == "prob" else 0)
+    return NUM_STATS + (2 * teacher.shape[0] if ensemble == "prob" else 0)
 
 
 def kd_scalars(temperature: float, beta: float) -> dict:

@@ -123,18 +123,19 @@ def _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t
 
 
 @triton.jit
-def _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef, scale,
+def _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, shift, coef, scale,
                    ENSEMBLE: tl.constexpr):
     """One block of the teacher's logits times ``scale``, −inf past the row's end. One teacher (ENSEMBLE 0): its
-    logits. The logit ensemble (2, coef_k = w_k): Σ_k w_k t_k. The prob ensemble (1, coef_k = log Σ exp(scale·t_k)
-    − log w_k, from the pre-pass): log Σ_k w_k softmax(scale·t_k), the log of the mean distribution itself."""
+    logits. The logit ensemble (2, coef_k = w_k): Σ_k w_k t_k. The prob ensemble (1, from the pre-pass: shift_k
+    = max of scale·t_k, coef_k = log Σ exp(scale·t_k − shift_k) − log w_k, kept apart as for one teacher so that
+    logits of ±1e4 lose nothing): log Σ_k w_k softmax(scale·t_k), the log of the mean distribution itself."""
     if ENSEMBLE == 0:
         return _load_block(t_row, cols, stride_t_col, in_row) * scale
     x = _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row)
     if ENSEMBLE == 2:
         mean = tl.sum(tl.where(teacher_ok[:, None], coef[:, None] * x, 0.0), axis=0)
         return tl.where(in_row, mean * scale, float("-inf"))
-    c = tl.where(teacher_ok[:, None], x * scale - coef[:, None], float("-inf"))
+    c = tl.where(teacher_ok[:, None], (x * scale - shift[:, None]) - coef[:, None], float("-inf"))
     shift = _finite_or_zero(tl.max(c, axis=0))
     return shift + tl.log(tl.sum(tl.exp(c - shift[None, :]), axis=0))
 
@@ -151,21 +152,25 @@ def _online_row_logsumexp(m, total, x):
 def _ensemble_coefficients(T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers,
                            inv_temperature, STATS, num_rows, FORWARD: tl.constexpr, HAS_METRICS: tl.constexpr,
                            ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr, BLOCK: tl.constexpr):
-    """(teachers, teacher_ok, coef at T, coef at T = 1) of :func:`_teacher_block` for one row. The prob ensemble
-    needs each teacher's log-normaliser: the forward sweeps the K rows once for it (also at T = 1 for the
-    metrics) and stores the one at T in the statistics rows NUM_STATS + k; the backward reads it there."""
+    """(teachers, teacher_ok, shift and coef at T, shift and coef at T = 1) of :func:`_teacher_block` for one row.
+    The prob ensemble needs each teacher's max and log-sum: the forward sweeps the K rows once for them (also at
+    T = 1 for the metrics) and stores those at T in the statistics rows NUM_STATS + k and NUM_STATS + K + k; the
+    backward reads them there."""
     teachers = tl.arange(0, TEACHERS)
     teacher_ok = teachers < num_teachers
+    unused = tl.zeros((TEACHERS,), dtype=tl.float32)
     if ENSEMBLE == 0:
-        unused = tl.zeros((TEACHERS,), dtype=tl.float32)
-        return teachers, teacher_ok, unused, unused
-    weights = tl.load(WEIGHTS + teachers, mask=teacher_ok, other=0.0)
+        return teachers, teacher_ok, unused, unused, unused, unused
+    weights = tl.load(WEIGHTS + teachers, mask=teacher_ok, other=0.0).to(tl.float32)
     if ENSEMBLE == 2:
-        return teachers, teacher_ok, weights, weights
+        return teachers, teacher_ok, unused, weights, unused, weights
     log_weights = tl.log(weights)
-    norm_stats = STATS + (_NUM_STATS + teachers.to(tl.int64)) * num_rows + row
+    max_stats = STATS + (_NUM_STATS + teachers.to(tl.int64)) * num_rows + row
+    log_sum_stats = max_stats + num_teachers * num_rows
     if not FORWARD:
-        return teachers, teacher_ok, tl.load(norm_stats, mask=teacher_ok, other=0.0) - log_weights, log_weights
+        shift = tl.load(max_stats, mask=teacher_ok, other=0.0)
+        return teachers, teacher_ok, shift, tl.load(log_sum_stats, mask=teacher_ok, other=0.0) - log_weights, \
+            unused, unused
     t_row = T + row * stride_t_row
     m = tl.full((TEACHERS,), float("-inf"), tl.float32)
     total = tl.zeros((TEACHERS,), dtype=tl.float32)
@@ -177,9 +182,11 @@ def _ensemble_coefficients(T, WEIGHTS, row, stride_t_row, stride_t_teacher, stri
         m, total = _online_row_logsumexp(m, total, x * inv_temperature)
         if HAS_METRICS:
             m_1, total_1 = _online_row_logsumexp(m_1, total_1, x)
-    log_norm = m + tl.log(total)
-    tl.store(norm_stats, tl.where(n_cols > 0, log_norm, 0.0), mask=teacher_ok)
-    return teachers, teacher_ok, log_norm - log_weights, (m_1 + tl.log(total_1)) - log_weights
+    shift, shift_1 = _finite_or_zero(m), _finite_or_zero(m_1)  # the sums were taken against these
+    log_sum = tl.log(total)
+    tl.store(max_stats, tl.where(n_cols > 0, shift, 0.0), mask=teacher_ok)
+    tl.store(log_sum_stats, tl.where(n_cols > 0, log_sum, 0.0), mask=teacher_ok)
+    return teachers, teacher_ok, shift, log_sum - log_weights, shift_1, tl.log(total_1) - log_weights
 
 
 @triton.jit
@@ -217,7 +224,7 @@ def kd_forward_kernel(
     s_row = S + row * stride_s_row
     t_row = T + row * stride_t_row
     n_cols = tl.where(counted, V, 0)  # ignored rows skip the sweep entirely
-    teachers, teacher_ok, coef, coef_1 = _ensemble_coefficients(
+    teachers, teacher_ok, t_shift, t_coef, t_shift_1, t_coef_1 = _ensemble_coefficients(
         T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers, inv_temperature, STATS,
         num_rows, True, HAS_METRICS, ENSEMBLE, TEACHERS, BLOCK)
 
@@ -251,13 +258,13 @@ def kd_forward_kernel(
         if ENSEMBLE == 1:  # the mean distribution's logits at T and at T = 1 are not proportional
             if HAS_METRICS:
                 x_t = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
-                                     coef_1, 1.0, ENSEMBLE)
+                                     t_shift_1, t_coef_1, 1.0, ENSEMBLE)
             if HAS_KD:
-                b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef,
-                                   inv_temperature, ENSEMBLE)
+                b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
+                                   t_shift, t_coef, inv_temperature, ENSEMBLE)
         elif HAS_KD or HAS_METRICS:
-            x_t = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef,
-                                 1.0, ENSEMBLE)
+            x_t = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, t_shift,
+                                 t_coef, 1.0, ENSEMBLE)
             b = x_t * inv_temperature
         if HAS_KD:
             a = x_s * inv_temperature
@@ -347,8 +354,8 @@ def kd_forward_kernel(
                 cols = start + tl.arange(0, BLOCK)
                 in_row = cols < V
                 x_s = _load_block(s_row, cols, stride_s_col, in_row)
-                b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef,
-                                   inv_temperature, ENSEMBLE)
+                b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
+                                   t_shift, t_coef, inv_temperature, ENSEMBLE)
                 log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
                 log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
                 r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
@@ -391,7 +398,7 @@ def kd_backward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
-    teachers, teacher_ok, coef, _ = _ensemble_coefficients(
+    teachers, teacher_ok, t_shift, t_coef, _, _ = _ensemble_coefficients(
         T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, V, num_teachers, inv_temperature, STATS,
         num_rows, False, False, ENSEMBLE, TEACHERS, BLOCK)
     grad_loss = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
@@ -419,8 +426,8 @@ def kd_backward_kernel(
         grad_s = tl.zeros([BLOCK], dtype=tl.float32)
         grad_t = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
-            b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, coef,
-                               inv_temperature, ENSEMBLE)
+            b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, t_shift,
+                               t_coef, inv_temperature, ENSEMBLE)
             log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
             log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
             if DIVERGENCE == 4:
@@ -542,7 +549,7 @@ def kd_topk_forward_kernel(
     log_sum_a = tl.log(sum_a)
     log_sum_1 = tl.log(sum_1)
     kl = 0.0
-    tail_factor = 1.0
+    log_p_t_tail = float("-inf")
     loss = 0.0
     if HAS_KD:
         log_p_s = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32) * \
@@ -550,10 +557,7 @@ def kd_topk_forward_kernel(
         log_p_t, log_p_t_tail = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
         kl = tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_p_t), log_p_t - log_p_s), 0.0), axis=0)
         if BUCKET:  # the student's bucket: its mass outside the K
-            log_ratio_tail = log_p_t_tail - ((m_rest + tl.log(sum_rest)) - (m_a + log_sum_a))
-            kl += _weighted(tl.exp(log_p_t_tail), log_ratio_tail)
-            # ∂KL/∂a_j = p_s,j·(1 − p_t,tail/p_s,tail) outside the K
-            tail_factor = tl.where(log_p_t_tail == float("-inf"), 1.0, -_expm1(log_ratio_tail))
+            kl += _weighted(tl.exp(log_p_t_tail), log_p_t_tail - ((m_rest + tl.log(sum_rest)) - (m_a + log_sum_a)))
         loss = kd_scale * kl
     if HAS_CE:
         loss += ce_weight * ((m_1 - _target_logit(s_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
@@ -563,10 +567,12 @@ def kd_topk_forward_kernel(
     stats = STATS + row
     tl.store(stats, tl.where(counted, m_a, 0.0))
     tl.store(stats + num_rows, tl.where(counted, log_sum_a, 0.0))
-    tl.store(stats + 2 * num_rows, tl.where(counted, tail_factor, 0.0))
+    tl.store(stats + 2 * num_rows, tl.where(counted, log_p_t_tail, 0.0))
     tl.store(stats + 3 * num_rows, tl.where(counted, kl, 0.0))
     tl.store(stats + 4 * num_rows, tl.where(counted, m_1, 0.0))
     tl.store(stats + 5 * num_rows, tl.where(counted, log_sum_1, 0.0))
+    tl.store(stats + 6 * num_rows, tl.where(counted, m_rest, 0.0))
+    tl.store(stats + 7 * num_rows, tl.where(counted, tl.log(sum_rest), 0.0))
 
 
 @triton.jit
@@ -577,9 +583,9 @@ def kd_topk_backward_kernel(
     HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BUCKET: tl.constexpr,
     TOPK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The student gradient against a sparse teacher: p_s,j·tail_factor (KD) + softmax − onehot (CE) on every
-    column, then the K teacher columns rewritten with p_s,k − p_t,k (after a barrier: the same program stored
-    them in the sweep)."""
+    """The student gradient against a sparse teacher: p_s,j − p_t,tail·exp(a_j − logsumexp of a outside the K)
+    (KD; the bucket's share, never a ratio that can overflow) + softmax − onehot (CE) on every column, then the K
+    teacher columns rewritten with p_s,k − p_t,k (after a barrier: the same program stored them in the sweep)."""
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
     slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
@@ -589,9 +595,11 @@ def kd_topk_backward_kernel(
     stats = STATS + row
     m_a = tl.load(stats)
     log_sum_a = tl.load(stats + num_rows)
-    tail_factor = tl.load(stats + 2 * num_rows)
+    log_p_t_tail = tl.load(stats + 2 * num_rows)
     m_1 = tl.load(stats + 4 * num_rows)
     log_sum_1 = tl.load(stats + 5 * num_rows)
+    m_rest = tl.load(stats + 6 * num_rows)
+    log_sum_rest = tl.load(stats + 7 * num_rows)
     kd_factor = grad_loss * kd_scale * inv_temperature
     ce_factor = grad_loss * ce_weight
     s_row = S + row * stride_s_row
@@ -602,7 +610,9 @@ def kd_topk_backward_kernel(
         x_s = _load_block(s_row, cols, stride_s_col, in_row)
         grad = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
-            grad = (kd_factor * tail_factor) * tl.exp(_log_probs(x_s, inv_temperature, m_a, log_sum_a))
+            grad = kd_factor * tl.exp(_log_probs(x_s, inv_temperature, m_a, log_sum_a))
+            if BUCKET:
+                grad -= kd_factor * tl.exp(log_p_t_tail + _log_probs(x_s, inv_temperature, m_rest, log_sum_rest))
         if HAS_CE:
             grad += ce_factor * (tl.exp(_log_probs(x_s, 1.0, m_1, log_sum_1)) - tl.where(cols == label, 1.0, 0.0))
         tl.store(grad_row + cols, tl.where(counted, grad, 0.0).to(GRAD_S.dtype.element_ty), mask=in_row)
@@ -620,12 +630,13 @@ def launch_config(num_cols: int, kernel: str, divergence: str, num_teachers: int
     """Block size and warps for rows of num_cols entries, from bench/tune_kd.py on an H100 (bench/RESULTS.md):
     the KL forward streams best with small single-warp programs (many rows in flight per SM), the backward
     with wide blocks of 32 elements per thread; the JSD forward, heavy in arithmetic, with 16 per thread.
-    An ensemble reads (K, BLOCK) tiles: its blocks shrink by K (rounded up to a power of 2) so a program holds
-    as many elements as with one teacher (not tuned on a GPU yet)."""
+    An ensemble reads (K, BLOCK) tiles: its blocks shrink by K (rounded up to a power of 2, down to 16 columns,
+    with more warps past that) so a program holds as many elements as with one teacher (not tuned on a GPU yet)."""
     block = triton.next_power_of_2(max(num_cols, 1))
     teachers = triton.next_power_of_2(num_teachers)
     if kernel == "forward" and divergence != "jsd":
-        return dict(BLOCK=max(min(block, 512) // teachers, 16), num_warps=1)
+        block = max(min(block, 512) // teachers, 16)  # one warp, unless K > 32 teachers make the tile larger
+        return dict(BLOCK=block, num_warps=max(1, min(block * teachers // 512, 32)))
     block = max(min(block, 4096) // teachers, 16)
     per_warp = 512 if kernel == "forward" else 128
     return dict(BLOCK=block, num_warps=max(1, min(block * teachers // per_warp, 32)))
@@ -718,7 +729,8 @@ def _topk_scalars(temperature, ignore_index, ce_weight, kd_scale) -> dict:
 def kd_topk_forward(student, values, indices, labels, *, temperature, tail, ignore_index, ce_weight, kd_scale):
     """Row losses (N,) and statistics (NUM_STATS, N), float32, of (N, V) student logits against a sparse teacher:
     (N, K) ``values`` and int ``indices`` (see :class:`fastkd.TopK`). The statistics hold per row: max a,
-    log-sum a, the tail factor 1 − p_t,tail/p_s,tail (1 without a bucket), the KL, max s, log-sum s."""
+    log-sum a, log p_t of the bucket (−inf without one), the KL, max s, log-sum s, and max and log-sum of a over
+    the columns outside the K (with a bucket)."""
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.zeros(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)

@@ -70,6 +70,11 @@ SCRIPT = textwrap.dedent('''
             options_b = {**options, "TEACHER_GRAD": ensemble == 0}
             compile_for(kd.kd_backward_kernel, {**kd_backward, **dict.fromkeys(options_b, "constexpr")}, options_b,
                         arch)
+    # teacher weights that arrive as float64 (a float64 default dtype) are read as float32
+    options = dict(DIVERGENCE=0, HAS_LABELS=True, HAS_CE=True, HAS_KD=True, INTERIOR_BETA=True, HAS_METRICS=True,
+                   ENSEMBLE=1, TEACHERS=4, BLOCK=128)
+    compile_for(kd.kd_forward_kernel, {**kd_forward, "WEIGHTS": "*fp64", **dict.fromkeys(options, "constexpr")},
+                options, 90)
     topk_common = {"V": "i64", "K": "i32", "stride_s_row": "i64", "stride_s_col": "i64", "stride_v_row": "i64",
                    "stride_v_col": "i64", "stride_i_row": "i64", "stride_i_col": "i64", "num_rows": "i64",
                    "inv_temperature": "fp32", "ignore_index": "i64", "ce_weight": "fp32", "kd_scale": "fp32"}

@@ -117,6 +117,37 @@ def test_fused_ensemble_materialises_no_target(gen, monkeypatch):
         assert_rel_close(got, expected, 1e-5, what=ensemble)
 
 
+def test_fused_prob_ensemble_is_exact_for_teachers_offset_by_1e4(gen):
+    """Teachers whose logits sit near ±1e4 (an offset leaves a distribution alone): the kernels must not fold the
+    offset into one rounded number (each teacher's max is kept apart from its log-sum). Truth: float64 math on
+    the same float32 inputs."""
+    s = logits(gen, (4, 64)).to(DEVICE).requires_grad_(True)
+    teachers = logits(gen, (3, 4, 64)) + torch.tensor([1e4, -1e4, 3e3]).view(3, 1, 1)
+    target = float64_target(teachers, [1.0, 1.0, 1.0], "prob", 2.0)
+    loss = fastkd.kd_loss(s, teachers.to(DEVICE), temperature=2.0, backend="triton", reduction="sum")
+    (grad,) = torch.autograd.grad(loss, s)
+    log_p_s = F.log_softmax(s.detach().double().cpu() / 2.0, -1)
+    assert_rel_close(loss, 4.0 * (torch.xlogy(target, target) - target * log_p_s).sum(), 1e-5, what="loss")
+    assert_rel_close(grad, 2.0 * (log_p_s.exp() - target), 1e-5, what="grad")
+
+
+def test_ensemble_under_a_float64_default_dtype_passes_float32_weights(gen, monkeypatch):
+    s, teachers = logits(gen, (3, 20)).to(DEVICE), logits(gen, (2, 3, 20)).to(DEVICE)
+    want = fastkd.kd_loss(s, teachers, backend="triton")
+    monkeypatch.setattr(torch, "_default_dtype_for_test", None, raising=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        seen = []
+        original = fastkd.kd._KDLossRows.apply
+        monkeypatch.setattr(fastkd.kd._KDLossRows, "apply",
+                            lambda *args: seen.append(args[6].dtype) or original(*args))
+        got = fastkd.kd_loss(s, teachers, backend="triton")
+    finally:
+        torch.set_default_dtype(previous)
+    assert seen == [torch.float32] and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("ensemble", ["prob", "logit"])
 def test_ensemble_stats_are_those_of_the_mean_distribution_at_t1(kernel, gen, ensemble):
     """return_stats measures fidelity to the ensemble's own distribution at T = 1 (for "prob" not the target at T
@@ -155,6 +186,7 @@ S = torch.zeros(2, 5)
     (torch.zeros(3, 2, 6), {}, ValueError, r"shape \(K, \*student shape\)"),
     ([torch.zeros(2, 5), torch.zeros(2, 6)], {}, ValueError, r"teacher_logits\[1\] must have the student's shape"),
     ([], {}, ValueError, "empty list"),
+    (torch.zeros(0, 2, 5), {}, ValueError, "K = 0 teachers"),
     ([torch.zeros(2, 5), "t"], {}, TypeError, r"teacher_logits\[1\] must be a torch.Tensor"),
     (torch.zeros(2, 5), dict(teacher_weights=[1.0]), ValueError, "teacher_weights needs K teachers"),
     (torch.zeros(3, 2, 5), dict(ensemble="median"), ValueError, "ensemble must be one of"),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import TopK, topk_teacher
+from fastkd import TopK, reference, topk_teacher
 from conftest import DEVICE, assert_rel_close, logits
 
 
@@ -16,11 +16,11 @@ from conftest import DEVICE, assert_rel_close, logits
 def float64_topk_kl(s, t, k, tail, temperature):
     """Written out at T = 1 semantics generalised as documented: the teacher's K log-probabilities (and the
     remaining mass as one class) are weights at 1/T; the student's full-row probabilities, coarsened to the same
-    partition."""
-    s, t = s.double(), t.double()
-    lp_t = F.log_softmax(t, -1)
-    values, idx = lp_t.topk(k, -1)
-    p_s = F.softmax(s / temperature, -1)
+    partition. In float64 on the float32 top-K log-probabilities the loss receives (1 − Σ p over the K amplifies
+    their rounding where the K hold nearly all the mass, so recomputing them in float64 would test other inputs)."""
+    teacher = topk_teacher(t, k)
+    values, idx = teacher.values.double(), teacher.indices
+    p_s = F.softmax(s.double() / temperature, -1)
     q_s = p_s.gather(-1, idx)
     w = values / temperature
     if tail == "bucket":
@@ -47,9 +47,10 @@ def test_bucket_at_t1_is_the_kl_of_the_coarsened_distributions(gen):
     s, t = logits(gen, (4, 60)), logits(gen, (4, 60))
     teacher = topk_teacher(t, 7)
     got = fastkd.kd_loss(s, teacher, reduction="none")
-    p_t, p_s = F.softmax(t.double(), -1), F.softmax(s.double(), -1)
+    p_s = F.softmax(s.double(), -1)
     idx = teacher.indices
-    a = torch.cat([p_t.gather(-1, idx), 1 - p_t.gather(-1, idx).sum(-1, keepdim=True)], -1)
+    top = teacher.values.double().exp()  # the float32 log-probabilities the loss receives, in float64
+    a = torch.cat([top, 1 - top.sum(-1, keepdim=True)], -1)
     b = torch.cat([p_s.gather(-1, idx), 1 - p_s.gather(-1, idx).sum(-1, keepdim=True)], -1)
     assert_rel_close(got, (a * (a / b).log()).sum(-1), 1e-5)
 
@@ -133,6 +134,22 @@ def test_topk_kernels_stay_exact_when_the_student_mass_outside_the_k_is_tiny(gen
     p_t = p_t / p_t.sum(-1, keepdim=True)
     assert_rel_close(loss, (torch.xlogy(p_t, p_t) - torch.xlogy(p_t, q_s)).sum(-1), 1e-5)
     assert grad.isfinite().all()
+
+
+def test_topk_bucket_gradient_stays_finite_when_the_student_tail_is_far_below_the_teachers(gen):
+    """Student logits 40 on the K classes and −60 elsewhere, the teacher keeping 10% outside: the ratio of the
+    two tails (e^100) overflows float32, the gradient computed from their log-difference does not."""
+    num_classes, k = 50, 5
+    indices = torch.stack([torch.randperm(num_classes, generator=gen)[:k] for _ in range(3)])
+    s = torch.full((3, num_classes), -60.0).scatter(-1, indices, 40.0)
+    values = torch.log(torch.full((3, k), 0.9 / k))
+    teacher = TopK(values.to(DEVICE), indices.to(DEVICE))
+    (loss, grad), _ = kernel_and_reference(s.to(DEVICE), teacher, temperature=1.0, reduction="sum")
+    s64 = s.double().requires_grad_(True)
+    want = reference.kd_topk_rows(s64, values.double(), indices, kind="logprobs", tail="bucket", temperature=1.0)
+    (want_grad,) = torch.autograd.grad(want.sum(), s64)
+    assert_rel_close(loss, want.sum(), 1e-5, what="loss")
+    assert_rel_close(grad, want_grad, 1e-5, what="grad")
 
 
 def test_topk_kernel_rows_with_bad_indices_are_nan(gen):
