@@ -148,10 +148,10 @@ def spectral_norms(weights: Sequence[torch.Tensor], *, n_iter: int = DEFAULT_ITE
                    generator: Optional[torch.Generator] = None, backend: str = "auto"
                    ) -> tuple[torch.Tensor, PowerIterationState]:
     r"""Largest singular value σ_max of each weight in ``weights`` by ``n_iter`` power iterations (see the module
-    docstring), all matrices together: on the ``"triton"`` backend (CUDA) one grouped launch reads every weight
-    once per iteration (plus a small launch over the vectors); on the ``"cpu"`` backend (CPU tensors, the C++
-    extension) one OpenMP pass does, its results the same for any thread count; ``"reference"`` loops over the
-    matrices in PyTorch (two matrix-vector products each).
+    docstring), all matrices together: on the ``"triton"`` backend (CUDA) one grouped launch per iteration reads
+    every weight once (the last tile of each matrix to finish normalises its vectors); on the ``"cpu"`` backend
+    (CPU tensors, the C++ extension) one OpenMP pass does, its results the same for any thread count;
+    ``"reference"`` loops over the matrices in PyTorch (two matrix-vector products each).
 
     ``weights``: a list of ≥ 2-D tensors (Linear (out, in); Conv (out, in, *k) viewed as (out, in·∏k)) on one
     device, float32/float16/bfloat16 (one dtype for the kernel) or float64 (reference). ``state``: the vectors of

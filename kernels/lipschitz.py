@@ -1,4 +1,4 @@
-"""Triton kernels of the grouped power iteration: every matrix of a list in one launch per pass over the weights.
+"""Triton kernel of the grouped power iteration: every matrix of a list in one launch per iteration.
 
 One iteration on a matrix W (m × n) with unit vectors u (m), v (n) computes, reading W once,
 
@@ -8,11 +8,13 @@ One iteration on a matrix W (m × n) with unit vectors u (m), v (n) computes, re
 
 (both products from the previous vectors: u and v follow two interleaved power iterations of W Wᵀ and WᵀW).
 
-- :func:`power_step_kernel`: one program per tile of BLOCK_R rows of one matrix (a flat list of tiles over all
-  matrices). It sweeps the tile's columns once, accumulating a for its rows and writing its partial Σ_rows W u
-  per column to a scratch row of its own (no atomics: the sums do not depend on scheduling).
-- :func:`power_finish_kernel`: one program per matrix; sums the partials into b, normalises a and b into the new
-  u, v and writes σ. It reads vectors only.
+:func:`power_step_kernel` runs one program per tile of BLOCK_R rows of one matrix (a flat list of tiles over all
+matrices). It sweeps the tile's columns once, accumulating a for its rows and writing its partial Σ_rows W u per
+column to a scratch row of its own. Then it counts itself done on its matrix's arrival counter (an atomic
+add with acquire-release semantics at GPU scope, after a barrier over the program's own stores); the tile that
+arrives last finishes the matrix (:func:`_finish_matrix`): it sums the partials into b in tile order (the sums do
+not depend on scheduling), normalises a and b into the new u, v, writes σ and resets the counter for the next
+launch. Finishing reads vectors only.
 
 Weights are addressed through a table of data pointers (int64), so the list is read in place, without stacking.
 All matrices of a launch share a dtype; math is float32; offsets are 64-bit.
@@ -29,9 +31,9 @@ NUM_FIELDS = 7
 
 
 @triton.jit
-def power_step_kernel(POINTERS, TABLE, TILE_MATRIX, TILE_INDEX, U, V, A, PARTIALS,
-                      ELEMENT: tl.constexpr, NUM_FIELDS: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+def power_step_kernel(POINTERS, TABLE, TILE_MATRIX, TILE_INDEX, U, V, A, PARTIALS, ARRIVALS, U_OUT, V_OUT, SIGMA,
+                      eps, ELEMENT: tl.constexpr, NUM_FIELDS: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr, FINISH_BLOCK: tl.constexpr):
     tile = tl.program_id(0)
     matrix = tl.load(TILE_MATRIX + tile).to(tl.int64)
     tile_index = tl.load(TILE_INDEX + tile).to(tl.int64)
@@ -54,6 +56,12 @@ def power_step_kernel(POINTERS, TABLE, TILE_MATRIX, TILE_INDEX, U, V, A, PARTIAL
         a += tl.sum(w * v[None, :], axis=1)
         tl.store(partials + cols, tl.sum(w * u[:, None], axis=0), mask=in_cols)
     tl.store(A + u_offset + rows, a, mask=in_rows)
+    tl.debug_barrier()  # every thread's stores above come before this program's release below
+    arrived = tl.atomic_add(ARRIVALS + matrix, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.load(info + 6) - 1:  # the matrix's last tile: the others' stores are visible (acquire)
+        tl.debug_barrier()
+        _finish_matrix(matrix, TABLE, A, PARTIALS, U, V, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS, FINISH_BLOCK)
+        tl.store(ARRIVALS + matrix, 0)
 
 
 @triton.jit
@@ -69,9 +77,9 @@ def _unit_or_kept(SOURCE, KEPT, OUT, count, norm, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def power_finish_kernel(TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    matrix = tl.program_id(0).to(tl.int64)
+def _finish_matrix(matrix, TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """σ, the new u and v of one matrix from a = W v and the tiles' partials of Wᵀ u."""
     info = TABLE + matrix * NUM_FIELDS
     num_rows, num_cols = tl.load(info + 0), tl.load(info + 1)
     u_offset, v_offset, partial_offset, num_tiles = tl.load(info + 3), tl.load(info + 4), tl.load(info + 5), \
@@ -121,14 +129,13 @@ def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
     a = torch.empty_like(u)
     partials = torch.empty(offsets[2], dtype=torch.float32, device=device)
     sigma = torch.empty(len(matrices), dtype=torch.float32, device=device)
+    arrivals = torch.zeros(len(matrices), dtype=torch.int32, device=device)  # each launch leaves them at 0
     element = _ELEMENTS[matrices[0].dtype]
     for _ in range(n_iter):
         v_prev = v
-        power_step_kernel[(len(tile_matrix),)](pointers, table, tile_matrix, tile_index, u, v, a, partials,
-                                               ELEMENT=element, NUM_FIELDS=NUM_FIELDS, BLOCK_R=BLOCK_R,
-                                               BLOCK_C=BLOCK_C)
         u_new, v_new = torch.empty_like(u), torch.empty_like(v)
-        power_finish_kernel[(len(matrices),)](table, a, partials, u, v, u_new, v_new, sigma, eps,
-                                              NUM_FIELDS=NUM_FIELDS, BLOCK=FINISH_BLOCK)
+        power_step_kernel[(len(tile_matrix),)](pointers, table, tile_matrix, tile_index, u, v, a, partials, arrivals,
+                                               u_new, v_new, sigma, eps, ELEMENT=element, NUM_FIELDS=NUM_FIELDS,
+                                               BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, FINISH_BLOCK=FINISH_BLOCK)
         u, v = u_new, v_new
     return sigma, u, v, v_prev

@@ -13,6 +13,8 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent('''
+    import re
+
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -20,7 +22,8 @@ SCRIPT = textwrap.dedent('''
     from fastkd.kernels import features, kd, lipschitz
 
     def compile_for(fn, signature, constexprs, arch):
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32))
 
     f32 = "*fp32"
     strides = "s_n s_c s_s t_n t_c t_s m_n m_c m_s".split()
@@ -40,16 +43,16 @@ SCRIPT = textwrap.dedent('''
             compile_for(features.feature_backward_kernel, {**backward, **dict.fromkeys(options_b, "constexpr")},
                         options_b, arch)
     step = {"POINTERS": "*i64", "TABLE": "*i64", "TILE_MATRIX": "*i32", "TILE_INDEX": "*i32", "U": f32, "V": f32,
-            "A": f32, "PARTIALS": f32}
-    finish = {"TABLE": "*i64", "A": f32, "PARTIALS": f32, "U_IN": f32, "V_IN": f32, "U_OUT": f32, "V_OUT": f32,
-              "SIGMA": f32, "eps": "fp32"}
+            "A": f32, "PARTIALS": f32, "ARRIVALS": "*i32", "U_OUT": f32, "V_OUT": f32, "SIGMA": f32, "eps": "fp32"}
     for arch in (80, 90):
         for element in (tl.float32, tl.bfloat16):
             options = dict(ELEMENT=element, NUM_FIELDS=lipschitz.NUM_FIELDS, BLOCK_R=lipschitz.BLOCK_R,
-                           BLOCK_C=lipschitz.BLOCK_C)
-            compile_for(lipschitz.power_step_kernel, {**step, **dict.fromkeys(options, "constexpr")}, options, arch)
-        options = dict(NUM_FIELDS=lipschitz.NUM_FIELDS, BLOCK=lipschitz.FINISH_BLOCK)
-        compile_for(lipschitz.power_finish_kernel, {**finish, **dict.fromkeys(options, "constexpr")}, options, arch)
+                           BLOCK_C=lipschitz.BLOCK_C, FINISH_BLOCK=lipschitz.FINISH_BLOCK)
+            compiled = compile_for(lipschitz.power_step_kernel, {**step, **dict.fromkeys(options, "constexpr")},
+                                   options, arch)
+            # the last-tile handoff: a barrier, then an acquire-release atomic at GPU scope
+            ptx = compiled.asm["ptx"]
+            assert "bar.sync" in ptx and re.search(r"atom(?=[.\w]*\.gpu)(?=[.\w]*\.acq_rel)[.\w]*\.add", ptx), "handoff"
     scalars = "inv_temperature beta one_minus_beta log_beta log_one_minus_beta ce_weight kd_scale alpha".split()
     kd_common = {"V": "i64", "stride_s_row": "i64", "stride_s_col": "i64", "stride_t_teacher": "i64",
                  "stride_t_row": "i64", "stride_t_col": "i64", "num_rows": "i64", "num_teachers": "i32",
