@@ -140,17 +140,19 @@ class _KDLossRows(torch.autograd.Function):
 @torch.library.custom_op("fastkd::kd_topk_rows", mutates_args=())
 def _kd_topk_rows_op(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                      labels: Optional[torch.Tensor], temperature: float, tail: str, ignore_index: int,
-                     ce_weight: float, kd_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     ce_weight: float, kd_scale: float, backend: str,
+                     with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return launchers(backend, "kd").kd_topk_forward(student, values, indices, labels, temperature=temperature,
                                                     tail=tail, ignore_index=ignore_index, ce_weight=ce_weight,
-                                                    kd_scale=kd_scale)
+                                                    kd_scale=kd_scale, with_metrics=with_metrics)
 
 
 @_kd_topk_rows_op.register_fake
-def _(student, values, indices, labels, temperature, tail, ignore_index, ce_weight, kd_scale, backend):
+def _(student, values, indices, labels, temperature, tail, ignore_index, ce_weight, kd_scale, backend, with_metrics):
     num_rows = student.shape[0]
     return (student.new_empty(num_rows, dtype=torch.float32),
-            student.new_empty((NUM_STATS, num_rows), dtype=torch.float32))
+            student.new_empty((NUM_STATS, num_rows), dtype=torch.float32),
+            student.new_empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastkd::kd_topk_rows_backward", mutates_args=())
@@ -174,19 +176,21 @@ class _KDTopKRows(torch.autograd.Function):
     only."""
 
     @staticmethod
-    def forward(ctx, student, values, indices, labels, *options):
-        row_loss, stats = torch.ops.fastkd.kd_topk_rows.default(student, values, indices, labels, *options)
+    def forward(ctx, student, values, indices, labels, with_metrics, *options):
+        row_loss, stats, metrics = torch.ops.fastkd.kd_topk_rows.default(student, values, indices, labels, *options,
+                                                                         with_metrics)
         ctx.save_for_backward(student, values, indices, labels, stats)
         ctx.options = options
-        return row_loss
+        ctx.mark_non_differentiable(metrics)
+        return row_loss, metrics
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_metrics):
         student, values, indices, labels, stats = ctx.saved_tensors
         grad_s = torch.ops.fastkd.kd_topk_rows_backward.default(grad_loss, student, values, indices, labels, stats,
                                                                 *ctx.options)
-        return (grad_s, None, None, None) + (None,) * len(ctx.options)
+        return (grad_s, None, None, None, None) + (None,) * len(ctx.options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,8 +372,6 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
                          "say nothing of the mass outside them: use tail='renormalize'")
     if options["divergence"] != "kl":
         raise ValueError(f"a TopK teacher works with divergence='kl' for now, got {options['divergence']!r}")
-    if return_stats:
-        raise ValueError("return_stats is not available with a TopK teacher yet")
     _check_tensors(student_logits, student_logits, labels, ce_weight=options["ce_weight"],
                    ignore_index=options["ignore_index"])
     num_classes = student_logits.shape[-1]
@@ -396,18 +398,27 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
     chosen = _kernel_or_reference(chosen, backend, "kd_loss with a TopK teacher", "the TopK values",
                                   torch.is_grad_enabled() and values.requires_grad)
     if chosen == "triton":
-        rows = _KDTopKRows.apply(student, values, indices, flat_labels, t, tail, options["ignore_index"],
-                                 options["ce_weight"], _kd_scale(options), chosen)
+        rows, metrics = _KDTopKRows.apply(student, values, indices, flat_labels, return_stats, t, tail,
+                                          options["ignore_index"], options["ce_weight"], _kd_scale(options), chosen)
     else:
-        rows = _kd_scale(options) * reference.kd_topk_rows(student, values, indices.long(), kind=topk.kind,
-                                                           tail=tail, temperature=t)
+        metrics = reference.kd_topk_fidelity_rows(student, values, indices.long(), flat_labels, tail=tail,
+                                                  ignore_index=options["ignore_index"]) if return_stats else None
+        rows = _kd_scale(options) * reference.kd_topk_rows(student, values, indices.long(), tail=tail,
+                                                           temperature=t)
         if flat_labels is not None:  # the CE term and the ignored rows, as for a full teacher
             ce_rows = reference.kd_loss_rows(student, student, flat_labels, temperature=t, divergence="kl",
                                              beta=0.5, ignore_index=options["ignore_index"],
                                              ce_weight=options["ce_weight"], kd_weight=0.0, scale_by_t2=True)
             rows = torch.where(flat_labels != options["ignore_index"], rows + ce_rows, 0)
     divisor = _divisor(options, flat_labels, student.shape[0])
-    return _reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
+    loss = _reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
+    return _with_stats(loss, metrics, flat_labels, student.shape[0], options) if return_stats else loss
+
+
+def _with_stats(loss: torch.Tensor, metrics: torch.Tensor, flat_labels, num_rows: int, options: dict):
+    """``(loss, stats)``: each fidelity metric's mean over the counted rows (0 if there are none)."""
+    means = metrics.sum(1) / _counted_rows(flat_labels, num_rows, options["ignore_index"])
+    return loss, dict(zip(FIDELITY_METRICS, means.unbind()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,7 +496,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     (the default for log-probabilities) keeps the mass outside the K as one more class, against the student's
     mass outside the K; ``tail="renormalize"`` (the default, and the only choice, for logits) renormalises the
     teacher over its K classes. The student keeps its full-row normalisation and gets a gradient on all V
-    logits. See :func:`fastkd.reference.kd_topk_rows` for the temperature. On CUDA (and under the Triton
+    logits. See :func:`fastkd.reference.kd_topk_rows` for the temperature; ``return_stats`` measures fidelity to
+    the sparse teacher (:func:`fastkd.reference.kd_topk_fidelity_rows`). On CUDA (and under the Triton
     interpreter) the Triton kernels run it in one sweep over each student row: the student's mass outside the K
     is summed over those columns themselves (each compared with the K indices, O(K) per element), never as
     1 − Σ_K, which loses everything when the K hold almost all of it. Indices are checked on the host for CPU
@@ -562,10 +574,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
                                              ignore_index=options["ignore_index"])
 
     loss = _reduce(row_loss, row_shape, options["reduction"], divisor)
-    if not return_stats:
-        return loss
-    means = metrics.sum(1) / _counted_rows(flat_labels, student.shape[0], options["ignore_index"])
-    return loss, dict(zip(FIDELITY_METRICS, means.unbind()))
+    return _with_stats(loss, metrics, flat_labels, student.shape[0], options) if return_stats else loss
 
 
 class KDLoss(nn.Module):

@@ -188,18 +188,10 @@ def ensemble_teacher_logits(teacher_logits: torch.Tensor, weights: torch.Tensor,
     raise ValueError(f"unknown ensemble {ensemble!r}")
 
 
-def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, kind: str,
-                 tail: str, temperature: float) -> torch.Tensor:
-    """Per-row KL(p_t‖p_s) of (N, V) student logits against a sparse teacher given by its top-K entries
-    ``values`` / ``indices`` (N, K), float32 (float64 for float64 inputs), before the T² and weights.
-
-    The teacher's log-weights are v_k/T on its K classes (v: logits or log-probabilities); with
-    ``tail="bucket"`` (log-probabilities only) a (K+1)-th pseudo-class, the rest of the vocabulary, has log-weight
-    log(1 − Σ_k exp v_k)/T; p_t is their softmax (at T = 1 exactly the given probabilities and the remaining
-    mass). With ``tail="renormalize"`` p_t is the softmax over the K classes alone. The student keeps its
-    full-row normalisation: log p_s,k = s_k/T − logsumexp(s/T), and its bucket probability is the mass of every
-    class outside the K (a log-sum-exp over those columns).
-    """
+def _topk_log_probs(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_t, log p_s) over the K classes of a sparse teacher, plus the bucket of the rest with ``tail="bucket"``
+    (and K < V): see :func:`kd_topk_rows`."""
     math_dtype = _math_dtype(student_logits, values)
     z = student_logits.to(math_dtype) / temperature
     v = values.to(math_dtype)
@@ -211,8 +203,47 @@ def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: to
         log_tail = torch.log(-torch.expm1(torch.logsumexp(v, dim=-1, keepdim=True).clamp(max=0.0)))
         weights = torch.cat([weights, log_tail / temperature], dim=-1)
         log_p_s = torch.cat([log_p_s, rest], dim=-1)
-    log_p_t = F.log_softmax(weights, dim=-1)
+    return F.log_softmax(weights, dim=-1), log_p_s
+
+
+def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str,
+                 temperature: float) -> torch.Tensor:
+    """Per-row KL(p_t‖p_s) of (N, V) student logits against a sparse teacher given by its top-K entries
+    ``values`` / ``indices`` (N, K), float32 (float64 for float64 inputs), before the T² and weights.
+
+    The teacher's log-weights are v_k/T on its K classes (v: logits or log-probabilities); with
+    ``tail="bucket"`` (log-probabilities only) a (K+1)-th pseudo-class, the rest of the vocabulary, has log-weight
+    log(1 − Σ_k exp v_k)/T; p_t is their softmax (at T = 1 exactly the given probabilities and the remaining
+    mass). With ``tail="renormalize"`` p_t is the softmax over the K classes alone. The student keeps its
+    full-row normalisation: log p_s,k = s_k/T − logsumexp(s/T), and its bucket probability is the mass of every
+    class outside the K (a log-sum-exp over those columns).
+    """
+    log_p_t, log_p_s = _topk_log_probs(student_logits, values, indices, tail=tail, temperature=temperature)
     return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
+
+
+def kd_topk_fidelity_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                          labels: Optional[torch.Tensor], *, tail: str, ignore_index: int) -> torch.Tensor:
+    """The fidelity metrics of :func:`kd_fidelity_rows` against a sparse teacher, (4, N), no gradient: top-1
+    agreement (argmax s = the teacher's top class, the smaller index on ties), KL(p_t‖p_s) at T = 1 and H(p_t) of
+    the sparse teacher (over its K classes and, with ``tail="bucket"``, the rest as one class: a lower bound of
+    the full teacher's entropy), and H(p_s) of the full student row at T = 1; 0 at ignored rows."""
+    with torch.no_grad():
+        log_p_t, log_p_s = _topk_log_probs(student_logits, values, indices, tail=tail, temperature=1.0)
+        math_dtype = log_p_t.dtype
+        s = student_logits.to(math_dtype)
+        v = values.to(math_dtype)
+        top = torch.where(v == v.amax(-1, keepdim=True), indices, student_logits.shape[-1]).amin(-1)
+        log_q = F.log_softmax(s, dim=-1)
+        rows = torch.stack([
+            (s.argmax(-1) == top).to(math_dtype),
+            _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1),
+            -_weighted(log_p_t.exp(), log_p_t).sum(-1),
+            -_weighted(log_q.exp(), log_q).sum(-1),
+        ])
+        if labels is not None:
+            rows = torch.where(labels != ignore_index, rows, 0)
+        return rows
 
 
 def _unit_or_kept(x: torch.Tensor, previous: torch.Tensor, eps: float) -> torch.Tensor:

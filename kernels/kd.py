@@ -512,15 +512,17 @@ def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET: tl.const
 
 @triton.jit
 def kd_topk_forward_kernel(
-    S, VALUES, INDICES, LABELS, LOSS, STATS,
+    S, VALUES, INDICES, LABELS, LOSS, STATS, METRICS,
     V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, num_rows,
     inv_temperature, ignore_index, ce_weight, kd_scale,
     HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BUCKET: tl.constexpr,
-    TOPK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_METRICS: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """KL(p_t‖p_s) against a sparse teacher (K values and indices per row), see fastkd.reference.kd_topk_rows.
     One sweep over the student row: its log-sum-exp at T, with BUCKET also over the columns outside the K (each
-    column compared with the K indices: exact, no subtraction of nearly equal sums), and at T = 1 for CE."""
+    column compared with the K indices: exact, no subtraction of nearly equal sums), and at T = 1 for CE and the
+    metrics (fastkd.reference.kd_topk_fidelity_rows: also the entropy bracket, the first argmax, and the rest's
+    log-sum-exp at T = 1)."""
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
     s_row = S + row * stride_s_row
@@ -533,19 +535,37 @@ def kd_topk_forward_kernel(
     sum_rest = 0.0
     m_1 = float("-inf")
     sum_1 = 0.0
+    u_s = 0.0  # Σ e·(s − max s) at T = 1: the student's entropy
+    m_rest_1 = float("-inf")
+    sum_rest_1 = 0.0
+    best_s = float("-inf")
+    argmax_s = tl.zeros((), dtype=tl.int32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x_s = _load_block(s_row, cols, stride_s_col, cols < V)
+        if BUCKET and (HAS_KD or HAS_METRICS):
+            in_topk = tl.zeros((BLOCK,), dtype=tl.int1)
+            for k in range(0, K):
+                in_topk |= cols == tl.load(INDICES + row * stride_i_row + k * stride_i_col)
         if HAS_KD:
             a = x_s * inv_temperature
             m_a, sum_a = _online_logsumexp(m_a, sum_a, a)
             if BUCKET:
-                in_topk = tl.zeros((BLOCK,), dtype=tl.int1)
-                for k in range(0, K):
-                    in_topk |= cols == tl.load(INDICES + row * stride_i_row + k * stride_i_col)
                 m_rest, sum_rest = _online_logsumexp(m_rest, sum_rest, tl.where(in_topk, float("-inf"), a))
-        if HAS_CE:
-            m_1, sum_1 = _online_logsumexp(m_1, sum_1, x_s)
+        if HAS_CE or HAS_METRICS:
+            new_m_1 = tl.maximum(m_1, tl.max(x_s, axis=0))
+            shift_1 = _finite_or_zero(new_m_1)
+            scale_1 = tl.exp(m_1 - shift_1)
+            e_1 = tl.exp(x_s - shift_1)
+            if HAS_METRICS:
+                u_s = _recentred(u_s, scale_1, shift_1 - _finite_or_zero(m_1), sum_1) + \
+                    tl.sum(_weighted(e_1, x_s - shift_1), axis=0)
+                best_s, argmax_s = _first_argmax(x_s, start, best_s, argmax_s)
+                if BUCKET:
+                    m_rest_1, sum_rest_1 = _online_logsumexp(m_rest_1, sum_rest_1,
+                                                             tl.where(in_topk, float("-inf"), x_s))
+            sum_1 = sum_1 * scale_1 + tl.sum(e_1, axis=0)
+            m_1 = new_m_1
     log_sum_a = tl.log(sum_a)
     log_sum_1 = tl.log(sum_1)
     kl = 0.0
@@ -573,6 +593,23 @@ def kd_topk_forward_kernel(
     tl.store(stats + 5 * num_rows, tl.where(counted, log_sum_1, 0.0))
     tl.store(stats + 6 * num_rows, tl.where(counted, m_rest, 0.0))
     tl.store(stats + 7 * num_rows, tl.where(counted, tl.log(sum_rest), 0.0))
+    if HAS_METRICS:  # agreement, KL(p_t‖p_s), H(p_t) of the sparse teacher, H(p_s), all at T = 1
+        x_k = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)
+        log_q_t, log_q_t_tail = _sparse_teacher_log_probs(values, slot_ok, 1.0, BUCKET)
+        log_q_s = _log_probs(x_k, 1.0, m_1, log_sum_1)
+        kl_1 = tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_q_t), log_q_t - log_q_s), 0.0), axis=0)
+        entropy_t = -tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_q_t), log_q_t), 0.0), axis=0)
+        if BUCKET:
+            log_q_s_tail = (m_rest_1 + tl.log(sum_rest_1)) - (m_1 + log_sum_1)
+            kl_1 += _weighted(tl.exp(log_q_t_tail), log_q_t_tail - log_q_s_tail)
+            entropy_t -= _weighted(tl.exp(log_q_t_tail), log_q_t_tail)
+        top_value = tl.max(values, axis=0)
+        top_class = tl.min(tl.where(slot_ok & (values == top_value), indices, V), axis=0)
+        metrics = METRICS + row
+        tl.store(metrics, tl.where(counted & (argmax_s.to(tl.int64) == top_class), 1.0, 0.0))
+        tl.store(metrics + num_rows, tl.where(counted, kl_1, 0.0))
+        tl.store(metrics + 2 * num_rows, tl.where(counted, entropy_t, 0.0))
+        tl.store(metrics + 3 * num_rows, tl.where(counted, log_sum_1 - u_s / sum_1, 0.0))
 
 
 @triton.jit
@@ -726,23 +763,28 @@ def _topk_scalars(temperature, ignore_index, ce_weight, kd_scale) -> dict:
                 HAS_CE=ce_weight != 0, HAS_KD=kd_scale != 0)
 
 
-def kd_topk_forward(student, values, indices, labels, *, temperature, tail, ignore_index, ce_weight, kd_scale):
-    """Row losses (N,) and statistics (NUM_STATS, N), float32, of (N, V) student logits against a sparse teacher:
-    (N, K) ``values`` and int ``indices`` (see :class:`fastkd.TopK`). The statistics hold per row: max a,
-    log-sum a, log p_t of the bucket (−inf without one), the KL, max s, log-sum s, and max and log-sum of a over
-    the columns outside the K (with a bucket)."""
+def kd_topk_forward(student, values, indices, labels, *, temperature, tail, ignore_index, ce_weight, kd_scale,
+                    with_metrics=False):
+    """Row losses (N,), statistics (NUM_STATS, N) and metrics (NUM_METRICS, N, or empty without
+    ``with_metrics``), float32, of (N, V) student logits against a sparse teacher: (N, K) ``values`` and int
+    ``indices`` (see :class:`fastkd.TopK`). The statistics hold per row: max a, log-sum a, log p_t of the bucket
+    (−inf without one), the KL, max s, log-sum s, and max and log-sum of a over the columns outside the K (with a
+    bucket)."""
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.zeros(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
+    metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32,
+                          device=student.device)
     if num_rows == 0:
-        return loss, stats
+        return loss, stats, metrics
     kd_topk_forward_kernel[(num_rows,)](
-        student, values, indices, labels if labels is not None else indices, loss, stats, num_cols,
-        stride_s_row=student.stride(0), stride_s_col=student.stride(1), num_rows=num_rows,
-        HAS_LABELS=labels is not None, **_topk_args(values, indices, tail, num_cols),
-        **_topk_scalars(temperature, ignore_index, ce_weight, kd_scale), **launch_config(num_cols, "forward", "kl"),
+        student, values, indices, labels if labels is not None else indices, loss, stats,
+        metrics if with_metrics else loss, num_cols, stride_s_row=student.stride(0),
+        stride_s_col=student.stride(1), num_rows=num_rows, HAS_LABELS=labels is not None, HAS_METRICS=with_metrics,
+        **_topk_args(values, indices, tail, num_cols), **_topk_scalars(temperature, ignore_index, ce_weight, kd_scale),
+        **launch_config(num_cols, "forward", "kl"),
     )
-    return loss, stats
+    return loss, stats, metrics
 
 
 def kd_topk_backward(grad_loss, student, values, indices, labels, stats, *, temperature, tail, ignore_index,

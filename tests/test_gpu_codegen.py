@@ -82,14 +82,15 @@ SCRIPT = textwrap.dedent('''
                    "stride_v_col": "i64", "stride_i_row": "i64", "stride_i_col": "i64", "num_rows": "i64",
                    "inv_temperature": "fp32", "ignore_index": "i64", "ce_weight": "fp32", "kd_scale": "fp32"}
     topk_forward = {"S": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "LOSS": f32, "STATS": f32,
-                    **topk_common}
+                    "METRICS": f32, **topk_common}
     topk_backward = {"S": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "STATS": f32,
                      "GRAD_LOSS": f32, "GRAD_S": "*bf16", "stride_grad_loss": "i64", **topk_common}
     for bucket in (True, False):
         options = dict(HAS_LABELS=True, HAS_CE=True, HAS_KD=True, BUCKET=bucket, TOPK=32, BLOCK=128)
         for arch in (80, 90):
-            compile_for(kd.kd_topk_forward_kernel, {**topk_forward, **dict.fromkeys(options, "constexpr")}, options,
-                        arch)
+            options_f = {**options, "HAS_METRICS": True}
+            compile_for(kd.kd_topk_forward_kernel, {**topk_forward, **dict.fromkeys(options_f, "constexpr")},
+                        options_f, arch)
             compile_for(kd.kd_topk_backward_kernel, {**topk_backward, **dict.fromkeys(options, "constexpr")},
                         options, arch)
     print("compiled")

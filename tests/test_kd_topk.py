@@ -146,10 +146,34 @@ def test_topk_bucket_gradient_stays_finite_when_the_student_tail_is_far_below_th
     teacher = TopK(values.to(DEVICE), indices.to(DEVICE))
     (loss, grad), _ = kernel_and_reference(s.to(DEVICE), teacher, temperature=1.0, reduction="sum")
     s64 = s.double().requires_grad_(True)
-    want = reference.kd_topk_rows(s64, values.double(), indices, kind="logprobs", tail="bucket", temperature=1.0)
+    want = reference.kd_topk_rows(s64, values.double(), indices, tail="bucket", temperature=1.0)
     (want_grad,) = torch.autograd.grad(want.sum(), s64)
     assert_rel_close(loss, want.sum(), 1e-5, what="loss")
     assert_rel_close(grad, want_grad, 1e-5, what="grad")
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_topk_stats_are_the_sparse_teachers_at_t1(gen, tail):
+    """return_stats against a TopK teacher: float64 math written out here, for the reference and the kernels."""
+    s, t = logits(gen, (7, 90)), logits(gen, (7, 90))
+    labels = torch.tensor([0, 1, -100, 3, 4, 5, 6])
+    teacher = topk_teacher(t, 6)
+    p_t = teacher.values.double().exp()
+    if tail == "bucket":
+        p_t = torch.cat([p_t, 1 - p_t.sum(-1, keepdim=True)], -1)
+    p_t = p_t / p_t.sum(-1, keepdim=True)
+    log_q = F.log_softmax(s.double(), -1)
+    rows = torch.stack([(s.argmax(-1) == teacher.indices[:, 0]).double(), float64_topk_kl(s, t, 6, tail, 1.0),
+                        -torch.xlogy(p_t, p_t).sum(-1), -(log_q.exp() * log_q).sum(-1)])
+    want = rows[:, labels != -100].mean(1)
+    for backend in ("reference", "triton"):
+        leaf = s.to(DEVICE).requires_grad_(True)
+        loss, stats = fastkd.kd_loss(leaf, TopK(teacher.values.to(DEVICE), teacher.indices.to(DEVICE)), tail=tail,
+                                     temperature=2.0, labels=labels.to(DEVICE), return_stats=True, backend=backend)
+        assert_rel_close(torch.stack(list(stats.values())), want, 1e-5, what=backend)
+        assert not any(v.requires_grad for v in stats.values())
+        loss.backward()  # the metrics leave the gradient alone
+        assert leaf.grad.isfinite().all()
 
 
 def test_topk_kernel_rows_with_bad_indices_are_nan(gen):
@@ -157,7 +181,8 @@ def test_topk_kernel_rows_with_bad_indices_are_nan(gen):
     s = logits(gen, (4, 10)).to(DEVICE)
     values = torch.full((4, 3), -2.0, device=DEVICE)
     indices = torch.tensor([[0, 1, 2], [0, 10, 2], [4, 5, 4], [9, 8, -1]], device=DEVICE)
-    rows, _ = torch.ops.fastkd.kd_topk_rows(s, values, indices, None, 1.0, "bucket", -100, 0.0, 1.0, "triton")
+    rows, _, _ = torch.ops.fastkd.kd_topk_rows(s, values, indices, None, 1.0, "bucket", -100, 0.0, 1.0, "triton",
+                                               False)
     assert rows[0].isfinite() and rows[1:].isnan().all()
 
 
@@ -203,7 +228,6 @@ GOOD = TopK(torch.full((2, 2), -1.0), torch.tensor([[0, 1], [2, 3]]))
      ValueError, "needs the teacher's log-probabilities"),
     (lambda: GOOD, dict(divergence="jsd"), ValueError, "divergence='kl'"),
     (lambda: GOOD, dict(tail="middle"), ValueError, "tail must be one of"),
-    (lambda: GOOD, dict(return_stats=True), ValueError, "return_stats is not available"),
     (lambda: GOOD, dict(backend="cpu"), RuntimeError, "TopK teacher has no 'cpu' backend yet"),
 ])
 def test_bad_topk_raises_clear_errors(make, kwargs, error, match):
