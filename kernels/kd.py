@@ -196,6 +196,55 @@ def _target_logit(row_ptr, label, stride_col, valid):
 
 
 @triton.jit
+def _store_row(LOSS, STATS, row, num_rows, counted, bad, loss, s0, s1, s2, s3, s4, s5, s6, s7):
+    """The row loss (0 at an ignored row, NaN at a counted bad one) and the NUM_STATS statistics (0 at an ignored
+    row) into column ``row``."""
+    tl.store(LOSS + row, tl.where(counted, tl.where(bad, float("nan"), loss), 0.0))
+    stats = STATS + row
+    tl.store(stats, tl.where(counted, s0, 0.0))
+    tl.store(stats + num_rows, tl.where(counted, s1, 0.0))
+    tl.store(stats + 2 * num_rows, tl.where(counted, s2, 0.0))
+    tl.store(stats + 3 * num_rows, tl.where(counted, s3, 0.0))
+    tl.store(stats + 4 * num_rows, tl.where(counted, s4, 0.0))
+    tl.store(stats + 5 * num_rows, tl.where(counted, s5, 0.0))
+    tl.store(stats + 6 * num_rows, tl.where(counted, s6, 0.0))
+    tl.store(stats + 7 * num_rows, tl.where(counted, s7, 0.0))
+
+
+@triton.jit
+def _store_metrics(METRICS, row, num_rows, counted, agree, kl, teacher_entropy, student_entropy):
+    """The NUM_METRICS fidelity metrics of the row (0 at an ignored row) into column ``row``."""
+    metrics = METRICS + row
+    tl.store(metrics, tl.where(counted & agree, 1.0, 0.0))
+    tl.store(metrics + num_rows, tl.where(counted, kl, 0.0))
+    tl.store(metrics + 2 * num_rows, tl.where(counted, teacher_entropy, 0.0))
+    tl.store(metrics + 3 * num_rows, tl.where(counted, student_entropy, 0.0))
+
+
+@triton.jit
+def _row_stats(STATS, row, num_rows):
+    """The NUM_STATS statistics the forward stored for the row (column ``row`` of the (NUM_STATS, N) tensor)."""
+    stats = STATS + row
+    return tl.load(stats), tl.load(stats + num_rows), tl.load(stats + 2 * num_rows), tl.load(stats + 3 * num_rows), \
+        tl.load(stats + 4 * num_rows), tl.load(stats + 5 * num_rows), tl.load(stats + 6 * num_rows), \
+        tl.load(stats + 7 * num_rows)
+
+
+@triton.jit
+def _gradient_factors(GRAD_LOSS, row, stride_grad_loss, bad, kd_scale, inv_temperature, ce_weight):
+    """(∂/∂s factor of the divergence, of the CE term) from the row loss's incoming gradient: d/ds = (1/T)·d/da.
+    A bad row (a counted row with an invalid label or indices) gets NaN."""
+    grad_loss = tl.where(bad, float("nan"), tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32))
+    return grad_loss * kd_scale * inv_temperature, grad_loss * ce_weight
+
+
+@triton.jit
+def _ce_gradient(x_s, is_label, m_1, log_sum_1, ce_factor):
+    """∂(ce_factor·CE)/∂s = ce_factor·(softmax(s) − onehot(label))."""
+    return ce_factor * (tl.exp(_log_probs(x_s, 1.0, m_1, log_sum_1)) - tl.where(is_label, 1.0, 0.0))
+
+
+@triton.jit
 def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
     """(counted, label_ok, label) of a row: ignored rows are not counted; a counted row with a label
     outside [0, V) is not ok (its loss and gradient become NaN)."""
@@ -365,25 +414,12 @@ def kd_forward_kernel(
             loss = kd_scale * (beta * d0 + one_minus_beta * d1)
     if HAS_CE:
         loss += ce_weight * ((m_1 - _target_logit(s_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
-    loss = tl.where(counted, loss, 0.0)
-    loss = tl.where(counted & ~label_ok, float("nan"), loss)
-    tl.store(LOSS + row, loss)
-    stats = STATS + row
-    tl.store(stats, tl.where(counted, m_a, 0.0))
-    tl.store(stats + num_rows, tl.where(counted, log_sum_a, 0.0))
-    tl.store(stats + 2 * num_rows, tl.where(counted, m_b, 0.0))
-    tl.store(stats + 3 * num_rows, tl.where(counted, log_sum_b, 0.0))
-    tl.store(stats + 4 * num_rows, tl.where(counted, d0, 0.0))
-    tl.store(stats + 5 * num_rows, tl.where(counted, d1, 0.0))
-    tl.store(stats + 6 * num_rows, tl.where(counted, m_1, 0.0))
-    tl.store(stats + 7 * num_rows, tl.where(counted, log_sum_1, 0.0))
+    _store_row(LOSS, STATS, row, num_rows, counted, ~label_ok, loss, m_a, log_sum_a, m_b, log_sum_b, d0, d1, m_1,
+               log_sum_1)
     if HAS_METRICS:  # agreement, KL(p_t‖p_s), H(p_t), H(p_s), all at T = 1
         log_sum_t1 = tl.log(sum_t1)
-        metrics = METRICS + row
-        tl.store(metrics, tl.where(counted & (argmax_s == argmax_t), 1.0, 0.0))
-        tl.store(metrics + num_rows, tl.where(counted, w_1 / sum_t1 - log_sum_t1 + log_sum_1, 0.0))
-        tl.store(metrics + 2 * num_rows, tl.where(counted, log_sum_t1 - u_t / sum_t1, 0.0))
-        tl.store(metrics + 3 * num_rows, tl.where(counted, log_sum_1 - u_s / sum_1, 0.0))
+        _store_metrics(METRICS, row, num_rows, counted, argmax_s == argmax_t, w_1 / sum_t1 - log_sum_t1 + log_sum_1,
+                       log_sum_t1 - u_t / sum_t1, log_sum_1 - u_s / sum_1)
 
 
 @triton.jit
@@ -401,20 +437,9 @@ def kd_backward_kernel(
     teachers, teacher_ok, t_shift, t_coef, _, _ = _ensemble_coefficients(
         T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, V, num_teachers, inv_temperature, STATS,
         num_rows, False, False, ENSEMBLE, TEACHERS, BLOCK)
-    grad_loss = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
-    grad_loss = tl.where(counted & ~label_ok, float("nan"), grad_loss)
-    stats = STATS + row
-    m_a = tl.load(stats)
-    log_sum_a = tl.load(stats + num_rows)
-    m_b = tl.load(stats + 2 * num_rows)
-    log_sum_b = tl.load(stats + 3 * num_rows)
-    d0 = tl.load(stats + 4 * num_rows)
-    d1 = tl.load(stats + 5 * num_rows)
-    m_1 = tl.load(stats + 6 * num_rows)
-    log_sum_1 = tl.load(stats + 7 * num_rows)
-    # d(loss)/d(s) = (1/T)·d(loss)/d(a)
-    kd_factor = grad_loss * kd_scale * inv_temperature
-    ce_factor = grad_loss * ce_weight
+    kd_factor, ce_factor = _gradient_factors(GRAD_LOSS, row, stride_grad_loss, counted & ~label_ok, kd_scale,
+                                             inv_temperature, ce_weight)
+    m_a, log_sum_a, m_b, log_sum_b, d0, d1, m_1, log_sum_1 = _row_stats(STATS, row, num_rows)
     s_row = S + row * stride_s_row
     t_row = T + row * stride_t_row
     grad_s_row = GRAD_S + row * V
@@ -456,9 +481,8 @@ def kd_backward_kernel(
                 grad_s = (kd_factor * one_minus_beta) * _weighted(p_s, r_s - d1)
                 if TEACHER_GRAD:
                     grad_t = (kd_factor * beta) * _weighted(p_t, r_t - d0)
-        if HAS_CE:  # ∂CE/∂s = softmax(s) − onehot(label)
-            q = tl.exp(_log_probs(x_s, 1.0, m_1, log_sum_1))
-            grad_s += ce_factor * (q - tl.where(cols == label, 1.0, 0.0))
+        if HAS_CE:
+            grad_s += _ce_gradient(x_s, cols == label, m_1, log_sum_1, ce_factor)
         grad_s = tl.where(counted, grad_s, 0.0)
         tl.store(grad_s_row + cols, grad_s.to(GRAD_S.dtype.element_ty), mask=in_row)
         if TEACHER_GRAD:
@@ -581,18 +605,8 @@ def kd_topk_forward_kernel(
         loss = kd_scale * kl
     if HAS_CE:
         loss += ce_weight * ((m_1 - _target_logit(s_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
-    loss = tl.where(counted, loss, 0.0)
-    loss = tl.where(counted & (~label_ok | ~indices_ok), float("nan"), loss)
-    tl.store(LOSS + row, loss)
-    stats = STATS + row
-    tl.store(stats, tl.where(counted, m_a, 0.0))
-    tl.store(stats + num_rows, tl.where(counted, log_sum_a, 0.0))
-    tl.store(stats + 2 * num_rows, tl.where(counted, log_p_t_tail, 0.0))
-    tl.store(stats + 3 * num_rows, tl.where(counted, kl, 0.0))
-    tl.store(stats + 4 * num_rows, tl.where(counted, m_1, 0.0))
-    tl.store(stats + 5 * num_rows, tl.where(counted, log_sum_1, 0.0))
-    tl.store(stats + 6 * num_rows, tl.where(counted, m_rest, 0.0))
-    tl.store(stats + 7 * num_rows, tl.where(counted, tl.log(sum_rest), 0.0))
+    _store_row(LOSS, STATS, row, num_rows, counted, ~label_ok | ~indices_ok, loss, m_a, log_sum_a, log_p_t_tail, kl,
+               m_1, log_sum_1, m_rest, tl.log(sum_rest))
     if HAS_METRICS:  # agreement, KL(p_t‖p_s), H(p_t) of the sparse teacher, H(p_s), all at T = 1
         x_k = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)
         log_q_t, log_q_t_tail = _sparse_teacher_log_probs(values, slot_ok, 1.0, BUCKET)
@@ -605,11 +619,8 @@ def kd_topk_forward_kernel(
             entropy_t -= _weighted(tl.exp(log_q_t_tail), log_q_t_tail)
         top_value = tl.max(values, axis=0)
         top_class = tl.min(tl.where(slot_ok & (values == top_value), indices, V), axis=0)
-        metrics = METRICS + row
-        tl.store(metrics, tl.where(counted & (argmax_s.to(tl.int64) == top_class), 1.0, 0.0))
-        tl.store(metrics + num_rows, tl.where(counted, kl_1, 0.0))
-        tl.store(metrics + 2 * num_rows, tl.where(counted, entropy_t, 0.0))
-        tl.store(metrics + 3 * num_rows, tl.where(counted, log_sum_1 - u_s / sum_1, 0.0))
+        _store_metrics(METRICS, row, num_rows, counted, argmax_s.to(tl.int64) == top_class, kl_1, entropy_t,
+                       log_sum_1 - u_s / sum_1)
 
 
 @triton.jit
@@ -627,18 +638,9 @@ def kd_topk_backward_kernel(
     counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
     slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
                                                        stride_i_row, stride_i_col, TOPK)
-    grad_loss = tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32)
-    grad_loss = tl.where(counted & (~label_ok | ~indices_ok), float("nan"), grad_loss)
-    stats = STATS + row
-    m_a = tl.load(stats)
-    log_sum_a = tl.load(stats + num_rows)
-    log_p_t_tail = tl.load(stats + 2 * num_rows)
-    m_1 = tl.load(stats + 4 * num_rows)
-    log_sum_1 = tl.load(stats + 5 * num_rows)
-    m_rest = tl.load(stats + 6 * num_rows)
-    log_sum_rest = tl.load(stats + 7 * num_rows)
-    kd_factor = grad_loss * kd_scale * inv_temperature
-    ce_factor = grad_loss * ce_weight
+    kd_factor, ce_factor = _gradient_factors(GRAD_LOSS, row, stride_grad_loss, counted & (~label_ok | ~indices_ok),
+                                             kd_scale, inv_temperature, ce_weight)
+    m_a, log_sum_a, log_p_t_tail, _, m_1, log_sum_1, m_rest, log_sum_rest = _row_stats(STATS, row, num_rows)
     s_row = S + row * stride_s_row
     grad_row = GRAD_S + row * V
     for start in range(0, V, BLOCK):
@@ -651,7 +653,7 @@ def kd_topk_backward_kernel(
             if BUCKET:
                 grad -= kd_factor * tl.exp(log_p_t_tail + _log_probs(x_s, inv_temperature, m_rest, log_sum_rest))
         if HAS_CE:
-            grad += ce_factor * (tl.exp(_log_probs(x_s, 1.0, m_1, log_sum_1)) - tl.where(cols == label, 1.0, 0.0))
+            grad += _ce_gradient(x_s, cols == label, m_1, log_sum_1, ce_factor)
         tl.store(grad_row + cols, tl.where(counted, grad, 0.0).to(GRAD_S.dtype.element_ty), mask=in_row)
     if HAS_KD:
         tl.debug_barrier()
@@ -659,7 +661,7 @@ def kd_topk_backward_kernel(
         log_p_t, _ = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
         grad = kd_factor * (tl.exp(_log_probs(x_k, inv_temperature, m_a, log_sum_a)) - tl.exp(log_p_t))
         if HAS_CE:
-            grad += ce_factor * (tl.exp(_log_probs(x_k, 1.0, m_1, log_sum_1)) - tl.where(indices == label, 1.0, 0.0))
+            grad += _ce_gradient(x_k, indices == label, m_1, log_sum_1, ce_factor)
         tl.store(grad_row + indices, tl.where(counted, grad, 0.0).to(GRAD_S.dtype.element_ty), mask=slot_ok)
 
 
