@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run the whole test-suite on the GPU, tune, benchmark.
-#   bash bench/gpu_session.sh [tests|cuda|tune|bench|variants|divergences|overhead ...]   (default: tests tune bench); results under $OUT (or ./gpu-out)
+#   bash bench/gpu_session.sh [tests|cuda|tune|bench|variants|divergences|overhead ...]
+# (default: tests tune bench); results under $OUT (or ./gpu-out)
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -14,7 +15,8 @@ cd /tmp  # import the installed package, not the source tree
 for step in $steps; do
     case $step in
         tests) python3 -m pytest -q -p no:cacheprovider --rootdir="$OLDPWD" "$OLDPWD/tests" 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
-        cuda)  python3 -m pytest -q -p no:cacheprovider --rootdir="$OLDPWD" "$OLDPWD/tests/test_kd_cuda.py" 2>&1 | tee "$OUT/cuda.log" | tail -15 ;;
+        cuda)  python3 -m pytest -q -p no:cacheprovider --rootdir="$OLDPWD" "$OLDPWD/tests/test_kd_cuda.py" 2>&1 |
+                   tee "$OUT/cuda.log" | tail -15 ;;
         tune)  python3 "$OLDPWD/bench/tune_kd.py" --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" ;;
         bench) fastkd bench --op all --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
         variants) python3 "$OLDPWD/bench/kd_variants.py" --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;

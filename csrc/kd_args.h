@@ -9,7 +9,7 @@ namespace fastkd {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kUInt8 = 3;  // a mask dtype code beside the float ones (bool masks are read as uint8)
 enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3, kDKD = 4 };
-constexpr int kNumStats = 8;    // per row, as the Triton kernels store them (kernels/kd.py)
+constexpr int kNumStats = 8;    // per row, laid out as fastkd/kernel_args.py describes (one teacher)
 constexpr int kNumMetrics = 4;  // agreement, KL(p_t‖p_s), H(p_t), H(p_s) at T = 1
 
 // (num_rows, num_cols) logits with unit column stride and any row stride (in elements).

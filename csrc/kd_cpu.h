@@ -1,6 +1,6 @@
 // The C++ CPU backend of fastkd.kd_loss (and of feature_loss, feature_loss_cpu.h, and the power iteration of
-// fastkd.lipschitz, power_iteration_cpu.h):
-// the arguments of one launch and the kernels of each instruction set.
+// fastkd.lipschitz, power_iteration_cpu.h): the table of instruction sets and their kernels (the kd_loss launch
+// arguments are in kd_args.h).
 //
 // No torch headers: Python passes data pointers, shapes, strides and dtype codes (fastkd/cpu_backend.py), so the
 // extension builds in seconds and does not depend on the torch ABI.

@@ -1,6 +1,7 @@
 // The CUDA backend of fastkd.kd_loss (kd_cuda.cu): launchers for the forward and the backward on a given stream.
 //
-// A subset of the Triton kernels' options (fastkd/cuda_backend.py says which; dispatch sends the rest to Triton):
+// A subset of the Triton kernels' options (fastkd.cuda_backend.covers says which; fastkd.dispatch sends the rest
+// to Triton):
 // divergences "kl" and "reverse_kl" with the hard-label CE term, labels and ignore_index, one teacher of the
 // student's dtype (float32, float16 or bfloat16), unit column stride. No fidelity metrics.
 #pragma once

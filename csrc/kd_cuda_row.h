@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kd_args.h"
+
 #ifdef __CUDACC__
 #define FASTKD_HD __host__ __device__ __forceinline__
 #else
@@ -154,7 +156,7 @@ FASTKD_HD Label row_label(const int64_t* labels, int64_t row, int64_t num_cols, 
 // The row loss and its statistics (max a, log-sum a, max b, log-sum b, KL, 0, max s, log-sum s; zeros at an
 // ignored row). target_logit: s at the label (read by the caller where the label is ok).
 FASTKD_HD float finish(const OnlineRow& r, const Label& label, float target_logit, float kd_scale, float ce_weight,
-                       const Options& o, float (&stats)[8]) {
+                       const Options& o, float (&stats)[kNumStats]) {
     const float log_s_a = logf(r.s_a), log_s_b = logf(r.s_b), log_s_1 = logf(r.s_1);
     float kl = 0.0f, loss = 0.0f;
     if (o.has_kd) {
@@ -162,9 +164,9 @@ FASTKD_HD float finish(const OnlineRow& r, const Label& label, float target_logi
         loss = kd_scale * kl;
     }
     if (o.has_ce) loss += ce_weight * ((r.m_1 - target_logit) + log_s_1);
-    const float kept[8] = {r.m_a, log_s_a, r.m_b, log_s_b, kl, 0.0f, r.m_1, log_s_1};
+    const float kept[kNumStats] = {r.m_a, log_s_a, r.m_b, log_s_b, kl, 0.0f, r.m_1, log_s_1};
 #pragma unroll
-    for (int i = 0; i < 8; ++i) stats[i] = label.counted ? kept[i] : 0.0f;
+    for (int i = 0; i < kNumStats; ++i) stats[i] = label.counted ? kept[i] : 0.0f;
     if (!label.counted) return 0.0f;
     return label.ok ? loss : NAN;
 }

@@ -1,4 +1,4 @@
-"""fastkd: knowledge-distillation losses for PyTorch as fused Triton (GPU) and C++ (CPU) kernels."""
+"""fastkd: knowledge-distillation losses for PyTorch as fused Triton and CUDA (GPU) and C++ (CPU) kernels."""
 from . import adapters, lipschitz, schedules
 from .dispatch import backends
 from .distiller import Distiller

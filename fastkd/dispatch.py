@@ -74,9 +74,11 @@ def check_backend_name(requested: str) -> None:
 
 
 def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
-                   kernels: tuple = ("triton", "cpu")) -> str:
-    """Return ``"triton"``, ``"cpu"`` or ``"reference"`` for the op ``op`` over ``tensors`` (validated to share
-    a device); ``kernels`` names the kernel backends the op has (the reference always exists).
+                   kernels: tuple = ("triton", "cpu"), cuda_covers: bool = True) -> str:
+    """Return ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` for the op ``op`` over ``tensors`` (validated
+    to share a device); ``kernels`` names the kernel backends the op has (the reference always exists).
+    ``cuda_covers``: whether the CUDA kernels compute this call (:func:`fastkd.cuda_backend.covers`); a call they
+    do not cover goes to ``"triton"``.
 
     Raises ``ValueError`` for an unknown backend name and ``RuntimeError`` when the backend asked for cannot
     run on these tensors or does not exist for this op.
@@ -113,7 +115,9 @@ def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
     if requested == "cuda":
         if device.type != "cuda":
             raise RuntimeError(f"backend='cuda' runs on CUDA tensors, got device {device}")
-        if not cuda_backend.available():
+        if not cuda_covers:
+            requested = "triton"
+        elif not cuda_backend.available():
             raise RuntimeError(f"backend='cuda' cannot run here: {cuda_backend.why_unavailable()}")
     if requested == "triton":
         if not TRITON_AVAILABLE:

@@ -28,7 +28,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# custom ops (kernel backends: "triton" and "cpu")
+# custom ops (kernel backends: "triton", "cpu" and "cuda")
 # ----------------------------------------------------------------------------------------------------------------
 
 # ``teacher`` is (N, V) with ensemble "none", or (K, N, V) with ``teacher_weights`` (K,) float32 summing to 1 and
@@ -294,6 +294,9 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
             if x.shape != student.shape:
                 raise ValueError(f"teacher_logits[{k}] must have the student's shape {tuple(student.shape)}, got "
                                  f"{tuple(x.shape)}")
+            if x.device != student.device:
+                raise ValueError(f"teacher_logits[{k}] must be on the student's device {student.device}, got "
+                                 f"{x.device}")
         teachers = torch.stack(list(teacher_logits))
     elif isinstance(teacher_logits, torch.Tensor) and teacher_logits.dim() == student.dim() + 1:
         if teacher_logits.shape[1:] != student.shape:
@@ -310,7 +313,13 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
     if teacher_weights is None:
         weights = torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float32)
     else:
-        weights = torch.as_tensor(teacher_weights).detach().double().cpu()
+        if isinstance(teacher_weights, torch.Tensor) and teacher_weights.requires_grad:
+            raise ValueError("teacher_weights are constants of the loss (no gradient reaches them); detach them")
+        try:
+            weights = torch.as_tensor(teacher_weights, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"teacher_weights must be K numbers (a sequence or a 1-d tensor), got "
+                            f"{teacher_weights!r}") from exc
         if weights.shape != (num_teachers,):
             raise ValueError(f"teacher_weights must have shape ({num_teachers},) for {num_teachers} teachers, got "
                              f"{tuple(weights.shape)}")
@@ -361,7 +370,8 @@ def _kernel_or_reference(chosen: str, requested: str, op: str, what_needs_grad: 
     return "reference"
 
 
-def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stats, backend) -> torch.Tensor:
+def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stats,
+                  backend) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     """kd_loss against a sparse teacher: validation, the Triton kernels or the reference rows (+ CE), and the
     reduction."""
     tail = tail if tail is not None else ("bucket" if topk.kind == "logprobs" else "renormalize")
@@ -394,7 +404,8 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
             raise ValueError("TopK indices must be distinct within a row")
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
-    chosen = select_backend(backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton",))
+    chosen = select_backend(backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton", "cuda"),
+                            cuda_covers=False)
     chosen = _kernel_or_reference(chosen, backend, "kd_loss with a TopK teacher", "the TopK values",
                                   torch.is_grad_enabled() and values.requires_grad)
     if chosen == "triton":
@@ -516,6 +527,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     if isinstance(teacher_logits, TopK):
+        if teacher_weights is not None or ensemble != "prob":
+            raise ValueError("teacher_weights and ensemble apply to several teachers; a TopK teacher is one")
         return _kd_loss_topk(student_logits, teacher_logits, labels, tail, options, return_stats, backend)
     if tail is not None:
         raise ValueError("tail applies to a TopK teacher only")
@@ -531,15 +544,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
 
     if ensemble_teachers is None:
         teacher = teacher_logits.reshape(-1, num_classes)
-        chosen = select_backend(backend, student, teacher, kernels=("triton", "cpu", "cuda"))
+        teachers = teacher
     else:
         teachers, weights = ensemble_teachers
         teachers = teachers.reshape(teachers.shape[0], -1, num_classes)
-        chosen = select_backend(backend, student, teachers, kernels=("triton", "cpu", "cuda"))
-    if chosen == "cuda" and not cuda_backend.covers(student, teachers if ensemble_teachers else teacher,
-                                                    divergence=options["divergence"], with_metrics=return_stats,
-                                                    ensemble=ensemble_teachers is not None):
-        chosen = "triton"  # outside the CUDA kernels' subset
+    cuda_covers = cuda_backend.covers(student, teachers, divergence=options["divergence"], with_metrics=return_stats,
+                                      ensemble=ensemble_teachers is not None)
+    chosen = select_backend(backend, student, teachers, kernels=("triton", "cpu", "cuda"), cuda_covers=cuda_covers)
     teacher_weights, fused_ensemble, metrics_teacher = None, "none", None
     if ensemble_teachers is not None:
         if chosen == "triton" and not (torch.is_grad_enabled() and teachers.requires_grad):

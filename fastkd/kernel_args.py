@@ -13,6 +13,8 @@ DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "cosine": 3, "dkd": 4}
 # For "cosine" the log-sum slots hold log ‖exp(a − max a)‖₂ (likewise b) and d0 the cosine. For "dkd" (labels
 # required; beta weighs NCKD, alpha TCKD) the maxima and log-sums cover the non-target classes, d0 is NCKD and
 # d1 = p_t,gt − p_s,gt.
+# A sparse (TopK) teacher's kernels use the slots as: max a, log-sum a, log p_t of the tail bucket (−inf without
+# one), the KL, max s, log-sum s, and max and log-sum of a over the columns outside the K.
 NUM_STATS = 8
 # several teachers (kd_loss's ``ensemble``): 0 one teacher, 1 the mean of their distributions (whose forward also
 # stores each teacher's max and log-sum at T in statistics rows NUM_STATS + k and NUM_STATS + K + k), 2 the weighted

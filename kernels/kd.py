@@ -16,7 +16,8 @@ the cosine of p_s and p_t and the log-sums are replaced by log ‖exp(x − max)
 
 Several teachers (ENSEMBLE 1, 2) are read as (TEACHERS, BLOCK) tiles of a (K, N, V) tensor and mixed per block
 into one teacher row (:func:`_teacher_block`); everything after that is the one-teacher code. A sparse teacher
-(TopK) has kernels of its own (``kd_topk_*``) that share the helpers.
+(TopK) has kernels of its own (``kd_topk_*``) that share the helpers, and its own use of the statistics slots
+(fastkd/kernel_args.py).
 """
 from __future__ import annotations
 
@@ -595,9 +596,9 @@ def kd_topk_forward_kernel(
     kl = 0.0
     log_p_t_tail = float("-inf")
     loss = 0.0
+    x_k = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)  # s at the K classes
     if HAS_KD:
-        log_p_s = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32) * \
-            inv_temperature - m_a - log_sum_a
+        log_p_s = _log_probs(x_k, inv_temperature, m_a, log_sum_a)
         log_p_t, log_p_t_tail = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
         kl = tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_p_t), log_p_t - log_p_s), 0.0), axis=0)
         if BUCKET:  # the student's bucket: its mass outside the K
@@ -608,7 +609,6 @@ def kd_topk_forward_kernel(
     _store_row(LOSS, STATS, row, num_rows, counted, ~label_ok | ~indices_ok, loss, m_a, log_sum_a, log_p_t_tail, kl,
                m_1, log_sum_1, m_rest, tl.log(sum_rest))
     if HAS_METRICS:  # agreement, KL(p_t‖p_s), H(p_t) of the sparse teacher, H(p_s), all at T = 1
-        x_k = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)
         log_q_t, log_q_t_tail = _sparse_teacher_log_probs(values, slot_ok, 1.0, BUCKET)
         log_q_s = _log_probs(x_k, 1.0, m_1, log_sum_1)
         kl_1 = tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_q_t), log_q_t - log_q_s), 0.0), axis=0)
@@ -689,9 +689,9 @@ def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scal
     )
 
 
-def _teacher_args(teacher, teacher_weights, ensemble) -> dict:
-    """The teacher's strides and ensemble arguments: ``teacher`` is (N, V), or (K, N, V) with ``teacher_weights``
-    (K,) float32 summing to 1 and ``ensemble`` "prob" or "logit"."""
+def _teacher_args(teacher, ensemble) -> dict:
+    """The teacher's strides and ensemble arguments: ``teacher`` is (N, V), or (K, N, V) with ``ensemble`` "prob"
+    or "logit" (its weights, (K,) float32 summing to 1, go to the kernel apart)."""
     if ensemble == "none":
         return dict(stride_t_teacher=0, stride_t_row=teacher.stride(0), stride_t_col=teacher.stride(1),
                     num_teachers=1, ENSEMBLE=0, TEACHERS=1)
@@ -713,7 +713,7 @@ def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignor
                           device=student.device)
     if num_rows == 0:
         return loss, stats, metrics
-    teacher_args = _teacher_args(teacher, teacher_weights, ensemble)
+    teacher_args = _teacher_args(teacher, ensemble)
     kd_forward_kernel[(num_rows,)](
         student, teacher, teacher_weights if teacher_weights is not None else loss,
         labels if labels is not None else loss, loss, stats, metrics if with_metrics else loss,
@@ -741,7 +741,7 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
               else torch.empty(0, dtype=teacher.dtype, device=teacher.device))
     if num_rows == 0:
         return grad_s, grad_t
-    teacher_args = _teacher_args(teacher, teacher_weights, ensemble)
+    teacher_args = _teacher_args(teacher, ensemble)
     kd_backward_kernel[(num_rows,)](
         student, teacher, teacher_weights if teacher_weights is not None else stats,
         labels if labels is not None else stats, stats, grad_loss, grad_s, grad_t if teacher_grad else grad_s,

@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
         const auto student = read<float>(in, rows * cols), teacher = read<float>(in, rows * cols);
         const auto labels = read<int64_t>(in, header[4] ? rows : 0);
         const auto grad_loss = read<float>(in, rows);
-        std::vector<float> loss(rows), stats(8 * rows), grad_s(rows * cols), grad_t(rows * cols);
+        std::vector<float> loss(rows), stats(fastkd::kNumStats * rows), grad_s(rows * cols), grad_t(rows * cols);
         const int threads = threads_per_row(cols, static_cast<int>(vec));
         for (int64_t r = 0; r < rows; ++r) {
             const Label label = row_label(header[4] ? labels.data() : nullptr, r, cols, ignore_index);
@@ -90,9 +90,9 @@ int main(int argc, char** argv) {
                                  : vec == 4 ? fold_row<4>(s, t, cols, threads, o) : fold_row<1>(s, t, cols, threads, o);
             }
             const float target = label.counted && label.ok && o.has_ce ? s[label.index] : 0.0f;
-            float row_stats[8];
+            float row_stats[fastkd::kNumStats];
             loss[r] = finish(state, label, target, scalars[1], scalars[2], o, row_stats);
-            for (int i = 0; i < 8; ++i) stats[i * rows + r] = row_stats[i];
+            for (int i = 0; i < fastkd::kNumStats; ++i) stats[i * rows + r] = row_stats[i];
         }
         for (int64_t r = 0; r < rows; ++r) {
             const Label label = row_label(header[4] ? labels.data() : nullptr, r, cols, ignore_index);

@@ -222,6 +222,8 @@ def test_cuda_backend_hands_what_it_does_not_cover_to_triton(gen):
         got = fastkd.kd_loss(s, t, backend="cuda", **options)
         want = fastkd.kd_loss(s, t, backend="triton", **options)
         assert_rel_close(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple) else want, 0)
+    teacher = fastkd.topk_teacher(t, 5)  # a TopK teacher too
+    assert_rel_close(fastkd.kd_loss(s, teacher, backend="cuda"), fastkd.kd_loss(s, teacher, backend="triton"), 0)
     assert fastkd.dispatch.select_backend("auto", s, kernels=("triton", "cpu", "cuda")) == "triton"
 
 

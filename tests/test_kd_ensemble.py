@@ -134,7 +134,6 @@ def test_fused_prob_ensemble_is_exact_for_teachers_offset_by_1e4(gen):
 def test_ensemble_under_a_float64_default_dtype_passes_float32_weights(gen, monkeypatch):
     s, teachers = logits(gen, (3, 20)).to(DEVICE), logits(gen, (2, 3, 20)).to(DEVICE)
     want = fastkd.kd_loss(s, teachers, backend="triton")
-    monkeypatch.setattr(torch, "_default_dtype_for_test", None, raising=False)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -187,6 +186,11 @@ S = torch.zeros(2, 5)
     ([torch.zeros(2, 5), torch.zeros(2, 6)], {}, ValueError, r"teacher_logits\[1\] must have the student's shape"),
     ([], {}, ValueError, "empty list"),
     (torch.zeros(0, 2, 5), {}, ValueError, "K = 0 teachers"),
+    ([torch.zeros(2, 5), torch.zeros(2, 5, device="meta")], {}, ValueError,
+     r"teacher_logits\[1\] must be on the student's device cpu"),
+    (torch.zeros(2, 2, 5), dict(teacher_weights="ab"), TypeError, "teacher_weights must be K numbers"),
+    (torch.zeros(2, 2, 5), dict(teacher_weights=torch.ones(2, requires_grad=True)), ValueError,
+     "teacher_weights are constants"),
     ([torch.zeros(2, 5), "t"], {}, TypeError, r"teacher_logits\[1\] must be a torch.Tensor"),
     (torch.zeros(2, 5), dict(teacher_weights=[1.0]), ValueError, "teacher_weights needs K teachers"),
     (torch.zeros(3, 2, 5), dict(ensemble="median"), ValueError, "ensemble must be one of"),
