@@ -311,23 +311,25 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
     if num_teachers == 0:
         raise ValueError("teacher_logits holds K = 0 teachers; give at least one")
     if teacher_weights is None:
-        weights = torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float32)
-    else:
-        if isinstance(teacher_weights, torch.Tensor) and teacher_weights.requires_grad:
+        return teachers, torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float32)
+    if isinstance(teacher_weights, torch.Tensor):
+        if teacher_weights.requires_grad:
             raise ValueError("teacher_weights are constants of the loss (no gradient reaches them); detach them")
+        values = teacher_weights.detach().double().cpu().reshape(-1).tolist() if teacher_weights.dim() == 1 else None
+    else:  # numbers are checked without tensors: nothing here reads a device value (torch.compile, CUDA)
         try:
-            weights = torch.as_tensor(teacher_weights, dtype=torch.float64).cpu()
-        except (TypeError, ValueError, RuntimeError) as exc:
+            values = [float(w) for w in teacher_weights]
+        except (TypeError, ValueError) as exc:
             raise TypeError(f"teacher_weights must be K numbers (a sequence or a 1-d tensor), got "
                             f"{teacher_weights!r}") from exc
-        if weights.shape != (num_teachers,):
-            raise ValueError(f"teacher_weights must have shape ({num_teachers},) for {num_teachers} teachers, got "
-                             f"{tuple(weights.shape)}")
-        if not bool(weights.isfinite().all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
-            raise ValueError(f"teacher_weights must be finite, non-negative and sum to a positive value, got "
-                             f"{weights.tolist()}")
-        weights = (weights / weights.sum()).float()
-    return teachers, weights
+    if values is None or len(values) != num_teachers:
+        shape = tuple(teacher_weights.shape) if isinstance(teacher_weights, torch.Tensor) else (len(values),)
+        raise ValueError(f"teacher_weights must have shape ({num_teachers},) for {num_teachers} teachers, got "
+                         f"{shape}")
+    if not all(math.isfinite(w) and w >= 0 for w in values) or not sum(values) > 0:
+        raise ValueError(f"teacher_weights must be finite, non-negative and sum to a positive value, got {values}")
+    total = sum(values)
+    return teachers, torch.tensor([w / total for w in values], dtype=torch.float32)
 
 
 def _kd_scale(options: dict) -> float:
@@ -492,7 +494,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     T = 1), ``"teacher_entropy"`` and ``"student_entropy"`` (at T = 1, in nats).
 
     Several teachers: ``teacher_logits`` of shape ``(K, *, V)`` or a list of K ``(*, V)`` tensors, with
-    ``teacher_weights`` (K non-negative numbers, normalised to sum 1; uniform by default). ``ensemble="prob"``
+    ``teacher_weights`` (K non-negative numbers, normalised to sum 1; uniform by default; a tensor is read on the
+    host, a device sync for a CUDA tensor, and no gradient reaches it). ``ensemble="prob"``
     (default) distils towards Σ_k w_k softmax(t_k/T), the mean of the teachers' distributions (Hinton's
     ensemble, FEED); ``ensemble="logit"`` towards softmax(Σ_k w_k t_k/T). The Triton kernels read the K rows in
     place and mix them in log space (log Σ_k w_k softmax(t_k/T) as a log-sum-exp over k; the forward first sweeps

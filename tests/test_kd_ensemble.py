@@ -165,6 +165,18 @@ def test_ensemble_stats_are_those_of_the_mean_distribution_at_t1(kernel, gen, en
         assert_rel_close(torch.stack(list(stats.values())), want, 1e-5, what=backend)
 
 
+def test_ensemble_with_weights_compiles_fullgraph(gen):
+    """Weights given as numbers are checked without reading a tensor on the host: no graph break."""
+    s, teachers = logits(gen, (4, 30)).to(DEVICE), logits(gen, (3, 4, 30)).to(DEVICE)
+
+    def step(s, teachers):
+        return fastkd.kd_loss(s, teachers, temperature=2.0, teacher_weights=[0.2, 0.3, 0.5], backend="triton")
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(s, teachers)
+    assert_rel_close(got, step(s, teachers), 1e-6)
+
+
 def test_ensemble_gradcheck_float64(gen):
     s = logits(gen, (3, 6), torch.float64).requires_grad_(True)
     teachers = logits(gen, (2, 3, 6), torch.float64).requires_grad_(True)
