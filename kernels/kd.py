@@ -37,6 +37,15 @@ def _finite_or_zero(m):
 
 
 @triton.jit
+def _rebased(m, x):
+    """Block x of a row against the running max m: (the new max, the finite shift it gives, exp(m − shift) to
+    rescale the sums so far, exp(x − shift))."""
+    new_m = tl.maximum(m, tl.max(x, axis=0))
+    shift = _finite_or_zero(new_m)
+    return new_m, shift, tl.exp(m - shift), tl.exp(x - shift)
+
+
+@triton.jit
 def _weighted(p, x):
     """p·x element-wise, 0 where p = 0 (0·log 0 = 0, never 0·inf); NaN where p is NaN."""
     return tl.where(p == 0, 0.0, p * x)
@@ -321,14 +330,8 @@ def kd_forward_kernel(
             if DIVERGENCE == 4:  # dkd: the sums and w below cover the non-target classes only
                 a = tl.where(cols == label, float("-inf"), a)
                 b = tl.where(cols == label, float("-inf"), b)
-            new_m_a = tl.maximum(m_a, tl.max(a, axis=0))
-            new_m_b = tl.maximum(m_b, tl.max(b, axis=0))
-            shift_a = _finite_or_zero(new_m_a)
-            shift_b = _finite_or_zero(new_m_b)
-            scale_a = tl.exp(m_a - shift_a)
-            scale_b = tl.exp(m_b - shift_b)
-            e_a = tl.exp(a - shift_a)
-            e_b = tl.exp(b - shift_b)
+            new_m_a, shift_a, scale_a, e_a = _rebased(m_a, a)
+            new_m_b, shift_b, scale_b, e_b = _rebased(m_b, b)
             if DIVERGENCE == 3:  # ⟨e_a, e_b⟩, ‖e_a‖², ‖e_b‖² (the normalisers cancel in the cosine)
                 s_ab = s_ab * (scale_a * scale_b) + tl.sum(e_a * e_b, axis=0)
                 s_aa = s_aa * (scale_a * scale_a) + tl.sum(e_a * e_a, axis=0)
@@ -347,15 +350,9 @@ def kd_forward_kernel(
             m_a = new_m_a
             m_b = new_m_b
         if HAS_CE or HAS_METRICS:
-            new_m_1 = tl.maximum(m_1, tl.max(x_s, axis=0))
-            shift_1 = _finite_or_zero(new_m_1)
-            scale_1 = tl.exp(m_1 - shift_1)
-            e_1 = tl.exp(x_s - shift_1)
+            new_m_1, shift_1, scale_1, e_1 = _rebased(m_1, x_s)
             if HAS_METRICS:
-                new_m_t1 = tl.maximum(m_t1, tl.max(x_t, axis=0))
-                shift_t1 = _finite_or_zero(new_m_t1)
-                scale_t1 = tl.exp(m_t1 - shift_t1)
-                e_t1 = tl.exp(x_t - shift_t1)
+                new_m_t1, shift_t1, scale_t1, e_t1 = _rebased(m_t1, x_t)
                 moved_1 = shift_1 - _finite_or_zero(m_1)
                 moved_t1 = shift_t1 - _finite_or_zero(m_t1)
                 w_1 = _recentred(w_1, scale_t1, moved_t1 - moved_1, sum_t1) + \
@@ -494,9 +491,8 @@ def kd_backward_kernel(
 @triton.jit
 def _online_logsumexp(m, total, x):
     """(max, Σ exp(x − max)) of a row's blocks so far after adding block x (−inf entries add nothing)."""
-    new_m = tl.maximum(m, tl.max(x, axis=0))
-    shift = _finite_or_zero(new_m)
-    return new_m, total * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+    new_m, _, scale, e = _rebased(m, x)
+    return new_m, total * scale + tl.sum(e, axis=0)
 
 
 @triton.jit
@@ -578,10 +574,7 @@ def kd_topk_forward_kernel(
             if BUCKET:
                 m_rest, sum_rest = _online_logsumexp(m_rest, sum_rest, tl.where(in_topk, float("-inf"), a))
         if HAS_CE or HAS_METRICS:
-            new_m_1 = tl.maximum(m_1, tl.max(x_s, axis=0))
-            shift_1 = _finite_or_zero(new_m_1)
-            scale_1 = tl.exp(m_1 - shift_1)
-            e_1 = tl.exp(x_s - shift_1)
+            new_m_1, shift_1, scale_1, e_1 = _rebased(m_1, x_s)
             if HAS_METRICS:
                 u_s = _recentred(u_s, scale_1, shift_1 - _finite_or_zero(m_1), sum_1) + \
                     tl.sum(_weighted(e_1, x_s - shift_1), axis=0)
