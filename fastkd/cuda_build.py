@@ -12,6 +12,7 @@ Standard library only: setup.py loads this file by path, before torch may be ins
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -162,9 +163,7 @@ def build_key(arches: Sequence[str]) -> str:
     src = source_dir()
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (src / name).read_bytes())
-    nvcc = find_nvcc()
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else "none"
-    digest.update(version.encode() + module_filename().encode() + ",".join(arches).encode())
+    digest.update(nvcc_version().encode() + module_filename().encode() + ",".join(arches).encode())
     return digest.hexdigest()[:20]
 
 
@@ -184,10 +183,14 @@ def cached_build(arches: Sequence[str]) -> Path:
     return output
 
 
-def nvcc_major() -> Optional[int]:
-    """The CUDA major version of the nvcc :func:`find_nvcc` finds (13 for "release 13.0"), None without one."""
+@functools.lru_cache(maxsize=None)
+def nvcc_version() -> str:
+    """What ``nvcc --version`` prints for the nvcc :func:`find_nvcc` finds ("none" without one); asked once."""
     nvcc = find_nvcc()
-    if nvcc is None:
-        return None
-    found = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else "none"
+
+
+def nvcc_major() -> Optional[int]:
+    """The CUDA major version of that nvcc (13 for "release 13.0"), None without one."""
+    found = re.search(r"release (\d+)\.", nvcc_version())
     return int(found.group(1)) if found else None

@@ -315,7 +315,7 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
     if isinstance(teacher_weights, torch.Tensor):
         if teacher_weights.requires_grad:
             raise ValueError("teacher_weights are constants of the loss (no gradient reaches them); detach them")
-        values = teacher_weights.detach().double().cpu().reshape(-1).tolist() if teacher_weights.dim() == 1 else None
+        values = teacher_weights.detach().double().cpu().tolist() if teacher_weights.dim() == 1 else None
     else:  # numbers are checked without tensors: nothing here reads a device value (torch.compile, CUDA)
         try:
             values = [float(w) for w in teacher_weights]
