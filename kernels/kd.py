@@ -255,11 +255,12 @@ def _ce_gradient(x_s, is_label, m_1, log_sum_1, ce_factor):
 
 
 @triton.jit
-def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
+def _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS: tl.constexpr):
     """(counted, label_ok, label) of a row: ignored rows are not counted; a counted row with a label
-    outside [0, V) is not ok (its loss and gradient become NaN)."""
+    outside [0, V) is not ok (its loss and gradient become NaN). The labels may be any 1-d view (stride 0 for an
+    expanded scalar)."""
     if HAS_LABELS:
-        label = tl.load(LABELS + row).to(tl.int64)
+        label = tl.load(LABELS + row * stride_labels).to(tl.int64)
         counted = label != ignore_index
         label_ok = (label >= 0) & (label < V)
     else:
@@ -272,14 +273,15 @@ def _row_state(LABELS, row, V, ignore_index, HAS_LABELS: tl.constexpr):
 @triton.jit
 def kd_forward_kernel(
     S, T, WEIGHTS, LABELS, LOSS, STATS, METRICS,
-    V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, num_rows, num_teachers,
-    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale, alpha,
+    V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, stride_labels, num_rows,
+    num_teachers, inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight,
+    kd_scale, alpha,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
     INTERIOR_BETA: tl.constexpr, HAS_METRICS: tl.constexpr, ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
     s_row = S + row * stride_s_row
     t_row = T + row * stride_t_row
     n_cols = tl.where(counted, V, 0)  # ignored rows skip the sweep entirely
@@ -423,15 +425,15 @@ def kd_forward_kernel(
 @triton.jit
 def kd_backward_kernel(
     S, T, WEIGHTS, LABELS, STATS, GRAD_LOSS, GRAD_S, GRAD_T,
-    V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, stride_grad_loss, num_rows,
-    num_teachers,
+    V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, stride_labels, stride_grad_loss,
+    num_rows, num_teachers,
     inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale, alpha,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
     INTERIOR_BETA: tl.constexpr, TEACHER_GRAD: tl.constexpr, ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
     teachers, teacher_ok, t_shift, t_coef, _, _ = _ensemble_coefficients(
         T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, V, num_teachers, inv_temperature, STATS,
         num_rows, False, False, ENSEMBLE, TEACHERS, BLOCK)
@@ -534,7 +536,7 @@ def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET: tl.const
 @triton.jit
 def kd_topk_forward_kernel(
     S, VALUES, INDICES, LABELS, LOSS, STATS, METRICS,
-    V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, num_rows,
+    V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, stride_labels, num_rows,
     inv_temperature, ignore_index, ce_weight, kd_scale,
     HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BUCKET: tl.constexpr,
     HAS_METRICS: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr,
@@ -545,7 +547,7 @@ def kd_topk_forward_kernel(
     metrics (fastkd.reference.kd_topk_fidelity_rows: also the entropy bracket, the first argmax, and the rest's
     log-sum-exp at T = 1)."""
     row = tl.program_id(0).to(tl.int64)
-    counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
     s_row = S + row * stride_s_row
     n_cols = tl.where(counted, V, 0)
     slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
@@ -619,7 +621,8 @@ def kd_topk_forward_kernel(
 @triton.jit
 def kd_topk_backward_kernel(
     S, VALUES, INDICES, LABELS, STATS, GRAD_LOSS, GRAD_S,
-    V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, stride_grad_loss,
+    V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, stride_labels,
+    stride_grad_loss,
     num_rows, inv_temperature, ignore_index, ce_weight, kd_scale,
     HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BUCKET: tl.constexpr,
     TOPK: tl.constexpr, BLOCK: tl.constexpr,
@@ -628,7 +631,7 @@ def kd_topk_backward_kernel(
     (KD; the bucket's share, never a ratio that can overflow) + softmax − onehot (CE) on every column, then the K
     teacher columns rewritten with p_s,k − p_t,k (after a barrier: the same program stored them in the sweep)."""
     row = tl.program_id(0).to(tl.int64)
-    counted, label_ok, label = _row_state(LABELS, row, V, ignore_index, HAS_LABELS)
+    counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
     slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
                                                        stride_i_row, stride_i_col, TOPK)
     kd_factor, ce_factor = _gradient_factors(GRAD_LOSS, row, stride_grad_loss, counted & (~label_ok | ~indices_ok),
@@ -674,6 +677,11 @@ def launch_config(num_cols: int, kernel: str, divergence: str, num_teachers: int
     return dict(BLOCK=block, num_warps=max(1, min(block * teachers // per_warp, 32)))
 
 
+def _stride(labels) -> int:
+    """The stride of a 1-d labels view (0 without labels)."""
+    return 0 if labels is None else labels.stride(0)
+
+
 def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha):
     return dict(
         **kd_scalars(temperature, beta), ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
@@ -710,7 +718,8 @@ def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignor
     kd_forward_kernel[(num_rows,)](
         student, teacher, teacher_weights if teacher_weights is not None else loss,
         labels if labels is not None else loss, loss, stats, metrics if with_metrics else loss,
-        num_cols, student.stride(0), student.stride(1), num_rows=num_rows, HAS_LABELS=labels is not None,
+        num_cols, student.stride(0), student.stride(1), stride_labels=_stride(labels), num_rows=num_rows,
+        HAS_LABELS=labels is not None,
         HAS_METRICS=with_metrics, **teacher_args,
         **(config or launch_config(num_cols, "forward", divergence, teacher_args["num_teachers"])),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
@@ -735,10 +744,12 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
     if num_rows == 0:
         return grad_s, grad_t
     teacher_args = _teacher_args(teacher, ensemble)
+    stats = stats.contiguous()  # read as (rows, N) blocks
     kd_backward_kernel[(num_rows,)](
         student, teacher, teacher_weights if teacher_weights is not None else stats,
         labels if labels is not None else stats, stats, grad_loss, grad_s, grad_t if teacher_grad else grad_s,
-        num_cols, student.stride(0), student.stride(1), stride_grad_loss=grad_loss.stride(0), num_rows=num_rows,
+        num_cols, student.stride(0), student.stride(1), stride_labels=_stride(labels),
+        stride_grad_loss=grad_loss.stride(0), num_rows=num_rows,
         HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad, **teacher_args,
         **(config or launch_config(num_cols, "backward", divergence, teacher_args["num_teachers"])),
         **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
@@ -775,7 +786,8 @@ def kd_topk_forward(student, values, indices, labels, *, temperature, tail, igno
     kd_topk_forward_kernel[(num_rows,)](
         student, values, indices, labels if labels is not None else indices, loss, stats,
         metrics if with_metrics else loss, num_cols, stride_s_row=student.stride(0),
-        stride_s_col=student.stride(1), num_rows=num_rows, HAS_LABELS=labels is not None, HAS_METRICS=with_metrics,
+        stride_s_col=student.stride(1), stride_labels=_stride(labels), num_rows=num_rows, HAS_LABELS=labels is not None,
+        HAS_METRICS=with_metrics,
         **_topk_args(values, indices, tail, num_cols), **_topk_scalars(temperature, ignore_index, ce_weight, kd_scale),
         **launch_config(num_cols, "forward", "kl"),
     )
@@ -789,10 +801,12 @@ def kd_topk_backward(grad_loss, student, values, indices, labels, stats, *, temp
     grad_s = torch.empty((num_rows, num_cols), dtype=student.dtype, device=student.device)
     if num_rows == 0:
         return grad_s
+    stats = stats.contiguous()  # read as (NUM_STATS, N) blocks
     kd_topk_backward_kernel[(num_rows,)](
         student, values, indices, labels if labels is not None else indices, stats, grad_loss, grad_s, num_cols,
-        stride_s_row=student.stride(0), stride_s_col=student.stride(1), stride_grad_loss=grad_loss.stride(0),
-        num_rows=num_rows, HAS_LABELS=labels is not None, **_topk_args(values, indices, tail, num_cols),
+        stride_s_row=student.stride(0), stride_s_col=student.stride(1), stride_labels=_stride(labels),
+        stride_grad_loss=grad_loss.stride(0), num_rows=num_rows, HAS_LABELS=labels is not None,
+        **_topk_args(values, indices, tail, num_cols),
         **_topk_scalars(temperature, ignore_index, ce_weight, kd_scale), **launch_config(num_cols, "backward", "kl"),
     )
     return grad_s

@@ -314,6 +314,32 @@ def test_int32_labels(kernel, gen):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_labels_are_read_through_their_strides(kernel, gen, layout):
+    """A strided view of labels (a column of a (N, 2) tensor) and an expanded scalar (stride 0) give what their
+    contiguous copies give, for kd_loss, dkd_loss and a TopK teacher, values and gradients."""
+    s, t = logits(gen, (4, 7), device=kernel.device), logits(gen, (4, 7), device=kernel.device)
+    if layout == "strided":
+        labels = torch.tensor([[1, -100], [5, -100], [-100, 3], [2, 4]], device=kernel.device)[:, 0]
+    else:
+        labels = torch.tensor(2, device=kernel.device).expand(4)
+    assert not labels.is_contiguous()
+    calls = [lambda x, y: fastkd.kd_loss(x, t, labels=y, ce_weight=1.0, reduction="none", temperature=2.0,
+                                         backend=kernel.backend),
+             lambda x, y: fastkd.dkd_loss(x, t, y, ce_weight=1.0, reduction="none", backend=kernel.backend)]
+    if kernel.backend == "triton":  # the TopK kernels are Triton's
+        calls.append(lambda x, y: fastkd.kd_loss(x, fastkd.topk_teacher(t, 3), labels=y, ce_weight=1.0,
+                                                 reduction="none", backend=kernel.backend))
+    for call in calls:
+        results = []
+        for y in (labels, labels.contiguous()):
+            x = s.detach().clone().requires_grad_(True)
+            rows = call(x, y)
+            rows.sum().backward()
+            results.append((rows.detach(), x.grad))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_out_of_range_label_gives_nan_in_the_kernel(kernel, gen):
     """On CUDA the label range is not checked on the host (no sync): the kernel marks the row NaN instead."""
     s, t = logits(gen, (3, 10), device=kernel.device), logits(gen, (3, 10), device=kernel.device)
