@@ -416,8 +416,10 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
     else:
         metrics = reference.kd_topk_fidelity_rows(student, values, indices.long(), flat_labels, tail=tail,
                                                   ignore_index=options["ignore_index"]) if return_stats else None
-        rows = _kd_scale(options) * reference.kd_topk_rows(student, values, indices.long(), tail=tail,
-                                                           temperature=t)
+        rows = _kd_scale(options) * reference.kd_topk_rows(
+            reference.counted_rows_only(student, flat_labels, options["ignore_index"]),
+            reference.counted_rows_only(values, flat_labels, options["ignore_index"]), indices.long(), tail=tail,
+            temperature=t)
         if flat_labels is not None:  # the CE term and the ignored rows, as for a full teacher
             ce_rows = reference.kd_loss_rows(student, student, flat_labels, temperature=t, divergence="kl",
                                              beta=0.5, ignore_index=options["ignore_index"],
@@ -560,6 +562,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
             # the fused kernels read the K teacher rows in place: no N×V temporary
             teacher, teacher_weights, fused_ensemble = teachers, weights.to(student.device), ensemble
         else:  # one N×V float32 temporary: the target's logits (C++ and reference backends, teacher gradients)
+            teachers = reference.counted_rows_only(teachers, flat_labels, options["ignore_index"])
             teacher = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble, temperature=t)
             if return_stats and ensemble == "prob" and t != 1.0:  # the metrics' teacher is the mean at T = 1
                 with torch.no_grad():

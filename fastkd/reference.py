@@ -24,6 +24,15 @@ def _weighted(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, 0, p * torch.where(zero, 0, log_ratio))
 
 
+def counted_rows_only(x: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+    """``x`` (*, V) with the rows whose label is ``ignore_index`` replaced by zeros (``x`` itself without labels):
+    an ignored row enters no computation, so its gradient is exactly 0 even where its logits would give NaN
+    (a row of −inf has no softmax)."""
+    if labels is None:
+        return x
+    return torch.where((labels != ignore_index).unsqueeze(-1), x, 0)
+
+
 def log_mixture_ratio(x: torch.Tensor, w: float) -> torch.Tensor:
     """log(1 − w + w·eˣ) for w in [0, 1] and x in [−inf, inf], accurate to rounding also where the result is tiny.
 
@@ -91,8 +100,8 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     [0, V) has loss NaN. A zero weight drops its term (no 0·inf).
     """
     math_dtype = _math_dtype(student_logits, teacher_logits)
-    s = student_logits.to(math_dtype)
-    t = teacher_logits.to(math_dtype)
+    s = counted_rows_only(student_logits.to(math_dtype), labels, ignore_index)
+    t = counted_rows_only(teacher_logits.to(math_dtype), labels, ignore_index)
     num_classes = s.shape[-1]
     loss = torch.zeros(s.shape[:-1], dtype=math_dtype, device=s.device)
     if kd_weight != 0:
@@ -138,8 +147,8 @@ def dkd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     non-target classes, all from log-sum-exp with and without the target class (no log of a sum of
     probabilities). 0 at rows whose label is ``ignore_index``, NaN at other labels outside [0, V)."""
     math_dtype = _math_dtype(student_logits, teacher_logits)
-    s = student_logits.to(math_dtype)
-    t = teacher_logits.to(math_dtype)
+    s = counted_rows_only(student_logits.to(math_dtype), labels, ignore_index)
+    t = counted_rows_only(teacher_logits.to(math_dtype), labels, ignore_index)
     num_classes = s.shape[-1]
     counted = labels != ignore_index
     in_range = (labels >= 0) & (labels < num_classes)

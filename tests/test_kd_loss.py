@@ -340,6 +340,40 @@ def test_labels_are_read_through_their_strides(kernel, gen, layout):
         assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("case", ["kd", "kd-float64", "ensemble", "topk", "dkd"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "cpu", "reference"])
+def test_an_ignored_row_of_minus_inf_logits_gets_zero_gradient(gen, case, backend):
+    """An ignored row enters no computation: its gradient is 0 (student and teacher) even where its logits are all
+    −inf, on every backend and every path to the reference (float64, ensembles, TopK, DKD with teacher grad)."""
+    if backend != "reference" and case == "kd-float64":
+        pytest.skip("float64 runs the reference")
+    if backend in ("triton", "cpu"):
+        skip_unless_available(backend)
+    if backend == "cpu" and case == "topk":
+        pytest.skip("TopK teachers have no C++ kernels")
+    device = backend_device(backend) if backend in ("triton", "cpu") else torch.device("cpu")
+    dtype = torch.float64 if case == "kd-float64" else torch.float32
+    s, t = logits(gen, (3, 6), dtype, device=device), logits(gen, (3, 6), dtype, device=device)
+    s[1], t[1] = -math.inf, -math.inf
+    labels = torch.tensor([1, -100, 2], device=device)
+    s.requires_grad_(True)
+    t.requires_grad_(case != "topk" and not (case == "dkd" and backend in ("triton", "cpu")))  # kernels: no t grad
+    if case == "ensemble":
+        loss = fastkd.kd_loss(s, torch.stack([t, t.detach() * 0.5]), labels=labels, ce_weight=1.0, backend=backend)
+    elif case == "topk":
+        top = t.topk(3)
+        loss = fastkd.kd_loss(s, fastkd.TopK(top.values, top.indices), labels=labels, ce_weight=1.0, temperature=2.0,
+                              backend=backend)
+    elif case == "dkd":
+        loss = fastkd.dkd_loss(s, t, labels, ce_weight=1.0, backend=backend)
+    else:
+        loss = fastkd.kd_loss(s, t, labels=labels, ce_weight=1.0, temperature=2.0, backend=backend)
+    loss.backward()
+    assert loss.isfinite()
+    for grad in (s.grad, t.grad) if t.requires_grad else (s.grad,):
+        assert grad.isfinite().all() and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
 def test_out_of_range_label_gives_nan_in_the_kernel(kernel, gen):
     """On CUDA the label range is not checked on the host (no sync): the kernel marks the row NaN instead."""
     s, t = logits(gen, (3, 10), device=kernel.device), logits(gen, (3, 10), device=kernel.device)
