@@ -136,14 +136,14 @@ def _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t
 def _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, shift, coef, scale,
                    ENSEMBLE: tl.constexpr):
     """One block of the teacher's logits times ``scale``, −inf past the row's end. One teacher (ENSEMBLE 0): its
-    logits. The logit ensemble (2, coef_k = w_k): Σ_k w_k t_k. The prob ensemble (1, from the pre-pass: shift_k
+    logits. The logit ensemble (2, coef_k = w_k): Σ_k w_k t_k over the teachers of non-zero weight. The prob ensemble (1, from the pre-pass: shift_k
     = max of scale·t_k, coef_k = log Σ exp(scale·t_k − shift_k) − log w_k, kept apart as for one teacher so that
     logits of ±1e4 lose nothing): log Σ_k w_k softmax(scale·t_k), the log of the mean distribution itself."""
     if ENSEMBLE == 0:
         return _load_block(t_row, cols, stride_t_col, in_row) * scale
     x = _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row)
-    if ENSEMBLE == 2:
-        mean = tl.sum(tl.where(teacher_ok[:, None], coef[:, None] * x, 0.0), axis=0)
+    if ENSEMBLE == 2:  # a zero weight (also the padding teachers') drops its teacher: never 0·(−inf)
+        mean = tl.sum(_weighted(coef[:, None], x), axis=0)
         return tl.where(in_row, mean * scale, float("-inf"))
     c = tl.where(teacher_ok[:, None], (x * scale - shift[:, None]) - coef[:, None], float("-inf"))
     shift = _finite_or_zero(tl.max(c, axis=0))

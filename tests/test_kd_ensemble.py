@@ -77,6 +77,24 @@ def test_every_backend_runs_the_ensemble(kernel, gen, ensemble):
         assert_rel_close(got, want, 1e-5 if what != "teacher grads" else 1e-2, what=what)
 
 
+@pytest.mark.parametrize("ensemble", ["prob", "logit"])
+def test_a_zero_weight_teacher_is_absent_even_with_minus_inf_logits(kernel, gen, ensemble):
+    """A teacher of weight 0 whose logits hold −inf changes nothing, in the kernels and in the reference: the loss
+    and gradients equal those of the ensemble without it (never 0·(−inf) = NaN)."""
+    s, teachers = logits(gen, (4, 30)).to(kernel.device), logits(gen, (3, 4, 30)).to(kernel.device)
+    teachers[1, :, ::3] = -float("inf")
+    for backend in (kernel.backend, "reference"):
+        results = []
+        for kept, weights in ((teachers, [1.0, 0.0, 3.0]), (teachers[[0, 2]], [1.0, 3.0])):
+            s_leaf = s.clone().requires_grad_(True)
+            loss = fastkd.kd_loss(s_leaf, kept, teacher_weights=weights, ensemble=ensemble, temperature=2.0,
+                                  reduction="none", backend=backend)
+            loss.sum().backward()
+            results.append((loss.detach(), s_leaf.grad))
+        assert_rel_close(results[0][0], results[1][0], 1e-6, what=f"{backend} loss")
+        assert_rel_close(results[0][1], results[1][1], 1e-6, what=f"{backend} student grad")
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("ensemble", ["prob", "logit"])
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
