@@ -129,3 +129,14 @@ def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
             raise RuntimeError(f"backend='triton' runs on CUDA tensors (or CPU ones under the interpreter), "
                                f"got device {device}")
     return requested
+
+
+def kernel_or_reference(chosen: str, requested: str, op: str, what_needs_grad: str, needs_grad: bool) -> str:
+    """``chosen``, or the reference when ``chosen``'s kernels give ``what_needs_grad`` no gradient and it needs one;
+    a ``RuntimeError`` instead when a kernel backend was asked for by name (``requested`` not ``"auto"``)."""
+    if chosen == "reference" or not needs_grad:
+        return chosen
+    if requested != "auto":
+        raise RuntimeError(f"{op}'s {chosen!r} kernels give no gradient to {what_needs_grad}; detach it or use "
+                           "backend='reference'")
+    return "reference"

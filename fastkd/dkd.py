@@ -13,8 +13,8 @@ from typing import Union
 import torch
 
 from . import reference
-from .dispatch import select_backend
-from .kd import _check_options, _check_tensors, _divisor, _finite_number, _kernel_or_reference, _KDLossRows, _reduce
+from .dispatch import kernel_or_reference, select_backend
+from .kd import _check_options, _check_tensors, _divisor, _finite_number, _KDLossRows, _reduce
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -56,7 +56,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     teacher = teacher_logits.reshape(-1, num_classes)
     flat_labels = labels.reshape(-1)
     chosen = select_backend(backend, student, teacher, op="dkd_loss", kernels=("triton", "cpu"))
-    chosen = _kernel_or_reference(chosen, backend, "dkd_loss", "teacher_logits",
+    chosen = kernel_or_reference(chosen, backend, "dkd_loss", "teacher_logits",
                                   torch.is_grad_enabled() and teacher.requires_grad)
     temperature = options["temperature"]
     if chosen == "reference":

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from .adapters import adapter_for
-from .dispatch import launchers, select_backend
+from .dispatch import kernel_or_reference, launchers, select_backend
 
 KINDS = ("mse", "l1", "smooth_l1", "cosine")
 NORMALIZATIONS = (None, "channel", "sample", "l2")
@@ -191,7 +191,9 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
     margin, shape (C,) (:func:`ofd_margin`). ``beta``: the smooth-L1 threshold.
 
     Returns a 0-d float32 loss (float64 for float64 inputs). The gradient reaches the student features, and the
-    teacher features when they require grad; inputs may be float32, float16 or bfloat16 (math in float32).
+    teacher features, a float ``mask`` and ``margin`` when they require grad (the kernels differentiate the
+    features only: a mask or margin that requires grad runs the reference under ``"auto"``, and is an error with a
+    kernel backend named); inputs may be float32, float16 or bfloat16 (math in float32).
     ``backend``: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
     """
     channel_dim = _check(student_feat, teacher_feat, mask, kind=kind, normalize=normalize, margin=margin,
@@ -205,6 +207,10 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
                                 op=f"feature_loss with normalize={normalize!r} and kind={kind!r}")
     else:
         chosen = select_backend(backend, student_feat, teacher_feat, op="feature_loss")
+    # the kernels differentiate the features only: a mask or margin that wants a gradient runs the reference
+    for name, x in (("mask", mask), ("margin", margin)):
+        chosen = kernel_or_reference(chosen, backend, "feature_loss", name,
+                                     x is not None and torch.is_grad_enabled() and x.requires_grad)
     if chosen in ("triton", "cpu"):  # the kernels read the mask through its strides (0 where it is broadcast)
         groups_mask = None if mask is None else _as_groups(
             (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).expand(student_feat.shape), channel_dim)

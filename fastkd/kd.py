@@ -16,7 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import cpu_backend, cuda_backend, reference
-from .dispatch import check_backend_name, launchers, select_backend
+from .dispatch import check_backend_name, kernel_or_reference, launchers, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS, stats_rows
 from .topk import TAILS, TopK
 
@@ -361,17 +361,6 @@ def _reduce(row_loss: torch.Tensor, row_shape, reduction: str, divisor) -> torch
     return row_loss.sum() if reduction == "sum" else row_loss.sum() / divisor
 
 
-def _kernel_or_reference(chosen: str, requested: str, op: str, what_needs_grad: str, needs_grad: bool) -> str:
-    """The reference instead of kernels that give ``what_needs_grad`` no gradient when it needs one (or an error
-    when a kernel backend was asked for by name)."""
-    if chosen == "reference" or not needs_grad:
-        return chosen
-    if requested != "auto":
-        raise RuntimeError(f"{op}'s {chosen!r} kernels give no gradient to {what_needs_grad}; detach it or use "
-                           "backend='reference'")
-    return "reference"
-
-
 def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stats,
                   backend) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     """kd_loss against a sparse teacher: validation, the Triton kernels or the reference rows (+ CE), and the
@@ -408,7 +397,7 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
     t = options["temperature"]
     chosen = select_backend(backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton", "cuda"),
                             cuda_covers=False)
-    chosen = _kernel_or_reference(chosen, backend, "kd_loss with a TopK teacher", "the TopK values",
+    chosen = kernel_or_reference(chosen, backend, "kd_loss with a TopK teacher", "the TopK values",
                                   torch.is_grad_enabled() and values.requires_grad)
     if chosen == "triton":
         rows, metrics = _KDTopKRows.apply(student, values, indices, flat_labels, return_stats, t, tail,

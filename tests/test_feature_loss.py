@@ -308,3 +308,27 @@ def test_empty_features_give_zero(backend):
     loss = fastkd.feature_loss(student, torch.zeros(0, 3, 4, 4, device=DEVICE), backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and student.grad.shape == student.shape
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cpu"])
+@pytest.mark.parametrize("which", ["mask", "margin"])
+def test_a_mask_or_margin_that_requires_grad_gets_its_gradient(backend, which):
+    """The kernels differentiate the features only: a float mask or a margin that requires grad runs the reference
+    under "auto" (its gradient equals the reference's) and is an error with a kernel backend named."""
+    if backend != "auto":
+        skip_unless_available(backend)
+    device = torch.device("cpu") if backend == "cpu" else DEVICE
+    student, teacher = make((2, 4, 3, 3), device=device), make((2, 4, 3, 3), seed=1, device=device)
+    extra = make_mask((2, 1, 3, 3), "float", device=device) if which == "mask" else \
+        torch.randn(4, generator=torch.Generator().manual_seed(2)).to(device)
+    grads = []
+    for chosen in (backend, "reference"):
+        leaf = extra.clone().requires_grad_(True)
+        if chosen != "auto" and chosen != "reference":
+            with pytest.raises(RuntimeError, match=f"no gradient to {which}"):
+                fastkd.feature_loss(student, teacher, backend=chosen, **{which: leaf})
+            return
+        fastkd.feature_loss(student, teacher, backend=chosen, **{which: leaf}).backward()
+        grads.append(leaf.grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    assert_rel_close(grads[0], grads[1], 1e-6)
