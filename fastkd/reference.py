@@ -89,6 +89,13 @@ def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """−log softmax(logits)[target] per row. From log_softmax, which subtracts the row max before anything else:
+    its gradient softmax − onehot stays exact to rounding for logits of ±1e4 (logsumexp(s) − s[target] would
+    cancel two numbers of 1e4 and lose four digits in the gradient)."""
+    return -F.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
 def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], *,
                  temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
                  kd_weight: float, scale_by_t2: bool) -> torch.Tensor:
@@ -114,8 +121,7 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     in_range = (labels >= 0) & (labels < num_classes)
     if ce_weight != 0:
         target = torch.where(counted & in_range, labels, 0).long()
-        cross_entropy = torch.logsumexp(s, dim=-1) - s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        loss = loss + ce_weight * cross_entropy
+        loss = loss + ce_weight * _cross_entropy(s, target)
     loss = torch.where(counted, loss, 0)
     return torch.where(counted & ~in_range, math.nan, loss)
 
@@ -172,7 +178,7 @@ def dkd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     nckd = _weighted(log_hat_t.exp(), torch.where(is_target, 0, log_hat_t - log_hat_s)).sum(-1)
     loss = temperature * temperature * (alpha * tckd + beta * nckd)
     if ce_weight != 0:
-        loss = loss + ce_weight * (torch.logsumexp(s, dim=-1) - s.gather(-1, target).squeeze(-1))
+        loss = loss + ce_weight * _cross_entropy(s, target.squeeze(-1))
     loss = torch.where(counted, loss, 0)
     return torch.where(counted & ~in_range, math.nan, loss)
 

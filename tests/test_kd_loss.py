@@ -261,6 +261,26 @@ def test_large_logits(kernel, gen, divergence, dtype):
         assert_rel_close(got, exact, max(floor, 8 * ref_error, conditioning), what=f"{what} vs float64")
 
 
+@pytest.mark.parametrize("op", ["kd", "topk", "dkd"])
+def test_reference_cross_entropy_gradient_is_exact_for_logits_of_1e4(gen, op):
+    """The reference's CE term comes from log_softmax (the row max subtracted first), so its gradient keeps float32
+    accuracy at logits of ±1e4, as eager F.cross_entropy does (logsumexp − s[label] lost four digits)."""
+    s = logits(gen, (8, 50), device="cpu") + 1e4 * torch.tensor([1.0, -1.0]).repeat(4).unsqueeze(-1)
+    t = logits(gen, (8, 50), device="cpu")
+    labels = torch.randint(0, 50, (8,), generator=gen)
+    x = s.double().requires_grad_(True)
+    F.cross_entropy(x, labels, reduction="sum").backward()
+    x_leaf = s.clone().requires_grad_(True)
+    options = dict(ce_weight=1.0, reduction="sum", backend="reference")
+    if op == "kd":
+        fastkd.kd_loss(x_leaf, t, labels=labels, kd_weight=0.0, **options).backward()
+    elif op == "topk":
+        fastkd.kd_loss(x_leaf, fastkd.topk_teacher(t, 4), labels=labels, kd_weight=0.0, **options).backward()
+    else:
+        fastkd.dkd_loss(x_leaf, t, labels, alpha=0.0, beta=0.0, **options).backward()
+    assert_rel_close(x_leaf.grad, x.grad, 1e-6)
+
+
 def test_cosine_of_large_logits_is_right_to_float32(kernel, gen):
     """Where 1 − cos is far below float32's resolution of 1 (near one-hot rows), loss and gradient are right in
     absolute terms: 1 − cos within a few float32 ulps of 1, scaled as the outputs are (loss by T², gradients by
