@@ -61,7 +61,7 @@ from torch import nn
 from .adapters import adapter_for
 from .dkd import dkd_loss
 from .features import feature_loss
-from .kd import _check_options, kd_loss
+from .kd import _check_options, check_ignore_index, check_normalizer, kd_loss, tensor_divisor
 from .lipschitz import london_loss
 from .schedules import Schedule, as_schedule
 
@@ -353,7 +353,7 @@ class Distiller(nn.Module):
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # held, not registered (see above)
         self.terms = terms
         self.capture = capture
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.normalize_across_ranks = normalize_across_ranks
         self.schedule_step = 0
         self.adapters = nn.ModuleDict()
@@ -446,9 +446,10 @@ class Distiller(nn.Module):
         return logits_shape[:-1].numel()
 
     def _normalizer(self, logits: torch.Tensor, labels: Optional[torch.Tensor], normalizer):
-        if isinstance(normalizer, torch.Tensor):  # 0: no counted row in the whole step; the losses are 0
-            return torch.where(normalizer > 0, normalizer, torch.ones_like(normalizer))
-        if normalizer is not None:
+        if normalizer is not None:  # 0: no counted row in the whole step; the losses are 0
+            normalizer = check_normalizer(normalizer, zero_allowed=True)
+            if isinstance(normalizer, torch.Tensor):
+                return tensor_divisor(normalizer)
             return normalizer if normalizer != 0 else 1
         count = self.counted_rows(labels, logits.shape)
         if not (self.normalize_across_ranks and dist.is_available() and dist.is_initialized()):

@@ -206,6 +206,40 @@ def _finite_number(name: str, value, *, positive: bool = False) -> float:
     return value
 
 
+def check_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as an int (a bool or a float such as 1.5 is a ``TypeError``)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    return int(ignore_index)
+
+
+def check_normalizer(normalizer, *, zero_allowed: bool = False):
+    """A normalizer validated: a finite positive number (0 too with ``zero_allowed``: a step without counted
+    rows), or a 0-d real tensor, which on the CPU must also hold a finite value ≥ 0. A CUDA tensor's value is not
+    read (that would cost a device sync): :func:`tensor_divisor` makes a negative or non-finite value give NaN."""
+    if not isinstance(normalizer, torch.Tensor):
+        if zero_allowed and not isinstance(normalizer, bool) and isinstance(normalizer, numbers.Real) \
+                and normalizer == 0:
+            return 0.0
+        return _finite_number("normalizer", normalizer, positive=True)
+    if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
+        raise ValueError(f"normalizer must be a number or a 0-d real tensor, got a tensor of shape "
+                         f"{tuple(normalizer.shape)} and dtype {normalizer.dtype}")
+    if normalizer.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = float(normalizer)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"normalizer must be finite and ≥ 0 (0: no counted rows in the step), got {value}")
+    return normalizer
+
+
+def tensor_divisor(normalizer: torch.Tensor) -> torch.Tensor:
+    """The float32 divisor of a 0-d tensor normalizer, computed on its device: the normalizer where finite and
+    > 0, 1 where 0 (a step without counted rows: the loss is 0, not NaN), NaN where negative or not finite (a
+    wrong normalizer on CUDA, where it is not checked, gives NaN, never a wrong number)."""
+    value = normalizer.to(torch.float32)
+    return torch.where((value > 0) & value.isfinite(), value, torch.where(value == 0, 1.0, math.nan))
+
+
 def _check_options(*, temperature, divergence, beta, reduction, ignore_index, ce_weight, kd_weight, scale_by_t2,
                    normalizer) -> dict:
     """Validate the tensor-free options of kd_loss; return them normalised (floats, ints)."""
@@ -220,22 +254,16 @@ def _check_options(*, temperature, divergence, beta, reduction, ignore_index, ce
     beta = _finite_number("beta", beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_ignore_index(ignore_index)
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
     if normalizer is not None:
         if reduction != "batchmean":
             raise ValueError(f"normalizer replaces the divisor of reduction='batchmean'; it has no meaning with "
                              f"reduction={reduction!r}")
-        if isinstance(normalizer, torch.Tensor):
-            if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
-                raise ValueError(f"normalizer must be a number or a 0-d real tensor, got a tensor of shape "
-                                 f"{tuple(normalizer.shape)}")
-        else:
-            normalizer = _finite_number("normalizer", normalizer, positive=True)
+        normalizer = check_normalizer(normalizer)
     return dict(temperature=_finite_number("temperature", temperature, positive=True), divergence=divergence,
-                beta=beta, reduction=reduction, ignore_index=int(ignore_index),
+                beta=beta, reduction=reduction, ignore_index=ignore_index,
                 ce_weight=_finite_number("ce_weight", ce_weight), kd_weight=_finite_number("kd_weight", kd_weight),
                 scale_by_t2=scale_by_t2, normalizer=normalizer)
 
@@ -348,8 +376,8 @@ def _divisor(options: dict, flat_labels: Optional[torch.Tensor], num_rows: int):
     if options["reduction"] != "batchmean":
         return 1
     normalizer = options["normalizer"]
-    if isinstance(normalizer, torch.Tensor):  # 0: no counted row in the whole step, which gives 0, not NaN
-        return torch.where(normalizer == 0, torch.ones_like(normalizer), normalizer)
+    if isinstance(normalizer, torch.Tensor):
+        return tensor_divisor(normalizer)
     if normalizer is not None:
         return normalizer
     return _counted_rows(flat_labels, num_rows, options["ignore_index"])
@@ -469,7 +497,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     - ``"batchmean"`` (default): Σ row_loss ÷ number of counted rows (all rows without labels; rows whose label
       is not ``ignore_index`` with labels). ``normalizer`` (number or 0-d tensor) replaces that divisor, e.g. the
       counted rows of a whole gradient-accumulation step (a 0-d tensor 0, a step without counted rows, counts
-      as 1). A batch with no counted row returns 0 (connected to the graph), never NaN.
+      as 1; a negative or non-finite tensor is an error on the CPU and gives NaN on CUDA, see
+      :func:`check_normalizer`). A batch with no counted row returns 0 (connected to the graph), never NaN.
     - ``"sum"``: Σ row_loss.
     - ``"none"``: row_loss of shape ``*`` (0 at ignored rows).
 

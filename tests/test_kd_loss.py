@@ -555,6 +555,23 @@ def test_a_zero_tensor_normalizer_gives_zero_not_nan(kernel, gen):
     assert loss.item() == 0.0 and torch.equal(grad_s, torch.zeros_like(grad_s))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.float16], ids=str)
+def test_a_tensor_normalizer_of_any_real_dtype_keeps_the_loss_float32(gen, dtype):
+    s, t = logits(gen, (3, 17), device="cpu"), logits(gen, (3, 17), device="cpu")
+    loss = fastkd.kd_loss(s, t, normalizer=torch.tensor(4, dtype=dtype))
+    assert loss.dtype == torch.float32
+    assert_rel_close(loss, fastkd.kd_loss(s, t, reduction="sum") / 4, 1e-6)
+
+
+def test_a_negative_or_non_finite_tensor_normalizer_gives_nan_where_it_is_not_read():
+    """On CUDA the normalizer's value is not read on the host: its divisor is computed on the device, NaN for a
+    value that is negative or not finite, 1 for 0 (no counted rows)."""
+    values = torch.tensor([-2.0, math.nan, math.inf, -math.inf, 0.0, 3.0])
+    divisors = torch.stack([fastkd.kd.tensor_divisor(v) for v in values])
+    assert divisors.dtype == torch.float32
+    assert divisors[:4].isnan().all() and divisors[4] == 1 and divisors[5] == 3
+
+
 def test_kdloss_module_matches_the_function(kernel, gen):
     s, t = logits(gen, (4, 25), device=kernel.device), logits(gen, (4, 25), device=kernel.device)
     labels = random_labels(gen, (4,), 25, device=kernel.device)
@@ -640,6 +657,10 @@ T = torch.zeros(2, 5)
     ((S, T, ), {"kd_weight": math.inf}, ValueError, "kd_weight"),
     ((S, T, ), {"normalizer": 0}, ValueError, "normalizer must be a finite positive"),
     ((S, T, ), {"normalizer": torch.ones(2)}, ValueError, "normalizer must be a number or a 0-d"),
+    ((S, T, ), {"normalizer": torch.tensor(-2.0)}, ValueError, "normalizer must be finite and ≥ 0"),
+    ((S, T, ), {"normalizer": torch.tensor(math.nan)}, ValueError, "normalizer must be finite and ≥ 0"),
+    ((S, T, ), {"normalizer": torch.tensor(math.inf)}, ValueError, "normalizer must be finite and ≥ 0"),
+    ((S, T, ), {"normalizer": torch.tensor(True)}, ValueError, "normalizer must be a number or a 0-d real"),
     ((S, T, ), {"normalizer": 4, "reduction": "sum"}, ValueError, "normalizer replaces the divisor"),
     ((S, T, ), {"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
     ((S, T, ), {"scale_by_t2": 1}, TypeError, "scale_by_t2 must be a bool"),
