@@ -37,8 +37,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 
     ``labels`` are required. A row whose label is ``ignore_index`` contributes 0, gets zero gradient and is not
     counted; another label outside [0, V) is an error on CPU and NaN on CUDA. ``reduction`` and ``normalizer``
-    are those of :func:`fastkd.kd_loss` (``"batchmean"`` divides by the counted rows). Math in float32 (float64
-    for float64 inputs); the loss is float32. ``backend`` as in kd_loss; the kernels compute no teacher gradient.
+    are those of :func:`fastkd.kd_loss` (``"batchmean"`` divides by the counted rows), as is the temperature's
+    range. Math in float32 (float64 for float64 inputs); the loss is float32. ``backend`` as in kd_loss; the kernels compute no teacher gradient.
     """
     options = _check_options(temperature=temperature, divergence="kl", beta=0.5, reduction=reduction,
                              ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=1.0, scale_by_t2=True,
@@ -48,7 +48,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     if labels is None:
         raise ValueError("dkd_loss needs labels: the target class splits each distribution")
     _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
-                   ignore_index=options["ignore_index"])
+                   ignore_index=options["ignore_index"], temperature=options["temperature"])
     num_classes = student_logits.shape[-1]
     if num_classes < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes (a target and a non-target), got V={num_classes}")

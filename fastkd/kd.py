@@ -25,6 +25,10 @@ REDUCTIONS = ("batchmean", "sum", "none")
 ENSEMBLES = ("prob", "logit")
 FIDELITY_METRICS = ("top1_agreement", "predictive_kl", "teacher_entropy", "student_entropy")  # kernel_args order
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# the largest temperature for each math dtype (float32 for float32/16 and bfloat16 inputs): the divergence's
+# relative error grows as about 6e-8·T² in float32 and 1e-16·T² in float64 (measured: 7e-4 at T = 100 and 5e-2 at
+# T = 1000 in float32, 1e-4 at T = 1e6 in float64), so past these bounds fewer than three digits would be right
+MAX_TEMPERATURE = {torch.float32: 100.0, torch.float64: 1e6}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +273,7 @@ def _check_options(*, temperature, divergence, beta, reduction, ignore_index, ce
 
 
 def _check_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], *,
-                   ce_weight: float, ignore_index: int) -> None:
+                   ce_weight: float, ignore_index: int, temperature: float) -> None:
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -286,6 +290,13 @@ def _check_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
     if student.device != teacher.device:
         raise ValueError(f"student_logits and teacher_logits must be on the same device, got {student.device} and "
                          f"{teacher.device}")
+    math_dtype = reference._math_dtype(student, teacher)
+    if temperature > MAX_TEMPERATURE[math_dtype]:
+        raise ValueError(f"temperature must be at most {MAX_TEMPERATURE[math_dtype]:g} for {math_dtype} math, got "
+                         f"{temperature:g}: the divergence is a difference of log-sums of size log V and loses about "
+                         f"{'6e-8' if math_dtype == torch.float32 else '1e-16'}·T² relative accuracy (fewer than three "
+                         f"digits left past the bound); use a smaller temperature"
+                         f"{' or float64 logits' if math_dtype == torch.float32 else ''}")
     if labels is None:
         if ce_weight != 0:
             raise ValueError("ce_weight != 0 needs labels")
@@ -402,7 +413,7 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
     if options["divergence"] != "kl":
         raise ValueError(f"a TopK teacher works with divergence='kl' for now, got {options['divergence']!r}")
     _check_tensors(student_logits, student_logits, labels, ce_weight=options["ce_weight"],
-                   ignore_index=options["ignore_index"])
+                   ignore_index=options["ignore_index"], temperature=options["temperature"])
     num_classes = student_logits.shape[-1]
     if topk.values.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"TopK values must have shape (*, K) with * = {tuple(student_logits.shape[:-1])}, got "
@@ -539,7 +550,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     values (values that require grad run the reference); CPU tensors run the reference.
 
     Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
-    the reference. Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
+    the reference. ``temperature`` lies in (0, 100] for float32 math and (0, 1e6] for float64 (see
+    :data:`MAX_TEMPERATURE`: the relative error grows as about 6e-8·T², resp. 1e-16·T²). Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
     ``backend``: ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
     ``"cuda"`` (CUDA C++ kernels, never chosen by ``"auto"`` yet) covers divergences kl and reverse_kl with CE and
     one teacher of the student's dtype without ``return_stats``; other calls run on the Triton kernels.
@@ -557,7 +569,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
         raise ValueError("tail applies to a TopK teacher only")
     ensemble_teachers = _teacher_ensemble(student_logits, teacher_logits, teacher_weights, ensemble)
     _check_tensors(student_logits, teacher_logits if ensemble_teachers is None else ensemble_teachers[0][0], labels,
-                   ce_weight=options["ce_weight"], ignore_index=options["ignore_index"])
+                   ce_weight=options["ce_weight"], ignore_index=options["ignore_index"],
+                   temperature=options["temperature"])
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import reference
+from fastkd import cpu_backend, reference
 from conftest import DEVICE, assert_rel_close, logits as random_logits, backend_device, skip_unless_available
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
@@ -279,6 +279,24 @@ def test_reference_cross_entropy_gradient_is_exact_for_logits_of_1e4(gen, op):
     else:
         fastkd.dkd_loss(x_leaf, t, labels, alpha=0.0, beta=0.0, **options).backward()
     assert_rel_close(x_leaf.grad, x.grad, 1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 100.0), (torch.float64, 1e6)], ids=str)
+def test_the_largest_temperature_keeps_three_digits(gen, divergence, dtype, temperature):
+    """At the bound of MAX_TEMPERATURE the loss keeps three digits (the float32 error grows as about 6e-8·T²);
+    the truth is the KL in its stationary form Σ p·(e^x − 1 − x), x = log q − log p, in float64, which a common
+    error of the log-normalisers changes only to second order."""
+    s, t = logits(gen, (6, 500), dtype, device="cpu"), logits(gen, (6, 500), dtype, device="cpu")
+    log_p_s, log_p_t = F.log_softmax(s.double() / temperature, -1), F.log_softmax(t.double() / temperature, -1)
+    p, x = (log_p_t, log_p_s - log_p_t) if divergence == "kl" else (log_p_s, log_p_t - log_p_s)
+    truth = temperature ** 2 * (p.exp() * (torch.expm1(x) - x)).sum(-1)
+    for backend in (("triton", "cpu", "reference") if dtype == torch.float32 else ("reference",)):
+        if backend == "cpu" and not cpu_backend.AVAILABLE:
+            continue
+        got = fastkd.kd_loss(s.to(backend_device(backend)), t.to(backend_device(backend)), temperature=temperature,
+                             divergence=divergence, reduction="none", backend=backend)
+        assert_rel_close(got, truth, 1e-3, what=backend)
 
 
 def test_cosine_of_large_logits_is_right_to_float32(kernel, gen):
@@ -642,6 +660,9 @@ T = torch.zeros(2, 5)
     ((S, T, ), {"temperature": math.inf}, ValueError, "temperature"),
     ((S, T, ), {"temperature": math.nan}, ValueError, "temperature"),
     ((S, T, ), {"temperature": "4"}, TypeError, "temperature must be a real number"),
+    ((S, T, ), {"temperature": 101.0}, ValueError, "temperature must be at most 100 for torch.float32 math"),
+    ((S.bfloat16(), T.bfloat16()), {"temperature": 2e19}, ValueError, "temperature must be at most 100"),
+    ((S.double(), T.double()), {"temperature": 2e19}, ValueError, "at most 1e[+]06 for torch.float64 math"),
     ((S, T, ), {"beta": 1.5}, ValueError, r"beta must lie in \[0, 1\]"),
     ((S, T, ), {"beta": -0.1}, ValueError, "beta"),
     ((S, T, ), {"divergence": "kld"}, ValueError, "divergence must be one of"),
