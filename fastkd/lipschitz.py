@@ -9,11 +9,14 @@ u, v; each iteration reads W once::
 (a vector whose new norm is ≤ eps keeps its previous value: a zero weight, a LoRA B matrix at initialisation say,
 gets σ = 0 without losing its state).
 
-σ ≤ σ_max(W) and converges to it. From a random start, ``n_iter=250`` gives σ within 1e-3 (relative) of
-``torch.linalg.matrix_norm(W, ord=2)`` for Gaussian random matrices up to 2048×512 and 1000×1000, the slow case
-(singular values crowd at the top of the spectrum); matrices with a gap converge much faster. In training, keep
-the returned ``state`` and run ``n_iter=1`` per step, as ``torch.nn.utils.spectral_norm`` does: σ then tracks the
-slowly changing weights.
+σ ≤ σ_max(W) and converges to it, at a rate set by the gap between the top two singular values. Gaussian random
+matrices are the slow case (their top singular values crowd together). Measured from a random start on 30 seeds
+each of 256×256, 1000×1000, 2048×512 and 512×2048 (float32): ``n_iter=250`` (the default) leaves a relative error
+of median 1e-5 to 9e-4 and at worst 3.8e-3 to 6.9e-3 (half of the 1000×1000 matrices above 1e-3);
+``n_iter=1000``, median below 6e-7 and at worst 7.4e-4. No count bounds every matrix: a rare matrix whose top two
+singular values nearly coincide converges arbitrarily slowly. Matrices with a spectral gap converge far sooner.
+For a one-off estimate within 1e-3 pass ``n_iter=1000``; in training keep the returned ``state`` and run
+``n_iter=1`` per step, as ``torch.nn.utils.spectral_norm`` does: σ then tracks the slowly changing weights.
 
 Gradient: σ = uᵀ W vₚᵣₑᵥ (= ‖W vₚᵣₑᵥ‖) with the vectors held constant, so ∂σ/∂W = u vₚᵣₑᵥᵀ (vₚᵣₑᵥ: the v that the
 last iteration started from), as in ``torch.nn.utils.spectral_norm``. It is the exact gradient of the estimate for
