@@ -33,6 +33,30 @@ def test_map_adapter_is_conv1x1_and_batchnorm_and_pools_a_larger_map():
     assert torch.allclose(adapter(x), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("student, teacher", [
+    ((2, 3, 4, 4), (2, 3, 7, 7)),    # smaller in both dims
+    ((2, 3, 8, 4), (2, 3, 6, 6)),    # larger in one dim, smaller in the other: interpolated, not pooled
+    ((2, 3, 5, 5), (2, 4, 5, 9)),    # with a channel projection
+])
+def test_map_adapter_interpolates_bilinearly_unless_the_student_map_is_larger_in_both_dims(student, teacher):
+    adapter = adapter_for(student, teacher).eval()
+    x = torch.randn(student)
+    expected = torch.nn.functional.interpolate(adapter.project(x), size=teacher[2:], mode="bilinear",
+                                               align_corners=False)
+    assert torch.allclose(adapter(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("student, teacher", [((2, 5, 3), (2, 8, 3)), ((2, 9, 3), (2, 4, 6))])
+def test_token_adapter_projects_the_channels_then_interpolates_linearly_along_the_tokens(student, teacher):
+    adapter = adapter_for(student, teacher)
+    x = torch.randn(student)
+    projected = adapter.project(x)
+    assert projected.shape == (*student[:2], teacher[2])
+    expected = torch.nn.functional.interpolate(projected.transpose(1, 2), size=teacher[1], mode="linear",
+                                               align_corners=False).transpose(1, 2)
+    assert torch.allclose(adapter(x), expected, atol=1e-6)
+
+
 def test_equal_shapes_need_no_adapter():
     assert isinstance(adapter_for((2, 8, 3, 3), (2, 8, 3, 3)), nn.Identity)
 

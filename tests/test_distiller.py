@@ -82,14 +82,43 @@ def test_terms_are_weighted_and_share_one_divisor_of_counted_rows():
     student, teacher = make_pair()
     x, y = batch(ignored=(0, 3))
     distiller = Distiller(student, teacher, terms={"ce": CrossEntropy(0.1), "kd": KD(0.9, temperature=2.0),
-                                                   "dkd": DKD(0.5, beta=2.0)})
+                                                   "dkd": DKD(0.5, beta=2.0),
+                                                   "smooth": CrossEntropy(0.2, label_smoothing=0.3)})
     out = distiller(x, y)
     s, t = student(x), teacher(x).detach()
     counted = y != -100
     assert_rel_close(out.losses["ce"], 0.1 * F.cross_entropy(s[counted], y[counted]), 1e-5)
+    assert_rel_close(out.losses["smooth"], 0.2 * F.cross_entropy(s[counted], y[counted], label_smoothing=0.3), 1e-5)
     assert_rel_close(out.losses["kd"], 0.9 * fastkd.kd_loss(s[counted], t[counted], temperature=2.0), 1e-5)
     assert_rel_close(out.losses["dkd"], 0.5 * fastkd.dkd_loss(s[counted], t[counted], y[counted], beta=2.0), 1e-5)
     assert_rel_close(out.loss, sum(out.losses.values()), 1e-6)
+
+
+def test_a_custom_ignore_index_skips_those_rows_in_every_term_and_in_the_divisor():
+    student, teacher = make_pair()
+    x, y = batch(ignored=())
+    y[[1, 4, 5]] = -1
+    distiller = Distiller(student, teacher, ignore_index=-1,
+                          terms={"ce": CrossEntropy(), "kd": KD(temperature=2.0), "dkd": DKD(beta=2.0)})
+    assert distiller.counted_rows(y).item() == 6
+    out = distiller(x, y)
+    s, t = student(x), teacher(x).detach()
+    counted = y != -1
+    assert_rel_close(out.losses["ce"], F.cross_entropy(s[counted], y[counted]), 1e-5)
+    assert_rel_close(out.losses["kd"], fastkd.kd_loss(s[counted], t[counted], temperature=2.0), 1e-5)
+    assert_rel_close(out.losses["dkd"], fastkd.dkd_loss(s[counted], t[counted], y[counted], beta=2.0), 1e-5)
+
+
+def test_metrics_without_a_kd_term_average_over_the_counted_rows():
+    student, teacher = make_pair()
+    x, y = batch(ignored=(0, 3, 4))
+    out = Distiller(student, teacher, terms={"ce": CrossEntropy()})(x, y)
+    counted = y != -100
+    with torch.no_grad():
+        _, expected = fastkd.kd_loss(student(x)[counted], teacher(x)[counted], return_stats=True)
+    assert out.metrics.keys() == expected.keys()
+    for key in expected:
+        assert_rel_close(out.metrics[key], expected[key], 1e-5, what=key)
 
 
 def test_hooks_capture_nested_module_paths():
@@ -159,6 +188,48 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient():
     assert_rel_close(distiller(x, y).losses["kd"], first.losses["kd"], 1e-6)  # dropout off: the same teacher
     registered = {id(p) for p in distiller.parameters()}
     assert not any(id(p) in registered for p in teacher.parameters())
+
+
+def test_inputs_that_require_grad_get_their_gradient_through_the_student_only():
+    student, teacher = make_pair()
+    x, y = batch()
+    seen = {}
+
+    def record(b):
+        seen["teacher_requires_grad"] = b.teacher_logits.requires_grad
+        return b.student_logits.sum() * 0
+
+    leaf = x.clone().requires_grad_()
+    Distiller(student, teacher, terms={"kd": KD(), "probe": record})(leaf, y).loss.backward()
+    assert seen["teacher_requires_grad"] is False
+    alone = x.clone().requires_grad_()
+    fastkd.kd_loss(student(alone), teacher(x).detach(), temperature=4.0, labels=y).backward()
+    assert_rel_close(leaf.grad, alone.grad, 1e-5)
+
+
+def test_moving_the_distiller_moves_the_teacher_along():
+    student, teacher = make_pair()
+    x, y = batch()
+    distiller = Distiller(student, teacher).to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in teacher.parameters())
+    out = distiller(x.double(), y)
+    expected = fastkd.kd_loss(student(x.double()), teacher(x.double()), temperature=4.0, labels=y)
+    assert out.output.dtype == torch.float64
+    assert_rel_close(out.loss, expected, 1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_building_adapters_keeps_the_student_mode_and_its_batchnorm_statistics(training):
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(10, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, CLASSES))
+    teacher = Net(20)
+    student.train(training)
+    before = copy.deepcopy(student[1].state_dict())
+    distiller = Distiller(student, teacher, terms={"hint": Features("1", "blocks")}, example_inputs=batch()[0])
+    assert isinstance(distiller.adapters["hint"].project, nn.Linear)
+    assert student.training is training
+    for key, value in student[1].state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_state_dict_holds_student_adapters_and_schedule_step_but_not_the_teacher():
@@ -239,7 +310,8 @@ def test_schedules_weight_the_terms_at_the_distiller_step():
         assert distiller.advance_schedules() == step + 1
 
 
-def test_gradient_accumulation_with_the_step_normalizer_equals_the_whole_batch():
+@pytest.mark.parametrize("as_number", [False, True])
+def test_gradient_accumulation_with_the_step_normalizer_equals_the_whole_batch(as_number):
     student, teacher = make_pair()
     x, y = batch(rows=12, ignored=(0, 1, 2, 7))
     terms = {"ce": CrossEntropy(0.3), "kd": KD(0.7, temperature=2.0)}
@@ -250,10 +322,27 @@ def test_gradient_accumulation_with_the_step_normalizer_equals_the_whole_batch()
     parts = [(x[:5], y[:5]), (x[5:], y[5:])]
     step_rows = sum(distiller.counted_rows(part_y) for _, part_y in parts)
     assert step_rows == 8
+    if as_number:
+        step_rows = int(step_rows)
     for part_x, part_y in parts:
         distiller(part_x, part_y, normalizer=step_rows).loss.backward()
     for got, want in zip(grads(student), whole):
         assert_rel_close(got, want, 1e-5)
+
+
+def test_token_logits_are_averaged_over_every_token_without_labels_and_over_counted_tokens_with_them():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(10, CLASSES), nn.Linear(10, CLASSES)
+    x = torch.randn(3, 4, 10)  # (N, L, features) → (N, L, V) logits: 12 rows, not 3
+    y = torch.randint(0, CLASSES, (3, 4))
+    y[0, 1:] = -100
+    s, t = student(x).reshape(12, CLASSES), teacher(x).detach().reshape(12, CLASSES)
+    without_labels = Distiller(student, teacher, terms={"kd": KD(temperature=2.0)})(x)
+    assert_rel_close(without_labels.loss, fastkd.kd_loss(s, t, temperature=2.0), 1e-5)
+    out = Distiller(student, teacher, terms={"ce": CrossEntropy(), "kd": KD(temperature=2.0)})(x, y)
+    counted = y.reshape(12) != -100
+    assert_rel_close(out.losses["ce"], F.cross_entropy(s[counted], y.reshape(12)[counted]), 1e-5)
+    assert_rel_close(out.losses["kd"], fastkd.kd_loss(s[counted], t[counted], temperature=2.0), 1e-5)
 
 
 def test_a_batch_with_every_row_ignored_gives_zero_loss_and_zero_gradient():
@@ -323,6 +412,8 @@ def test_custom_terms_and_plain_callables_are_weighted_terms():
     (lambda s, t: Features("a", "b", adapter="conv"), ValueError, "adapter"),
     (lambda s, t: KD(temperature=0.0), ValueError, "temperature"),
     (lambda s, t: KD(weight="high"), TypeError, "weight"),
+    (lambda s, t: Distiller(s, t, ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (lambda s, t: Distiller(s, t, ignore_index=True), TypeError, "ignore_index must be an int"),
 ])
 def test_bad_configuration_names_the_problem(make, error, message):
     student, teacher = make_pair()
@@ -344,37 +435,85 @@ def test_label_terms_without_labels_and_shape_mismatches_are_errors():
         distiller(x)
 
 
+# the ignored rows of each DDP scenario; rank 0 takes rows 0..5 of the 10, rank 1 rows 6..9
+DDP_SCENARIOS = {
+    "unequal_counts": (2, 7),            # rank 0 counts 5 rows, rank 1 counts 3: each rank's own count is wrong
+    "rank1_fully_ignored": (2, 6, 7, 8, 9),  # rank 1 counts no row, and contributes 0
+}
+DDP_TERMS = {"ce": CrossEntropy(0.3), "kd": KD(0.7, temperature=2.0)}
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        student, teacher = make_pair()
-        distiller = Distiller(student, teacher, terms={"ce": CrossEntropy(0.3), "kd": KD(0.7, temperature=2.0)},
-                              normalize_across_ranks=True)
-        model = nn.parallel.DistributedDataParallel(distiller)
-        x, y = ddp_batch()
-        mine = slice(0, 6) if rank == 0 else slice(6, 10)
-        out = model(x[mine], y[mine])
-        out.loss.backward()
-        torch.save({"loss": out.loss.detach(), "grads": grads(student)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        for name, ignored in DDP_SCENARIOS.items():
+            student, teacher = make_pair()
+            model = nn.parallel.DistributedDataParallel(
+                Distiller(student, teacher, terms=DDP_TERMS, normalize_across_ranks=True))
+            x, y = batch(rows=10, ignored=ignored)
+            mine = slice(0, 6) if rank == 0 else slice(6, 10)
+            out = model(x[mine], y[mine])
+            out.loss.backward()
+            torch.save({"loss": out.loss.detach(), "grads": grads(student)},
+                       os.path.join(out_dir, f"{name}-rank{rank}.pt"))
+        student, teacher = make_pair()  # a student wrapped in DDP: hooks find the paths of the module inside
+        hint = Distiller(nn.parallel.DistributedDataParallel(student), teacher,
+                         terms={"hint": Features("blocks", "blocks", adapter=hint_adapter())})
+        torch.save(hint(batch(rows=10)[0][rank::2]).loss.detach(), os.path.join(out_dir, f"hint-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def ddp_batch():
-    x, y = batch(rows=10, ignored=(2, 6, 7, 8, 9))  # rank 1's micro-batch (rows 6..9) is entirely ignored
-    return x, y
+def hint_adapter():
+    torch.manual_seed(3)
+    return nn.Linear(12, 20)
 
 
-def test_ddp_over_two_processes_matches_one_process_on_the_concatenated_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert ranks[1]["loss"].item() == 0.0
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory):
+    """Each DDP scenario's per-rank loss and student gradients, and the hint loss of a DDP-wrapped student, from
+    one spawn of two gloo processes."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    ranks = {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(2)] for name in DDP_SCENARIOS}
+    ranks["hint"] = [torch.load(out / f"hint-rank{r}.pt") for r in range(2)]
+    return ranks
+
+
+def check_ddp_matches_the_concatenated_batch(ranks, ignored):
     student, teacher = make_pair()
-    x, y = ddp_batch()
-    Distiller(student, teacher, terms={"ce": CrossEntropy(0.3), "kd": KD(0.7, temperature=2.0)})(x, y).loss.backward()
+    x, y = batch(rows=10, ignored=ignored)
+    whole = Distiller(student, teacher, terms=DDP_TERMS)(x, y)
+    whole.loss.backward()
+    # each rank divides by (Σ counted rows over the ranks) / world size: the ranks' mean loss is the batch's loss
+    assert_rel_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, whole.loss, 1e-5, what="mean of the rank losses")
     for rank in ranks:
         for got, want in zip(rank["grads"], grads(student)):
             assert_rel_close(got, want, 1e-5)
+
+
+def test_ddp_with_unequal_counted_rows_per_rank_matches_one_process_on_the_concatenated_batch(ddp_ranks):
+    ranks = ddp_ranks["unequal_counts"]
+    y = batch(rows=10, ignored=DDP_SCENARIOS["unequal_counts"])[1]
+    assert (y[:6] != -100).sum() == 5 and (y[6:] != -100).sum() == 3
+    check_ddp_matches_the_concatenated_batch(ranks, DDP_SCENARIOS["unequal_counts"])
+
+
+def test_ddp_with_a_fully_ignored_rank_matches_one_process_on_the_concatenated_batch(ddp_ranks):
+    ranks = ddp_ranks["rank1_fully_ignored"]
+    assert ranks[1]["loss"].item() == 0.0
+    check_ddp_matches_the_concatenated_batch(ranks, DDP_SCENARIOS["rank1_fully_ignored"])
+
+
+def test_features_of_a_ddp_wrapped_student_are_captured_by_their_module_paths(ddp_ranks):
+    student, teacher = make_pair()
+    adapter = hint_adapter()
+    x = batch(rows=10)[0]
+    for rank, loss in enumerate(ddp_ranks["hint"]):
+        mine = x[rank::2]
+        h_s = student.blocks(torch.relu(student.stem(mine)))
+        h_t = teacher.blocks(torch.relu(teacher.stem(mine)))
+        assert_rel_close(loss, F.mse_loss(adapter(h_s), h_t), 1e-5)
 
 
 def test_the_readme_example_runs(tmp_path, monkeypatch):
@@ -486,3 +625,17 @@ def test_a_step_without_counted_rows_gives_zero_losses_not_nan():
     for normalizer in (distiller.counted_rows(y), 0):
         out = distiller(x, y, normalizer=normalizer)
         assert all(value.item() == 0.0 for value in out.losses.values())
+
+
+@pytest.mark.parametrize("normalizer, error, message", [
+    (torch.tensor(-3.0), ValueError, "normalizer must be finite and ≥ 0"),
+    (torch.tensor(float("nan")), ValueError, "normalizer must be finite and ≥ 0"),
+    (torch.ones(2), ValueError, "normalizer must be a number or a 0-d"),
+    (-3, ValueError, "normalizer must be a finite positive"),
+    ("8", TypeError, "normalizer must be a real number"),
+])
+def test_a_bad_normalizer_is_refused_as_kd_loss_refuses_it(normalizer, error, message):
+    student, teacher = make_pair()
+    x, y = batch()
+    with pytest.raises(error, match=message):
+        Distiller(student, teacher)(x, y, normalizer=normalizer)

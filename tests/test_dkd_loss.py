@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from conftest import assert_rel_close, logits
+from conftest import assert_rel_close, backend_device, logits, skip_unless_available
 
 
 
@@ -150,3 +150,18 @@ def test_kernels_refuse_a_teacher_gradient_and_auto_falls_back(kernel, gen):
         fastkd.dkd_loss(s, t, labels, backend=kernel.backend)
     fastkd.dkd_loss(s, t, labels).backward()  # auto: the reference
     assert t.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_batchmean_with_a_custom_ignore_index_divides_by_the_counted_rows(gen, backend):
+    skip_unless_available(backend)
+    device = backend_device(backend)
+    s, t = logits(gen, (7, 9)), logits(gen, (7, 9))
+    labels = torch.randint(0, 9, (7,), generator=gen)
+    labels[[1, 4]] = -1
+    counted = labels != -1
+    got = fastkd.dkd_loss(s.to(device), t.to(device), labels.to(device), ignore_index=-1, temperature=2.0,
+                          backend=backend)
+    want = fastkd.dkd_loss(s[counted].double(), t[counted].double(), labels[counted], temperature=2.0,
+                           reduction="sum", backend="reference") / 5
+    assert_rel_close(got, want, 1e-5)

@@ -4,6 +4,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastkd
@@ -332,3 +333,36 @@ def test_a_mask_or_margin_that_requires_grad_gets_its_gradient(backend, which):
         grads.append(leaf.grad)
     assert grads[0] is not None and grads[0].abs().sum() > 0
     assert_rel_close(grads[0], grads[1], 1e-6)
+
+
+def standardised(x, dim):
+    return (x - x.mean(dim, keepdim=True)) / (x.var(dim, unbiased=False, keepdim=True) + 1e-5).sqrt()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, normalize", [("mse", "channel"), ("mse", "l2"), ("cosine", None)])
+def test_channel_last_tokens_follow_the_formula_along_the_last_dim(backend, kind, normalize):
+    """(N, L, C) tokens with L ≠ C and channel_dim=-1: the statistics and norms run along the dims the formula
+    names (a backend that ignored channel_dim would standardise or normalise along the wrong one)."""
+    s, t = make((2, 6, 5)), make((2, 6, 5), seed=1)
+    loss = run(s, t, backend, kind=kind, normalize=normalize, channel_dim=-1)[0]
+    s64, t64 = s.double().cpu(), t.double().cpu()
+    if normalize == "channel":  # each (sample, channel) standardised over the tokens
+        expected = (standardised(s64, 1) - standardised(t64, 1)).pow(2).mean()
+    elif normalize == "l2":  # each token's channel vector to unit length
+        expected = (F.normalize(s64, dim=-1) - F.normalize(t64, dim=-1)).pow(2).mean()
+    else:
+        expected = (1 - F.cosine_similarity(s64, t64, dim=-1)).mean()
+    assert_rel_close(loss, expected, 1e-5)
+
+
+def test_ofd_margin_switches_to_minus_three_gamma_below_a_negative_mass_of_1e3():
+    bn = nn.BatchNorm2d(2)
+    with torch.no_grad():  # Φ(−β/|γ|) = Φ(−2.9) ≈ 1.9e-3 (the formula) and Φ(−3.2) ≈ 6.9e-4 (−3|γ|)
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(torch.tensor([2.9, 3.2]))
+    margin = fastkd.ofd_margin(bn).double()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    z = torch.tensor(2.9, dtype=torch.float64)
+    assert margin[0].item() == pytest.approx((z - normal.log_prob(z).exp() / normal.cdf(-z)).item(), rel=1e-6)
+    assert margin[1].item() == -3.0

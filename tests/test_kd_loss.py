@@ -590,6 +590,12 @@ def test_a_negative_or_non_finite_tensor_normalizer_gives_nan_where_it_is_not_re
     assert divisors[:4].isnan().all() and divisors[4] == 1 and divisors[5] == 3
 
 
+def test_scale_by_t2_false_and_kd_weight_give_the_weighted_unscaled_divergence(kernel, gen):
+    s, t = logits(gen, (6, 13), device=kernel.device), logits(gen, (6, 13), device=kernel.device)
+    got = fastkd.kd_loss(s, t, temperature=3.0, scale_by_t2=False, kd_weight=0.5, backend=kernel.backend)
+    assert_rel_close(got, 0.5 * float64_kd_rows(s, t, temperature=3.0, scale_by_t2=False).mean(), 1e-5)
+
+
 def test_kdloss_module_matches_the_function(kernel, gen):
     s, t = logits(gen, (4, 25), device=kernel.device), logits(gen, (4, 25), device=kernel.device)
     labels = random_labels(gen, (4,), 25, device=kernel.device)

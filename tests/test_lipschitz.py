@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import DEVICE, assert_rel_close, skip_unless_available
-from fastkd import lipschitz, reference
+from fastkd import cpu_backend, lipschitz, reference
 
 # Linear, Conv2d, Conv1d, one row, one column, more rows than a tile and more columns than a block, more rows
 # than the finishing block
@@ -26,6 +26,17 @@ def as_float64_matrices(weights):
 def state_on(weights, seed=1):
     state = lipschitz.init_state([w.cpu() for w in weights], generator=torch.Generator().manual_seed(seed))
     return lipschitz.PowerIterationState(state.u.to(weights[0].device), state.v.to(weights[0].device))
+
+
+def test_init_state_holds_one_unit_vector_per_matrix():
+    weights = make_weights(device="cpu")
+    state = lipschitz.init_state(weights, generator=torch.Generator().manual_seed(0))
+    rows = [m.shape[0] for m in lipschitz.as_matrices(weights)]
+    cols = [m.shape[1] for m in lipschitz.as_matrices(weights)]
+    for vector, sizes in ((state.u, rows), (state.v, cols)):
+        assert vector.shape == (sum(sizes),) and vector.dtype == torch.float32
+        norms = torch.stack([part.double().norm() for part in vector.split(sizes)])
+        assert_rel_close(norms, torch.ones(len(sizes), dtype=torch.float64), 1e-6)
 
 
 @pytest.mark.parametrize("n_iter", [1, 3])
@@ -200,6 +211,38 @@ def test_network_bound_covers_conv_and_batchnorm_and_is_differentiable():
     assert model[0].weight.grad is not None and model[6].weight.grad is not None
 
 
+def matrix_norm64(weight):
+    """σ_max of a Linear weight, or of a Conv weight viewed as (out, in·∏k), by SVD in float64."""
+    return torch.linalg.matrix_norm(weight.detach().double().reshape(weight.shape[0], -1), ord=2).item()
+
+
+def batchnorm_gain64(bn):
+    """max_c |γ_c| / sqrt(var_c + eps) in float64 (γ = 1 without affine)."""
+    gamma = bn.weight.detach().double().abs() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)
+    return (gamma / (bn.running_var.double() + bn.eps).sqrt()).max().item()
+
+
+def test_network_bound_equals_the_product_of_matrix_norms_kernel_factors_and_batchnorm_gains():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, (3, 2), padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(2),
+                          nn.Conv1d(8, 4, 5), nn.BatchNorm1d(4, affine=False), nn.ReLU(),
+                          nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(6, 2)).double().eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.2, 2.0)
+        model[1].weight.uniform_(-2.0, 2.0)
+        model[5].running_var.uniform_(0.01, 0.5)
+    assert model(torch.randn(2, 3, 2, 4, dtype=torch.float64)).shape == (2, 4, 2)
+    # a (3, 2) kernel: sqrt(∏k) = sqrt(6), not k₀ or sqrt(k₀²); the BatchNorm without running statistics counts 1
+    expected = (matrix_norm64(model[0].weight) * math.sqrt(6) * batchnorm_gain64(model[1])
+                * matrix_norm64(model[4].weight) * math.sqrt(5) * batchnorm_gain64(model[5])
+                * matrix_norm64(model[8].weight))
+    bound, _ = lipschitz.network_bound(model, n_iter=500, generator=torch.Generator().manual_seed(0),
+                                       backend="reference")
+    assert bound.item() == pytest.approx(expected, rel=1e-9)
+    log_bound, _ = lipschitz.network_bound(model, n_iter=500, log=True, backend="reference")
+    assert log_bound.item() == pytest.approx(math.log(expected), rel=1e-9)
+
+
 def test_network_bound_needs_a_weight_layer():
     with pytest.raises(ValueError, match="no Linear or Conv"):
         lipschitz.network_bound(nn.Sequential(nn.ReLU()))
@@ -282,3 +325,18 @@ def test_a_strided_state_is_read_correctly():
     got, _ = lipschitz.spectral_norms(weights, n_iter=3, state=strided, backend="triton")
     want, _ = lipschitz.spectral_norms(weights, n_iter=3, state=state, backend="reference")
     assert_rel_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("seed", [6, 23])
+def test_a_thousand_iterations_reach_matrix_norm_within_1e3_where_the_default_does_not(seed):
+    """The documented convergence (bench/spectral_convergence.py): two of 30 Gaussian 256×256 matrices are still
+    above 1e-3 after the default 250 iterations from a random start, and within it after 1000."""
+    weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(seed))
+    exact = torch.linalg.matrix_norm(weight.double(), ord=2).item()
+    backend = "cpu" if cpu_backend.AVAILABLE else "reference"
+    errors = []
+    for n_iter in (lipschitz.DEFAULT_ITERATIONS, 1000):
+        sigma, _ = lipschitz.spectral_norms([weight], n_iter=n_iter, backend=backend,
+                                            generator=torch.Generator().manual_seed(100 + seed))
+        errors.append(1 - sigma.item() / exact)
+    assert errors[0] > 1e-3 and 0 <= errors[1] <= 1e-3

@@ -29,6 +29,11 @@ def test_step_multiplies_by_gamma_at_each_milestone_reached():
     assert [decay(s) for s in (0, 2, 3, 5, 6, 100)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
 
 
+def test_step_scales_its_value_and_decays_by_one_tenth_by_default():
+    decay = schedules.Step(3.0, milestones=[2, 4])
+    assert [decay(s) for s in (0, 1, 2, 4, 9)] == pytest.approx([3.0, 3.0, 0.3, 0.03, 0.03], rel=1e-12)
+
+
 def test_warmup_is_dkd_factor_min_epoch_over_warmup():
     warm = schedules.Warmup(20)
     assert [warm(e) for e in (0, 1, 10, 20, 40)] == pytest.approx([0.0, 0.05, 0.5, 1.0, 1.0])
@@ -58,6 +63,7 @@ def test_schedules_pickle_with_their_values():
     (lambda: schedules.Linear(1.0, 0.0, steps=0), "steps"),
     (lambda: schedules.Cosine(1.0, float("nan"), steps=3), "end"),
     (lambda: schedules.Step(1.0, [5, 5]), "strictly increasing"),
+    (lambda: schedules.Step(1.0, [6, 3]), "strictly increasing"),
     (lambda: schedules.Step(1.0, [-1]), "milestones"),
     (lambda: schedules.Warmup(2.5), "steps"),
     (lambda: schedules.Constant(True), "value"),
