@@ -54,7 +54,8 @@ SCRIPT = textwrap.dedent(r'''
             assert re.search(r"atom(?=[.\w]*\.gpu)(?=[.\w]*\.acq_rel)[.\w]*\.add", compiled.asm["ptx"]), "handoff"
     scalars = "inv_temperature beta one_minus_beta log_beta log_one_minus_beta ce_weight kd_scale alpha".split()
     kd_common = {"V": "i64", "stride_s_row": "i64", "stride_s_col": "i64", "stride_t_teacher": "i64",
-                 "stride_t_row": "i64", "stride_t_col": "i64", "num_rows": "i64", "num_teachers": "i32",
+                 "stride_t_row": "i64", "stride_t_col": "i64", "stride_labels": "i64", "num_rows": "i64",
+                 "num_teachers": "i32",
                  "ignore_index": "i64", **dict.fromkeys(scalars, "fp32")}
     kd_forward = {"S": "*bf16", "T": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "LOSS": f32, "STATS": f32,
                   "METRICS": f32, **kd_common}
@@ -78,7 +79,8 @@ SCRIPT = textwrap.dedent(r'''
     compile_for(kd.kd_forward_kernel, {**kd_forward, "WEIGHTS": "*fp64", **dict.fromkeys(options, "constexpr")},
                 options, 90)
     topk_common = {"V": "i64", "K": "i32", "stride_s_row": "i64", "stride_s_col": "i64", "stride_v_row": "i64",
-                   "stride_v_col": "i64", "stride_i_row": "i64", "stride_i_col": "i64", "num_rows": "i64",
+                   "stride_v_col": "i64", "stride_i_row": "i64", "stride_i_col": "i64", "stride_labels": "i64",
+                   "num_rows": "i64",
                    "inv_temperature": "fp32", "ignore_index": "i64", "ce_weight": "fp32", "kd_scale": "fp32"}
     topk_forward = {"S": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "LOSS": f32, "STATS": f32,
                     "METRICS": f32, **topk_common}
