@@ -10,13 +10,14 @@ import torch
 
 import fastkd
 from fastkd.bench import eager_kd
+from fastkd.kernel_args import KDOptions
 from fastkd.kernels import kd
 
 rows, vocab = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (256, 100)
 s = torch.randn(rows, vocab, device="cuda", requires_grad=True)
 t = torch.randn(rows, vocab, device="cuda")
-options = dict(temperature=4.0, divergence="kl", beta=0.5, ignore_index=-100, ce_weight=0.0, kd_scale=16.0)
-_, stats, _ = kd.kd_forward(s, t, None, **options)
+options = KDOptions(temperature=4.0, divergence="kl", beta=0.5, ignore_index=-100, ce_weight=0.0, kd_scale=16.0)
+_, stats, _ = kd.kd_forward(s, t, None, options)
 grad_loss = torch.ones(1, device="cuda").expand(rows)
 
 
@@ -32,8 +33,8 @@ def host_us(fn, n=300):
 
 
 cases = {
-    "triton forward launch": lambda: kd.kd_forward(s, t, None, **options),
-    "triton backward launch": lambda: kd.kd_backward(grad_loss, s, t, None, stats, teacher_grad=False, **options),
+    "triton forward launch": lambda: kd.kd_forward(s, t, None, options),
+    "triton backward launch": lambda: kd.kd_backward(grad_loss, s, t, None, stats, options, teacher_grad=False),
     "custom op forward": lambda: torch.ops.fastkd.kd_loss_rows(s.detach(), t, None, 4.0, "kl", 0.5, -100, 0.0, 16.0,
                                                                1.0, "triton", False),
     "kd_loss forward (no grad)": lambda: fastkd.kd_loss(s.detach(), t, temperature=4.0),

@@ -12,11 +12,12 @@ import torch
 import triton
 import triton.testing
 
+from fastkd.kernel_args import KDOptions
 from fastkd.kernels import kd
 
 SHAPES = [(256, 100, torch.float32), (1024, 1000, torch.float32), (8192, 32000, torch.bfloat16),
           (4096, 128256, torch.bfloat16)]
-OPTIONS = dict(temperature=4.0, divergence="kl", beta=0.5, ignore_index=-100, ce_weight=0.0, kd_scale=16.0)
+OPTIONS = KDOptions(temperature=4.0, divergence="kl", beta=0.5, ignore_index=-100, ce_weight=0.0, kd_scale=16.0)
 
 
 def configs(num_cols):
@@ -38,20 +39,20 @@ def main():
         s = torch.randn(rows, cols, device="cuda", dtype=dtype)
         t = torch.randn(rows, cols, device="cuda", dtype=dtype)
         grad_loss = torch.ones(1, device="cuda").expand(rows)
-        _, stats, _ = kd.kd_forward(s, t, None, **OPTIONS)
+        _, stats, _ = kd.kd_forward(s, t, None, OPTIONS)
         nbytes = {"forward": 2 * s.numel() * s.element_size(), "backward": 3 * s.numel() * s.element_size()}
         for kernel in ("forward", "backward"):
             timings = []
             for config in configs(cols):
                 if kernel == "forward":
-                    fn = lambda: kd.kd_forward(s, t, None, config=config, **OPTIONS)  # noqa: E731
+                    fn = lambda: kd.kd_forward(s, t, None, OPTIONS, config=config)  # noqa: E731
                 else:
-                    fn = lambda: kd.kd_backward(grad_loss, s, t, None, stats, teacher_grad=False,  # noqa: E731
-                                                config=config, **OPTIONS)
+                    fn = lambda: kd.kd_backward(grad_loss, s, t, None, stats, OPTIONS,  # noqa: E731
+                                                teacher_grad=False, config=config)
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 timings.append((ms, config))
             timings.sort(key=lambda x: x[0])
-            chosen = kd.launch_config(cols, kernel, OPTIONS["divergence"])
+            chosen = kd.launch_config(cols, kernel, OPTIONS.divergence)
             print(f"{rows}x{cols} {dtype} {kernel}: launch_config picks {chosen}")
             for ms, config in timings[:6] + [x for x in timings if x[1] == chosen]:
                 print(f"    {config}  {ms * 1e3:9.1f} us  {nbytes[kernel] / ms / 1e6:7.0f} GB/s")

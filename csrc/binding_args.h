@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "kd_args.h"
+#include "static_switch.h"
 
 namespace fastkd {
 
@@ -63,9 +64,7 @@ inline KDArgs common_args(const py::dict& d) {
     if (a.num_rows < 0 || a.num_cols < 1 || a.num_cols > INT32_MAX) {
         throw std::invalid_argument("num_rows must be >= 0 and num_cols in [1, 2^31)");
     }
-    if (a.divergence < kKL || a.divergence > kDKD) {
-        throw std::invalid_argument("unknown divergence code " + std::to_string(a.divergence));
-    }
+    divergence_switch(a.divergence, [](auto) {});  // throws for a code outside the enum
     if (a.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
     if (a.num_rows > 0 && (a.student.data == nullptr || a.teacher.data == nullptr || a.stats == nullptr)) {
         throw std::invalid_argument("null data pointer");

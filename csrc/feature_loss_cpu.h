@@ -6,6 +6,21 @@
 
 namespace fastkd {
 
+// The codes of fastkd/kernel_args.py (FeatureKind, FeatureNormalize, FeatureGroup), checked against this header
+// by tests/test_kernel_args.py.
+enum FeatureKind : int { kKindMSE = 0, kKindL1 = 1, kKindSmoothL1 = 2, kKindCosine = 3 };
+enum FeatureNormalize : int {
+    kNormalizeNone = 0,
+    kNormalizeStandardize = 1,  // (x − mean)/sqrt(var + eps) over the group ("channel" or "sample")
+    kNormalizeL2 = 2,           // x/max(‖x‖₂, eps) along the channels
+};
+// the elements a program (a task here) owns: its normalisation group
+enum FeatureGroup : int {
+    kGroupChannel = 0,   // one (n, c): the S elements of a channel map
+    kGroupPosition = 1,  // one (n, s): the C channels at one position
+    kGroupSample = 2,    // one n: all C·S elements of a sample
+};
+
 // A strided (N, C, S) view: element (n, c, s) at data + n·stride[0] + c·stride[1] + s·stride[2] (in elements).
 struct Strided3 {
     const void* data = nullptr;
@@ -17,9 +32,9 @@ struct FeatureArgs {
     Strided3 student, teacher, mask;  // mask.data null: every element present with weight 1
     int64_t num_n = 0, num_c = 0, num_s = 0;
     const float* margin = nullptr;     // (C,) contiguous, or null
-    int kind = 0;                      // 0 mse, 1 l1, 2 smooth_l1, 3 cosine (kernels/features.py KIND_CODES)
-    int normalize = 0;                 // 0 none, 1 standardise over the group, 2 l2
-    int group = 0;                     // 0 (n, c) over S, 1 (n, s) over C, 2 n over C·S
+    int kind = kKindMSE;               // FeatureKind
+    int normalize = kNormalizeNone;    // FeatureNormalize
+    int group = kGroupChannel;         // FeatureGroup
     float beta = 1.0f;
     // forward: per group Σ mask·term and Σ mask, float32
     float* terms = nullptr;

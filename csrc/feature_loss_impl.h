@@ -39,12 +39,12 @@ void for_each_run(const FeatureArgs& a, int64_t g, F&& f) {
               a.teacher.stride[axis], a.mask.stride[axis], a.grad_student.stride[axis], a.grad_teacher.stride[axis],
               length, c, c_step});
     };
-    if (a.group == 0) {
-        run(g / a.num_c, g % a.num_c, 0, 2, a.num_s, 0);
-    } else if (a.group == 1) {
-        run(g / a.num_s, 0, g % a.num_s, 1, a.num_c, 1);
-    } else {
-        for (int64_t c = 0; c < a.num_c; ++c) run(g, c, 0, 2, a.num_s, 0);
+    switch (static_cast<FeatureGroup>(a.group)) {
+        case kGroupChannel: return run(g / a.num_c, g % a.num_c, 0, 2, a.num_s, 0);
+        case kGroupPosition: return run(g / a.num_s, 0, g % a.num_s, 1, a.num_c, 1);
+        case kGroupSample:
+            for (int64_t c = 0; c < a.num_c; ++c) run(g, c, 0, 2, a.num_s, 0);
+            return;
     }
 }
 
@@ -54,10 +54,13 @@ inline vf load_run(const Strided3& x, int64_t start, int64_t step, int n) {
     float values[kLanes] = {};
     for (int i = 0; i < n; ++i) {
         const int64_t at = start + i * step;
-        switch (x.dtype) {
+        switch (static_cast<DType>(x.dtype)) {
             case kFloat32: values[i] = static_cast<const float*>(x.data)[at]; break;
             case kUInt8: values[i] = static_cast<const uint8_t*>(x.data)[at]; break;
-            default: values[i] = load_lanes(static_cast<const uint16_t*>(x.data) + at, x.dtype, 0, 1, 0.0f)[0];
+            case kFloat16:
+            case kBFloat16:
+                values[i] = load_lanes(static_cast<const uint16_t*>(x.data) + at, x.dtype, 0, 1, 0.0f)[0];
+                break;
         }
     }
     return vload(values);
@@ -127,7 +130,7 @@ inline void sums_of_squares(const FeatureArgs& a, int64_t g, float* ss, float* t
 
 Normalizers group_normalizers(const FeatureArgs& a, int64_t g) {
     Normalizers z;
-    if (a.normalize == 1) {  // mean, then the variance around it (two sweeps, as the Triton kernel)
+    if (a.normalize == kNormalizeStandardize) {  // the mean, then the variance around it (two sweeps, as Triton's)
         GroupSum count, sum_s, sum_t;
         for_each_run(a, g, [&](const Run& r) {
             for (int64_t i = 0; i < r.length; i += kLanes) {
@@ -155,7 +158,7 @@ Normalizers group_normalizers(const FeatureArgs& a, int64_t g) {
         });
         z.scale_s = 1.0f / std::sqrt(var_s.value() / safe + kFeatureNormEps);
         z.scale_t = 1.0f / std::sqrt(var_t.value() / safe + kFeatureNormEps);
-    } else if (a.normalize == 2) {
+    } else if (a.normalize == kNormalizeL2) {
         float ss, tt, st;
         sums_of_squares(a, g, &ss, &tt, &st);
         z.norm_s = std::sqrt(ss);
@@ -193,13 +196,13 @@ inline Chunk normalized_chunk(const FeatureArgs& a, const Run& r, int64_t i, int
 inline void term_and_slope(int kind, float beta, vf d, vf* term, vf* slope) {
     const vf magnitude = vabs(d);
     const vf sign = d > 0.0f ? splat(1.0f) : (d < 0.0f ? splat(-1.0f) : splat(0.0f));
-    if (kind == 0) {
+    if (kind == kKindMSE) {
         *term = d * d;
         *slope = 2.0f * d;
-    } else if (kind == 1) {
+    } else if (kind == kKindL1) {
         *term = magnitude;
         *slope = sign;
-    } else {
+    } else {  // kKindSmoothL1 (kKindCosine has no element-wise term)
         const vi small = magnitude < beta;
         *term = small ? 0.5f * d * d / beta : magnitude - 0.5f * beta;
         *slope = small ? d / beta : sign;
@@ -221,7 +224,7 @@ inline float position_weight(const FeatureArgs& a, int64_t g) {
 }
 
 void feature_forward_group(const FeatureArgs& a, int64_t g) {
-    if (a.kind == 3) {
+    if (a.kind == kKindCosine) {
         float ss, tt, st;
         sums_of_squares(a, g, &ss, &tt, &st);
         const float m = position_weight(a, g);
@@ -250,7 +253,7 @@ void feature_forward_group(const FeatureArgs& a, int64_t g) {
 void feature_backward_group(const FeatureArgs& a, int64_t g) {
     const float scale = *a.scale;
     const bool teacher_grad = a.grad_teacher.data != nullptr;
-    if (a.kind == 3) {
+    if (a.kind == kKindCosine) {
         float ss, tt, st;
         sums_of_squares(a, g, &ss, &tt, &st);
         const float weight = scale * position_weight(a, g);
@@ -280,7 +283,7 @@ void feature_backward_group(const FeatureArgs& a, int64_t g) {
     // the gradient g of the loss w.r.t. the normalised values, then back through the normalisation (as the Triton
     // kernel: standardised ∂/∂x = r·(g − mean g − y·mean(g·y)); l2 ∂/∂x = r·(g − y·⟨y, g⟩))
     float mean_gs = 0, mean_gys = 0, mean_gt = 0, mean_gyt = 0, dot_s = 0, dot_t = 0;
-    if (a.normalize != 0) {
+    if (a.normalize != kNormalizeNone) {
         GroupSum sum_gs, sum_gys, sum_gt, sum_gyt;
         for_each_run(a, g, [&](const Run& r) {
             for (int64_t i = 0; i < r.length; i += kLanes) {
@@ -308,10 +311,10 @@ void feature_backward_group(const FeatureArgs& a, int64_t g) {
             const Chunk k = normalized_chunk(a, r, i, n, z);
             const vf grad = loss_gradient(a, k, scale);
             vf grad_s, grad_t;
-            if (a.normalize == 1) {
+            if (a.normalize == kNormalizeStandardize) {
                 grad_s = z.scale_s * (grad - mean_gs - k.ys * mean_gys);
                 grad_t = z.scale_t * (-grad - mean_gt - k.yt * mean_gyt);
-            } else if (a.normalize == 2) {
+            } else if (a.normalize == kNormalizeL2) {
                 grad_s = z.scale_s * (grad - (z.norm_s > kFeatureL2Eps ? k.ys * dot_s : splat(0.0f)));
                 grad_t = z.scale_t * (-grad - (z.norm_t > kFeatureL2Eps ? k.yt * dot_t : splat(0.0f)));
             } else {
@@ -328,7 +331,12 @@ void feature_backward_group(const FeatureArgs& a, int64_t g) {
 }
 
 int64_t feature_groups(const FeatureArgs& a) {
-    return a.group == 0 ? a.num_n * a.num_c : (a.group == 1 ? a.num_n * a.num_s : a.num_n);
+    switch (static_cast<FeatureGroup>(a.group)) {
+        case kGroupChannel: return a.num_n * a.num_c;
+        case kGroupPosition: return a.num_n * a.num_s;
+        case kGroupSample: return a.num_n;
+    }
+    return 0;
 }
 
 void feature_forward(const FeatureArgs& args) {

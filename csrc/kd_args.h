@@ -6,11 +6,41 @@
 
 namespace fastkd {
 
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-constexpr int kUInt8 = 3;  // a mask dtype code beside the float ones (bool masks are read as uint8)
-enum Divergence : int { kKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3, kDKD = 4 };
-constexpr int kNumStats = 8;    // per row, laid out as fastkd/kernel_args.py describes (one teacher)
-constexpr int kNumMetrics = 4;  // agreement, KL(p_t‖p_s), H(p_t), H(p_s) at T = 1
+// The codes and slots below are the table of fastkd/kernel_args.py (DType, Divergence, Stat, Metric), which the
+// Triton kernels read too; tests/test_kernel_args.py checks that this header agrees with it.
+
+// dtype codes of the tensors Python passes; kUInt8 is a mask dtype beside the float ones (bool masks read as uint8)
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kUInt8 = 3 };
+
+enum Divergence : int {
+    kKL = 0,         // KL(p_t‖p_s)
+    kReverseKL = 1,  // KL(p_s‖p_t)
+    kJSD = 2,        // generalized Jensen–Shannon, weight beta
+    kCosine = 3,     // 1 − cos(p_s, p_t)
+    kDKD = 4,        // decoupled KD (dkd_loss): alpha·TCKD + beta·NCKD, the target class split off
+};
+
+// Slots of the per-row statistics, laid out (kNumStats, num_rows) float32; a = s/T, b = t/T.
+enum Stat : int {
+    kStatMaxA = 0,     // max a (dkd: over the non-target classes)
+    kStatLogSumA = 1,  // log Σ exp(a − max a) (cosine: log ‖exp(a − max a)‖₂)
+    kStatMaxB = 2,     // the same for b
+    kStatLogSumB = 3,
+    kStatD0 = 4,       // kl, reverse_kl: the divergence; jsd: KL(p_t‖m); cosine: the cosine; dkd: NCKD
+    kStatD1 = 5,       // jsd: KL(p_s‖m); dkd: p_t,gt − p_s,gt; otherwise 0
+    kStatMaxS = 6,     // max s and log Σ exp(s − max s), at T = 1 (the CE term)
+    kStatLogSumS = 7,
+    kNumStats = 8,
+};
+
+// Slots of the optional fidelity metrics, laid out (kNumMetrics, num_rows) float32, at T = 1
+enum Metric : int {
+    kMetricTop1Agreement = 0,  // argmax s = argmax t (1 or 0)
+    kMetricPredictiveKL = 1,   // KL(p_t‖p_s)
+    kMetricTeacherEntropy = 2,
+    kMetricStudentEntropy = 3,
+    kNumMetrics = 4,
+};
 
 // (num_rows, num_cols) logits with unit column stride and any row stride (in elements).
 struct Rows {

@@ -17,6 +17,7 @@
 
 #include "kd_cpu.h"
 #include "simd.h"
+#include "static_switch.h"
 
 namespace fastkd {
 namespace FASTKD_ISA {
@@ -123,249 +124,278 @@ inline int64_t first_index_of(const void* row, int dtype, int64_t start, int64_t
     return start;
 }
 
-// kFused (kl and reverse_kl): the first sweep also keeps each exponential, and a second sweep over those (no
-// exponential recomputed) writes the gradient of grad_scale·row_loss. kMetrics: the fidelity metrics at T = 1.
-template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused, bool kTeacherGrad, bool kMetrics>
-void forward_row(const KDArgs& args, int64_t row) {
-    const Row r = row_state(args, row);
-    const int64_t num_cols = r.counted ? args.num_cols : 0;  // ignored rows skip the sweep
-    const int s_dtype = args.student.dtype, t_dtype = args.teacher.dtype;
-    const float inv_t = args.inv_temperature;
-    float* e_a = nullptr;  // e_a, e_b, e_1: the exponentials; shifts: 3 per block
-    float *e_b = nullptr, *e_1 = nullptr, *shifts = nullptr;
-    if (kFused) {
-        const int64_t padded = (num_cols + kLanes - 1) / kLanes * kLanes;
-        const size_t need = static_cast<size_t>(3 * padded + 3 * (num_cols / kBlock + 1));
-        if (t_scratch.size() < need) t_scratch.resize(need);
-        e_a = t_scratch.data();
-        e_b = e_a + padded;
-        e_1 = e_b + padded;
-        shifts = e_1 + padded;
-    }
-    const vi label = vi{} + static_cast<int32_t>(r.label_ok ? r.label : -1);
-    float m_a = -kInf, m_b = -kInf, m_1 = -kInf, sum_a = 0, sum_b = 0, sum_1 = 0, w = 0;
+// The running state of a row's forward sweep at T (a = s/T, b = t/T): maxima and sums of exponentials re-centred on
+// them, and what the divergence accumulates beside them.
+struct KDSums {
+    float m_a = -kInf, m_b = -kInf, sum_a = 0, sum_b = 0;
+    float w = 0;                         // kl, reverse_kl, dkd: Σ e_p·[(x_p − m_p) − (x_q − m_q)]
     float s_ab = 0, s_aa = 0, s_bb = 0;  // cosine: ⟨e_a, e_b⟩, ‖e_a‖², ‖e_b‖² (the normalisers cancel)
-    // metrics at T = 1: teacher max and sum, KL(p_t‖p_s) bracket sum, Σ e·(x − m) of each, first argmaxes
+};
+
+// The running state at T = 1: the student's log-sum-exp (the CE term), and for the fidelity metrics the teacher's,
+// the KL(p_t‖p_s) bracket sum, Σ e·(x − m) of each (the entropies) and the first argmaxes.
+struct T1Sums {
+    float m_1 = -kInf, sum_1 = 0;
     float m_t1 = -kInf, sum_t1 = 0, w_1 = 0, u_s = 0, u_t = 0, best_s = -kInf, best_t = -kInf;
     int64_t argmax_s = 0, argmax_t = 0;
-    vi nan_seen = vi{};  // the exponentials below drop NaN, so a row with NaN (or +inf) is marked as a whole
-    for (int64_t start = 0; start < num_cols; start += kBlock) {
-        const int64_t end = min_(start + kBlock, num_cols);
-        vf max_s = splat(-kInf), max_t = splat(-kInf), max_rest_s = splat(-kInf), max_rest_t = splat(-kInf);
-        for (int64_t c = start; c < end; c += kLanes) {
-            const int n = static_cast<int>(min_(kLanes, end - c));
-            const vf x_s = load_lanes(r.student, s_dtype, c, n, -kInf);
-            max_s = vmax(x_s, max_s);
-            nan_seen |= x_s != x_s;
-            if (kHasKD || kMetrics) {
-                const vf x_t = load_lanes(r.teacher, t_dtype, c, n, -kInf);
-                max_t = vmax(x_t, max_t);
-                nan_seen |= x_t != x_t;
-                if (kDivergence == kDKD) {  // the non-target maxima
-                    const vi target = column_indices(c) == label;
-                    max_rest_s = vmax(target ? splat(-kInf) : x_s, max_rest_s);
-                    max_rest_t = vmax(target ? splat(-kInf) : x_t, max_rest_t);
-                }
+};
+
+// A block's maxima of s and t, and the maxima the divergence takes at T (dkd: over the non-target classes).
+struct BlockMaxima {
+    float s, t, kd_s, kd_t;
+};
+
+// Where the fused forward keeps the row's exponentials (e_a, e_b, e_1) and the shifts they were taken against
+// (3 per block); all null without kFused.
+struct FusedScratch {
+    float *e_a = nullptr, *e_b = nullptr, *e_1 = nullptr, *shifts = nullptr;
+};
+
+inline FusedScratch fused_scratch(int64_t num_cols) {
+    const int64_t padded = (num_cols + kLanes - 1) / kLanes * kLanes;
+    const size_t need = static_cast<size_t>(3 * padded + 3 * (num_cols / kBlock + 1));
+    if (t_scratch.size() < need) t_scratch.resize(need);
+    FusedScratch f;
+    f.e_a = t_scratch.data();
+    f.e_b = f.e_a + padded;
+    f.e_1 = f.e_b + padded;
+    f.shifts = f.e_1 + padded;
+    return f;
+}
+
+// The maxima of columns [start, end) of the row (read from memory; the sweeps that follow re-read them from L1).
+// A NaN entry is recorded in nan_seen: the exponentials drop NaN, so such a row is marked as a whole.
+template <int kDivergence, bool kReadTeacher>
+BlockMaxima block_maxima(const Row& r, const KDArgs& args, int64_t start, int64_t end, vi label, vi& nan_seen) {
+    vf max_s = splat(-kInf), max_t = splat(-kInf), max_rest_s = splat(-kInf), max_rest_t = splat(-kInf);
+    for (int64_t c = start; c < end; c += kLanes) {
+        const int n = static_cast<int>(min_(kLanes, end - c));
+        const vf x_s = load_lanes(r.student, args.student.dtype, c, n, -kInf);
+        max_s = vmax(x_s, max_s);
+        nan_seen |= x_s != x_s;
+        if (kReadTeacher) {
+            const vf x_t = load_lanes(r.teacher, args.teacher.dtype, c, n, -kInf);
+            max_t = vmax(x_t, max_t);
+            nan_seen |= x_t != x_t;
+            if (kDivergence == kDKD) {  // the non-target maxima
+                const vi target = column_indices(c) == label;
+                max_rest_s = vmax(target ? splat(-kInf) : x_s, max_rest_s);
+                max_rest_t = vmax(target ? splat(-kInf) : x_t, max_rest_t);
             }
-        }
-        const float block_max_s = hmax(max_s);
-        const float block_max_t = hmax(max_t);
-        const float kd_max_s = kDivergence == kDKD ? hmax(max_rest_s) : block_max_s;
-        const float kd_max_t = kDivergence == kDKD ? hmax(max_rest_t) : block_max_t;
-        if (kMetrics) {
-            if (block_max_s > best_s) {
-                best_s = block_max_s;
-                argmax_s = first_index_of(r.student, s_dtype, start, end, block_max_s);
-            }
-            if (block_max_t > best_t) {
-                best_t = block_max_t;
-                argmax_t = first_index_of(r.teacher, t_dtype, start, end, block_max_t);
-            }
-        }
-        if (kHasKD) {
-            const float new_m_a = fmax_(m_a, kd_max_s * inv_t), new_m_b = fmax_(m_b, kd_max_t * inv_t);
-            const float shift_a = finite_or_zero(new_m_a), shift_b = finite_or_zero(new_m_b);
-            vf acc_a = splat(0.0f), acc_b = splat(0.0f), acc_w = splat(0.0f);
-            vf acc_ab = splat(0.0f), acc_aa = splat(0.0f), acc_bb = splat(0.0f);
-            for (int64_t c = start; c < end; c += kLanes) {
-                const int n = static_cast<int>(min_(kLanes, end - c));
-                prefetch(r.student, s_dtype, c + kPrefetch);
-                prefetch(r.teacher, t_dtype, c + kPrefetch);
-                vf a = load_lanes(r.student, s_dtype, c, n, -kInf) * inv_t - shift_a;
-                vf b = load_lanes(r.teacher, t_dtype, c, n, -kInf) * inv_t - shift_b;
-                if (kDivergence == kDKD) {  // dkd: sums and w over the non-target classes only
-                    const vi target = column_indices(c) == label;
-                    a = target ? splat(-kInf) : a;
-                    b = target ? splat(-kInf) : b;
-                }
-                const vf exp_a = vexp_nonpositive(a), exp_b = vexp_nonpositive(b);
-                acc_a += exp_a;
-                acc_b += exp_b;
-                if (kDivergence == kKL || kDivergence == kDKD) acc_w += weighted(exp_b, b - a);
-                if (kDivergence == kReverseKL) acc_w += weighted(exp_a, a - b);
-                if (kDivergence == kCosine) {
-                    acc_ab += exp_a * exp_b;
-                    acc_aa += exp_a * exp_a;
-                    acc_bb += exp_b * exp_b;
-                }
-                if (kFused) {
-                    vstore(e_a + c, exp_a);
-                    vstore(e_b + c, exp_b);
-                }
-            }
-            const float scale_a = std::exp(m_a - shift_a), scale_b = std::exp(m_b - shift_b);
-            if (kDivergence == kCosine) {
-                s_ab = s_ab * (scale_a * scale_b) + hsum(acc_ab);
-                s_aa = s_aa * (scale_a * scale_a) + hsum(acc_aa);
-                s_bb = s_bb * (scale_b * scale_b) + hsum(acc_bb);
-            }
-            if (kDivergence == kKL || kDivergence == kReverseKL || kDivergence == kDKD) {  // re-centre w
-                const float delta = (shift_b - finite_or_zero(m_b)) - (shift_a - finite_or_zero(m_a));
-                w = kDivergence == kReverseKL ? recentred(w, scale_a, -delta, sum_a) + hsum(acc_w)
-                                              : recentred(w, scale_b, delta, sum_b) + hsum(acc_w);
-            }
-            sum_a = sum_a * scale_a + hsum(acc_a);
-            sum_b = sum_b * scale_b + hsum(acc_b);
-            m_a = new_m_a;
-            m_b = new_m_b;
-            if (kFused) {
-                shifts[3 * (start / kBlock)] = shift_a;
-                shifts[3 * (start / kBlock) + 1] = shift_b;
-            }
-        }
-        if (kHasCE || kMetrics) {
-            const float new_m_1 = fmax_(m_1, block_max_s), shift_1 = finite_or_zero(new_m_1);
-            const float new_m_t1 = fmax_(m_t1, block_max_t), shift_t1 = finite_or_zero(new_m_t1);
-            vf acc_1 = splat(0.0f), acc_t1 = splat(0.0f), acc_w1 = splat(0.0f), acc_us = splat(0.0f);
-            vf acc_ut = splat(0.0f);
-            for (int64_t c = start; c < end; c += kLanes) {
-                const int n = static_cast<int>(min_(kLanes, end - c));
-                const vf x_1 = load_lanes(r.student, s_dtype, c, n, -kInf) - shift_1;
-                const vf exp_1 = vexp_nonpositive(x_1);
-                acc_1 += exp_1;
-                if (kFused && kHasCE) vstore(e_1 + c, exp_1);
-                if (kMetrics) {
-                    const vf x_t1 = load_lanes(r.teacher, t_dtype, c, n, -kInf) - shift_t1;
-                    const vf exp_t1 = vexp_nonpositive(x_t1);
-                    acc_t1 += exp_t1;
-                    acc_w1 += weighted(exp_t1, x_t1 - x_1);
-                    acc_us += weighted(exp_1, x_1);
-                    acc_ut += weighted(exp_t1, x_t1);
-                }
-            }
-            const float scale_1 = std::exp(m_1 - shift_1);
-            if (kMetrics) {
-                const float scale_t1 = std::exp(m_t1 - shift_t1);
-                const float moved_1 = shift_1 - finite_or_zero(m_1), moved_t1 = shift_t1 - finite_or_zero(m_t1);
-                w_1 = recentred(w_1, scale_t1, moved_t1 - moved_1, sum_t1) + hsum(acc_w1);
-                u_s = recentred(u_s, scale_1, moved_1, sum_1) + hsum(acc_us);
-                u_t = recentred(u_t, scale_t1, moved_t1, sum_t1) + hsum(acc_ut);
-                sum_t1 = sum_t1 * scale_t1 + hsum(acc_t1);
-                m_t1 = new_m_t1;
-            }
-            sum_1 = sum_1 * scale_1 + hsum(acc_1);
-            m_1 = new_m_1;
-            if (kFused) shifts[3 * (start / kBlock) + 2] = shift_1;
         }
     }
+    const float block_s = hmax(max_s), block_t = hmax(max_t);
+    return {block_s, block_t, kDivergence == kDKD ? hmax(max_rest_s) : block_s,
+            kDivergence == kDKD ? hmax(max_rest_t) : block_t};
+}
 
-    bool nan_row = m_a == kInf || m_b == kInf || m_1 == kInf;
-    for (int i = 0; i < kLanes; ++i) nan_row |= nan_seen[i] != 0;
-    if (nan_row) m_a = m_b = m_1 = __builtin_nanf("");  // NaN statistics make the backward's gradient NaN too
-    // cosine: log ‖e‖₂ in place of the log-sums (the backward's "probabilities" are then p/‖p‖)
-    const float log_sum_a = kDivergence == kCosine ? 0.5f * std::log(s_aa) : std::log(sum_a);
-    const float log_sum_b = kDivergence == kCosine ? 0.5f * std::log(s_bb) : std::log(sum_b);
-    const float log_sum_1 = std::log(sum_1);
-    float d0 = 0, d1 = 0, loss = 0;
-    if (kHasKD) {
+// Folds columns [start, end) into the sums at T; kFused also keeps the exponentials and their shifts.
+template <int kDivergence, bool kFused>
+void fold_kd_block(KDSums& k, const Row& r, const KDArgs& args, int64_t start, int64_t end, const BlockMaxima& mx,
+                   vi label, const FusedScratch& scratch) {
+    const float inv_t = args.inv_temperature;
+    const float new_m_a = fmax_(k.m_a, mx.kd_s * inv_t), new_m_b = fmax_(k.m_b, mx.kd_t * inv_t);
+    const float shift_a = finite_or_zero(new_m_a), shift_b = finite_or_zero(new_m_b);
+    vf acc_a = splat(0.0f), acc_b = splat(0.0f), acc_w = splat(0.0f);
+    vf acc_ab = splat(0.0f), acc_aa = splat(0.0f), acc_bb = splat(0.0f);
+    for (int64_t c = start; c < end; c += kLanes) {
+        const int n = static_cast<int>(min_(kLanes, end - c));
+        prefetch(r.student, args.student.dtype, c + kPrefetch);
+        prefetch(r.teacher, args.teacher.dtype, c + kPrefetch);
+        vf a = load_lanes(r.student, args.student.dtype, c, n, -kInf) * inv_t - shift_a;
+        vf b = load_lanes(r.teacher, args.teacher.dtype, c, n, -kInf) * inv_t - shift_b;
+        if (kDivergence == kDKD) {  // dkd: sums and w over the non-target classes only
+            const vi target = column_indices(c) == label;
+            a = target ? splat(-kInf) : a;
+            b = target ? splat(-kInf) : b;
+        }
+        const vf exp_a = vexp_nonpositive(a), exp_b = vexp_nonpositive(b);
+        acc_a += exp_a;
+        acc_b += exp_b;
+        if (kDivergence == kKL || kDivergence == kDKD) acc_w += weighted(exp_b, b - a);
+        if (kDivergence == kReverseKL) acc_w += weighted(exp_a, a - b);
         if (kDivergence == kCosine) {
-            d0 = s_ab / std::sqrt(s_aa * s_bb);
-            loss = args.kd_scale * (1.0f - d0);
-        } else if (kDivergence == kDKD) {  // α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
-            d0 = w / sum_b - log_sum_b + log_sum_a;  // NCKD
-            // target logit minus the non-target log-sum-exp, at T
-            const float gap_s = target_logit(r, r.student, s_dtype) * inv_t - (m_a + log_sum_a);
-            const float gap_t = target_logit(r, r.teacher, t_dtype) * inv_t - (m_b + log_sum_b);
-            const float log_p_s = -softplus(-gap_s), log_q_s = -softplus(gap_s);
-            const float log_p_t = -softplus(-gap_t), log_q_t = -softplus(gap_t);
-            const float p_t = std::exp(log_p_t), q_t = std::exp(log_q_t);
-            const float tckd = (p_t == 0 ? 0.0f : p_t * (log_p_t - log_p_s)) +
-                               (q_t == 0 ? 0.0f : q_t * (log_q_t - log_q_s));
-            d1 = p_t - std::exp(log_p_s);  // the backward's TCKD term
-            loss = args.kd_scale * (args.alpha * tckd + args.beta * d0);
-        } else if (kDivergence == kKL) {
-            d0 = w / sum_b - log_sum_b + log_sum_a;
-            loss = args.kd_scale * d0;
-        } else if (kDivergence == kReverseKL) {
-            d0 = w / sum_a - log_sum_a + log_sum_b;
-            loss = args.kd_scale * d0;
-        } else {  // second sweep: m = β p_t + (1 − β) p_s needs both normalisers
-            vf acc_0 = splat(0.0f), acc_1 = splat(0.0f);
-            for (int64_t c = 0; c < num_cols; c += kLanes) {
-                const int n = static_cast<int>(min_(kLanes, num_cols - c));
-                const vf log_p_s = (load_lanes(r.student, s_dtype, c, n, -kInf) * inv_t - m_a) - log_sum_a;
-                const vf log_p_t = (load_lanes(r.teacher, t_dtype, c, n, -kInf) * inv_t - m_b) - log_sum_b;
-                const JSDRatios ratio = jsd_log_ratios(args, log_p_s, log_p_t);
-                acc_0 += weighted(vexp_nonpositive(log_p_t), ratio.teacher);
-                acc_1 += weighted(vexp_nonpositive(log_p_s), ratio.student);
-            }
-            d0 = hsum(acc_0);
-            d1 = hsum(acc_1);
-            loss = args.kd_scale * (args.beta * d0 + args.one_minus_beta * d1);
+            acc_ab += exp_a * exp_b;
+            acc_aa += exp_a * exp_a;
+            acc_bb += exp_b * exp_b;
+        }
+        if (kFused) {
+            vstore(scratch.e_a + c, exp_a);
+            vstore(scratch.e_b + c, exp_b);
         }
     }
-    if (kHasCE) {
-        loss += args.ce_weight * ((m_1 - target_logit(r, r.student, s_dtype)) + log_sum_1);
+    const float scale_a = std::exp(k.m_a - shift_a), scale_b = std::exp(k.m_b - shift_b);
+    if (kDivergence == kCosine) {
+        k.s_ab = k.s_ab * (scale_a * scale_b) + hsum(acc_ab);
+        k.s_aa = k.s_aa * (scale_a * scale_a) + hsum(acc_aa);
+        k.s_bb = k.s_bb * (scale_b * scale_b) + hsum(acc_bb);
     }
-    if (!r.counted) loss = 0;
-    if (r.counted && (!r.label_ok || nan_row)) loss = __builtin_nanf("");
-    args.loss[row] = loss;
-    const float stats[kNumStats] = {m_a, log_sum_a, m_b, log_sum_b, d0, d1, m_1, log_sum_1};
-    for (int k = 0; k < kNumStats; ++k) args.stats[k * args.num_rows + row] = r.counted ? stats[k] : 0.0f;
-    if (kMetrics) {
-        const float log_sum_t1 = std::log(sum_t1);
-        const float metrics[kNumMetrics] = {argmax_s == argmax_t ? 1.0f : 0.0f,
-                                            w_1 / sum_t1 - log_sum_t1 + log_sum_1, log_sum_t1 - u_t / sum_t1,
-                                            log_sum_1 - u_s / sum_1};
-        for (int k = 0; k < kNumMetrics; ++k) {
-            args.metrics[k * args.num_rows + row] = r.counted ? (nan_row ? __builtin_nanf("") : metrics[k]) : 0.0f;
-        }
+    if (kDivergence == kKL || kDivergence == kReverseKL || kDivergence == kDKD) {  // re-centre w
+        const float delta = (shift_b - finite_or_zero(k.m_b)) - (shift_a - finite_or_zero(k.m_a));
+        k.w = kDivergence == kReverseKL ? recentred(k.w, scale_a, -delta, k.sum_a) + hsum(acc_w)
+                                        : recentred(k.w, scale_b, delta, k.sum_b) + hsum(acc_w);
     }
-    if (!kFused) return;
+    k.sum_a = k.sum_a * scale_a + hsum(acc_a);
+    k.sum_b = k.sum_b * scale_b + hsum(acc_b);
+    k.m_a = new_m_a;
+    k.m_b = new_m_b;
+    if (kFused) {
+        scratch.shifts[3 * (start / kBlock)] = shift_a;
+        scratch.shifts[3 * (start / kBlock) + 1] = shift_b;
+    }
+}
 
-    // second sweep, over the kept exponentials: p = e·exp(shift − max − log-sum) per block
+// Folds columns [start, end) into the sums at T = 1; kMetrics: the metrics' sums too; kKeep: the student's
+// exponentials and shift into the fused scratch.
+template <bool kMetrics, bool kKeep>
+void fold_t1_block(T1Sums& u, const Row& r, const KDArgs& args, int64_t start, int64_t end, const BlockMaxima& mx,
+                   const FusedScratch& scratch) {
+    const int s_dtype = args.student.dtype, t_dtype = args.teacher.dtype;
+    if (kMetrics) {
+        if (mx.s > u.best_s) {
+            u.best_s = mx.s;
+            u.argmax_s = first_index_of(r.student, s_dtype, start, end, mx.s);
+        }
+        if (mx.t > u.best_t) {
+            u.best_t = mx.t;
+            u.argmax_t = first_index_of(r.teacher, t_dtype, start, end, mx.t);
+        }
+    }
+    const float new_m_1 = fmax_(u.m_1, mx.s), shift_1 = finite_or_zero(new_m_1);
+    const float new_m_t1 = fmax_(u.m_t1, mx.t), shift_t1 = finite_or_zero(new_m_t1);
+    vf acc_1 = splat(0.0f), acc_t1 = splat(0.0f), acc_w1 = splat(0.0f), acc_us = splat(0.0f);
+    vf acc_ut = splat(0.0f);
+    for (int64_t c = start; c < end; c += kLanes) {
+        const int n = static_cast<int>(min_(kLanes, end - c));
+        const vf x_1 = load_lanes(r.student, s_dtype, c, n, -kInf) - shift_1;
+        const vf exp_1 = vexp_nonpositive(x_1);
+        acc_1 += exp_1;
+        if (kKeep) vstore(scratch.e_1 + c, exp_1);
+        if (kMetrics) {
+            const vf x_t1 = load_lanes(r.teacher, t_dtype, c, n, -kInf) - shift_t1;
+            const vf exp_t1 = vexp_nonpositive(x_t1);
+            acc_t1 += exp_t1;
+            acc_w1 += weighted(exp_t1, x_t1 - x_1);
+            acc_us += weighted(exp_1, x_1);
+            acc_ut += weighted(exp_t1, x_t1);
+        }
+    }
+    const float scale_1 = std::exp(u.m_1 - shift_1);
+    if (kMetrics) {
+        const float scale_t1 = std::exp(u.m_t1 - shift_t1);
+        const float moved_1 = shift_1 - finite_or_zero(u.m_1), moved_t1 = shift_t1 - finite_or_zero(u.m_t1);
+        u.w_1 = recentred(u.w_1, scale_t1, moved_t1 - moved_1, u.sum_t1) + hsum(acc_w1);
+        u.u_s = recentred(u.u_s, scale_1, moved_1, u.sum_1) + hsum(acc_us);
+        u.u_t = recentred(u.u_t, scale_t1, moved_t1, u.sum_t1) + hsum(acc_ut);
+        u.sum_t1 = u.sum_t1 * scale_t1 + hsum(acc_t1);
+        u.m_t1 = new_m_t1;
+    }
+    u.sum_1 = u.sum_1 * scale_1 + hsum(acc_1);
+    u.m_1 = new_m_1;
+    if (kKeep) scratch.shifts[3 * (start / kBlock) + 2] = shift_1;
+}
+
+// What the forward stores of the divergence: the row's KD loss, d0 and d1 (the Stat slots), and the log-sums of a
+// and b as the backward reads them.
+struct KDResult {
+    float loss = 0, d0 = 0, d1 = 0, log_sum_a = 0, log_sum_b = 0;
+};
+
+// The generalized JSD's second sweep (m = β p_t + (1 − β) p_s needs both normalisers): (KL(p_t‖m), KL(p_s‖m)).
+inline void jsd_sweep(const Row& r, const KDArgs& args, int64_t num_cols, const KDSums& k, KDResult& result) {
+    const float inv_t = args.inv_temperature;
+    vf acc_0 = splat(0.0f), acc_1 = splat(0.0f);
+    for (int64_t c = 0; c < num_cols; c += kLanes) {
+        const int n = static_cast<int>(min_(kLanes, num_cols - c));
+        const vf log_p_s = (load_lanes(r.student, args.student.dtype, c, n, -kInf) * inv_t - k.m_a) - result.log_sum_a;
+        const vf log_p_t = (load_lanes(r.teacher, args.teacher.dtype, c, n, -kInf) * inv_t - k.m_b) - result.log_sum_b;
+        const JSDRatios ratio = jsd_log_ratios(args, log_p_s, log_p_t);
+        acc_0 += weighted(vexp_nonpositive(log_p_t), ratio.teacher);
+        acc_1 += weighted(vexp_nonpositive(log_p_s), ratio.student);
+    }
+    result.d0 = hsum(acc_0);
+    result.d1 = hsum(acc_1);
+}
+
+// The divergence of a row from its sums (see Stat in kd_args.h for d0 and d1); without kHasKD only the log-sums.
+template <int kDivergence, bool kHasKD>
+KDResult kd_result(const KDSums& k, const Row& r, const KDArgs& args, int64_t num_cols) {
+    KDResult result;
+    // cosine: log ‖e‖₂ in place of the log-sums (the backward's "probabilities" are then p/‖p‖)
+    result.log_sum_a = kDivergence == kCosine ? 0.5f * std::log(k.s_aa) : std::log(k.sum_a);
+    result.log_sum_b = kDivergence == kCosine ? 0.5f * std::log(k.s_bb) : std::log(k.sum_b);
+    if (!kHasKD) return result;
+    if (kDivergence == kKL) {
+        result.d0 = k.w / k.sum_b - result.log_sum_b + result.log_sum_a;
+        result.loss = args.kd_scale * result.d0;
+    } else if (kDivergence == kReverseKL) {
+        result.d0 = k.w / k.sum_a - result.log_sum_a + result.log_sum_b;
+        result.loss = args.kd_scale * result.d0;
+    } else if (kDivergence == kJSD) {
+        jsd_sweep(r, args, num_cols, k, result);
+        result.loss = args.kd_scale * (args.beta * result.d0 + args.one_minus_beta * result.d1);
+    } else if (kDivergence == kCosine) {
+        result.d0 = k.s_ab / std::sqrt(k.s_aa * k.s_bb);
+        result.loss = args.kd_scale * (1.0f - result.d0);
+    } else if (kDivergence == kDKD) {  // α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
+        result.d0 = k.w / k.sum_b - result.log_sum_b + result.log_sum_a;  // NCKD
+        // target logit minus the non-target log-sum-exp, at T
+        const float inv_t = args.inv_temperature;
+        const float gap_s = target_logit(r, r.student, args.student.dtype) * inv_t - (k.m_a + result.log_sum_a);
+        const float gap_t = target_logit(r, r.teacher, args.teacher.dtype) * inv_t - (k.m_b + result.log_sum_b);
+        const float log_p_s = -softplus(-gap_s), log_q_s = -softplus(gap_s);
+        const float log_p_t = -softplus(-gap_t), log_q_t = -softplus(gap_t);
+        const float p_t = std::exp(log_p_t), q_t = std::exp(log_q_t);
+        const float tckd = (p_t == 0 ? 0.0f : p_t * (log_p_t - log_p_s)) +
+                           (q_t == 0 ? 0.0f : q_t * (log_q_t - log_q_s));
+        result.d1 = p_t - std::exp(log_p_s);  // the backward's TCKD term
+        result.loss = args.kd_scale * (args.alpha * tckd + args.beta * result.d0);
+    }
+    return result;
+}
+
+// The fused forward's gradient sweep over the kept exponentials: p = e·exp(shift − max − log-sum) per block; writes
+// ∂(grad_scale·row_loss)/∂s (and ∂/∂t with kTeacherGrad) for kl and reverse_kl with the CE term.
+template <int kDivergence, bool kHasKD, bool kHasCE, bool kTeacherGrad>
+void fused_gradient(const Row& r, const KDArgs& args, int64_t row, const KDSums& k, const KDResult& kd,
+                    const T1Sums& u, float log_sum_1, bool bad_row, vi label, const FusedScratch& scratch) {
+    const int s_dtype = args.student.dtype, t_dtype = args.teacher.dtype;
+    const float inv_t = args.inv_temperature;
     void* grad_s_row = gradient_row(args.fused_grad_student, s_dtype, row, args.num_cols);
     void* grad_t_row = kTeacherGrad ? gradient_row(args.fused_grad_teacher, t_dtype, row, args.num_cols) : nullptr;
     if (!r.counted) return store_zero_gradients<kTeacherGrad>(args, grad_s_row, grad_t_row);
-    const float nan_or_one = (!r.label_ok || nan_row) ? __builtin_nanf("") : 1.0f;
+    const float nan_or_one = bad_row ? __builtin_nanf("") : 1.0f;
     const float kd_factor = nan_or_one * args.grad_scale * args.kd_scale * inv_t;  // ∂/∂s = (1/T)·∂/∂a
     const float ce_factor = nan_or_one * args.grad_scale * args.ce_weight;
+    const int64_t num_cols = args.num_cols;
     for (int64_t start = 0; start < num_cols; start += kBlock) {
         const int64_t end = min_(start + kBlock, num_cols);
-        const float* shift = shifts + 3 * (start / kBlock);
-        const float c_a = std::exp((shift[0] - m_a) - log_sum_a), c_b = std::exp((shift[1] - m_b) - log_sum_b);
-        const float c_1 = std::exp((shift[2] - m_1) - log_sum_1);
+        const float* shift = scratch.shifts + 3 * (start / kBlock);
+        const float c_a = std::exp((shift[0] - k.m_a) - kd.log_sum_a);
+        const float c_b = std::exp((shift[1] - k.m_b) - kd.log_sum_b);
+        const float c_1 = std::exp((shift[2] - u.m_1) - log_sum_1);
         for (int64_t c = start; c < end; c += kLanes) {
             const int n = static_cast<int>(min_(kLanes, end - c));
             vf grad_s = splat(0.0f), grad_t = splat(0.0f);
             if (kHasKD) {
-                const vf p_s = vload(e_a + c) * c_a, p_t = vload(e_b + c) * c_b;
+                const vf p_s = vload(scratch.e_a + c) * c_a, p_t = vload(scratch.e_b + c) * c_b;
                 const bool need_log_p = kDivergence == kReverseKL || kTeacherGrad;
                 vf log_ratio = splat(0.0f);  // log p_s − log p_t, from the logits (still in cache)
                 if (need_log_p) {
-                    log_ratio = ((load_lanes(r.student, s_dtype, c, n, -kInf) * inv_t - m_a) - log_sum_a) -
-                                ((load_lanes(r.teacher, t_dtype, c, n, -kInf) * inv_t - m_b) - log_sum_b);
+                    log_ratio = ((load_lanes(r.student, s_dtype, c, n, -kInf) * inv_t - k.m_a) - kd.log_sum_a) -
+                                ((load_lanes(r.teacher, t_dtype, c, n, -kInf) * inv_t - k.m_b) - kd.log_sum_b);
                 }
                 if (kDivergence == kKL) {
                     grad_s = kd_factor * (p_s - p_t);
-                    if (kTeacherGrad) grad_t = kd_factor * weighted(p_t, -log_ratio - d0);
+                    if (kTeacherGrad) grad_t = kd_factor * weighted(p_t, -log_ratio - kd.d0);
                 } else {
-                    grad_s = kd_factor * weighted(p_s, log_ratio - d0);
+                    grad_s = kd_factor * weighted(p_s, log_ratio - kd.d0);
                     if (kTeacherGrad) grad_t = kd_factor * (p_t - p_s);
                 }
             }
             if (kHasCE) {
-                grad_s += ce_factor * (vload(e_1 + c) * c_1 - (column_indices(c) == label ? splat(1.0f) : splat(0.0f)));
+                const vf one_hot = column_indices(c) == label ? splat(1.0f) : splat(0.0f);
+                grad_s += ce_factor * (vload(scratch.e_1 + c) * c_1 - one_hot);
             }
             store_lanes(grad_s_row, s_dtype, c, n, grad_s);
             if (kTeacherGrad) store_lanes(grad_t_row, t_dtype, c, n, grad_t);
@@ -373,6 +403,65 @@ void forward_row(const KDArgs& args, int64_t row) {
     }
 }
 
+// One row of the forward: one sweep in blocks of kBlock columns folding the sums at T (KD) and at T = 1 (CE,
+// metrics), then the row loss, its statistics (Stat slots) and metrics (Metric slots). kFused (kl and
+// reverse_kl): the sweep also keeps each exponential, and fused_gradient writes the gradient from them (no
+// exponential recomputed). kMetrics: the fidelity metrics at T = 1.
+template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused, bool kTeacherGrad, bool kMetrics>
+void forward_row(const KDArgs& args, int64_t row) {
+    const Row r = row_state(args, row);
+    const int64_t num_cols = r.counted ? args.num_cols : 0;  // ignored rows skip the sweep
+    const FusedScratch scratch = kFused ? fused_scratch(num_cols) : FusedScratch{};
+    const vi label = vi{} + static_cast<int32_t>(r.label_ok ? r.label : -1);
+    KDSums k;
+    T1Sums u;
+    vi nan_seen = vi{};
+    for (int64_t start = 0; start < num_cols; start += kBlock) {
+        const int64_t end = min_(start + kBlock, num_cols);
+        const BlockMaxima mx = block_maxima<kDivergence, kHasKD || kMetrics>(r, args, start, end, label, nan_seen);
+        if (kHasKD) fold_kd_block<kDivergence, kFused>(k, r, args, start, end, mx, label, scratch);
+        if (kHasCE || kMetrics) fold_t1_block<kMetrics, kFused && kHasCE>(u, r, args, start, end, mx, scratch);
+    }
+
+    bool nan_row = k.m_a == kInf || k.m_b == kInf || u.m_1 == kInf;
+    for (int i = 0; i < kLanes; ++i) nan_row |= nan_seen[i] != 0;
+    if (nan_row) k.m_a = k.m_b = u.m_1 = __builtin_nanf("");  // NaN statistics make the backward's gradient NaN too
+    const float log_sum_1 = std::log(u.sum_1);
+    const KDResult kd = kd_result<kDivergence, kHasKD>(k, r, args, num_cols);
+    float loss = kd.loss;
+    if (kHasCE) loss += args.ce_weight * ((u.m_1 - target_logit(r, r.student, args.student.dtype)) + log_sum_1);
+    const bool bad_row = !r.label_ok || nan_row;
+    args.loss[row] = !r.counted ? 0.0f : (bad_row ? __builtin_nanf("") : loss);
+    float stats[kNumStats];
+    stats[kStatMaxA] = k.m_a;
+    stats[kStatLogSumA] = kd.log_sum_a;
+    stats[kStatMaxB] = k.m_b;
+    stats[kStatLogSumB] = kd.log_sum_b;
+    stats[kStatD0] = kd.d0;
+    stats[kStatD1] = kd.d1;
+    stats[kStatMaxS] = u.m_1;
+    stats[kStatLogSumS] = log_sum_1;
+    for (int slot = 0; slot < kNumStats; ++slot) {
+        args.stats[slot * args.num_rows + row] = r.counted ? stats[slot] : 0.0f;
+    }
+    if (kMetrics) {
+        const float log_sum_t1 = std::log(u.sum_t1);
+        float metrics[kNumMetrics];
+        metrics[kMetricTop1Agreement] = u.argmax_s == u.argmax_t ? 1.0f : 0.0f;
+        metrics[kMetricPredictiveKL] = u.w_1 / u.sum_t1 - log_sum_t1 + log_sum_1;
+        metrics[kMetricTeacherEntropy] = log_sum_t1 - u.u_t / u.sum_t1;
+        metrics[kMetricStudentEntropy] = log_sum_1 - u.u_s / u.sum_1;
+        for (int slot = 0; slot < kNumMetrics; ++slot) {
+            args.metrics[slot * args.num_rows + row] = r.counted ? (nan_row ? __builtin_nanf("") : metrics[slot]) : 0.0f;
+        }
+    }
+    if (kFused) {
+        fused_gradient<kDivergence, kHasKD, kHasCE, kTeacherGrad>(r, args, row, k, kd, u, log_sum_1, bad_row, label,
+                                                                  scratch);
+    }
+}
+
+// One row of the backward: one sweep writing ∂s (and ∂t with kTeacherGrad), scaled by the row's incoming gradient.
 template <int kDivergence, bool kHasKD, bool kHasCE, bool kTeacherGrad>
 void backward_row(const KDArgs& args, int64_t row) {
     const Row r = row_state(args, row);
@@ -381,10 +470,10 @@ void backward_row(const KDArgs& args, int64_t row) {
     void* grad_s_row = gradient_row(args.grad_student, s_dtype, row, num_cols);
     void* grad_t_row = kTeacherGrad ? gradient_row(args.grad_teacher, t_dtype, row, num_cols) : nullptr;
     if (!r.counted) return store_zero_gradients<kTeacherGrad>(args, grad_s_row, grad_t_row);
-    const float* stats = args.stats + row;
-    const int64_t ld = args.num_rows;
-    const float m_a = stats[0], log_sum_a = stats[ld], m_b = stats[2 * ld], log_sum_b = stats[3 * ld];
-    const float d0 = stats[4 * ld], d1 = stats[5 * ld], m_1 = stats[6 * ld], log_sum_1 = stats[7 * ld];
+    const auto stat = [&](Stat slot) { return args.stats[slot * args.num_rows + row]; };
+    const float m_a = stat(kStatMaxA), log_sum_a = stat(kStatLogSumA), m_b = stat(kStatMaxB);
+    const float log_sum_b = stat(kStatLogSumB), d0 = stat(kStatD0), d1 = stat(kStatD1);
+    const float m_1 = stat(kStatMaxS), log_sum_1 = stat(kStatLogSumS);
     float grad_loss = args.grad_loss[row * args.grad_loss_stride];
     const bool nan_row = m_a != m_a || m_b != m_b || m_1 != m_1;  // marked by the forward
     if (!r.label_ok || nan_row) grad_loss = __builtin_nanf("");
@@ -413,16 +502,16 @@ void backward_row(const KDArgs& args, int64_t row) {
             } else if (kDivergence == kReverseKL) {  // ∂KL(p_s‖p_t)/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
                 grad_s = kd_factor * weighted(p_s, (log_p_s - log_p_t) - d0);
                 if (kTeacherGrad) grad_t = kd_factor * (p_t - p_s);
-            } else if (kDivergence == kDKD) {  // student only; d1 = p_t,gt − p_s,gt
-                const vf non_target = args.beta * (p_s - p_t) + args.alpha * d1 * p_s;
-                grad_s = kd_factor * (target ? splat(-args.alpha * d1) : non_target);
-            } else if (kDivergence == kCosine) {  // p is p/‖p‖ here: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
-                grad_s = -kd_factor * (p_s * (p_t - d0 * p_s));
-                if (kTeacherGrad) grad_t = -kd_factor * (p_t * (p_s - d0 * p_t));
-            } else {  // ∂JSD/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b = β p_t (log p_t/m − KL(p_t‖m))
+            } else if (kDivergence == kJSD) {  // ∂/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b likewise for t
                 const JSDRatios ratio = jsd_log_ratios(args, log_p_s, log_p_t);
                 grad_s = (kd_factor * args.one_minus_beta) * weighted(p_s, ratio.student - d1);
                 if (kTeacherGrad) grad_t = (kd_factor * args.beta) * weighted(p_t, ratio.teacher - d0);
+            } else if (kDivergence == kCosine) {  // p is p/‖p‖ here: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
+                grad_s = -kd_factor * (p_s * (p_t - d0 * p_s));
+                if (kTeacherGrad) grad_t = -kd_factor * (p_t * (p_s - d0 * p_t));
+            } else if (kDivergence == kDKD) {  // student only; d1 = p_t,gt − p_s,gt
+                const vf non_target = args.beta * (p_s - p_t) + args.alpha * d1 * p_s;
+                grad_s = kd_factor * (target ? splat(-args.alpha * d1) : non_target);
             }
         }
         if (kHasCE) {  // ∂CE/∂s = softmax(s) − onehot(label)
@@ -454,74 +543,43 @@ void scale_row(const ScaleRowsArgs& args, int64_t row) {
     }
 }
 
-// The template flags from the runtime options, one at a time.
-template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused, bool kTeacherGrad>
-void forward_rows(const KDArgs& args) {
-    if (args.metrics != nullptr) {
-        for_each_row(args, forward_row<kDivergence, kHasKD, kHasCE, kFused, kTeacherGrad, true>);
-    } else {
-        for_each_row(args, forward_row<kDivergence, kHasKD, kHasCE, kFused, kTeacherGrad, false>);
-    }
+// The modes from the run-time options (static_switch.h): a row function instantiated for each.
+void forward(const KDArgs& args) {
+    divergence_switch(args.divergence, [&](auto divergence) {
+        constexpr int kDivergence = decltype(divergence)::value;
+        bool_switch(args.kd_scale != 0, [&](auto has_kd) {
+            bool_switch(args.ce_weight != 0, [&](auto has_ce) {
+                bool_switch(args.fused_grad_student != nullptr, [&](auto wants_fused) {
+                    // the fused gradient covers kl and reverse_kl; the teacher's only with it
+                    constexpr bool kFused = decltype(wants_fused)::value && (kDivergence == kKL ||
+                                                                             kDivergence == kReverseKL);
+                    bool_switch(kFused && args.fused_grad_teacher != nullptr, [&](auto teacher_grad) {
+                        bool_switch(args.metrics != nullptr, [&](auto metrics) {
+                            for_each_row(args, forward_row<kDivergence, decltype(has_kd)::value,
+                                                           decltype(has_ce)::value, kFused,
+                                                           kFused && decltype(teacher_grad)::value,
+                                                           decltype(metrics)::value>);
+                        });
+                    });
+                });
+            });
+        });
+    });
 }
 
-template <int kDivergence, bool kHasKD, bool kHasCE, bool kFused>
-void forward_rows(const KDArgs& args) {
-    if (kFused && args.fused_grad_teacher != nullptr) {
-        return forward_rows<kDivergence, kHasKD, kHasCE, kFused, true>(args);
-    }
-    forward_rows<kDivergence, kHasKD, kHasCE, kFused, false>(args);
+void backward(const KDArgs& args) {
+    divergence_switch(args.divergence, [&](auto divergence) {
+        bool_switch(args.kd_scale != 0, [&](auto has_kd) {
+            bool_switch(args.ce_weight != 0, [&](auto has_ce) {
+                bool_switch(args.grad_teacher != nullptr, [&](auto teacher_grad) {
+                    for_each_row(args, backward_row<decltype(divergence)::value, decltype(has_kd)::value,
+                                                    decltype(has_ce)::value, decltype(teacher_grad)::value>);
+                });
+            });
+        });
+    });
 }
 
-template <int kDivergence, bool kHasKD, bool kHasCE>
-void forward_rows(const KDArgs& args) {
-    constexpr bool kFusable = kDivergence == kKL || kDivergence == kReverseKL;
-    if (args.fused_grad_student != nullptr) return forward_rows<kDivergence, kHasKD, kHasCE, kFusable>(args);
-    forward_rows<kDivergence, kHasKD, kHasCE, false>(args);
-}
-
-template <int kDivergence, bool kHasKD, bool kHasCE, bool kTeacherGrad>
-void backward_rows(const KDArgs& args) {
-    for_each_row(args, backward_row<kDivergence, kHasKD, kHasCE, kTeacherGrad>);
-}
-
-template <int kDivergence, bool kHasKD, bool kHasCE>
-void backward_rows(const KDArgs& args) {
-    if (args.grad_teacher != nullptr) return backward_rows<kDivergence, kHasKD, kHasCE, true>(args);
-    backward_rows<kDivergence, kHasKD, kHasCE, false>(args);
-}
-
-template <int kDivergence, template <int, bool, bool> class Rows>
-void with_flags(const KDArgs& args) {
-    const bool has_kd = args.kd_scale != 0, has_ce = args.ce_weight != 0;
-    if (has_kd && has_ce) return Rows<kDivergence, true, true>::run(args);
-    if (has_kd) return Rows<kDivergence, true, false>::run(args);
-    if (has_ce) return Rows<kDivergence, false, true>::run(args);
-    Rows<kDivergence, false, false>::run(args);
-}
-
-template <int kDivergence, bool kHasKD, bool kHasCE>
-struct ForwardRows {
-    static void run(const KDArgs& args) { forward_rows<kDivergence, kHasKD, kHasCE>(args); }
-};
-
-template <int kDivergence, bool kHasKD, bool kHasCE>
-struct BackwardRows {
-    static void run(const KDArgs& args) { backward_rows<kDivergence, kHasKD, kHasCE>(args); }
-};
-
-template <template <int, bool, bool> class Rows>
-void with_divergence(const KDArgs& args) {
-    switch (args.divergence) {
-        case kKL: return with_flags<kKL, Rows>(args);
-        case kReverseKL: return with_flags<kReverseKL, Rows>(args);
-        case kJSD: return with_flags<kJSD, Rows>(args);
-        case kCosine: return with_flags<kCosine, Rows>(args);
-        default: return with_flags<kDKD, Rows>(args);
-    }
-}
-
-void forward(const KDArgs& args) { with_divergence<ForwardRows>(args); }
-void backward(const KDArgs& args) { with_divergence<BackwardRows>(args); }
 void scale_rows(const ScaleRowsArgs& args) { for_each_row(args, scale_row); }
 
 }  // namespace

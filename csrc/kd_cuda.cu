@@ -242,12 +242,13 @@ template <template <typename> class Op>
 std::string by_dtype(const KDArgs& a, void* stream) {
     if (a.num_rows == 0) return std::string();
     const auto s = static_cast<cudaStream_t>(stream);
-    switch (a.student.dtype) {
+    switch (static_cast<DType>(a.student.dtype)) {
         case kFloat32: return Op<float>::run(a, s);
         case kFloat16: return Op<__half>::run(a, s);
         case kBFloat16: return Op<__nv_bfloat16>::run(a, s);
-        default: return "unknown dtype code " + std::to_string(a.student.dtype);
+        case kUInt8: break;  // a mask dtype, never logits
     }
+    return "unknown logits dtype code " + std::to_string(a.student.dtype);
 }
 
 template <typename T>

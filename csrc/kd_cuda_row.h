@@ -153,8 +153,8 @@ FASTKD_HD Label row_label(const int64_t* labels, int64_t row, int64_t num_cols, 
     return Label{label, label != ignore_index, label >= 0 && label < num_cols};
 }
 
-// The row loss and its statistics (max a, log-sum a, max b, log-sum b, KL, 0, max s, log-sum s; zeros at an
-// ignored row). target_logit: s at the label (read by the caller where the label is ok).
+// The row loss and its statistics (the Stat slots of kd_args.h: d0 the KL, d1 0; zeros at an ignored row).
+// target_logit: s at the label (read by the caller where the label is ok).
 FASTKD_HD float finish(const OnlineRow& r, const Label& label, float target_logit, float kd_scale, float ce_weight,
                        const Options& o, float (&stats)[kNumStats]) {
     const float log_s_a = logf(r.s_a), log_s_b = logf(r.s_b), log_s_1 = logf(r.s_1);
@@ -164,9 +164,16 @@ FASTKD_HD float finish(const OnlineRow& r, const Label& label, float target_logi
         loss = kd_scale * kl;
     }
     if (o.has_ce) loss += ce_weight * ((r.m_1 - target_logit) + log_s_1);
-    const float kept[kNumStats] = {r.m_a, log_s_a, r.m_b, log_s_b, kl, 0.0f, r.m_1, log_s_1};
+    stats[kStatMaxA] = r.m_a;
+    stats[kStatLogSumA] = log_s_a;
+    stats[kStatMaxB] = r.m_b;
+    stats[kStatLogSumB] = log_s_b;
+    stats[kStatD0] = kl;
+    stats[kStatD1] = 0.0f;
+    stats[kStatMaxS] = r.m_1;
+    stats[kStatLogSumS] = log_s_1;
 #pragma unroll
-    for (int i = 0; i < kNumStats; ++i) stats[i] = label.counted ? kept[i] : 0.0f;
+    for (int slot = 0; slot < kNumStats; ++slot) stats[slot] = label.counted ? stats[slot] : 0.0f;
     if (!label.counted) return 0.0f;
     return label.ok ? loss : NAN;
 }
@@ -180,9 +187,10 @@ struct RowGradient {
 FASTKD_HD RowGradient row_gradient(const float* stats, int64_t row, int64_t num_rows, float grad_loss,
                                    const Label& label, float kd_scale, float ce_weight, const Options& o) {
     const float g = !label.counted ? 0.0f : (label.ok ? grad_loss : NAN);
-    return RowGradient{stats[row], stats[num_rows + row], stats[2 * num_rows + row], stats[3 * num_rows + row],
-                       stats[4 * num_rows + row], stats[6 * num_rows + row], stats[7 * num_rows + row],
-                       g * kd_scale * o.inv_temperature, g * ce_weight};
+    const float* column = stats + row;
+    return RowGradient{column[kStatMaxA * num_rows], column[kStatLogSumA * num_rows], column[kStatMaxB * num_rows],
+                       column[kStatLogSumB * num_rows], column[kStatD0 * num_rows], column[kStatMaxS * num_rows],
+                       column[kStatLogSumS * num_rows], g * kd_scale * o.inv_temperature, g * ce_weight};
 }
 
 // ∂(grad_loss·row_loss)/∂s and /∂t at one entry (is_label: the entry is the row's label).

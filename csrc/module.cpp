@@ -144,7 +144,8 @@ FeatureArgs feature_args(const py::dict& d) {
     a.beta = get<float>(d, "beta");
     a.num_threads = get<int>(d, "num_threads");
     if (a.num_n < 0 || a.num_c < 0 || a.num_s < 0 || a.num_threads < 1) throw std::invalid_argument("bad sizes");
-    if (a.kind < 0 || a.kind > 3 || a.normalize < 0 || a.normalize > 2 || a.group < 0 || a.group > 2) {
+    if (a.kind < kKindMSE || a.kind > kKindCosine || a.normalize < kNormalizeNone ||
+        a.normalize > kNormalizeL2 || a.group < kGroupChannel || a.group > kGroupSample) {
         throw std::invalid_argument("unknown kind, normalize or group code");
     }
     if (a.num_n * a.num_c * a.num_s > 0 && (a.student.data == nullptr || a.teacher.data == nullptr)) {

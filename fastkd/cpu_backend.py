@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from .kernel_args import (DTYPE_CODES, FEATURE_KIND_CODES, FEATURE_NORMALIZE_CODES, NUM_METRICS, NUM_STATS,
-                          kd_launch_args)
+from .kernel_args import (DTYPE_CODES, NUM_METRICS, NUM_STATS, DType, FeatureKind, FeatureNormalize, KDOptions,
+                          feature_groups, kd_launch_args)
 
 try:
     from . import _C
@@ -86,12 +86,12 @@ def set_cache_limit(nbytes: int) -> None:
     _extension().set_cache_limit(int(nbytes))
 
 
-def _forward(student, teacher, labels, options, with_metrics, grad_scale=None, teacher_grad=False):
+def _forward(student, teacher, labels, options: KDOptions, with_metrics, grad_scale=None, teacher_grad=False):
     num_rows = student.shape[0]
     loss = torch.empty(num_rows, dtype=torch.float32)
     stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32)
     metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32)
-    args, _keep = kd_launch_args(student, teacher, labels, stats, num_threads=torch.get_num_threads(), **options)
+    args, _keep = kd_launch_args(student, teacher, labels, stats, options, num_threads=torch.get_num_threads())
     args.update(loss=loss.data_ptr(), fused_grad_student=0, fused_grad_teacher=0, grad_scale=1.0,
                 metrics=metrics.data_ptr() if with_metrics else 0)
     grads = ()
@@ -110,21 +110,22 @@ def _one_teacher(ensemble: str) -> None:
         raise ValueError("the C++ kd_loss kernels take one teacher; an ensemble's target is materialised first")
 
 
-def kd_forward(student, teacher, labels, *, with_metrics=False, teacher_weights=None, ensemble="none", **options):
+def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=False, teacher_weights=None,
+               ensemble="none"):
     """Row losses (N,) float32, statistics (NUM_STATS, N) and metrics (NUM_METRICS, N, or empty without
     ``with_metrics``) float32 of (N, V) CPU logits; the same contract as :func:`fastkd.kernels.kd.kd_forward`,
-    for one teacher. Options: temperature, divergence, beta, ignore_index, ce_weight, kd_scale."""
+    for one teacher."""
     _one_teacher(ensemble)
     return _forward(student, teacher, labels, options, with_metrics)
 
 
-def kd_forward_with_grad(student, teacher, labels, *, grad_scale: float, teacher_grad: bool, with_metrics=False,
-                         **options):
+def kd_forward_with_grad(student, teacher, labels, options: KDOptions, *, grad_scale: float, teacher_grad: bool,
+                         with_metrics=False):
     """:func:`kd_forward` plus the gradients of ``grad_scale·Σ row_loss`` w.r.t. student (and teacher if
     teacher_grad; else an empty tensor), written by the same kernel from the exponentials it already holds, so
     no exponential is computed twice. Divergences ``"kl"`` and ``"reverse_kl"`` (see :data:`FUSED_DIVERGENCES`)."""
-    if options["divergence"] not in FUSED_DIVERGENCES:
-        raise ValueError(f"the fused gradient covers divergences {FUSED_DIVERGENCES}, got {options['divergence']!r}")
+    if options.divergence not in FUSED_DIVERGENCES:
+        raise ValueError(f"the fused gradient covers divergences {FUSED_DIVERGENCES}, got {options.divergence!r}")
     return _forward(student, teacher, labels, options, with_metrics, float(grad_scale), teacher_grad)
 
 
@@ -132,13 +133,13 @@ def scale_rows_(rows: torch.Tensor, factors: torch.Tensor) -> None:
     """``rows[i] *= factors[i]`` in place for a contiguous (N, V) CPU tensor and (N,) float32 factors; rows whose
     factor is exactly 1 are not touched (one rounding in the tensor's dtype, computed in float32)."""
     factors = factors.to(torch.float32)
-    _extension().scale_rows(dict(rows=rows.data_ptr(), dtype=DTYPE_CODES[rows.dtype], num_rows=rows.shape[0],
+    _extension().scale_rows(dict(rows=rows.data_ptr(), dtype=int(DTYPE_CODES[rows.dtype]), num_rows=rows.shape[0],
                                  num_cols=rows.shape[1], factors=factors.data_ptr(), factor_stride=factors.stride(0),
                                  num_threads=torch.get_num_threads()))
 
 
-def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
-                ce_weight, kd_scale, teacher_grad, alpha=1.0, teacher_weights=None, ensemble="none"):
+def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, *, teacher_grad, teacher_weights=None,
+                ensemble="none"):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),
     contiguous (N, V) in the dtype of their input; the same contract as :func:`fastkd.kernels.kd.kd_backward`."""
     _one_teacher(ensemble)
@@ -146,9 +147,7 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
     grad_t = empty(teacher.shape if teacher_grad else (0,), teacher.dtype)
     grad_loss = grad_loss.to(torch.float32)
     stats = stats.contiguous()
-    args, _keep = kd_launch_args(student, teacher, labels, stats, num_threads=torch.get_num_threads(),
-                                 temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
-                                 ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
+    args, _keep = kd_launch_args(student, teacher, labels, stats, options, num_threads=torch.get_num_threads())
     args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr(),
                 grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
     _extension().kd_backward(args)
@@ -165,20 +164,17 @@ def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
     u_out, v_out, v_prev = torch.empty_like(u), torch.empty_like(v), torch.empty_like(v)
     _extension().power_iteration(dict(
         matrices=[(m.data_ptr(), m.shape[0], m.shape[1], m.stride(0)) for m in matrices],
-        dtype=DTYPE_CODES[matrices[0].dtype], n_iter=n_iter, eps=eps, u=u.data_ptr(), v=v.data_ptr(),
+        dtype=int(DTYPE_CODES[matrices[0].dtype]), n_iter=n_iter, eps=eps, u=u.data_ptr(), v=v.data_ptr(),
         sigma=sigma.data_ptr(), u_out=u_out.data_ptr(), v_out=v_out.data_ptr(), v_prev=v_prev.data_ptr(),
         num_threads=torch.get_num_threads()))
     return sigma, u_out, v_out, v_prev
 
 
-FEATURE_MASK_CODES = {torch.bool: 3, torch.uint8: 3}  # read as uint8; float masks use DTYPE_CODES
-
-
 def _strided3(x: Optional[torch.Tensor]) -> tuple:
     if x is None:
         return (0, 0, (0, 0, 0))
-    code = FEATURE_MASK_CODES[x.dtype] if x.dtype in FEATURE_MASK_CODES else DTYPE_CODES[x.dtype]
-    return (x.data_ptr(), code, tuple(x.stride()))
+    code = DType.UINT8 if x.dtype in (torch.bool, torch.uint8) else DTYPE_CODES[x.dtype]  # masks: bool as uint8
+    return (x.data_ptr(), int(code), tuple(x.stride()))
 
 
 def _feature_args(student, teacher, mask, margin, *, kind, normalize, group, beta) -> tuple[dict, list]:
@@ -188,7 +184,7 @@ def _feature_args(student, teacher, mask, margin, *, kind, normalize, group, bet
     num_n, num_c, num_s = student.shape
     args = dict(student=_strided3(student), teacher=_strided3(teacher), mask=_strided3(mask), num_n=num_n,
                 num_c=num_c, num_s=num_s, margin=margin.data_ptr() if margin is not None else 0,
-                kind=FEATURE_KIND_CODES[kind], normalize=FEATURE_NORMALIZE_CODES[normalize], group=group,
+                kind=int(FeatureKind.of(kind)), normalize=int(FeatureNormalize.of(normalize)), group=group,
                 beta=beta, num_threads=torch.get_num_threads())
     return args, [mask, margin]
 
@@ -198,7 +194,7 @@ def feature_forward(student, teacher, mask, margin, *, kind, normalize, group, b
     :func:`fastkd.kernels.features.feature_forward`."""
     args, _keep = _feature_args(student, teacher, mask, margin, kind=kind, normalize=normalize, group=group,
                                 beta=beta)
-    groups = (student.shape[0] * student.shape[1], student.shape[0] * student.shape[2], student.shape[0])[group]
+    groups = feature_groups(group, *student.shape)
     terms = torch.empty(groups, dtype=torch.float32)
     weights = torch.empty(groups, dtype=torch.float32)
     if groups:

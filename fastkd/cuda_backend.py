@@ -21,7 +21,7 @@ import os
 import torch
 
 from . import cuda_build
-from .kernel_args import DTYPE_CODES, NUM_STATS, kd_launch_args
+from .kernel_args import DTYPE_CODES, NUM_STATS, KDOptions, kd_launch_args
 
 DIVERGENCES = ("kl", "reverse_kl")
 _module = None
@@ -125,16 +125,16 @@ def covers(student: torch.Tensor, teacher: torch.Tensor, *, divergence: str, wit
             and student.dtype in DTYPE_CODES)
 
 
-def _launch_args(student, teacher, labels, stats, options) -> tuple[dict, list]:
-    if options.get("ensemble", "none") != "none" or options["divergence"] not in DIVERGENCES:
+def _launch_args(student, teacher, labels, stats, options: KDOptions, ensemble: str) -> tuple[dict, list]:
+    if ensemble != "none" or options.divergence not in DIVERGENCES:
         raise ValueError(f"the CUDA kernels take one teacher and divergences {DIVERGENCES}")
-    options = {k: v for k, v in options.items() if k not in ("ensemble", "teacher_weights")}
-    args, keep = kd_launch_args(student, teacher, labels, stats, num_threads=1, **options)
+    args, keep = kd_launch_args(student, teacher, labels, stats, options, num_threads=1)
     args["stream"] = torch.cuda.current_stream(student.device).cuda_stream
     return args, keep
 
 
-def kd_forward(student, teacher, labels, *, with_metrics=False, **options):
+def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=False, teacher_weights=None,
+               ensemble="none"):
     """Row losses (N,) float32, statistics (NUM_STATS, N) float32 and an empty metrics tensor of (N, V) CUDA
     logits; the contract of :func:`fastkd.kernels.kd.kd_forward` for the calls :func:`covers` accepts."""
     if with_metrics:
@@ -142,20 +142,21 @@ def kd_forward(student, teacher, labels, *, with_metrics=False, **options):
     num_rows = student.shape[0]
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
-    args, _keep = _launch_args(student, teacher, labels, stats, options)
+    args, _keep = _launch_args(student, teacher, labels, stats, options, ensemble)
     args["loss"] = loss.data_ptr()
     with torch.cuda.device(student.device):
         extension().kd_forward(args)
     return loss, stats, torch.empty(0, dtype=torch.float32, device=student.device)
 
 
-def kd_backward(grad_loss, student, teacher, labels, stats, *, teacher_grad, **options):
+def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, *, teacher_grad, teacher_weights=None,
+                ensemble="none"):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),
     contiguous (N, V) in the dtype of their input; the contract of :func:`fastkd.kernels.kd.kd_backward`."""
     grad_s = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     grad_t = torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=teacher.device)
     grad_loss, stats = grad_loss.to(torch.float32), stats.contiguous()  # held until the launch has been queued
-    args, _keep = _launch_args(student, teacher, labels, stats, options)
+    args, _keep = _launch_args(student, teacher, labels, stats, options, ensemble)
     args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr(),
                 grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
     with torch.cuda.device(student.device):

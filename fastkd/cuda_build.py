@@ -92,7 +92,8 @@ def gencode_flags(arches: Sequence[str]) -> list:
 def _commands(nvcc: str, src: Path, work: Path, output: Path, arches: Sequence[str]) -> list:
     """(command, output, inputs) of each step: compile each source (the .cu for ``arches``), then link."""
     includes = [f"-I{src}", f"-I{_pybind11_include()}", f"-I{sysconfig.get_paths()['include']}"]
-    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *includes]
+    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", "-Xcompiler",
+             "-Werror=switch", *includes]
     steps, objects = [], []
     for source in SOURCES:
         obj = work / f"{Path(source).stem}.o"

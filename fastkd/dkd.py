@@ -14,6 +14,7 @@ import torch
 
 from . import reference
 from .dispatch import kernel_or_reference, select_backend
+from .kernel_args import KDOptions
 from .kd import _check_options, _check_tensors, _divisor, _finite_number, _KDLossRows, _reduce
 
 
@@ -64,7 +65,9 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
                                            beta=beta, ignore_index=options["ignore_index"],
                                            ce_weight=options["ce_weight"])
     else:  # the kd_loss kernels with divergence "dkd": β weighs NCKD, α TCKD, kd_scale is T²
+        kernel_options = KDOptions(temperature=temperature, divergence="dkd", beta=beta,
+                                   ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
+                                   kd_scale=temperature * temperature, alpha=alpha)
         row_loss, _ = _KDLossRows.apply(student, teacher, flat_labels, None, chosen, False, None, "none",
-                                        temperature, "dkd", beta, options["ignore_index"], options["ce_weight"],
-                                        temperature * temperature, alpha)
+                                        kernel_options)
     return _reduce(row_loss, labels.shape, options["reduction"], _divisor(options, flat_labels, student.shape[0]))

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from . import reference
 from .adapters import adapter_for
 from .dispatch import kernel_or_reference, launchers, select_backend
+from .kernel_args import FeatureGroup, feature_groups
 
 KINDS = ("mse", "l1", "smooth_l1", "cosine")
 NORMALIZATIONS = (None, "channel", "sample", "l2")
@@ -50,7 +51,7 @@ def _feature_loss_groups_op(student: torch.Tensor, teacher: torch.Tensor, mask: 
 @_feature_loss_groups_op.register_fake
 def _(student, teacher, mask, margin, kind, normalize, group, beta, backend):
     num_n, num_c, num_s = student.shape
-    groups = (num_n * num_c, num_n * num_s, num_n)[group]
+    groups = feature_groups(group, num_n, num_c, num_s)
     return student.new_empty(groups, dtype=torch.float32), student.new_empty(groups, dtype=torch.float32)
 
 
@@ -165,17 +166,17 @@ def _check(student, teacher, mask, *, kind, normalize, margin, channel_dim, redu
     return channel_dim
 
 
-def _kernel_group(kind: str, normalize: Optional[str], num_c: int, num_s: int) -> Optional[int]:
+def _kernel_group(kind: str, normalize: Optional[str], num_c: int, num_s: int) -> Optional[FeatureGroup]:
     """The kernels' normalisation group (kernels/features.py), or None where they do not cover the combination."""
     if kind == "cosine":
-        return 1 if normalize in (None, "l2") else None
+        return FeatureGroup.POSITION if normalize in (None, "l2") else None
     if normalize == "channel":
-        return 0
+        return FeatureGroup.CHANNEL
     if normalize == "sample":
-        return 2
+        return FeatureGroup.SAMPLE
     if normalize == "l2":
-        return 1
-    return 0 if num_s >= num_c else 1
+        return FeatureGroup.POSITION
+    return FeatureGroup.CHANNEL if num_s >= num_c else FeatureGroup.POSITION
 
 
 def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
@@ -214,7 +215,7 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
     if chosen in ("triton", "cpu"):  # the kernels read the mask through its strides (0 where it is broadcast)
         groups_mask = None if mask is None else _as_groups(
             (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).expand(student_feat.shape), channel_dim)
-        return _FeatureLoss.apply(student, teacher, groups_mask, margin, kind, normalize or "", group, float(beta),
+        return _FeatureLoss.apply(student, teacher, groups_mask, margin, kind, normalize or "", int(group), float(beta),
                                   chosen, reduction == "mean")
     math_dtype = reference._math_dtype(student, teacher)  # cast before expanding: no full-size copy of the mask
     weights_mask = torch.ones((), dtype=math_dtype, device=student.device).expand(student.shape) if mask is None \

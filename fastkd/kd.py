@@ -17,13 +17,13 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_backend, cuda_backend, reference
 from .dispatch import check_backend_name, kernel_or_reference, launchers, select_backend
-from .kernel_args import NUM_METRICS, NUM_STATS, stats_rows
+from .kernel_args import NUM_METRICS, NUM_STATS, KDOptions, Metric, TopKOptions, stats_rows
 from .topk import TAILS, TopK
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 REDUCTIONS = ("batchmean", "sum", "none")
 ENSEMBLES = ("prob", "logit")
-FIDELITY_METRICS = ("top1_agreement", "predictive_kl", "teacher_entropy", "student_entropy")  # kernel_args order
+FIDELITY_METRICS = tuple(metric.name.lower() for metric in Metric)  # the keys of kd_loss's stats, in slot order
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # the largest temperature for each math dtype (float32 for float32/16 and bfloat16 inputs): the divergence's
 # relative error grows as about 6e-8·T² in float32 and 1e-16·T² in float64 (measured: 7e-4 at T = 100 and 5e-2 at
@@ -43,11 +43,10 @@ def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, teacher_weigh
                      labels: Optional[torch.Tensor], temperature: float, divergence: str, beta: float,
                      ignore_index: int, ce_weight: float, kd_scale: float, alpha: float, ensemble: str, backend: str,
                      with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launchers(backend, "kd").kd_forward(student, teacher, labels, temperature=temperature,
-                                               divergence=divergence, beta=beta, ignore_index=ignore_index,
-                                               ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
-                                               with_metrics=with_metrics, teacher_weights=teacher_weights,
-                                               ensemble=ensemble)
+    options = KDOptions(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
+                        ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
+    return launchers(backend, "kd").kd_forward(student, teacher, labels, options, with_metrics=with_metrics,
+                                               teacher_weights=teacher_weights, ensemble=ensemble)
 
 
 @_kd_loss_rows_op.register_fake
@@ -65,11 +64,11 @@ def _kd_loss_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, te
                               stats: torch.Tensor, temperature: float, divergence: str, beta: float,
                               ignore_index: int, ce_weight: float, kd_scale: float, alpha: float, ensemble: str,
                               backend: str, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return launchers(backend, "kd").kd_backward(grad_loss, student, teacher, labels, stats,
-                                                temperature=temperature, divergence=divergence, beta=beta,
-                                                ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
-                                                alpha=alpha, teacher_grad=teacher_grad,
-                                                teacher_weights=teacher_weights, ensemble=ensemble)
+    options = KDOptions(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
+                        ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
+    return launchers(backend, "kd").kd_backward(grad_loss, student, teacher, labels, stats, options,
+                                                teacher_grad=teacher_grad, teacher_weights=teacher_weights,
+                                                ensemble=ensemble)
 
 
 @_kd_loss_rows_backward_op.register_fake
@@ -79,11 +78,11 @@ def _(grad_loss, student, teacher, teacher_weights, labels, stats, temperature, 
     return student.new_empty(student.shape), grad_t
 
 
-def _fuse_gradient(ctx, backend: str, divergence: str, grad_scale: Optional[torch.Tensor]) -> bool:
+def _fuse_gradient(ctx, backend: str, options: KDOptions, grad_scale: Optional[torch.Tensor]) -> bool:
     """Whether the forward computes the gradient too (C++ backend, kl/reverse_kl, eager mode, the student wants a
     gradient): then each exponential is computed once instead of twice (csrc/kd_cpu_impl.h). Under
     torch.compile the two-kernel path keeps the graph functional."""
-    return (backend == "cpu" and divergence in cpu_backend.FUSED_DIVERGENCES and grad_scale is not None
+    return (backend == "cpu" and options.divergence in cpu_backend.FUSED_DIVERGENCES and grad_scale is not None
             and ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
             and math.isfinite(float(grad_scale)) and float(grad_scale) > 0)
 
@@ -101,18 +100,17 @@ class _KDLossRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels, grad_scale, backend, with_metrics, teacher_weights, ensemble,
-                *options):
+                options: KDOptions):
         ctx.fused_grads = None
-        if ensemble == "none" and _fuse_gradient(ctx, backend, options[1], grad_scale):
-            temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha = options
+        if ensemble == "none" and _fuse_gradient(ctx, backend, options, grad_scale):
             row_loss, stats, metrics, grad_s, grad_t = cpu_backend.kd_forward_with_grad(
-                student, teacher, labels, grad_scale=float(grad_scale), teacher_grad=ctx.needs_input_grad[1],
-                with_metrics=with_metrics, temperature=temperature, divergence=divergence, beta=beta,
-                ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
+                student, teacher, labels, options, grad_scale=float(grad_scale), teacher_grad=ctx.needs_input_grad[1],
+                with_metrics=with_metrics)
             ctx.fused_grads = (grad_s, grad_t, grad_scale)
         else:
             row_loss, stats, metrics = torch.ops.fastkd.kd_loss_rows.default(
-                student, teacher, teacher_weights, labels, *options, ensemble, backend, with_metrics)
+                student, teacher, teacher_weights=teacher_weights, labels=labels, **options._asdict(),
+                ensemble=ensemble, backend=backend, with_metrics=with_metrics)
         ctx.save_for_backward(student, teacher, teacher_weights, labels, stats)
         ctx.backend = backend
         ctx.ensemble = ensemble
@@ -134,9 +132,10 @@ class _KDLossRows(torch.autograd.Function):
         else:
             student, teacher, teacher_weights, labels, stats = ctx.saved_tensors
             grad_s, grad_t = torch.ops.fastkd.kd_loss_rows_backward.default(
-                grad_loss, student, teacher, teacher_weights, labels, stats, *ctx.options, ctx.ensemble, ctx.backend,
-                teacher_grad)
-        return (grad_s, grad_t if teacher_grad else None) + (None,) * (6 + len(ctx.options))
+                grad_loss, student, teacher, teacher_weights=teacher_weights, labels=labels, stats=stats,
+                **ctx.options._asdict(), ensemble=ctx.ensemble, backend=ctx.backend, teacher_grad=teacher_grad)
+        # student, teacher; labels, grad_scale, backend, with_metrics, teacher_weights, ensemble, options
+        return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None
 
 
 # a sparse teacher (TopK): Triton only; no gradient to its values
@@ -146,9 +145,10 @@ def _kd_topk_rows_op(student: torch.Tensor, values: torch.Tensor, indices: torch
                      labels: Optional[torch.Tensor], temperature: float, tail: str, ignore_index: int,
                      ce_weight: float, kd_scale: float, backend: str,
                      with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launchers(backend, "kd").kd_topk_forward(student, values, indices, labels, temperature=temperature,
-                                                    tail=tail, ignore_index=ignore_index, ce_weight=ce_weight,
-                                                    kd_scale=kd_scale, with_metrics=with_metrics)
+    options = TopKOptions(temperature=temperature, tail=tail, ignore_index=ignore_index, ce_weight=ce_weight,
+                          kd_scale=kd_scale)
+    return launchers(backend, "kd").kd_topk_forward(student, values, indices, labels, options,
+                                                    with_metrics=with_metrics)
 
 
 @_kd_topk_rows_op.register_fake
@@ -164,9 +164,9 @@ def _kd_topk_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, va
                               indices: torch.Tensor, labels: Optional[torch.Tensor], stats: torch.Tensor,
                               temperature: float, tail: str, ignore_index: int, ce_weight: float, kd_scale: float,
                               backend: str) -> torch.Tensor:
-    return launchers(backend, "kd").kd_topk_backward(grad_loss, student, values, indices, labels, stats,
-                                                     temperature=temperature, tail=tail, ignore_index=ignore_index,
-                                                     ce_weight=ce_weight, kd_scale=kd_scale)
+    options = TopKOptions(temperature=temperature, tail=tail, ignore_index=ignore_index, ce_weight=ce_weight,
+                          kd_scale=kd_scale)
+    return launchers(backend, "kd").kd_topk_backward(grad_loss, student, values, indices, labels, stats, options)
 
 
 @_kd_topk_rows_backward_op.register_fake
@@ -180,10 +180,11 @@ class _KDTopKRows(torch.autograd.Function):
     only."""
 
     @staticmethod
-    def forward(ctx, student, values, indices, labels, with_metrics, *options):
-        row_loss, stats, metrics = torch.ops.fastkd.kd_topk_rows.default(student, values, indices, labels, *options,
-                                                                         with_metrics)
+    def forward(ctx, student, values, indices, labels, with_metrics, backend, options: TopKOptions):
+        row_loss, stats, metrics = torch.ops.fastkd.kd_topk_rows.default(
+            student, values, indices, labels=labels, **options._asdict(), backend=backend, with_metrics=with_metrics)
         ctx.save_for_backward(student, values, indices, labels, stats)
+        ctx.backend = backend
         ctx.options = options
         ctx.mark_non_differentiable(metrics)
         return row_loss, metrics
@@ -192,9 +193,11 @@ class _KDTopKRows(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_metrics):
         student, values, indices, labels, stats = ctx.saved_tensors
-        grad_s = torch.ops.fastkd.kd_topk_rows_backward.default(grad_loss, student, values, indices, labels, stats,
-                                                                *ctx.options)
-        return (grad_s, None, None, None, None) + (None,) * len(ctx.options)
+        grad_s = torch.ops.fastkd.kd_topk_rows_backward.default(
+            grad_loss, student, values, indices, labels=labels, stats=stats, **ctx.options._asdict(),
+            backend=ctx.backend)
+        # student; values, indices, labels, with_metrics, backend, options
+        return grad_s, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,6 +374,12 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
     return teachers, torch.tensor([w / total for w in values], dtype=torch.float32)
 
 
+def _kernel_options(options: dict) -> KDOptions:
+    """The kernels' options of a validated kd_loss call (:func:`_check_options`)."""
+    return KDOptions(temperature=options["temperature"], divergence=options["divergence"], beta=options["beta"],
+                     ignore_index=options["ignore_index"], ce_weight=options["ce_weight"], kd_scale=_kd_scale(options))
+
+
 def _kd_scale(options: dict) -> float:
     """The factor of the divergence in each row loss: kd_weight, times T² with scale_by_t2."""
     t = options["temperature"]
@@ -439,8 +448,9 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
     chosen = kernel_or_reference(chosen, backend, "kd_loss with a TopK teacher", "the TopK values",
                                   torch.is_grad_enabled() and values.requires_grad)
     if chosen == "triton":
-        rows, metrics = _KDTopKRows.apply(student, values, indices, flat_labels, return_stats, t, tail,
-                                          options["ignore_index"], options["ce_weight"], _kd_scale(options), chosen)
+        rows, metrics = _KDTopKRows.apply(student, values, indices, flat_labels, return_stats, chosen, TopKOptions(
+            temperature=t, tail=tail, ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
+            kd_scale=_kd_scale(options)))
     else:
         metrics = reference.kd_topk_fidelity_rows(student, values, indices.long(), flat_labels, tail=tail,
                                                   ignore_index=options["ignore_index"]) if return_stats else None
@@ -576,7 +586,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
-    kd_scale = _kd_scale(options)
 
     if ensemble_teachers is None:
         teacher = teacher_logits.reshape(-1, num_classes)
@@ -607,9 +616,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
         wants_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
         grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" and wants_grad else None
         row_loss, metrics = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, kernel_metrics,
-                                              teacher_weights, fused_ensemble, t, options["divergence"],
-                                              options["beta"], options["ignore_index"], options["ce_weight"],
-                                              kd_scale, 1.0)
+                                              teacher_weights, fused_ensemble, _kernel_options(options))
     else:
         row_loss = reference.kd_loss_rows(student, teacher, flat_labels, temperature=t,
                                           divergence=options["divergence"], beta=options["beta"],

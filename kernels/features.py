@@ -4,10 +4,10 @@ Features arrive as strided (N, C, S) views (channels in dim 1, the spatial/token
 mask broadcast to the same shape (stride 0 where it is broadcast). A program owns one group, the elements its
 statistics run over, and sweeps it a few times (a group is small: it stays in L1/L2 between sweeps):
 
-- GROUP 0, one (n, c): the S elements of a channel map ("channel" standardisation; also plain element-wise
+- GROUP_CHANNEL, one (n, c): the S elements of a channel map ("channel" standardisation; also plain element-wise
   losses when S ≥ C);
-- GROUP 1, one (n, s): the C channels at one position ("l2", "cosine"; plain losses when C > S);
-- GROUP 2, one n: all C·S elements of a sample ("sample" standardisation).
+- GROUP_POSITION, one (n, s): the C channels at one position ("l2", "cosine"; plain losses when C > S);
+- GROUP_SAMPLE, one n: all C·S elements of a sample ("sample" standardisation).
 
 Forward writes per group Σ mask·term and Σ mask (the caller adds them up and divides for "mean"); backward
 reads ``scale`` (= incoming gradient ÷ divisor, on the device) and writes the gradient of the student (and of
@@ -21,8 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernel_args import FEATURE_KIND_CODES, FEATURE_NORMALIZE_CODES
-from ..reference import FEATURE_COSINE_EPS, FEATURE_L2_EPS, FEATURE_NORM_EPS
+from fastkd.kernel_args import FeatureGroup, FeatureKind, FeatureNormalize, feature_groups
+from fastkd.reference import FEATURE_COSINE_EPS, FEATURE_L2_EPS, FEATURE_NORM_EPS
+
+# the codes of fastkd.kernel_args as constants of the kernels
+MSE = tl.constexpr(int(FeatureKind.MSE))
+L1 = tl.constexpr(int(FeatureKind.L1))
+COSINE = tl.constexpr(int(FeatureKind.COSINE))
+NO_NORMALIZE = tl.constexpr(int(FeatureNormalize.NONE))
+STANDARDIZE = tl.constexpr(int(FeatureNormalize.STANDARDIZE))
+L2 = tl.constexpr(int(FeatureNormalize.L2))
+GROUP_CHANNEL = tl.constexpr(int(FeatureGroup.CHANNEL))
+GROUP_POSITION = tl.constexpr(int(FeatureGroup.POSITION))
 
 NORM_EPS = tl.constexpr(FEATURE_NORM_EPS)
 L2_EPS = tl.constexpr(FEATURE_L2_EPS)
@@ -33,12 +43,12 @@ COSINE_EPS = tl.constexpr(FEATURE_COSINE_EPS)
 def _element_offsets(group, start, num_c, num_s, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     """(n, c, s) of the elements start … start + BLOCK of ``group``, and which of them lie in it."""
     e = start + tl.arange(0, BLOCK).to(tl.int64)
-    if GROUP == 0:
+    if GROUP == GROUP_CHANNEL:
         n = group // num_c
         c = group % num_c + e * 0
         s = e
         inside = e < num_s
-    elif GROUP == 1:
+    elif GROUP == GROUP_POSITION:
         n = group // num_s
         c = e
         s = group % num_s + e * 0
@@ -65,9 +75,9 @@ def _mask(M, n, c, s, m_strides, inside, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _group_size(num_c, num_s, GROUP: tl.constexpr):
-    if GROUP == 0:
+    if GROUP == GROUP_CHANNEL:
         return num_s
-    elif GROUP == 1:
+    elif GROUP == GROUP_POSITION:
         return num_c
     return num_c * num_s
 
@@ -125,9 +135,9 @@ def _sums_of_squares(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strid
 @triton.jit
 def _term_and_slope(diff, beta, KIND: tl.constexpr):
     """An element-wise term of diff = s − t and its derivative."""
-    if KIND == 0:
+    if KIND == MSE:
         return diff * diff, 2.0 * diff
-    elif KIND == 1:
+    elif KIND == L1:
         return tl.abs(diff), tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
     small = tl.abs(diff) < beta
     term = tl.where(small, 0.5 * diff * diff / beta, tl.abs(diff) - 0.5 * beta)
@@ -165,10 +175,10 @@ def _group_normalizers(S, T, M, group, num_c, num_s, s_strides, t_strides, m_str
     """(count, shift_s, shift_t, scale_s, scale_t, ‖s‖, ‖t‖): y = (x − shift)·scale for each side."""
     zero = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
     count, shift_s, shift_t, scale_s, scale_t, norm_s, norm_t = zero, zero, zero, zero + 1.0, zero + 1.0, zero, zero
-    if NORMALIZE == 1:
+    if NORMALIZE == STANDARDIZE:
         count, shift_s, shift_t, scale_s, scale_t = _moments(S, T, M, group, num_c, num_s, s_strides, t_strides,
                                                              m_strides, HAS_MASK, GROUP, BLOCK)
-    elif NORMALIZE == 2:
+    elif NORMALIZE == L2:
         ss, tt, _ = _sums_of_squares(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK,
                                      GROUP, BLOCK)
         norm_s, norm_t = tl.sqrt(ss), tl.sqrt(tt)
@@ -183,7 +193,7 @@ def feature_forward_kernel(S, T, M, MARGIN, TERMS, WEIGHTS, num_c, num_s,
                            HAS_MARGIN: tl.constexpr, BLOCK: tl.constexpr):
     group = tl.program_id(0).to(tl.int64)
     s_strides, t_strides, m_strides = (s_n, s_c, s_s), (t_n, t_c, t_s), (m_n, m_c, m_s)
-    if KIND == 3:  # cosine over the C channels of one position (GROUP 1); the mask is constant along them
+    if KIND == COSINE:  # cosine over the C channels of one position (GROUP_POSITION); the mask is constant along them
         ss, tt, st = _sums_of_squares(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK,
                                       GROUP, BLOCK)
         n, c, s, inside = _element_offsets(group, 0, num_c, num_s, BLOCK, GROUP)
@@ -220,7 +230,7 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
     gs_strides, gt_strides = (gs_n, gs_c, gs_s), (gt_n, gt_c, gt_s)
     scale = tl.load(SCALE).to(tl.float32)
     size = _group_size(num_c, num_s, GROUP)
-    if KIND == 3:
+    if KIND == COSINE:
         ss, tt, st = _sums_of_squares(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK,
                                       GROUP, BLOCK)
         n, c, s, inside = _element_offsets(group, 0, num_c, num_s, BLOCK, GROUP)
@@ -252,7 +262,7 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
         sum_gys = tl.zeros((BLOCK,), tl.float32)
         sum_gt = tl.zeros((BLOCK,), tl.float32)
         sum_gyt = tl.zeros((BLOCK,), tl.float32)
-        if NORMALIZE != 0:
+        if NORMALIZE != NO_NORMALIZE:
             for start in range(0, size, BLOCK):
                 n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
                 m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides,
@@ -275,10 +285,10 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
                                                            HAS_MARGIN)
             g = _loss_gradient(ys, yt, m, counted, scale, beta, KIND)
             present = m != 0
-            if NORMALIZE == 1:
+            if NORMALIZE == STANDARDIZE:
                 grad_s = scale_s * (g - mean_gs - ys * mean_gys)
                 grad_t = scale_t * (-g - mean_gt - yt * mean_gyt)
-            elif NORMALIZE == 2:
+            elif NORMALIZE == L2:
                 grad_s = scale_s * (g - tl.where(norm_s > L2_EPS, ys * dot_s, 0.0))
                 grad_t = scale_t * (-g - tl.where(norm_t > L2_EPS, yt * dot_t, 0.0))
             else:
@@ -292,9 +302,9 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
 
 
 def _grid_and_block(num_n: int, num_c: int, num_s: int, group: int) -> tuple[int, int]:
-    size = (num_s, num_c, num_c * num_s)[group]
-    groups = (num_n * num_c, num_n * num_s, num_n)[group]
-    return groups, min(triton.next_power_of_2(max(size, 1)), 1024)
+    """(programs, block) for the groups of the (N, C, S) view: one program per group, blocks of up to 1024."""
+    size = {FeatureGroup.CHANNEL: num_s, FeatureGroup.POSITION: num_c, FeatureGroup.SAMPLE: num_c * num_s}[group]
+    return feature_groups(group, num_n, num_c, num_s), min(triton.next_power_of_2(max(size, 1)), 1024)
 
 
 def _common(student, teacher, mask, margin, *, kind, normalize, group, beta):
@@ -304,7 +314,7 @@ def _common(student, teacher, mask, margin, *, kind, normalize, group, beta):
                 sizes=(num_c, num_s),
                 strides=(*student.stride(), *teacher.stride(), *(mask.stride() if mask is not None else (0, 0, 0))),
                 beta=beta,
-                constexprs=dict(KIND=FEATURE_KIND_CODES[kind], NORMALIZE=FEATURE_NORMALIZE_CODES[normalize],
+                constexprs=dict(KIND=int(FeatureKind.of(kind)), NORMALIZE=int(FeatureNormalize.of(normalize)),
                                 GROUP=group, HAS_MASK=mask is not None, HAS_MARGIN=margin is not None),
                 grid_block=_grid_and_block(num_n, num_c, num_s, group))
 

@@ -1,23 +1,24 @@
 """Triton kernels of the kd_loss family: one program per row, forward and backward.
 
 Forward reads each row of student and teacher logits once (online log-sum-exp with a running max; the
-divergence accumulates in the same sweep) and writes the row loss plus NUM_STATS float32 statistics per row.
-The generalized JSD needs both normalisers before its mixture is known, so its forward sweeps the row twice.
-Backward reads the rows once more and writes the gradient(s), already multiplied by the incoming gradient
-of the row loss, which it reads on the device.
+divergence accumulates in the same sweep) and writes the row loss plus NUM_STATS float32 statistics per row
+(the slots of :class:`fastkd.kernel_args.Stat`). The generalized JSD needs both normalisers before its mixture is
+known, so its forward sweeps the row twice. Backward reads the rows once more and writes the gradient(s), already
+multiplied by the incoming gradient of the row loss, which it reads on the device.
 
 Notation (per row): a = s/T, b = t/T, log p_s = (a − max a) − log Σ exp(a − max a), likewise log p_t, and the
 cross-entropy term uses s at temperature 1. Keeping each max apart from its log-sum (instead of one
-log-sum-exp) keeps log p exact to rounding of the small term even for logits of ±1e4. The statistics
-(NUM_STATS, N), float32, hold per row: max a, log-sum a, max b, log-sum b, d0, d1, max s, log-sum s, where
-for "kl"/"reverse_kl" d0 is the divergence, for "jsd" d0 = KL(p_t‖m), d1 = KL(p_s‖m), and for "cosine" d0 is
-the cosine of p_s and p_t and the log-sums are replaced by log ‖exp(x − max)‖₂, so that the backward's
-"probabilities" are the unit vectors p/‖p‖.
+log-sum-exp) keeps log p exact to rounding of the small term even for logits of ±1e4. For "cosine" the log-sums
+are replaced by log ‖exp(x − max)‖₂, so that the backward's "probabilities" are the unit vectors p/‖p‖.
 
-Several teachers (ENSEMBLE 1, 2) are read as (TEACHERS, BLOCK) tiles of a (K, N, V) tensor and mixed per block
-into one teacher row (:func:`_teacher_block`); everything after that is the one-teacher code. A sparse teacher
-(TopK) has kernels of its own (``kd_topk_*``) that share the helpers, and its own use of the statistics slots
-(fastkd/kernel_args.py).
+Several teachers (ENSEMBLE PROB, LOGIT) are read as (TEACHERS, BLOCK) tiles of a (K, N, V) tensor and mixed per
+block into one teacher row (:func:`_teacher_block`); everything after that is the one-teacher code. A sparse
+teacher (TopK) has kernels of its own (``kd_topk_*``) that share the helpers, and its own use of the statistics
+slots (:class:`fastkd.kernel_args.TopKStat`).
+
+Each kernel reads top to bottom as: the row's state, a sweep whose block updates are named helpers
+(:func:`_kd_block`, :func:`_metrics_block`), the row's result (:func:`_kd_result`), the stores. Modes are the
+``tl.constexpr`` aliases below of the codes in :mod:`fastkd.kernel_args`.
 """
 from __future__ import annotations
 
@@ -25,8 +26,38 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernel_args import DIVERGENCE_CODES, ENSEMBLE_CODES, NUM_METRICS, NUM_STATS, kd_scalars, stats_rows
+from fastkd.kernel_args import (NUM_METRICS, NUM_STATS, Divergence, Ensemble, KDOptions, Metric, Stat, TopKOptions,
+                                TopKStat, kd_scalars, stats_rows)
 
+# the codes and slots of fastkd.kernel_args, as constants of the kernels
+KL = tl.constexpr(int(Divergence.KL))
+REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
+JSD = tl.constexpr(int(Divergence.JSD))
+COSINE = tl.constexpr(int(Divergence.COSINE))
+DKD = tl.constexpr(int(Divergence.DKD))
+ONE_TEACHER = tl.constexpr(int(Ensemble.NONE))
+PROB = tl.constexpr(int(Ensemble.PROB))
+LOGIT = tl.constexpr(int(Ensemble.LOGIT))
+STAT_MAX_A = tl.constexpr(int(Stat.MAX_A))
+STAT_LOG_SUM_A = tl.constexpr(int(Stat.LOG_SUM_A))
+STAT_MAX_B = tl.constexpr(int(Stat.MAX_B))
+STAT_LOG_SUM_B = tl.constexpr(int(Stat.LOG_SUM_B))
+STAT_D0 = tl.constexpr(int(Stat.D0))
+STAT_D1 = tl.constexpr(int(Stat.D1))
+STAT_MAX_S = tl.constexpr(int(Stat.MAX_S))
+STAT_LOG_SUM_S = tl.constexpr(int(Stat.LOG_SUM_S))
+TOPK_MAX_A = tl.constexpr(int(TopKStat.MAX_A))
+TOPK_LOG_SUM_A = tl.constexpr(int(TopKStat.LOG_SUM_A))
+TOPK_LOG_P_TAIL = tl.constexpr(int(TopKStat.LOG_P_TAIL))
+TOPK_KL = tl.constexpr(int(TopKStat.KL))
+TOPK_MAX_S = tl.constexpr(int(TopKStat.MAX_S))
+TOPK_LOG_SUM_S = tl.constexpr(int(TopKStat.LOG_SUM_S))
+TOPK_MAX_REST = tl.constexpr(int(TopKStat.MAX_REST))
+TOPK_LOG_SUM_REST = tl.constexpr(int(TopKStat.LOG_SUM_REST))
+METRIC_TOP1_AGREEMENT = tl.constexpr(int(Metric.TOP1_AGREEMENT))
+METRIC_PREDICTIVE_KL = tl.constexpr(int(Metric.PREDICTIVE_KL))
+METRIC_TEACHER_ENTROPY = tl.constexpr(int(Metric.TEACHER_ENTROPY))
+METRIC_STUDENT_ENTROPY = tl.constexpr(int(Metric.STUDENT_ENTROPY))
 _NUM_STATS = tl.constexpr(NUM_STATS)
 
 
@@ -126,23 +157,25 @@ def _load_block(row_ptr, cols, stride_col, in_row):
 
 
 @triton.jit
-def _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row):
+def _load_teachers(teacher_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row):
     """One block of every teacher's row, (TEACHERS, BLOCK) float32, −inf past the row's end and on padding rows."""
     offsets = teachers[:, None].to(tl.int64) * stride_t_teacher + cols[None, :].to(tl.int64) * stride_t_col
-    return tl.load(t_row + offsets, mask=teacher_ok[:, None] & in_row[None, :], other=float("-inf")).to(tl.float32)
+    return tl.load(teacher_row + offsets, mask=teacher_ok[:, None] & in_row[None, :],
+                   other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
-def _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, shift, coef, scale,
-                   ENSEMBLE: tl.constexpr):
-    """One block of the teacher's logits times ``scale``, −inf past the row's end. One teacher (ENSEMBLE 0): its
-    logits. The logit ensemble (2, coef_k = w_k): Σ_k w_k t_k over the teachers of non-zero weight. The prob ensemble (1, from the pre-pass: shift_k
-    = max of scale·t_k, coef_k = log Σ exp(scale·t_k − shift_k) − log w_k, kept apart as for one teacher so that
-    logits of ±1e4 lose nothing): log Σ_k w_k softmax(scale·t_k), the log of the mean distribution itself."""
-    if ENSEMBLE == 0:
-        return _load_block(t_row, cols, stride_t_col, in_row) * scale
-    x = _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row)
-    if ENSEMBLE == 2:  # a zero weight (also the padding teachers') drops its teacher: never 0·(−inf)
+def _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, shift, coef,
+                   scale, ENSEMBLE: tl.constexpr):
+    """One block of the teacher's logits times ``scale``, −inf past the row's end. One teacher (ONE_TEACHER): its
+    logits. The logit ensemble (LOGIT, coef_k = w_k): Σ_k w_k t_k over the teachers of non-zero weight. The prob
+    ensemble (PROB, from the pre-pass: shift_k = max of scale·t_k, coef_k = log Σ exp(scale·t_k − shift_k) − log w_k,
+    kept apart as for one teacher so that logits of ±1e4 lose nothing): log Σ_k w_k softmax(scale·t_k), the log of
+    the mean distribution itself."""
+    if ENSEMBLE == ONE_TEACHER:
+        return _load_block(teacher_row, cols, stride_t_col, in_row) * scale
+    x = _load_teachers(teacher_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row)
+    if ENSEMBLE == LOGIT:  # a zero weight (also the padding teachers') drops its teacher: never 0·(−inf)
         mean = tl.sum(_weighted(coef[:, None], x), axis=0)
         return tl.where(in_row, mean * scale, float("-inf"))
     c = tl.where(teacher_ok[:, None], (x * scale - shift[:, None]) - coef[:, None], float("-inf"))
@@ -159,7 +192,7 @@ def _online_row_logsumexp(m, total, x):
 
 
 @triton.jit
-def _ensemble_coefficients(T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers,
+def _ensemble_coefficients(TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers,
                            inv_temperature, STATS, num_rows, FORWARD: tl.constexpr, HAS_METRICS: tl.constexpr,
                            ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr, BLOCK: tl.constexpr):
     """(teachers, teacher_ok, shift and coef at T, shift and coef at T = 1) of :func:`_teacher_block` for one row.
@@ -169,10 +202,10 @@ def _ensemble_coefficients(T, WEIGHTS, row, stride_t_row, stride_t_teacher, stri
     teachers = tl.arange(0, TEACHERS)
     teacher_ok = teachers < num_teachers
     unused = tl.zeros((TEACHERS,), dtype=tl.float32)
-    if ENSEMBLE == 0:
+    if ENSEMBLE == ONE_TEACHER:
         return teachers, teacher_ok, unused, unused, unused, unused
     weights = tl.load(WEIGHTS + teachers, mask=teacher_ok, other=0.0).to(tl.float32)
-    if ENSEMBLE == 2:
+    if ENSEMBLE == LOGIT:
         return teachers, teacher_ok, unused, weights, unused, weights
     log_weights = tl.log(weights)
     max_stats = STATS + (_NUM_STATS + teachers.to(tl.int64)) * num_rows + row
@@ -181,14 +214,14 @@ def _ensemble_coefficients(T, WEIGHTS, row, stride_t_row, stride_t_teacher, stri
         shift = tl.load(max_stats, mask=teacher_ok, other=0.0)
         return teachers, teacher_ok, shift, tl.load(log_sum_stats, mask=teacher_ok, other=0.0) - log_weights, \
             unused, unused
-    t_row = T + row * stride_t_row
+    teacher_row = TEACHER + row * stride_t_row
     m = tl.full((TEACHERS,), float("-inf"), tl.float32)
     total = tl.zeros((TEACHERS,), dtype=tl.float32)
     m_1 = tl.full((TEACHERS,), float("-inf"), tl.float32)
     total_1 = tl.zeros((TEACHERS,), dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = _load_teachers(t_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, cols < n_cols)
+        x = _load_teachers(teacher_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, cols < n_cols)
         m, total = _online_row_logsumexp(m, total, x * inv_temperature)
         if HAS_METRICS:
             m_1, total_1 = _online_row_logsumexp(m_1, total_1, x)
@@ -206,38 +239,21 @@ def _target_logit(row_ptr, label, stride_col, valid):
 
 
 @triton.jit
-def _store_row(LOSS, STATS, row, num_rows, counted, bad, loss, s0, s1, s2, s3, s4, s5, s6, s7):
-    """The row loss (0 at an ignored row, NaN at a counted bad one) and the NUM_STATS statistics (0 at an ignored
-    row) into column ``row``."""
+def _store_loss(LOSS, row, counted, bad, loss):
+    """The row loss: 0 at an ignored row, NaN at a counted bad one (an invalid label or invalid TopK indices)."""
     tl.store(LOSS + row, tl.where(counted, tl.where(bad, float("nan"), loss), 0.0))
-    stats = STATS + row
-    tl.store(stats, tl.where(counted, s0, 0.0))
-    tl.store(stats + num_rows, tl.where(counted, s1, 0.0))
-    tl.store(stats + 2 * num_rows, tl.where(counted, s2, 0.0))
-    tl.store(stats + 3 * num_rows, tl.where(counted, s3, 0.0))
-    tl.store(stats + 4 * num_rows, tl.where(counted, s4, 0.0))
-    tl.store(stats + 5 * num_rows, tl.where(counted, s5, 0.0))
-    tl.store(stats + 6 * num_rows, tl.where(counted, s6, 0.0))
-    tl.store(stats + 7 * num_rows, tl.where(counted, s7, 0.0))
 
 
 @triton.jit
-def _store_metrics(METRICS, row, num_rows, counted, agree, kl, teacher_entropy, student_entropy):
-    """The NUM_METRICS fidelity metrics of the row (0 at an ignored row) into column ``row``."""
-    metrics = METRICS + row
-    tl.store(metrics, tl.where(counted & agree, 1.0, 0.0))
-    tl.store(metrics + num_rows, tl.where(counted, kl, 0.0))
-    tl.store(metrics + 2 * num_rows, tl.where(counted, teacher_entropy, 0.0))
-    tl.store(metrics + 3 * num_rows, tl.where(counted, student_entropy, 0.0))
+def _store_slot(OUT, SLOT: tl.constexpr, row, num_rows, counted, value):
+    """Slot SLOT of the row's statistics or metrics (column ``row`` of a (slots, N) tensor), 0 at an ignored row."""
+    tl.store(OUT + SLOT * num_rows + row, tl.where(counted, value, 0.0))
 
 
 @triton.jit
-def _row_stats(STATS, row, num_rows):
-    """The NUM_STATS statistics the forward stored for the row (column ``row`` of the (NUM_STATS, N) tensor)."""
-    stats = STATS + row
-    return tl.load(stats), tl.load(stats + num_rows), tl.load(stats + 2 * num_rows), tl.load(stats + 3 * num_rows), \
-        tl.load(stats + 4 * num_rows), tl.load(stats + 5 * num_rows), tl.load(stats + 6 * num_rows), \
-        tl.load(stats + 7 * num_rows)
+def _load_slot(STATS, SLOT: tl.constexpr, row, num_rows):
+    """Slot SLOT of the statistics the forward stored for the row."""
+    return tl.load(STATS + SLOT * num_rows + row)
 
 
 @triton.jit
@@ -270,39 +286,134 @@ def _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS: tl.const
     return counted, label_ok, label
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# block updates of the forward sweep, one helper per state
+# ------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _kd_block(m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb, a, b, DIVERGENCE: tl.constexpr):
+    """Folds block (a, b) at T into the divergence's running state: the maxima m_a, m_b and the sums of
+    exponentials re-centred on them, and what the divergence accumulates beside them: for kl, reverse_kl and dkd
+    the weighted log ratio w = Σ e_p·[(x_p − m_p) − (x_q − m_q)] (p the distribution the KL averages over), for
+    cosine ⟨e_a, e_b⟩, ‖e_a‖², ‖e_b‖² (the normalisers cancel). Returns the new state, in the order taken."""
+    new_m_a, shift_a, scale_a, e_a = _rebased(m_a, a)
+    new_m_b, shift_b, scale_b, e_b = _rebased(m_b, b)
+    if DIVERGENCE == COSINE:
+        s_ab = s_ab * (scale_a * scale_b) + tl.sum(e_a * e_b, axis=0)
+        s_aa = s_aa * (scale_a * scale_a) + tl.sum(e_a * e_a, axis=0)
+        s_bb = s_bb * (scale_b * scale_b) + tl.sum(e_b * e_b, axis=0)
+    if DIVERGENCE == KL or DIVERGENCE == REVERSE_KL or DIVERGENCE == DKD:
+        # re-centre w on the new maxima: every old bracket moves by ∓delta
+        delta = (shift_b - _finite_or_zero(m_b)) - (shift_a - _finite_or_zero(m_a))
+        if DIVERGENCE == REVERSE_KL:  # KL(p_s‖p_t): average over p_s
+            w = _recentred(w, scale_a, -delta, sum_a) + tl.sum(_weighted(e_a, (a - shift_a) - (b - shift_b)), axis=0)
+        else:  # KL(p_t‖p_s) (dkd: over the non-target classes): average over p_t
+            w = _recentred(w, scale_b, delta, sum_b) + tl.sum(_weighted(e_b, (b - shift_b) - (a - shift_a)), axis=0)
+    sum_a = sum_a * scale_a + tl.sum(e_a, axis=0)
+    sum_b = sum_b * scale_b + tl.sum(e_b, axis=0)
+    return new_m_a, new_m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb
+
+
+@triton.jit
+def _metrics_block(m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax_t, x_s, x_t, start, m_1, sum_1,
+                   shift_1, scale_1, e_1):
+    """Folds block (x_s, x_t) at T = 1 into the fidelity metrics' running state: the teacher's max and sum, the
+    KL(p_t‖p_s) bracket sum w_1, Σ e·(x − m) of each (the entropies) and the first argmaxes. m_1, sum_1: the
+    student's max and sum before this block; shift_1, scale_1, e_1: its rebasing for this block (_rebased)."""
+    new_m_t1, shift_t1, scale_t1, e_t1 = _rebased(m_t1, x_t)
+    moved_1 = shift_1 - _finite_or_zero(m_1)
+    moved_t1 = shift_t1 - _finite_or_zero(m_t1)
+    w_1 = _recentred(w_1, scale_t1, moved_t1 - moved_1, sum_t1) + \
+        tl.sum(_weighted(e_t1, (x_t - shift_t1) - (x_s - shift_1)), axis=0)
+    u_s = _recentred(u_s, scale_1, moved_1, sum_1) + tl.sum(_weighted(e_1, x_s - shift_1), axis=0)
+    u_t = _recentred(u_t, scale_t1, moved_t1, sum_t1) + tl.sum(_weighted(e_t1, x_t - shift_t1), axis=0)
+    sum_t1 = sum_t1 * scale_t1 + tl.sum(e_t1, axis=0)
+    best_s, argmax_s = _first_argmax(x_s, start, best_s, argmax_s)
+    best_t, argmax_t = _first_argmax(x_t, start, best_t, argmax_t)
+    return new_m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax_t
+
+
+@triton.jit
+def _jsd_sweep(student_row, stride_s_col, teacher_row, stride_t_col, stride_t_teacher, teachers, teacher_ok,
+               t_shift, t_coef, n_cols, V, inv_temperature, m_a, log_sum_a, m_b, log_sum_b, beta, one_minus_beta,
+               log_beta, log_one_minus_beta, INTERIOR_BETA: tl.constexpr, ENSEMBLE: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """The generalized JSD's second sweep (m = β p_t + (1 − β) p_s needs both normalisers): (KL(p_t‖m), KL(p_s‖m))."""
+    d0 = 0.0
+    d1 = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x_s = _load_block(student_row, cols, stride_s_col, in_row)
+        b = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, t_shift,
+                           t_coef, inv_temperature, ENSEMBLE)
+        log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
+        log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
+        r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
+                                   INTERIOR_BETA)
+        d0 += tl.sum(_weighted(tl.exp(log_p_t), r_t), axis=0)
+        d1 += tl.sum(_weighted(tl.exp(log_p_s), r_s), axis=0)
+    return d0, d1
+
+
+@triton.jit
+def _dkd_result(student_row, stride_s_col, teacher_row, stride_t_col, label, label_valid, inv_temperature, m_a,
+                log_sum_a, m_b, log_sum_b, w, sum_b, alpha, beta):
+    """(NCKD, p_t,gt − p_s,gt, α·TCKD + β·NCKD) of a row from the non-target sums, with b = [p_gt, 1 − p_gt] from
+    the target logit and the non-target log-sum-exp (log p_gt = −softplus(−gap), never a log of a difference)."""
+    nckd = w / sum_b - log_sum_b + log_sum_a
+    gap_s = _target_logit(student_row, label, stride_s_col, label_valid) * inv_temperature - (m_a + log_sum_a)
+    gap_t = _target_logit(teacher_row, label, stride_t_col, label_valid) * inv_temperature - (m_b + log_sum_b)
+    log_p_s = -_softplus(-gap_s)
+    log_q_s = -_softplus(gap_s)
+    log_p_t = -_softplus(-gap_t)
+    log_q_t = -_softplus(gap_t)
+    tckd = _weighted(tl.exp(log_p_t), log_p_t - log_p_s) + _weighted(tl.exp(log_q_t), log_q_t - log_q_s)
+    return nckd, tl.exp(log_p_t) - tl.exp(log_p_s), alpha * tckd + beta * nckd
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one teacher, or an ensemble read in place
+# ------------------------------------------------------------------------------------------------------------------
+
 @triton.jit
 def kd_forward_kernel(
-    S, T, WEIGHTS, LABELS, LOSS, STATS, METRICS,
+    STUDENT, TEACHER,  # logits (N, V); the teacher (N, V), or (K, N, V) with an ensemble
+    WEIGHTS,  # (K,) float32 ensemble weights summing to 1 (unused with one teacher)
+    LABELS,  # (N,) int labels through stride_labels (unused without HAS_LABELS)
+    LOSS, STATS, METRICS,  # outputs: (N,) row losses, (stats_rows, N) statistics (Stat), (NUM_METRICS, N) metrics
     V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, stride_labels, num_rows,
-    num_teachers, inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight,
-    kd_scale, alpha,
+    num_teachers,
+    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta,  # 1/T; the JSD's (or DKD's NCKD) weight
+    ignore_index, ce_weight, kd_scale, alpha,  # kd_scale: the divergence's factor; alpha: DKD's TCKD weight
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
-    INTERIOR_BETA: tl.constexpr, HAS_METRICS: tl.constexpr, ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr,
+    INTERIOR_BETA: tl.constexpr,  # 0 < beta < 1 (the JSD's log ratios are 0 at its ends)
+    HAS_METRICS: tl.constexpr, ENSEMBLE: tl.constexpr,
+    TEACHERS: tl.constexpr,  # num_teachers rounded up to a power of 2
     BLOCK: tl.constexpr,
 ):
+    """One row's loss, statistics and (HAS_METRICS) fidelity metrics: one sweep folding the sums at T
+    (:func:`_kd_block`) and at T = 1 (the CE term's log-sum-exp, :func:`_metrics_block`), a second one for JSD."""
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
-    s_row = S + row * stride_s_row
-    t_row = T + row * stride_t_row
+    student_row = STUDENT + row * stride_s_row
+    teacher_row = TEACHER + row * stride_t_row
     n_cols = tl.where(counted, V, 0)  # ignored rows skip the sweep entirely
     teachers, teacher_ok, t_shift, t_coef, t_shift_1, t_coef_1 = _ensemble_coefficients(
-        T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers, inv_temperature, STATS,
-        num_rows, True, HAS_METRICS, ENSEMBLE, TEACHERS, BLOCK)
-
-    # running maxima m_*, sums Σ exp(x − m_*), and for kl/reverse_kl the weighted log ratio
-    # w = Σ e_p·[(x_p − m_p) − (x_q − m_q)] where p is the distribution the divergence averages over
+        TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers, inv_temperature,
+        STATS, num_rows, True, HAS_METRICS, ENSEMBLE, TEACHERS, BLOCK)
+    # at T: maxima, sums of exponentials and the divergence's accumulators (see _kd_block)
     m_a = float("-inf")
     m_b = float("-inf")
-    m_1 = float("-inf")
     sum_a = 0.0
     sum_b = 0.0
-    sum_1 = 0.0
     w = 0.0
     s_ab = 0.0
     s_aa = 0.0
     s_bb = 0.0
-    # fidelity metrics at T = 1: teacher max and sum, KL(p_t‖p_s) bracket sum, Σ e·(x − m) of each (entropies),
-    # and the first argmax of each row
+    # at T = 1: the student's max and sum (CE), and the metrics' state (see _metrics_block)
+    m_1 = float("-inf")
+    sum_1 = 0.0
     m_t1 = float("-inf")
     sum_t1 = 0.0
     w_1 = 0.0
@@ -315,56 +426,31 @@ def kd_forward_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
-        x_s = _load_block(s_row, cols, stride_s_col, in_row)
-        if ENSEMBLE == 1:  # the mean distribution's logits at T and at T = 1 are not proportional
+        x_s = _load_block(student_row, cols, stride_s_col, in_row)
+        if ENSEMBLE == PROB:  # the mean distribution's logits at T and at T = 1 are not proportional
             if HAS_METRICS:
-                x_t = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
-                                     t_shift_1, t_coef_1, 1.0, ENSEMBLE)
+                x_t = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers,
+                                     teacher_ok, t_shift_1, t_coef_1, 1.0, ENSEMBLE)
             if HAS_KD:
-                b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
+                b = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
                                    t_shift, t_coef, inv_temperature, ENSEMBLE)
         elif HAS_KD or HAS_METRICS:
-            x_t = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, t_shift,
-                                 t_coef, 1.0, ENSEMBLE)
+            x_t = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
+                                 t_shift, t_coef, 1.0, ENSEMBLE)
             b = x_t * inv_temperature
         if HAS_KD:
             a = x_s * inv_temperature
-            if DIVERGENCE == 4:  # dkd: the sums and w below cover the non-target classes only
+            if DIVERGENCE == DKD:  # the sums and w cover the non-target classes only
                 a = tl.where(cols == label, float("-inf"), a)
                 b = tl.where(cols == label, float("-inf"), b)
-            new_m_a, shift_a, scale_a, e_a = _rebased(m_a, a)
-            new_m_b, shift_b, scale_b, e_b = _rebased(m_b, b)
-            if DIVERGENCE == 3:  # ⟨e_a, e_b⟩, ‖e_a‖², ‖e_b‖² (the normalisers cancel in the cosine)
-                s_ab = s_ab * (scale_a * scale_b) + tl.sum(e_a * e_b, axis=0)
-                s_aa = s_aa * (scale_a * scale_a) + tl.sum(e_a * e_a, axis=0)
-                s_bb = s_bb * (scale_b * scale_b) + tl.sum(e_b * e_b, axis=0)
-            if DIVERGENCE <= 1 or DIVERGENCE == 4:
-                # re-centre w on the new maxima: every old bracket moves by ∓delta
-                delta = (shift_b - _finite_or_zero(m_b)) - (shift_a - _finite_or_zero(m_a))
-                if DIVERGENCE != 1:  # KL(p_t‖p_s): average over p_t
-                    w = _recentred(w, scale_b, delta, sum_b) + \
-                        tl.sum(_weighted(e_b, (b - shift_b) - (a - shift_a)), axis=0)
-                else:  # KL(p_s‖p_t): average over p_s
-                    w = _recentred(w, scale_a, -delta, sum_a) + \
-                        tl.sum(_weighted(e_a, (a - shift_a) - (b - shift_b)), axis=0)
-            sum_a = sum_a * scale_a + tl.sum(e_a, axis=0)
-            sum_b = sum_b * scale_b + tl.sum(e_b, axis=0)
-            m_a = new_m_a
-            m_b = new_m_b
+            m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb = _kd_block(m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb, a, b,
+                                                                    DIVERGENCE)
         if HAS_CE or HAS_METRICS:
             new_m_1, shift_1, scale_1, e_1 = _rebased(m_1, x_s)
             if HAS_METRICS:
-                new_m_t1, shift_t1, scale_t1, e_t1 = _rebased(m_t1, x_t)
-                moved_1 = shift_1 - _finite_or_zero(m_1)
-                moved_t1 = shift_t1 - _finite_or_zero(m_t1)
-                w_1 = _recentred(w_1, scale_t1, moved_t1 - moved_1, sum_t1) + \
-                    tl.sum(_weighted(e_t1, (x_t - shift_t1) - (x_s - shift_1)), axis=0)
-                u_s = _recentred(u_s, scale_1, moved_1, sum_1) + tl.sum(_weighted(e_1, x_s - shift_1), axis=0)
-                u_t = _recentred(u_t, scale_t1, moved_t1, sum_t1) + tl.sum(_weighted(e_t1, x_t - shift_t1), axis=0)
-                sum_t1 = sum_t1 * scale_t1 + tl.sum(e_t1, axis=0)
-                m_t1 = new_m_t1
-                best_s, argmax_s = _first_argmax(x_s, start, best_s, argmax_s)
-                best_t, argmax_t = _first_argmax(x_t, start, best_t, argmax_t)
+                m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax_t = _metrics_block(
+                    m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax_t, x_s, x_t, start, m_1, sum_1,
+                    shift_1, scale_1, e_1)
             sum_1 = sum_1 * scale_1 + tl.sum(e_1, axis=0)
             m_1 = new_m_1
 
@@ -373,58 +459,87 @@ def kd_forward_kernel(
     log_sum_1 = tl.log(sum_1)
     d0 = 0.0
     d1 = 0.0
-    loss = 0.0
+    kd_loss = 0.0
     if HAS_KD:
-        if DIVERGENCE == 0:
+        if DIVERGENCE == KL:
             d0 = w / sum_b - log_sum_b + log_sum_a
-            loss = kd_scale * d0
-        elif DIVERGENCE == 1:
+            kd_loss = d0
+        elif DIVERGENCE == REVERSE_KL:
             d0 = w / sum_a - log_sum_a + log_sum_b
-            loss = kd_scale * d0
-        elif DIVERGENCE == 4:  # dkd: α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
-            d0 = w / sum_b - log_sum_b + log_sum_a  # NCKD
-            gap_s = _target_logit(s_row, label, stride_s_col, counted & label_ok) * inv_temperature - (m_a + log_sum_a)
-            gap_t = _target_logit(t_row, label, stride_t_col, counted & label_ok) * inv_temperature - (m_b + log_sum_b)
-            log_p_s = -_softplus(-gap_s)
-            log_q_s = -_softplus(gap_s)
-            log_p_t = -_softplus(-gap_t)
-            log_q_t = -_softplus(gap_t)
-            tckd = _weighted(tl.exp(log_p_t), log_p_t - log_p_s) + _weighted(tl.exp(log_q_t), log_q_t - log_q_s)
-            d1 = tl.exp(log_p_t) - tl.exp(log_p_s)  # the backward's TCKD term
-            loss = kd_scale * (alpha * tckd + beta * d0)
-        elif DIVERGENCE == 3:
+            kd_loss = d0
+        elif DIVERGENCE == JSD:
+            d0, d1 = _jsd_sweep(student_row, stride_s_col, teacher_row, stride_t_col, stride_t_teacher, teachers,
+                                teacher_ok, t_shift, t_coef, n_cols, V, inv_temperature, m_a, log_sum_a, m_b,
+                                log_sum_b, beta, one_minus_beta, log_beta, log_one_minus_beta, INTERIOR_BETA,
+                                ENSEMBLE, BLOCK)
+            kd_loss = beta * d0 + one_minus_beta * d1
+        elif DIVERGENCE == COSINE:
             log_sum_a = 0.5 * tl.log(s_aa)  # stored in place of the log-sums: the backward needs ‖p‖, not Σp
             log_sum_b = 0.5 * tl.log(s_bb)
             d0 = s_ab / tl.sqrt(s_aa * s_bb)
-            loss = kd_scale * (1.0 - d0)
+            kd_loss = 1.0 - d0
+        elif DIVERGENCE == DKD:
+            d0, d1, kd_loss = _dkd_result(student_row, stride_s_col, teacher_row, stride_t_col, label,
+                                          counted & label_ok, inv_temperature, m_a, log_sum_a, m_b, log_sum_b, w,
+                                          sum_b, alpha, beta)
         else:
-            # second sweep: m = β p_t + (1 − β) p_s needs both normalisers
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                in_row = cols < V
-                x_s = _load_block(s_row, cols, stride_s_col, in_row)
-                b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
-                                   t_shift, t_coef, inv_temperature, ENSEMBLE)
-                log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
-                log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
-                r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
-                                           INTERIOR_BETA)
-                d0 += tl.sum(_weighted(tl.exp(log_p_t), r_t), axis=0)
-                d1 += tl.sum(_weighted(tl.exp(log_p_s), r_s), axis=0)
-            loss = kd_scale * (beta * d0 + one_minus_beta * d1)
+            tl.static_assert(False, "unknown divergence code")
+    loss = kd_scale * kd_loss
     if HAS_CE:
-        loss += ce_weight * ((m_1 - _target_logit(s_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
-    _store_row(LOSS, STATS, row, num_rows, counted, ~label_ok, loss, m_a, log_sum_a, m_b, log_sum_b, d0, d1, m_1,
-               log_sum_1)
-    if HAS_METRICS:  # agreement, KL(p_t‖p_s), H(p_t), H(p_s), all at T = 1
+        loss += ce_weight * ((m_1 - _target_logit(student_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
+    _store_loss(LOSS, row, counted, ~label_ok, loss)
+    _store_slot(STATS, STAT_MAX_A, row, num_rows, counted, m_a)
+    _store_slot(STATS, STAT_LOG_SUM_A, row, num_rows, counted, log_sum_a)
+    _store_slot(STATS, STAT_MAX_B, row, num_rows, counted, m_b)
+    _store_slot(STATS, STAT_LOG_SUM_B, row, num_rows, counted, log_sum_b)
+    _store_slot(STATS, STAT_D0, row, num_rows, counted, d0)
+    _store_slot(STATS, STAT_D1, row, num_rows, counted, d1)
+    _store_slot(STATS, STAT_MAX_S, row, num_rows, counted, m_1)
+    _store_slot(STATS, STAT_LOG_SUM_S, row, num_rows, counted, log_sum_1)
+    if HAS_METRICS:  # at T = 1
         log_sum_t1 = tl.log(sum_t1)
-        _store_metrics(METRICS, row, num_rows, counted, argmax_s == argmax_t, w_1 / sum_t1 - log_sum_t1 + log_sum_1,
-                       log_sum_t1 - u_t / sum_t1, log_sum_1 - u_s / sum_1)
+        _store_slot(METRICS, METRIC_TOP1_AGREEMENT, row, num_rows, counted, tl.where(argmax_s == argmax_t, 1.0, 0.0))
+        _store_slot(METRICS, METRIC_PREDICTIVE_KL, row, num_rows, counted, w_1 / sum_t1 - log_sum_t1 + log_sum_1)
+        _store_slot(METRICS, METRIC_TEACHER_ENTROPY, row, num_rows, counted, log_sum_t1 - u_t / sum_t1)
+        _store_slot(METRICS, METRIC_STUDENT_ENTROPY, row, num_rows, counted, log_sum_1 - u_s / sum_1)
+
+
+@triton.jit
+def _kd_gradients(log_p_s, log_p_t, is_target, d0, d1, kd_factor, beta, one_minus_beta, log_beta,
+                  log_one_minus_beta, alpha, DIVERGENCE: tl.constexpr, INTERIOR_BETA: tl.constexpr):
+    """(∂/∂s, ∂/∂t) of kd_factor·D for one block, from the row's log-probabilities at T and its statistics d0, d1
+    (Stat slots). For dkd the probabilities are p̂ (−inf at the target) and there is no teacher gradient; for
+    cosine they are the unit vectors p/‖p‖."""
+    p_s = tl.exp(log_p_s)
+    p_t = tl.exp(log_p_t)
+    if DIVERGENCE == KL:  # ∂KL(p_t‖p_s)/∂a = p_s − p_t, ∂/∂b = p_t (log p_t/p_s − KL)
+        grad_s = kd_factor * (p_s - p_t)
+        grad_t = kd_factor * _weighted(p_t, (log_p_t - log_p_s) - d0)
+    elif DIVERGENCE == REVERSE_KL:  # ∂KL(p_s‖p_t)/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
+        grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d0)
+        grad_t = kd_factor * (p_t - p_s)
+    elif DIVERGENCE == JSD:  # ∂JSD/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b = β p_t (log p_t/m − KL(p_t‖m))
+        r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
+                                   INTERIOR_BETA)
+        grad_s = (kd_factor * one_minus_beta) * _weighted(p_s, r_s - d1)
+        grad_t = (kd_factor * beta) * _weighted(p_t, r_t - d0)
+    elif DIVERGENCE == COSINE:  # ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s), likewise ∂/∂b
+        grad_s = -kd_factor * (p_s * (p_t - d0 * p_s))
+        grad_t = -kd_factor * (p_t * (p_s - d0 * p_t))
+    elif DIVERGENCE == DKD:  # d1 = p_t,gt − p_s,gt
+        grad_s = kd_factor * tl.where(is_target, -alpha * d1, beta * (p_s - p_t) + alpha * d1 * p_s)
+        grad_t = tl.zeros_like(grad_s)
+    else:
+        tl.static_assert(False, "unknown divergence code")
+    return grad_s, grad_t
 
 
 @triton.jit
 def kd_backward_kernel(
-    S, T, WEIGHTS, LABELS, STATS, GRAD_LOSS, GRAD_S, GRAD_T,
+    STUDENT, TEACHER, WEIGHTS, LABELS,  # as in kd_forward_kernel
+    STATS,  # the forward's statistics
+    GRAD_LOSS,  # (N,) incoming gradient of the row losses, through stride_grad_loss (0: an expanded scalar)
+    GRAD_S, GRAD_T,  # outputs: contiguous (N, V) gradients in the inputs' dtypes (GRAD_T with TEACHER_GRAD only)
     V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, stride_labels, stride_grad_loss,
     num_rows, num_teachers,
     inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale, alpha,
@@ -432,55 +547,43 @@ def kd_backward_kernel(
     INTERIOR_BETA: tl.constexpr, TEACHER_GRAD: tl.constexpr, ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """One row's gradients of grad_loss·row_loss: one sweep recomputing the log-probabilities from the stored
+    statistics (:func:`_kd_gradients`, plus the CE term's softmax − onehot); 0 at an ignored row."""
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
     teachers, teacher_ok, t_shift, t_coef, _, _ = _ensemble_coefficients(
-        T, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, V, num_teachers, inv_temperature, STATS,
+        TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, V, num_teachers, inv_temperature, STATS,
         num_rows, False, False, ENSEMBLE, TEACHERS, BLOCK)
     kd_factor, ce_factor = _gradient_factors(GRAD_LOSS, row, stride_grad_loss, counted & ~label_ok, kd_scale,
                                              inv_temperature, ce_weight)
-    m_a, log_sum_a, m_b, log_sum_b, d0, d1, m_1, log_sum_1 = _row_stats(STATS, row, num_rows)
-    s_row = S + row * stride_s_row
-    t_row = T + row * stride_t_row
+    m_a = _load_slot(STATS, STAT_MAX_A, row, num_rows)
+    log_sum_a = _load_slot(STATS, STAT_LOG_SUM_A, row, num_rows)
+    m_b = _load_slot(STATS, STAT_MAX_B, row, num_rows)
+    log_sum_b = _load_slot(STATS, STAT_LOG_SUM_B, row, num_rows)
+    d0 = _load_slot(STATS, STAT_D0, row, num_rows)
+    d1 = _load_slot(STATS, STAT_D1, row, num_rows)
+    m_1 = _load_slot(STATS, STAT_MAX_S, row, num_rows)
+    log_sum_1 = _load_slot(STATS, STAT_LOG_SUM_S, row, num_rows)
+    student_row = STUDENT + row * stride_s_row
+    teacher_row = TEACHER + row * stride_t_row
     grad_s_row = GRAD_S + row * V
     grad_t_row = GRAD_T + row * V
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
-        x_s = _load_block(s_row, cols, stride_s_col, in_row)
+        x_s = _load_block(student_row, cols, stride_s_col, in_row)
         grad_s = tl.zeros([BLOCK], dtype=tl.float32)
         grad_t = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
-            b = _teacher_block(t_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, t_shift,
-                               t_coef, inv_temperature, ENSEMBLE)
+            b = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
+                               t_shift, t_coef, inv_temperature, ENSEMBLE)
             log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
             log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
-            if DIVERGENCE == 4:
+            if DIVERGENCE == DKD:  # p̂: 0 at the target
                 log_p_s = tl.where(cols == label, float("-inf"), log_p_s)
                 log_p_t = tl.where(cols == label, float("-inf"), log_p_t)
-            p_s = tl.exp(log_p_s)
-            p_t = tl.exp(log_p_t)
-            if DIVERGENCE == 0:  # ∂KL(p_t‖p_s)/∂a = p_s − p_t, ∂/∂b = p_t (log p_t/p_s − KL)
-                grad_s = kd_factor * (p_s - p_t)
-                if TEACHER_GRAD:
-                    grad_t = kd_factor * _weighted(p_t, (log_p_t - log_p_s) - d0)
-            elif DIVERGENCE == 1:  # ∂KL(p_s‖p_t)/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
-                grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d0)
-                if TEACHER_GRAD:
-                    grad_t = kd_factor * (p_t - p_s)
-            elif DIVERGENCE == 4:  # dkd (student only): p here is p̂, 0 at the target; d1 = p_t,gt − p_s,gt
-                is_target = cols == label
-                grad_s = kd_factor * tl.where(is_target, -alpha * d1, beta * (p_s - p_t) + alpha * d1 * p_s)
-            elif DIVERGENCE == 3:  # p here is p/‖p‖: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s), likewise ∂/∂b
-                grad_s = -kd_factor * (p_s * (p_t - d0 * p_s))
-                if TEACHER_GRAD:
-                    grad_t = -kd_factor * (p_t * (p_s - d0 * p_t))
-            else:  # ∂JSD/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b = β p_t (log p_t/m − KL(p_t‖m))
-                r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
-                                           INTERIOR_BETA)
-                grad_s = (kd_factor * one_minus_beta) * _weighted(p_s, r_s - d1)
-                if TEACHER_GRAD:
-                    grad_t = (kd_factor * beta) * _weighted(p_t, r_t - d0)
+            grad_s, grad_t = _kd_gradients(log_p_s, log_p_t, cols == label, d0, d1, kd_factor, beta, one_minus_beta,
+                                           log_beta, log_one_minus_beta, alpha, DIVERGENCE, INTERIOR_BETA)
         if HAS_CE:
             grad_s += _ce_gradient(x_s, cols == label, m_1, log_sum_1, ce_factor)
         grad_s = tl.where(counted, grad_s, 0.0)
@@ -496,6 +599,10 @@ def _online_logsumexp(m, total, x):
     new_m, _, scale, e = _rebased(m, x)
     return new_m, total * scale + tl.sum(e, axis=0)
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# a sparse (TopK) teacher
+# ------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col,
@@ -535,11 +642,17 @@ def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET: tl.const
 
 @triton.jit
 def kd_topk_forward_kernel(
-    S, VALUES, INDICES, LABELS, LOSS, STATS, METRICS,
+    STUDENT,  # logits (N, V)
+    VALUES, INDICES,  # the sparse teacher: (N, K) values and int indices, through their strides
+    LABELS,  # (N,) int labels through stride_labels (unused without HAS_LABELS)
+    LOSS, STATS, METRICS,  # outputs: (N,) row losses, (NUM_STATS, N) statistics (TopKStat), (NUM_METRICS, N) metrics
     V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, stride_labels, num_rows,
     inv_temperature, ignore_index, ce_weight, kd_scale,
-    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BUCKET: tl.constexpr,
-    HAS_METRICS: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
+    BUCKET: tl.constexpr,  # the teacher's mass outside the K is one more class ("bucket" tail, K < V)
+    HAS_METRICS: tl.constexpr,
+    TOPK: tl.constexpr,  # K rounded up to a power of 2
+    BLOCK: tl.constexpr,
 ):
     """KL(p_t‖p_s) against a sparse teacher (K values and indices per row), see fastkd.reference.kd_topk_rows.
     One sweep over the student row: its log-sum-exp at T, with BUCKET also over the columns outside the K (each
@@ -548,7 +661,7 @@ def kd_topk_forward_kernel(
     log-sum-exp at T = 1)."""
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
-    s_row = S + row * stride_s_row
+    student_row = STUDENT + row * stride_s_row
     n_cols = tl.where(counted, V, 0)
     slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
                                                        stride_i_row, stride_i_col, TOPK)
@@ -565,7 +678,7 @@ def kd_topk_forward_kernel(
     argmax_s = tl.zeros((), dtype=tl.int32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x_s = _load_block(s_row, cols, stride_s_col, cols < V)
+        x_s = _load_block(student_row, cols, stride_s_col, cols < V)
         if BUCKET and (HAS_KD or HAS_METRICS):
             in_topk = tl.zeros((BLOCK,), dtype=tl.int1)
             for k in range(0, K):
@@ -591,7 +704,7 @@ def kd_topk_forward_kernel(
     kl = 0.0
     log_p_t_tail = float("-inf")
     loss = 0.0
-    x_k = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)  # s at the K classes
+    x_k = tl.load(student_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)  # s at the K
     if HAS_KD:
         log_p_s = _log_probs(x_k, inv_temperature, m_a, log_sum_a)
         log_p_t, log_p_t_tail = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
@@ -600,9 +713,16 @@ def kd_topk_forward_kernel(
             kl += _weighted(tl.exp(log_p_t_tail), log_p_t_tail - ((m_rest + tl.log(sum_rest)) - (m_a + log_sum_a)))
         loss = kd_scale * kl
     if HAS_CE:
-        loss += ce_weight * ((m_1 - _target_logit(s_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
-    _store_row(LOSS, STATS, row, num_rows, counted, ~label_ok | ~indices_ok, loss, m_a, log_sum_a, log_p_t_tail, kl,
-               m_1, log_sum_1, m_rest, tl.log(sum_rest))
+        loss += ce_weight * ((m_1 - _target_logit(student_row, label, stride_s_col, counted & label_ok)) + log_sum_1)
+    _store_loss(LOSS, row, counted, ~label_ok | ~indices_ok, loss)
+    _store_slot(STATS, TOPK_MAX_A, row, num_rows, counted, m_a)
+    _store_slot(STATS, TOPK_LOG_SUM_A, row, num_rows, counted, log_sum_a)
+    _store_slot(STATS, TOPK_LOG_P_TAIL, row, num_rows, counted, log_p_t_tail)
+    _store_slot(STATS, TOPK_KL, row, num_rows, counted, kl)
+    _store_slot(STATS, TOPK_MAX_S, row, num_rows, counted, m_1)
+    _store_slot(STATS, TOPK_LOG_SUM_S, row, num_rows, counted, log_sum_1)
+    _store_slot(STATS, TOPK_MAX_REST, row, num_rows, counted, m_rest)
+    _store_slot(STATS, TOPK_LOG_SUM_REST, row, num_rows, counted, tl.log(sum_rest))
     if HAS_METRICS:  # agreement, KL(p_t‖p_s), H(p_t) of the sparse teacher, H(p_s), all at T = 1
         log_q_t, log_q_t_tail = _sparse_teacher_log_probs(values, slot_ok, 1.0, BUCKET)
         log_q_s = _log_probs(x_k, 1.0, m_1, log_sum_1)
@@ -614,13 +734,19 @@ def kd_topk_forward_kernel(
             entropy_t -= _weighted(tl.exp(log_q_t_tail), log_q_t_tail)
         top_value = tl.max(values, axis=0)
         top_class = tl.min(tl.where(slot_ok & (values == top_value), indices, V), axis=0)
-        _store_metrics(METRICS, row, num_rows, counted, argmax_s.to(tl.int64) == top_class, kl_1, entropy_t,
-                       log_sum_1 - u_s / sum_1)
+        agree = argmax_s.to(tl.int64) == top_class
+        _store_slot(METRICS, METRIC_TOP1_AGREEMENT, row, num_rows, counted, tl.where(agree, 1.0, 0.0))
+        _store_slot(METRICS, METRIC_PREDICTIVE_KL, row, num_rows, counted, kl_1)
+        _store_slot(METRICS, METRIC_TEACHER_ENTROPY, row, num_rows, counted, entropy_t)
+        _store_slot(METRICS, METRIC_STUDENT_ENTROPY, row, num_rows, counted, log_sum_1 - u_s / sum_1)
 
 
 @triton.jit
 def kd_topk_backward_kernel(
-    S, VALUES, INDICES, LABELS, STATS, GRAD_LOSS, GRAD_S,
+    STUDENT, VALUES, INDICES, LABELS,  # as in kd_topk_forward_kernel
+    STATS,  # the forward's statistics (TopKStat)
+    GRAD_LOSS,  # (N,) incoming gradient of the row losses, through stride_grad_loss
+    GRAD_S,  # output: contiguous (N, V) gradient in the student's dtype
     V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, stride_labels,
     stride_grad_loss,
     num_rows, inv_temperature, ignore_index, ce_weight, kd_scale,
@@ -636,13 +762,19 @@ def kd_topk_backward_kernel(
                                                        stride_i_row, stride_i_col, TOPK)
     kd_factor, ce_factor = _gradient_factors(GRAD_LOSS, row, stride_grad_loss, counted & (~label_ok | ~indices_ok),
                                              kd_scale, inv_temperature, ce_weight)
-    m_a, log_sum_a, log_p_t_tail, _, m_1, log_sum_1, m_rest, log_sum_rest = _row_stats(STATS, row, num_rows)
-    s_row = S + row * stride_s_row
+    m_a = _load_slot(STATS, TOPK_MAX_A, row, num_rows)
+    log_sum_a = _load_slot(STATS, TOPK_LOG_SUM_A, row, num_rows)
+    log_p_t_tail = _load_slot(STATS, TOPK_LOG_P_TAIL, row, num_rows)
+    m_1 = _load_slot(STATS, TOPK_MAX_S, row, num_rows)
+    log_sum_1 = _load_slot(STATS, TOPK_LOG_SUM_S, row, num_rows)
+    m_rest = _load_slot(STATS, TOPK_MAX_REST, row, num_rows)
+    log_sum_rest = _load_slot(STATS, TOPK_LOG_SUM_REST, row, num_rows)
+    student_row = STUDENT + row * stride_s_row
     grad_row = GRAD_S + row * V
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
-        x_s = _load_block(s_row, cols, stride_s_col, in_row)
+        x_s = _load_block(student_row, cols, stride_s_col, in_row)
         grad = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
             grad = kd_factor * tl.exp(_log_probs(x_s, inv_temperature, m_a, log_sum_a))
@@ -653,13 +785,17 @@ def kd_topk_backward_kernel(
         tl.store(grad_row + cols, tl.where(counted, grad, 0.0).to(GRAD_S.dtype.element_ty), mask=in_row)
     if HAS_KD:
         tl.debug_barrier()
-        x_k = tl.load(s_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)
+        x_k = tl.load(student_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)
         log_p_t, _ = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
         grad = kd_factor * (tl.exp(_log_probs(x_k, inv_temperature, m_a, log_sum_a)) - tl.exp(log_p_t))
         if HAS_CE:
             grad += _ce_gradient(x_k, indices == label, m_1, log_sum_1, ce_factor)
         tl.store(grad_row + indices, tl.where(counted, grad, 0.0).to(GRAD_S.dtype.element_ty), mask=slot_ok)
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------------------------
 
 def launch_config(num_cols: int, kernel: str, divergence: str, num_teachers: int = 1) -> dict:
     """Block size and warps for rows of num_cols entries, from bench/tune_kd.py on an H100 (bench/RESULTS.md):
@@ -677,32 +813,32 @@ def launch_config(num_cols: int, kernel: str, divergence: str, num_teachers: int
     return dict(BLOCK=block, num_warps=max(1, min(block * teachers // per_warp, 32)))
 
 
-def _stride(labels) -> int:
-    """The stride of a 1-d labels view (0 without labels)."""
-    return 0 if labels is None else labels.stride(0)
+def _row_args(student, labels) -> dict:
+    """The student's strides and the labels' (0 without labels: the kernels do not read them)."""
+    return dict(stride_s_row=student.stride(0), stride_s_col=student.stride(1),
+                stride_labels=0 if labels is None else labels.stride(0), HAS_LABELS=labels is not None)
 
 
-def _scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha):
-    return dict(
-        **kd_scalars(temperature, beta), ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha,
-        DIVERGENCE=DIVERGENCE_CODES[divergence],
-        HAS_CE=ce_weight != 0, HAS_KD=kd_scale != 0, INTERIOR_BETA=0 < beta < 1,
-    )
+def _option_args(options: KDOptions) -> dict:
+    """The kernels' option arguments (scalars and modes) from the launch's options."""
+    return dict(**kd_scalars(options), ignore_index=options.ignore_index, ce_weight=options.ce_weight,
+                kd_scale=options.kd_scale, alpha=options.alpha, DIVERGENCE=int(Divergence.of(options.divergence)),
+                HAS_CE=options.ce_weight != 0, HAS_KD=options.kd_scale != 0, INTERIOR_BETA=0 < options.beta < 1)
 
 
-def _teacher_args(teacher, ensemble) -> dict:
+def _teacher_args(teacher, ensemble: str) -> dict:
     """The teacher's strides and ensemble arguments: ``teacher`` is (N, V), or (K, N, V) with ``ensemble`` "prob"
     or "logit" (its weights, (K,) float32 summing to 1, go to the kernel apart)."""
-    if ensemble == "none":
+    mode = Ensemble.of(ensemble)
+    if mode == Ensemble.NONE:
         return dict(stride_t_teacher=0, stride_t_row=teacher.stride(0), stride_t_col=teacher.stride(1),
-                    num_teachers=1, ENSEMBLE=0, TEACHERS=1)
+                    num_teachers=1, ENSEMBLE=int(mode), TEACHERS=1)
     return dict(stride_t_teacher=teacher.stride(0), stride_t_row=teacher.stride(1), stride_t_col=teacher.stride(2),
-                num_teachers=teacher.shape[0], ENSEMBLE=ENSEMBLE_CODES[ensemble],
-                TEACHERS=triton.next_power_of_2(teacher.shape[0]))
+                num_teachers=teacher.shape[0], ENSEMBLE=int(mode), TEACHERS=triton.next_power_of_2(teacher.shape[0]))
 
 
-def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
-               alpha=1.0, with_metrics=False, teacher_weights=None, ensemble="none", config=None):
+def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=False, teacher_weights=None,
+               ensemble="none", config=None):
     """Row losses (N,) float32, statistics (:func:`fastkd.kernel_args.stats_rows`, N) float32 and metrics
     (NUM_METRICS, N) float32 (or an empty tensor without ``with_metrics``) of (N, V) student logits against (N, V)
     teacher logits, or against the ensemble of (K, N, V) teachers (see :func:`_teacher_args`). ``config``
@@ -716,19 +852,17 @@ def kd_forward(student, teacher, labels, *, temperature, divergence, beta, ignor
         return loss, stats, metrics
     teacher_args = _teacher_args(teacher, ensemble)
     kd_forward_kernel[(num_rows,)](
-        student, teacher, teacher_weights if teacher_weights is not None else loss,
-        labels if labels is not None else loss, loss, stats, metrics if with_metrics else loss,
-        num_cols, student.stride(0), student.stride(1), stride_labels=_stride(labels), num_rows=num_rows,
-        HAS_LABELS=labels is not None,
-        HAS_METRICS=with_metrics, **teacher_args,
-        **(config or launch_config(num_cols, "forward", divergence, teacher_args["num_teachers"])),
-        **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
+        STUDENT=student, TEACHER=teacher, WEIGHTS=teacher_weights if teacher_weights is not None else loss,
+        LABELS=labels if labels is not None else loss, LOSS=loss, STATS=stats,
+        METRICS=metrics if with_metrics else loss, V=num_cols, num_rows=num_rows, HAS_METRICS=with_metrics,
+        **_row_args(student, labels), **teacher_args, **_option_args(options),
+        **(config or launch_config(num_cols, "forward", options.divergence, teacher_args["num_teachers"])),
     )
     return loss, stats, metrics
 
 
-def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, divergence, beta, ignore_index,
-                ce_weight, kd_scale, teacher_grad, alpha=1.0, teacher_weights=None, ensemble="none", config=None):
+def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, *, teacher_grad, teacher_weights=None,
+                ensemble="none", config=None):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad, one teacher only; else an
     empty tensor).
 
@@ -746,36 +880,31 @@ def kd_backward(grad_loss, student, teacher, labels, stats, *, temperature, dive
     teacher_args = _teacher_args(teacher, ensemble)
     stats = stats.contiguous()  # read as (rows, N) blocks
     kd_backward_kernel[(num_rows,)](
-        student, teacher, teacher_weights if teacher_weights is not None else stats,
-        labels if labels is not None else stats, stats, grad_loss, grad_s, grad_t if teacher_grad else grad_s,
-        num_cols, student.stride(0), student.stride(1), stride_labels=_stride(labels),
-        stride_grad_loss=grad_loss.stride(0), num_rows=num_rows,
-        HAS_LABELS=labels is not None, TEACHER_GRAD=teacher_grad, **teacher_args,
-        **(config or launch_config(num_cols, "backward", divergence, teacher_args["num_teachers"])),
-        **_scalar_args(temperature, divergence, beta, ignore_index, ce_weight, kd_scale, alpha),
+        STUDENT=student, TEACHER=teacher, WEIGHTS=teacher_weights if teacher_weights is not None else stats,
+        LABELS=labels if labels is not None else stats, STATS=stats, GRAD_LOSS=grad_loss, GRAD_S=grad_s,
+        GRAD_T=grad_t if teacher_grad else grad_s, V=num_cols, stride_grad_loss=grad_loss.stride(0),
+        num_rows=num_rows, TEACHER_GRAD=teacher_grad, **_row_args(student, labels), **teacher_args,
+        **_option_args(options),
+        **(config or launch_config(num_cols, "backward", options.divergence, teacher_args["num_teachers"])),
     )
     return grad_s, grad_t
 
 
-def _topk_args(values, indices, tail, num_cols) -> dict:
+def _topk_args(values, indices, labels, options: TopKOptions, student) -> dict:
+    """The sparse teacher's arguments and the launch's options."""
     num_slots = values.shape[1]
     return dict(K=num_slots, stride_v_row=values.stride(0), stride_v_col=values.stride(1),
                 stride_i_row=indices.stride(0), stride_i_col=indices.stride(1),
-                BUCKET=tail == "bucket" and num_slots < num_cols, TOPK=triton.next_power_of_2(num_slots))
+                BUCKET=options.tail == "bucket" and num_slots < student.shape[1],
+                TOPK=triton.next_power_of_2(num_slots), inv_temperature=1.0 / options.temperature,
+                ignore_index=options.ignore_index, ce_weight=options.ce_weight, kd_scale=options.kd_scale,
+                HAS_CE=options.ce_weight != 0, HAS_KD=options.kd_scale != 0, **_row_args(student, labels))
 
 
-def _topk_scalars(temperature, ignore_index, ce_weight, kd_scale) -> dict:
-    return dict(inv_temperature=1.0 / temperature, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale,
-                HAS_CE=ce_weight != 0, HAS_KD=kd_scale != 0)
-
-
-def kd_topk_forward(student, values, indices, labels, *, temperature, tail, ignore_index, ce_weight, kd_scale,
-                    with_metrics=False):
-    """Row losses (N,), statistics (NUM_STATS, N) and metrics (NUM_METRICS, N, or empty without
-    ``with_metrics``), float32, of (N, V) student logits against a sparse teacher: (N, K) ``values`` and int
-    ``indices`` (see :class:`fastkd.TopK`). The statistics hold per row: max a, log-sum a, log p_t of the bucket
-    (−inf without one), the KL, max s, log-sum s, and max and log-sum of a over the columns outside the K (with a
-    bucket)."""
+def kd_topk_forward(student, values, indices, labels, options: TopKOptions, *, with_metrics=False):
+    """Row losses (N,), statistics (NUM_STATS, N; the TopKStat slots) and metrics (NUM_METRICS, N, or empty
+    without ``with_metrics``), float32, of (N, V) student logits against a sparse teacher: (N, K) ``values`` and
+    int ``indices`` (see :class:`fastkd.TopK`)."""
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.zeros(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
@@ -784,18 +913,15 @@ def kd_topk_forward(student, values, indices, labels, *, temperature, tail, igno
     if num_rows == 0:
         return loss, stats, metrics
     kd_topk_forward_kernel[(num_rows,)](
-        student, values, indices, labels if labels is not None else indices, loss, stats,
-        metrics if with_metrics else loss, num_cols, stride_s_row=student.stride(0),
-        stride_s_col=student.stride(1), stride_labels=_stride(labels), num_rows=num_rows, HAS_LABELS=labels is not None,
-        HAS_METRICS=with_metrics,
-        **_topk_args(values, indices, tail, num_cols), **_topk_scalars(temperature, ignore_index, ce_weight, kd_scale),
+        STUDENT=student, VALUES=values, INDICES=indices, LABELS=labels if labels is not None else indices, LOSS=loss,
+        STATS=stats, METRICS=metrics if with_metrics else loss, V=num_cols, num_rows=num_rows,
+        HAS_METRICS=with_metrics, **_topk_args(values, indices, labels, options, student),
         **launch_config(num_cols, "forward", "kl"),
     )
     return loss, stats, metrics
 
 
-def kd_topk_backward(grad_loss, student, values, indices, labels, stats, *, temperature, tail, ignore_index,
-                     ce_weight, kd_scale):
+def kd_topk_backward(grad_loss, student, values, indices, labels, stats, options: TopKOptions):
     """Gradient of Σ grad_loss·row_loss w.r.t. the student logits, contiguous (N, V) in their dtype."""
     num_rows, num_cols = student.shape
     grad_s = torch.empty((num_rows, num_cols), dtype=student.dtype, device=student.device)
@@ -803,10 +929,9 @@ def kd_topk_backward(grad_loss, student, values, indices, labels, stats, *, temp
         return grad_s
     stats = stats.contiguous()  # read as (NUM_STATS, N) blocks
     kd_topk_backward_kernel[(num_rows,)](
-        student, values, indices, labels if labels is not None else indices, stats, grad_loss, grad_s, num_cols,
-        stride_s_row=student.stride(0), stride_s_col=student.stride(1), stride_labels=_stride(labels),
-        stride_grad_loss=grad_loss.stride(0), num_rows=num_rows, HAS_LABELS=labels is not None,
-        **_topk_args(values, indices, tail, num_cols),
-        **_topk_scalars(temperature, ignore_index, ce_weight, kd_scale), **launch_config(num_cols, "backward", "kl"),
+        STUDENT=student, VALUES=values, INDICES=indices, LABELS=labels if labels is not None else indices,
+        STATS=stats, GRAD_LOSS=grad_loss, GRAD_S=grad_s, V=num_cols, stride_grad_loss=grad_loss.stride(0),
+        num_rows=num_rows, **_topk_args(values, indices, labels, options, student),
+        **launch_config(num_cols, "backward", "kl"),
     )
     return grad_s

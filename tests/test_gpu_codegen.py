@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(r'''
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from fastkd.kernel_args import Divergence, Ensemble, FeatureGroup, FeatureKind, FeatureNormalize
     from fastkd.kernels import features, kd, lipschitz
 
     def compile_for(fn, signature, constexprs, arch):
@@ -33,9 +34,13 @@ SCRIPT = textwrap.dedent(r'''
                 "GRAD_T": "*bf16", "num_c": "i64", "num_s": "i64",
                 **dict.fromkeys(strides + "gs_n gs_c gs_s gt_n gt_c gt_s".split(), "i64"), "beta": "fp32"}
     # (KIND, NORMALIZE, GROUP, HAS_MARGIN): every branch of the kernels at least once
-    for kind, normalize, group, margin in [(0, 0, 0, True), (2, 1, 0, False), (1, 1, 2, False), (0, 2, 1, False),
-                                           (3, 0, 1, False), (3, 2, 1, False)]:
-        options = dict(KIND=kind, NORMALIZE=normalize, GROUP=group, HAS_MASK=True, HAS_MARGIN=margin, BLOCK=256)
+    feature_cases = [("MSE", "NONE", "CHANNEL", True), ("SMOOTH_L1", "STANDARDIZE", "CHANNEL", False),
+                     ("L1", "STANDARDIZE", "SAMPLE", False), ("MSE", "L2", "POSITION", False),
+                     ("COSINE", "NONE", "POSITION", False), ("COSINE", "L2", "POSITION", False)]
+    for kind, normalize, group, margin in feature_cases:
+        kind, normalize, group = FeatureKind[kind], FeatureNormalize[normalize], FeatureGroup[group]
+        options = dict(KIND=int(kind), NORMALIZE=int(normalize), GROUP=int(group), HAS_MASK=True, HAS_MARGIN=margin,
+                       BLOCK=256)
         for arch in (80, 90):
             compile_for(features.feature_forward_kernel, {**forward, **dict.fromkeys(options, "constexpr")},
                         options, arch)
@@ -57,34 +62,35 @@ SCRIPT = textwrap.dedent(r'''
                  "stride_t_row": "i64", "stride_t_col": "i64", "stride_labels": "i64", "num_rows": "i64",
                  "num_teachers": "i32",
                  "ignore_index": "i64", **dict.fromkeys(scalars, "fp32")}
-    kd_forward = {"S": "*bf16", "T": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "LOSS": f32, "STATS": f32,
+    kd_forward = {"STUDENT": "*bf16", "TEACHER": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "LOSS": f32, "STATS": f32,
                   "METRICS": f32, **kd_common}
-    kd_backward = {"S": "*bf16", "T": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "STATS": f32, "GRAD_LOSS": f32,
+    kd_backward = {"STUDENT": "*bf16", "TEACHER": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "STATS": f32, "GRAD_LOSS": f32,
                    "GRAD_S": "*bf16", "GRAD_T": "*bf16", "stride_grad_loss": "i64", **kd_common}
     # (DIVERGENCE, ENSEMBLE, TEACHERS): every divergence with one teacher, and both ensembles
-    for divergence, ensemble, teachers in [(0, 0, 1), (1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 0, 1), (0, 1, 4),
-                                           (2, 1, 4), (1, 2, 2)]:
-        options = dict(DIVERGENCE=divergence, HAS_LABELS=True, HAS_CE=True, HAS_KD=True, INTERIOR_BETA=True,
-                       ENSEMBLE=ensemble, TEACHERS=teachers, BLOCK=128)
+    cases = [(divergence, Ensemble.NONE, 1) for divergence in Divergence] + \
+        [(Divergence.KL, Ensemble.PROB, 4), (Divergence.JSD, Ensemble.PROB, 4), (Divergence.REVERSE_KL, Ensemble.LOGIT, 2)]
+    for divergence, ensemble, teachers in cases:
+        options = dict(DIVERGENCE=int(divergence), HAS_LABELS=True, HAS_CE=True, HAS_KD=True, INTERIOR_BETA=True,
+                       ENSEMBLE=int(ensemble), TEACHERS=teachers, BLOCK=128)
         for arch in (80, 90):
             options_f = {**options, "HAS_METRICS": True}
             compile_for(kd.kd_forward_kernel, {**kd_forward, **dict.fromkeys(options_f, "constexpr")}, options_f,
                         arch)
-            options_b = {**options, "TEACHER_GRAD": ensemble == 0}
+            options_b = {**options, "TEACHER_GRAD": ensemble == Ensemble.NONE}
             compile_for(kd.kd_backward_kernel, {**kd_backward, **dict.fromkeys(options_b, "constexpr")}, options_b,
                         arch)
     # teacher weights that arrive as float64 (a float64 default dtype) are read as float32
-    options = dict(DIVERGENCE=0, HAS_LABELS=True, HAS_CE=True, HAS_KD=True, INTERIOR_BETA=True, HAS_METRICS=True,
-                   ENSEMBLE=1, TEACHERS=4, BLOCK=128)
+    options = dict(DIVERGENCE=int(Divergence.KL), HAS_LABELS=True, HAS_CE=True, HAS_KD=True, INTERIOR_BETA=True,
+                   HAS_METRICS=True, ENSEMBLE=int(Ensemble.PROB), TEACHERS=4, BLOCK=128)
     compile_for(kd.kd_forward_kernel, {**kd_forward, "WEIGHTS": "*fp64", **dict.fromkeys(options, "constexpr")},
                 options, 90)
     topk_common = {"V": "i64", "K": "i32", "stride_s_row": "i64", "stride_s_col": "i64", "stride_v_row": "i64",
                    "stride_v_col": "i64", "stride_i_row": "i64", "stride_i_col": "i64", "stride_labels": "i64",
                    "num_rows": "i64",
                    "inv_temperature": "fp32", "ignore_index": "i64", "ce_weight": "fp32", "kd_scale": "fp32"}
-    topk_forward = {"S": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "LOSS": f32, "STATS": f32,
+    topk_forward = {"STUDENT": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "LOSS": f32, "STATS": f32,
                     "METRICS": f32, **topk_common}
-    topk_backward = {"S": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "STATS": f32,
+    topk_backward = {"STUDENT": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "STATS": f32,
                      "GRAD_LOSS": f32, "GRAD_S": "*bf16", "stride_grad_loss": "i64", **topk_common}
     for bucket in (True, False):
         options = dict(HAS_LABELS=True, HAS_CE=True, HAS_KD=True, BUCKET=bucket, TOPK=32, BLOCK=128)

@@ -19,7 +19,7 @@ import torch
 
 import fastkd
 from fastkd import cuda_backend, cuda_build, reference
-from fastkd.kernel_args import NUM_STATS, kd_launch_args
+from fastkd.kernel_args import NUM_STATS, Divergence, KDOptions, kd_launch_args
 from conftest import assert_rel_close, logits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,11 +76,11 @@ def test_cuda_module_imports_checks_its_arguments_and_reports_a_missing_gpu(buil
     assert module.archs == "80,90" and module.runtime_version // 1000 == cuda_build.nvcc_major()
     s, t = torch.randn(2, 16), torch.randn(2, 16)
     stats, loss = torch.empty(NUM_STATS, 2), torch.empty(2)
-    args, _keep = kd_launch_args(s, t, None, stats, num_threads=1, temperature=2.0, divergence="kl", beta=0.5,
-                                 ignore_index=-100, ce_weight=0.0, kd_scale=4.0)
+    options = KDOptions(temperature=2.0, divergence="kl", beta=0.5, ignore_index=-100, ce_weight=0.0, kd_scale=4.0)
+    args, _keep = kd_launch_args(s, t, None, stats, options, num_threads=1)
     args.update(loss=loss.data_ptr(), stream=0)
     with pytest.raises(ValueError, match="divergences kl and reverse_kl"):
-        module.kd_forward({**args, "divergence": 2})
+        module.kd_forward({**args, "divergence": int(Divergence.JSD)})
     with pytest.raises(ValueError, match="one dtype"):
         module.kd_forward({**args, "teacher": (t.data_ptr(), 2, 16)})
     with pytest.raises(ValueError, match="missing kernel argument 'stream'"):
