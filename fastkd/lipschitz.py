@@ -50,7 +50,8 @@ def _positive_int(name: str, value) -> int:
 
 
 def as_matrices(weights: Sequence[torch.Tensor]) -> list:
-    """The weights as 2-D matrices (out, in·∏k), views where possible; errors name the offending entry."""
+    """The weights as 2-D matrices (out, in·∏k), views where possible: rows of unit column stride that do not
+    overlap (an expanded or otherwise overlapping layout is copied); errors name the offending entry."""
     if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
         raise TypeError(f"weights must be a list or tuple of tensors, got {type(weights).__name__}")
     if not weights:
@@ -70,7 +71,8 @@ def as_matrices(weights: Sequence[torch.Tensor]) -> list:
             raise ValueError(f"weights must share a device: weights[0] is on {weights[0].device}, weights[{i}] on "
                              f"{w.device}")
         matrix = w.reshape(w.shape[0], -1)
-        matrices.append(matrix if matrix.stride(1) == 1 else matrix.contiguous())
+        row_major = matrix.stride(1) == 1 and (matrix.shape[0] == 1 or matrix.stride(0) >= matrix.shape[1])
+        matrices.append(matrix if row_major else matrix.contiguous())
     return matrices
 
 

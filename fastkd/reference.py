@@ -190,14 +190,16 @@ def ensemble_teacher_logits(teacher_logits: torch.Tensor, weights: torch.Tensor,
 
     - ``"prob"``: Σ_k w_k softmax(t_k/T), the arithmetic mean of the distributions, as z = T·log Σ_k w_k
       softmax(t_k/T) (a log-sum-exp over k of log w_k + log_softmax(t_k/T));
-    - ``"logit"``: softmax(Σ_k w_k t_k / T), the normalised geometric mean, as z = Σ_k w_k t_k (over the teachers
-      of non-zero weight).
+    - ``"logit"``: softmax(Σ_k w_k t_k / T), the normalised geometric mean, as z = Σ_k w_k t_k.
+
+    A teacher of weight 0 is absent (whatever its logits hold).
     """
     math_dtype = _math_dtype(teacher_logits)
-    t = teacher_logits.to(math_dtype)
-    w = weights.to(device=t.device, dtype=math_dtype).reshape((-1,) + (1,) * (t.dim() - 1))
-    if ensemble == "logit":  # a teacher of weight 0 is absent (its −inf logits must not give 0·(−inf) = NaN)
-        return _weighted(w, t).sum(0)
+    w = weights.to(device=teacher_logits.device, dtype=math_dtype).reshape((-1,) + (1,) * (teacher_logits.dim() - 1))
+    # a teacher of weight 0 enters no computation: its logits (which may be −inf, a whole row even) are replaced by 0
+    t = torch.where(w > 0, teacher_logits.to(math_dtype), 0)
+    if ensemble == "logit":
+        return (w * t).sum(0)
     if ensemble == "prob":
         log_p = F.log_softmax(t / temperature, dim=-1) + torch.log(w)
         return temperature * torch.logsumexp(log_p, dim=0)

@@ -168,15 +168,15 @@ def _load_teachers(teacher_row, stride_t_teacher, teachers, teacher_ok, cols, st
 def _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, shift, coef,
                    scale, ENSEMBLE: tl.constexpr):
     """One block of the teacher's logits times ``scale``, −inf past the row's end. One teacher (ONE_TEACHER): its
-    logits. The logit ensemble (LOGIT, coef_k = w_k): Σ_k w_k t_k over the teachers of non-zero weight. The prob
+    logits. The logit ensemble (LOGIT, coef_k = w_k): Σ_k w_k t_k over the teachers that are ok. The prob
     ensemble (PROB, from the pre-pass: shift_k = max of scale·t_k, coef_k = log Σ exp(scale·t_k − shift_k) − log w_k,
     kept apart as for one teacher so that logits of ±1e4 lose nothing): log Σ_k w_k softmax(scale·t_k), the log of
     the mean distribution itself."""
     if ENSEMBLE == ONE_TEACHER:
         return _load_block(teacher_row, cols, stride_t_col, in_row) * scale
     x = _load_teachers(teacher_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row)
-    if ENSEMBLE == LOGIT:  # a zero weight (also the padding teachers') drops its teacher: never 0·(−inf)
-        mean = tl.sum(_weighted(coef[:, None], x), axis=0)
+    if ENSEMBLE == LOGIT:
+        mean = tl.sum(tl.where(teacher_ok[:, None], coef[:, None] * x, 0.0), axis=0)
         return tl.where(in_row, mean * scale, float("-inf"))
     c = tl.where(teacher_ok[:, None], (x * scale - shift[:, None]) - coef[:, None], float("-inf"))
     shift = _finite_or_zero(tl.max(c, axis=0))
@@ -196,6 +196,7 @@ def _ensemble_coefficients(TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher
                            inv_temperature, STATS, num_rows, FORWARD: tl.constexpr, HAS_METRICS: tl.constexpr,
                            ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr, BLOCK: tl.constexpr):
     """(teachers, teacher_ok, shift and coef at T, shift and coef at T = 1) of :func:`_teacher_block` for one row.
+    A teacher of weight 0 is not ok, like the padding lanes: it enters no computation (its row may be all −inf).
     The prob ensemble needs each teacher's max and log-sum: the forward sweeps the K rows once for them (also at
     T = 1 for the metrics) and stores those at T in the statistics rows NUM_STATS + k and NUM_STATS + K + k; the
     backward reads them there."""
@@ -205,6 +206,7 @@ def _ensemble_coefficients(TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher
     if ENSEMBLE == ONE_TEACHER:
         return teachers, teacher_ok, unused, unused, unused, unused
     weights = tl.load(WEIGHTS + teachers, mask=teacher_ok, other=0.0).to(tl.float32)
+    teacher_ok = teacher_ok & (weights > 0)
     if ENSEMBLE == LOGIT:
         return teachers, teacher_ok, unused, weights, unused, weights
     log_weights = tl.log(weights)

@@ -229,3 +229,21 @@ S = torch.zeros(2, 5)
 def test_bad_ensembles_raise_clear_errors(teacher, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastkd.kd_loss(S, teacher, **kwargs)
+
+
+@pytest.mark.parametrize("ensemble", ["prob", "logit"])
+def test_a_zero_weight_teacher_with_a_row_of_minus_inf_is_absent(kernel, gen, ensemble):
+    """A teacher of weight 0 whose row is all −inf (no distribution at all) takes no part: the loss and the student
+    gradient are those of the other teacher alone, in the kernels and in the reference."""
+    s, teachers = logits(gen, (2, 4)).to(kernel.device), logits(gen, (2, 2, 4)).to(kernel.device)
+    teachers[1, 0] = -float("inf")
+    for backend in (kernel.backend, "reference"):
+        results = []
+        for teacher, weights in ((teachers, [1.0, 0.0]), (teachers[:1], [1.0])):
+            s_leaf = s.clone().requires_grad_(True)
+            loss = fastkd.kd_loss(s_leaf, teacher, teacher_weights=weights, ensemble=ensemble, reduction="none",
+                                  backend=backend)
+            loss.sum().backward()
+            results.append((loss.detach(), s_leaf.grad))
+        assert_rel_close(results[0][0], results[1][0], 1e-6, what=f"{backend} loss")
+        assert_rel_close(results[0][1], results[1][1], 1e-6, what=f"{backend} student grad")

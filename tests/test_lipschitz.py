@@ -340,3 +340,15 @@ def test_a_thousand_iterations_reach_matrix_norm_within_1e3_where_the_default_do
                                             generator=torch.Generator().manual_seed(100 + seed))
         errors.append(1 - sigma.item() / exact)
     assert errors[0] > 1e-3 and 0 <= errors[1] <= 1e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_an_expanded_weight_is_read_as_its_values(backend):
+    """A broadcast weight (row stride 0) is copied to rows that do not overlap: every backend gives the σ of its
+    values."""
+    skip_unless_available(backend)
+    device = torch.device("cpu") if backend == "cpu" else DEVICE
+    weight = torch.randn(1, 3, generator=torch.Generator().manual_seed(0)).to(device).expand(4, 3)
+    sigma, _ = lipschitz.spectral_norms([weight], n_iter=30, backend=backend,
+                                        generator=torch.Generator().manual_seed(1))
+    assert sigma.item() == pytest.approx(torch.linalg.matrix_norm(weight.double().cpu(), ord=2).item(), rel=1e-5)
