@@ -12,6 +12,7 @@ driver are both present (a failure only warns: the module can still be built jus
 skips it. FASTKD_CUDA_ARCHS lists the compute capabilities (default "80;90"). The CUDA sources also ship inside
 the package (fastkd/csrc), for that just-in-time build.
 """
+
 import ctypes.util
 import glob
 import importlib.util
@@ -45,6 +46,7 @@ def _cuda_wanted(builder) -> bool:
         return choice == "1"
     driver = ctypes.util.find_library("cuda") is not None or os.path.exists("/proc/driver/nvidia/version")
     return driver and builder.find_nvcc() is not None
+
 
 ISA_FLAGS = {  # per source file; x86-64 with GCC or Clang only, other targets build the portable kernels alone
     "kd_cpu_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"],
@@ -85,7 +87,9 @@ class BuildExt(build_ext):
         except RuntimeError as exc:
             if os.environ.get("FASTKD_BUILD_CUDA") == "1":
                 raise
-            warnings.warn(f"fastkd: the CUDA extension was not built ({exc}); it will be built on first use")
+            warnings.warn(
+                f"fastkd: the CUDA extension was not built ({exc}); it will be built on first use", stacklevel=2
+            )
 
     def _accepts(self, flag):
         with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +111,9 @@ class BuildPy(build_py):
         for name in builder.SOURCES + builder.HEADERS:
             source = os.path.join(ROOT, "csrc", name)
             if not os.path.exists(source):
-                warnings.warn(f"fastkd: {source} is missing; the CUDA extension cannot be built just in time")
+                warnings.warn(
+                    f"fastkd: {source} is missing; the CUDA extension cannot be built just in time", stacklevel=2
+                )
                 continue
             shutil.copy2(source, target)
 
@@ -121,18 +127,29 @@ class WithExtensions(Distribution):
 
 ext_modules = []
 if os.environ.get("FASTKD_BUILD_CPU", "1") != "0":
-    ext_modules.append(Pybind11Extension(
-        "fastkd._C",
-        [os.path.join("csrc", f) for f in ("module.cpp", "buffer_pool.cpp", "kd_cpu_avx512.cpp", "kd_cpu_avx2.cpp",
-                                           "kd_cpu_portable.cpp")],
-        cxx_std=17,
-        # -fno-wrapv undoes Python's -fwrapv, which made the vector loops up to 2× slower (bench/RESULTS.md)
-        # -Werror=switch: a switch over a mode enum that misses an enumerator does not build (static_switch.h)
-        extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-wrapv", "-Werror=switch"] if os.name != "nt"
-        else ["/O2"],
-        depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
-        optional=True,
-    ))
+    ext_modules.append(
+        Pybind11Extension(
+            "fastkd._C",
+            [
+                os.path.join("csrc", f)
+                for f in (
+                    "module.cpp",
+                    "buffer_pool.cpp",
+                    "kd_cpu_avx512.cpp",
+                    "kd_cpu_avx2.cpp",
+                    "kd_cpu_portable.cpp",
+                )
+            ],
+            cxx_std=17,
+            # -fno-wrapv undoes Python's -fwrapv, which made the vector loops up to 2× slower (bench/RESULTS.md)
+            # -Werror=switch: a switch over a mode enum that misses an enumerator does not build (static_switch.h)
+            extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-wrapv", "-Werror=switch"]
+            if os.name != "nt"
+            else ["/O2"],
+            depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
+            optional=True,
+        )
+    )
     ParallelCompile("FASTKD_BUILD_JOBS", default=0).install()
 
 setup(

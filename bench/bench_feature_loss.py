@@ -7,6 +7,7 @@ standardised MSE between feature maps (forward + backward).
 On CUDA the shape is the issue's 256×256×28×28 bf16 map. On CPU fastkd runs its reference implementation (there
 is no C++ feature kernel yet), so the CPU figures compare two PyTorch expressions.
 """
+
 import pytest
 import torch
 

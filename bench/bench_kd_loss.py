@@ -7,6 +7,7 @@ On CPU fastkd runs its C++ backend. "fastkd, 0.5*loss" scales the loss before th
 on CPU the backward then rescales the gradient the forward wrote (one more pass over it). For tables with
 roofline and memory use ``fastkd bench`` (bench/RESULTS.md).
 """
+
 import pytest
 import torch
 

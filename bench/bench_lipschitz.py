@@ -7,6 +7,7 @@ a per-layer PyTorch loop doing the same iteration (W v and Wᵀ u per layer: two
 
 ``fastkd bench --op lipschitz`` gives the same comparison as a table, with the roofline and an agreement check.
 """
+
 import pytest
 import torch
 

@@ -1,7 +1,8 @@
 """fastkd forward+backward time for each divergence, with and without the cross-entropy term (CUDA).
 
-    python bench/divergences.py [ROWS VOCAB]
+python bench/divergences.py [ROWS VOCAB]
 """
+
 import sys
 
 import torch
@@ -16,8 +17,10 @@ labels = torch.randint(0, vocab, (rows,), device="cuda")
 print(f"fastkd fwd+bwd median, {rows}x{vocab} bf16, T=4, {torch.cuda.get_device_name()}")
 for divergence in ("kl", "reverse_kl", "jsd"):
     for ce_weight in (0.0, 0.5):
+
         def step():
             loss = fastkd.kd_loss(s, t, temperature=4.0, divergence=divergence, labels=labels, ce_weight=ce_weight)
             return torch.autograd.grad(loss, s)
+
         ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
         print(f"  {divergence:<11} ce_weight={ce_weight}: {ms:.3f} ms")

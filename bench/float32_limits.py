@@ -1,6 +1,10 @@
 """Where float32 math runs out: kd_loss's relative error against float64 on the same (float32-rounded) inputs,
-per backend (and the eager torch expression), for large temperatures and for a student that nearly equals its teacher (the README's "float32
-limits"). ``TRITON_INTERPRET=1 python bench/float32_limits.py [--backends cpu triton reference eager] [--classes 5000]``"""
+per backend (and the eager torch expression), for large temperatures and for a student that nearly equals its
+teacher (the README's "float32 limits").
+
+    TRITON_INTERPRET=1 python bench/float32_limits.py [--backends cpu triton reference eager] [--classes 5000]
+"""
+
 import argparse
 
 import torch
@@ -13,8 +17,8 @@ def eager_loss(s, t, *, temperature=1.0, divergence="kl"):
     """The usual eager float32 expressions, for comparison ("eager" in --backends)."""
     log_p_s, log_p_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
     if divergence == "kl":
-        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum") * temperature ** 2
-    return (1 - F.cosine_similarity(log_p_s.exp(), log_p_t.exp(), dim=-1)).sum() * temperature ** 2
+        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum") * temperature**2
+    return (1 - F.cosine_similarity(log_p_s.exp(), log_p_t.exp(), dim=-1)).sum() * temperature**2
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -27,8 +31,11 @@ def errors(s, t, backend, **options):
     results = []
     for x, y, chosen in ((s, t, backend), (s.double(), t.double(), "reference")):
         leaf = x.clone().requires_grad_(True)
-        loss = eager_loss(leaf, y, **options) if chosen == "eager" else \
-            fastkd.kd_loss(leaf, y, reduction="sum", backend=chosen, **options)
+        loss = (
+            eager_loss(leaf, y, **options)
+            if chosen == "eager"
+            else fastkd.kd_loss(leaf, y, reduction="sum", backend=chosen, **options)
+        )
         loss.backward()
         results.append((loss.detach(), leaf.grad))
     return relative_error(results[0][0], results[1][0]), relative_error(results[0][1], results[1][1])
@@ -46,15 +53,19 @@ def main():
     print(f"{args.rows}×{args.classes} float32 logits N(0, 9); relative error of the loss / the student gradient")
     print("\nlarge temperatures (divergence kl):")
     for temperature in (1.0, 10.0, 30.0, 100.0):
-        row = [f"{b}: {e[0]:.1e} / {e[1]:.1e}" for b in args.backends
-               for e in [errors(s, t, b, temperature=temperature)]]
+        row = [
+            f"{b}: {e[0]:.1e} / {e[1]:.1e}" for b in args.backends for e in [errors(s, t, b, temperature=temperature)]
+        ]
         print(f"  T = {temperature:>5g}  " + "   ".join(row))
     print("\nstudent = teacher + ε·N(0, 1) (T = 1):")
     for divergence in ("kl", "cosine"):
         for eps in (1e-1, 1e-2, 1e-3):
             near = t + eps * torch.randn(shape, generator=gen)
-            row = [f"{b}: {e[0]:.1e} / {e[1]:.1e}" for b in args.backends
-                   for e in [errors(near, t, b, divergence=divergence)]]
+            row = [
+                f"{b}: {e[0]:.1e} / {e[1]:.1e}"
+                for b in args.backends
+                for e in [errors(near, t, b, divergence=divergence)]
+            ]
             print(f"  {divergence:>6} ε = {eps:g}  " + "   ".join(row))
 
 

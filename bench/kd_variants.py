@@ -10,6 +10,7 @@ row once each, and write the student gradient (the prob ensemble's forward reads
 the normalisers first; that second read is not counted as necessary). Defaults: 4096×32000 bf16 on CUDA,
 256×4000 fp32 on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,9 @@ def main(argv=None) -> dict:
     env = environment(device)
     print(f"kd_variants: {env}, shape {rows}x{cols} {dtype}, T={args.temperature}, copy bandwidth {bandwidth} GB/s")
     table = []
-    for name, (forward, forward_backward, elements) in variants(student, teachers, topk, labels,
-                                                               args.temperature).items():
+    for name, (forward, forward_backward, elements) in variants(
+        student, teachers, topk, labels, args.temperature
+    ).items():
         fwd = median_ms(forward, device, reps=args.reps)
         both = median_ms(forward_backward, device, reps=args.reps) if forward_backward else None
         timed = both if both is not None else fwd
@@ -76,20 +78,29 @@ def main(argv=None) -> dict:
         if bandwidth:
             roofline = rows * cols * elements * student.element_size() / (bandwidth * 1e9) / (timed * 1e-3)
         memory = peak_extra_mib(forward_backward or forward, device)
-        table.append(dict(variant=name, forward_ms=fwd, forward_backward_ms=both, peak_extra_mib=memory,
-                          roofline=roofline))
+        table.append(
+            dict(variant=name, forward_ms=fwd, forward_backward_ms=both, peak_extra_mib=memory, roofline=roofline)
+        )
     base = table[0]
     print(f"{'variant':<28} {'fwd ms':>8} {'fwd+bwd ms':>10} {'× one':>6} {'peak MiB':>9} {'roofline':>8}")
     for row in table:
-        ratio = (row["forward_backward_ms"] / base["forward_backward_ms"] if row["forward_backward_ms"]
-                 else row["forward_ms"] / base["forward_ms"])
+        ratio = (
+            row["forward_backward_ms"] / base["forward_backward_ms"]
+            if row["forward_backward_ms"]
+            else row["forward_ms"] / base["forward_ms"]
+        )
         row["ratio_to_one_teacher"] = ratio
         both = f"{row['forward_backward_ms']:.3f}" if row["forward_backward_ms"] else "—"
         memory = f"{row['peak_extra_mib']:.0f}" if row["peak_extra_mib"] is not None else "—"
         roofline = f"{100 * row['roofline']:.0f}%" if row["roofline"] else "—"
         print(f"{row['variant']:<28} {row['forward_ms']:>8.3f} {both:>10} {ratio:>6.2f} {memory:>9} {roofline:>8}")
-    report = dict(environment=env, shape=[rows, cols, str(dtype)], temperature=args.temperature,
-                  copy_bandwidth_gbs=bandwidth, results=table)
+    report = dict(
+        environment=env,
+        shape=[rows, cols, str(dtype)],
+        temperature=args.temperature,
+        copy_bandwidth_gbs=bandwidth,
+        results=table,
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -3,6 +3,7 @@ kernel figures in bench/RESULTS.md.
 
     python bench/kernels_with_labels.py
 """
+
 import torch
 import triton.testing
 
@@ -19,7 +20,13 @@ for div in ("kl", "jsd"):
         o = KDOptions(temperature=4.0, divergence=div, beta=0.5, ignore_index=-100, ce_weight=ce, kd_scale=16.0)
         _, st, _ = kd.kd_forward(s, t, lab, o)
         f = triton.testing.do_bench(lambda: kd.kd_forward(s, t, lab, o), return_mode="median")
-        b = triton.testing.do_bench(lambda: kd.kd_backward(g, s, t, lab, st, o, teacher_grad=False),
-                                    return_mode="median")
-        print(div, "labels" if lab is not None else "no labels", ce, f"fwd {f * 1e3:.0f} us  bwd {b * 1e3:.0f} us",
-              flush=True)
+        b = triton.testing.do_bench(
+            lambda: kd.kd_backward(g, s, t, lab, st, o, teacher_grad=False), return_mode="median"
+        )
+        print(
+            div,
+            "labels" if lab is not None else "no labels",
+            ce,
+            f"fwd {f * 1e3:.0f} us  bwd {b * 1e3:.0f} us",
+            flush=True,
+        )

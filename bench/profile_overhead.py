@@ -3,6 +3,7 @@ to forward+backward through autograd, next to the eager expression (CUDA).
 
     python bench/profile_overhead.py [ROWS VOCAB]
 """
+
 import sys
 import time
 
@@ -35,8 +36,9 @@ def host_us(fn, n=300):
 cases = {
     "triton forward launch": lambda: kd.kd_forward(s, t, None, options),
     "triton backward launch": lambda: kd.kd_backward(grad_loss, s, t, None, stats, options, teacher_grad=False),
-    "custom op forward": lambda: torch.ops.fastkd.kd_loss_rows(s.detach(), t, None, 4.0, "kl", 0.5, -100, 0.0, 16.0,
-                                                               1.0, "triton", False),
+    "custom op forward": lambda: torch.ops.fastkd.kd_loss_rows(
+        s.detach(), t, None, 4.0, "kl", 0.5, -100, 0.0, 16.0, 1.0, "triton", False
+    ),
     "kd_loss forward (no grad)": lambda: fastkd.kd_loss(s.detach(), t, temperature=4.0),
     "kd_loss forward (grad mode)": lambda: fastkd.kd_loss(s, t, temperature=4.0),
     "kd_loss fwd+bwd autograd.grad": lambda: torch.autograd.grad(fastkd.kd_loss(s, t, temperature=4.0), s),
@@ -47,7 +49,9 @@ print(f"host time per call, {rows}x{vocab} fp32, {torch.cuda.get_device_name()}"
 for name, fn in cases.items():
     print(f"  {name:<34} {host_us(fn):8.1f} us")
 
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+with torch.profiler.profile(
+    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+) as prof:
     for _ in range(50):
         torch.autograd.grad(fastkd.kd_loss(s, t, temperature=4.0), s)
     torch.cuda.synchronize()

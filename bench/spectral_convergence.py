@@ -1,6 +1,7 @@
 """How far spectral_norms is from σ_max after n iterations from a random start, over seeds of Gaussian matrices
 (the slow case for power iteration): median and worst relative error per shape (the figures in the README and
 the docstring of fastkd.lipschitz). ``python bench/spectral_convergence.py [--seeds 30] [--backend cpu]``"""
+
 import argparse
 import json
 
@@ -19,8 +20,13 @@ def relative_errors(shape, seeds, counts, backend):
         exact = torch.linalg.matrix_norm(weight.double(), ord=2).item()
         state, done = None, 0
         for n in counts:
-            sigma, state = fastkd.spectral_norms([weight], n_iter=n - done, state=state, backend=backend,
-                                                 generator=torch.Generator().manual_seed(100 + seed))
+            sigma, state = fastkd.spectral_norms(
+                [weight],
+                n_iter=n - done,
+                state=state,
+                backend=backend,
+                generator=torch.Generator().manual_seed(100 + seed),
+            )
             done = n
             errors[n].append(1 - sigma.item() / exact)
     return errors
@@ -40,8 +46,10 @@ def main():
         results["x".join(map(str, shape))] = errors
         for n in counts:
             values = sorted(errors[n])
-            print(f"{'x'.join(map(str, shape)):>12} {n:>7} {values[len(values) // 2]:>9.1e} {values[-1]:>9.1e} "
-                  f"{sum(e > 1e-3 for e in values):>7}")
+            print(
+                f"{'x'.join(map(str, shape)):>12} {n:>7} {values[len(values) // 2]:>9.1e} {values[-1]:>9.1e} "
+                f"{sum(e > 1e-3 for e in values):>7}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f)

@@ -5,6 +5,7 @@
 Prints, per shape and kernel, the median time (triton.testing.do_bench) and the achieved bandwidth of each
 configuration, best first, next to the configuration kernels.kd.launch_config picks.
 """
+
 import argparse
 import json
 
@@ -15,8 +16,12 @@ import triton.testing
 from fastkd.kernel_args import KDOptions
 from fastkd.kernels import kd
 
-SHAPES = [(256, 100, torch.float32), (1024, 1000, torch.float32), (8192, 32000, torch.bfloat16),
-          (4096, 128256, torch.bfloat16)]
+SHAPES = [
+    (256, 100, torch.float32),
+    (1024, 1000, torch.float32),
+    (8192, 32000, torch.bfloat16),
+    (4096, 128256, torch.bfloat16),
+]
 OPTIONS = KDOptions(temperature=4.0, divergence="kl", beta=0.5, ignore_index=-100, ce_weight=0.0, kd_scale=16.0)
 
 
@@ -44,11 +49,12 @@ def main():
         for kernel in ("forward", "backward"):
             timings = []
             for config in configs(cols):
-                if kernel == "forward":
-                    fn = lambda: kd.kd_forward(s, t, None, OPTIONS, config=config)  # noqa: E731
-                else:
-                    fn = lambda: kd.kd_backward(grad_loss, s, t, None, stats, OPTIONS,  # noqa: E731
-                                                teacher_grad=False, config=config)
+
+                def fn():
+                    if kernel == "forward":
+                        return kd.kd_forward(s, t, None, OPTIONS, config=config)
+                    return kd.kd_backward(grad_loss, s, t, None, stats, OPTIONS, teacher_grad=False, config=config)
+
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 timings.append((ms, config))
             timings.sort(key=lambda x: x[0])
@@ -56,8 +62,14 @@ def main():
             print(f"{rows}x{cols} {dtype} {kernel}: launch_config picks {chosen}")
             for ms, config in timings[:6] + [x for x in timings if x[1] == chosen]:
                 print(f"    {config}  {ms * 1e3:9.1f} us  {nbytes[kernel] / ms / 1e6:7.0f} GB/s")
-            report.append(dict(shape=[rows, cols, str(dtype)], kernel=kernel,
-                               timings=[dict(ms=ms, **c) for ms, c in timings], chosen=chosen))
+            report.append(
+                dict(
+                    shape=[rows, cols, str(dtype)],
+                    kernel=kernel,
+                    timings=[dict(ms=ms, **c) for ms, c in timings],
+                    chosen=chosen,
+                )
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,4 +1,5 @@
 """fastkd: knowledge-distillation losses for PyTorch as fused Triton and CUDA (GPU) and C++ (CPU) kernels."""
+
 from . import adapters, lipschitz, schedules
 from .dispatch import backends
 from .distiller import Distiller
@@ -9,6 +10,21 @@ from .lipschitz import london_loss, spectral_norms
 from .topk import TopK, topk_teacher
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "KDLoss", "dkd_loss", "TopK", "topk_teacher", "feature_loss", "ofd_margin", "FEED",
-           "spectral_norms", "london_loss", "Distiller",
-           "adapters", "lipschitz", "schedules", "backends", "__version__"]
+__all__ = [
+    "kd_loss",
+    "KDLoss",
+    "dkd_loss",
+    "TopK",
+    "topk_teacher",
+    "feature_loss",
+    "ofd_margin",
+    "FEED",
+    "spectral_norms",
+    "london_loss",
+    "Distiller",
+    "adapters",
+    "lipschitz",
+    "schedules",
+    "backends",
+    "__version__",
+]

@@ -12,6 +12,7 @@ r"""FitNets-style adapters (regressors) that map a student feature to the shape 
 A projection is made only when the channel counts differ and a resize only when the lengths or sizes do; when the
 shapes already agree the adapter is ``nn.Identity``. Adapters are ordinary modules, trained with the student.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -34,8 +35,7 @@ class FeatureAdapter(nn.Module):
         if not self.size:
             return x
         if x.dim() == 3:  # (N, L, C): interpolate along L
-            return F.interpolate(x.transpose(1, 2), size=self.size, mode="linear",
-                                 align_corners=False).transpose(1, 2)
+            return F.interpolate(x.transpose(1, 2), size=self.size, mode="linear", align_corners=False).transpose(1, 2)
         if all(s >= t for s, t in zip(x.shape[2:], self.size)):
             return F.adaptive_avg_pool2d(x, self.size)
         return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
@@ -50,15 +50,22 @@ def adapter_for(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> n
     if student_shape == teacher_shape:
         return nn.Identity()
     if len(student_shape) != len(teacher_shape) or len(student_shape) not in (2, 3, 4):
-        raise ValueError(f"an adapter maps (N, C), (N, L, C) or (N, C, H, W) features to the same layout; got "
-                         f"student {student_shape} and teacher {teacher_shape}")
+        raise ValueError(
+            f"an adapter maps (N, C), (N, L, C) or (N, C, H, W) features to the same layout; got "
+            f"student {student_shape} and teacher {teacher_shape}"
+        )
     if student_shape[0] != teacher_shape[0]:
-        raise ValueError(f"student and teacher features must have the same batch size, got student "
-                         f"{student_shape} and teacher {teacher_shape}")
+        raise ValueError(
+            f"student and teacher features must have the same batch size, got student "
+            f"{student_shape} and teacher {teacher_shape}"
+        )
     if len(student_shape) == 4:
         (c_s, *size_s), (c_t, *size_t) = student_shape[1:], teacher_shape[1:]
-        project = (nn.Sequential(nn.Conv2d(c_s, c_t, kernel_size=1, bias=False), nn.BatchNorm2d(c_t))
-                   if c_s != c_t else nn.Identity())
+        project = (
+            nn.Sequential(nn.Conv2d(c_s, c_t, kernel_size=1, bias=False), nn.BatchNorm2d(c_t))
+            if c_s != c_t
+            else nn.Identity()
+        )
     else:
         (*size_s, c_s), (*size_t, c_t) = student_shape[1:], teacher_shape[1:]
         project = nn.Linear(c_s, c_t) if c_s != c_t else nn.Identity()

@@ -16,11 +16,13 @@ Timing: CUDA uses ``triton.testing.do_bench`` (CUDA events, L2 flushed before ev
 includes the host's launch overhead whenever the host is slower than the GPU (small shapes); the "graph ms"
 column replays the forward+backward step captured in a CUDA graph, the GPU time without that overhead. CPU
 uses ``time.perf_counter`` around each call (median after 3 warm-up calls: the steady state of a training
-loop, in which the C++ backend's buffer pool hands back the gradient memory of the previous step). Memory: CUDA reads ``torch.cuda.max_memory_allocated`` above
-what was allocated before the call; CPU reads the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) above its resident set before the call less the free blocks of the C++ backend's buffer
-pool (which the call reuses), and reports nothing where Linux does not offer that.
+loop, in which the C++ backend's buffer pool hands back the gradient memory of the previous step). Memory: CUDA
+reads ``torch.cuda.max_memory_allocated`` above what was allocated before the call; CPU reads the process's peak
+resident set (VmHWM, reset through /proc/self/clear_refs) above its resident set before the call less the free
+blocks of the C++ backend's buffer pool (which the call reuses), and reports nothing where Linux does not offer
+that.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,11 +44,15 @@ from .lipschitz import init_state, spectral_norms
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("kd", "feature", "lipschitz")
 DEFAULT_SHAPES = {
-    "kd": {"cuda": ["256x100:fp32", "1024x1000:fp32", "8192x32000:bf16", "4096x128256:bf16"],
-           "cpu": ["256x100:fp32", "1024x1000:fp32", "512x32000:fp32"]},
+    "kd": {
+        "cuda": ["256x100:fp32", "1024x1000:fp32", "8192x32000:bf16", "4096x128256:bf16"],
+        "cpu": ["256x100:fp32", "1024x1000:fp32", "512x32000:fp32"],
+    },
     "feature": {"cuda": ["64x256x28x28:bf16", "256x256x28x28:bf16"], "cpu": ["16x64x28x28:fp32"]},
     "lipschitz": {"cuda": ["resnet18:fp32", "resnet18:bf16"], "cpu": ["resnet18:fp32"]},
 }
+
+CPU = torch.device("cpu")
 
 
 @dataclasses.dataclass
@@ -94,12 +100,21 @@ def parse_shape(spec: str) -> tuple[int, int, torch.dtype]:
 
 def eager_kd(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     """The expression KD code writes today (torchdistill, mdistiller, most training scripts)."""
-    return F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
-                    log_target=True, reduction="batchmean") * temperature * temperature
+    return (
+        F.kl_div(
+            F.log_softmax(s / temperature, dim=-1),
+            F.log_softmax(t / temperature, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature
+        * temperature
+    )
 
 
-def implementations(temperature: float, device: torch.device = torch.device("cpu")
-                    ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def implementations(
+    temperature: float, device: torch.device = CPU
+) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """kd_loss (its default backend for the device) and the baselines; on CUDA also the CUDA C++ kernels when they
     can run (``"fastkd (cuda)"``)."""
     impls = {
@@ -111,9 +126,11 @@ def implementations(temperature: float, device: torch.device = torch.device("cpu
         impls["fastkd (cuda)"] = lambda s, t: kd_loss(s, t, temperature=temperature, backend="cuda")
     if importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.transformers.kl_div import LigerKLDIVLoss
+
         liger = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-        impls["liger-kernel"] = lambda s, t: liger(F.log_softmax(s / temperature, dim=-1),
-                                                    F.log_softmax(t / temperature, dim=-1)) * temperature ** 2
+        impls["liger-kernel"] = lambda s, t: (
+            liger(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)) * temperature**2
+        )
     return impls
 
 
@@ -125,6 +142,7 @@ def _sync(device: torch.device) -> None:
 def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20) -> float:
     if device.type == "cuda":
         import triton.testing
+
         return float(triton.testing.do_bench(fn, warmup=warmup * 10, rep=reps * 10, return_mode="median"))
     for _ in range(warmup):
         fn()
@@ -197,17 +215,23 @@ def float64_truth(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     total = torch.zeros((), dtype=torch.float64, device=student.device)
     grad = torch.empty(student.shape, dtype=torch.float64, device=student.device)
     for start in range(0, student.shape[0], chunk_rows):
-        s = student[start:start + chunk_rows].detach().double().requires_grad_(True)
-        loss = kd_loss(s, teacher[start:start + chunk_rows].double(), temperature=temperature, reduction="sum",
-                       backend="reference")
-        (grad[start:start + chunk_rows],) = torch.autograd.grad(loss, s)
+        s = student[start : start + chunk_rows].detach().double().requires_grad_(True)
+        loss = kd_loss(
+            s,
+            teacher[start : start + chunk_rows].double(),
+            temperature=temperature,
+            reduction="sum",
+            backend="reference",
+        )
+        (grad[start : start + chunk_rows],) = torch.autograd.grad(loss, s)
         total += loss.detach()
     rows = max(student.shape[0], 1)
     return total / rows, grad.div_(rows)
 
 
-def bench_shape(spec: str, device: torch.device, temperature: float, impls, bandwidth_gbs: Optional[float],
-                reps: int) -> list[Result]:
+def bench_shape(
+    spec: str, device: torch.device, temperature: float, impls, bandwidth_gbs: Optional[float], reps: int
+) -> list[Result]:
     rows, cols, dtype = parse_shape(spec)
     gen = torch.Generator(device="cpu").manual_seed(rows * 1_000_003 + cols)
     student = (torch.randn(rows, cols, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_(True)
@@ -217,14 +241,24 @@ def bench_shape(spec: str, device: torch.device, temperature: float, impls, band
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # a bf16/fp16 gradient is rounded to 2^-8 or 2^-11
 
     ref_loss, ref_grad = float64_truth(student, teacher, temperature)
-    return _bench_implementations(spec, device, impls, student, teacher, ref_loss, ref_grad, roofline_bytes,
-                                  bandwidth_gbs, tolerance, reps)
+    return _bench_implementations(
+        spec, device, impls, student, teacher, ref_loss, ref_grad, roofline_bytes, bandwidth_gbs, tolerance, reps
+    )
 
 
-def _bench_implementations(spec: str, device: torch.device, impls: dict, student: torch.Tensor,
-                           teacher: torch.Tensor, truth_loss: torch.Tensor, truth_grad: torch.Tensor,
-                           roofline_bytes: float, bandwidth_gbs: Optional[float], tolerance: float,
-                           reps: int) -> list[Result]:
+def _bench_implementations(
+    spec: str,
+    device: torch.device,
+    impls: dict,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    truth_loss: torch.Tensor,
+    truth_grad: torch.Tensor,
+    roofline_bytes: float,
+    bandwidth_gbs: Optional[float],
+    tolerance: float,
+    reps: int,
+) -> list[Result]:
     """For each ``impl(student, teacher)``: its loss and student gradient against the truth, then its forward and
     forward+backward times, memory, roofline share and (CUDA) CUDA-graph replay time. Failures (out of memory,
     say) are reported in the row, not raised."""
@@ -243,8 +277,9 @@ def _bench_implementations(spec: str, device: torch.device, impls: dict, student
             def forward_backward():
                 return torch.autograd.grad(impl(student, teacher), student)
 
-            result = _timed_result(spec, name, device, forward, forward_backward, reps, roofline_bytes,
-                                   bandwidth_gbs, error, tolerance)
+            result = _timed_result(
+                spec, name, device, forward, forward_backward, reps, roofline_bytes, bandwidth_gbs, error, tolerance
+            )
         except RuntimeError as exc:
             result = Result(spec, name, None, None, None, None, None, None, None, f"{type(exc).__name__}: {exc}"[:80])
         if device.type == "cuda" and result.forward_backward_ms is not None:
@@ -258,9 +293,18 @@ def _bench_implementations(spec: str, device: torch.device, impls: dict, student
     return results
 
 
-def _timed_result(spec: str, name: str, device: torch.device, forward, forward_backward, reps: int,
-                  roofline_bytes: Optional[float], bandwidth_gbs: Optional[float], error: float,
-                  tolerance: float) -> Result:
+def _timed_result(
+    spec: str,
+    name: str,
+    device: torch.device,
+    forward,
+    forward_backward,
+    reps: int,
+    roofline_bytes: Optional[float],
+    bandwidth_gbs: Optional[float],
+    error: float,
+    tolerance: float,
+) -> Result:
     """Time ``forward`` (and ``forward_backward`` unless None), read the peak memory, fill a Result."""
     fwd = median_ms(forward, device, reps=reps)
     fwd_bwd = median_ms(forward_backward, device, reps=reps) if forward_backward is not None else None
@@ -280,8 +324,9 @@ def eager_feature_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> 
         mean = (x * mask).sum((2, 3), keepdim=True) / count
         var = (((x - mean) * mask) ** 2).sum((2, 3), keepdim=True) / count
         return (x - mean) / torch.sqrt(var + 1e-5)
+
     diff = standardise(s.float()) - standardise(t.float())
-    return (diff ** 2 * mask).sum() / mask.expand_as(diff).sum()
+    return (diff**2 * mask).sum() / mask.expand_as(diff).sum()
 
 
 def bench_feature_shape(spec: str, device: torch.device, bandwidth_gbs: Optional[float], reps: int) -> list[Result]:
@@ -302,8 +347,9 @@ def bench_feature_shape(spec: str, device: torch.device, bandwidth_gbs: Optional
     # forward reads s, t and the mask; backward reads them again and writes the gradient of s
     roofline_bytes = student.numel() * student.element_size() * 5 + 2 * mask.numel() * mask.element_size()
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
-    return _bench_implementations(spec, device, impls, student, teacher, truth, truth_grad, roofline_bytes,
-                                  bandwidth_gbs, tolerance, reps)
+    return _bench_implementations(
+        spec, device, impls, student, teacher, truth, truth_grad, roofline_bytes, bandwidth_gbs, tolerance, reps
+    )
 
 
 def resnet18_weight_shapes() -> list:
@@ -321,8 +367,9 @@ def resnet18_weight_shapes() -> list:
 
 def resnet18_weights(dtype: torch.dtype, device, seed: int = 0) -> list:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=g) / shape[1] ** 0.5).to(dtype).to(device)
-            for shape in resnet18_weight_shapes()]
+    return [
+        (torch.randn(shape, generator=g) / shape[1] ** 0.5).to(dtype).to(device) for shape in resnet18_weight_shapes()
+    ]
 
 
 def loop_power_iteration(weights: list, us: list, vs: list, eps: float = 1e-12) -> torch.Tensor:
@@ -348,6 +395,7 @@ def power_iteration_steps(weights: list) -> dict:
     def fused():
         sigma, state[0] = spectral_norms(weights, n_iter=1, state=state[0])
         return sigma
+
     return {"fastkd": fused, "per-layer torch loop": lambda: loop_power_iteration(weights, us, vs)}
 
 
@@ -366,16 +414,22 @@ def bench_lipschitz(spec: str, device: torch.device, bandwidth_gbs: Optional[flo
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     fastkd_sigma, loop_sigma = sigmas.values()
     difference = relative_error(fastkd_sigma, loop_sigma.double())
-    return [_timed_result(spec, name, device, step, None, reps, nbytes, bandwidth_gbs, difference, tolerance)
-            for name, step in steps.items()]
+    return [
+        _timed_result(spec, name, device, step, None, reps, nbytes, bandwidth_gbs, difference, tolerance)
+        for name, step in steps.items()
+    ]
 
 
 def environment(device: torch.device) -> dict:
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d")}
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if importlib.util.find_spec("triton") is not None:
         import triton
+
         env["triton"] = triton.__version__
     if device.type == "cpu":
         env["threads"] = torch.get_num_threads()
@@ -386,6 +440,7 @@ def environment(device: torch.device) -> dict:
 def format_table(results: list[Result]) -> str:
     """One line per (shape, implementation); the speedup compares forward+backward (forward alone where an op has
     no backward) with fastkd's on the same shape."""
+
     def fmt(x, spec):
         return format("-", ">" + spec.split(".")[0]) if x is None else format(x, spec)
 
@@ -393,16 +448,20 @@ def format_table(results: list[Result]) -> str:
         return r.forward_backward_ms if r.forward_backward_ms is not None else r.forward_ms
 
     base = {r.shape: timed(r) for r in results if r.implementation == "fastkd"}
-    header = (f"{'shape':<18} {'implementation':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'graph ms':>9} "
-              f"{'fastkd speedup':>14} {'peak MiB':>9} {'roofline':>8} {'rel err':>8}  within tolerance")
+    header = (
+        f"{'shape':<18} {'implementation':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'graph ms':>9} "
+        f"{'fastkd speedup':>14} {'peak MiB':>9} {'roofline':>8} {'rel err':>8}  within tolerance"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         speedup = timed(r) / base[r.shape] if timed(r) and base.get(r.shape) else None
         within = "-" if r.within_tolerance is None else ("yes" if r.within_tolerance else "NO")
-        lines.append(f"{r.shape:<18} {r.implementation:<20} {fmt(r.forward_ms, '9.3f')} "
-                     f"{fmt(r.forward_backward_ms, '11.3f')} {fmt(r.graph_ms, '9.3f')} {fmt(speedup, '13.2f')}x "
-                     f"{fmt(r.peak_extra_mib, '9.1f')} {fmt(r.roofline_pct, '7.1f')}"
-                     f"{' ' if r.roofline_pct is None else '%'} {fmt(r.max_rel_error, '8.1e')}  {within} {r.note}")
+        lines.append(
+            f"{r.shape:<18} {r.implementation:<20} {fmt(r.forward_ms, '9.3f')} "
+            f"{fmt(r.forward_backward_ms, '11.3f')} {fmt(r.graph_ms, '9.3f')} {fmt(speedup, '13.2f')}x "
+            f"{fmt(r.peak_extra_mib, '9.1f')} {fmt(r.roofline_pct, '7.1f')}"
+            f"{' ' if r.roofline_pct is None else '%'} {fmt(r.max_rel_error, '8.1e')}  {within} {r.note}"
+        )
     return "\n".join(lines)
 
 
@@ -413,6 +472,7 @@ def plot(report: dict, path: str) -> None:
     'fastkd[bench]'``)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
@@ -428,16 +488,19 @@ def plot(report: dict, path: str) -> None:
             roofline_axis.bar(labels, [r["roofline_pct"] or 0 for r in results])
             time_axis.set_ylabel("one iteration, ms")
         else:
+
             def split(spec):  # (the size on the x axis, the rest of the shape and the dtype: the line's label)
                 shape, dtype = parse_spec(spec, op)
                 size = shape[1] if op == "kd" else shape[1] * shape[2] * shape[3]
                 return size, f"{shape[0]} rows" if op == "kd" else f"N={shape[0]}", str(dtype).replace("torch.", "")
+
             lines = {}
             for r in results:
                 if r["forward_backward_ms"] is not None:
                     size, rest, dtype = split(r["shape"])
                     lines.setdefault(f"{r['implementation']}, {rest}, {dtype}", []).append(
-                        (size, r["forward_backward_ms"], r["roofline_pct"] or 0))
+                        (size, r["forward_backward_ms"], r["roofline_pct"] or 0)
+                    )
             for label, points in lines.items():
                 points.sort(key=lambda p: p[0])
                 time_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -455,9 +518,18 @@ def plot(report: dict, path: str) -> None:
     plt.close(figure)
 
 
-def run(shapes: Optional[list[str]] = None, *, op: str = "kd", device: Optional[str] = None,
-        temperature: float = 4.0, reps: int = 20, dtype: Optional[str] = None, json_path: Optional[str] = None,
-        plot_path: Optional[str] = None, log=print) -> dict:
+def run(
+    shapes: Optional[list[str]] = None,
+    *,
+    op: str = "kd",
+    device: Optional[str] = None,
+    temperature: float = 4.0,
+    reps: int = 20,
+    dtype: Optional[str] = None,
+    json_path: Optional[str] = None,
+    plot_path: Optional[str] = None,
+    log=print,
+) -> dict:
     """Benchmark ``op`` (one of :data:`OPS`, or ``"all"`` with the default shapes of each) on ``shapes`` (default:
     sized for the device; ``dtype`` is the dtype of every default shape and of given shapes that name none),
     print the table, optionally write JSON and a plot; returns the report."""
@@ -470,12 +542,16 @@ def run(shapes: Optional[list[str]] = None, *, op: str = "kd", device: Optional[
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if plot_path and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install 'fastkd[bench]'")
+
     def with_dtype(spec: str, default: bool) -> str:  # --dtype: for shapes that name none, and every default shape
         if dtype is None or (":" in spec and not default):
             return spec
         return f"{spec.partition(':')[0]}:{dtype}"
-    plan = {name: [with_dtype(spec, not shapes) for spec in (shapes or DEFAULT_SHAPES[name][dev.type])]
-            for name in (OPS if op == "all" else (op,))}
+
+    plan = {
+        name: [with_dtype(spec, not shapes) for spec in (shapes or DEFAULT_SHAPES[name][dev.type])]
+        for name in (OPS if op == "all" else (op,))
+    }
     for name, specs in plan.items():
         for spec in specs:
             parse_spec(spec, name)  # fail before any timing
@@ -486,19 +562,25 @@ def run(shapes: Optional[list[str]] = None, *, op: str = "kd", device: Optional[
     report = {"environment": env, "temperature": temperature, "results": {}}
     for name, specs in plan.items():
         if name == "kd":
-            log(f"kd_loss forward+backward, T={temperature}, batchmean; speedup = implementation time / fastkd "
+            log(
+                f"kd_loss forward+backward, T={temperature}, batchmean; speedup = implementation time / fastkd "
                 f"time; rel err = max relative error of loss and student gradient against float64; roofline = "
-                f"time to read s and t twice and write the gradient at the copy bandwidth / measured time")
+                f"time to read s and t twice and write the gradient at the copy bandwidth / measured time"
+            )
             impls = implementations(temperature, dev)
             results = [r for spec in specs for r in bench_shape(spec, dev, temperature, impls, bandwidth, reps)]
         elif name == "feature":
-            log("feature_loss (mse, spatial mask, normalize='channel') forward and forward+backward; rel err against "
-                "float64; roofline = time to read s, t and the mask twice and write the gradient / measured time")
+            log(
+                "feature_loss (mse, spatial mask, normalize='channel') forward and forward+backward; rel err against "
+                "float64; roofline = time to read s, t and the mask twice and write the gradient / measured time"
+            )
             results = [r for spec in specs for r in bench_feature_shape(spec, dev, bandwidth, reps)]
         else:
-            log("spectral norms: one power iteration over the 21 Linear/Conv weights of ResNet-18 (fwd ms); rel err "
+            log(
+                "spectral norms: one power iteration over the 21 Linear/Conv weights of ResNet-18 (fwd ms); rel err "
                 "= relative difference of the two implementations' σ after 200 iterations each; roofline = time to "
-                "read every weight once / measured time")
+                "read every weight once / measured time"
+            )
             results = [r for spec in specs for r in bench_lipschitz(spec, dev, bandwidth, reps)]
         log(format_table(results))
         report["results"][name] = [dataclasses.asdict(r) for r in results]

@@ -1,6 +1,7 @@
 """The ``fastkd`` command line: ``fastkd demo`` distils a student on scikit-learn's digits and compares it with
 the same student trained from scratch; ``fastkd bench`` times fastkd's ops (kd_loss, feature_loss, spectral norms)
 against torch eager, torch.compile, Liger-Kernel (when installed) or a per-layer loop, on this machine."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,13 +12,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastkd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time fastkd's ops against the usual baselines")
-    bench.add_argument("--op", choices=["kd", "feature", "lipschitz", "all"], default="kd",
-                       help="kd: kd_loss; feature: feature_loss; lipschitz: spectral norms of ResNet-18's weights; "
-                            "all: each with its default shapes (default kd)")
+    bench.add_argument(
+        "--op",
+        choices=["kd", "feature", "lipschitz", "all"],
+        default="kd",
+        help="kd: kd_loss; feature: feature_loss; lipschitz: spectral norms of ResNet-18's weights; "
+        "all: each with its default shapes (default kd)",
+    )
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    bench.add_argument("--shapes", nargs="+", metavar="SHAPE[:DTYPE]",
-                       help="kd: ROWSxVOCAB (8192x32000:bf16); feature: NxCxHxW (256x256x28x28:bf16); lipschitz: "
-                            "resnet18[:bf16]; dtype fp32, fp16 or bf16; default: a few shapes sized for the device")
+    bench.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="SHAPE[:DTYPE]",
+        help="kd: ROWSxVOCAB (8192x32000:bf16); feature: NxCxHxW (256x256x28x28:bf16); lipschitz: "
+        "resnet18[:bf16]; dtype fp32, fp16 or bf16; default: a few shapes sized for the device",
+    )
     bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="dtype of the shapes that name none")
     bench.add_argument("--temperature", type=float, default=4.0)
     bench.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (CPU; ×10 ms on CUDA)")
@@ -35,9 +44,18 @@ def main(argv=None) -> int:
     if args.command == "demo":
         return _demo(parser, args)
     from . import bench as harness  # imports torch only once the arguments are known to be good
+
     try:
-        harness.run(args.shapes, op=args.op, device=args.device, temperature=args.temperature, reps=args.reps,
-                    dtype=args.dtype, json_path=args.json, plot_path=args.plot)
+        harness.run(
+            args.shapes,
+            op=args.op,
+            device=args.device,
+            temperature=args.temperature,
+            reps=args.reps,
+            dtype=args.dtype,
+            json_path=args.json,
+            plot_path=args.plot,
+        )
     except ValueError as exc:
         parser.error(str(exc))
     return 0
@@ -47,11 +65,18 @@ def _demo(parser: argparse.ArgumentParser, args) -> int:
     import dataclasses
 
     from . import demo
-    chosen = {name: value for name, value in (("temperature", args.temperature), ("alpha", args.alpha))
-              if value is not None}
+
+    chosen = {
+        name: value for name, value in (("temperature", args.temperature), ("alpha", args.alpha)) if value is not None
+    }
     try:
-        demo.run(seeds=args.seeds, epochs=args.epochs, device=args.device, json_path=args.json,
-                 settings=dataclasses.replace(demo.Settings(), **chosen))
+        demo.run(
+            seeds=args.seeds,
+            epochs=args.epochs,
+            device=args.device,
+            json_path=args.json,
+            settings=dataclasses.replace(demo.Settings(), **chosen),
+        )
     except ValueError as exc:
         parser.error(str(exc))
     return 0

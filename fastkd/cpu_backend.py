@@ -9,6 +9,7 @@ CPU tensors run through the reference implementation.
 The kernels run on ``torch.get_num_threads()`` threads. Each row is computed by one thread in a fixed order, so
 the results are the same, bit for bit, for every thread count.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,17 @@ from typing import Optional
 
 import torch
 
-from .kernel_args import (DTYPE_CODES, NUM_METRICS, NUM_STATS, DType, FeatureKind, FeatureNormalize, KDOptions,
-                          feature_groups, kd_launch_args)
+from .kernel_args import (
+    DTYPE_CODES,
+    NUM_METRICS,
+    NUM_STATS,
+    DType,
+    FeatureKind,
+    FeatureNormalize,
+    KDOptions,
+    feature_groups,
+    kd_launch_args,
+)
 
 try:
     from . import _C
@@ -92,14 +102,22 @@ def _forward(student, teacher, labels, options: KDOptions, with_metrics, grad_sc
     stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32)
     metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32)
     args, _keep = kd_launch_args(student, teacher, labels, stats, options, num_threads=torch.get_num_threads())
-    args.update(loss=loss.data_ptr(), fused_grad_student=0, fused_grad_teacher=0, grad_scale=1.0,
-                metrics=metrics.data_ptr() if with_metrics else 0)
+    args.update(
+        loss=loss.data_ptr(),
+        fused_grad_student=0,
+        fused_grad_teacher=0,
+        grad_scale=1.0,
+        metrics=metrics.data_ptr() if with_metrics else 0,
+    )
     grads = ()
     if grad_scale is not None:
         grad_s = empty(student.shape, student.dtype)
         grad_t = empty(teacher.shape if teacher_grad else (0,), teacher.dtype)
-        args.update(fused_grad_student=grad_s.data_ptr(), grad_scale=grad_scale,
-                    fused_grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
+        args.update(
+            fused_grad_student=grad_s.data_ptr(),
+            grad_scale=grad_scale,
+            fused_grad_teacher=grad_t.data_ptr() if teacher_grad else 0,
+        )
         grads = (grad_s, grad_t)
     _extension().kd_forward(args)
     return (loss, stats, metrics) + grads
@@ -110,8 +128,9 @@ def _one_teacher(ensemble: str) -> None:
         raise ValueError("the C++ kd_loss kernels take one teacher; an ensemble's target is materialised first")
 
 
-def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=False, teacher_weights=None,
-               ensemble="none"):
+def kd_forward(
+    student, teacher, labels, options: KDOptions, *, with_metrics=False, teacher_weights=None, ensemble="none"
+):
     """Row losses (N,) float32, statistics (NUM_STATS, N) and metrics (NUM_METRICS, N, or empty without
     ``with_metrics``) float32 of (N, V) CPU logits; the same contract as :func:`fastkd.kernels.kd.kd_forward`,
     for one teacher."""
@@ -119,8 +138,9 @@ def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=Fal
     return _forward(student, teacher, labels, options, with_metrics)
 
 
-def kd_forward_with_grad(student, teacher, labels, options: KDOptions, *, grad_scale: float, teacher_grad: bool,
-                         with_metrics=False):
+def kd_forward_with_grad(
+    student, teacher, labels, options: KDOptions, *, grad_scale: float, teacher_grad: bool, with_metrics=False
+):
     """:func:`kd_forward` plus the gradients of ``grad_scale·Σ row_loss`` w.r.t. student (and teacher if
     teacher_grad; else an empty tensor), written by the same kernel from the exponentials it already holds, so
     no exponential is computed twice. Divergences ``"kl"`` and ``"reverse_kl"`` (see :data:`FUSED_DIVERGENCES`)."""
@@ -133,13 +153,31 @@ def scale_rows_(rows: torch.Tensor, factors: torch.Tensor) -> None:
     """``rows[i] *= factors[i]`` in place for a contiguous (N, V) CPU tensor and (N,) float32 factors; rows whose
     factor is exactly 1 are not touched (one rounding in the tensor's dtype, computed in float32)."""
     factors = factors.to(torch.float32)
-    _extension().scale_rows(dict(rows=rows.data_ptr(), dtype=int(DTYPE_CODES[rows.dtype]), num_rows=rows.shape[0],
-                                 num_cols=rows.shape[1], factors=factors.data_ptr(), factor_stride=factors.stride(0),
-                                 num_threads=torch.get_num_threads()))
+    _extension().scale_rows(
+        dict(
+            rows=rows.data_ptr(),
+            dtype=int(DTYPE_CODES[rows.dtype]),
+            num_rows=rows.shape[0],
+            num_cols=rows.shape[1],
+            factors=factors.data_ptr(),
+            factor_stride=factors.stride(0),
+            num_threads=torch.get_num_threads(),
+        )
+    )
 
 
-def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, *, teacher_grad, teacher_weights=None,
-                ensemble="none"):
+def kd_backward(
+    grad_loss,
+    student,
+    teacher,
+    labels,
+    stats,
+    options: KDOptions,
+    *,
+    teacher_grad,
+    teacher_weights=None,
+    ensemble="none",
+):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),
     contiguous (N, V) in the dtype of their input; the same contract as :func:`fastkd.kernels.kd.kd_backward`."""
     _one_teacher(ensemble)
@@ -148,8 +186,12 @@ def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, 
     grad_loss = grad_loss.to(torch.float32)
     stats = stats.contiguous()
     args, _keep = kd_launch_args(student, teacher, labels, stats, options, num_threads=torch.get_num_threads())
-    args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr(),
-                grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
+    args.update(
+        grad_loss=grad_loss.data_ptr(),
+        grad_loss_stride=grad_loss.stride(0),
+        grad_student=grad_s.data_ptr(),
+        grad_teacher=grad_t.data_ptr() if teacher_grad else 0,
+    )
     _extension().kd_backward(args)
     return grad_s, grad_t
 
@@ -162,11 +204,21 @@ def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
     u, v = u.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
     sigma = torch.empty(len(matrices), dtype=torch.float32)
     u_out, v_out, v_prev = torch.empty_like(u), torch.empty_like(v), torch.empty_like(v)
-    _extension().power_iteration(dict(
-        matrices=[(m.data_ptr(), m.shape[0], m.shape[1], m.stride(0)) for m in matrices],
-        dtype=int(DTYPE_CODES[matrices[0].dtype]), n_iter=n_iter, eps=eps, u=u.data_ptr(), v=v.data_ptr(),
-        sigma=sigma.data_ptr(), u_out=u_out.data_ptr(), v_out=v_out.data_ptr(), v_prev=v_prev.data_ptr(),
-        num_threads=torch.get_num_threads()))
+    _extension().power_iteration(
+        dict(
+            matrices=[(m.data_ptr(), m.shape[0], m.shape[1], m.stride(0)) for m in matrices],
+            dtype=int(DTYPE_CODES[matrices[0].dtype]),
+            n_iter=n_iter,
+            eps=eps,
+            u=u.data_ptr(),
+            v=v.data_ptr(),
+            sigma=sigma.data_ptr(),
+            u_out=u_out.data_ptr(),
+            v_out=v_out.data_ptr(),
+            v_prev=v_prev.data_ptr(),
+            num_threads=torch.get_num_threads(),
+        )
+    )
     return sigma, u_out, v_out, v_prev
 
 
@@ -182,18 +234,27 @@ def _feature_args(student, teacher, mask, margin, *, kind, normalize, group, bet
         mask = mask.to(torch.float32)
     margin = margin.to(torch.float32).contiguous() if margin is not None else None
     num_n, num_c, num_s = student.shape
-    args = dict(student=_strided3(student), teacher=_strided3(teacher), mask=_strided3(mask), num_n=num_n,
-                num_c=num_c, num_s=num_s, margin=margin.data_ptr() if margin is not None else 0,
-                kind=int(FeatureKind.of(kind)), normalize=int(FeatureNormalize.of(normalize)), group=group,
-                beta=beta, num_threads=torch.get_num_threads())
+    args = dict(
+        student=_strided3(student),
+        teacher=_strided3(teacher),
+        mask=_strided3(mask),
+        num_n=num_n,
+        num_c=num_c,
+        num_s=num_s,
+        margin=margin.data_ptr() if margin is not None else 0,
+        kind=int(FeatureKind.of(kind)),
+        normalize=int(FeatureNormalize.of(normalize)),
+        group=group,
+        beta=beta,
+        num_threads=torch.get_num_threads(),
+    )
     return args, [mask, margin]
 
 
 def feature_forward(student, teacher, mask, margin, *, kind, normalize, group, beta):
     """Per-group Σ mask·term and Σ mask of (N, C, S) CPU features; the contract of
     :func:`fastkd.kernels.features.feature_forward`."""
-    args, _keep = _feature_args(student, teacher, mask, margin, kind=kind, normalize=normalize, group=group,
-                                beta=beta)
+    args, _keep = _feature_args(student, teacher, mask, margin, kind=kind, normalize=normalize, group=group, beta=beta)
     groups = feature_groups(group, *student.shape)
     terms = torch.empty(groups, dtype=torch.float32)
     weights = torch.empty(groups, dtype=torch.float32)
@@ -205,12 +266,17 @@ def feature_forward(student, teacher, mask, margin, *, kind, normalize, group, b
 def feature_backward(scale, student, teacher, mask, margin, *, kind, normalize, group, beta, teacher_grad):
     """Gradients of scale·Σ terms w.r.t. (N, C, S) CPU student (and teacher if teacher_grad; else empty) features,
     laid out like their inputs; the contract of :func:`fastkd.kernels.features.feature_backward`."""
-    args, _keep = _feature_args(student, teacher, mask, margin, kind=kind, normalize=normalize, group=group,
-                                beta=beta)
+    args, _keep = _feature_args(student, teacher, mask, margin, kind=kind, normalize=normalize, group=group, beta=beta)
     grad_s = torch.empty_like(student)
     grad_t = torch.empty_like(teacher) if teacher_grad else torch.empty(0, dtype=teacher.dtype)
     scale = scale.to(torch.float32).contiguous()
     if student.numel():
-        _extension().feature_backward(dict(args, scale=scale.data_ptr(), grad_student=_strided3(grad_s),
-                                           grad_teacher=_strided3(grad_t if teacher_grad else None)))
+        _extension().feature_backward(
+            dict(
+                args,
+                scale=scale.data_ptr(),
+                grad_student=_strided3(grad_s),
+                grad_teacher=_strided3(grad_t if teacher_grad else None),
+            )
+        )
     return grad_s, grad_t

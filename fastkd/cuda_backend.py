@@ -13,11 +13,13 @@ and the teacher. Anything else (JSD, cosine, DKD, ensembles, ``return_stats``, m
 kernels instead: kd_loss falls back to them, and says so in its docstring. ``backend="auto"`` does not pick
 ``"cuda"``: it has not been measured against the Triton kernels on a GPU yet.
 """
+
 from __future__ import annotations
 
 import ctypes
 import importlib.util
 import os
+
 import torch
 
 from . import cuda_build
@@ -59,26 +61,35 @@ def runs_on(archs: str, capability: tuple) -> bool:
     """Whether a module with machine code for ``archs`` ("80,90") and PTX of the last runs on a device of compute
     ``capability`` (major, minor): machine code for X.Y runs on X.Z with Z ≥ Y; the PTX is compiled for newer."""
     built = [(int(a.rstrip("a")[:-1]), int(a.rstrip("a")[-1])) for a in archs.split(",")]
-    return any(major == capability[0] and minor <= capability[1] for major, minor in built) or \
-        tuple(capability) >= built[-1]
+    return (
+        any(major == capability[0] and minor <= capability[1] for major, minor in built)
+        or tuple(capability) >= built[-1]
+    )
 
 
 def _load():
     capability = torch.cuda.get_device_capability()
     driver = _driver_cuda_major()
     module = _import_prebuilt()
-    if module is not None and runs_on(module.archs, capability) and \
-            (driver is None or module.runtime_version // 1000 <= driver):
+    if (
+        module is not None
+        and runs_on(module.archs, capability)
+        and (driver is None or module.runtime_version // 1000 <= driver)
+    ):
         return module
     if os.environ.get("FASTKD_CUDA_JIT", "1") == "0":
-        raise RuntimeError("backend='cuda' needs the extension fastkd._C_cuda built for this GPU and driver; it was "
-                           "not, and FASTKD_CUDA_JIT=0 forbids building it now")
+        raise RuntimeError(
+            "backend='cuda' needs the extension fastkd._C_cuda built for this GPU and driver; it was "
+            "not, and FASTKD_CUDA_JIT=0 forbids building it now"
+        )
     nvcc = cuda_build.nvcc_major()
     if nvcc is None:
         raise RuntimeError("backend='cuda' needs nvcc to build fastkd._C_cuda for this GPU (set CUDA_HOME)")
     if driver is not None and nvcc > driver:
-        raise RuntimeError(f"nvcc builds for CUDA {nvcc}, but the driver runs CUDA {driver} at most: a module built "
-                           "here could not load; use an older CUDA toolkit (CUDA_HOME), or backend='triton'")
+        raise RuntimeError(
+            f"nvcc builds for CUDA {nvcc}, but the driver runs CUDA {driver} at most: a module built "
+            "here could not load; use an older CUDA toolkit (CUDA_HOME), or backend='triton'"
+        )
     return _import_path(cuda_build.cached_build((f"{capability[0]}{capability[1]}",)))
 
 
@@ -110,19 +121,28 @@ def why_unavailable() -> str:
         return ""
     if os.environ.get("FASTKD_CUDA_JIT", "1") == "0":
         return "fastkd._C_cuda was not built, and FASTKD_CUDA_JIT=0 forbids building it now"
-    return "" if cuda_build.find_nvcc() is not None else \
-        "fastkd._C_cuda was not built, and building it now needs nvcc (set CUDA_HOME)"
+    return (
+        ""
+        if cuda_build.find_nvcc() is not None
+        else "fastkd._C_cuda was not built, and building it now needs nvcc (set CUDA_HOME)"
+    )
 
 
 def available() -> bool:
     return not why_unavailable()
 
 
-def covers(student: torch.Tensor, teacher: torch.Tensor, *, divergence: str, with_metrics: bool,
-           ensemble: bool) -> bool:
+def covers(
+    student: torch.Tensor, teacher: torch.Tensor, *, divergence: str, with_metrics: bool, ensemble: bool
+) -> bool:
     """Whether the CUDA kernels compute this kd_loss call (see the module docstring); the rest runs on Triton."""
-    return (divergence in DIVERGENCES and not with_metrics and not ensemble and student.dtype == teacher.dtype
-            and student.dtype in DTYPE_CODES)
+    return (
+        divergence in DIVERGENCES
+        and not with_metrics
+        and not ensemble
+        and student.dtype == teacher.dtype
+        and student.dtype in DTYPE_CODES
+    )
 
 
 def _launch_args(student, teacher, labels, stats, options: KDOptions, ensemble: str) -> tuple[dict, list]:
@@ -133,8 +153,9 @@ def _launch_args(student, teacher, labels, stats, options: KDOptions, ensemble: 
     return args, keep
 
 
-def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=False, teacher_weights=None,
-               ensemble="none"):
+def kd_forward(
+    student, teacher, labels, options: KDOptions, *, with_metrics=False, teacher_weights=None, ensemble="none"
+):
     """Row losses (N,) float32, statistics (NUM_STATS, N) float32 and an empty metrics tensor of (N, V) CUDA
     logits; the contract of :func:`fastkd.kernels.kd.kd_forward` for the calls :func:`covers` accepts."""
     if with_metrics:
@@ -149,17 +170,30 @@ def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=Fal
     return loss, stats, torch.empty(0, dtype=torch.float32, device=student.device)
 
 
-def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, *, teacher_grad, teacher_weights=None,
-                ensemble="none"):
+def kd_backward(
+    grad_loss,
+    student,
+    teacher,
+    labels,
+    stats,
+    options: KDOptions,
+    *,
+    teacher_grad,
+    teacher_weights=None,
+    ensemble="none",
+):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad; else an empty tensor),
     contiguous (N, V) in the dtype of their input; the contract of :func:`fastkd.kernels.kd.kd_backward`."""
     grad_s = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     grad_t = torch.empty(teacher.shape if teacher_grad else (0,), dtype=teacher.dtype, device=teacher.device)
     grad_loss, stats = grad_loss.to(torch.float32), stats.contiguous()  # held until the launch has been queued
     args, _keep = _launch_args(student, teacher, labels, stats, options, ensemble)
-    args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr(),
-                grad_teacher=grad_t.data_ptr() if teacher_grad else 0)
+    args.update(
+        grad_loss=grad_loss.data_ptr(),
+        grad_loss_stride=grad_loss.stride(0),
+        grad_student=grad_s.data_ptr(),
+        grad_teacher=grad_t.data_ptr() if teacher_grad else 0,
+    )
     with torch.cuda.device(student.device):
         extension().kd_backward(args)
     return grad_s, grad_t
-

@@ -10,6 +10,7 @@ so one nvcc compile of two files is all it takes.
 
 Standard library only: setup.py loads this file by path, before torch may be installed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,9 @@ def source_dir() -> Path:
     for candidate in (_HERE.parent / "csrc", _HERE / "csrc"):
         if (candidate / SOURCES[0]).is_file():
             return candidate
-    raise FileNotFoundError(f"fastkd's CUDA sources ({SOURCES[0]}) are neither in {_HERE.parent / 'csrc'} nor in "
-                            f"{_HERE / 'csrc'}")
+    raise FileNotFoundError(
+        f"fastkd's CUDA sources ({SOURCES[0]}) are neither in {_HERE.parent / 'csrc'} nor in {_HERE / 'csrc'}"
+    )
 
 
 def find_nvcc() -> Optional[str]:
@@ -55,6 +57,7 @@ def find_ninja() -> Optional[str]:
     """The ninja of the ``ninja`` Python package, or one on PATH; None if there is none."""
     try:
         import ninja
+
         candidate = os.path.join(ninja.BIN_DIR, "ninja")
         if os.access(candidate, os.X_OK):
             return candidate
@@ -92,14 +95,22 @@ def gencode_flags(arches: Sequence[str]) -> list:
 def _commands(nvcc: str, src: Path, work: Path, output: Path, arches: Sequence[str]) -> list:
     """(command, output, inputs) of each step: compile each source (the .cu for ``arches``), then link."""
     includes = [f"-I{src}", f"-I{_pybind11_include()}", f"-I{sysconfig.get_paths()['include']}"]
-    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", "-Xcompiler",
-             "-Werror=switch", *includes]
+    flags = [
+        "-O3",
+        "-std=c++17",
+        "-Xcompiler",
+        "-fPIC",
+        "-Xcompiler",
+        "-fvisibility=hidden",
+        "-Xcompiler",
+        "-Werror=switch",
+        *includes,
+    ]
     steps, objects = [], []
     for source in SOURCES:
         obj = work / f"{Path(source).stem}.o"
         # the .cu gets machine code for each architecture; the binding reports which (module.archs)
-        arch_flags = (gencode_flags(arches) if source.endswith(".cu")
-                      else [f'-DFASTKD_CUDA_ARCHS="{",".join(arches)}"'])
+        arch_flags = gencode_flags(arches) if source.endswith(".cu") else [f'-DFASTKD_CUDA_ARCHS="{",".join(arches)}"']
         steps.append(([nvcc, *flags, *arch_flags, "-c", str(src / source), "-o", str(obj)], obj, [src / source]))
         objects.append(obj)
     steps.append(([nvcc, "-shared", *map(str, objects), "-o", str(output)], output, objects))
@@ -114,14 +125,17 @@ def _ninja_file(steps: list, headers: list) -> str:
     lines = ["ninja_required_version = 1.3", "rule run", "  command = $cmd", "  description = $desc"]
     for command, output, inputs in steps:
         implicit = f" | {' '.join(map(_ninja_path, headers))}" if output.suffix == ".o" else ""
-        lines += [f"build {_ninja_path(output)}: run {' '.join(map(_ninja_path, inputs))}{implicit}",
-                  f"  cmd = {shlex.join(command).replace('$', '$$')}",
-                  f"  desc = {Path(command[0]).name} {output.name}"]
+        lines += [
+            f"build {_ninja_path(output)}: run {' '.join(map(_ninja_path, inputs))}{implicit}",
+            f"  cmd = {shlex.join(command).replace('$', '$$')}",
+            f"  desc = {Path(command[0]).name} {output.name}",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def build(output: Path, arches: Sequence[str] = ("80", "90"), build_dir: Optional[Path] = None,
-          verbose: bool = False) -> Path:
+def build(
+    output: Path, arches: Sequence[str] = ("80", "90"), build_dir: Optional[Path] = None, verbose: bool = False
+) -> Path:
     """Compile and link the extension into ``output`` (a path ending in :func:`module_filename`) for the compute
     capabilities ``arches``: with ninja (parallel, incremental in ``build_dir``), or one step after another where
     there is no ninja. Raises RuntimeError (with the compiler's output) when nvcc is missing or a step fails."""
@@ -144,8 +158,9 @@ def build(output: Path, arches: Sequence[str] = ("80", "90"), build_dir: Optiona
         for run in runs:
             result = subprocess.run(run, capture_output=True, text=True)
             if result.returncode != 0:
-                raise RuntimeError(f"building fastkd's CUDA extension failed:\n{result.stdout[-6000:]}"
-                                   f"{result.stderr[-2000:]}")
+                raise RuntimeError(
+                    f"building fastkd's CUDA extension failed:\n{result.stdout[-6000:]}{result.stderr[-2000:]}"
+                )
             if verbose:
                 sys.stderr.write(result.stdout + result.stderr)
         shutil.copy2(partial, output.with_suffix(".partial"))
@@ -176,6 +191,7 @@ def cached_build(arches: Sequence[str]) -> Path:
     with open(directory / ".lock", "w") as lock:
         try:
             import fcntl  # POSIX; elsewhere concurrent first builds each build (the replace stays atomic)
+
             fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError:
             pass

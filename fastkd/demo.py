@@ -14,6 +14,7 @@ Every setting was chosen on the validation split (the README gives the sweep); t
 table gives mean ± std over seeds of test accuracy and errors, the fidelity metrics of Stanton et al. (top-1
 agreement with the teacher and predictive KL(p_t‖p_s) at T = 1, on the test split), and the training time.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ from .kd import kd_loss
 @dataclass(frozen=True)
 class Settings:
     """The demo's recipe, every choice made on the validation split (the README has the sweep)."""
+
     temperature: float = 2.0
-    alpha: float = 0.9            # weight of the KD term; 1 − α weighs the cross-entropy
+    alpha: float = 0.9  # weight of the KD term; 1 − α weighs the cross-entropy
     teacher_hidden: tuple = (512, 512)
     student_hidden: tuple = (64,)
     teacher_epochs: int = 300
@@ -43,7 +45,7 @@ class Settings:
     teacher_learning_rate: float = 1e-3
     student_learning_rate: float = 3e-3
     batch_size: int = 64
-    train_per_class: int = 25     # images per class kept from the training split (0: all of it)
+    train_per_class: int = 25  # images per class kept from the training split (0: all of it)
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -75,8 +77,11 @@ def load_splits(device: torch.device, per_class: int = 0) -> dict:
         x_train, y_train = x_train[keep], y_train[keep]
 
     def split(features, labels):
-        return Split(torch.tensor(features, dtype=torch.float32, device=device),
-                     torch.tensor(labels, dtype=torch.long, device=device))
+        return Split(
+            torch.tensor(features, dtype=torch.float32, device=device),
+            torch.tensor(labels, dtype=torch.long, device=device),
+        )
+
     return {"train": split(x_train, y_train), "val": split(x_val, y_val), "test": split(x_test, y_test)}
 
 
@@ -97,21 +102,35 @@ class Progress:
 
     def advance(self, label: str) -> None:
         self.done += 1
-        if label == self.label and self.done * 100 // self.total == (self.done - 1) * 100 // self.total \
-                and self.done < self.total:
+        if (
+            label == self.label
+            and self.done * 100 // self.total == (self.done - 1) * 100 // self.total
+            and self.done < self.total
+        ):
             return  # redraw at each percent and each new label only
         self.label = label
         filled = self.width * self.done // self.total
         elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r{label:<28} [{'#' * filled}{'.' * (self.width - filled)}] "
-                          f"{self.done}/{self.total} epochs, {elapsed:5.1f} s")
+        self.stream.write(
+            f"\r{label:<28} [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{self.done}/{self.total} epochs, {elapsed:5.1f} s"
+        )
         if self.done == self.total:
             self.stream.write("\n")
         self.stream.flush()
 
 
-def train(model: nn.Module, loss_fn, data: Split, epochs: int, learning_rate: float, settings: Settings, seed: int,
-          progress: Progress, label: str) -> float:
+def train(
+    model: nn.Module,
+    loss_fn,
+    data: Split,
+    epochs: int,
+    learning_rate: float,
+    settings: Settings,
+    seed: int,
+    progress: Progress,
+    label: str,
+) -> float:
     """Adam on shuffled mini-batches; ``loss_fn(x, y)`` is the batch loss. Returns the training time (s)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     order = torch.Generator().manual_seed(seed)
@@ -147,27 +166,61 @@ def run_seed(seed: int, splits: dict, settings: Settings, epochs: dict, progress
     tag = f"seed {seed + 1}/{seeds}"
     torch.manual_seed(1000 + seed)
     teacher = mlp(settings.teacher_hidden, dropout=0.5, input_dropout=0.2).to(device)
-    times = {"teacher": train(teacher, lambda x, y: F.cross_entropy(teacher(x), y), train_split, epochs["teacher"],
-                              settings.teacher_learning_rate, settings, 2000 + seed, progress, f"{tag} teacher")}
+    times = {
+        "teacher": train(
+            teacher,
+            lambda x, y: F.cross_entropy(teacher(x), y),
+            train_split,
+            epochs["teacher"],
+            settings.teacher_learning_rate,
+            settings,
+            2000 + seed,
+            progress,
+            f"{tag} teacher",
+        )
+    }
     teacher_logits = {name: teacher(split.x).detach() for name, split in splits.items()}
 
     torch.manual_seed(3000 + seed)
     scratch = mlp(settings.student_hidden).to(device)
     distilled = mlp(settings.student_hidden).to(device)
     distilled.load_state_dict(scratch.state_dict())  # same initialisation
-    times["scratch"] = train(scratch, lambda x, y: F.cross_entropy(scratch(x), y), train_split, epochs["student"],
-                             settings.student_learning_rate, settings, 4000 + seed, progress,
-                             f"{tag} student (scratch)")
-    distiller = Distiller(distilled, teacher, terms={
-        "ce": CrossEntropy(weight=1.0 - settings.alpha),
-        "kd": KD(weight=settings.alpha, temperature=settings.temperature)})
-    times["distilled"] = train(distiller, lambda x, y: distiller(x, y).loss, train_split, epochs["student"],
-                               settings.student_learning_rate, settings, 4000 + seed, progress,
-                               f"{tag} student (distilled)")
+    times["scratch"] = train(
+        scratch,
+        lambda x, y: F.cross_entropy(scratch(x), y),
+        train_split,
+        epochs["student"],
+        settings.student_learning_rate,
+        settings,
+        4000 + seed,
+        progress,
+        f"{tag} student (scratch)",
+    )
+    distiller = Distiller(
+        distilled,
+        teacher,
+        terms={
+            "ce": CrossEntropy(weight=1.0 - settings.alpha),
+            "kd": KD(weight=settings.alpha, temperature=settings.temperature),
+        },
+    )
+    times["distilled"] = train(
+        distiller,
+        lambda x, y: distiller(x, y).loss,
+        train_split,
+        epochs["student"],
+        settings.student_learning_rate,
+        settings,
+        4000 + seed,
+        progress,
+        f"{tag} student (distilled)",
+    )
     results = {}
     for name, model in (("teacher", teacher), ("scratch", scratch), ("distilled", distilled)):
-        results[name] = {split: evaluate(model, splits[split], None if name == "teacher" else teacher_logits[split])
-                         for split in ("val", "test")}
+        results[name] = {
+            split: evaluate(model, splits[split], None if name == "teacher" else teacher_logits[split])
+            for split in ("val", "test")
+        }
         results[name]["seconds"] = times[name]
     return results
 
@@ -183,31 +236,46 @@ def summarize(runs: list) -> dict:
     for name in runs[0]:
         summary[name] = {"seconds": _mean_std([r[name]["seconds"] for r in runs])}
         for split in ("val", "test"):
-            summary[name][split] = {key: _mean_std([r[name][split][key] for r in runs])
-                                    for key in runs[0][name][split]}
+            summary[name][split] = {key: _mean_std([r[name][split][key] for r in runs]) for key in runs[0][name][split]}
     return summary
 
 
 def table(summary: dict, test_size: int) -> str:
     """The printed table (test split), one row per model."""
+
     def cell(pair, digits):
         return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
-    rows = [f"{'model':<20} {'test accuracy %':>16} {'test errors':>13} {'top-1 agreement %':>18} "
-            f"{'predictive KL':>16} {'train time s':>13}"]
+
+    rows = [
+        f"{'model':<20} {'test accuracy %':>16} {'test errors':>13} {'top-1 agreement %':>18} "
+        f"{'predictive KL':>16} {'train time s':>13}"
+    ]
     names = {"teacher": "teacher", "scratch": "student, scratch", "distilled": "student, distilled"}
     for name, label in names.items():
         test = summary[name]["test"]
         agreement = cell(test["agreement"], 2) if "agreement" in test else "—"
         kl = cell(test["predictive_kl"], 4) if "predictive_kl" in test else "—"
-        rows.append(f"{label:<20} {cell(test['accuracy'], 2):>16} {cell(test['errors'], 1):>13} {agreement:>18} "
-                    f"{kl:>16} {cell(summary[name]['seconds'], 1):>13}")
-    rows.append(f"(mean ± std over seeds; {test_size} test images; agreement and KL(p_teacher‖p_student) at T = 1 "
-                f"on the test split)")
+        rows.append(
+            f"{label:<20} {cell(test['accuracy'], 2):>16} {cell(test['errors'], 1):>13} {agreement:>18} "
+            f"{kl:>16} {cell(summary[name]['seconds'], 1):>13}"
+        )
+    rows.append(
+        f"(mean ± std over seeds; {test_size} test images; agreement and KL(p_teacher‖p_student) at T = 1 "
+        f"on the test split)"
+    )
     return "\n".join(rows)
 
 
-def run(*, seeds: int = 5, epochs=None, device: str = "cpu", json_path=None, settings: Settings = Settings(),
-        stream=sys.stdout, progress_stream=sys.stderr) -> dict:
+def run(
+    *,
+    seeds: int = 5,
+    epochs=None,
+    device: str = "cpu",
+    json_path=None,
+    settings: Settings = Settings(),
+    stream=sys.stdout,
+    progress_stream=sys.stderr,
+) -> dict:
     """Train and evaluate every seed, print the table, optionally write everything as JSON; return the summary.
     ``epochs`` overrides both the teacher's and the students' epoch counts."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -225,12 +293,27 @@ def run(*, seeds: int = 5, epochs=None, device: str = "cpu", json_path=None, set
     wall = time.perf_counter() - start
     summary = summarize(runs)
     sizes = {name: len(split.y) for name, split in splits.items()}
-    print(f"fastkd demo: digits, {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test images, "
-          f"{seeds} seed(s), T = {settings.temperature}, α = {settings.alpha}, device {device}, "
-          f"{wall:.1f} s in all", file=stream)
+    print(
+        f"fastkd demo: digits, {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test images, "
+        f"{seeds} seed(s), T = {settings.temperature}, α = {settings.alpha}, device {device}, "
+        f"{wall:.1f} s in all",
+        file=stream,
+    )
     print(table(summary, sizes["test"]), file=stream)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"settings": asdict(settings), "epochs": counts, "seeds": seeds, "device": str(device),
-                       "sizes": sizes, "wall_seconds": wall, "summary": summary, "runs": runs}, f, indent=1)
+            json.dump(
+                {
+                    "settings": asdict(settings),
+                    "epochs": counts,
+                    "seeds": seeds,
+                    "device": str(device),
+                    "sizes": sizes,
+                    "wall_seconds": wall,
+                    "summary": summary,
+                    "runs": runs,
+                },
+                f,
+                indent=1,
+            )
     return summary

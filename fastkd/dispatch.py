@@ -18,6 +18,7 @@ Backends:
 The environment variable ``FASTKD_BACKEND`` (``auto``, ``triton``, ``cpu``, ``cuda`` or ``reference``) replaces
 ``"auto"`` as the default; an explicit ``backend=`` argument always wins.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -73,8 +74,13 @@ def check_backend_name(requested: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
 
 
-def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
-                   kernels: tuple = ("triton", "cpu"), cuda_covers: bool = True) -> str:
+def select_backend(
+    requested: str,
+    *tensors: torch.Tensor,
+    op: str = "kd_loss",
+    kernels: tuple = ("triton", "cpu"),
+    cuda_covers: bool = True,
+) -> str:
     """Return ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` for the op ``op`` over ``tensors`` (validated
     to share a device); ``kernels`` names the kernel backends the op has (the reference always exists).
     ``cuda_covers``: whether the CUDA kernels compute this call (:func:`fastkd.cuda_backend.covers`); a call they
@@ -103,13 +109,17 @@ def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
         return "reference"
     if requested != "reference" and not kernel_dtypes:
         dtypes = sorted({str(t.dtype) for t in tensors})
-        raise RuntimeError(f"backend={requested!r} takes float32, float16 and bfloat16 tensors, got {dtypes}; "
-                           "use backend='reference' for other dtypes")
+        raise RuntimeError(
+            f"backend={requested!r} takes float32, float16 and bfloat16 tensors, got {dtypes}; "
+            "use backend='reference' for other dtypes"
+        )
     if requested == "cpu":
         if not cpu_backend.AVAILABLE:
-            raise RuntimeError(f"backend='cpu' needs the C++ extension fastkd._C, which was not built "
-                               f"({cpu_backend.IMPORT_ERROR}); reinstall fastkd with a C++17 compiler, or use "
-                               "backend='reference'")
+            raise RuntimeError(
+                f"backend='cpu' needs the C++ extension fastkd._C, which was not built "
+                f"({cpu_backend.IMPORT_ERROR}); reinstall fastkd with a C++17 compiler, or use "
+                "backend='reference'"
+            )
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpu' runs on CPU tensors, got device {device}")
     if requested == "cuda":
@@ -123,11 +133,14 @@ def select_backend(requested: str, *tensors: torch.Tensor, op: str = "kd_loss",
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")
         if device.type == "cpu" and not triton_interpreted():
-            raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                               "before triton is imported, or use backend='reference'")
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported, or use backend='reference'"
+            )
         if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"backend='triton' runs on CUDA tensors (or CPU ones under the interpreter), "
-                               f"got device {device}")
+            raise RuntimeError(
+                f"backend='triton' runs on CUDA tensors (or CPU ones under the interpreter), got device {device}"
+            )
     return requested
 
 
@@ -137,6 +150,7 @@ def kernel_or_reference(chosen: str, requested: str, op: str, what_needs_grad: s
     if chosen == "reference" or not needs_grad:
         return chosen
     if requested != "auto":
-        raise RuntimeError(f"{op}'s {chosen!r} kernels give no gradient to {what_needs_grad}; detach it or use "
-                           "backend='reference'")
+        raise RuntimeError(
+            f"{op}'s {chosen!r} kernels give no gradient to {what_needs_grad}; detach it or use backend='reference'"
+        )
     return "reference"

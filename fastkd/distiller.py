@@ -49,6 +49,7 @@ the teacher's checkpoint from an early epoch, loaded before building the distill
 for quantized networks is ``KD(weight=schedules.Linear(0.9, 0.0, epochs))``; DKD's warm-up is
 ``DKD(weight=schedules.Warmup(20))`` with the epoch as the step.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
@@ -70,20 +71,22 @@ CAPTURE_MODES = ("hooks", "outputs")
 
 class DistillBatch(NamedTuple):
     """What a loss term sees for one call of the distiller."""
+
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor
-    student_features: Mapping[Any, list]   # module path (or output key) → its outputs in call order
+    student_features: Mapping[Any, list]  # module path (or output key) → its outputs in call order
     teacher_features: Mapping[Any, list]
     labels: Optional[torch.Tensor]
     ignore_index: int
-    normalizer: Union[int, torch.Tensor]   # the divisor of the per-row terms
-    step: int                              # the schedule step
+    normalizer: Union[int, torch.Tensor]  # the divisor of the per-row terms
+    step: int  # the schedule step
     inputs: Any
 
 
 class DistillOutput(NamedTuple):
     """``output``: the student's logits; ``losses``: each term's weighted value; ``loss``: their sum;
     ``metrics``: detached fidelity metrics (see :func:`fastkd.kd_loss`'s ``return_stats``)."""
+
     output: torch.Tensor
     losses: dict
     loss: torch.Tensor
@@ -113,36 +116,80 @@ class KD(Term):
     that returns ``(K, *, V)`` logits is an ensemble (``teacher_weights``, ``ensemble`` as in kd_loss). Also
     reports the fidelity metrics (for an ensemble, against its distribution at T = 1)."""
 
-    def __init__(self, weight: Union[float, Schedule] = 1.0, *, temperature: Union[float, Schedule] = 4.0,
-                 divergence: str = "kl", beta: float = 0.5, scale_by_t2: bool = True, teacher_weights=None,
-                 ensemble: str = "prob", backend: str = "auto"):
+    def __init__(
+        self,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        temperature: Union[float, Schedule] = 4.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        scale_by_t2: bool = True,
+        teacher_weights=None,
+        ensemble: str = "prob",
+        backend: str = "auto",
+    ):
         super().__init__(weight)
         self.temperature = as_schedule(temperature, "temperature")
-        self.options = dict(divergence=divergence, beta=beta, scale_by_t2=scale_by_t2,
-                            teacher_weights=teacher_weights, ensemble=ensemble, backend=backend)
-        _check_options(temperature=self.temperature(0), divergence=divergence, beta=beta, reduction="batchmean",
-                       ignore_index=-100, ce_weight=0.0, kd_weight=1.0, scale_by_t2=scale_by_t2, normalizer=None)
+        self.options = dict(
+            divergence=divergence,
+            beta=beta,
+            scale_by_t2=scale_by_t2,
+            teacher_weights=teacher_weights,
+            ensemble=ensemble,
+            backend=backend,
+        )
+        _check_options(
+            temperature=self.temperature(0),
+            divergence=divergence,
+            beta=beta,
+            reduction="batchmean",
+            ignore_index=-100,
+            ce_weight=0.0,
+            kd_weight=1.0,
+            scale_by_t2=scale_by_t2,
+            normalizer=None,
+        )
 
     def __call__(self, batch: DistillBatch):
-        return kd_loss(batch.student_logits, batch.teacher_logits, temperature=self.temperature(batch.step),
-                       labels=batch.labels, ignore_index=batch.ignore_index, normalizer=batch.normalizer,
-                       return_stats=True, **self.options)
+        return kd_loss(
+            batch.student_logits,
+            batch.teacher_logits,
+            temperature=self.temperature(batch.step),
+            labels=batch.labels,
+            ignore_index=batch.ignore_index,
+            normalizer=batch.normalizer,
+            return_stats=True,
+            **self.options,
+        )
 
 
 class DKD(Term):
     """:func:`fastkd.dkd_loss` (α·TCKD + β·NCKD; needs labels), reduced with the distiller's divisor. Its warm-up
     is a schedule on ``weight``: ``DKD(weight=schedules.Warmup(20))``."""
 
-    def __init__(self, weight: Union[float, Schedule] = 1.0, *, alpha: float = 1.0, beta: float = 8.0,
-                 temperature: Union[float, Schedule] = 4.0, backend: str = "auto"):
+    def __init__(
+        self,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: Union[float, Schedule] = 4.0,
+        backend: str = "auto",
+    ):
         super().__init__(weight)
         self.temperature = as_schedule(temperature, "temperature")
         self.options = dict(alpha=alpha, beta=beta, backend=backend)
 
     def __call__(self, batch: DistillBatch) -> torch.Tensor:
-        return dkd_loss(batch.student_logits, batch.teacher_logits, _labels(batch, self),
-                        temperature=self.temperature(batch.step), ignore_index=batch.ignore_index,
-                        normalizer=batch.normalizer, **self.options)
+        return dkd_loss(
+            batch.student_logits,
+            batch.teacher_logits,
+            _labels(batch, self),
+            temperature=self.temperature(batch.step),
+            ignore_index=batch.ignore_index,
+            normalizer=batch.normalizer,
+            **self.options,
+        )
 
 
 class CrossEntropy(Term):
@@ -156,11 +203,17 @@ class CrossEntropy(Term):
     def __call__(self, batch: DistillBatch) -> torch.Tensor:
         logits, labels = batch.student_logits, _labels(batch, self)
         if labels.shape != logits.shape[:-1]:
-            raise ValueError(f"labels must have the shape of the student logits without the class dim, "
-                             f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                ignore_index=batch.ignore_index, reduction="sum",
-                                label_smoothing=self.label_smoothing)
+            raise ValueError(
+                f"labels must have the shape of the student logits without the class dim, "
+                f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+            )
+        total = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=batch.ignore_index,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
+        )
         return total / batch.normalizer
 
 
@@ -175,9 +228,16 @@ class Features(Term):
     squared error over elements; e.g. ``functools.partial(feature_loss, normalize="channel")`` for others).
     """
 
-    def __init__(self, student: Any, teacher: Any, weight: Union[float, Schedule] = 1.0, *,
-                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = feature_loss,
-                 adapter: Union[str, nn.Module, None] = "auto", call: int = -1):
+    def __init__(
+        self,
+        student: Any,
+        teacher: Any,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = feature_loss,
+        adapter: Union[str, nn.Module, None] = "auto",
+        call: int = -1,
+    ):
         super().__init__(weight)
         if not (adapter is None or adapter == "auto" or isinstance(adapter, nn.Module)):
             raise ValueError(f"adapter must be 'auto', None or an nn.Module, got {adapter!r}")
@@ -196,9 +256,11 @@ class Features(Term):
         if self.adapter is not None:
             student = self.adapter(student)
         if student.shape != teacher.shape:
-            raise ValueError(f"student feature {self.student!r} has shape {tuple(student.shape)} (after the "
-                             f"adapter) but teacher feature {self.teacher!r} has {tuple(teacher.shape)}; use "
-                             f"adapter='auto' or a module that maps one to the other")
+            raise ValueError(
+                f"student feature {self.student!r} has shape {tuple(student.shape)} (after the "
+                f"adapter) but teacher feature {self.teacher!r} has {tuple(teacher.shape)}; use "
+                f"adapter='auto' or a module that maps one to the other"
+            )
         return self.loss(student, teacher)
 
 
@@ -207,21 +269,32 @@ class London(Term):
     ``student`` and ``teacher`` (lists of L ≥ 2 module paths or output keys, (B, C, H, W) maps, last call of
     each); ``n_iter``, ``init`` as there. The authors' CIFAR weight is α/200."""
 
-    def __init__(self, student: list, teacher: list, weight: Union[float, Schedule] = 1.0, *, n_iter: int = 10,
-                 init: str = "uniform"):
+    def __init__(
+        self,
+        student: list,
+        teacher: list,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        n_iter: int = 10,
+        init: str = "uniform",
+    ):
         super().__init__(weight)
         if len(student) != len(teacher) or len(student) < 2:
-            raise ValueError(f"student and teacher must name the same number (≥ 2) of stages, got {len(student)} "
-                             f"and {len(teacher)}")
+            raise ValueError(
+                f"student and teacher must name the same number (≥ 2) of stages, got {len(student)} and {len(teacher)}"
+            )
         self.student, self.teacher, self.n_iter, self.init = list(student), list(teacher), n_iter, init
 
     def captures(self) -> tuple[list, list]:
         return self.student, self.teacher
 
     def __call__(self, batch: DistillBatch) -> torch.Tensor:
-        return london_loss([_feature(batch.student_features, key, "student", -1) for key in self.student],
-                           [_feature(batch.teacher_features, key, "teacher", -1) for key in self.teacher],
-                           n_iter=self.n_iter, init=self.init)
+        return london_loss(
+            [_feature(batch.student_features, key, "student", -1) for key in self.student],
+            [_feature(batch.teacher_features, key, "teacher", -1) for key in self.teacher],
+            n_iter=self.n_iter,
+            init=self.init,
+        )
 
 
 class Custom(Term):
@@ -241,13 +314,15 @@ def _feature(features: Mapping[Any, list], key: Any, side: str, call: int) -> to
     """The output of call ``call`` of the module (or output key) ``key`` in this forward."""
     outputs = features.get(key, [])
     if not outputs:
-        raise RuntimeError(f"the {side}'s feature {key!r} was not produced by its forward (module not run, or hooks "
-                           f"removed)")
+        raise RuntimeError(
+            f"the {side}'s feature {key!r} was not produced by its forward (module not run, or hooks removed)"
+        )
     try:
         return outputs[call]
     except IndexError:
-        raise IndexError(f"call={call}, but the {side}'s module {key!r} ran {len(outputs)} time(s) in this "
-                         f"forward") from None
+        raise IndexError(
+            f"call={call}, but the {side}'s module {key!r} ran {len(outputs)} time(s) in this forward"
+        ) from None
 
 
 def _labels(batch: DistillBatch, term: Term) -> torch.Tensor:
@@ -285,7 +360,8 @@ class _Capture:
                             f"the output of the {side}'s module {key!r} was changed in place after the module ran "
                             f"(an in-place op follows it, e.g. ReLU(inplace=True) or `out += identity`), so the "
                             f"captured feature is not that module's output; capture another module, or make that "
-                            f"op out of place")
+                            f"op out of place"
+                        )
 
 
 class _RecordOutput:
@@ -305,8 +381,11 @@ class _RecordOutput:
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The module whose paths users name: under DistributedDataParallel (.module) and torch.compile (._orig_mod)."""
     while True:
-        inner = getattr(model, "module", None) if isinstance(model, nn.parallel.DistributedDataParallel) \
+        inner = (
+            getattr(model, "module", None)
+            if isinstance(model, nn.parallel.DistributedDataParallel)
             else getattr(model, "_orig_mod", None)
+        )
         if not isinstance(inner, nn.Module):
             return model
         model = inner
@@ -330,9 +409,17 @@ class Distiller(nn.Module):
     tensor, or a tuple/list (positional) or dict (keyword) of the models' arguments.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, terms: Optional[Mapping[str, Any]] = None,
-                 example_inputs: Any = None, capture: str = "hooks", ignore_index: int = -100,
-                 normalize_across_ranks: bool = False):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        terms: Optional[Mapping[str, Any]] = None,
+        example_inputs: Any = None,
+        capture: str = "hooks",
+        ignore_index: int = -100,
+        normalize_across_ranks: bool = False,
+    ):
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, nn.Module):
@@ -399,8 +486,10 @@ class Distiller(nn.Module):
     def _build_adapters(self, features: dict, example_inputs: Any) -> None:
         if example_inputs is None:
             auto = [name for name, term in features.items() if term.adapter == "auto"]
-            raise ValueError(f"Features terms {auto} have adapter='auto', which needs example_inputs (one batch) to "
-                             f"size the adapters; or pass adapter=None or a module")
+            raise ValueError(
+                f"Features terms {auto} have adapter='auto', which needs example_inputs (one batch) to "
+                f"size the adapters; or pass adapter=None or a module"
+            )
         was_training = self.student.training
         self.student.eval()
         try:
@@ -423,8 +512,9 @@ class Distiller(nn.Module):
         features = []
         for side, out in (("student", student_out), ("teacher", teacher_out)):
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise ValueError(f"with capture='outputs' the {side} must return (logits, features), got "
-                                 f"{type(out).__name__}")
+                raise ValueError(
+                    f"with capture='outputs' the {side} must return (logits, features), got {type(out).__name__}"
+                )
             found = out[1]
             keys = found.keys() if isinstance(found, Mapping) else range(len(found))
             features.append({key: [found[key]] for key in keys})
@@ -458,16 +548,25 @@ class Distiller(nn.Module):
         dist.all_reduce(count)
         return count.clamp_min(1) / dist.get_world_size()
 
-    def forward(self, inputs: Any, labels: Optional[torch.Tensor] = None, *,
-                normalizer: Union[float, torch.Tensor, None] = None) -> DistillOutput:
+    def forward(
+        self, inputs: Any, labels: Optional[torch.Tensor] = None, *, normalizer: Union[float, torch.Tensor, None] = None
+    ) -> DistillOutput:
         try:
             student_out, teacher_out = self._run_models(inputs)
             student_features, teacher_features = self._features(student_out, teacher_out)
             if self.capture == "outputs":
                 student_out, teacher_out = student_out[0], teacher_out[0]
-            batch = DistillBatch(student_out, teacher_out, student_features, teacher_features, labels,
-                                 self.ignore_index, self._normalizer(student_out, labels, normalizer),
-                                 self.schedule_step, inputs)
+            batch = DistillBatch(
+                student_out,
+                teacher_out,
+                student_features,
+                teacher_features,
+                labels,
+                self.ignore_index,
+                self._normalizer(student_out, labels, normalizer),
+                self.schedule_step,
+                inputs,
+            )
             losses, metrics = {}, {}
             for name, term in self.terms.items():
                 value = term(batch)
@@ -478,8 +577,9 @@ class Distiller(nn.Module):
                 losses[name] = term.weight(self.schedule_step) * value
             if not metrics and student_out.shape == teacher_out.shape:
                 with torch.no_grad():
-                    _, metrics = kd_loss(student_out, teacher_out, labels=labels, ignore_index=self.ignore_index,
-                                         return_stats=True)
+                    _, metrics = kd_loss(
+                        student_out, teacher_out, labels=labels, ignore_index=self.ignore_index, return_stats=True
+                    )
         finally:
             self._capture.clear()
         return DistillOutput(student_out, losses, sum(losses.values()), metrics)

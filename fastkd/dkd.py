@@ -6,6 +6,7 @@ divergence code "dkd" (the target column masked out of the sums, the target logi
 specification is :func:`fastkd.reference.dkd_loss_rows`. They give no gradient to the teacher: with
 ``teacher_logits.requires_grad`` ``"auto"`` runs the reference.
 """
+
 from __future__ import annotations
 
 from typing import Union
@@ -14,14 +15,24 @@ import torch
 
 from . import reference
 from .dispatch import kernel_or_reference, select_backend
-from .kernel_args import KDOptions
 from .kd import _check_options, _check_tensors, _divisor, _finite_number, _KDLossRows, _reduce
+from .kernel_args import KDOptions
 
 
-def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, reduction: str = "batchmean",
-             ignore_index: int = -100, ce_weight: float = 0.0,
-             normalizer: Union[float, torch.Tensor, None] = None, backend: str = "auto") -> torch.Tensor:
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    normalizer: Union[float, torch.Tensor, None] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     r"""Decoupled KD loss of ``(*, V)`` logits (V ≥ 2) against integer ``labels`` of shape ``*``.
 
     With b = [p_gt, 1 − p_gt] (the probability of the target class at temperature T, and of the rest) and p̂ the
@@ -39,17 +50,32 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     ``labels`` are required. A row whose label is ``ignore_index`` contributes 0, gets zero gradient and is not
     counted; another label outside [0, V) is an error on CPU and NaN on CUDA. ``reduction`` and ``normalizer``
     are those of :func:`fastkd.kd_loss` (``"batchmean"`` divides by the counted rows), as is the temperature's
-    range. Math in float32 (float64 for float64 inputs); the loss is float32. ``backend`` as in kd_loss; the kernels compute no teacher gradient.
+    range. Math in float32 (float64 for float64 inputs); the loss is float32. ``backend`` as in kd_loss; the
+    kernels compute no teacher gradient.
     """
-    options = _check_options(temperature=temperature, divergence="kl", beta=0.5, reduction=reduction,
-                             ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=1.0, scale_by_t2=True,
-                             normalizer=normalizer)
+    options = _check_options(
+        temperature=temperature,
+        divergence="kl",
+        beta=0.5,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        ce_weight=ce_weight,
+        kd_weight=1.0,
+        scale_by_t2=True,
+        normalizer=normalizer,
+    )
     alpha = _finite_number("alpha", alpha)
     beta = _finite_number("beta", beta)
     if labels is None:
         raise ValueError("dkd_loss needs labels: the target class splits each distribution")
-    _check_tensors(student_logits, teacher_logits, labels, ce_weight=options["ce_weight"],
-                   ignore_index=options["ignore_index"], temperature=options["temperature"])
+    _check_tensors(
+        student_logits,
+        teacher_logits,
+        labels,
+        ce_weight=options["ce_weight"],
+        ignore_index=options["ignore_index"],
+        temperature=options["temperature"],
+    )
     num_classes = student_logits.shape[-1]
     if num_classes < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes (a target and a non-target), got V={num_classes}")
@@ -57,17 +83,32 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     teacher = teacher_logits.reshape(-1, num_classes)
     flat_labels = labels.reshape(-1)
     chosen = select_backend(backend, student, teacher, op="dkd_loss", kernels=("triton", "cpu"))
-    chosen = kernel_or_reference(chosen, backend, "dkd_loss", "teacher_logits",
-                                  torch.is_grad_enabled() and teacher.requires_grad)
+    chosen = kernel_or_reference(
+        chosen, backend, "dkd_loss", "teacher_logits", torch.is_grad_enabled() and teacher.requires_grad
+    )
     temperature = options["temperature"]
     if chosen == "reference":
-        row_loss = reference.dkd_loss_rows(student, teacher, flat_labels, temperature=temperature, alpha=alpha,
-                                           beta=beta, ignore_index=options["ignore_index"],
-                                           ce_weight=options["ce_weight"])
+        row_loss = reference.dkd_loss_rows(
+            student,
+            teacher,
+            flat_labels,
+            temperature=temperature,
+            alpha=alpha,
+            beta=beta,
+            ignore_index=options["ignore_index"],
+            ce_weight=options["ce_weight"],
+        )
     else:  # the kd_loss kernels with divergence "dkd": β weighs NCKD, α TCKD, kd_scale is T²
-        kernel_options = KDOptions(temperature=temperature, divergence="dkd", beta=beta,
-                                   ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
-                                   kd_scale=temperature * temperature, alpha=alpha)
-        row_loss, _ = _KDLossRows.apply(student, teacher, flat_labels, None, chosen, False, None, "none",
-                                        kernel_options)
+        kernel_options = KDOptions(
+            temperature=temperature,
+            divergence="dkd",
+            beta=beta,
+            ignore_index=options["ignore_index"],
+            ce_weight=options["ce_weight"],
+            kd_scale=temperature * temperature,
+            alpha=alpha,
+        )
+        row_loss, _ = _KDLossRows.apply(
+            student, teacher, flat_labels, None, chosen, False, None, "none", kernel_options
+        )
     return _reduce(row_loss, labels.shape, options["reduction"], _divisor(options, flat_labels, student.shape[0]))

@@ -21,6 +21,7 @@ CPU), the statistics computed in the same launch, one program per normalisation 
 algorithm in the C++ extension (csrc/feature_loss_impl.h, OpenMP over groups, the same bits for any thread count).
 ``normalize="channel"`` or ``"sample"`` with ``kind="cosine"`` mixes two groupings and always runs the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,11 +42,20 @@ REDUCTIONS = ("mean", "sum")
 
 
 @torch.library.custom_op("fastkd::feature_loss_groups", mutates_args=())
-def _feature_loss_groups_op(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor],
-                            margin: Optional[torch.Tensor], kind: str, normalize: str, group: int, beta: float,
-                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return launchers(backend, "features").feature_forward(student, teacher, mask, margin, kind=kind,
-                                                          normalize=normalize or None, group=group, beta=beta)
+def _feature_loss_groups_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    margin: Optional[torch.Tensor],
+    kind: str,
+    normalize: str,
+    group: int,
+    beta: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return launchers(backend, "features").feature_forward(
+        student, teacher, mask, margin, kind=kind, normalize=normalize or None, group=group, beta=beta
+    )
 
 
 @_feature_loss_groups_op.register_fake
@@ -56,13 +66,31 @@ def _(student, teacher, mask, margin, kind, normalize, group, beta, backend):
 
 
 @torch.library.custom_op("fastkd::feature_loss_backward", mutates_args=())
-def _feature_loss_backward_op(scale: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                              mask: Optional[torch.Tensor], margin: Optional[torch.Tensor], kind: str,
-                              normalize: str, group: int, beta: float, backend: str,
-                              teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return launchers(backend, "features").feature_backward(scale, student, teacher, mask, margin, kind=kind,
-                                                           normalize=normalize or None, group=group, beta=beta,
-                                                           teacher_grad=teacher_grad)
+def _feature_loss_backward_op(
+    scale: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    margin: Optional[torch.Tensor],
+    kind: str,
+    normalize: str,
+    group: int,
+    beta: float,
+    backend: str,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return launchers(backend, "features").feature_backward(
+        scale,
+        student,
+        teacher,
+        mask,
+        margin,
+        kind=kind,
+        normalize=normalize or None,
+        group=group,
+        beta=beta,
+        teacher_grad=teacher_grad,
+    )
 
 
 @_feature_loss_backward_op.register_fake
@@ -80,8 +108,9 @@ class _FeatureLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, mask, margin, kind, normalize, group, beta, backend, mean):
-        terms, weights = torch.ops.fastkd.feature_loss_groups.default(student, teacher, mask, margin, kind,
-                                                                      normalize, group, beta, backend)
+        terms, weights = torch.ops.fastkd.feature_loss_groups.default(
+            student, teacher, mask, margin, kind, normalize, group, beta, backend
+        )
         total = terms.sum()
         divisor = weights.sum() if mean else torch.ones((), dtype=torch.float32, device=terms.device)
         loss = _over(total, divisor)
@@ -96,7 +125,8 @@ class _FeatureLoss(torch.autograd.Function):
         scale = _over(grad_loss, divisor)
         teacher_grad = ctx.needs_input_grad[1]
         grad_s, grad_t = torch.ops.fastkd.feature_loss_backward.default(
-            scale.reshape(1).to(torch.float32), student, teacher, mask, margin, *ctx.options, teacher_grad)
+            scale.reshape(1).to(torch.float32), student, teacher, mask, margin, *ctx.options, teacher_grad
+        )
         return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None, None
 
 
@@ -113,16 +143,24 @@ def _check(student, teacher, mask, *, kind, normalize, margin, channel_dim, redu
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if student.shape != teacher.shape:
-        raise ValueError(f"student_feat and teacher_feat must have the same shape, got {tuple(student.shape)} and "
-                         f"{tuple(teacher.shape)} (map the student to the teacher with fastkd.adapters.adapter_for)")
+        raise ValueError(
+            f"student_feat and teacher_feat must have the same shape, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)} (map the student to the teacher with fastkd.adapters.adapter_for)"
+        )
     if student.device != teacher.device:
         raise ValueError(f"student_feat is on {student.device}, teacher_feat on {teacher.device}")
     if student.dim() < 2:
         raise ValueError(f"features need a batch and a channel dim, got shape {tuple(student.shape)}")
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or \
-            not -student.dim() <= channel_dim < student.dim() or channel_dim % student.dim() == 0:
-        raise ValueError(f"channel_dim must index a dim other than the batch (dim 0) of {student.dim()}-d features, "
-                         f"got {channel_dim!r}")
+    if (
+        isinstance(channel_dim, bool)
+        or not isinstance(channel_dim, int)
+        or not -student.dim() <= channel_dim < student.dim()
+        or channel_dim % student.dim() == 0
+    ):
+        raise ValueError(
+            f"channel_dim must index a dim other than the batch (dim 0) of {student.dim()}-d features, "
+            f"got {channel_dim!r}"
+        )
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if normalize not in NORMALIZATIONS:
@@ -133,17 +171,23 @@ def _check(student, teacher, mask, *, kind, normalize, margin, channel_dim, redu
         raise ValueError(f"beta must be a finite positive number, got {beta!r}")
     channel_dim %= student.dim()
     if normalize == "channel" and student.dim() == 2:
-        raise ValueError("normalize='channel' standardises each channel over the spatial/token dims, and (N, C) "
-                         "features have none; use 'sample' or 'l2'")
+        raise ValueError(
+            "normalize='channel' standardises each channel over the spatial/token dims, and (N, C) "
+            "features have none; use 'sample' or 'l2'"
+        )
     if margin is not None:
         if not isinstance(margin, torch.Tensor) or margin.shape != (student.shape[channel_dim],):
-            raise ValueError(f"margin must be a tensor of shape (C,) = ({student.shape[channel_dim]},), got "
-                             f"{tuple(margin.shape) if isinstance(margin, torch.Tensor) else type(margin).__name__}")
+            raise ValueError(
+                f"margin must be a tensor of shape (C,) = ({student.shape[channel_dim]},), got "
+                f"{tuple(margin.shape) if isinstance(margin, torch.Tensor) else type(margin).__name__}"
+            )
         if margin.device != student.device:
             raise ValueError(f"margin is on {margin.device}, the features on {student.device}")
         if normalize is not None or kind == "cosine":
-            raise ValueError("margin (OFD) applies to raw features with an element-wise kind: use normalize=None and "
-                             "kind 'mse', 'l1' or 'smooth_l1'")
+            raise ValueError(
+                "margin (OFD) applies to raw features with an element-wise kind: use normalize=None and "
+                "kind 'mse', 'l1' or 'smooth_l1'"
+            )
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool or float tensor, got {type(mask).__name__}")
@@ -154,15 +198,19 @@ def _check(student, teacher, mask, *, kind, normalize, margin, channel_dim, redu
         try:
             torch.broadcast_shapes(mask.shape, student.shape)
         except RuntimeError:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the features' shape "
-                             f"{tuple(student.shape)}") from None
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the features' shape {tuple(student.shape)}"
+            ) from None
         if torch.broadcast_shapes(mask.shape, student.shape) != student.shape:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} would enlarge the features' shape "
-                             f"{tuple(student.shape)}")
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} would enlarge the features' shape {tuple(student.shape)}"
+            )
         aligned = (1,) * (student.dim() - mask.dim()) + tuple(mask.shape)
         if (kind == "cosine" or normalize == "l2") and aligned[channel_dim] != 1:
-            raise ValueError(f"with kind='cosine' or normalize='l2' the mask must be constant along the channels "
-                             f"(size 1 at channel_dim={channel_dim}), got mask shape {tuple(mask.shape)}")
+            raise ValueError(
+                f"with kind='cosine' or normalize='l2' the mask must be constant along the channels "
+                f"(size 1 at channel_dim={channel_dim}), got mask shape {tuple(mask.shape)}"
+            )
     return channel_dim
 
 
@@ -179,10 +227,19 @@ def _kernel_group(kind: str, normalize: Optional[str], num_c: int, num_s: int) -
     return FeatureGroup.CHANNEL if num_s >= num_c else FeatureGroup.POSITION
 
 
-def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
-                 kind: str = "mse", normalize: Optional[str] = None, margin: Optional[torch.Tensor] = None,
-                 beta: float = 1.0, channel_dim: int = 1, reduction: str = "mean",
-                 backend: str = "auto") -> torch.Tensor:
+def feature_loss(
+    student_feat: torch.Tensor,
+    teacher_feat: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    kind: str = "mse",
+    normalize: Optional[str] = None,
+    margin: Optional[torch.Tensor] = None,
+    beta: float = 1.0,
+    channel_dim: int = 1,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
     r"""Masked feature-matching loss between student and teacher features of the same shape (see the module
     docstring for the math): ``(N, C, H, W)`` maps, ``(N, L, C)`` tokens (``channel_dim=-1``), ``(N, C)``
     vectors, or any ``(N, …)`` with ``channel_dim`` naming the channels.
@@ -197,31 +254,65 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, mask
     kernel backend named); inputs may be float32, float16 or bfloat16 (math in float32).
     ``backend``: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
     """
-    channel_dim = _check(student_feat, teacher_feat, mask, kind=kind, normalize=normalize, margin=margin,
-                         channel_dim=channel_dim, reduction=reduction, beta=beta)
+    channel_dim = _check(
+        student_feat,
+        teacher_feat,
+        mask,
+        kind=kind,
+        normalize=normalize,
+        margin=margin,
+        channel_dim=channel_dim,
+        reduction=reduction,
+        beta=beta,
+    )
     if student_feat.numel() == 0:  # nothing to match: 0, connected to both inputs (as a fully masked input)
         return (student_feat.sum() + teacher_feat.sum()).to(reference._math_dtype(student_feat, teacher_feat)) * 0
     student, teacher = _as_groups(student_feat, channel_dim), _as_groups(teacher_feat, channel_dim)
     group = _kernel_group(kind, normalize, student.shape[1], student.shape[2])
     if group is None:
-        chosen = select_backend(backend, student_feat, teacher_feat, kernels=(),
-                                op=f"feature_loss with normalize={normalize!r} and kind={kind!r}")
+        chosen = select_backend(
+            backend,
+            student_feat,
+            teacher_feat,
+            kernels=(),
+            op=f"feature_loss with normalize={normalize!r} and kind={kind!r}",
+        )
     else:
         chosen = select_backend(backend, student_feat, teacher_feat, op="feature_loss")
     # the kernels differentiate the features only: a mask or margin that wants a gradient runs the reference
     for name, x in (("mask", mask), ("margin", margin)):
-        chosen = kernel_or_reference(chosen, backend, "feature_loss", name,
-                                     x is not None and torch.is_grad_enabled() and x.requires_grad)
+        chosen = kernel_or_reference(
+            chosen, backend, "feature_loss", name, x is not None and torch.is_grad_enabled() and x.requires_grad
+        )
     if chosen in ("triton", "cpu"):  # the kernels read the mask through its strides (0 where it is broadcast)
-        groups_mask = None if mask is None else _as_groups(
-            (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).expand(student_feat.shape), channel_dim)
-        return _FeatureLoss.apply(student, teacher, groups_mask, margin, kind, normalize or "", int(group), float(beta),
-                                  chosen, reduction == "mean")
+        groups_mask = (
+            None
+            if mask is None
+            else _as_groups(
+                (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).expand(student_feat.shape), channel_dim
+            )
+        )
+        return _FeatureLoss.apply(
+            student,
+            teacher,
+            groups_mask,
+            margin,
+            kind,
+            normalize or "",
+            int(group),
+            float(beta),
+            chosen,
+            reduction == "mean",
+        )
     math_dtype = reference._math_dtype(student, teacher)  # cast before expanding: no full-size copy of the mask
-    weights_mask = torch.ones((), dtype=math_dtype, device=student.device).expand(student.shape) if mask is None \
+    weights_mask = (
+        torch.ones((), dtype=math_dtype, device=student.device).expand(student.shape)
+        if mask is None
         else _as_groups(mask.to(math_dtype).expand(student_feat.shape), channel_dim)
-    terms, weights = reference.feature_loss_terms(student, teacher, weights_mask, kind=kind, beta=float(beta),
-                                                  normalize=normalize, margin=margin)
+    )
+    terms, weights = reference.feature_loss_terms(
+        student, teacher, weights_mask, kind=kind, beta=float(beta), normalize=normalize, margin=margin
+    )
     total = terms.sum()
     if reduction == "sum":
         return total
@@ -252,16 +343,23 @@ class FEED(nn.Module):
     default here).
     """
 
-    def __init__(self, example_student: Optional[torch.Tensor] = None,
-                 example_teachers: Optional[Sequence[torch.Tensor]] = None, *,
-                 adapters: Optional[Sequence[nn.Module]] = None, weights: Optional[Sequence[float]] = None,
-                 **loss_options):
+    def __init__(
+        self,
+        example_student: Optional[torch.Tensor] = None,
+        example_teachers: Optional[Sequence[torch.Tensor]] = None,
+        *,
+        adapters: Optional[Sequence[nn.Module]] = None,
+        weights: Optional[Sequence[float]] = None,
+        **loss_options,
+    ):
         super().__init__()
         if adapters is None:
             if example_student is None or not example_teachers:
                 raise ValueError("FEED needs example_student and example_teachers to size its adapters, or adapters")
-            adapters = [adapter_for(example_student.shape, t.shape).to(example_student.device, example_student.dtype)
-                        for t in example_teachers]
+            adapters = [
+                adapter_for(example_student.shape, t.shape).to(example_student.device, example_student.dtype)
+                for t in example_teachers
+            ]
         self.adapters = nn.ModuleList(adapters)
         weights = [1.0] * len(self.adapters) if weights is None else [float(w) for w in weights]
         if len(weights) != len(self.adapters):
@@ -269,9 +367,12 @@ class FEED(nn.Module):
         self.weights = weights
         self.loss_options = {"normalize": "l2", **loss_options}
 
-    def forward(self, student_feat: torch.Tensor, teacher_feats: Sequence[torch.Tensor],
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, student_feat: torch.Tensor, teacher_feats: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         if len(teacher_feats) != len(self.adapters):
             raise ValueError(f"teacher_feats has {len(teacher_feats)} features for {len(self.adapters)} adapters")
-        return sum(w * feature_loss(adapter(student_feat), t, mask=mask, **self.loss_options)
-                   for w, adapter, t in zip(self.weights, self.adapters, teacher_feats))
+        return sum(
+            w * feature_loss(adapter(student_feat), t, mask=mask, **self.loss_options)
+            for w, adapter, t in zip(self.weights, self.adapters, teacher_feats)
+        )

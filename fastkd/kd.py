@@ -5,6 +5,7 @@ This module holds the validation, the dispatch call, the ``torch.library`` custo
 and the reduction. The kernels are in :mod:`fastkd.kernels.kd`, the specification in
 :func:`fastkd.reference.kd_loss_rows`.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,42 +39,123 @@ MAX_TEMPERATURE = {torch.float32: 100.0, torch.float64: 1e6}
 # ``teacher`` is (N, V) with ensemble "none", or (K, N, V) with ``teacher_weights`` (K,) float32 summing to 1 and
 # ensemble "prob" or "logit" (Triton only; no teacher gradient)
 
+
 @torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
-def _kd_loss_rows_op(student: torch.Tensor, teacher: torch.Tensor, teacher_weights: Optional[torch.Tensor],
-                     labels: Optional[torch.Tensor], temperature: float, divergence: str, beta: float,
-                     ignore_index: int, ce_weight: float, kd_scale: float, alpha: float, ensemble: str, backend: str,
-                     with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    options = KDOptions(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
-                        ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
-    return launchers(backend, "kd").kd_forward(student, teacher, labels, options, with_metrics=with_metrics,
-                                               teacher_weights=teacher_weights, ensemble=ensemble)
+def _kd_loss_rows_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_weights: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    ce_weight: float,
+    kd_scale: float,
+    alpha: float,
+    ensemble: str,
+    backend: str,
+    with_metrics: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = KDOptions(
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        ce_weight=ce_weight,
+        kd_scale=kd_scale,
+        alpha=alpha,
+    )
+    return launchers(backend, "kd").kd_forward(
+        student, teacher, labels, options, with_metrics=with_metrics, teacher_weights=teacher_weights, ensemble=ensemble
+    )
 
 
 @_kd_loss_rows_op.register_fake
-def _(student, teacher, teacher_weights, labels, temperature, divergence, beta, ignore_index, ce_weight, kd_scale,
-      alpha, ensemble, backend, with_metrics):
+def _(
+    student,
+    teacher,
+    teacher_weights,
+    labels,
+    temperature,
+    divergence,
+    beta,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    alpha,
+    ensemble,
+    backend,
+    with_metrics,
+):
     num_rows = student.shape[0]
-    return (student.new_empty(num_rows, dtype=torch.float32),
-            student.new_empty((stats_rows(teacher, ensemble), num_rows), dtype=torch.float32),
-            student.new_empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32))
+    return (
+        student.new_empty(num_rows, dtype=torch.float32),
+        student.new_empty((stats_rows(teacher, ensemble), num_rows), dtype=torch.float32),
+        student.new_empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("fastkd::kd_loss_rows_backward", mutates_args=())
-def _kd_loss_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                              teacher_weights: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                              stats: torch.Tensor, temperature: float, divergence: str, beta: float,
-                              ignore_index: int, ce_weight: float, kd_scale: float, alpha: float, ensemble: str,
-                              backend: str, teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    options = KDOptions(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
-                        ce_weight=ce_weight, kd_scale=kd_scale, alpha=alpha)
-    return launchers(backend, "kd").kd_backward(grad_loss, student, teacher, labels, stats, options,
-                                                teacher_grad=teacher_grad, teacher_weights=teacher_weights,
-                                                ensemble=ensemble)
+def _kd_loss_rows_backward_op(
+    grad_loss: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_weights: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    ce_weight: float,
+    kd_scale: float,
+    alpha: float,
+    ensemble: str,
+    backend: str,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    options = KDOptions(
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        ce_weight=ce_weight,
+        kd_scale=kd_scale,
+        alpha=alpha,
+    )
+    return launchers(backend, "kd").kd_backward(
+        grad_loss,
+        student,
+        teacher,
+        labels,
+        stats,
+        options,
+        teacher_grad=teacher_grad,
+        teacher_weights=teacher_weights,
+        ensemble=ensemble,
+    )
 
 
 @_kd_loss_rows_backward_op.register_fake
-def _(grad_loss, student, teacher, teacher_weights, labels, stats, temperature, divergence, beta, ignore_index,
-      ce_weight, kd_scale, alpha, ensemble, backend, teacher_grad):
+def _(
+    grad_loss,
+    student,
+    teacher,
+    teacher_weights,
+    labels,
+    stats,
+    temperature,
+    divergence,
+    beta,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    alpha,
+    ensemble,
+    backend,
+    teacher_grad,
+):
     grad_t = teacher.new_empty(teacher.shape if teacher_grad else (0,))
     return student.new_empty(student.shape), grad_t
 
@@ -82,9 +164,15 @@ def _fuse_gradient(ctx, backend: str, options: KDOptions, grad_scale: Optional[t
     """Whether the forward computes the gradient too (C++ backend, kl/reverse_kl, eager mode, the student wants a
     gradient): then each exponential is computed once instead of twice (csrc/kd_cpu_impl.h). Under
     torch.compile the two-kernel path keeps the graph functional."""
-    return (backend == "cpu" and options.divergence in cpu_backend.FUSED_DIVERGENCES and grad_scale is not None
-            and ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
-            and math.isfinite(float(grad_scale)) and float(grad_scale) > 0)
+    return (
+        backend == "cpu"
+        and options.divergence in cpu_backend.FUSED_DIVERGENCES
+        and grad_scale is not None
+        and ctx.needs_input_grad[0]
+        and not torch.compiler.is_compiling()
+        and math.isfinite(float(grad_scale))
+        and float(grad_scale) > 0
+    )
 
 
 class _KDLossRows(torch.autograd.Function):
@@ -99,18 +187,32 @@ class _KDLossRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, grad_scale, backend, with_metrics, teacher_weights, ensemble,
-                options: KDOptions):
+    def forward(
+        ctx, student, teacher, labels, grad_scale, backend, with_metrics, teacher_weights, ensemble, options: KDOptions
+    ):
         ctx.fused_grads = None
         if ensemble == "none" and _fuse_gradient(ctx, backend, options, grad_scale):
             row_loss, stats, metrics, grad_s, grad_t = cpu_backend.kd_forward_with_grad(
-                student, teacher, labels, options, grad_scale=float(grad_scale), teacher_grad=ctx.needs_input_grad[1],
-                with_metrics=with_metrics)
+                student,
+                teacher,
+                labels,
+                options,
+                grad_scale=float(grad_scale),
+                teacher_grad=ctx.needs_input_grad[1],
+                with_metrics=with_metrics,
+            )
             ctx.fused_grads = (grad_s, grad_t, grad_scale)
         else:
             row_loss, stats, metrics = torch.ops.fastkd.kd_loss_rows.default(
-                student, teacher, teacher_weights=teacher_weights, labels=labels, **options._asdict(),
-                ensemble=ensemble, backend=backend, with_metrics=with_metrics)
+                student,
+                teacher,
+                teacher_weights=teacher_weights,
+                labels=labels,
+                **options._asdict(),
+                ensemble=ensemble,
+                backend=backend,
+                with_metrics=with_metrics,
+            )
         ctx.save_for_backward(student, teacher, teacher_weights, labels, stats)
         ctx.backend = backend
         ctx.ensemble = ensemble
@@ -132,46 +234,81 @@ class _KDLossRows(torch.autograd.Function):
         else:
             student, teacher, teacher_weights, labels, stats = ctx.saved_tensors
             grad_s, grad_t = torch.ops.fastkd.kd_loss_rows_backward.default(
-                grad_loss, student, teacher, teacher_weights=teacher_weights, labels=labels, stats=stats,
-                **ctx.options._asdict(), ensemble=ctx.ensemble, backend=ctx.backend, teacher_grad=teacher_grad)
+                grad_loss,
+                student,
+                teacher,
+                teacher_weights=teacher_weights,
+                labels=labels,
+                stats=stats,
+                **ctx.options._asdict(),
+                ensemble=ctx.ensemble,
+                backend=ctx.backend,
+                teacher_grad=teacher_grad,
+            )
         # student, teacher; labels, grad_scale, backend, with_metrics, teacher_weights, ensemble, options
         return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None
 
 
 # a sparse teacher (TopK): Triton only; no gradient to its values
 
+
 @torch.library.custom_op("fastkd::kd_topk_rows", mutates_args=())
-def _kd_topk_rows_op(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                     labels: Optional[torch.Tensor], temperature: float, tail: str, ignore_index: int,
-                     ce_weight: float, kd_scale: float, backend: str,
-                     with_metrics: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    options = TopKOptions(temperature=temperature, tail=tail, ignore_index=ignore_index, ce_weight=ce_weight,
-                          kd_scale=kd_scale)
-    return launchers(backend, "kd").kd_topk_forward(student, values, indices, labels, options,
-                                                    with_metrics=with_metrics)
+def _kd_topk_rows_op(
+    student: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    temperature: float,
+    tail: str,
+    ignore_index: int,
+    ce_weight: float,
+    kd_scale: float,
+    backend: str,
+    with_metrics: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = TopKOptions(
+        temperature=temperature, tail=tail, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale
+    )
+    return launchers(backend, "kd").kd_topk_forward(
+        student, values, indices, labels, options, with_metrics=with_metrics
+    )
 
 
 @_kd_topk_rows_op.register_fake
 def _(student, values, indices, labels, temperature, tail, ignore_index, ce_weight, kd_scale, backend, with_metrics):
     num_rows = student.shape[0]
-    return (student.new_empty(num_rows, dtype=torch.float32),
-            student.new_empty((NUM_STATS, num_rows), dtype=torch.float32),
-            student.new_empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32))
+    return (
+        student.new_empty(num_rows, dtype=torch.float32),
+        student.new_empty((NUM_STATS, num_rows), dtype=torch.float32),
+        student.new_empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("fastkd::kd_topk_rows_backward", mutates_args=())
-def _kd_topk_rows_backward_op(grad_loss: torch.Tensor, student: torch.Tensor, values: torch.Tensor,
-                              indices: torch.Tensor, labels: Optional[torch.Tensor], stats: torch.Tensor,
-                              temperature: float, tail: str, ignore_index: int, ce_weight: float, kd_scale: float,
-                              backend: str) -> torch.Tensor:
-    options = TopKOptions(temperature=temperature, tail=tail, ignore_index=ignore_index, ce_weight=ce_weight,
-                          kd_scale=kd_scale)
+def _kd_topk_rows_backward_op(
+    grad_loss: torch.Tensor,
+    student: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    temperature: float,
+    tail: str,
+    ignore_index: int,
+    ce_weight: float,
+    kd_scale: float,
+    backend: str,
+) -> torch.Tensor:
+    options = TopKOptions(
+        temperature=temperature, tail=tail, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale
+    )
     return launchers(backend, "kd").kd_topk_backward(grad_loss, student, values, indices, labels, stats, options)
 
 
 @_kd_topk_rows_backward_op.register_fake
-def _(grad_loss, student, values, indices, labels, stats, temperature, tail, ignore_index, ce_weight, kd_scale,
-      backend):
+def _(
+    grad_loss, student, values, indices, labels, stats, temperature, tail, ignore_index, ce_weight, kd_scale, backend
+):
     return student.new_empty(student.shape)
 
 
@@ -182,7 +319,8 @@ class _KDTopKRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, values, indices, labels, with_metrics, backend, options: TopKOptions):
         row_loss, stats, metrics = torch.ops.fastkd.kd_topk_rows.default(
-            student, values, indices, labels=labels, **options._asdict(), backend=backend, with_metrics=with_metrics)
+            student, values, indices, labels=labels, **options._asdict(), backend=backend, with_metrics=with_metrics
+        )
         ctx.save_for_backward(student, values, indices, labels, stats)
         ctx.backend = backend
         ctx.options = options
@@ -194,8 +332,15 @@ class _KDTopKRows(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_metrics):
         student, values, indices, labels, stats = ctx.saved_tensors
         grad_s = torch.ops.fastkd.kd_topk_rows_backward.default(
-            grad_loss, student, values, indices, labels=labels, stats=stats, **ctx.options._asdict(),
-            backend=ctx.backend)
+            grad_loss,
+            student,
+            values,
+            indices,
+            labels=labels,
+            stats=stats,
+            **ctx.options._asdict(),
+            backend=ctx.backend,
+        )
         # student; values, indices, labels, with_metrics, backend, options
         return grad_s, None, None, None, None, None, None
 
@@ -203,6 +348,7 @@ class _KDTopKRows(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _finite_number(name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -225,13 +371,19 @@ def check_normalizer(normalizer, *, zero_allowed: bool = False):
     rows), or a 0-d real tensor, which on the CPU must also hold a finite value ≥ 0. A CUDA tensor's value is not
     read (that would cost a device sync): :func:`tensor_divisor` makes a negative or non-finite value give NaN."""
     if not isinstance(normalizer, torch.Tensor):
-        if zero_allowed and not isinstance(normalizer, bool) and isinstance(normalizer, numbers.Real) \
-                and normalizer == 0:
+        if (
+            zero_allowed
+            and not isinstance(normalizer, bool)
+            and isinstance(normalizer, numbers.Real)
+            and normalizer == 0
+        ):
             return 0.0
         return _finite_number("normalizer", normalizer, positive=True)
     if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
-        raise ValueError(f"normalizer must be a number or a 0-d real tensor, got a tensor of shape "
-                         f"{tuple(normalizer.shape)} and dtype {normalizer.dtype}")
+        raise ValueError(
+            f"normalizer must be a number or a 0-d real tensor, got a tensor of shape "
+            f"{tuple(normalizer.shape)} and dtype {normalizer.dtype}"
+        )
     if normalizer.device.type == "cpu" and not torch.compiler.is_compiling():
         value = float(normalizer)
         if not (math.isfinite(value) and value >= 0):
@@ -247,15 +399,18 @@ def tensor_divisor(normalizer: torch.Tensor) -> torch.Tensor:
     return torch.where((value > 0) & value.isfinite(), value, torch.where(value == 0, 1.0, math.nan))
 
 
-def _check_options(*, temperature, divergence, beta, reduction, ignore_index, ce_weight, kd_weight, scale_by_t2,
-                   normalizer) -> dict:
+def _check_options(
+    *, temperature, divergence, beta, reduction, ignore_index, ce_weight, kd_weight, scale_by_t2, normalizer
+) -> dict:
     """Validate the tensor-free options of kd_loss; return them normalised (floats, ints)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if reduction == "mean":
-        raise ValueError("reduction='mean' averages over every element (rows × classes), which divides the KD loss "
-                         "by the vocabulary size; use reduction='batchmean' (sum over rows ÷ number of counted "
-                         "rows), 'sum' or 'none'")
+        raise ValueError(
+            "reduction='mean' averages over every element (rows × classes), which divides the KD loss "
+            "by the vocabulary size; use reduction='batchmean' (sum over rows ÷ number of counted "
+            "rows), 'sum' or 'none'"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     beta = _finite_number("beta", beta)
@@ -266,17 +421,33 @@ def _check_options(*, temperature, divergence, beta, reduction, ignore_index, ce
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
     if normalizer is not None:
         if reduction != "batchmean":
-            raise ValueError(f"normalizer replaces the divisor of reduction='batchmean'; it has no meaning with "
-                             f"reduction={reduction!r}")
+            raise ValueError(
+                f"normalizer replaces the divisor of reduction='batchmean'; it has no meaning with "
+                f"reduction={reduction!r}"
+            )
         normalizer = check_normalizer(normalizer)
-    return dict(temperature=_finite_number("temperature", temperature, positive=True), divergence=divergence,
-                beta=beta, reduction=reduction, ignore_index=ignore_index,
-                ce_weight=_finite_number("ce_weight", ce_weight), kd_weight=_finite_number("kd_weight", kd_weight),
-                scale_by_t2=scale_by_t2, normalizer=normalizer)
+    return dict(
+        temperature=_finite_number("temperature", temperature, positive=True),
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        ce_weight=_finite_number("ce_weight", ce_weight),
+        kd_weight=_finite_number("kd_weight", kd_weight),
+        scale_by_t2=scale_by_t2,
+        normalizer=normalizer,
+    )
 
 
-def _check_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], *,
-                   ce_weight: float, ignore_index: int, temperature: float) -> None:
+def _check_tensors(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    ce_weight: float,
+    ignore_index: int,
+    temperature: float,
+) -> None:
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -285,21 +456,28 @@ def _check_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
         if x.dim() == 0 or x.shape[-1] == 0:
             raise ValueError(f"{name} must have shape (*, V) with V >= 1, got {tuple(x.shape)}")
     if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(f"student_logits and teacher_logits must have the same number of classes V (last dim), got "
-                         f"{student.shape[-1]} and {teacher.shape[-1]}")
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same number of classes V (last dim), got "
+            f"{student.shape[-1]} and {teacher.shape[-1]}"
+        )
     if student.shape != teacher.shape:
-        raise ValueError(f"student_logits and teacher_logits must have the same shape, got {tuple(student.shape)} and "
-                         f"{tuple(teacher.shape)}")
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
     if student.device != teacher.device:
-        raise ValueError(f"student_logits and teacher_logits must be on the same device, got {student.device} and "
-                         f"{teacher.device}")
+        raise ValueError(
+            f"student_logits and teacher_logits must be on the same device, got {student.device} and {teacher.device}"
+        )
     math_dtype = reference._math_dtype(student, teacher)
     if temperature > MAX_TEMPERATURE[math_dtype]:
-        raise ValueError(f"temperature must be at most {MAX_TEMPERATURE[math_dtype]:g} for {math_dtype} math, got "
-                         f"{temperature:g}: the divergence is a difference of log-sums of size log V and loses about "
-                         f"{'6e-8' if math_dtype == torch.float32 else '1e-16'}·T² relative accuracy (fewer than three "
-                         f"digits left past the bound); use a smaller temperature"
-                         f"{' or float64 logits' if math_dtype == torch.float32 else ''}")
+        raise ValueError(
+            f"temperature must be at most {MAX_TEMPERATURE[math_dtype]:g} for {math_dtype} math, got "
+            f"{temperature:g}: the divergence is a difference of log-sums of size log V and loses about "
+            f"{'6e-8' if math_dtype == torch.float32 else '1e-16'}·T² relative accuracy (fewer than three "
+            f"digits left past the bound); use a smaller temperature"
+            f"{' or float64 logits' if math_dtype == torch.float32 else ''}"
+        )
     if labels is None:
         if ce_weight != 0:
             raise ValueError("ce_weight != 0 needs labels")
@@ -309,8 +487,10 @@ def _check_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
     if labels.shape != student.shape[:-1]:
-        raise ValueError(f"labels must have the shape of student_logits without its last dim, "
-                         f"{tuple(student.shape[:-1])}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have the shape of student_logits without its last dim, "
+            f"{tuple(student.shape[:-1])}, got {tuple(labels.shape)}"
+        )
     if labels.device != student.device:
         raise ValueError(f"labels must be on the device of the logits ({student.device}), got {labels.device}")
     # a free check where reading the labels costs no device sync; elsewhere bad rows come out NaN
@@ -318,8 +498,10 @@ def _check_tensors(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
         num_classes = student.shape[-1]
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, got "
-                             f"{labels[bad][0].item()}")
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, got "
+                f"{labels[bad][0].item()}"
+            )
 
 
 def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, ensemble: str):
@@ -334,16 +516,20 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"teacher_logits[{k}] must be a torch.Tensor, got {type(x).__name__}")
             if x.shape != student.shape:
-                raise ValueError(f"teacher_logits[{k}] must have the student's shape {tuple(student.shape)}, got "
-                                 f"{tuple(x.shape)}")
+                raise ValueError(
+                    f"teacher_logits[{k}] must have the student's shape {tuple(student.shape)}, got {tuple(x.shape)}"
+                )
             if x.device != student.device:
-                raise ValueError(f"teacher_logits[{k}] must be on the student's device {student.device}, got "
-                                 f"{x.device}")
+                raise ValueError(
+                    f"teacher_logits[{k}] must be on the student's device {student.device}, got {x.device}"
+                )
         teachers = torch.stack(list(teacher_logits))
     elif isinstance(teacher_logits, torch.Tensor) and teacher_logits.dim() == student.dim() + 1:
         if teacher_logits.shape[1:] != student.shape:
-            raise ValueError(f"an ensemble teacher_logits must have shape (K, *student shape) = (K, "
-                             f"{', '.join(map(str, student.shape))}), got {tuple(teacher_logits.shape)}")
+            raise ValueError(
+                f"an ensemble teacher_logits must have shape (K, *student shape) = (K, "
+                f"{', '.join(map(str, student.shape))}), got {tuple(teacher_logits.shape)}"
+            )
         teachers = teacher_logits
     else:
         if teacher_weights is not None:
@@ -362,12 +548,12 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
         try:
             values = [float(w) for w in teacher_weights]
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"teacher_weights must be K numbers (a sequence or a 1-d tensor), got "
-                            f"{teacher_weights!r}") from exc
+            raise TypeError(
+                f"teacher_weights must be K numbers (a sequence or a 1-d tensor), got {teacher_weights!r}"
+            ) from exc
     if values is None or len(values) != num_teachers:
         shape = tuple(teacher_weights.shape) if isinstance(teacher_weights, torch.Tensor) else (len(values),)
-        raise ValueError(f"teacher_weights must have shape ({num_teachers},) for {num_teachers} teachers, got "
-                         f"{shape}")
+        raise ValueError(f"teacher_weights must have shape ({num_teachers},) for {num_teachers} teachers, got {shape}")
     if not all(math.isfinite(w) and w >= 0 for w in values) or not sum(values) > 0:
         raise ValueError(f"teacher_weights must be finite, non-negative and sum to a positive value, got {values}")
     total = sum(values)
@@ -376,8 +562,14 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
 
 def _kernel_options(options: dict) -> KDOptions:
     """The kernels' options of a validated kd_loss call (:func:`_check_options`)."""
-    return KDOptions(temperature=options["temperature"], divergence=options["divergence"], beta=options["beta"],
-                     ignore_index=options["ignore_index"], ce_weight=options["ce_weight"], kd_scale=_kd_scale(options))
+    return KDOptions(
+        temperature=options["temperature"],
+        divergence=options["divergence"],
+        beta=options["beta"],
+        ignore_index=options["ignore_index"],
+        ce_weight=options["ce_weight"],
+        kd_scale=_kd_scale(options),
+    )
 
 
 def _kd_scale(options: dict) -> float:
@@ -409,30 +601,42 @@ def _reduce(row_loss: torch.Tensor, row_shape, reduction: str, divisor) -> torch
     return row_loss.sum() if reduction == "sum" else row_loss.sum() / divisor
 
 
-def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stats,
-                  backend) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
+def _kd_loss_topk(
+    student_logits, topk: TopK, labels, tail, options, return_stats, backend
+) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     """kd_loss against a sparse teacher: validation, the Triton kernels or the reference rows (+ CE), and the
     reduction."""
     tail = tail if tail is not None else ("bucket" if topk.kind == "logprobs" else "renormalize")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if tail == "bucket" and topk.kind != "logprobs":
-        raise ValueError("tail='bucket' needs the teacher's log-probabilities (TopK kind='logprobs'); top-K logits "
-                         "say nothing of the mass outside them: use tail='renormalize'")
+        raise ValueError(
+            "tail='bucket' needs the teacher's log-probabilities (TopK kind='logprobs'); top-K logits "
+            "say nothing of the mass outside them: use tail='renormalize'"
+        )
     if options["divergence"] != "kl":
         raise ValueError(f"a TopK teacher works with divergence='kl' for now, got {options['divergence']!r}")
-    _check_tensors(student_logits, student_logits, labels, ce_weight=options["ce_weight"],
-                   ignore_index=options["ignore_index"], temperature=options["temperature"])
+    _check_tensors(
+        student_logits,
+        student_logits,
+        labels,
+        ce_weight=options["ce_weight"],
+        ignore_index=options["ignore_index"],
+        temperature=options["temperature"],
+    )
     num_classes = student_logits.shape[-1]
     if topk.values.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(f"TopK values must have shape (*, K) with * = {tuple(student_logits.shape[:-1])}, got "
-                         f"{tuple(topk.values.shape)}")
+        raise ValueError(
+            f"TopK values must have shape (*, K) with * = {tuple(student_logits.shape[:-1])}, got "
+            f"{tuple(topk.values.shape)}"
+        )
     k = topk.values.shape[-1]
     if k > num_classes:
         raise ValueError(f"TopK has K={k} entries per row, more than the V={num_classes} classes")
     if topk.values.device != student_logits.device:
-        raise ValueError(f"TopK must be on the device of the logits ({student_logits.device}), got "
-                         f"{topk.values.device}")
+        raise ValueError(
+            f"TopK must be on the device of the logits ({student_logits.device}), got {topk.values.device}"
+        )
     student = student_logits.reshape(-1, num_classes)
     values, indices = topk.values.reshape(-1, k), topk.indices.reshape(-1, k)
     # free checks where reading the indices costs no device sync; elsewhere the kernels make such rows NaN
@@ -443,25 +647,60 @@ def _kd_loss_topk(student_logits, topk: TopK, labels, tail, options, return_stat
             raise ValueError("TopK indices must be distinct within a row")
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
-    chosen = select_backend(backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton", "cuda"),
-                            cuda_covers=False)
-    chosen = kernel_or_reference(chosen, backend, "kd_loss with a TopK teacher", "the TopK values",
-                                  torch.is_grad_enabled() and values.requires_grad)
+    chosen = select_backend(
+        backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton", "cuda"), cuda_covers=False
+    )
+    chosen = kernel_or_reference(
+        chosen,
+        backend,
+        "kd_loss with a TopK teacher",
+        "the TopK values",
+        torch.is_grad_enabled() and values.requires_grad,
+    )
     if chosen == "triton":
-        rows, metrics = _KDTopKRows.apply(student, values, indices, flat_labels, return_stats, chosen, TopKOptions(
-            temperature=t, tail=tail, ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
-            kd_scale=_kd_scale(options)))
+        rows, metrics = _KDTopKRows.apply(
+            student,
+            values,
+            indices,
+            flat_labels,
+            return_stats,
+            chosen,
+            TopKOptions(
+                temperature=t,
+                tail=tail,
+                ignore_index=options["ignore_index"],
+                ce_weight=options["ce_weight"],
+                kd_scale=_kd_scale(options),
+            ),
+        )
     else:
-        metrics = reference.kd_topk_fidelity_rows(student, values, indices.long(), flat_labels, tail=tail,
-                                                  ignore_index=options["ignore_index"]) if return_stats else None
+        metrics = (
+            reference.kd_topk_fidelity_rows(
+                student, values, indices.long(), flat_labels, tail=tail, ignore_index=options["ignore_index"]
+            )
+            if return_stats
+            else None
+        )
         rows = _kd_scale(options) * reference.kd_topk_rows(
             reference.counted_rows_only(student, flat_labels, options["ignore_index"]),
-            reference.counted_rows_only(values, flat_labels, options["ignore_index"]), indices.long(), tail=tail,
-            temperature=t)
+            reference.counted_rows_only(values, flat_labels, options["ignore_index"]),
+            indices.long(),
+            tail=tail,
+            temperature=t,
+        )
         if flat_labels is not None:  # the CE term and the ignored rows, as for a full teacher
-            ce_rows = reference.kd_loss_rows(student, student, flat_labels, temperature=t, divergence="kl",
-                                             beta=0.5, ignore_index=options["ignore_index"],
-                                             ce_weight=options["ce_weight"], kd_weight=0.0, scale_by_t2=True)
+            ce_rows = reference.kd_loss_rows(
+                student,
+                student,
+                flat_labels,
+                temperature=t,
+                divergence="kl",
+                beta=0.5,
+                ignore_index=options["ignore_index"],
+                ce_weight=options["ce_weight"],
+                kd_weight=0.0,
+                scale_by_t2=True,
+            )
             rows = torch.where(flat_labels != options["ignore_index"], rows + ce_rows, 0)
     divisor = _divisor(options, flat_labels, student.shape[0])
     loss = _reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
@@ -478,15 +717,27 @@ def _with_stats(loss: torch.Tensor, metrics: torch.Tensor, flat_labels, num_rows
 # public API
 # ----------------------------------------------------------------------------------------------------------------
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Sequence[torch.Tensor], TopK], *,
-            temperature: float = 1.0,
-            divergence: str = "kl", beta: float = 0.5, reduction: str = "batchmean",
-            labels: Optional[torch.Tensor] = None, ignore_index: int = -100, ce_weight: float = 0.0,
-            kd_weight: float = 1.0, scale_by_t2: bool = True,
-            normalizer: Union[float, torch.Tensor, None] = None, return_stats: bool = False,
-            teacher_weights: Union[Sequence[float], torch.Tensor, None] = None, ensemble: str = "prob",
-            tail: Optional[str] = None,
-            backend: str = "auto") -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: Union[torch.Tensor, Sequence[torch.Tensor], TopK],
+    *,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    scale_by_t2: bool = True,
+    normalizer: Union[float, torch.Tensor, None] = None,
+    return_stats: bool = False,
+    teacher_weights: Union[Sequence[float], torch.Tensor, None] = None,
+    ensemble: str = "prob",
+    tail: Optional[str] = None,
+    backend: str = "auto",
+) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     r"""Knowledge-distillation loss between student and teacher logits, fused in one pass over each row.
 
     For each row (leading dims of the ``(*, V)`` logits are flattened), with p_s = softmax(s/T) and
@@ -561,14 +812,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
 
     Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
     the reference. ``temperature`` lies in (0, 100] for float32 math and (0, 1e6] for float64 (see
-    :data:`MAX_TEMPERATURE`: the relative error grows as about 6e-8·T², resp. 1e-16·T²). Gradients reach the teacher only when ``teacher_logits.requires_grad`` (mutual learning).
+    :data:`MAX_TEMPERATURE`: the relative error grows as about 6e-8·T², resp. 1e-16·T²). Gradients reach the
+    teacher only when ``teacher_logits.requires_grad`` (mutual learning).
     ``backend``: ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
     ``"cuda"`` (CUDA C++ kernels, never chosen by ``"auto"`` yet) covers divergences kl and reverse_kl with CE and
     one teacher of the student's dtype without ``return_stats``; other calls run on the Triton kernels.
     """
-    options = _check_options(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
-                             ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                             scale_by_t2=scale_by_t2, normalizer=normalizer)
+    options = _check_options(
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+        scale_by_t2=scale_by_t2,
+        normalizer=normalizer,
+    )
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     if isinstance(teacher_logits, TopK):
@@ -578,9 +838,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     if tail is not None:
         raise ValueError("tail applies to a TopK teacher only")
     ensemble_teachers = _teacher_ensemble(student_logits, teacher_logits, teacher_weights, ensemble)
-    _check_tensors(student_logits, teacher_logits if ensemble_teachers is None else ensemble_teachers[0][0], labels,
-                   ce_weight=options["ce_weight"], ignore_index=options["ignore_index"],
-                   temperature=options["temperature"])
+    _check_tensors(
+        student_logits,
+        teacher_logits if ensemble_teachers is None else ensemble_teachers[0][0],
+        labels,
+        ce_weight=options["ce_weight"],
+        ignore_index=options["ignore_index"],
+        temperature=options["temperature"],
+    )
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one
@@ -593,8 +858,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
     else:
         teachers, weights = ensemble_teachers
         teachers = teachers.reshape(teachers.shape[0], -1, num_classes)
-    cuda_covers = cuda_backend.covers(student, teachers, divergence=options["divergence"], with_metrics=return_stats,
-                                      ensemble=ensemble_teachers is not None)
+    cuda_covers = cuda_backend.covers(
+        student,
+        teachers,
+        divergence=options["divergence"],
+        with_metrics=return_stats,
+        ensemble=ensemble_teachers is not None,
+    )
     chosen = select_backend(backend, student, teachers, kernels=("triton", "cpu", "cuda"), cuda_covers=cuda_covers)
     teacher_weights, fused_ensemble, metrics_teacher = None, "none", None
     if ensemble_teachers is not None:
@@ -606,8 +876,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
             teacher = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble, temperature=t)
             if return_stats and ensemble == "prob" and t != 1.0:  # the metrics' teacher is the mean at T = 1
                 with torch.no_grad():
-                    metrics_teacher = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble,
-                                                                        temperature=1.0)
+                    metrics_teacher = reference.ensemble_teacher_logits(
+                        teachers, weights, ensemble=ensemble, temperature=1.0
+                    )
     divisor = _divisor(options, flat_labels, student.shape[0])
     kernel_metrics = return_stats and metrics_teacher is None
     if chosen in ("triton", "cpu", "cuda"):
@@ -615,18 +886,39 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
         # the C++ CPU backend's fused gradient only; on CUDA it would cost a launch)
         wants_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
         grad_scale = torch.ones((), dtype=torch.float32) / divisor if chosen == "cpu" and wants_grad else None
-        row_loss, metrics = _KDLossRows.apply(student, teacher, flat_labels, grad_scale, chosen, kernel_metrics,
-                                              teacher_weights, fused_ensemble, _kernel_options(options))
+        row_loss, metrics = _KDLossRows.apply(
+            student,
+            teacher,
+            flat_labels,
+            grad_scale,
+            chosen,
+            kernel_metrics,
+            teacher_weights,
+            fused_ensemble,
+            _kernel_options(options),
+        )
     else:
-        row_loss = reference.kd_loss_rows(student, teacher, flat_labels, temperature=t,
-                                          divergence=options["divergence"], beta=options["beta"],
-                                          ignore_index=options["ignore_index"], ce_weight=options["ce_weight"],
-                                          kd_weight=options["kd_weight"], scale_by_t2=options["scale_by_t2"])
-        metrics = reference.kd_fidelity_rows(student, teacher, flat_labels, ignore_index=options["ignore_index"]) \
-            if kernel_metrics else None
+        row_loss = reference.kd_loss_rows(
+            student,
+            teacher,
+            flat_labels,
+            temperature=t,
+            divergence=options["divergence"],
+            beta=options["beta"],
+            ignore_index=options["ignore_index"],
+            ce_weight=options["ce_weight"],
+            kd_weight=options["kd_weight"],
+            scale_by_t2=options["scale_by_t2"],
+        )
+        metrics = (
+            reference.kd_fidelity_rows(student, teacher, flat_labels, ignore_index=options["ignore_index"])
+            if kernel_metrics
+            else None
+        )
     if metrics_teacher is not None:
-        metrics = reference.kd_fidelity_rows(student.detach(), metrics_teacher, flat_labels,
-                                             ignore_index=options["ignore_index"])
+        metrics = reference.kd_fidelity_rows(
+            student.detach(), metrics_teacher, flat_labels, ignore_index=options["ignore_index"]
+        )
 
     loss = _reduce(row_loss, row_shape, options["reduction"], divisor)
     return _with_stats(loss, metrics, flat_labels, student.shape[0], options) if return_stats else loss
@@ -638,22 +930,51 @@ class KDLoss(nn.Module):
     ``normalizer`` and ``return_stats`` may also be passed per call to ``forward``.
     """
 
-    def __init__(self, *, temperature: float = 1.0, divergence: str = "kl", beta: float = 0.5,
-                 reduction: str = "batchmean", ignore_index: int = -100, ce_weight: float = 0.0,
-                 kd_weight: float = 1.0, scale_by_t2: bool = True, backend: str = "auto"):
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        ce_weight: float = 0.0,
+        kd_weight: float = 1.0,
+        scale_by_t2: bool = True,
+        backend: str = "auto",
+    ):
         super().__init__()
-        self.options = dict(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
-                            ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                            scale_by_t2=scale_by_t2)
+        self.options = dict(
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            ce_weight=ce_weight,
+            kd_weight=kd_weight,
+            scale_by_t2=scale_by_t2,
+        )
         _check_options(normalizer=None, **self.options)
         check_backend_name(backend)
         self.backend = backend
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None, normalizer: Union[float, torch.Tensor, None] = None,
-                return_stats: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
-        return kd_loss(student_logits, teacher_logits, labels=labels, normalizer=normalizer,
-                       return_stats=return_stats, backend=self.backend, **self.options)
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        normalizer: Union[float, torch.Tensor, None] = None,
+        return_stats: bool = False,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            labels=labels,
+            normalizer=normalizer,
+            return_stats=return_stats,
+            backend=self.backend,
+            **self.options,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

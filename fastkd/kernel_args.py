@@ -6,6 +6,7 @@ The enums below are the one table of codes and slots. The Triton kernels alias t
 csrc/kd_args.h and csrc/feature_loss_cpu.h repeat them as C++ enums, and tests/test_kernel_args.py checks that the
 headers agree with this file. A slot index or mode code written as a bare number anywhere else is a bug.
 """
+
 from __future__ import annotations
 
 import enum
@@ -135,8 +136,9 @@ class FeatureGroup(enum.IntEnum):
 
 def feature_groups(group: int, num_n: int, num_c: int, num_s: int) -> int:
     """The number of feature_loss groups of ``group`` (a FeatureGroup) in an (N, C, S) view."""
-    return {FeatureGroup.CHANNEL: num_n * num_c, FeatureGroup.POSITION: num_n * num_s,
-            FeatureGroup.SAMPLE: num_n}[FeatureGroup(group)]
+    return {FeatureGroup.CHANNEL: num_n * num_c, FeatureGroup.POSITION: num_n * num_s, FeatureGroup.SAMPLE: num_n}[
+        FeatureGroup(group)
+    ]
 
 
 class KDOptions(NamedTuple):

@@ -22,6 +22,7 @@ Gradient: σ = uᵀ W vₚᵣₑᵥ (= ‖W vₚᵣₑᵥ‖) with the vectors h
 last iteration started from), as in ``torch.nn.utils.spectral_norm``. It is the exact gradient of the estimate for
 ``n_iter=1`` from a given state, and of σ_max at convergence.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,7 @@ LONDON_INITS = ("uniform", "ones")
 
 class PowerIterationState(NamedTuple):
     """The power-iteration vectors of a weight list, flat: ``u`` (Σ rows) and ``v`` (Σ columns), unit per matrix."""
+
     u: torch.Tensor
     v: torch.Tensor
 
@@ -63,13 +65,16 @@ def as_matrices(weights: Sequence[torch.Tensor]) -> list:
         if not w.is_floating_point():
             raise TypeError(f"weights[{i}] must be a floating-point tensor, got {w.dtype}")
         if w.dim() < 2:
-            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)}: a weight needs ≥ 2 dims (Linear (out, in) or "
-                             f"Conv (out, in, *kernel), viewed as (out, in·kernel))")
+            raise ValueError(
+                f"weights[{i}] has shape {tuple(w.shape)}: a weight needs ≥ 2 dims (Linear (out, in) or "
+                f"Conv (out, in, *kernel), viewed as (out, in·kernel))"
+            )
         if w.numel() == 0:
             raise ValueError(f"weights[{i}] has shape {tuple(w.shape)}: it is empty")
         if w.device != weights[0].device:
-            raise ValueError(f"weights must share a device: weights[0] is on {weights[0].device}, weights[{i}] on "
-                             f"{w.device}")
+            raise ValueError(
+                f"weights must share a device: weights[0] is on {weights[0].device}, weights[{i}] on {w.device}"
+            )
         matrix = w.reshape(w.shape[0], -1)
         row_major = matrix.stride(1) == 1 and (matrix.shape[0] == 1 or matrix.stride(0) >= matrix.shape[1])
         matrices.append(matrix if row_major else matrix.contiguous())
@@ -80,8 +85,7 @@ def _vector_dtype(matrices: list) -> torch.dtype:
     return torch.float64 if any(m.dtype == torch.float64 for m in matrices) else torch.float32
 
 
-def init_state(weights: Sequence[torch.Tensor], *, generator: Optional[torch.Generator] = None
-               ) -> PowerIterationState:
+def init_state(weights: Sequence[torch.Tensor], *, generator: Optional[torch.Generator] = None) -> PowerIterationState:
     """Random unit vectors (normal, then normalised per matrix) for ``weights``: float32 (float64 for float64
     weights), on their device."""
     matrices = as_matrices(weights)
@@ -90,19 +94,25 @@ def init_state(weights: Sequence[torch.Tensor], *, generator: Optional[torch.Gen
     def unit_parts(sizes):
         parts = [torch.randn(n, generator=generator, dtype=dtype, device=device) for n in sizes]
         return torch.cat([p / p.norm().clamp_min(1e-30) for p in parts])
+
     return PowerIterationState(unit_parts([m.shape[0] for m in matrices]), unit_parts([m.shape[1] for m in matrices]))
 
 
 def _check_state(state, matrices: list) -> PowerIterationState:
     if not isinstance(state, PowerIterationState):
-        raise TypeError(f"state must be a PowerIterationState (from a previous call or init_state), got "
-                        f"{type(state).__name__}")
+        raise TypeError(
+            f"state must be a PowerIterationState (from a previous call or init_state), got {type(state).__name__}"
+        )
     dtype, device = _vector_dtype(matrices), matrices[0].device
-    for name, vector, size in (("u", state.u, sum(m.shape[0] for m in matrices)),
-                               ("v", state.v, sum(m.shape[1] for m in matrices))):
+    for name, vector, size in (
+        ("u", state.u, sum(m.shape[0] for m in matrices)),
+        ("v", state.v, sum(m.shape[1] for m in matrices)),
+    ):
         if vector.shape != (size,):
-            raise ValueError(f"state.{name} must have shape ({size},) for these weights, got {tuple(vector.shape)}; "
-                             f"a state belongs to one list of weight shapes")
+            raise ValueError(
+                f"state.{name} must have shape ({size},) for these weights, got {tuple(vector.shape)}; "
+                f"a state belongs to one list of weight shapes"
+            )
         if vector.dtype != dtype or vector.device != device:
             raise ValueError(f"state.{name} must be {dtype} on {device}, got {vector.dtype} on {vector.device}")
     return state
@@ -112,11 +122,12 @@ def _check_state(state, matrices: list) -> PowerIterationState:
 # kernel backend: a custom op for the iterations, an autograd.Function for ∂σ/∂W = u vₚᵣₑᵥᵀ
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastkd::power_iteration", mutates_args=())
-def _power_iteration_op(matrices: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_iter: int,
-                        eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    sigma, u, v_new, v_prev = launchers(backend, "lipschitz").power_iteration(matrices, u, v, n_iter=n_iter,
-                                                                              eps=eps)
+def _power_iteration_op(
+    matrices: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    sigma, u, v_new, v_prev = launchers(backend, "lipschitz").power_iteration(matrices, u, v, n_iter=n_iter, eps=eps)
     return sigma, u, v_new, v_prev.clone() if v_prev is v else v_prev  # an op may not return its input
 
 
@@ -143,15 +154,22 @@ class _SpectralNorms(torch.autograd.Function):
         u, v_prev = ctx.saved_tensors
         u_parts = u.split([shape[0] for shape, _ in ctx.shapes])
         v_parts = v_prev.split([shape[1] for shape, _ in ctx.shapes])
-        grads = [torch.outer(grad_sigma[i] * u_i, v_i).to(dtype) if ctx.needs_input_grad[i] else None
-                 for i, (u_i, v_i, (_, dtype)) in enumerate(zip(u_parts, v_parts, ctx.shapes))]
+        grads = [
+            torch.outer(grad_sigma[i] * u_i, v_i).to(dtype) if ctx.needs_input_grad[i] else None
+            for i, (u_i, v_i, (_, dtype)) in enumerate(zip(u_parts, v_parts, ctx.shapes))
+        ]
         return (*grads, None, None, None, None, None)
 
 
-def spectral_norms(weights: Sequence[torch.Tensor], *, n_iter: int = DEFAULT_ITERATIONS,
-                   state: Optional[PowerIterationState] = None, eps: float = 1e-12,
-                   generator: Optional[torch.Generator] = None, backend: str = "auto"
-                   ) -> tuple[torch.Tensor, PowerIterationState]:
+def spectral_norms(
+    weights: Sequence[torch.Tensor],
+    *,
+    n_iter: int = DEFAULT_ITERATIONS,
+    state: Optional[PowerIterationState] = None,
+    eps: float = 1e-12,
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, PowerIterationState]:
     r"""Largest singular value σ_max of each weight in ``weights`` by ``n_iter`` power iterations (see the module
     docstring), all matrices together: on the ``"triton"`` backend (CUDA) one grouped launch per iteration reads
     every weight once (the last tile of each matrix to finish normalises its vectors); on the ``"cpu"`` backend
@@ -174,8 +192,10 @@ def spectral_norms(weights: Sequence[torch.Tensor], *, n_iter: int = DEFAULT_ITE
     if chosen in ("triton", "cpu"):
         if len({m.dtype for m in matrices}) > 1:
             dtypes = sorted({str(m.dtype) for m in matrices})
-            raise ValueError(f"the {chosen} backend takes weights of one dtype, got {dtypes}; cast them, or call "
-                             f"spectral_norms once per dtype")
+            raise ValueError(
+                f"the {chosen} backend takes weights of one dtype, got {dtypes}; cast them, or call "
+                f"spectral_norms once per dtype"
+            )
         sigma, u, v = _SpectralNorms.apply(*matrices, state.u, state.v, n_iter, float(eps), chosen)
     else:
         sigma, u, v = reference.spectral_norms(matrices, state.u, state.v, n_iter=n_iter, eps=float(eps))
@@ -201,9 +221,15 @@ def lipschitz_layers(model: nn.Module) -> list:
     return layers
 
 
-def network_bound(model: nn.Module, *, n_iter: int = DEFAULT_ITERATIONS, state: Optional[PowerIterationState] = None,
-                  log: bool = False, generator: Optional[torch.Generator] = None, backend: str = "auto"
-                  ) -> tuple[torch.Tensor, PowerIterationState]:
+def network_bound(
+    model: nn.Module,
+    *,
+    n_iter: int = DEFAULT_ITERATIONS,
+    state: Optional[PowerIterationState] = None,
+    log: bool = False,
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, PowerIterationState]:
     r"""An estimate of the Lipschitz bound ∏_layers ‖layer‖₂ of ``model`` (``log=True``: its log, Σ log ‖layer‖₂;
     the product is formed in log space), with the spectral norms of all its Linear and Conv weights from one
     :func:`spectral_norms` call. Returns ``(bound, state)``; ``bound`` is differentiable in the weights.
@@ -228,9 +254,15 @@ def network_bound(model: nn.Module, *, n_iter: int = DEFAULT_ITERATIONS, state: 
     return (log_bound if log else log_bound.exp()), state
 
 
-def london_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor], *,
-                n_iter: int = 10, init: str = "uniform", eps: float = 1e-12,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def london_loss(
+    student_features: Sequence[torch.Tensor],
+    teacher_features: Sequence[torch.Tensor],
+    *,
+    n_iter: int = 10,
+    init: str = "uniform",
+    eps: float = 1e-12,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     r"""LONDON's Lipschitz-continuity loss (the authors' released code) between the stage features of student and
     teacher, each a list of L ≥ 2 maps (B, C_i, H_i, W_i)::
 
@@ -256,14 +288,18 @@ def london_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequ
             raise ValueError(f"{name} needs at least 2 stages, got {len(features)}")
         for i, f in enumerate(features):
             if not isinstance(f, torch.Tensor) or f.dim() != 4 or not f.is_floating_point():
-                raise ValueError(f"{name}[{i}] must be a floating-point (B, C, H, W) tensor, got "
-                                 f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+                raise ValueError(
+                    f"{name}[{i}] must be a floating-point (B, C, H, W) tensor, got "
+                    f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}"
+                )
             if f.shape[0] != student_features[0].shape[0]:
-                raise ValueError(f"{name}[{i}] has batch size {f.shape[0]}, student_features[0] has "
-                                 f"{student_features[0].shape[0]}")
+                raise ValueError(
+                    f"{name}[{i}] has batch size {f.shape[0]}, student_features[0] has {student_features[0].shape[0]}"
+                )
     if len(student_features) != len(teacher_features):
-        raise ValueError(f"student_features has {len(student_features)} stages, teacher_features "
-                         f"{len(teacher_features)}")
+        raise ValueError(
+            f"student_features has {len(student_features)} stages, teacher_features {len(teacher_features)}"
+        )
     options = dict(n_iter=n_iter, init=init, eps=eps, generator=generator)
     sigma_s = reference.transmitting_singular_values(list(student_features), **options)
     sigma_t = reference.transmitting_singular_values(list(teacher_features), **options)

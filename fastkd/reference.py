@@ -3,6 +3,7 @@
 The kernels are tested against these functions, and these functions against float64 math. They favour
 clarity over speed and memory (they build several N×V temporaries), and are differentiable with autograd.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,14 +53,17 @@ def log_mixture_ratio(x: torch.Tensor, w: float) -> torch.Tensor:
         high = ~(tiny | low)  # e^x may overflow: work in log space
     tiny_value = torch.log1p(w * torch.expm1(torch.where(tiny, x, 0)))
     low_value = torch.log((1 - w) + w * torch.exp(torch.where(low, x, 0)))
-    high_value = torch.logaddexp(torch.tensor(math.log1p(-w), dtype=x.dtype, device=x.device),
-                                 math.log(w) + torch.where(high & x.isfinite(), x, 0))
+    high_value = torch.logaddexp(
+        torch.tensor(math.log1p(-w), dtype=x.dtype, device=x.device),
+        math.log(w) + torch.where(high & x.isfinite(), x, 0),
+    )
     value = torch.where(tiny, tiny_value, torch.where(low, low_value, high_value))
     return torch.where(nan, math.nan, torch.where(x == math.inf, math.inf, value))
 
 
-def kd_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float,
-                       divergence: str, beta: float) -> torch.Tensor:
+def kd_divergence_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float, divergence: str, beta: float
+) -> torch.Tensor:
     """Per-row divergence D between p_t = softmax(t/T) and p_s = softmax(s/T) of (N, V) logits, shape (N,).
 
     ``"kl"``: Σ p_t (log p_t − log p_s); ``"reverse_kl"``: Σ p_s (log p_s − log p_t);
@@ -96,9 +100,19 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -F.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
-def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], *,
-                 temperature: float, divergence: str, beta: float, ignore_index: int, ce_weight: float,
-                 kd_weight: float, scale_by_t2: bool) -> torch.Tensor:
+def kd_loss_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    ce_weight: float,
+    kd_weight: float,
+    scale_by_t2: bool,
+) -> torch.Tensor:
     """Per-row kd_loss of (N, V) logits before reduction, shape (N,), in float32 (float64 for float64 inputs).
 
     row loss = kd_weight·(T² if scale_by_t2)·D(p_t, p_s) + ce_weight·CE(softmax(s), label), where D is
@@ -126,8 +140,9 @@ def kd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     return torch.where(counted & ~in_range, math.nan, loss)
 
 
-def kd_fidelity_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], *,
-                     ignore_index: int) -> torch.Tensor:
+def kd_fidelity_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor], *, ignore_index: int
+) -> torch.Tensor:
     """Per-row fidelity metrics of (N, V) logits at temperature 1, shape (4, N), no gradient: top-1 agreement
     (argmax s = argmax t, 1 or 0), KL(p_t‖p_s), H(p_t), H(p_s); 0 at rows whose label is ``ignore_index``."""
     with torch.no_grad():
@@ -135,19 +150,30 @@ def kd_fidelity_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         s = student_logits.to(math_dtype)
         t = teacher_logits.to(math_dtype)
         log_p_s, log_p_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-        rows = torch.stack([
-            (s.argmax(-1) == t.argmax(-1)).to(math_dtype),
-            kd_divergence_rows(s, t, temperature=1.0, divergence="kl", beta=0.5),
-            -_weighted(log_p_t.exp(), log_p_t).sum(-1),
-            -_weighted(log_p_s.exp(), log_p_s).sum(-1),
-        ])
+        rows = torch.stack(
+            [
+                (s.argmax(-1) == t.argmax(-1)).to(math_dtype),
+                kd_divergence_rows(s, t, temperature=1.0, divergence="kl", beta=0.5),
+                -_weighted(log_p_t.exp(), log_p_t).sum(-1),
+                -_weighted(log_p_s.exp(), log_p_s).sum(-1),
+            ]
+        )
         if labels is not None:
             rows = torch.where(labels != ignore_index, rows, 0)
         return rows
 
 
-def dkd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-                  temperature: float, alpha: float, beta: float, ignore_index: int, ce_weight: float) -> torch.Tensor:
+def dkd_loss_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    ignore_index: int,
+    ce_weight: float,
+) -> torch.Tensor:
     """Per-row decoupled KD loss of (N, V) logits, V ≥ 2, shape (N,), float32 (float64 for float64 inputs):
     α·T²·KL(b_t‖b_s) + β·T²·KL(p̂_t‖p̂_s) + ce_weight·CE, with b = [p_gt, 1 − p_gt] and p̂ the softmax over the
     non-target classes, all from log-sum-exp with and without the target class (no log of a sum of
@@ -173,7 +199,7 @@ def dkd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
 
     log_gt_s, log_rest_s, log_hat_s = split_log_probs(s)
     log_gt_t, log_rest_t, log_hat_t = split_log_probs(t)
-    tckd = (_weighted(log_gt_t.exp(), log_gt_t - log_gt_s) + _weighted(log_rest_t.exp(), log_rest_t - log_rest_s))
+    tckd = _weighted(log_gt_t.exp(), log_gt_t - log_gt_s) + _weighted(log_rest_t.exp(), log_rest_t - log_rest_s)
     # p̂ = 0 in both at the target: 0·log(0/0) = 0
     nckd = _weighted(log_hat_t.exp(), torch.where(is_target, 0, log_hat_t - log_hat_s)).sum(-1)
     loss = temperature * temperature * (alpha * tckd + beta * nckd)
@@ -183,8 +209,9 @@ def dkd_loss_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     return torch.where(counted & ~in_range, math.nan, loss)
 
 
-def ensemble_teacher_logits(teacher_logits: torch.Tensor, weights: torch.Tensor, *, ensemble: str,
-                            temperature: float) -> torch.Tensor:
+def ensemble_teacher_logits(
+    teacher_logits: torch.Tensor, weights: torch.Tensor, *, ensemble: str, temperature: float
+) -> torch.Tensor:
     """Logits z of shape ``teacher_logits.shape[1:]`` whose softmax(z/T) is the target of K teachers
     ``teacher_logits`` (K, *, V) with weights (K,) summing to 1, float32 (float64 for float64 inputs):
 
@@ -206,8 +233,9 @@ def ensemble_teacher_logits(teacher_logits: torch.Tensor, weights: torch.Tensor,
     raise ValueError(f"unknown ensemble {ensemble!r}")
 
 
-def _topk_log_probs(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_log_probs(
+    student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_t, log p_s) over the K classes of a sparse teacher, plus the bucket of the rest with ``tail="bucket"``
     (and K < V): see :func:`kd_topk_rows`."""
     math_dtype = _math_dtype(student_logits, values)
@@ -224,8 +252,9 @@ def _topk_log_probs(student_logits: torch.Tensor, values: torch.Tensor, indices:
     return F.log_softmax(weights, dim=-1), log_p_s
 
 
-def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str,
-                 temperature: float) -> torch.Tensor:
+def kd_topk_rows(
+    student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str, temperature: float
+) -> torch.Tensor:
     """Per-row KL(p_t‖p_s) of (N, V) student logits against a sparse teacher given by its top-K entries
     ``values`` / ``indices`` (N, K), float32 (float64 for float64 inputs), before the T² and weights.
 
@@ -240,8 +269,15 @@ def kd_topk_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: to
     return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
 
 
-def kd_topk_fidelity_rows(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                          labels: Optional[torch.Tensor], *, tail: str, ignore_index: int) -> torch.Tensor:
+def kd_topk_fidelity_rows(
+    student_logits: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    tail: str,
+    ignore_index: int,
+) -> torch.Tensor:
     """The fidelity metrics of :func:`kd_fidelity_rows` against a sparse teacher, (4, N), no gradient: top-1
     agreement (argmax s = the teacher's top class, the smaller index on ties), KL(p_t‖p_s) at T = 1 and H(p_t) of
     the sparse teacher (over its K classes and, with ``tail="bucket"``, the rest as one class: a lower bound of
@@ -253,12 +289,14 @@ def kd_topk_fidelity_rows(student_logits: torch.Tensor, values: torch.Tensor, in
         v = values.to(math_dtype)
         top = torch.where(v == v.amax(-1, keepdim=True), indices, student_logits.shape[-1]).amin(-1)
         log_q = F.log_softmax(s, dim=-1)
-        rows = torch.stack([
-            (s.argmax(-1) == top).to(math_dtype),
-            _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1),
-            -_weighted(log_p_t.exp(), log_p_t).sum(-1),
-            -_weighted(log_q.exp(), log_q).sum(-1),
-        ])
+        rows = torch.stack(
+            [
+                (s.argmax(-1) == top).to(math_dtype),
+                _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1),
+                -_weighted(log_p_t.exp(), log_p_t).sum(-1),
+                -_weighted(log_q.exp(), log_q).sum(-1),
+            ]
+        )
         if labels is not None:
             rows = torch.where(labels != ignore_index, rows, 0)
         return rows
@@ -302,8 +340,9 @@ def spectral_norms(matrices: list, u: torch.Tensor, v: torch.Tensor, *, n_iter: 
     return sigma, u, v
 
 
-def transmitting_singular_values(features: list, *, n_iter: int, init: str, eps: float,
-                                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def transmitting_singular_values(
+    features: list, *, n_iter: int, init: str, eps: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """LONDON's σ_i per sample for adjacent features F_i → F_{i+1} of shape (B, C, H, W): G_i =
     pool(F_i)·F_{i+1}ᵀ/(H_{i+1}W_{i+1}) (C_i × C_{i+1}, F_i average-pooled to F_{i+1}'s size), K = G Gᵀ, and
     ``n_iter`` steps of v ← Kv/‖Kv‖ from v₀ = 1 (``init="ones"``) or v₀ ~ U(0, 1) (``"uniform"``), normalised;
@@ -318,8 +357,11 @@ def transmitting_singular_values(features: list, *, n_iter: int, init: str, eps:
         gram = pooled @ late.flatten(2).transpose(1, 2) / (size[0] * size[1])  # (B, C_i, C_{i+1})
         kernel = gram @ gram.transpose(1, 2)  # (B, C_i, C_i)
         shape = (gram.shape[0], gram.shape[1], 1)
-        vec = torch.ones(shape, dtype=dtype, device=gram.device) if init == "ones" else \
-            torch.rand(shape, generator=generator, dtype=dtype, device=gram.device)
+        vec = (
+            torch.ones(shape, dtype=dtype, device=gram.device)
+            if init == "ones"
+            else torch.rand(shape, generator=generator, dtype=dtype, device=gram.device)
+        )
         vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(eps)
         for _ in range(n_iter):
             product = kernel @ vec
@@ -329,8 +371,8 @@ def transmitting_singular_values(features: list, *, n_iter: int, init: str, eps:
     return torch.stack(sigmas)
 
 
-FEATURE_NORM_EPS = 1e-5   # standardisation: (x − mean)/sqrt(var + eps), as BatchNorm/LayerNorm
-FEATURE_L2_EPS = 1e-12    # l2: x/max(‖x‖, eps), as F.normalize
+FEATURE_NORM_EPS = 1e-5  # standardisation: (x − mean)/sqrt(var + eps), as BatchNorm/LayerNorm
+FEATURE_L2_EPS = 1e-12  # l2: x/max(‖x‖, eps), as F.normalize
 FEATURE_COSINE_EPS = 1e-8  # cosine: ⟨s, t⟩/(max(‖s‖, eps)·max(‖t‖, eps))
 
 
@@ -339,11 +381,19 @@ def _standardize(x: torch.Tensor, present: torch.Tensor, dims: tuple) -> torch.T
     already be 0 where absent."""
     count = present.sum(dims, keepdim=True).clamp_min(1)
     centered = torch.where(present, x - x.sum(dims, keepdim=True) / count, 0)
-    return centered / torch.sqrt((centered ** 2).sum(dims, keepdim=True) / count + FEATURE_NORM_EPS)
+    return centered / torch.sqrt((centered**2).sum(dims, keepdim=True) / count + FEATURE_NORM_EPS)
 
 
-def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, *, kind: str, beta: float,
-                       normalize: Optional[str], margin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_loss_terms(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kind: str,
+    beta: float,
+    normalize: Optional[str],
+    margin: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted loss terms and their weights of :func:`fastkd.feature_loss`, on features already in the
     (N, C, S) layout (channels in dim 1, the spatial/token dims flattened into S) and a float mask broadcast to
     it. Elements with mask 0 are absent: they enter no statistic and no loss. Returns ``(terms, weights)``, both
@@ -364,8 +414,9 @@ def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch
     if kind == "cosine":
         m = m[:, :1]  # the mask is constant along the channels (checked by feature_loss)
         dot = (s * t).sum(1, keepdim=True)
-        norms = s.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS) * \
-            t.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS)
+        norms = s.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS) * t.norm(dim=1, keepdim=True).clamp_min(
+            FEATURE_COSINE_EPS
+        )
         return torch.where(m != 0, m * (1 - dot / norms), 0), m
     counted = None
     if margin is not None:
@@ -374,10 +425,10 @@ def feature_loss_terms(student: torch.Tensor, teacher: torch.Tensor, mask: torch
         counted = present & ((s > t) | (t > 0))
     diff = s - t
     if kind == "mse":
-        term = diff ** 2
+        term = diff**2
     elif kind == "l1":
         term = diff.abs()
     else:  # smooth_l1
-        term = torch.where(diff.abs() < beta, 0.5 * diff ** 2 / beta, diff.abs() - 0.5 * beta)
+        term = torch.where(diff.abs() < beta, 0.5 * diff**2 / beta, diff.abs() - 0.5 * beta)
     terms = m * term  # 0 where absent: m = 0 there and the zeroed inputs keep the term finite
     return (terms if counted is None else torch.where(counted, terms, 0)), m

@@ -13,6 +13,7 @@ the training loop advances (``distiller.advance_schedules()``) once per step or 
 
 Schedules are plain picklable objects; a float is accepted wherever a schedule is (:func:`as_schedule`).
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@
 from full teacher logits. The loss's specification is :func:`fastkd.reference.kd_topk_rows`; its Triton kernels are
 ``kd_topk_forward_kernel``/``kd_topk_backward_kernel`` in :mod:`fastkd.kernels.kd`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,10 @@ class TopK:
         if not isinstance(self.indices, torch.Tensor) or self.indices.dtype not in (torch.int64, torch.int32):
             raise TypeError("TopK indices must be an int64 or int32 torch.Tensor")
         if self.values.shape != self.indices.shape or self.values.dim() == 0 or self.values.shape[-1] == 0:
-            raise ValueError(f"TopK values and indices must have the same shape (*, K) with K >= 1, got "
-                             f"{tuple(self.values.shape)} and {tuple(self.indices.shape)}")
+            raise ValueError(
+                f"TopK values and indices must have the same shape (*, K) with K >= 1, got "
+                f"{tuple(self.values.shape)} and {tuple(self.indices.shape)}"
+            )
         if self.values.device != self.indices.device:
             raise ValueError("TopK values and indices must be on the same device")
 

@@ -15,6 +15,7 @@ the teacher when asked). Elements whose mask is 0 are absent: they enter no stat
 The math is fastkd.reference.feature_loss_terms; standardisation uses biased variance and eps 1e-5, "l2" eps
 1e-12, "cosine" eps 1e-8 (as there).
 """
+
 from __future__ import annotations
 
 import torch
@@ -83,8 +84,20 @@ def _group_size(num_c, num_s, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _moments(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK: tl.constexpr,
-             GROUP: tl.constexpr, BLOCK: tl.constexpr):
+def _moments(
+    S,
+    T,
+    M,
+    group,
+    num_c,
+    num_s,
+    s_strides,
+    t_strides,
+    m_strides,
+    HAS_MASK: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Per group: count of present elements, mean and 1/sqrt(var + eps) of student and teacher (two sweeps)."""
     size = _group_size(num_c, num_s, GROUP)
     count = tl.zeros((BLOCK,), tl.float32)
@@ -114,8 +127,20 @@ def _moments(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_
 
 
 @triton.jit
-def _sums_of_squares(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK: tl.constexpr,
-                     GROUP: tl.constexpr, BLOCK: tl.constexpr):
+def _sums_of_squares(
+    S,
+    T,
+    M,
+    group,
+    num_c,
+    num_s,
+    s_strides,
+    t_strides,
+    m_strides,
+    HAS_MASK: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Per group: Σ s², Σ t², Σ s·t over the present elements (one sweep)."""
     size = _group_size(num_c, num_s, GROUP)
     ss = tl.zeros((BLOCK,), tl.float32)
@@ -153,8 +178,25 @@ def _loss_gradient(ys, yt, m, counted, scale, beta, KIND: tl.constexpr):
 
 
 @triton.jit
-def _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides, m_strides, shift_s, shift_t, scale_s,
-                     scale_t, HAS_MASK: tl.constexpr, HAS_MARGIN: tl.constexpr):
+def _normalized_pair(
+    S,
+    T,
+    M,
+    MARGIN,
+    n,
+    c,
+    s,
+    inside,
+    s_strides,
+    t_strides,
+    m_strides,
+    shift_s,
+    shift_t,
+    scale_s,
+    scale_t,
+    HAS_MASK: tl.constexpr,
+    HAS_MARGIN: tl.constexpr,
+):
     """Mask weight, normalised student and teacher ((x − shift)·scale), and whether each element counts."""
     m = _mask(M, n, c, s, m_strides, inside, HAS_MASK)
     ys = (_load(S, n, c, s, s_strides, inside) - shift_s) * scale_s
@@ -170,48 +212,103 @@ def _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides, m_s
 
 
 @triton.jit
-def _group_normalizers(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK: tl.constexpr,
-                       GROUP: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _group_normalizers(
+    S,
+    T,
+    M,
+    group,
+    num_c,
+    num_s,
+    s_strides,
+    t_strides,
+    m_strides,
+    HAS_MASK: tl.constexpr,
+    GROUP: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """(count, shift_s, shift_t, scale_s, scale_t, ‖s‖, ‖t‖): y = (x − shift)·scale for each side."""
     zero = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
     count, shift_s, shift_t, scale_s, scale_t, norm_s, norm_t = zero, zero, zero, zero + 1.0, zero + 1.0, zero, zero
     if NORMALIZE == STANDARDIZE:
-        count, shift_s, shift_t, scale_s, scale_t = _moments(S, T, M, group, num_c, num_s, s_strides, t_strides,
-                                                             m_strides, HAS_MASK, GROUP, BLOCK)
+        count, shift_s, shift_t, scale_s, scale_t = _moments(
+            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
+        )
     elif NORMALIZE == L2:
-        ss, tt, _ = _sums_of_squares(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK,
-                                     GROUP, BLOCK)
+        ss, tt, _ = _sums_of_squares(
+            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
+        )
         norm_s, norm_t = tl.sqrt(ss), tl.sqrt(tt)
         scale_s, scale_t = 1.0 / tl.maximum(norm_s, L2_EPS), 1.0 / tl.maximum(norm_t, L2_EPS)
     return count, shift_s, shift_t, scale_s, scale_t, norm_s, norm_t
 
 
 @triton.jit
-def feature_forward_kernel(S, T, M, MARGIN, TERMS, WEIGHTS, num_c, num_s,
-                           s_n, s_c, s_s, t_n, t_c, t_s, m_n, m_c, m_s, beta,
-                           KIND: tl.constexpr, NORMALIZE: tl.constexpr, GROUP: tl.constexpr, HAS_MASK: tl.constexpr,
-                           HAS_MARGIN: tl.constexpr, BLOCK: tl.constexpr):
+def feature_forward_kernel(
+    S,
+    T,
+    M,
+    MARGIN,
+    TERMS,
+    WEIGHTS,
+    num_c,
+    num_s,
+    s_n,
+    s_c,
+    s_s,
+    t_n,
+    t_c,
+    t_s,
+    m_n,
+    m_c,
+    m_s,
+    beta,
+    KIND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_MARGIN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     group = tl.program_id(0).to(tl.int64)
     s_strides, t_strides, m_strides = (s_n, s_c, s_s), (t_n, t_c, t_s), (m_n, m_c, m_s)
     if KIND == COSINE:  # cosine over the C channels of one position (GROUP_POSITION); the mask is constant along them
-        ss, tt, st = _sums_of_squares(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK,
-                                      GROUP, BLOCK)
+        ss, tt, st = _sums_of_squares(
+            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
+        )
         n, c, s, inside = _element_offsets(group, 0, num_c, num_s, BLOCK, GROUP)
         m = tl.sum(_mask(M, n, c, s, m_strides, inside & (c == 0), HAS_MASK), 0)  # the mask at c = 0
         cosine = st / (tl.maximum(tl.sqrt(ss), COSINE_EPS) * tl.maximum(tl.sqrt(tt), COSINE_EPS))
         tl.store(TERMS + group, tl.where(m != 0, m * (1.0 - cosine), 0.0))
         tl.store(WEIGHTS + group, m)
     else:
-        normalizers = _group_normalizers(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK,
-                                         GROUP, NORMALIZE, BLOCK)
+        normalizers = _group_normalizers(
+            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, NORMALIZE, BLOCK
+        )
         shift_s, shift_t, scale_s, scale_t = normalizers[1], normalizers[2], normalizers[3], normalizers[4]
         terms = tl.zeros((BLOCK,), tl.float32)
         weights = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, _group_size(num_c, num_s, GROUP), BLOCK):
             n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
-            m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides,
-                                                           m_strides, shift_s, shift_t, scale_s, scale_t, HAS_MASK,
-                                                           HAS_MARGIN)
+            m, ys, yt, counted, clipped = _normalized_pair(
+                S,
+                T,
+                M,
+                MARGIN,
+                n,
+                c,
+                s,
+                inside,
+                s_strides,
+                t_strides,
+                m_strides,
+                shift_s,
+                shift_t,
+                scale_s,
+                scale_t,
+                HAS_MASK,
+                HAS_MARGIN,
+            )
             term, slope = _term_and_slope(ys - yt, beta, KIND)
             terms += tl.where(counted, m * term, 0.0)
             weights += m
@@ -220,19 +317,49 @@ def feature_forward_kernel(S, T, M, MARGIN, TERMS, WEIGHTS, num_c, num_s,
 
 
 @triton.jit
-def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s,
-                            s_n, s_c, s_s, t_n, t_c, t_s, m_n, m_c, m_s, gs_n, gs_c, gs_s, gt_n, gt_c, gt_s, beta,
-                            KIND: tl.constexpr, NORMALIZE: tl.constexpr, GROUP: tl.constexpr,
-                            HAS_MASK: tl.constexpr, HAS_MARGIN: tl.constexpr, TEACHER_GRAD: tl.constexpr,
-                            BLOCK: tl.constexpr):
+def feature_backward_kernel(
+    S,
+    T,
+    M,
+    MARGIN,
+    SCALE,
+    GRAD_S,
+    GRAD_T,
+    num_c,
+    num_s,
+    s_n,
+    s_c,
+    s_s,
+    t_n,
+    t_c,
+    t_s,
+    m_n,
+    m_c,
+    m_s,
+    gs_n,
+    gs_c,
+    gs_s,
+    gt_n,
+    gt_c,
+    gt_s,
+    beta,
+    KIND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_MARGIN: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     group = tl.program_id(0).to(tl.int64)
     s_strides, t_strides, m_strides = (s_n, s_c, s_s), (t_n, t_c, t_s), (m_n, m_c, m_s)
     gs_strides, gt_strides = (gs_n, gs_c, gs_s), (gt_n, gt_c, gt_s)
     scale = tl.load(SCALE).to(tl.float32)
     size = _group_size(num_c, num_s, GROUP)
     if KIND == COSINE:
-        ss, tt, st = _sums_of_squares(S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK,
-                                      GROUP, BLOCK)
+        ss, tt, st = _sums_of_squares(
+            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
+        )
         n, c, s, inside = _element_offsets(group, 0, num_c, num_s, BLOCK, GROUP)
         m = tl.sum(_mask(M, n, c, s, m_strides, inside & (c == 0), HAS_MASK), 0)  # the mask at c = 0
         norm_s, norm_t = tl.sqrt(ss), tl.sqrt(tt)
@@ -246,15 +373,22 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
             xs = _load(S, n, c, s, s_strides, inside)
             xt = _load(T, n, c, s, t_strides, inside)
             grad_s = tl.where(weight != 0, weight * (coef_s * xs - xt / (a * b)), 0.0)  # masked out: 0, even for NaN
-            tl.store(GRAD_S + n * gs_strides[0] + c * gs_strides[1] + s * gs_strides[2],
-                     grad_s.to(GRAD_S.dtype.element_ty), mask=inside)
+            tl.store(
+                GRAD_S + n * gs_strides[0] + c * gs_strides[1] + s * gs_strides[2],
+                grad_s.to(GRAD_S.dtype.element_ty),
+                mask=inside,
+            )
             if TEACHER_GRAD:
                 grad_t = tl.where(weight != 0, weight * (coef_t * xt - xs / (a * b)), 0.0)
-                tl.store(GRAD_T + n * gt_strides[0] + c * gt_strides[1] + s * gt_strides[2],
-                         grad_t.to(GRAD_T.dtype.element_ty), mask=inside)
+                tl.store(
+                    GRAD_T + n * gt_strides[0] + c * gt_strides[1] + s * gt_strides[2],
+                    grad_t.to(GRAD_T.dtype.element_ty),
+                    mask=inside,
+                )
     else:
         count, shift_s, shift_t, scale_s, scale_t, norm_s, norm_t = _group_normalizers(
-            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, NORMALIZE, BLOCK)
+            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, NORMALIZE, BLOCK
+        )
         # the gradient g_y of the loss w.r.t. the normalised values, then back through the normalisation:
         #   standardised y = (x − μ)·r:  ∂/∂x = r·(g_y − mean(g_y) − y·mean(g_y·y))   (over present elements)
         #   l2 y = x·r, r = 1/max(‖x‖, eps):  ∂/∂x = r·(g_y − y·⟨y, g_y⟩) where ‖x‖ > eps, else r·g_y
@@ -265,9 +399,25 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
         if NORMALIZE != NO_NORMALIZE:
             for start in range(0, size, BLOCK):
                 n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
-                m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides,
-                                                               t_strides, m_strides, shift_s, shift_t, scale_s,
-                                                               scale_t, HAS_MASK, HAS_MARGIN)
+                m, ys, yt, counted, clipped = _normalized_pair(
+                    S,
+                    T,
+                    M,
+                    MARGIN,
+                    n,
+                    c,
+                    s,
+                    inside,
+                    s_strides,
+                    t_strides,
+                    m_strides,
+                    shift_s,
+                    shift_t,
+                    scale_s,
+                    scale_t,
+                    HAS_MASK,
+                    HAS_MARGIN,
+                )
                 g = _loss_gradient(ys, yt, m, counted, scale, beta, KIND)
                 present = m != 0
                 sum_gs += tl.where(present, g, 0.0)
@@ -280,9 +430,25 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
         dot_s, dot_t = tl.sum(sum_gys, 0), tl.sum(sum_gyt, 0)
         for start in range(0, size, BLOCK):
             n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
-            m, ys, yt, counted, clipped = _normalized_pair(S, T, M, MARGIN, n, c, s, inside, s_strides, t_strides,
-                                                           m_strides, shift_s, shift_t, scale_s, scale_t, HAS_MASK,
-                                                           HAS_MARGIN)
+            m, ys, yt, counted, clipped = _normalized_pair(
+                S,
+                T,
+                M,
+                MARGIN,
+                n,
+                c,
+                s,
+                inside,
+                s_strides,
+                t_strides,
+                m_strides,
+                shift_s,
+                shift_t,
+                scale_s,
+                scale_t,
+                HAS_MASK,
+                HAS_MARGIN,
+            )
             g = _loss_gradient(ys, yt, m, counted, scale, beta, KIND)
             present = m != 0
             if NORMALIZE == STANDARDIZE:
@@ -294,11 +460,17 @@ def feature_backward_kernel(S, T, M, MARGIN, SCALE, GRAD_S, GRAD_T, num_c, num_s
             else:
                 grad_s = g
                 grad_t = tl.where(clipped, 0.0, -g)  # the margin, not t, sets the target there
-            tl.store(GRAD_S + n * gs_strides[0] + c * gs_strides[1] + s * gs_strides[2],
-                     tl.where(present, grad_s, 0.0).to(GRAD_S.dtype.element_ty), mask=inside)
+            tl.store(
+                GRAD_S + n * gs_strides[0] + c * gs_strides[1] + s * gs_strides[2],
+                tl.where(present, grad_s, 0.0).to(GRAD_S.dtype.element_ty),
+                mask=inside,
+            )
             if TEACHER_GRAD:
-                tl.store(GRAD_T + n * gt_strides[0] + c * gt_strides[1] + s * gt_strides[2],
-                         tl.where(present, grad_t, 0.0).to(GRAD_T.dtype.element_ty), mask=inside)
+                tl.store(
+                    GRAD_T + n * gt_strides[0] + c * gt_strides[1] + s * gt_strides[2],
+                    tl.where(present, grad_t, 0.0).to(GRAD_T.dtype.element_ty),
+                    mask=inside,
+                )
 
 
 def _grid_and_block(num_n: int, num_c: int, num_s: int, group: int) -> tuple[int, int]:
@@ -310,13 +482,20 @@ def _grid_and_block(num_n: int, num_c: int, num_s: int, group: int) -> tuple[int
 def _common(student, teacher, mask, margin, *, kind, normalize, group, beta):
     num_n, num_c, num_s = student.shape
     mask_arg = mask if mask is not None else student
-    return dict(args=(student, teacher, mask_arg, margin.contiguous() if margin is not None else student),
-                sizes=(num_c, num_s),
-                strides=(*student.stride(), *teacher.stride(), *(mask.stride() if mask is not None else (0, 0, 0))),
-                beta=beta,
-                constexprs=dict(KIND=int(FeatureKind.of(kind)), NORMALIZE=int(FeatureNormalize.of(normalize)),
-                                GROUP=group, HAS_MASK=mask is not None, HAS_MARGIN=margin is not None),
-                grid_block=_grid_and_block(num_n, num_c, num_s, group))
+    return dict(
+        args=(student, teacher, mask_arg, margin.contiguous() if margin is not None else student),
+        sizes=(num_c, num_s),
+        strides=(*student.stride(), *teacher.stride(), *(mask.stride() if mask is not None else (0, 0, 0))),
+        beta=beta,
+        constexprs=dict(
+            KIND=int(FeatureKind.of(kind)),
+            NORMALIZE=int(FeatureNormalize.of(normalize)),
+            GROUP=group,
+            HAS_MASK=mask is not None,
+            HAS_MARGIN=margin is not None,
+        ),
+        grid_block=_grid_and_block(num_n, num_c, num_s, group),
+    )
 
 
 def feature_forward(student, teacher, mask, margin, *, kind, normalize, group, beta):
@@ -327,8 +506,9 @@ def feature_forward(student, teacher, mask, margin, *, kind, normalize, group, b
     terms = torch.empty(groups, dtype=torch.float32, device=student.device)
     weights = torch.empty(groups, dtype=torch.float32, device=student.device)
     if groups:
-        feature_forward_kernel[(groups,)](*c["args"], terms, weights, *c["sizes"], *c["strides"], c["beta"],
-                                          BLOCK=block, **c["constexprs"])
+        feature_forward_kernel[(groups,)](
+            *c["args"], terms, weights, *c["sizes"], *c["strides"], c["beta"], BLOCK=block, **c["constexprs"]
+        )
     return terms, weights
 
 
@@ -341,7 +521,18 @@ def feature_backward(scale, student, teacher, mask, margin, *, kind, normalize, 
     grad_t = torch.empty_like(teacher) if teacher_grad else torch.empty(0, dtype=teacher.dtype, device=teacher.device)
     grad_t_strides = grad_t.stride() if teacher_grad else (0, 0, 0)
     if groups:
-        feature_backward_kernel[(groups,)](*c["args"], scale, grad_s, grad_t if teacher_grad else grad_s,
-                                           *c["sizes"], *c["strides"], *grad_s.stride(), *grad_t_strides, c["beta"],
-                                           TEACHER_GRAD=teacher_grad, BLOCK=block, **c["constexprs"])
+        feature_backward_kernel[(groups,)](
+            *c["args"],
+            scale,
+            grad_s,
+            grad_t if teacher_grad else grad_s,
+            *c["sizes"],
+            *c["strides"],
+            *grad_s.stride(),
+            *grad_t_strides,
+            c["beta"],
+            TEACHER_GRAD=teacher_grad,
+            BLOCK=block,
+            **c["constexprs"],
+        )
     return grad_s, grad_t

@@ -20,14 +20,26 @@ Each kernel reads top to bottom as: the row's state, a sweep whose block updates
 (:func:`_kd_block`, :func:`_metrics_block`), the row's result (:func:`_kd_result`), the stores. Modes are the
 ``tl.constexpr`` aliases below of the codes in :mod:`fastkd.kernel_args`.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernel_args import (NUM_METRICS, NUM_STATS, Divergence, Ensemble, KDOptions, Metric, Stat, TopKOptions,
-                                TopKStat, kd_scalars, stats_rows)
+from fastkd.kernel_args import (
+    NUM_METRICS,
+    NUM_STATS,
+    Divergence,
+    Ensemble,
+    KDOptions,
+    Metric,
+    Stat,
+    TopKOptions,
+    TopKStat,
+    kd_scalars,
+    stats_rows,
+)
 
 # the codes and slots of fastkd.kernel_args, as constants of the kernels
 KL = tl.constexpr(int(Divergence.KL))
@@ -93,8 +105,9 @@ def _log1p(y):
 def _expm1(x):
     """eˣ − 1, exact to rounding also for tiny x (Kahan's trick)."""
     u = tl.exp(x)
-    return tl.where(u == 1.0, x, tl.where((u - 1.0 == -1.0) | (u == float("inf")), u - 1.0,
-                                          (u - 1.0) * (x / tl.log(u))))
+    return tl.where(
+        u == 1.0, x, tl.where((u - 1.0 == -1.0) | (u == float("inf")), u - 1.0, (u - 1.0) * (x / tl.log(u)))
+    )
 
 
 @triton.jit
@@ -110,8 +123,7 @@ def _log_mixture_ratio(x, w, one_minus_w, log_w, log_one_minus_w):
 
 
 @triton.jit
-def _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
-                    INTERIOR_BETA: tl.constexpr):
+def _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta, INTERIOR_BETA: tl.constexpr):
     """(log p_t/m, log p_s/m) for m = β p_t + (1−β) p_s. At β = 0 or 1 (INTERIOR_BETA false) m equals the
     distribution whose term keeps a non-zero weight, and both come back as 0."""
     d = log_p_t - log_p_s
@@ -160,13 +172,25 @@ def _load_block(row_ptr, cols, stride_col, in_row):
 def _load_teachers(teacher_row, stride_t_teacher, teachers, teacher_ok, cols, stride_t_col, in_row):
     """One block of every teacher's row, (TEACHERS, BLOCK) float32, −inf past the row's end and on padding rows."""
     offsets = teachers[:, None].to(tl.int64) * stride_t_teacher + cols[None, :].to(tl.int64) * stride_t_col
-    return tl.load(teacher_row + offsets, mask=teacher_ok[:, None] & in_row[None, :],
-                   other=float("-inf")).to(tl.float32)
+    return tl.load(teacher_row + offsets, mask=teacher_ok[:, None] & in_row[None, :], other=float("-inf")).to(
+        tl.float32
+    )
 
 
 @triton.jit
-def _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, shift, coef,
-                   scale, ENSEMBLE: tl.constexpr):
+def _teacher_block(
+    teacher_row,
+    stride_t_teacher,
+    cols,
+    stride_t_col,
+    in_row,
+    teachers,
+    teacher_ok,
+    shift,
+    coef,
+    scale,
+    ENSEMBLE: tl.constexpr,
+):
     """One block of the teacher's logits times ``scale``, −inf past the row's end. One teacher (ONE_TEACHER): its
     logits. The logit ensemble (LOGIT, coef_k = w_k): Σ_k w_k t_k over the teachers that are ok. The prob
     ensemble (PROB, from the pre-pass: shift_k = max of scale·t_k, coef_k = log Σ exp(scale·t_k − shift_k) − log w_k,
@@ -192,9 +216,24 @@ def _online_row_logsumexp(m, total, x):
 
 
 @triton.jit
-def _ensemble_coefficients(TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers,
-                           inv_temperature, STATS, num_rows, FORWARD: tl.constexpr, HAS_METRICS: tl.constexpr,
-                           ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr, BLOCK: tl.constexpr):
+def _ensemble_coefficients(
+    TEACHER,
+    WEIGHTS,
+    row,
+    stride_t_row,
+    stride_t_teacher,
+    stride_t_col,
+    n_cols,
+    num_teachers,
+    inv_temperature,
+    STATS,
+    num_rows,
+    FORWARD: tl.constexpr,
+    HAS_METRICS: tl.constexpr,
+    ENSEMBLE: tl.constexpr,
+    TEACHERS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """(teachers, teacher_ok, shift and coef at T, shift and coef at T = 1) of :func:`_teacher_block` for one row.
     A teacher of weight 0 is not ok, like the padding lanes: it enters no computation (its row may be all −inf).
     The prob ensemble needs each teacher's max and log-sum: the forward sweeps the K rows once for them (also at
@@ -214,8 +253,14 @@ def _ensemble_coefficients(TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher
     log_sum_stats = max_stats + num_teachers * num_rows
     if not FORWARD:
         shift = tl.load(max_stats, mask=teacher_ok, other=0.0)
-        return teachers, teacher_ok, shift, tl.load(log_sum_stats, mask=teacher_ok, other=0.0) - log_weights, \
-            unused, unused
+        return (
+            teachers,
+            teacher_ok,
+            shift,
+            tl.load(log_sum_stats, mask=teacher_ok, other=0.0) - log_weights,
+            unused,
+            unused,
+        )
     teacher_row = TEACHER + row * stride_t_row
     m = tl.full((TEACHERS,), float("-inf"), tl.float32)
     total = tl.zeros((TEACHERS,), dtype=tl.float32)
@@ -292,6 +337,7 @@ def _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS: tl.const
 # block updates of the forward sweep, one helper per state
 # ------------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _kd_block(m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb, a, b, DIVERGENCE: tl.constexpr):
     """Folds block (a, b) at T into the divergence's running state: the maxima m_a, m_b and the sums of
@@ -317,16 +363,18 @@ def _kd_block(m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb, a, b, DIVERGENCE: tl.
 
 
 @triton.jit
-def _metrics_block(m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax_t, x_s, x_t, start, m_1, sum_1,
-                   shift_1, scale_1, e_1):
+def _metrics_block(
+    m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax_t, x_s, x_t, start, m_1, sum_1, shift_1, scale_1, e_1
+):
     """Folds block (x_s, x_t) at T = 1 into the fidelity metrics' running state: the teacher's max and sum, the
     KL(p_t‖p_s) bracket sum w_1, Σ e·(x − m) of each (the entropies) and the first argmaxes. m_1, sum_1: the
     student's max and sum before this block; shift_1, scale_1, e_1: its rebasing for this block (_rebased)."""
     new_m_t1, shift_t1, scale_t1, e_t1 = _rebased(m_t1, x_t)
     moved_1 = shift_1 - _finite_or_zero(m_1)
     moved_t1 = shift_t1 - _finite_or_zero(m_t1)
-    w_1 = _recentred(w_1, scale_t1, moved_t1 - moved_1, sum_t1) + \
-        tl.sum(_weighted(e_t1, (x_t - shift_t1) - (x_s - shift_1)), axis=0)
+    w_1 = _recentred(w_1, scale_t1, moved_t1 - moved_1, sum_t1) + tl.sum(
+        _weighted(e_t1, (x_t - shift_t1) - (x_s - shift_1)), axis=0
+    )
     u_s = _recentred(u_s, scale_1, moved_1, sum_1) + tl.sum(_weighted(e_1, x_s - shift_1), axis=0)
     u_t = _recentred(u_t, scale_t1, moved_t1, sum_t1) + tl.sum(_weighted(e_t1, x_t - shift_t1), axis=0)
     sum_t1 = sum_t1 * scale_t1 + tl.sum(e_t1, axis=0)
@@ -336,10 +384,31 @@ def _metrics_block(m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax
 
 
 @triton.jit
-def _jsd_sweep(student_row, stride_s_col, teacher_row, stride_t_col, stride_t_teacher, teachers, teacher_ok,
-               t_shift, t_coef, n_cols, V, inv_temperature, m_a, log_sum_a, m_b, log_sum_b, beta, one_minus_beta,
-               log_beta, log_one_minus_beta, INTERIOR_BETA: tl.constexpr, ENSEMBLE: tl.constexpr,
-               BLOCK: tl.constexpr):
+def _jsd_sweep(
+    student_row,
+    stride_s_col,
+    teacher_row,
+    stride_t_col,
+    stride_t_teacher,
+    teachers,
+    teacher_ok,
+    t_shift,
+    t_coef,
+    n_cols,
+    V,
+    inv_temperature,
+    m_a,
+    log_sum_a,
+    m_b,
+    log_sum_b,
+    beta,
+    one_minus_beta,
+    log_beta,
+    log_one_minus_beta,
+    INTERIOR_BETA: tl.constexpr,
+    ENSEMBLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """The generalized JSD's second sweep (m = β p_t + (1 − β) p_s needs both normalisers): (KL(p_t‖m), KL(p_s‖m))."""
     d0 = 0.0
     d1 = 0.0
@@ -347,20 +416,45 @@ def _jsd_sweep(student_row, stride_s_col, teacher_row, stride_t_col, stride_t_te
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
         x_s = _load_block(student_row, cols, stride_s_col, in_row)
-        b = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok, t_shift,
-                           t_coef, inv_temperature, ENSEMBLE)
+        b = _teacher_block(
+            teacher_row,
+            stride_t_teacher,
+            cols,
+            stride_t_col,
+            in_row,
+            teachers,
+            teacher_ok,
+            t_shift,
+            t_coef,
+            inv_temperature,
+            ENSEMBLE,
+        )
         log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
         log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
-        r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
-                                   INTERIOR_BETA)
+        r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta, INTERIOR_BETA)
         d0 += tl.sum(_weighted(tl.exp(log_p_t), r_t), axis=0)
         d1 += tl.sum(_weighted(tl.exp(log_p_s), r_s), axis=0)
     return d0, d1
 
 
 @triton.jit
-def _dkd_result(student_row, stride_s_col, teacher_row, stride_t_col, label, label_valid, inv_temperature, m_a,
-                log_sum_a, m_b, log_sum_b, w, sum_b, alpha, beta):
+def _dkd_result(
+    student_row,
+    stride_s_col,
+    teacher_row,
+    stride_t_col,
+    label,
+    label_valid,
+    inv_temperature,
+    m_a,
+    log_sum_a,
+    m_b,
+    log_sum_b,
+    w,
+    sum_b,
+    alpha,
+    beta,
+):
     """(NCKD, p_t,gt − p_s,gt, α·TCKD + β·NCKD) of a row from the non-target sums, with b = [p_gt, 1 − p_gt] from
     the target logit and the non-target log-sum-exp (log p_gt = −softplus(−gap), never a log of a difference)."""
     nckd = w / sum_b - log_sum_b + log_sum_a
@@ -378,19 +472,41 @@ def _dkd_result(student_row, stride_s_col, teacher_row, stride_t_col, label, lab
 # one teacher, or an ensemble read in place
 # ------------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def kd_forward_kernel(
-    STUDENT, TEACHER,  # logits (N, V); the teacher (N, V), or (K, N, V) with an ensemble
+    STUDENT,
+    TEACHER,  # logits (N, V); the teacher (N, V), or (K, N, V) with an ensemble
     WEIGHTS,  # (K,) float32 ensemble weights summing to 1 (unused with one teacher)
     LABELS,  # (N,) int labels through stride_labels (unused without HAS_LABELS)
-    LOSS, STATS, METRICS,  # outputs: (N,) row losses, (stats_rows, N) statistics (Stat), (NUM_METRICS, N) metrics
-    V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, stride_labels, num_rows,
+    LOSS,
+    STATS,
+    METRICS,  # outputs: (N,) row losses, (stats_rows, N) statistics (Stat), (NUM_METRICS, N) metrics
+    V,
+    stride_s_row,
+    stride_s_col,
+    stride_t_teacher,
+    stride_t_row,
+    stride_t_col,
+    stride_labels,
+    num_rows,
     num_teachers,
-    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta,  # 1/T; the JSD's (or DKD's NCKD) weight
-    ignore_index, ce_weight, kd_scale, alpha,  # kd_scale: the divergence's factor; alpha: DKD's TCKD weight
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
+    inv_temperature,
+    beta,
+    one_minus_beta,
+    log_beta,
+    log_one_minus_beta,  # 1/T; the JSD's (or DKD's NCKD) weight
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    alpha,  # kd_scale: the divergence's factor; alpha: DKD's TCKD weight
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_KD: tl.constexpr,
     INTERIOR_BETA: tl.constexpr,  # 0 < beta < 1 (the JSD's log ratios are 0 at its ends)
-    HAS_METRICS: tl.constexpr, ENSEMBLE: tl.constexpr,
+    HAS_METRICS: tl.constexpr,
+    ENSEMBLE: tl.constexpr,
     TEACHERS: tl.constexpr,  # num_teachers rounded up to a power of 2
     BLOCK: tl.constexpr,
 ):
@@ -402,8 +518,23 @@ def kd_forward_kernel(
     teacher_row = TEACHER + row * stride_t_row
     n_cols = tl.where(counted, V, 0)  # ignored rows skip the sweep entirely
     teachers, teacher_ok, t_shift, t_coef, t_shift_1, t_coef_1 = _ensemble_coefficients(
-        TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, n_cols, num_teachers, inv_temperature,
-        STATS, num_rows, True, HAS_METRICS, ENSEMBLE, TEACHERS, BLOCK)
+        TEACHER,
+        WEIGHTS,
+        row,
+        stride_t_row,
+        stride_t_teacher,
+        stride_t_col,
+        n_cols,
+        num_teachers,
+        inv_temperature,
+        STATS,
+        num_rows,
+        True,
+        HAS_METRICS,
+        ENSEMBLE,
+        TEACHERS,
+        BLOCK,
+    )
     # at T: maxima, sums of exponentials and the divergence's accumulators (see _kd_block)
     m_a = float("-inf")
     m_b = float("-inf")
@@ -431,28 +562,78 @@ def kd_forward_kernel(
         x_s = _load_block(student_row, cols, stride_s_col, in_row)
         if ENSEMBLE == PROB:  # the mean distribution's logits at T and at T = 1 are not proportional
             if HAS_METRICS:
-                x_t = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers,
-                                     teacher_ok, t_shift_1, t_coef_1, 1.0, ENSEMBLE)
+                x_t = _teacher_block(
+                    teacher_row,
+                    stride_t_teacher,
+                    cols,
+                    stride_t_col,
+                    in_row,
+                    teachers,
+                    teacher_ok,
+                    t_shift_1,
+                    t_coef_1,
+                    1.0,
+                    ENSEMBLE,
+                )
             if HAS_KD:
-                b = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
-                                   t_shift, t_coef, inv_temperature, ENSEMBLE)
+                b = _teacher_block(
+                    teacher_row,
+                    stride_t_teacher,
+                    cols,
+                    stride_t_col,
+                    in_row,
+                    teachers,
+                    teacher_ok,
+                    t_shift,
+                    t_coef,
+                    inv_temperature,
+                    ENSEMBLE,
+                )
         elif HAS_KD or HAS_METRICS:
-            x_t = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
-                                 t_shift, t_coef, 1.0, ENSEMBLE)
+            x_t = _teacher_block(
+                teacher_row,
+                stride_t_teacher,
+                cols,
+                stride_t_col,
+                in_row,
+                teachers,
+                teacher_ok,
+                t_shift,
+                t_coef,
+                1.0,
+                ENSEMBLE,
+            )
             b = x_t * inv_temperature
         if HAS_KD:
             a = x_s * inv_temperature
             if DIVERGENCE == DKD:  # the sums and w cover the non-target classes only
                 a = tl.where(cols == label, float("-inf"), a)
                 b = tl.where(cols == label, float("-inf"), b)
-            m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb = _kd_block(m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb, a, b,
-                                                                    DIVERGENCE)
+            m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb = _kd_block(
+                m_a, m_b, sum_a, sum_b, w, s_ab, s_aa, s_bb, a, b, DIVERGENCE
+            )
         if HAS_CE or HAS_METRICS:
             new_m_1, shift_1, scale_1, e_1 = _rebased(m_1, x_s)
             if HAS_METRICS:
                 m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax_t = _metrics_block(
-                    m_t1, sum_t1, w_1, u_s, u_t, best_s, best_t, argmax_s, argmax_t, x_s, x_t, start, m_1, sum_1,
-                    shift_1, scale_1, e_1)
+                    m_t1,
+                    sum_t1,
+                    w_1,
+                    u_s,
+                    u_t,
+                    best_s,
+                    best_t,
+                    argmax_s,
+                    argmax_t,
+                    x_s,
+                    x_t,
+                    start,
+                    m_1,
+                    sum_1,
+                    shift_1,
+                    scale_1,
+                    e_1,
+                )
             sum_1 = sum_1 * scale_1 + tl.sum(e_1, axis=0)
             m_1 = new_m_1
 
@@ -470,10 +651,31 @@ def kd_forward_kernel(
             d0 = w / sum_a - log_sum_a + log_sum_b
             kd_loss = d0
         elif DIVERGENCE == JSD:
-            d0, d1 = _jsd_sweep(student_row, stride_s_col, teacher_row, stride_t_col, stride_t_teacher, teachers,
-                                teacher_ok, t_shift, t_coef, n_cols, V, inv_temperature, m_a, log_sum_a, m_b,
-                                log_sum_b, beta, one_minus_beta, log_beta, log_one_minus_beta, INTERIOR_BETA,
-                                ENSEMBLE, BLOCK)
+            d0, d1 = _jsd_sweep(
+                student_row,
+                stride_s_col,
+                teacher_row,
+                stride_t_col,
+                stride_t_teacher,
+                teachers,
+                teacher_ok,
+                t_shift,
+                t_coef,
+                n_cols,
+                V,
+                inv_temperature,
+                m_a,
+                log_sum_a,
+                m_b,
+                log_sum_b,
+                beta,
+                one_minus_beta,
+                log_beta,
+                log_one_minus_beta,
+                INTERIOR_BETA,
+                ENSEMBLE,
+                BLOCK,
+            )
             kd_loss = beta * d0 + one_minus_beta * d1
         elif DIVERGENCE == COSINE:
             log_sum_a = 0.5 * tl.log(s_aa)  # stored in place of the log-sums: the backward needs ‖p‖, not Σp
@@ -481,9 +683,23 @@ def kd_forward_kernel(
             d0 = s_ab / tl.sqrt(s_aa * s_bb)
             kd_loss = 1.0 - d0
         elif DIVERGENCE == DKD:
-            d0, d1, kd_loss = _dkd_result(student_row, stride_s_col, teacher_row, stride_t_col, label,
-                                          counted & label_ok, inv_temperature, m_a, log_sum_a, m_b, log_sum_b, w,
-                                          sum_b, alpha, beta)
+            d0, d1, kd_loss = _dkd_result(
+                student_row,
+                stride_s_col,
+                teacher_row,
+                stride_t_col,
+                label,
+                counted & label_ok,
+                inv_temperature,
+                m_a,
+                log_sum_a,
+                m_b,
+                log_sum_b,
+                w,
+                sum_b,
+                alpha,
+                beta,
+            )
         else:
             tl.static_assert(False, "unknown divergence code")
     loss = kd_scale * kd_loss
@@ -507,8 +723,21 @@ def kd_forward_kernel(
 
 
 @triton.jit
-def _kd_gradients(log_p_s, log_p_t, is_target, d0, d1, kd_factor, beta, one_minus_beta, log_beta,
-                  log_one_minus_beta, alpha, DIVERGENCE: tl.constexpr, INTERIOR_BETA: tl.constexpr):
+def _kd_gradients(
+    log_p_s,
+    log_p_t,
+    is_target,
+    d0,
+    d1,
+    kd_factor,
+    beta,
+    one_minus_beta,
+    log_beta,
+    log_one_minus_beta,
+    alpha,
+    DIVERGENCE: tl.constexpr,
+    INTERIOR_BETA: tl.constexpr,
+):
     """(∂/∂s, ∂/∂t) of kd_factor·D for one block, from the row's log-probabilities at T and its statistics d0, d1
     (Stat slots). For dkd the probabilities are p̂ (−inf at the target) and there is no teacher gradient; for
     cosine they are the unit vectors p/‖p‖."""
@@ -521,8 +750,7 @@ def _kd_gradients(log_p_s, log_p_t, is_target, d0, d1, kd_factor, beta, one_minu
         grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d0)
         grad_t = kd_factor * (p_t - p_s)
     elif DIVERGENCE == JSD:  # ∂JSD/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b = β p_t (log p_t/m − KL(p_t‖m))
-        r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta,
-                                   INTERIOR_BETA)
+        r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta, INTERIOR_BETA)
         grad_s = (kd_factor * one_minus_beta) * _weighted(p_s, r_s - d1)
         grad_t = (kd_factor * beta) * _weighted(p_t, r_t - d0)
     elif DIVERGENCE == COSINE:  # ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s), likewise ∂/∂b
@@ -538,15 +766,41 @@ def _kd_gradients(log_p_s, log_p_t, is_target, d0, d1, kd_factor, beta, one_minu
 
 @triton.jit
 def kd_backward_kernel(
-    STUDENT, TEACHER, WEIGHTS, LABELS,  # as in kd_forward_kernel
+    STUDENT,
+    TEACHER,
+    WEIGHTS,
+    LABELS,  # as in kd_forward_kernel
     STATS,  # the forward's statistics
     GRAD_LOSS,  # (N,) incoming gradient of the row losses, through stride_grad_loss (0: an expanded scalar)
-    GRAD_S, GRAD_T,  # outputs: contiguous (N, V) gradients in the inputs' dtypes (GRAD_T with TEACHER_GRAD only)
-    V, stride_s_row, stride_s_col, stride_t_teacher, stride_t_row, stride_t_col, stride_labels, stride_grad_loss,
-    num_rows, num_teachers,
-    inv_temperature, beta, one_minus_beta, log_beta, log_one_minus_beta, ignore_index, ce_weight, kd_scale, alpha,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
-    INTERIOR_BETA: tl.constexpr, TEACHER_GRAD: tl.constexpr, ENSEMBLE: tl.constexpr, TEACHERS: tl.constexpr,
+    GRAD_S,
+    GRAD_T,  # outputs: contiguous (N, V) gradients in the inputs' dtypes (GRAD_T with TEACHER_GRAD only)
+    V,
+    stride_s_row,
+    stride_s_col,
+    stride_t_teacher,
+    stride_t_row,
+    stride_t_col,
+    stride_labels,
+    stride_grad_loss,
+    num_rows,
+    num_teachers,
+    inv_temperature,
+    beta,
+    one_minus_beta,
+    log_beta,
+    log_one_minus_beta,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    alpha,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_KD: tl.constexpr,
+    INTERIOR_BETA: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    ENSEMBLE: tl.constexpr,
+    TEACHERS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One row's gradients of grad_loss·row_loss: one sweep recomputing the log-probabilities from the stored
@@ -554,10 +808,26 @@ def kd_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
     teachers, teacher_ok, t_shift, t_coef, _, _ = _ensemble_coefficients(
-        TEACHER, WEIGHTS, row, stride_t_row, stride_t_teacher, stride_t_col, V, num_teachers, inv_temperature, STATS,
-        num_rows, False, False, ENSEMBLE, TEACHERS, BLOCK)
-    kd_factor, ce_factor = _gradient_factors(GRAD_LOSS, row, stride_grad_loss, counted & ~label_ok, kd_scale,
-                                             inv_temperature, ce_weight)
+        TEACHER,
+        WEIGHTS,
+        row,
+        stride_t_row,
+        stride_t_teacher,
+        stride_t_col,
+        V,
+        num_teachers,
+        inv_temperature,
+        STATS,
+        num_rows,
+        False,
+        False,
+        ENSEMBLE,
+        TEACHERS,
+        BLOCK,
+    )
+    kd_factor, ce_factor = _gradient_factors(
+        GRAD_LOSS, row, stride_grad_loss, counted & ~label_ok, kd_scale, inv_temperature, ce_weight
+    )
     m_a = _load_slot(STATS, STAT_MAX_A, row, num_rows)
     log_sum_a = _load_slot(STATS, STAT_LOG_SUM_A, row, num_rows)
     m_b = _load_slot(STATS, STAT_MAX_B, row, num_rows)
@@ -577,15 +847,39 @@ def kd_backward_kernel(
         grad_s = tl.zeros([BLOCK], dtype=tl.float32)
         grad_t = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
-            b = _teacher_block(teacher_row, stride_t_teacher, cols, stride_t_col, in_row, teachers, teacher_ok,
-                               t_shift, t_coef, inv_temperature, ENSEMBLE)
+            b = _teacher_block(
+                teacher_row,
+                stride_t_teacher,
+                cols,
+                stride_t_col,
+                in_row,
+                teachers,
+                teacher_ok,
+                t_shift,
+                t_coef,
+                inv_temperature,
+                ENSEMBLE,
+            )
             log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
             log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
             if DIVERGENCE == DKD:  # p̂: 0 at the target
                 log_p_s = tl.where(cols == label, float("-inf"), log_p_s)
                 log_p_t = tl.where(cols == label, float("-inf"), log_p_t)
-            grad_s, grad_t = _kd_gradients(log_p_s, log_p_t, cols == label, d0, d1, kd_factor, beta, one_minus_beta,
-                                           log_beta, log_one_minus_beta, alpha, DIVERGENCE, INTERIOR_BETA)
+            grad_s, grad_t = _kd_gradients(
+                log_p_s,
+                log_p_t,
+                cols == label,
+                d0,
+                d1,
+                kd_factor,
+                beta,
+                one_minus_beta,
+                log_beta,
+                log_one_minus_beta,
+                alpha,
+                DIVERGENCE,
+                INTERIOR_BETA,
+            )
         if HAS_CE:
             grad_s += _ce_gradient(x_s, cols == label, m_1, log_sum_1, ce_factor)
         grad_s = tl.where(counted, grad_s, 0.0)
@@ -606,9 +900,9 @@ def _online_logsumexp(m, total, x):
 # a sparse (TopK) teacher
 # ------------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col,
-                TOPK: tl.constexpr):
+def _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col, TOPK: tl.constexpr):
     """A sparse teacher's row: (slot_ok, values as float32 (−inf on padding), indices clamped into [0, V), and
     whether the indices are valid: each in [0, V), no two equal)."""
     slots = tl.arange(0, TOPK)
@@ -645,12 +939,29 @@ def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET: tl.const
 @triton.jit
 def kd_topk_forward_kernel(
     STUDENT,  # logits (N, V)
-    VALUES, INDICES,  # the sparse teacher: (N, K) values and int indices, through their strides
+    VALUES,
+    INDICES,  # the sparse teacher: (N, K) values and int indices, through their strides
     LABELS,  # (N,) int labels through stride_labels (unused without HAS_LABELS)
-    LOSS, STATS, METRICS,  # outputs: (N,) row losses, (NUM_STATS, N) statistics (TopKStat), (NUM_METRICS, N) metrics
-    V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, stride_labels, num_rows,
-    inv_temperature, ignore_index, ce_weight, kd_scale,
-    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
+    LOSS,
+    STATS,
+    METRICS,  # outputs: (N,) row losses, (NUM_STATS, N) statistics (TopKStat), (NUM_METRICS, N) metrics
+    V,
+    K,
+    stride_s_row,
+    stride_s_col,
+    stride_v_row,
+    stride_v_col,
+    stride_i_row,
+    stride_i_col,
+    stride_labels,
+    num_rows,
+    inv_temperature,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_KD: tl.constexpr,
     BUCKET: tl.constexpr,  # the teacher's mass outside the K is one more class ("bucket" tail, K < V)
     HAS_METRICS: tl.constexpr,
     TOPK: tl.constexpr,  # K rounded up to a power of 2
@@ -665,8 +976,9 @@ def kd_topk_forward_kernel(
     counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
     student_row = STUDENT + row * stride_s_row
     n_cols = tl.where(counted, V, 0)
-    slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
-                                                       stride_i_row, stride_i_col, TOPK)
+    slot_ok, values, indices, indices_ok = _topk_slots(
+        VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col, TOPK
+    )
     m_a = float("-inf")
     sum_a = 0.0
     m_rest = float("-inf")
@@ -693,12 +1005,14 @@ def kd_topk_forward_kernel(
         if HAS_CE or HAS_METRICS:
             new_m_1, shift_1, scale_1, e_1 = _rebased(m_1, x_s)
             if HAS_METRICS:
-                u_s = _recentred(u_s, scale_1, shift_1 - _finite_or_zero(m_1), sum_1) + \
-                    tl.sum(_weighted(e_1, x_s - shift_1), axis=0)
+                u_s = _recentred(u_s, scale_1, shift_1 - _finite_or_zero(m_1), sum_1) + tl.sum(
+                    _weighted(e_1, x_s - shift_1), axis=0
+                )
                 best_s, argmax_s = _first_argmax(x_s, start, best_s, argmax_s)
                 if BUCKET:
-                    m_rest_1, sum_rest_1 = _online_logsumexp(m_rest_1, sum_rest_1,
-                                                             tl.where(in_topk, float("-inf"), x_s))
+                    m_rest_1, sum_rest_1 = _online_logsumexp(
+                        m_rest_1, sum_rest_1, tl.where(in_topk, float("-inf"), x_s)
+                    )
             sum_1 = sum_1 * scale_1 + tl.sum(e_1, axis=0)
             m_1 = new_m_1
     log_sum_a = tl.log(sum_a)
@@ -745,25 +1059,46 @@ def kd_topk_forward_kernel(
 
 @triton.jit
 def kd_topk_backward_kernel(
-    STUDENT, VALUES, INDICES, LABELS,  # as in kd_topk_forward_kernel
+    STUDENT,
+    VALUES,
+    INDICES,
+    LABELS,  # as in kd_topk_forward_kernel
     STATS,  # the forward's statistics (TopKStat)
     GRAD_LOSS,  # (N,) incoming gradient of the row losses, through stride_grad_loss
     GRAD_S,  # output: contiguous (N, V) gradient in the student's dtype
-    V, K, stride_s_row, stride_s_col, stride_v_row, stride_v_col, stride_i_row, stride_i_col, stride_labels,
+    V,
+    K,
+    stride_s_row,
+    stride_s_col,
+    stride_v_row,
+    stride_v_col,
+    stride_i_row,
+    stride_i_col,
+    stride_labels,
     stride_grad_loss,
-    num_rows, inv_temperature, ignore_index, ce_weight, kd_scale,
-    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr, BUCKET: tl.constexpr,
-    TOPK: tl.constexpr, BLOCK: tl.constexpr,
+    num_rows,
+    inv_temperature,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_KD: tl.constexpr,
+    BUCKET: tl.constexpr,
+    TOPK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """The student gradient against a sparse teacher: p_s,j − p_t,tail·exp(a_j − logsumexp of a outside the K)
     (KD; the bucket's share, never a ratio that can overflow) + softmax − onehot (CE) on every column, then the K
     teacher columns rewritten with p_s,k − p_t,k (after a barrier: the same program stored them in the sweep)."""
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
-    slot_ok, values, indices, indices_ok = _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col,
-                                                       stride_i_row, stride_i_col, TOPK)
-    kd_factor, ce_factor = _gradient_factors(GRAD_LOSS, row, stride_grad_loss, counted & (~label_ok | ~indices_ok),
-                                             kd_scale, inv_temperature, ce_weight)
+    slot_ok, values, indices, indices_ok = _topk_slots(
+        VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col, TOPK
+    )
+    kd_factor, ce_factor = _gradient_factors(
+        GRAD_LOSS, row, stride_grad_loss, counted & (~label_ok | ~indices_ok), kd_scale, inv_temperature, ce_weight
+    )
     m_a = _load_slot(STATS, TOPK_MAX_A, row, num_rows)
     log_sum_a = _load_slot(STATS, TOPK_LOG_SUM_A, row, num_rows)
     log_p_t_tail = _load_slot(STATS, TOPK_LOG_P_TAIL, row, num_rows)
@@ -799,6 +1134,7 @@ def kd_topk_backward_kernel(
 # launchers
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def launch_config(num_cols: int, kernel: str, divergence: str, num_teachers: int = 1) -> dict:
     """Block size and warps for rows of num_cols entries, from bench/tune_kd.py on an H100 (bench/RESULTS.md):
     the KL forward streams best with small single-warp programs (many rows in flight per SM), the backward
@@ -817,15 +1153,27 @@ def launch_config(num_cols: int, kernel: str, divergence: str, num_teachers: int
 
 def _row_args(student, labels) -> dict:
     """The student's strides and the labels' (0 without labels: the kernels do not read them)."""
-    return dict(stride_s_row=student.stride(0), stride_s_col=student.stride(1),
-                stride_labels=0 if labels is None else labels.stride(0), HAS_LABELS=labels is not None)
+    return dict(
+        stride_s_row=student.stride(0),
+        stride_s_col=student.stride(1),
+        stride_labels=0 if labels is None else labels.stride(0),
+        HAS_LABELS=labels is not None,
+    )
 
 
 def _option_args(options: KDOptions) -> dict:
     """The kernels' option arguments (scalars and modes) from the launch's options."""
-    return dict(**kd_scalars(options), ignore_index=options.ignore_index, ce_weight=options.ce_weight,
-                kd_scale=options.kd_scale, alpha=options.alpha, DIVERGENCE=int(Divergence.of(options.divergence)),
-                HAS_CE=options.ce_weight != 0, HAS_KD=options.kd_scale != 0, INTERIOR_BETA=0 < options.beta < 1)
+    return dict(
+        **kd_scalars(options),
+        ignore_index=options.ignore_index,
+        ce_weight=options.ce_weight,
+        kd_scale=options.kd_scale,
+        alpha=options.alpha,
+        DIVERGENCE=int(Divergence.of(options.divergence)),
+        HAS_CE=options.ce_weight != 0,
+        HAS_KD=options.kd_scale != 0,
+        INTERIOR_BETA=0 < options.beta < 1,
+    )
 
 
 def _teacher_args(teacher, ensemble: str) -> dict:
@@ -833,14 +1181,35 @@ def _teacher_args(teacher, ensemble: str) -> dict:
     or "logit" (its weights, (K,) float32 summing to 1, go to the kernel apart)."""
     mode = Ensemble.of(ensemble)
     if mode == Ensemble.NONE:
-        return dict(stride_t_teacher=0, stride_t_row=teacher.stride(0), stride_t_col=teacher.stride(1),
-                    num_teachers=1, ENSEMBLE=int(mode), TEACHERS=1)
-    return dict(stride_t_teacher=teacher.stride(0), stride_t_row=teacher.stride(1), stride_t_col=teacher.stride(2),
-                num_teachers=teacher.shape[0], ENSEMBLE=int(mode), TEACHERS=triton.next_power_of_2(teacher.shape[0]))
+        return dict(
+            stride_t_teacher=0,
+            stride_t_row=teacher.stride(0),
+            stride_t_col=teacher.stride(1),
+            num_teachers=1,
+            ENSEMBLE=int(mode),
+            TEACHERS=1,
+        )
+    return dict(
+        stride_t_teacher=teacher.stride(0),
+        stride_t_row=teacher.stride(1),
+        stride_t_col=teacher.stride(2),
+        num_teachers=teacher.shape[0],
+        ENSEMBLE=int(mode),
+        TEACHERS=triton.next_power_of_2(teacher.shape[0]),
+    )
 
 
-def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=False, teacher_weights=None,
-               ensemble="none", config=None):
+def kd_forward(
+    student,
+    teacher,
+    labels,
+    options: KDOptions,
+    *,
+    with_metrics=False,
+    teacher_weights=None,
+    ensemble="none",
+    config=None,
+):
     """Row losses (N,) float32, statistics (:func:`fastkd.kernel_args.stats_rows`, N) float32 and metrics
     (NUM_METRICS, N) float32 (or an empty tensor without ``with_metrics``) of (N, V) student logits against (N, V)
     teacher logits, or against the ensemble of (K, N, V) teachers (see :func:`_teacher_args`). ``config``
@@ -848,23 +1217,42 @@ def kd_forward(student, teacher, labels, options: KDOptions, *, with_metrics=Fal
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(stats_rows(teacher, ensemble), num_rows, dtype=torch.float32, device=student.device)
-    metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32,
-                          device=student.device)
+    metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32, device=student.device)
     if num_rows == 0:
         return loss, stats, metrics
     teacher_args = _teacher_args(teacher, ensemble)
     kd_forward_kernel[(num_rows,)](
-        STUDENT=student, TEACHER=teacher, WEIGHTS=teacher_weights if teacher_weights is not None else loss,
-        LABELS=labels if labels is not None else loss, LOSS=loss, STATS=stats,
-        METRICS=metrics if with_metrics else loss, V=num_cols, num_rows=num_rows, HAS_METRICS=with_metrics,
-        **_row_args(student, labels), **teacher_args, **_option_args(options),
+        STUDENT=student,
+        TEACHER=teacher,
+        WEIGHTS=teacher_weights if teacher_weights is not None else loss,
+        LABELS=labels if labels is not None else loss,
+        LOSS=loss,
+        STATS=stats,
+        METRICS=metrics if with_metrics else loss,
+        V=num_cols,
+        num_rows=num_rows,
+        HAS_METRICS=with_metrics,
+        **_row_args(student, labels),
+        **teacher_args,
+        **_option_args(options),
         **(config or launch_config(num_cols, "forward", options.divergence, teacher_args["num_teachers"])),
     )
     return loss, stats, metrics
 
 
-def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, *, teacher_grad, teacher_weights=None,
-                ensemble="none", config=None):
+def kd_backward(
+    grad_loss,
+    student,
+    teacher,
+    labels,
+    stats,
+    options: KDOptions,
+    *,
+    teacher_grad,
+    teacher_weights=None,
+    ensemble="none",
+    config=None,
+):
     """Gradients of Σ grad_loss·row_loss w.r.t. student (and teacher if teacher_grad, one teacher only; else an
     empty tensor).
 
@@ -875,17 +1263,30 @@ def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, 
         raise ValueError("the ensemble kernels give no gradient to the teachers")
     num_rows, num_cols = student.shape
     grad_s = torch.empty((num_rows, num_cols), dtype=student.dtype, device=student.device)
-    grad_t = (torch.empty((num_rows, num_cols), dtype=teacher.dtype, device=teacher.device) if teacher_grad
-              else torch.empty(0, dtype=teacher.dtype, device=teacher.device))
+    grad_t = (
+        torch.empty((num_rows, num_cols), dtype=teacher.dtype, device=teacher.device)
+        if teacher_grad
+        else torch.empty(0, dtype=teacher.dtype, device=teacher.device)
+    )
     if num_rows == 0:
         return grad_s, grad_t
     teacher_args = _teacher_args(teacher, ensemble)
     stats = stats.contiguous()  # read as (rows, N) blocks
     kd_backward_kernel[(num_rows,)](
-        STUDENT=student, TEACHER=teacher, WEIGHTS=teacher_weights if teacher_weights is not None else stats,
-        LABELS=labels if labels is not None else stats, STATS=stats, GRAD_LOSS=grad_loss, GRAD_S=grad_s,
-        GRAD_T=grad_t if teacher_grad else grad_s, V=num_cols, stride_grad_loss=grad_loss.stride(0),
-        num_rows=num_rows, TEACHER_GRAD=teacher_grad, **_row_args(student, labels), **teacher_args,
+        STUDENT=student,
+        TEACHER=teacher,
+        WEIGHTS=teacher_weights if teacher_weights is not None else stats,
+        LABELS=labels if labels is not None else stats,
+        STATS=stats,
+        GRAD_LOSS=grad_loss,
+        GRAD_S=grad_s,
+        GRAD_T=grad_t if teacher_grad else grad_s,
+        V=num_cols,
+        stride_grad_loss=grad_loss.stride(0),
+        num_rows=num_rows,
+        TEACHER_GRAD=teacher_grad,
+        **_row_args(student, labels),
+        **teacher_args,
         **_option_args(options),
         **(config or launch_config(num_cols, "backward", options.divergence, teacher_args["num_teachers"])),
     )
@@ -895,12 +1296,22 @@ def kd_backward(grad_loss, student, teacher, labels, stats, options: KDOptions, 
 def _topk_args(values, indices, labels, options: TopKOptions, student) -> dict:
     """The sparse teacher's arguments and the launch's options."""
     num_slots = values.shape[1]
-    return dict(K=num_slots, stride_v_row=values.stride(0), stride_v_col=values.stride(1),
-                stride_i_row=indices.stride(0), stride_i_col=indices.stride(1),
-                BUCKET=options.tail == "bucket" and num_slots < student.shape[1],
-                TOPK=triton.next_power_of_2(num_slots), inv_temperature=1.0 / options.temperature,
-                ignore_index=options.ignore_index, ce_weight=options.ce_weight, kd_scale=options.kd_scale,
-                HAS_CE=options.ce_weight != 0, HAS_KD=options.kd_scale != 0, **_row_args(student, labels))
+    return dict(
+        K=num_slots,
+        stride_v_row=values.stride(0),
+        stride_v_col=values.stride(1),
+        stride_i_row=indices.stride(0),
+        stride_i_col=indices.stride(1),
+        BUCKET=options.tail == "bucket" and num_slots < student.shape[1],
+        TOPK=triton.next_power_of_2(num_slots),
+        inv_temperature=1.0 / options.temperature,
+        ignore_index=options.ignore_index,
+        ce_weight=options.ce_weight,
+        kd_scale=options.kd_scale,
+        HAS_CE=options.ce_weight != 0,
+        HAS_KD=options.kd_scale != 0,
+        **_row_args(student, labels),
+    )
 
 
 def kd_topk_forward(student, values, indices, labels, options: TopKOptions, *, with_metrics=False):
@@ -910,14 +1321,21 @@ def kd_topk_forward(student, values, indices, labels, options: TopKOptions, *, w
     num_rows, num_cols = student.shape
     loss = torch.empty(num_rows, dtype=torch.float32, device=student.device)
     stats = torch.zeros(NUM_STATS, num_rows, dtype=torch.float32, device=student.device)
-    metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32,
-                          device=student.device)
+    metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32, device=student.device)
     if num_rows == 0:
         return loss, stats, metrics
     kd_topk_forward_kernel[(num_rows,)](
-        STUDENT=student, VALUES=values, INDICES=indices, LABELS=labels if labels is not None else indices, LOSS=loss,
-        STATS=stats, METRICS=metrics if with_metrics else loss, V=num_cols, num_rows=num_rows,
-        HAS_METRICS=with_metrics, **_topk_args(values, indices, labels, options, student),
+        STUDENT=student,
+        VALUES=values,
+        INDICES=indices,
+        LABELS=labels if labels is not None else indices,
+        LOSS=loss,
+        STATS=stats,
+        METRICS=metrics if with_metrics else loss,
+        V=num_cols,
+        num_rows=num_rows,
+        HAS_METRICS=with_metrics,
+        **_topk_args(values, indices, labels, options, student),
         **launch_config(num_cols, "forward", "kl"),
     )
     return loss, stats, metrics
@@ -931,9 +1349,17 @@ def kd_topk_backward(grad_loss, student, values, indices, labels, stats, options
         return grad_s
     stats = stats.contiguous()  # read as (NUM_STATS, N) blocks
     kd_topk_backward_kernel[(num_rows,)](
-        STUDENT=student, VALUES=values, INDICES=indices, LABELS=labels if labels is not None else indices,
-        STATS=stats, GRAD_LOSS=grad_loss, GRAD_S=grad_s, V=num_cols, stride_grad_loss=grad_loss.stride(0),
-        num_rows=num_rows, **_topk_args(values, indices, labels, options, student),
+        STUDENT=student,
+        VALUES=values,
+        INDICES=indices,
+        LABELS=labels if labels is not None else indices,
+        STATS=stats,
+        GRAD_LOSS=grad_loss,
+        GRAD_S=grad_s,
+        V=num_cols,
+        stride_grad_loss=grad_loss.stride(0),
+        num_rows=num_rows,
+        **_topk_args(values, indices, labels, options, student),
         **launch_config(num_cols, "backward", "kl"),
     )
     return grad_s

@@ -19,6 +19,7 @@ launch. Finishing reads vectors only.
 Weights are addressed through a table of data pointers (int64), so the list is read in place, without stacking.
 All matrices of a launch share a dtype; math is float32; offsets are 64-bit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,9 +32,26 @@ NUM_FIELDS = 7
 
 
 @triton.jit
-def power_step_kernel(POINTERS, TABLE, TILE_MATRIX, TILE_INDEX, U, V, A, PARTIALS, ARRIVALS, U_OUT, V_OUT, SIGMA,
-                      eps, ELEMENT: tl.constexpr, NUM_FIELDS: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_C: tl.constexpr, FINISH_BLOCK: tl.constexpr):
+def power_step_kernel(
+    POINTERS,
+    TABLE,
+    TILE_MATRIX,
+    TILE_INDEX,
+    U,
+    V,
+    A,
+    PARTIALS,
+    ARRIVALS,
+    U_OUT,
+    V_OUT,
+    SIGMA,
+    eps,
+    ELEMENT: tl.constexpr,
+    NUM_FIELDS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FINISH_BLOCK: tl.constexpr,
+):
     tile = tl.program_id(0)
     matrix = tl.load(TILE_MATRIX + tile).to(tl.int64)
     tile_index = tl.load(TILE_INDEX + tile).to(tl.int64)
@@ -50,8 +68,9 @@ def power_step_kernel(POINTERS, TABLE, TILE_MATRIX, TILE_INDEX, U, V, A, PARTIAL
     for start in range(0, num_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         in_cols = cols < num_cols
-        w = tl.load(weights + rows[:, None] * stride + cols[None, :], mask=in_rows[:, None] & in_cols[None, :],
-                    other=0.0).to(tl.float32)
+        w = tl.load(
+            weights + rows[:, None] * stride + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0
+        ).to(tl.float32)
         v = tl.load(V + v_offset + cols, mask=in_cols, other=0.0)
         a += tl.sum(w * v[None, :], axis=1)
         tl.store(partials + cols, tl.sum(w * u[:, None], axis=0), mask=in_cols)
@@ -77,13 +96,18 @@ def _unit_or_kept(SOURCE, KEPT, OUT, count, norm, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _finish_matrix(matrix, TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _finish_matrix(
+    matrix, TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS: tl.constexpr, BLOCK: tl.constexpr
+):
     """σ, the new u and v of one matrix from a = W v and the tiles' partials of Wᵀ u."""
     info = TABLE + matrix * NUM_FIELDS
     num_rows, num_cols = tl.load(info + 0), tl.load(info + 1)
-    u_offset, v_offset, partial_offset, num_tiles = tl.load(info + 3), tl.load(info + 4), tl.load(info + 5), \
-        tl.load(info + 6)
+    u_offset, v_offset, partial_offset, num_tiles = (
+        tl.load(info + 3),
+        tl.load(info + 4),
+        tl.load(info + 5),
+        tl.load(info + 6),
+    )
     lanes = tl.arange(0, BLOCK).to(tl.int64)
 
     squares = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -102,8 +126,9 @@ def _finish_matrix(matrix, TABLE, A, PARTIALS, U_IN, V_IN, U_OUT, V_OUT, SIGMA, 
             b += tl.load(PARTIALS + partial_offset + t * num_cols + start + lanes, mask=in_cols, other=0.0)
         squares += b * b
         tl.store(V_OUT + v_offset + start + lanes, b, mask=in_cols)
-    _unit_or_kept(V_OUT + v_offset, V_IN + v_offset, V_OUT + v_offset, num_cols, tl.sqrt(tl.sum(squares, axis=0)),
-                  eps, BLOCK)
+    _unit_or_kept(
+        V_OUT + v_offset, V_IN + v_offset, V_OUT + v_offset, num_cols, tl.sqrt(tl.sum(squares, axis=0)), eps, BLOCK
+    )
 
 
 _ELEMENTS = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -134,8 +159,25 @@ def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
     for _ in range(n_iter):
         v_prev = v
         u_new, v_new = torch.empty_like(u), torch.empty_like(v)
-        power_step_kernel[(len(tile_matrix),)](pointers, table, tile_matrix, tile_index, u, v, a, partials, arrivals,
-                                               u_new, v_new, sigma, eps, ELEMENT=element, NUM_FIELDS=NUM_FIELDS,
-                                               BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, FINISH_BLOCK=FINISH_BLOCK)
+        power_step_kernel[(len(tile_matrix),)](
+            pointers,
+            table,
+            tile_matrix,
+            tile_index,
+            u,
+            v,
+            a,
+            partials,
+            arrivals,
+            u_new,
+            v_new,
+            sigma,
+            eps,
+            ELEMENT=element,
+            NUM_FIELDS=NUM_FIELDS,
+            BLOCK_R=BLOCK_R,
+            BLOCK_C=BLOCK_C,
+            FINISH_BLOCK=FINISH_BLOCK,
+        )
         u, v = u_new, v_new
     return sigma, u, v, v_prev

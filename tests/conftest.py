@@ -1,5 +1,6 @@
 """Test set-up: the Triton kernels run on CUDA tensors where a GPU is present, else on CPU tensors under the
 Triton interpreter (which must be switched on before triton is imported)."""
+
 import os
 import random
 import zlib
@@ -26,6 +27,7 @@ def backend_device(backend: str) -> torch.device:
 
 def skip_unless_available(backend: str) -> None:
     from fastkd import cpu_backend
+
     if backend == "cpu" and not cpu_backend.AVAILABLE:
         pytest.skip(f"the C++ extension fastkd._C was not built: {cpu_backend.IMPORT_ERROR}")
 
@@ -43,6 +45,7 @@ def kernel(request):
         yield Kernel(backend, backend_device(backend))
         return
     from fastkd import cpu_backend
+
     if isa not in cpu_backend.usable_isas():
         pytest.skip(f"this CPU or build has no {isa} kernels (usable: {cpu_backend.usable_isas()})")
     default = cpu_backend.isa()
@@ -51,12 +54,16 @@ def kernel(request):
         yield Kernel(backend, backend_device(backend))
     finally:
         cpu_backend.set_isa(default)
+
+
 SESSION_SEED = int(os.environ.get("FASTKD_TEST_SEED", random.randrange(2**31)))
 
 
 def pytest_report_header(config):
-    return f"fastkd: device {DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, " \
-           f"random inputs seeded with FASTKD_TEST_SEED={SESSION_SEED}"
+    return (
+        f"fastkd: device {DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+        f"random inputs seeded with FASTKD_TEST_SEED={SESSION_SEED}"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -87,10 +94,12 @@ def assert_rel_close(actual, expected, rtol, *, atol=1e-7, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN pattern differs"
     finite = expected.isfinite()
-    assert torch.equal(actual[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()]), \
+    assert torch.equal(actual[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()]), (
         f"{what}: infinities differ"
+    )
     assert actual[finite].isfinite().all(), f"{what}: non-finite where a finite value was expected"
     err = (actual[finite] - expected[finite]).norm().item()
     ref = expected[finite].norm().item()
-    assert err <= rtol * ref + atol, f"{what}: relative error {err / max(ref, 1e-300):.3e} > {rtol:g} " \
-                                     f"(abs {err:.3e}, |ref| {ref:.3e})"
+    assert err <= rtol * ref + atol, (
+        f"{what}: relative error {err / max(ref, 1e-300):.3e} > {rtol:g} (abs {err:.3e}, |ref| {ref:.3e})"
+    )

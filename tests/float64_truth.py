@@ -9,19 +9,21 @@ their logarithms: log p = log-softmax, a class with p = 0 (a −inf logit) contr
 0 instead of NaN. Rows that are not counted (label = ignore_index) are replaced by zeros before any math, so an
 ignored row of −inf logits has loss 0 and gradient 0.
 """
+
 import math
 
 import torch
 
 NEG_INF = -math.inf
-FEATURE_STD_EPS = 1e-5      # feature_loss: (x − mean)/sqrt(var + eps)
-FEATURE_L2_EPS = 1e-12      # feature_loss: x/max(‖x‖, eps)
-FEATURE_COSINE_EPS = 1e-8   # feature_loss: ⟨s, t⟩/(max(‖s‖, eps)·max(‖t‖, eps))
+FEATURE_STD_EPS = 1e-5  # feature_loss: (x − mean)/sqrt(var + eps)
+FEATURE_L2_EPS = 1e-12  # feature_loss: x/max(‖x‖, eps)
+FEATURE_COSINE_EPS = 1e-8  # feature_loss: ⟨s, t⟩/(max(‖s‖, eps)·max(‖t‖, eps))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # distributions and divergences over the last dim, from log-probabilities
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p_j = x_j/T − log Σ_i exp(x_i/T), −inf where x_j = −inf (the row needs one finite entry), in the stable
@@ -70,6 +72,7 @@ def divergence(log_p_t: torch.Tensor, log_p_s: torch.Tensor, kind: str, beta: fl
 # kd_loss, its teachers (one, an ensemble, a sparse top-K) and dkd_loss
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def counted_rows(labels, num_rows: int, ignore_index: int) -> torch.Tensor:
     """Which flattened rows count: all without labels, else those whose label is not ignore_index."""
     if labels is None:
@@ -89,7 +92,7 @@ def cross_entropy_rows(student: torch.Tensor, labels, counted: torch.Tensor) -> 
 
 
 def reduce_rows(rows: torch.Tensor, row_shape, counted: torch.Tensor, reduction: str, normalizer=None):
-    """"none": the rows in shape ``row_shape``; "sum": Σ rows; "batchmean": Σ rows ÷ (normalizer, a 0-d tensor 0
+    """ "none": the rows in shape ``row_shape``; "sum": Σ rows; "batchmean": Σ rows ÷ (normalizer, a 0-d tensor 0
     counting as 1, or else the number of counted rows, at least 1)."""
     if reduction == "none":
         return rows.reshape(row_shape)
@@ -114,10 +117,23 @@ def ensemble_log_probs(teachers: torch.Tensor, weights, ensemble: str, temperatu
     raise ValueError(f"unknown ensemble {ensemble!r}")
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0, divergence_kind: str = "kl",
-            beta: float = 0.5, labels=None, ignore_index: int = -100, ce_weight: float = 0.0,
-            kd_weight: float = 1.0, scale_by_t2: bool = True, reduction: str = "batchmean", normalizer=None,
-            teacher_weights=None, ensemble=None):
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    divergence_kind: str = "kl",
+    beta: float = 0.5,
+    labels=None,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    scale_by_t2: bool = True,
+    reduction: str = "batchmean",
+    normalizer=None,
+    teacher_weights=None,
+    ensemble=None,
+):
     """kd_loss of (*, V) logits: row = kd_weight·(T² if scale_by_t2)·D(p_t, p_s) + ce_weight·CE(softmax(s), y),
     0 at ignored rows, then reduced. With ``ensemble`` ("prob"/"logit") ``teacher`` is (K, *, V) and
     ``teacher_weights`` K numbers (uniform if None)."""
@@ -134,16 +150,28 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float 
         teachers = torch.where(counted.view(1, -1, 1), teachers, 0.0)
         weights = [1.0] * teachers.shape[0] if teacher_weights is None else [float(w) for w in teacher_weights]
         log_p_t = ensemble_log_probs(teachers, weights, ensemble, temperature)
-    scale = kd_weight * (temperature ** 2 if scale_by_t2 else 1.0)
+    scale = kd_weight * (temperature**2 if scale_by_t2 else 1.0)
     rows = torch.where(counted, scale * divergence(log_p_t, log_p_s, divergence_kind, beta), 0.0)
     if ce_weight != 0:
         rows = rows + ce_weight * cross_entropy_rows(s, labels, counted)
     return reduce_rows(rows, row_shape, counted, reduction, normalizer)
 
 
-def kd_topk_loss(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str,
-                 temperature: float = 1.0, labels=None, ignore_index: int = -100, ce_weight: float = 0.0,
-                 kd_weight: float = 1.0, scale_by_t2: bool = True, reduction: str = "batchmean", normalizer=None):
+def kd_topk_loss(
+    student: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    tail: str,
+    temperature: float = 1.0,
+    labels=None,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    scale_by_t2: bool = True,
+    reduction: str = "batchmean",
+    normalizer=None,
+):
     """kd_loss against a sparse teacher (its K values and indices per row). The teacher's log-weights are v_k/T on
     its K classes; with tail "bucket" (log-probabilities, K < V) one more class, the rest of the vocabulary, has
     log-weight log(1 − Σ_k exp v_k)/T; p_t is their softmax ("renormalize": over the K classes alone). The student
@@ -168,16 +196,26 @@ def kd_topk_loss(student: torch.Tensor, values: torch.Tensor, indices: torch.Ten
         weights = torch.cat([weights, log_rest_t / temperature], dim=-1)
         log_p_s = torch.cat([log_p_s, log_rest_s], dim=-1)
     log_p_t = log_softmax(weights)
-    scale = kd_weight * (temperature ** 2 if scale_by_t2 else 1.0)
+    scale = kd_weight * (temperature**2 if scale_by_t2 else 1.0)
     rows = torch.where(counted, scale * kl_from_logs(log_p_t, log_p_s), 0.0)
     if ce_weight != 0:
         rows = rows + ce_weight * cross_entropy_rows(s, labels, counted)
     return reduce_rows(rows, row_shape, counted, reduction, normalizer)
 
 
-def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, alpha: float, beta: float,
-             temperature: float, ignore_index: int = -100, ce_weight: float = 0.0, reduction: str = "batchmean",
-             normalizer=None):
+def dkd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    temperature: float,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    reduction: str = "batchmean",
+    normalizer=None,
+):
     """Decoupled KD (Zhao et al. 2022, as mdistiller defines it): with b = [p_gt, 1 − p_gt] at temperature T and p̂
     the softmax over the non-target classes, row = α·T²·KL(b_t‖b_s) + β·T²·KL(p̂_t‖p̂_s) + ce_weight·CE, 0 at ignored
     rows. 1 − p_gt is the sum of the non-target probabilities (a log-sum-exp), never 1 minus a probability."""
@@ -199,7 +237,7 @@ def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
 
     b_s, hat_s = binary_and_rest(s)
     b_t, hat_t = binary_and_rest(t)
-    rows = temperature ** 2 * (alpha * kl_from_logs(b_t, b_s) + beta * kl_from_logs(hat_t, hat_s))
+    rows = temperature**2 * (alpha * kl_from_logs(b_t, b_s) + beta * kl_from_logs(hat_t, hat_s))
     rows = torch.where(counted, rows, 0.0)
     if ce_weight != 0:
         rows = rows + ce_weight * cross_entropy_rows(s, labels, counted)
@@ -209,6 +247,7 @@ def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------------------
 # feature_loss
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def feature_groups(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Features viewed as (N, C, S): the channels moved to dim 1, the other non-batch dims flattened."""
@@ -237,8 +276,18 @@ def normalized_features(x: torch.Tensor, present: torch.Tensor, normalize) -> to
     return x
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, *, mask=None, kind: str = "mse", normalize=None,
-                 margin=None, beta: float = 1.0, channel_dim: int = 1, reduction: str = "mean"):
+def feature_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    mask=None,
+    kind: str = "mse",
+    normalize=None,
+    margin=None,
+    beta: float = 1.0,
+    channel_dim: int = 1,
+    reduction: str = "mean",
+):
     """Masked feature matching on features viewed as (N, C, S) (channels from ``channel_dim``, the other non-batch
     dims flattened): elements with mask 0 are absent (no statistic, no term); ``normalize`` "channel"/"sample"
     standardises each (sample, channel) / each sample, "l2" divides by the L2 norm along the channels; OFD's
@@ -252,8 +301,10 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, *, mask=None, kin
     t = normalized_features(torch.where(present, t, 0.0), present, normalize)
     if kind == "cosine":
         weight = m[:, :1]
-        cos = (s * t).sum(1, keepdim=True) / (s.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS)
-                                              * t.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS))
+        cos = (s * t).sum(1, keepdim=True) / (
+            s.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS)
+            * t.norm(dim=1, keepdim=True).clamp_min(FEATURE_COSINE_EPS)
+        )
         terms = weight * (1 - cos)
     else:
         weight = m
@@ -281,6 +332,7 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, *, mask=None, kin
 # ----------------------------------------------------------------------------------------------------------------
 # spectral norms
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def sigma_max(weight: torch.Tensor) -> torch.Tensor:
     """The largest singular value of a weight viewed as (out, in·∏k), by LAPACK's SVD in float64; its autograd

@@ -1,4 +1,5 @@
 """fastkd bench: argument parsing, and each op's table and JSON on tiny CPU shapes (timing itself is not tested)."""
+
 import json
 
 import pytest
@@ -6,23 +7,29 @@ import pytest
 from fastkd import bench, cli
 
 
-@pytest.mark.parametrize("spec, op, expected", [
-    ("8192x32000:bf16", "kd", ((8192, 32000), "torch.bfloat16")),
-    ("2x3x4x5", "feature", ((2, 3, 4, 5), "torch.float32")),
-    ("resnet18:fp16", "lipschitz", ((), "torch.float16")),
-])
+@pytest.mark.parametrize(
+    "spec, op, expected",
+    [
+        ("8192x32000:bf16", "kd", ((8192, 32000), "torch.bfloat16")),
+        ("2x3x4x5", "feature", ((2, 3, 4, 5), "torch.float32")),
+        ("resnet18:fp16", "lipschitz", ((), "torch.float16")),
+    ],
+)
 def test_parse_spec(spec, op, expected):
     shape, dtype = bench.parse_spec(spec, op)
     assert (shape, str(dtype)) == expected
 
 
-@pytest.mark.parametrize("spec, op, message", [
-    ("8x16x2", "kd", "ROWSxVOCAB"),
-    ("2x3x4", "feature", "NxCxHxW"),
-    ("2x0x4x4", "feature", "NxCxHxW"),
-    ("resnet50", "lipschitz", "resnet18"),
-    ("8x16:fp8", "kd", "dtype"),
-])
+@pytest.mark.parametrize(
+    "spec, op, message",
+    [
+        ("8x16x2", "kd", "ROWSxVOCAB"),
+        ("2x3x4", "feature", "NxCxHxW"),
+        ("2x0x4x4", "feature", "NxCxHxW"),
+        ("resnet50", "lipschitz", "resnet18"),
+        ("8x16:fp8", "kd", "dtype"),
+    ],
+)
 def test_bad_specs_say_the_form(spec, op, message):
     with pytest.raises(ValueError, match=message):
         bench.parse_spec(spec, op)
@@ -49,20 +56,38 @@ def test_all_ops_take_no_shapes(capsys):
 
 def test_plot_draws_every_op_of_a_report(tmp_path):
     pytest.importorskip("matplotlib")
-    result = dict(implementation="fastkd", forward_ms=1.0, forward_backward_ms=2.0, graph_ms=None,
-                  peak_extra_mib=0.0, roofline_pct=50.0, max_rel_error=1e-7, within_tolerance=True, note="")
-    report = {"environment": {"device": "cpu"}, "results": {
-        "kd": [dict(result, shape="256x100"), dict(result, shape="1024x1000", forward_backward_ms=3.0),
-               dict(result, shape="1024x1000", implementation="torch eager", forward_backward_ms=9.0)],
-        "feature": [dict(result, shape="2x3x4x4:fp32")],
-        "lipschitz": [dict(result, shape="resnet18:fp32", forward_backward_ms=None)]}}
+    result = dict(
+        implementation="fastkd",
+        forward_ms=1.0,
+        forward_backward_ms=2.0,
+        graph_ms=None,
+        peak_extra_mib=0.0,
+        roofline_pct=50.0,
+        max_rel_error=1e-7,
+        within_tolerance=True,
+        note="",
+    )
+    report = {
+        "environment": {"device": "cpu"},
+        "results": {
+            "kd": [
+                dict(result, shape="256x100"),
+                dict(result, shape="1024x1000", forward_backward_ms=3.0),
+                dict(result, shape="1024x1000", implementation="torch eager", forward_backward_ms=9.0),
+            ],
+            "feature": [dict(result, shape="2x3x4x4:fp32")],
+            "lipschitz": [dict(result, shape="resnet18:fp32", forward_backward_ms=None)],
+        },
+    }
     path = tmp_path / "bench.png"
     bench.plot(report, str(path))
     assert path.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("shapes, expected", [(None, ["resnet18:bf16"]), (["resnet18"], ["resnet18:bf16"]),
-                                              (["resnet18:fp32"], ["resnet18:fp32"])])
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [(None, ["resnet18:bf16"]), (["resnet18"], ["resnet18:bf16"]), (["resnet18:fp32"], ["resnet18:fp32"])],
+)
 def test_dtype_applies_to_default_shapes_and_to_shapes_without_one(monkeypatch, shapes, expected):
     seen = []
     monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 30.0)

@@ -1,4 +1,5 @@
 """fastkd demo: the training loop runs end to end (one seed, few epochs) and reports every column."""
+
 import io
 import json
 
@@ -40,12 +41,15 @@ def test_training_set_can_be_cut_to_a_number_per_class():
     assert not {tuple(row.tolist()) for row in splits["test"].x} & {tuple(r.tolist()) for r in splits["train"].x}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--seeds", "0"], "seeds must be an integer"),
-    (["demo", "--epochs", "0"], "epochs must be an integer"),
-    (["demo", "--temperature", "-1"], "temperature must be a finite positive"),
-    (["demo", "--alpha", "1.5"], "alpha must lie in"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--seeds", "0"], "seeds must be an integer"),
+        (["demo", "--epochs", "0"], "epochs must be an integer"),
+        (["demo", "--temperature", "-1"], "temperature must be a finite positive"),
+        (["demo", "--alpha", "1.5"], "alpha must lie in"),
+    ],
+)
 def test_demo_command_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)

@@ -1,5 +1,6 @@
 """fastkd.Distiller: hooks, the frozen teacher, state_dict, the loss terms and their reduction, schedules,
 autocast, torch.compile of the student, and DDP (two CPU processes with gloo)."""
+
 import copy
 import io
 import os
@@ -12,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastkd
-from conftest import assert_rel_close
 from fastkd import schedules
 from fastkd.distiller import DKD, KD, CrossEntropy, Custom, Distiller, Features, London
+
+from conftest import assert_rel_close
 
 CLASSES = 7
 
@@ -81,9 +83,16 @@ def test_default_terms_are_kd_and_metrics_come_with_the_output():
 def test_terms_are_weighted_and_share_one_divisor_of_counted_rows():
     student, teacher = make_pair()
     x, y = batch(ignored=(0, 3))
-    distiller = Distiller(student, teacher, terms={"ce": CrossEntropy(0.1), "kd": KD(0.9, temperature=2.0),
-                                                   "dkd": DKD(0.5, beta=2.0),
-                                                   "smooth": CrossEntropy(0.2, label_smoothing=0.3)})
+    distiller = Distiller(
+        student,
+        teacher,
+        terms={
+            "ce": CrossEntropy(0.1),
+            "kd": KD(0.9, temperature=2.0),
+            "dkd": DKD(0.5, beta=2.0),
+            "smooth": CrossEntropy(0.2, label_smoothing=0.3),
+        },
+    )
     out = distiller(x, y)
     s, t = student(x), teacher(x).detach()
     counted = y != -100
@@ -98,8 +107,9 @@ def test_a_custom_ignore_index_skips_those_rows_in_every_term_and_in_the_divisor
     student, teacher = make_pair()
     x, y = batch(ignored=())
     y[[1, 4, 5]] = -1
-    distiller = Distiller(student, teacher, ignore_index=-1,
-                          terms={"ce": CrossEntropy(), "kd": KD(temperature=2.0), "dkd": DKD(beta=2.0)})
+    distiller = Distiller(
+        student, teacher, ignore_index=-1, terms={"ce": CrossEntropy(), "kd": KD(temperature=2.0), "dkd": DKD(beta=2.0)}
+    )
     assert distiller.counted_rows(y).item() == 6
     out = distiller(x, y)
     s, t = student(x), teacher(x).detach()
@@ -133,8 +143,11 @@ def test_hooks_capture_nested_module_paths():
         captured["t"] = batch_.teacher_features["blocks.0"][-1]
         return batch_.student_logits.sum() * 0
 
-    distiller = Distiller(student, teacher, terms={
-        "hint": Features("blocks.1.mlp.0", "blocks.0", adapter=nn.Linear(12, 20)), "probe": record})
+    distiller = Distiller(
+        student,
+        teacher,
+        terms={"hint": Features("blocks.1.mlp.0", "blocks.0", adapter=nn.Linear(12, 20)), "probe": record},
+    )
     distiller(batch()[0])
     assert captured["s"] is seen["s"] and captured["t"] is seen["t"]
     assert all(not outputs for store in distiller._capture.outputs.values() for outputs in store.values())
@@ -146,8 +159,16 @@ def test_a_module_called_twice_records_both_calls_and_call_picks_one():
     calls = []
     student.blocks[1].register_forward_hook(lambda m, a, o: calls.append(o))
     picked = {}
-    terms = {f"call{c}": Features("blocks.1", "blocks.1", adapter=nn.Identity(), call=c,
-                                  loss=lambda s, t, c=c: picked.setdefault(c, s).sum() * 0) for c in (0, -1)}
+    terms = {
+        f"call{c}": Features(
+            "blocks.1",
+            "blocks.1",
+            adapter=nn.Identity(),
+            call=c,
+            loss=lambda s, t, c=c: picked.setdefault(c, s).sum() * 0,
+        )
+        for c in (0, -1)
+    }
     distiller = Distiller(student, Net(12), terms=terms)
     distiller(x)
     assert len(calls) == 2
@@ -160,8 +181,9 @@ def test_a_module_called_twice_records_both_calls_and_call_picks_one():
 def test_features_term_matches_mse_of_the_auto_adapter_output():
     student, teacher = make_pair()
     x = batch()[0]
-    distiller = Distiller(student, teacher, terms={"hint": Features("blocks", "blocks", weight=2.0)},
-                          example_inputs=x[:3])
+    distiller = Distiller(
+        student, teacher, terms={"hint": Features("blocks", "blocks", weight=2.0)}, example_inputs=x[:3]
+    )
     adapter = distiller.adapters["hint"]
     assert isinstance(adapter.project, nn.Linear) and adapter.project.in_features == 12
     out = distiller(x)
@@ -175,9 +197,12 @@ def test_features_term_matches_mse_of_the_auto_adapter_output():
 def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient():
     student, teacher = make_pair()
     teacher.train()
-    distiller = Distiller(student, teacher, terms={"ce": CrossEntropy(), "kd": KD(),
-                                                   "hint": Features("blocks", "blocks")},
-                          example_inputs=batch()[0])
+    distiller = Distiller(
+        student,
+        teacher,
+        terms={"ce": CrossEntropy(), "kd": KD(), "hint": Features("blocks", "blocks")},
+        example_inputs=batch()[0],
+    )
     distiller.train()
     assert distiller.student.training and not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -252,8 +277,7 @@ def test_state_dict_holds_student_adapters_and_schedule_step_but_not_the_teacher
 def test_distiller_pickles_and_deep_copies_with_its_hooks():
     student, teacher = make_pair()
     x, y = batch()
-    distiller = Distiller(student, teacher, terms={"kd": KD(), "hint": Features("blocks", "blocks")},
-                          example_inputs=x)
+    distiller = Distiller(student, teacher, terms={"kd": KD(), "hint": Features("blocks", "blocks")}, example_inputs=x)
     expected = distiller(x, y).loss
     buffer = io.BytesIO()
     torch.save(distiller, buffer)
@@ -284,10 +308,13 @@ def test_outputs_mode_reads_features_the_models_return():
 
     student, teacher = make_pair()
     x, y = batch()
-    by_hooks = Distiller(student, teacher, terms={"kd": KD(), "hint": Features("blocks", "blocks")},
-                         example_inputs=x)
-    by_outputs = Distiller(WithFeatures(student), WithFeatures(teacher), capture="outputs",
-                           terms={"kd": KD(), "hint": Features("h", "h", adapter=by_hooks.adapters["hint"])})
+    by_hooks = Distiller(student, teacher, terms={"kd": KD(), "hint": Features("blocks", "blocks")}, example_inputs=x)
+    by_outputs = Distiller(
+        WithFeatures(student),
+        WithFeatures(teacher),
+        capture="outputs",
+        terms={"kd": KD(), "hint": Features("h", "h", adapter=by_hooks.adapters["hint"])},
+    )
     a, b = by_hooks(x, y), by_outputs(x, y)
     for name in ("kd", "hint"):
         assert_rel_close(b.losses[name], a.losses[name], 1e-6)
@@ -298,9 +325,14 @@ def test_outputs_mode_reads_features_the_models_return():
 def test_schedules_weight_the_terms_at_the_distiller_step():
     student, teacher = make_pair()
     x, y = batch()
-    distiller = Distiller(student, teacher, terms={
-        "kd": KD(schedules.Linear(1.0, 0.0, steps=4), temperature=schedules.Step(4.0, [2], gamma=0.5)),
-        "dkd": DKD(schedules.Warmup(2))})
+    distiller = Distiller(
+        student,
+        teacher,
+        terms={
+            "kd": KD(schedules.Linear(1.0, 0.0, steps=4), temperature=schedules.Step(4.0, [2], gamma=0.5)),
+            "dkd": DKD(schedules.Warmup(2)),
+        },
+    )
     s, t = student(x), teacher(x).detach()
     for step in range(4):
         out = distiller(x, y)
@@ -358,8 +390,12 @@ def test_a_batch_with_every_row_ignored_gives_zero_loss_and_zero_gradient():
 def test_autocast_with_grad_scaler_stays_close_to_float32(dtype):
     student, teacher = make_pair()
     x, y = batch()
-    distiller = Distiller(student, teacher, terms={"ce": CrossEntropy(0.5), "kd": KD(0.5),
-                                                   "hint": Features("blocks", "blocks")}, example_inputs=x)
+    distiller = Distiller(
+        student,
+        teacher,
+        terms={"ce": CrossEntropy(0.5), "kd": KD(0.5), "hint": Features("blocks", "blocks")},
+        example_inputs=x,
+    )
     full = distiller(x, y)
     with torch.autocast("cpu", dtype=dtype):
         mixed = distiller(x, y)
@@ -400,21 +436,27 @@ def test_custom_terms_and_plain_callables_are_weighted_terms():
     assert out.losses["zero"].item() == 0.0
 
 
-@pytest.mark.parametrize("make, error, message", [
-    (lambda s, t: Distiller(s, teacher=None), TypeError, "teacher must be an nn.Module"),
-    (lambda s, t: Distiller(s, t, terms={}), ValueError, "at least one"),
-    (lambda s, t: Distiller(s, t, terms={"a.b": KD()}), ValueError, "without '.'"),
-    (lambda s, t: Distiller(s, t, terms={"x": 3}), TypeError, "term 'x'"),
-    (lambda s, t: Distiller(s, t, capture="grads"), ValueError, "capture"),
-    (lambda s, t: Distiller(s, t, terms={"h": Features("blocks.9", "blocks")}), ValueError,
-     "student has no module 'blocks.9'"),
-    (lambda s, t: Distiller(s, t, terms={"h": Features("blocks", "blocks")}), ValueError, "needs example_inputs"),
-    (lambda s, t: Features("a", "b", adapter="conv"), ValueError, "adapter"),
-    (lambda s, t: KD(temperature=0.0), ValueError, "temperature"),
-    (lambda s, t: KD(weight="high"), TypeError, "weight"),
-    (lambda s, t: Distiller(s, t, ignore_index=1.5), TypeError, "ignore_index must be an int"),
-    (lambda s, t: Distiller(s, t, ignore_index=True), TypeError, "ignore_index must be an int"),
-])
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda s, t: Distiller(s, teacher=None), TypeError, "teacher must be an nn.Module"),
+        (lambda s, t: Distiller(s, t, terms={}), ValueError, "at least one"),
+        (lambda s, t: Distiller(s, t, terms={"a.b": KD()}), ValueError, "without '.'"),
+        (lambda s, t: Distiller(s, t, terms={"x": 3}), TypeError, "term 'x'"),
+        (lambda s, t: Distiller(s, t, capture="grads"), ValueError, "capture"),
+        (
+            lambda s, t: Distiller(s, t, terms={"h": Features("blocks.9", "blocks")}),
+            ValueError,
+            "student has no module 'blocks.9'",
+        ),
+        (lambda s, t: Distiller(s, t, terms={"h": Features("blocks", "blocks")}), ValueError, "needs example_inputs"),
+        (lambda s, t: Features("a", "b", adapter="conv"), ValueError, "adapter"),
+        (lambda s, t: KD(temperature=0.0), ValueError, "temperature"),
+        (lambda s, t: KD(weight="high"), TypeError, "weight"),
+        (lambda s, t: Distiller(s, t, ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (lambda s, t: Distiller(s, t, ignore_index=True), TypeError, "ignore_index must be an int"),
+    ],
+)
 def test_bad_configuration_names_the_problem(make, error, message):
     student, teacher = make_pair()
     with pytest.raises(error, match=message):
@@ -437,7 +479,7 @@ def test_label_terms_without_labels_and_shape_mismatches_are_errors():
 
 # the ignored rows of each DDP scenario; rank 0 takes rows 0..5 of the 10, rank 1 rows 6..9
 DDP_SCENARIOS = {
-    "unequal_counts": (2, 7),            # rank 0 counts 5 rows, rank 1 counts 3: each rank's own count is wrong
+    "unequal_counts": (2, 7),  # rank 0 counts 5 rows, rank 1 counts 3: each rank's own count is wrong
     "rank1_fully_ignored": (2, 6, 7, 8, 9),  # rank 1 counts no row, and contributes 0
 }
 DDP_TERMS = {"ce": CrossEntropy(0.3), "kd": KD(0.7, temperature=2.0)}
@@ -449,16 +491,21 @@ def _ddp_worker(rank, world, init_file, out_dir):
         for name, ignored in DDP_SCENARIOS.items():
             student, teacher = make_pair()
             model = nn.parallel.DistributedDataParallel(
-                Distiller(student, teacher, terms=DDP_TERMS, normalize_across_ranks=True))
+                Distiller(student, teacher, terms=DDP_TERMS, normalize_across_ranks=True)
+            )
             x, y = batch(rows=10, ignored=ignored)
             mine = slice(0, 6) if rank == 0 else slice(6, 10)
             out = model(x[mine], y[mine])
             out.loss.backward()
-            torch.save({"loss": out.loss.detach(), "grads": grads(student)},
-                       os.path.join(out_dir, f"{name}-rank{rank}.pt"))
+            torch.save(
+                {"loss": out.loss.detach(), "grads": grads(student)}, os.path.join(out_dir, f"{name}-rank{rank}.pt")
+            )
         student, teacher = make_pair()  # a student wrapped in DDP: hooks find the paths of the module inside
-        hint = Distiller(nn.parallel.DistributedDataParallel(student), teacher,
-                         terms={"hint": Features("blocks", "blocks", adapter=hint_adapter())})
+        hint = Distiller(
+            nn.parallel.DistributedDataParallel(student),
+            teacher,
+            terms={"hint": Features("blocks", "blocks", adapter=hint_adapter())},
+        )
         torch.save(hint(batch(rows=10)[0][rank::2]).loss.detach(), os.path.join(out_dir, f"hint-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -518,8 +565,8 @@ def test_features_of_a_ddp_wrapped_student_are_captured_by_their_module_paths(dd
 
 def test_the_readme_example_runs(tmp_path, monkeypatch):
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    section = readme[readme.index("## Train with a Distiller"):]
-    example = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python"))]
+    section = readme[readme.index("## Train with a Distiller") :]
+    example = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
 
     class Model(nn.Module):
         def __init__(self, width):
@@ -554,8 +601,15 @@ def test_a_teacher_returning_k_logits_is_an_ensemble():
     x, y = batch()
     weights = [0.5, 0.3, 0.2]
     out = Distiller(student, teacher, terms={"kd": KD(teacher_weights=weights, ensemble="logit")})(x, y)
-    expected, stats = fastkd.kd_loss(student(x), teacher(x).detach(), temperature=4.0, labels=y,
-                                     teacher_weights=weights, ensemble="logit", return_stats=True)
+    expected, stats = fastkd.kd_loss(
+        student(x),
+        teacher(x).detach(),
+        temperature=4.0,
+        labels=y,
+        teacher_weights=weights,
+        ensemble="logit",
+        return_stats=True,
+    )
     assert_rel_close(out.loss, expected, 1e-5)
     assert out.metrics.keys() == stats.keys()  # against the ensemble's distribution at T = 1
     for key in stats:
@@ -565,8 +619,15 @@ def test_a_teacher_returning_k_logits_is_an_ensemble():
 def test_london_term_reads_the_stage_features_and_matches_london_loss():
     def convnet(width):
         torch.manual_seed(width)
-        return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, stride=2),
-                             nn.ReLU(), nn.Conv2d(2 * width, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 4, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
 
     student, teacher = convnet(4), convnet(6)
     x = torch.randn(3, 3, 8, 8)
@@ -627,13 +688,16 @@ def test_a_step_without_counted_rows_gives_zero_losses_not_nan():
         assert all(value.item() == 0.0 for value in out.losses.values())
 
 
-@pytest.mark.parametrize("normalizer, error, message", [
-    (torch.tensor(-3.0), ValueError, "normalizer must be finite and ≥ 0"),
-    (torch.tensor(float("nan")), ValueError, "normalizer must be finite and ≥ 0"),
-    (torch.ones(2), ValueError, "normalizer must be a number or a 0-d"),
-    (-3, ValueError, "normalizer must be a finite positive"),
-    ("8", TypeError, "normalizer must be a real number"),
-])
+@pytest.mark.parametrize(
+    "normalizer, error, message",
+    [
+        (torch.tensor(-3.0), ValueError, "normalizer must be finite and ≥ 0"),
+        (torch.tensor(float("nan")), ValueError, "normalizer must be finite and ≥ 0"),
+        (torch.ones(2), ValueError, "normalizer must be a number or a 0-d"),
+        (-3, ValueError, "normalizer must be a finite positive"),
+        ("8", TypeError, "normalizer must be a real number"),
+    ],
+)
 def test_a_bad_normalizer_is_refused_as_kd_loss_refuses_it(normalizer, error, message):
     student, teacher = make_pair()
     x, y = batch()

@@ -1,5 +1,6 @@
 """dkd_loss (Decoupled KD): the reference against float64 math written as the paper states it, the identity
 KD = TCKD + (1 − p_gt^t)·NCKD, stability where p_gt → 1, gradcheck, reductions and errors."""
+
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from conftest import assert_rel_close, backend_device, logits, skip_unless_available
 
+from conftest import assert_rel_close, backend_device, logits, skip_unless_available
 
 
 def float64_dkd_rows(s, t, labels, temperature, alpha, beta):
@@ -22,7 +23,7 @@ def float64_dkd_rows(s, t, labels, temperature, alpha, beta):
     hat_s = F.softmax(s.masked_fill(gt, -math.inf), -1)
     hat_t = F.softmax(t.masked_fill(gt, -math.inf), -1)
     nckd = (torch.xlogy(hat_t, hat_t) - torch.xlogy(hat_t, hat_s)).sum(-1)
-    return temperature ** 2 * (alpha * tckd + beta * nckd)
+    return temperature**2 * (alpha * tckd + beta * nckd)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
@@ -73,7 +74,8 @@ def test_reference_gradcheck_float64(gen):
     t = logits(gen, (4, 7), dtype=torch.float64).requires_grad_(True)
     labels = torch.tensor([0, 3, -100, 6])
     assert torch.autograd.gradcheck(
-        lambda s, t: fastkd.dkd_loss(s, t, labels, alpha=0.7, beta=2.0, temperature=2.0, ce_weight=0.3), (s, t))
+        lambda s, t: fastkd.dkd_loss(s, t, labels, alpha=0.7, beta=2.0, temperature=2.0, ce_weight=0.3), (s, t)
+    )
 
 
 def test_reductions_and_ignored_rows(gen):
@@ -89,17 +91,23 @@ def test_reductions_and_ignored_rows(gen):
     assert not s.grad[[1, 4]].any()
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(labels=None), ValueError, "dkd_loss needs labels"),
-    (dict(student_logits=torch.zeros(2, 1), teacher_logits=torch.zeros(2, 1), labels=torch.tensor([0, 0])),
-     ValueError, "at least 2 classes"),
-    (dict(alpha=math.nan), ValueError, "alpha"),
-    (dict(beta="8"), TypeError, "beta must be a real number"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(labels=torch.tensor([0, 5])), ValueError, r"labels must lie in \[0, 5\)"),
-    (dict(backend="reference", labels=torch.tensor([0, 5])), ValueError, "labels must lie in"),
-    (dict(reduction="mean"), ValueError, "batchmean"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(labels=None), ValueError, "dkd_loss needs labels"),
+        (
+            dict(student_logits=torch.zeros(2, 1), teacher_logits=torch.zeros(2, 1), labels=torch.tensor([0, 0])),
+            ValueError,
+            "at least 2 classes",
+        ),
+        (dict(alpha=math.nan), ValueError, "alpha"),
+        (dict(beta="8"), TypeError, "beta must be a real number"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(labels=torch.tensor([0, 5])), ValueError, r"labels must lie in \[0, 5\)"),
+        (dict(backend="reference", labels=torch.tensor([0, 5])), ValueError, "labels must lie in"),
+        (dict(reduction="mean"), ValueError, "batchmean"),
+    ],
+)
 def test_bad_input_raises_a_clear_error(kwargs, error, match):
     args = dict(student_logits=torch.zeros(2, 5), teacher_logits=torch.zeros(2, 5), labels=torch.tensor([0, 1]))
     args.update(kwargs)
@@ -160,8 +168,18 @@ def test_batchmean_with_a_custom_ignore_index_divides_by_the_counted_rows(gen, b
     labels = torch.randint(0, 9, (7,), generator=gen)
     labels[[1, 4]] = -1
     counted = labels != -1
-    got = fastkd.dkd_loss(s.to(device), t.to(device), labels.to(device), ignore_index=-1, temperature=2.0,
-                          backend=backend)
-    want = fastkd.dkd_loss(s[counted].double(), t[counted].double(), labels[counted], temperature=2.0,
-                           reduction="sum", backend="reference") / 5
+    got = fastkd.dkd_loss(
+        s.to(device), t.to(device), labels.to(device), ignore_index=-1, temperature=2.0, backend=backend
+    )
+    want = (
+        fastkd.dkd_loss(
+            s[counted].double(),
+            t[counted].double(),
+            labels[counted],
+            temperature=2.0,
+            reduction="sum",
+            backend="reference",
+        )
+        / 5
+    )
     assert_rel_close(got, want, 1e-5)

@@ -1,5 +1,6 @@
 """fastkd.feature_loss: the Triton kernels against the reference over kinds, normalisations, layouts, masks and
 dtypes; the reference against float64 and gradcheck; OFD margin; FEED; errors."""
+
 import functools
 
 import pytest
@@ -8,16 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastkd
-from conftest import DEVICE, assert_rel_close, skip_unless_available
 from fastkd import features, reference
 
+from conftest import DEVICE, assert_rel_close, skip_unless_available
+
 BACKENDS = ["triton", "cpu", "reference"]
-SUPPORTED = [(kind, norm) for kind in features.KINDS for norm in features.NORMALIZATIONS
-             if not (kind == "cosine" and norm in ("channel", "sample"))]
+SUPPORTED = [
+    (kind, norm)
+    for kind in features.KINDS
+    for norm in features.NORMALIZATIONS
+    if not (kind == "cosine" and norm in ("channel", "sample"))
+]
 # (shape, channel_dim, mask shape or None, mask kind): maps with a spatial bool mask, channel-last tokens with a
 # float token mask, vectors without a mask, a 5-d map with a per-channel mask (where the kind allows it)
-LAYOUTS = [((2, 3, 4, 5), 1, (2, 1, 4, 5), "bool"), ((2, 6, 5), -1, (2, 6, 1), "float"), ((4, 7), 1, None, None),
-           ((2, 3, 2, 2, 3), 1, (3, 1, 1, 1), "float")]
+LAYOUTS = [
+    ((2, 3, 4, 5), 1, (2, 1, 4, 5), "bool"),
+    ((2, 6, 5), -1, (2, 6, 1), "float"),
+    ((4, 7), 1, None, None),
+    ((2, 3, 2, 2, 3), 1, (3, 1, 1, 1), "float"),
+]
 
 
 def make(shape, dtype=torch.float32, seed=0, device=DEVICE):
@@ -54,14 +64,25 @@ def run(student, teacher, backend, teacher_grad=True, **options):
     return loss.detach(), s.grad, t.grad
 
 
-@pytest.mark.parametrize("kind, normalize, layout", [
-    pytest.param(kind, normalize, layout, id=f"{kind}-{normalize}-{len(layout[0])}d-{layout[3]}")
-    for kind, normalize in SUPPORTED for layout in LAYOUTS if layout_applies(kind, normalize, layout)])
+@pytest.mark.parametrize(
+    "kind, normalize, layout",
+    [
+        pytest.param(kind, normalize, layout, id=f"{kind}-{normalize}-{len(layout[0])}d-{layout[3]}")
+        for kind, normalize in SUPPORTED
+        for layout in LAYOUTS
+        if layout_applies(kind, normalize, layout)
+    ],
+)
 def test_kernel_matches_reference(kernel, kind, normalize, layout):
     shape, channel_dim, mask_shape, mask_kind = layout
     student, teacher = make(shape, device=kernel.device), make(shape, seed=1, device=kernel.device)
-    options = dict(kind=kind, normalize=normalize, channel_dim=channel_dim, beta=0.7,
-                   mask=make_mask(mask_shape, mask_kind, device=kernel.device))
+    options = dict(
+        kind=kind,
+        normalize=normalize,
+        channel_dim=channel_dim,
+        beta=0.7,
+        mask=make_mask(mask_shape, mask_kind, device=kernel.device),
+    )
     got = run(student, teacher, kernel.backend, **options)
     want = run(student, teacher, "reference", **options)
     for name, a, b in zip(("loss", "grad student", "grad teacher"), got, want):
@@ -98,6 +119,7 @@ def test_reference_gradcheck_in_float64(kind, normalize):
 
     def loss(s, t):
         return fastkd.feature_loss(s, t, kind=kind, normalize=normalize, mask=mask, beta=0.5, backend="reference")
+
     assert torch.autograd.gradcheck(loss, (student, teacher))
 
 
@@ -105,8 +127,9 @@ def test_reference_gradcheck_with_a_margin():
     student = make((2, 3, 2, 2), torch.float64, device="cpu").requires_grad_()
     teacher = make((2, 3, 2, 2), torch.float64, seed=1, device="cpu").requires_grad_()
     margin = torch.tensor([-0.3, 0.1, -1.0], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda s, t: fastkd.feature_loss(s, t, margin=margin, backend="reference"),
-                                    (student, teacher))
+    assert torch.autograd.gradcheck(
+        lambda s, t: fastkd.feature_loss(s, t, margin=margin, backend="reference"), (student, teacher)
+    )
 
 
 @pytest.mark.parametrize("kind", ["mse", "l1", "smooth_l1"])
@@ -129,8 +152,14 @@ def test_margin_matches_reference_and_the_ofd_formula(kernel, kind):
 @pytest.mark.parametrize("kind, normalize", [("mse", "channel"), ("cosine", None), ("l1", "sample")])
 def test_fully_masked_input_gives_zero_loss_and_zero_gradient(backend, kind, normalize):
     student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
-    loss, grad_s, grad_t = run(student, teacher, backend, kind=kind, normalize=normalize,
-                               mask=torch.zeros(2, 1, 4, 4, dtype=torch.bool, device=DEVICE))
+    loss, grad_s, grad_t = run(
+        student,
+        teacher,
+        backend,
+        kind=kind,
+        normalize=normalize,
+        mask=torch.zeros(2, 1, 4, 4, dtype=torch.bool, device=DEVICE),
+    )
     assert loss.item() == 0.0
     assert torch.equal(grad_s, torch.zeros_like(grad_s)) and torch.equal(grad_t, torch.zeros_like(grad_t))
 
@@ -162,8 +191,9 @@ def test_mean_without_mask_is_torch_mse_loss():
 def test_cosine_with_channel_standardisation_runs_the_reference():
     student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
     auto = fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel")
-    assert_rel_close(auto, fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel",
-                                               backend="reference"), 1e-6)
+    assert_rel_close(
+        auto, fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel", backend="reference"), 1e-6
+    )
     for backend in ("triton", "cpu"):
         with pytest.raises(RuntimeError, match=f"no '{backend}' backend"):
             fastkd.feature_loss(student, teacher, kind="cosine", normalize="channel", backend=backend)
@@ -174,10 +204,14 @@ def test_feature_loss_compiles_fullgraph(backend):
     skip_unless_available(backend)
     device = DEVICE if backend == "triton" else "cpu"
     student, teacher = make((2, 3, 4, 4), device=device), make((2, 3, 4, 4), seed=1, device=device)
-    compiled = torch.compile(functools.partial(fastkd.feature_loss, normalize="channel", backend=backend),
-                             fullgraph=True)
-    assert_rel_close(compiled(student, teacher),
-                     fastkd.feature_loss(student, teacher, normalize="channel", backend="reference"), 1e-5)
+    compiled = torch.compile(
+        functools.partial(fastkd.feature_loss, normalize="channel", backend=backend), fullgraph=True
+    )
+    assert_rel_close(
+        compiled(student, teacher),
+        fastkd.feature_loss(student, teacher, normalize="channel", backend="reference"),
+        1e-5,
+    )
 
 
 def test_ofd_margin_is_the_conditional_mean_of_the_negative_part():
@@ -199,8 +233,9 @@ def test_feed_sums_weighted_losses_of_one_adapter_per_teacher():
     student = make((2, 4, 4, 4), device="cpu")
     teachers = [make((2, 8, 4, 4), seed=1, device="cpu"), make((2, 6, 2, 2), seed=2, device="cpu")]
     feed = fastkd.FEED(student, teachers, weights=[0.7, 0.3])
-    expected = sum(w * fastkd.feature_loss(a(student), t, normalize="l2")
-                   for w, a, t in zip([0.7, 0.3], feed.adapters, teachers))
+    expected = sum(
+        w * fastkd.feature_loss(a(student), t, normalize="l2") for w, a, t in zip([0.7, 0.3], feed.adapters, teachers)
+    )
     loss = feed(student, teachers)
     assert_rel_close(loss, expected, 1e-6)
     loss.backward()
@@ -209,23 +244,29 @@ def test_feed_sums_weighted_losses_of_one_adapter_per_teacher():
         feed(student, teachers[:1])
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda s, t: fastkd.feature_loss(s, t[:1]), ValueError, "same shape"),
-    (lambda s, t: fastkd.feature_loss(s, t.int()), TypeError, "teacher_feat must be a floating-point"),
-    (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(5, 1, 1)), ValueError, "does not broadcast"),
-    (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(1, 2, 3, 4, 4)), ValueError, "enlarge"),
-    (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(2, 3, 1, 1, dtype=torch.int64)), TypeError, "mask"),
-    (lambda s, t: fastkd.feature_loss(s, t, kind="huber"), ValueError, "kind"),
-    (lambda s, t: fastkd.feature_loss(s, t, normalize="batch"), ValueError, "normalize"),
-    (lambda s, t: fastkd.feature_loss(s, t, reduction="none"), ValueError, "reduction"),
-    (lambda s, t: fastkd.feature_loss(s, t, kind="smooth_l1", beta=0.0), ValueError, "beta"),
-    (lambda s, t: fastkd.feature_loss(s, t, margin=torch.zeros(4)), ValueError, r"shape \(C,\) = \(3,\)"),
-    (lambda s, t: fastkd.feature_loss(s, t, margin=torch.zeros(3), normalize="l2"), ValueError, "normalize=None"),
-    (lambda s, t: fastkd.feature_loss(s, t, kind="cosine", mask=torch.ones(3, 1, 1)), ValueError,
-     "constant along the channels"),
-    (lambda s, t: fastkd.feature_loss(s, t, channel_dim=0), ValueError, "channel_dim"),
-    (lambda s, t: fastkd.feature_loss(s[:, :, 0, 0], t[:, :, 0, 0], normalize="channel"), ValueError, "none"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda s, t: fastkd.feature_loss(s, t[:1]), ValueError, "same shape"),
+        (lambda s, t: fastkd.feature_loss(s, t.int()), TypeError, "teacher_feat must be a floating-point"),
+        (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(5, 1, 1)), ValueError, "does not broadcast"),
+        (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(1, 2, 3, 4, 4)), ValueError, "enlarge"),
+        (lambda s, t: fastkd.feature_loss(s, t, mask=torch.ones(2, 3, 1, 1, dtype=torch.int64)), TypeError, "mask"),
+        (lambda s, t: fastkd.feature_loss(s, t, kind="huber"), ValueError, "kind"),
+        (lambda s, t: fastkd.feature_loss(s, t, normalize="batch"), ValueError, "normalize"),
+        (lambda s, t: fastkd.feature_loss(s, t, reduction="none"), ValueError, "reduction"),
+        (lambda s, t: fastkd.feature_loss(s, t, kind="smooth_l1", beta=0.0), ValueError, "beta"),
+        (lambda s, t: fastkd.feature_loss(s, t, margin=torch.zeros(4)), ValueError, r"shape \(C,\) = \(3,\)"),
+        (lambda s, t: fastkd.feature_loss(s, t, margin=torch.zeros(3), normalize="l2"), ValueError, "normalize=None"),
+        (
+            lambda s, t: fastkd.feature_loss(s, t, kind="cosine", mask=torch.ones(3, 1, 1)),
+            ValueError,
+            "constant along the channels",
+        ),
+        (lambda s, t: fastkd.feature_loss(s, t, channel_dim=0), ValueError, "channel_dim"),
+        (lambda s, t: fastkd.feature_loss(s[:, :, 0, 0], t[:, :, 0, 0], normalize="channel"), ValueError, "none"),
+    ],
+)
 def test_bad_arguments_name_what_is_wrong(call, error, message):
     with pytest.raises(error, match=message):
         call(make((2, 3, 4, 4), device="cpu"), make((2, 3, 4, 4), seed=1, device="cpu"))
@@ -233,16 +274,18 @@ def test_bad_arguments_name_what_is_wrong(call, error, message):
 
 def test_reference_terms_follow_the_documented_formula():
     student, teacher = make((1, 2, 3), device="cpu"), make((1, 2, 3), seed=1, device="cpu")
-    terms, weights = reference.feature_loss_terms(student, teacher, torch.ones(1, 2, 3), kind="smooth_l1", beta=1.0,
-                                                  normalize=None, margin=None)
+    terms, weights = reference.feature_loss_terms(
+        student, teacher, torch.ones(1, 2, 3), kind="smooth_l1", beta=1.0, normalize=None, margin=None
+    )
     diff = (student - teacher).abs()
-    assert_rel_close(terms, torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5), 1e-6)
+    assert_rel_close(terms, torch.where(diff < 1, 0.5 * diff**2, diff - 0.5), 1e-6)
     assert torch.equal(weights, torch.ones(1, 2, 3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind, normalize", [("mse", None), ("mse", "channel"), ("l1", "sample"), ("mse", "l2"),
-                                             ("cosine", None)])
+@pytest.mark.parametrize(
+    "kind, normalize", [("mse", None), ("mse", "channel"), ("l1", "sample"), ("mse", "l2"), ("cosine", None)]
+)
 def test_nan_and_inf_in_masked_out_elements_reach_neither_loss_nor_gradient(backend, kind, normalize):
     student, teacher = make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1)
     student[0, :, 0, 0] = float("nan")
@@ -250,8 +293,9 @@ def test_nan_and_inf_in_masked_out_elements_reach_neither_loss_nor_gradient(back
     mask = torch.ones(2, 1, 4, 4, dtype=torch.bool, device=DEVICE)
     mask[0, :, 0, 0] = False
     loss, grad_s, grad_t = run(student, teacher, backend, kind=kind, normalize=normalize, mask=mask)
-    clean = run(torch.where(mask, student, 0), torch.where(mask, teacher, 0), backend, kind=kind,
-                normalize=normalize, mask=mask)
+    clean = run(
+        torch.where(mask, student, 0), torch.where(mask, teacher, 0), backend, kind=kind, normalize=normalize, mask=mask
+    )
     assert torch.isfinite(loss) and torch.isfinite(grad_s).all() and torch.isfinite(grad_t).all()
     for a, b in zip((loss, grad_s, grad_t), clean):
         assert_rel_close(a, b, 1e-6)
@@ -286,8 +330,7 @@ def test_cpu_kernel_gives_the_same_bits_for_any_thread_count(threads, normalize)
 
 def test_a_float64_mask_does_not_change_the_loss_dtype():
     student, teacher = make((2, 3, 4, 4), device="cpu"), make((2, 3, 4, 4), seed=1, device="cpu")
-    loss = fastkd.feature_loss(student, teacher, mask=torch.ones(2, 1, 4, 4, dtype=torch.float64),
-                               backend="reference")
+    loss = fastkd.feature_loss(student, teacher, mask=torch.ones(2, 1, 4, 4, dtype=torch.float64), backend="reference")
     assert loss.dtype == torch.float32
 
 
@@ -320,8 +363,11 @@ def test_a_mask_or_margin_that_requires_grad_gets_its_gradient(backend, which):
         skip_unless_available(backend)
     device = torch.device("cpu") if backend == "cpu" else DEVICE
     student, teacher = make((2, 4, 3, 3), device=device), make((2, 4, 3, 3), seed=1, device=device)
-    extra = make_mask((2, 1, 3, 3), "float", device=device) if which == "mask" else \
-        torch.randn(4, generator=torch.Generator().manual_seed(2)).to(device)
+    extra = (
+        make_mask((2, 1, 3, 3), "float", device=device)
+        if which == "mask"
+        else torch.randn(4, generator=torch.Generator().manual_seed(2)).to(device)
+    )
     grads = []
     for chosen in (backend, "reference"):
         leaf = extra.clone().requires_grad_(True)

@@ -5,6 +5,7 @@ errors that only the GPU code generator raises (a loop-carried variable changing
 representative set of their specialisations ahead of time, in a subprocess (the interpreter replaces
 ``triton.jit`` for the whole process once TRITON_INTERPRET=1 is set).
 """
+
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent(r'''
+SCRIPT = textwrap.dedent(r"""
     import re
 
     import triton
@@ -62,13 +63,14 @@ SCRIPT = textwrap.dedent(r'''
                  "stride_t_row": "i64", "stride_t_col": "i64", "stride_labels": "i64", "num_rows": "i64",
                  "num_teachers": "i32",
                  "ignore_index": "i64", **dict.fromkeys(scalars, "fp32")}
-    kd_forward = {"STUDENT": "*bf16", "TEACHER": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "LOSS": f32, "STATS": f32,
-                  "METRICS": f32, **kd_common}
-    kd_backward = {"STUDENT": "*bf16", "TEACHER": "*bf16", "WEIGHTS": f32, "LABELS": "*i64", "STATS": f32, "GRAD_LOSS": f32,
-                   "GRAD_S": "*bf16", "GRAD_T": "*bf16", "stride_grad_loss": "i64", **kd_common}
+    kd_rows = {"STUDENT": "*bf16", "TEACHER": "*bf16", "WEIGHTS": f32, "LABELS": "*i64"}
+    kd_forward = {**kd_rows, "LOSS": f32, "STATS": f32, "METRICS": f32, **kd_common}
+    kd_backward = {**kd_rows, "STATS": f32, "GRAD_LOSS": f32, "GRAD_S": "*bf16", "GRAD_T": "*bf16",
+                   "stride_grad_loss": "i64", **kd_common}
     # (DIVERGENCE, ENSEMBLE, TEACHERS): every divergence with one teacher, and both ensembles
-    cases = [(divergence, Ensemble.NONE, 1) for divergence in Divergence] + \
-        [(Divergence.KL, Ensemble.PROB, 4), (Divergence.JSD, Ensemble.PROB, 4), (Divergence.REVERSE_KL, Ensemble.LOGIT, 2)]
+    ensembles = [(Divergence.KL, Ensemble.PROB, 4), (Divergence.JSD, Ensemble.PROB, 4),
+                 (Divergence.REVERSE_KL, Ensemble.LOGIT, 2)]
+    cases = [(divergence, Ensemble.NONE, 1) for divergence in Divergence] + ensembles
     for divergence, ensemble, teachers in cases:
         options = dict(DIVERGENCE=int(divergence), HAS_LABELS=True, HAS_CE=True, HAS_KD=True, INTERIOR_BETA=True,
                        ENSEMBLE=int(ensemble), TEACHERS=teachers, BLOCK=128)
@@ -101,7 +103,7 @@ SCRIPT = textwrap.dedent(r'''
             compile_for(kd.kd_topk_backward_kernel, {**topk_backward, **dict.fromkeys(options, "constexpr")},
                         options, arch)
     print("compiled")
-''')
+""")
 
 
 def test_triton_kernels_compile_for_sm80_and_sm90():

@@ -7,6 +7,7 @@ tests/kd_cuda_row_harness.cpp against the reference; backend="cuda" refuses CPU 
 ``cuda``): the kernels against the reference over the case matrix, the Triton fallback for what they do not cover,
 and compute-sanitizer's memcheck on a small case.
 """
+
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import torch
 import fastkd
 from fastkd import cuda_backend, cuda_build, reference
 from fastkd.kernel_args import NUM_STATS, Divergence, KDOptions, kd_launch_args
+
 from conftest import assert_rel_close, logits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,6 +32,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 # ----------------------------------------------------------------------------------------------------------------
 # without a GPU
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def built_module(tmp_path_factory):
@@ -95,13 +98,24 @@ def harness(tmp_path_factory):
     if compiler is None:
         pytest.skip("needs a C++ compiler")
     exe = tmp_path_factory.mktemp("harness") / "kd_cuda_row_harness"
-    subprocess.run([compiler, "-std=c++17", "-O2", f"-I{os.path.join(HERE, '..', 'csrc')}",
-                    os.path.join(HERE, "kd_cuda_row_harness.cpp"), "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            compiler,
+            "-std=c++17",
+            "-O2",
+            f"-I{os.path.join(HERE, '..', 'csrc')}",
+            os.path.join(HERE, "kd_cuda_row_harness.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     return exe
 
 
-def run_harness(exe, tmp_path, s, t, labels, grad_loss, *, vec, divergence, temperature, kd_scale, ce_weight,
-                ignore_index=-100):
+def run_harness(
+    exe, tmp_path, s, t, labels, grad_loss, *, vec, divergence, temperature, kd_scale, ce_weight, ignore_index=-100
+):
     rows, cols = s.shape
     header = np.array([rows, cols, vec, divergence == "reverse_kl", labels is not None, ignore_index], np.int64)
     with open(tmp_path / "in.bin", "wb") as f:
@@ -136,8 +150,19 @@ def test_cuda_row_math_on_the_host_matches_the_reference(harness, tmp_path, gen,
     labels = torch.tensor([0, -100, num_cols - 1, num_cols // 2, 0])
     grad_loss = torch.rand(5, generator=gen) + 0.5
     options = dict(temperature=2.5, divergence=divergence, ce_weight=0.3, kd_weight=1.0)
-    loss, stats, grad_s, grad_t = run_harness(harness, tmp_path, s, t, labels, grad_loss, vec=vec,
-                                              divergence=divergence, temperature=2.5, kd_scale=6.25, ce_weight=0.3)
+    loss, stats, grad_s, grad_t = run_harness(
+        harness,
+        tmp_path,
+        s,
+        t,
+        labels,
+        grad_loss,
+        vec=vec,
+        divergence=divergence,
+        temperature=2.5,
+        kd_scale=6.25,
+        ce_weight=0.3,
+    )
     want, want_s, want_t = reference_rows_and_grads(s, t, labels, grad_loss, **options)
     assert_rel_close(loss, want, 1e-5, what="loss")
     assert_rel_close(grad_s, want_s, 1e-5, what="student grad")
@@ -150,17 +175,31 @@ def test_cuda_row_math_on_the_host_edge_rows(harness, tmp_path, gen):
     s, t = logits(gen, (4, 300), scale=3e3), logits(gen, (4, 300), scale=3e3)
     grad_loss = torch.ones(4)
     labels = torch.tensor([3, 4, 5, 6])
-    loss, _, grad_s, _ = run_harness(harness, tmp_path, s, t, labels, grad_loss, vec=8, divergence="kl",
-                                     temperature=1.0, kd_scale=0.0, ce_weight=1.0)
-    want, want_s, _ = reference_rows_and_grads(s, t, labels, grad_loss, temperature=1.0, divergence="kl",
-                                               ce_weight=1.0, kd_weight=0.0)
+    loss, _, grad_s, _ = run_harness(
+        harness, tmp_path, s, t, labels, grad_loss, vec=8, divergence="kl", temperature=1.0, kd_scale=0.0, ce_weight=1.0
+    )
+    want, want_s, _ = reference_rows_and_grads(
+        s, t, labels, grad_loss, temperature=1.0, divergence="kl", ce_weight=1.0, kd_weight=0.0
+    )
     assert_rel_close(loss, want, 1e-5, what="CE only")
     assert_rel_close(grad_s, want_s, 1e-5, what="CE only grad")
     s[2, 17] = float("nan")
-    loss, _, _, _ = run_harness(harness, tmp_path, s, t, None, grad_loss, vec=4, divergence="reverse_kl",
-                                temperature=3.0, kd_scale=9.0, ce_weight=0.0)
-    want, _, _ = reference_rows_and_grads(s, t, None, grad_loss, temperature=3.0, divergence="reverse_kl",
-                                          ce_weight=0.0, kd_weight=1.0)
+    loss, _, _, _ = run_harness(
+        harness,
+        tmp_path,
+        s,
+        t,
+        None,
+        grad_loss,
+        vec=4,
+        divergence="reverse_kl",
+        temperature=3.0,
+        kd_scale=9.0,
+        ce_weight=0.0,
+    )
+    want, _, _ = reference_rows_and_grads(
+        s, t, None, grad_loss, temperature=3.0, divergence="reverse_kl", ce_weight=0.0, kd_weight=1.0
+    )
     assert_rel_close(loss, want, 1e-5, what="KD only, NaN row")
     assert loss[2].isnan() and loss[[0, 1, 3]].isfinite().all()
 
@@ -188,6 +227,7 @@ def test_backend_cuda_refuses_cpu_tensors():
 # ----------------------------------------------------------------------------------------------------------------
 # on a GPU
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @needs_gpu
@@ -244,6 +284,10 @@ def test_cuda_kernels_are_memcheck_clean():
         torch.cuda.synchronize()
         print("ok")
     """)
-    result = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", sys.executable,
-                             "-c", script], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

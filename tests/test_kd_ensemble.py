@@ -1,16 +1,17 @@
 """kd_loss with several teachers: the prob (mean of distributions) and logit (geometric) ensembles against
 float64 math, list and tensor forms, weights, gradients to the teachers, every backend (the fused Triton kernels
 read the K teacher rows in place), fidelity metrics of the ensemble, and errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastkd
 from fastkd import reference
+
 from conftest import DEVICE, assert_rel_close, logits
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
-
 
 
 def float64_target(teachers, weights, ensemble, temperature):
@@ -28,8 +29,9 @@ def test_ensemble_target_matches_float64_math(gen, ensemble, temperature):
     weights = torch.tensor([0.5, 0.2, 0.3])
     z = reference.ensemble_teacher_logits(teachers, weights, ensemble=ensemble, temperature=temperature)
     assert z.shape == (5, 40) and z.dtype == torch.float32
-    assert_rel_close(F.softmax(z.double() / temperature, -1), float64_target(teachers, weights, ensemble, temperature),
-                     1e-6)
+    assert_rel_close(
+        F.softmax(z.double() / temperature, -1), float64_target(teachers, weights, ensemble, temperature), 1e-6
+    )
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -39,11 +41,20 @@ def test_ensemble_loss_matches_float64_math(gen, divergence, ensemble):
     closed form; the others through the single-teacher float64 path with the target as logits)."""
     s, teachers = logits(gen, (6, 30)), logits(gen, (4, 6, 30))
     weights = [1.0, 2.0, 0.0, 1.0]
-    got = fastkd.kd_loss(s, teachers, teacher_weights=weights, ensemble=ensemble, temperature=2.0,
-                         divergence=divergence, reduction="none", backend="reference")
+    got = fastkd.kd_loss(
+        s,
+        teachers,
+        teacher_weights=weights,
+        ensemble=ensemble,
+        temperature=2.0,
+        divergence=divergence,
+        reduction="none",
+        backend="reference",
+    )
     target = float64_target(teachers, weights, ensemble, 2.0)
-    want = fastkd.kd_loss(s.double(), 2.0 * target.log(), temperature=2.0, divergence=divergence,
-                          reduction="none", backend="reference")
+    want = fastkd.kd_loss(
+        s.double(), 2.0 * target.log(), temperature=2.0, divergence=divergence, reduction="none", backend="reference"
+    )
     assert_rel_close(got, want, 1e-5)
     if divergence == "kl":
         p_s = F.softmax(s.double() / 2.0, -1)
@@ -87,8 +98,15 @@ def test_a_zero_weight_teacher_is_absent_even_with_minus_inf_logits(kernel, gen,
         results = []
         for kept, weights in ((teachers, [1.0, 0.0, 3.0]), (teachers[[0, 2]], [1.0, 3.0])):
             s_leaf = s.clone().requires_grad_(True)
-            loss = fastkd.kd_loss(s_leaf, kept, teacher_weights=weights, ensemble=ensemble, temperature=2.0,
-                                  reduction="none", backend=backend)
+            loss = fastkd.kd_loss(
+                s_leaf,
+                kept,
+                teacher_weights=weights,
+                ensemble=ensemble,
+                temperature=2.0,
+                reduction="none",
+                backend=backend,
+            )
             loss.sum().backward()
             results.append((loss.detach(), s_leaf.grad))
         assert_rel_close(results[0][0], results[1][0], 1e-6, what=f"{backend} loss")
@@ -105,8 +123,15 @@ def test_fused_ensemble_kernels_match_the_reference(kernel, gen, divergence, ens
     s = logits(gen, (num_rows, num_classes), dtype).to(kernel.device)
     teachers = logits(gen, (num_rows, 5, num_classes), dtype).to(kernel.device).transpose(0, 1)
     labels = torch.tensor([0, 332, -100, 7, 1, 2], device=kernel.device)
-    options = dict(temperature=3.0, divergence=divergence, labels=labels, ce_weight=0.25, ensemble=ensemble,
-                   teacher_weights=[0.5, 0.0, 1.0, 2.0, 0.5], return_stats=True)
+    options = dict(
+        temperature=3.0,
+        divergence=divergence,
+        labels=labels,
+        ce_weight=0.25,
+        ensemble=ensemble,
+        teacher_weights=[0.5, 0.0, 1.0, 2.0, 0.5],
+        return_stats=True,
+    )
     results = []
     for backend in (kernel.backend, "reference"):
         s_leaf = s.detach().clone().requires_grad_(True)
@@ -123,8 +148,10 @@ def test_fused_ensemble_materialises_no_target(gen, monkeypatch):
     s = logits(gen, (4, 50)).to(DEVICE)
     teachers = logits(gen, (3, 4, 50), scale=1e3).to(DEVICE)
     teachers[1, 0] *= 10
-    want = [fastkd.kd_loss(s, teachers, temperature=2.0, ensemble=e, backend="reference", reduction="none")
-            for e in ("prob", "logit")]
+    want = [
+        fastkd.kd_loss(s, teachers, temperature=2.0, ensemble=e, backend="reference", reduction="none")
+        for e in ("prob", "logit")
+    ]
 
     def refuse(*args, **kwargs):
         raise AssertionError("the ensemble target was materialised")
@@ -157,8 +184,7 @@ def test_ensemble_under_a_float64_default_dtype_passes_float32_weights(gen, monk
     try:
         seen = []
         original = fastkd.kd._KDLossRows.apply
-        monkeypatch.setattr(fastkd.kd._KDLossRows, "apply",
-                            lambda *args: seen.append(args[6].dtype) or original(*args))
+        monkeypatch.setattr(fastkd.kd._KDLossRows, "apply", lambda *args: seen.append(args[6].dtype) or original(*args))
         got = fastkd.kd_loss(s, teachers, backend="triton")
     finally:
         torch.set_default_dtype(previous)
@@ -174,12 +200,18 @@ def test_ensemble_stats_are_those_of_the_mean_distribution_at_t1(kernel, gen, en
     weights = [0.2, 0.5, 0.3]
     target = float64_target(teachers.cpu(), weights, ensemble, 1.0)
     log_p_s = F.log_softmax(s.double().cpu(), -1)
-    want = torch.stack([(s.cpu().argmax(-1) == target.argmax(-1)).double(),
-                        (torch.xlogy(target, target) - target * log_p_s).sum(-1),
-                        -torch.xlogy(target, target).sum(-1), -(log_p_s.exp() * log_p_s).sum(-1)]).mean(1)
+    want = torch.stack(
+        [
+            (s.cpu().argmax(-1) == target.argmax(-1)).double(),
+            (torch.xlogy(target, target) - target * log_p_s).sum(-1),
+            -torch.xlogy(target, target).sum(-1),
+            -(log_p_s.exp() * log_p_s).sum(-1),
+        ]
+    ).mean(1)
     for backend in (kernel.backend, "reference"):
-        _, stats = fastkd.kd_loss(s, teachers, temperature=4.0, ensemble=ensemble, teacher_weights=weights,
-                                  return_stats=True, backend=backend)
+        _, stats = fastkd.kd_loss(
+            s, teachers, temperature=4.0, ensemble=ensemble, teacher_weights=weights, return_stats=True, backend=backend
+        )
         assert_rel_close(torch.stack(list(stats.values())), want, 1e-5, what=backend)
 
 
@@ -200,32 +232,44 @@ def test_ensemble_gradcheck_float64(gen):
     teachers = logits(gen, (2, 3, 6), torch.float64).requires_grad_(True)
     for ensemble in ("prob", "logit"):
         assert torch.autograd.gradcheck(
-            lambda s, t: fastkd.kd_loss(s, t, temperature=2.0, ensemble=ensemble, teacher_weights=[0.3, 0.7]),
-            (s, teachers))
+            lambda s, t: fastkd.kd_loss(s, t, temperature=2.0, ensemble=ensemble, teacher_weights=[0.3, 0.7]),  # noqa: B023
+            (s, teachers),
+        )
 
 
 S = torch.zeros(2, 5)
 
 
-@pytest.mark.parametrize("teacher, kwargs, error, match", [
-    (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, 2.0]), ValueError, r"teacher_weights must have shape \(3,\)"),
-    (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, -1.0, 1.0]), ValueError, "non-negative"),
-    (torch.zeros(3, 2, 5), dict(teacher_weights=[0.0, 0.0, 0.0]), ValueError, "sum to a positive value"),
-    (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, float("nan"), 1.0]), ValueError, "finite"),
-    (torch.zeros(3, 2, 6), {}, ValueError, r"shape \(K, \*student shape\)"),
-    ([torch.zeros(2, 5), torch.zeros(2, 6)], {}, ValueError, r"teacher_logits\[1\] must have the student's shape"),
-    ([], {}, ValueError, "empty list"),
-    (torch.zeros(0, 2, 5), {}, ValueError, "K = 0 teachers"),
-    ([torch.zeros(2, 5), torch.zeros(2, 5, device="meta")], {}, ValueError,
-     r"teacher_logits\[1\] must be on the student's device cpu"),
-    (torch.zeros(2, 2, 5), dict(teacher_weights="ab"), TypeError, "teacher_weights must be K numbers"),
-    (torch.zeros(2, 2, 5), dict(teacher_weights=torch.ones(2, requires_grad=True)), ValueError,
-     "teacher_weights are constants"),
-    ([torch.zeros(2, 5), "t"], {}, TypeError, r"teacher_logits\[1\] must be a torch.Tensor"),
-    (torch.zeros(2, 5), dict(teacher_weights=[1.0]), ValueError, "teacher_weights needs K teachers"),
-    (torch.zeros(3, 2, 5), dict(ensemble="median"), ValueError, "ensemble must be one of"),
-    (torch.zeros(3, 2, 5, dtype=torch.long), {}, TypeError, "teacher_logits must be float32"),
-])
+@pytest.mark.parametrize(
+    "teacher, kwargs, error, match",
+    [
+        (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, 2.0]), ValueError, r"teacher_weights must have shape \(3,\)"),
+        (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, -1.0, 1.0]), ValueError, "non-negative"),
+        (torch.zeros(3, 2, 5), dict(teacher_weights=[0.0, 0.0, 0.0]), ValueError, "sum to a positive value"),
+        (torch.zeros(3, 2, 5), dict(teacher_weights=[1.0, float("nan"), 1.0]), ValueError, "finite"),
+        (torch.zeros(3, 2, 6), {}, ValueError, r"shape \(K, \*student shape\)"),
+        ([torch.zeros(2, 5), torch.zeros(2, 6)], {}, ValueError, r"teacher_logits\[1\] must have the student's shape"),
+        ([], {}, ValueError, "empty list"),
+        (torch.zeros(0, 2, 5), {}, ValueError, "K = 0 teachers"),
+        (
+            [torch.zeros(2, 5), torch.zeros(2, 5, device="meta")],
+            {},
+            ValueError,
+            r"teacher_logits\[1\] must be on the student's device cpu",
+        ),
+        (torch.zeros(2, 2, 5), dict(teacher_weights="ab"), TypeError, "teacher_weights must be K numbers"),
+        (
+            torch.zeros(2, 2, 5),
+            dict(teacher_weights=torch.ones(2, requires_grad=True)),
+            ValueError,
+            "teacher_weights are constants",
+        ),
+        ([torch.zeros(2, 5), "t"], {}, TypeError, r"teacher_logits\[1\] must be a torch.Tensor"),
+        (torch.zeros(2, 5), dict(teacher_weights=[1.0]), ValueError, "teacher_weights needs K teachers"),
+        (torch.zeros(3, 2, 5), dict(ensemble="median"), ValueError, "ensemble must be one of"),
+        (torch.zeros(3, 2, 5, dtype=torch.long), {}, TypeError, "teacher_logits must be float32"),
+    ],
+)
 def test_bad_ensembles_raise_clear_errors(teacher, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastkd.kd_loss(S, teacher, **kwargs)
@@ -241,8 +285,9 @@ def test_a_zero_weight_teacher_with_a_row_of_minus_inf_is_absent(kernel, gen, en
         results = []
         for teacher, weights in ((teachers, [1.0, 0.0]), (teachers[:1], [1.0])):
             s_leaf = s.clone().requires_grad_(True)
-            loss = fastkd.kd_loss(s_leaf, teacher, teacher_weights=weights, ensemble=ensemble, reduction="none",
-                                  backend=backend)
+            loss = fastkd.kd_loss(
+                s_leaf, teacher, teacher_weights=weights, ensemble=ensemble, reduction="none", backend=backend
+            )
             loss.sum().backward()
             results.append((loss.detach(), s_leaf.grad))
         assert_rel_close(results[0][0], results[1][0], 1e-6, what=f"{backend} loss")

@@ -1,4 +1,5 @@
 """kd_loss: the reference against float64 math, the Triton kernels against the reference, and the API contract."""
+
 import math
 
 import pytest
@@ -7,7 +8,9 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import cpu_backend, reference
-from conftest import DEVICE, assert_rel_close, logits as random_logits, backend_device, skip_unless_available
+
+from conftest import DEVICE, assert_rel_close, backend_device, skip_unless_available
+from conftest import logits as random_logits
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -25,8 +28,19 @@ def random_labels(gen, shape, num_classes, ignore_fraction=0.3, ignore_index=-10
     return labels.to(device)
 
 
-def float64_kd_rows(s, t, labels=None, *, temperature=1.0, divergence="kl", beta=0.5, ce_weight=0.0, kd_weight=1.0,
-                    scale_by_t2=True, ignore_index=-100):
+def float64_kd_rows(
+    s,
+    t,
+    labels=None,
+    *,
+    temperature=1.0,
+    divergence="kl",
+    beta=0.5,
+    ce_weight=0.0,
+    kd_weight=1.0,
+    scale_by_t2=True,
+    ignore_index=-100,
+):
     """Row losses in float64, written in probability space (xlogy), independently of fastkd.reference."""
     s, t = s.double().reshape(-1, s.shape[-1]), t.double().reshape(-1, t.shape[-1])
     p_s, p_t = F.softmax(s / temperature, -1), F.softmax(t / temperature, -1)
@@ -43,7 +57,7 @@ def float64_kd_rows(s, t, labels=None, *, temperature=1.0, divergence="kl", beta
     else:
         m = beta * p_t + (1 - beta) * p_s
         d = (beta * kl(p_t, m) if beta > 0 else 0) + ((1 - beta) * kl(p_s, m) if beta < 1 else 0)
-    rows = kd_weight * (temperature ** 2 if scale_by_t2 else 1) * d
+    rows = kd_weight * (temperature**2 if scale_by_t2 else 1) * d
     if labels is not None:
         labels = labels.reshape(-1)
         if ce_weight:
@@ -69,14 +83,16 @@ def loss_and_grads(s, t, upstream=None, **options):
 # the reference: against float64 math, and gradcheck
 # ------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 @pytest.mark.parametrize("with_ce", [False, True])
 def test_reference_matches_float64_math(gen, divergence, temperature, with_ce):
     s, t = logits(gen, (16, 257)).cpu(), logits(gen, (16, 257)).cpu()
     labels = random_labels(gen, (16,), 257).cpu() if with_ce else None
-    options = dict(temperature=temperature, divergence=divergence, beta=0.3, ce_weight=0.7 if with_ce else 0.0,
-                   kd_weight=0.9)
+    options = dict(
+        temperature=temperature, divergence=divergence, beta=0.3, ce_weight=0.7 if with_ce else 0.0, kd_weight=0.9
+    )
     rows = reference.kd_loss_rows(s, t, labels, ignore_index=-100, scale_by_t2=True, **options)
     assert rows.dtype == torch.float32
     assert_rel_close(rows, float64_kd_rows(s, t, labels, **options), 1e-5, what="reference rows")
@@ -87,8 +103,15 @@ def test_reference_matches_float64_math(gen, divergence, temperature, with_ce):
 def test_default_equals_the_eager_kl_div_expression(gen, shape, temperature):
     s, t = logits(gen, shape).cpu().double(), logits(gen, shape).cpu().double()
     v = shape[-1]
-    eager = F.kl_div(F.log_softmax(s.reshape(-1, v) / temperature, -1), F.log_softmax(t.reshape(-1, v) / temperature, -1),
-                     log_target=True, reduction="batchmean") * temperature ** 2
+    eager = (
+        F.kl_div(
+            F.log_softmax(s.reshape(-1, v) / temperature, -1),
+            F.log_softmax(t.reshape(-1, v) / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
     ours = fastkd.kd_loss(s, t, temperature=temperature, backend="reference")
     assert_rel_close(ours, eager, 1e-12, what="batchmean vs F.kl_div")
 
@@ -101,8 +124,17 @@ def test_reference_gradcheck_float64(gen, divergence, reduction):
     labels = torch.tensor([3, -100, 0, 8])
 
     def fn(s, t):
-        return fastkd.kd_loss(s, t, temperature=2.0, divergence=divergence, beta=0.3, reduction=reduction,
-                              labels=labels, ce_weight=0.5, backend="reference")
+        return fastkd.kd_loss(
+            s,
+            t,
+            temperature=2.0,
+            divergence=divergence,
+            beta=0.3,
+            reduction=reduction,
+            labels=labels,
+            ce_weight=0.5,
+            backend="reference",
+        )
 
     assert torch.autograd.gradcheck(fn, (s, t))
 
@@ -110,6 +142,7 @@ def test_reference_gradcheck_float64(gen, divergence, reduction):
 # ------------------------------------------------------------------------------------------------------------
 # the kernel backends (Triton, C++ CPU) against the reference
 # ------------------------------------------------------------------------------------------------------------
+
 
 def check_kernel_against_reference(kernel, s, t, upstream=None, grad_rtol=None, **options):
     got = loss_and_grads(s, t, upstream, backend=kernel.backend, **options)
@@ -139,9 +172,19 @@ def test_kernel_matches_reference(kernel, gen, divergence, reduction, dtype, lab
     t = logits(gen, (n, v), dtype, device=kernel.device).requires_grad_(True)
     labels = None if label_mode == "no_labels" else random_labels(gen, (n,), v, device=kernel.device)
     upstream = torch.rand(n, generator=gen).to(kernel.device) + 0.5 if reduction == "none" else None
-    check_kernel_against_reference(kernel, s, t, upstream, temperature=temperature, divergence=divergence, beta=0.3,
-                                   reduction=reduction, labels=labels, ce_weight=0.4 if label_mode == "ce" else 0.0,
-                                   kd_weight=0.8)
+    check_kernel_against_reference(
+        kernel,
+        s,
+        t,
+        upstream,
+        temperature=temperature,
+        divergence=divergence,
+        beta=0.3,
+        reduction=reduction,
+        labels=labels,
+        ce_weight=0.4 if label_mode == "ce" else 0.0,
+        kd_weight=0.8,
+    )
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 17, 1000, 5003])
@@ -150,10 +193,15 @@ def test_kernel_vocabulary_sizes(kernel, gen, num_classes, divergence):
     """V = 1, tiny, not a power of two, and larger than one block (the online rescaling across blocks)."""
     s = logits(gen, (3, num_classes), device=kernel.device)
     t = logits(gen, (3, num_classes), device=kernel.device).requires_grad_(True)
-    loss, grad_s, _ = check_kernel_against_reference(kernel, s, t, temperature=2.0, divergence=divergence,
-                                                     labels=random_labels(gen, (3,), num_classes, 0.0,
-                                                                          device=kernel.device),
-                                                     ce_weight=0.5)
+    loss, grad_s, _ = check_kernel_against_reference(
+        kernel,
+        s,
+        t,
+        temperature=2.0,
+        divergence=divergence,
+        labels=random_labels(gen, (3,), num_classes, 0.0, device=kernel.device),
+        ce_weight=0.5,
+    )
     if num_classes == 1:
         assert loss.item() == 0.0 and not grad_s.any()
 
@@ -162,8 +210,9 @@ def test_kernel_vocabulary_sizes(kernel, gen, num_classes, divergence):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_empty_batch(kernel, divergence, reduction):
     s = torch.zeros(0, 11, device=kernel.device, requires_grad=True)
-    loss = fastkd.kd_loss(s, torch.zeros(0, 11, device=kernel.device), divergence=divergence, reduction=reduction,
-                          backend=kernel.backend)
+    loss = fastkd.kd_loss(
+        s, torch.zeros(0, 11, device=kernel.device), divergence=divergence, reduction=reduction, backend=kernel.backend
+    )
     assert loss.shape == ((0,) if reduction == "none" else ())
     loss.sum().backward()
     assert s.grad.shape == s.shape
@@ -177,8 +226,13 @@ def test_all_rows_ignored_gives_zero_connected_to_the_graph(gen, backend, with_c
     skip_unless_available(backend)
     device = backend_device(backend)
     s = logits(gen, (4, 30), device=device).requires_grad_(True)
-    loss = fastkd.kd_loss(s, logits(gen, (4, 30), device=device), labels=torch.full((4,), -100, device=device),
-                          ce_weight=0.5 if with_ce else 0.0, backend=backend)
+    loss = fastkd.kd_loss(
+        s,
+        logits(gen, (4, 30), device=device),
+        labels=torch.full((4,), -100, device=device),
+        ce_weight=0.5 if with_ce else 0.0,
+        backend=backend,
+    )
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(s.grad, torch.zeros_like(s))
@@ -189,8 +243,9 @@ def test_ignored_rows_get_zero_gradient_and_are_not_counted(kernel, gen, diverge
     s, t = logits(gen, (6, 40), device=kernel.device), logits(gen, (6, 40), device=kernel.device)
     labels = torch.tensor([1, -100, 2, -100, 3, 4], device=kernel.device)
     counted = labels != -100
-    loss, grad_s, _ = check_kernel_against_reference(kernel, s, t, temperature=2.0, divergence=divergence,
-                                                     labels=labels)
+    loss, grad_s, _ = check_kernel_against_reference(
+        kernel, s, t, temperature=2.0, divergence=divergence, labels=labels
+    )
     assert not grad_s[~counted].any()
     kept = fastkd.kd_loss(s[counted], t[counted], temperature=2.0, divergence=divergence, backend=kernel.backend)
     assert_rel_close(loss, kept, 1e-6, what="ignored rows vs dropped rows")
@@ -208,8 +263,9 @@ def test_masked_vocabulary_minus_inf(kernel, gen, divergence, beta):
     s = s.masked_fill(masked, -math.inf)
     t = t.detach().masked_fill(masked, -math.inf).requires_grad_(True)
     labels = (~masked).int().argmax(-1)  # the first unmasked class of each row
-    loss, grad_s, grad_t = check_kernel_against_reference(kernel, s, t, temperature=2.0, divergence=divergence,
-                                                          beta=beta, labels=labels, ce_weight=0.3)
+    loss, grad_s, grad_t = check_kernel_against_reference(
+        kernel, s, t, temperature=2.0, divergence=divergence, beta=beta, labels=labels, ce_weight=0.3
+    )
     assert loss.isfinite().all()
     assert not grad_s[masked].any() and not grad_t[masked].any()
 
@@ -230,8 +286,12 @@ def test_nan_or_plus_inf_logit_makes_its_row_nan_and_only_that_row(kernel, gen, 
     hides it); the other rows are untouched."""
     s, t = logits(gen, (4, 300), device=kernel.device), logits(gen, (4, 300), device=kernel.device)
     (s if where == "student" else t)[1, 123] = bad
-    got, _ = check_kernel_against_reference(kernel, s, t.requires_grad_(True), temperature=2.0,
-                                            divergence=divergence, reduction="none"), None
+    got, _ = (
+        check_kernel_against_reference(
+            kernel, s, t.requires_grad_(True), temperature=2.0, divergence=divergence, reduction="none"
+        ),
+        None,
+    )
     assert got[0][1].isnan() and got[1][1].isnan().all() and got[2][1].isnan().all()
     assert got[0][[0, 2, 3]].isfinite().all()
 
@@ -255,10 +315,10 @@ def test_large_logits(kernel, gen, divergence, dtype):
     truth = loss_and_grads(s.double(), t.double(), backend="reference", **options)
     conditioning = 2 * torch.finfo(torch.float32).eps * max(s.abs().max().item(), t.abs().max().item()) / temperature
     assert got[0].isfinite().all()
-    for what, got, ref, exact in zip(("loss", "student grad", "teacher grad"), got, ref32, truth):
+    for what, value, ref, exact in zip(("loss", "student grad", "teacher grad"), got, ref32, truth):
         ref_error = ((ref.double() - exact).norm() / exact.norm()).item()
         floor = RTOL[torch.float32] if what == "loss" else RTOL[dtype]
-        assert_rel_close(got, exact, max(floor, 8 * ref_error, conditioning), what=f"{what} vs float64")
+        assert_rel_close(value, exact, max(floor, 8 * ref_error, conditioning), what=f"{what} vs float64")
 
 
 @pytest.mark.parametrize("op", ["kd", "topk", "dkd"])
@@ -290,12 +350,18 @@ def test_the_largest_temperature_keeps_three_digits(gen, divergence, dtype, temp
     s, t = logits(gen, (6, 500), dtype, device="cpu"), logits(gen, (6, 500), dtype, device="cpu")
     log_p_s, log_p_t = F.log_softmax(s.double() / temperature, -1), F.log_softmax(t.double() / temperature, -1)
     p, x = (log_p_t, log_p_s - log_p_t) if divergence == "kl" else (log_p_s, log_p_t - log_p_s)
-    truth = temperature ** 2 * (p.exp() * (torch.expm1(x) - x)).sum(-1)
-    for backend in (("triton", "cpu", "reference") if dtype == torch.float32 else ("reference",)):
+    truth = temperature**2 * (p.exp() * (torch.expm1(x) - x)).sum(-1)
+    for backend in ("triton", "cpu", "reference") if dtype == torch.float32 else ("reference",):
         if backend == "cpu" and not cpu_backend.AVAILABLE:
             continue
-        got = fastkd.kd_loss(s.to(backend_device(backend)), t.to(backend_device(backend)), temperature=temperature,
-                             divergence=divergence, reduction="none", backend=backend)
+        got = fastkd.kd_loss(
+            s.to(backend_device(backend)),
+            t.to(backend_device(backend)),
+            temperature=temperature,
+            divergence=divergence,
+            reduction="none",
+            backend=backend,
+        )
         assert_rel_close(got, truth, 1e-3, what=backend)
 
 
@@ -319,8 +385,9 @@ def test_non_contiguous_inputs(kernel, gen, divergence):
     s = base_s[::2, ::2]  # row and column strides 600 and 2
     t = base_t.t()[::2]  # column stride 12: a transposed view
     assert not s.is_contiguous() and not t.is_contiguous()
-    check_kernel_against_reference(kernel, s, t.requires_grad_(True), temperature=2.0, divergence=divergence,
-                                   reduction="none")
+    check_kernel_against_reference(
+        kernel, s, t.requires_grad_(True), temperature=2.0, divergence=divergence, reduction="none"
+    )
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -331,8 +398,9 @@ def test_three_dimensional_logits_with_padding(kernel, gen, divergence):
     t = logits(gen, (b, seq, v), torch.bfloat16, device=kernel.device)
     labels = random_labels(gen, (b, seq), v, device=kernel.device)
     for reduction in REDUCTIONS:
-        loss, grad_s, _ = check_kernel_against_reference(kernel, s, t, temperature=2.0, divergence=divergence,
-                                                         reduction=reduction, labels=labels, ce_weight=0.5)
+        loss, grad_s, _ = check_kernel_against_reference(
+            kernel, s, t, temperature=2.0, divergence=divergence, reduction=reduction, labels=labels, ce_weight=0.5
+        )
         if reduction == "none":
             assert loss.shape == (b, seq)
     assert grad_s.shape == (b, seq, v)
@@ -362,12 +430,18 @@ def test_labels_are_read_through_their_strides(kernel, gen, layout):
     else:
         labels = torch.tensor(2, device=kernel.device).expand(4)
     assert not labels.is_contiguous()
-    calls = [lambda x, y: fastkd.kd_loss(x, t, labels=y, ce_weight=1.0, reduction="none", temperature=2.0,
-                                         backend=kernel.backend),
-             lambda x, y: fastkd.dkd_loss(x, t, y, ce_weight=1.0, reduction="none", backend=kernel.backend)]
+    calls = [
+        lambda x, y: fastkd.kd_loss(
+            x, t, labels=y, ce_weight=1.0, reduction="none", temperature=2.0, backend=kernel.backend
+        ),
+        lambda x, y: fastkd.dkd_loss(x, t, y, ce_weight=1.0, reduction="none", backend=kernel.backend),
+    ]
     if kernel.backend == "triton":  # the TopK kernels are Triton's
-        calls.append(lambda x, y: fastkd.kd_loss(x, fastkd.topk_teacher(t, 3), labels=y, ce_weight=1.0,
-                                                 reduction="none", backend=kernel.backend))
+        calls.append(
+            lambda x, y: fastkd.kd_loss(
+                x, fastkd.topk_teacher(t, 3), labels=y, ce_weight=1.0, reduction="none", backend=kernel.backend
+            )
+        )
     for call in calls:
         results = []
         for y in (labels, labels.contiguous()):
@@ -400,8 +474,9 @@ def test_an_ignored_row_of_minus_inf_logits_gets_zero_gradient(gen, case, backen
         loss = fastkd.kd_loss(s, torch.stack([t, t.detach() * 0.5]), labels=labels, ce_weight=1.0, backend=backend)
     elif case == "topk":
         top = t.topk(3)
-        loss = fastkd.kd_loss(s, fastkd.TopK(top.values, top.indices), labels=labels, ce_weight=1.0, temperature=2.0,
-                              backend=backend)
+        loss = fastkd.kd_loss(
+            s, fastkd.TopK(top.values, top.indices), labels=labels, ce_weight=1.0, temperature=2.0, backend=backend
+        )
     elif case == "dkd":
         loss = fastkd.dkd_loss(s, t, labels, ce_weight=1.0, backend=backend)
     else:
@@ -416,11 +491,22 @@ def test_out_of_range_label_gives_nan_in_the_kernel(kernel, gen):
     """On CUDA the label range is not checked on the host (no sync): the kernel marks the row NaN instead."""
     s, t = logits(gen, (3, 10), device=kernel.device), logits(gen, (3, 10), device=kernel.device)
     labels = torch.tensor([2, 10, -100], device=kernel.device)
-    rows, _, _ = torch.ops.fastkd.kd_loss_rows(s, t, None, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0, 1.0, "none",
-                                               kernel.backend, False)
+    rows, _, _ = torch.ops.fastkd.kd_loss_rows(
+        s, t, None, labels, 1.0, "kl", 0.5, -100, 0.5, 1.0, 1.0, "none", kernel.backend, False
+    )
     assert rows[0].isfinite() and rows[1].isnan() and rows[2] == 0
-    ref = reference.kd_loss_rows(s, t, labels, temperature=1.0, divergence="kl", beta=0.5, ignore_index=-100,
-                                 ce_weight=0.5, kd_weight=1.0, scale_by_t2=True)
+    ref = reference.kd_loss_rows(
+        s,
+        t,
+        labels,
+        temperature=1.0,
+        divergence="kl",
+        beta=0.5,
+        ignore_index=-100,
+        ce_weight=0.5,
+        kd_weight=1.0,
+        scale_by_t2=True,
+    )
     assert_rel_close(rows, ref, 1e-6)
 
 
@@ -463,8 +549,18 @@ def test_jsd_near_the_ends_of_beta_is_accurate(kernel, gen, beta):
     """Where JSD_β is tiny its float32 value keeps full relative accuracy (log1p/expm1 forms, no cancellation)."""
     s, t = logits(gen, (6, 80), device=kernel.device), logits(gen, (6, 80), device=kernel.device).requires_grad_(True)
     want = float64_kd_rows(s, t, divergence="jsd", beta=beta)
-    ref = reference.kd_loss_rows(s, t, None, temperature=1.0, divergence="jsd", beta=beta, ignore_index=-100,
-                                 ce_weight=0.0, kd_weight=1.0, scale_by_t2=True)
+    ref = reference.kd_loss_rows(
+        s,
+        t,
+        None,
+        temperature=1.0,
+        divergence="jsd",
+        beta=beta,
+        ignore_index=-100,
+        ce_weight=0.0,
+        kd_weight=1.0,
+        scale_by_t2=True,
+    )
     assert_rel_close(ref, want, 1e-5, what="reference vs float64")
     check_kernel_against_reference(kernel, s, t, divergence="jsd", beta=beta, reduction="none")
 
@@ -473,13 +569,19 @@ def test_jsd_near_the_ends_of_beta_is_accurate(kernel, gen, beta):
 # fidelity metrics (return_stats)
 # ------------------------------------------------------------------------------------------------------------
 
+
 def float64_fidelity(s, t, labels=None, ignore_index=-100):
     """Mean top-1 agreement, KL(p_t‖p_s), H(p_t), H(p_s) at T = 1 over counted rows, in float64 with xlogy."""
     s, t = s.double().reshape(-1, s.shape[-1]), t.double().reshape(-1, t.shape[-1])
     p_s, p_t = F.softmax(s, -1), F.softmax(t, -1)
-    rows = torch.stack([(s.argmax(-1) == t.argmax(-1)).double(),
-                        (torch.xlogy(p_t, p_t) - torch.xlogy(p_t, p_s)).sum(-1),
-                        -torch.xlogy(p_t, p_t).sum(-1), -torch.xlogy(p_s, p_s).sum(-1)])
+    rows = torch.stack(
+        [
+            (s.argmax(-1) == t.argmax(-1)).double(),
+            (torch.xlogy(p_t, p_t) - torch.xlogy(p_t, p_s)).sum(-1),
+            -torch.xlogy(p_t, p_t).sum(-1),
+            -torch.xlogy(p_s, p_s).sum(-1),
+        ]
+    )
     counted = torch.ones(s.shape[0], dtype=torch.bool) if labels is None else labels.reshape(-1).cpu() != ignore_index
     return rows[:, counted.to(rows.device)].sum(1) / max(int(counted.sum()), 1)
 
@@ -534,6 +636,7 @@ def test_return_stats_must_be_a_bool():
 # reductions and the normalizer
 # ------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_reductions_relate_as_documented(gen, backend):
     skip_unless_available(backend)
@@ -547,8 +650,7 @@ def test_reductions_relate_as_documented(gen, backend):
     assert_rel_close(mean, rows.sum() / 6, 1e-6)
     assert_rel_close(fastkd.kd_loss(s, t, labels=labels, normalizer=3, backend=backend), rows.sum() / 3, 1e-6)
     normalizer = torch.tensor(12.0, device=device)
-    assert_rel_close(fastkd.kd_loss(s, t, labels=labels, normalizer=normalizer, backend=backend), rows.sum() / 12,
-                     1e-6)
+    assert_rel_close(fastkd.kd_loss(s, t, labels=labels, normalizer=normalizer, backend=backend), rows.sum() / 12, 1e-6)
 
 
 def test_normalizer_makes_gradient_accumulation_equal_one_big_batch(kernel, gen):
@@ -558,8 +660,9 @@ def test_normalizer_makes_gradient_accumulation_equal_one_big_batch(kernel, gen)
     counted = (labels != -100).sum()
     grads = []
     for part in (slice(0, 4), slice(4, 10)):
-        _, g, _ = loss_and_grads(s[part], t[part], labels=labels[part], ce_weight=0.2, normalizer=counted,
-                                 backend=kernel.backend)
+        _, g, _ = loss_and_grads(
+            s[part], t[part], labels=labels[part], ce_weight=0.2, normalizer=counted, backend=kernel.backend
+        )
         grads.append(g)
     assert_rel_close(torch.cat(grads), whole[1], 1e-6)
 
@@ -567,9 +670,14 @@ def test_normalizer_makes_gradient_accumulation_equal_one_big_batch(kernel, gen)
 def test_a_zero_tensor_normalizer_gives_zero_not_nan(kernel, gen):
     s, t = logits(gen, (3, 17), device=kernel.device), logits(gen, (3, 17), device=kernel.device)
     labels = torch.full((3,), -100, device=kernel.device)
-    loss, grad_s, _ = loss_and_grads(s, t, labels=labels, ce_weight=0.2,
-                                     normalizer=torch.zeros((), dtype=torch.int64, device=kernel.device),
-                                     backend=kernel.backend)
+    loss, grad_s, _ = loss_and_grads(
+        s,
+        t,
+        labels=labels,
+        ce_weight=0.2,
+        normalizer=torch.zeros((), dtype=torch.int64, device=kernel.device),
+        backend=kernel.backend,
+    )
     assert loss.item() == 0.0 and torch.equal(grad_s, torch.zeros_like(grad_s))
 
 
@@ -600,8 +708,9 @@ def test_kdloss_module_matches_the_function(kernel, gen):
     s, t = logits(gen, (4, 25), device=kernel.device), logits(gen, (4, 25), device=kernel.device)
     labels = random_labels(gen, (4,), 25, device=kernel.device)
     module = fastkd.KDLoss(temperature=2.0, divergence="jsd", beta=0.2, ce_weight=0.3, backend=kernel.backend)
-    want = fastkd.kd_loss(s, t, temperature=2.0, divergence="jsd", beta=0.2, ce_weight=0.3, labels=labels,
-                          backend=kernel.backend)
+    want = fastkd.kd_loss(
+        s, t, temperature=2.0, divergence="jsd", beta=0.2, ce_weight=0.3, labels=labels, backend=kernel.backend
+    )
     assert torch.equal(module(s, t, labels), want)
     assert "divergence='jsd'" in repr(module)
     loss, stats = module(s, t, labels, return_stats=True)
@@ -611,6 +720,7 @@ def test_kdloss_module_matches_the_function(kernel, gen):
 # ------------------------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------------------------
+
 
 def test_torch_compile_fullgraph_with_stats(kernel, gen):
     s, t = logits(gen, (6, 40), device=kernel.device), logits(gen, (6, 40), device=kernel.device)
@@ -653,45 +763,272 @@ S = torch.zeros(2, 5)
 T = torch.zeros(2, 5)
 
 
-@pytest.mark.parametrize("args, kwargs, error, match", [
-    ((S, torch.zeros(2, 6)), {}, ValueError, "number of classes V"),
-    ((S, torch.zeros(3, 5)), {}, ValueError, "same shape"),
-    ((S.long(), T), {}, TypeError, "student_logits must be float32"),
-    ((S, T.int()), {}, TypeError, "teacher_logits must be float32"),
-    ((S, "t"), {}, TypeError, "teacher_logits must be a torch.Tensor"),
-    ((torch.zeros(()), torch.zeros(())), {}, ValueError, r"shape \(\*, V\)"),
-    ((torch.zeros(2, 0), torch.zeros(2, 0)), {}, ValueError, "V >= 1"),
-    ((S, T, ), {"temperature": 0}, ValueError, "temperature must be a finite positive"),
-    ((S, T, ), {"temperature": -1.0}, ValueError, "temperature"),
-    ((S, T, ), {"temperature": math.inf}, ValueError, "temperature"),
-    ((S, T, ), {"temperature": math.nan}, ValueError, "temperature"),
-    ((S, T, ), {"temperature": "4"}, TypeError, "temperature must be a real number"),
-    ((S, T, ), {"temperature": 101.0}, ValueError, "temperature must be at most 100 for torch.float32 math"),
-    ((S.bfloat16(), T.bfloat16()), {"temperature": 2e19}, ValueError, "temperature must be at most 100"),
-    ((S.double(), T.double()), {"temperature": 2e19}, ValueError, "at most 1e[+]06 for torch.float64 math"),
-    ((S, T, ), {"beta": 1.5}, ValueError, r"beta must lie in \[0, 1\]"),
-    ((S, T, ), {"beta": -0.1}, ValueError, "beta"),
-    ((S, T, ), {"divergence": "kld"}, ValueError, "divergence must be one of"),
-    ((S, T, ), {"reduction": "mean"}, ValueError, "use reduction='batchmean'"),
-    ((S, T, ), {"reduction": "avg"}, ValueError, "reduction must be one of"),
-    ((S, T, ), {"backend": "cuda_please"}, ValueError, "backend must be one of"),
-    ((S, T, ), {"labels": torch.zeros(3, dtype=torch.long)}, ValueError, "labels must have the shape"),
-    ((S, T, ), {"labels": torch.zeros(2)}, TypeError, "labels must be int64 or int32"),
-    ((S, T, ), {"labels": torch.tensor([0, 5])}, ValueError, r"labels must lie in \[0, 5\)"),
-    ((S, T, ), {"labels": torch.tensor([0, -2])}, ValueError, "labels must lie in"),
-    ((S, T, ), {"ce_weight": 1.0}, ValueError, "ce_weight != 0 needs labels"),
-    ((S, T, ), {"ce_weight": math.nan, "labels": torch.tensor([0, 1])}, ValueError, "ce_weight"),
-    ((S, T, ), {"kd_weight": math.inf}, ValueError, "kd_weight"),
-    ((S, T, ), {"normalizer": 0}, ValueError, "normalizer must be a finite positive"),
-    ((S, T, ), {"normalizer": torch.ones(2)}, ValueError, "normalizer must be a number or a 0-d"),
-    ((S, T, ), {"normalizer": torch.tensor(-2.0)}, ValueError, "normalizer must be finite and ≥ 0"),
-    ((S, T, ), {"normalizer": torch.tensor(math.nan)}, ValueError, "normalizer must be finite and ≥ 0"),
-    ((S, T, ), {"normalizer": torch.tensor(math.inf)}, ValueError, "normalizer must be finite and ≥ 0"),
-    ((S, T, ), {"normalizer": torch.tensor(True)}, ValueError, "normalizer must be a number or a 0-d real"),
-    ((S, T, ), {"normalizer": 4, "reduction": "sum"}, ValueError, "normalizer replaces the divisor"),
-    ((S, T, ), {"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
-    ((S, T, ), {"scale_by_t2": 1}, TypeError, "scale_by_t2 must be a bool"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((S, torch.zeros(2, 6)), {}, ValueError, "number of classes V"),
+        ((S, torch.zeros(3, 5)), {}, ValueError, "same shape"),
+        ((S.long(), T), {}, TypeError, "student_logits must be float32"),
+        ((S, T.int()), {}, TypeError, "teacher_logits must be float32"),
+        ((S, "t"), {}, TypeError, "teacher_logits must be a torch.Tensor"),
+        ((torch.zeros(()), torch.zeros(())), {}, ValueError, r"shape \(\*, V\)"),
+        ((torch.zeros(2, 0), torch.zeros(2, 0)), {}, ValueError, "V >= 1"),
+        (
+            (
+                S,
+                T,
+            ),
+            {"temperature": 0},
+            ValueError,
+            "temperature must be a finite positive",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"temperature": -1.0},
+            ValueError,
+            "temperature",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"temperature": math.inf},
+            ValueError,
+            "temperature",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"temperature": math.nan},
+            ValueError,
+            "temperature",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"temperature": "4"},
+            TypeError,
+            "temperature must be a real number",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"temperature": 101.0},
+            ValueError,
+            "temperature must be at most 100 for torch.float32 math",
+        ),
+        ((S.bfloat16(), T.bfloat16()), {"temperature": 2e19}, ValueError, "temperature must be at most 100"),
+        ((S.double(), T.double()), {"temperature": 2e19}, ValueError, "at most 1e[+]06 for torch.float64 math"),
+        (
+            (
+                S,
+                T,
+            ),
+            {"beta": 1.5},
+            ValueError,
+            r"beta must lie in \[0, 1\]",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"beta": -0.1},
+            ValueError,
+            "beta",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"divergence": "kld"},
+            ValueError,
+            "divergence must be one of",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"reduction": "mean"},
+            ValueError,
+            "use reduction='batchmean'",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"reduction": "avg"},
+            ValueError,
+            "reduction must be one of",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"backend": "cuda_please"},
+            ValueError,
+            "backend must be one of",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"labels": torch.zeros(3, dtype=torch.long)},
+            ValueError,
+            "labels must have the shape",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"labels": torch.zeros(2)},
+            TypeError,
+            "labels must be int64 or int32",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"labels": torch.tensor([0, 5])},
+            ValueError,
+            r"labels must lie in \[0, 5\)",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"labels": torch.tensor([0, -2])},
+            ValueError,
+            "labels must lie in",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"ce_weight": 1.0},
+            ValueError,
+            "ce_weight != 0 needs labels",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"ce_weight": math.nan, "labels": torch.tensor([0, 1])},
+            ValueError,
+            "ce_weight",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"kd_weight": math.inf},
+            ValueError,
+            "kd_weight",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"normalizer": 0},
+            ValueError,
+            "normalizer must be a finite positive",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"normalizer": torch.ones(2)},
+            ValueError,
+            "normalizer must be a number or a 0-d",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"normalizer": torch.tensor(-2.0)},
+            ValueError,
+            "normalizer must be finite and ≥ 0",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"normalizer": torch.tensor(math.nan)},
+            ValueError,
+            "normalizer must be finite and ≥ 0",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"normalizer": torch.tensor(math.inf)},
+            ValueError,
+            "normalizer must be finite and ≥ 0",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"normalizer": torch.tensor(True)},
+            ValueError,
+            "normalizer must be a number or a 0-d real",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"normalizer": 4, "reduction": "sum"},
+            ValueError,
+            "normalizer replaces the divisor",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"ignore_index": 1.5},
+            TypeError,
+            "ignore_index must be an int",
+        ),
+        (
+            (
+                S,
+                T,
+            ),
+            {"scale_by_t2": 1},
+            TypeError,
+            "scale_by_t2 must be a bool",
+        ),
+    ],
+)
 def test_bad_input_raises_a_clear_error(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastkd.kd_loss(*args, **kwargs)
@@ -719,6 +1056,7 @@ def test_kdloss_rejects_bad_options_at_construction():
 
 def test_dispatch_knows_which_kernel_backends_an_op_has():
     from fastkd.dispatch import select_backend
+
     x = torch.zeros(2, 3)
     assert select_backend("auto", x, x, op="some_op", kernels=()) == "reference"
     with pytest.raises(RuntimeError, match="some_op has no 'cpu' backend yet"):

@@ -1,6 +1,7 @@
 """The C++ CPU backend (fastkd._C): what the shared kernel tests in test_kd_loss.py do not cover — thread-count
 determinism, the fused-gradient path against the backward kernel, the buffer pool, and the package without the
 extension."""
+
 import os
 import subprocess
 import sys
@@ -11,11 +12,11 @@ import torch
 import fastkd
 from fastkd import cpu_backend
 from fastkd.dispatch import select_backend
+
 from conftest import CPU_ISAS, assert_rel_close, logits
 
 needs_extension = pytest.mark.skipif(not cpu_backend.AVAILABLE, reason="the C++ extension fastkd._C was not built")
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
-
 
 
 def loss_and_grads(s, t, upstream=None, **options):
@@ -52,8 +53,19 @@ def test_results_do_not_depend_on_the_thread_count(gen, threads, isa, divergence
         results = []
         for num_threads in (1, 2, 3):
             torch.set_num_threads(num_threads)
-            results.append(loss_and_grads(s, t, upstream, temperature=2.0, divergence=divergence, labels=labels,
-                                          ce_weight=0.3, reduction="none", backend="cpu"))
+            results.append(
+                loss_and_grads(
+                    s,
+                    t,
+                    upstream,
+                    temperature=2.0,
+                    divergence=divergence,
+                    labels=labels,
+                    ce_weight=0.3,
+                    reduction="none",
+                    backend="cpu",
+                )
+            )
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 assert torch.equal(a, b)
@@ -178,6 +190,7 @@ def test_set_isa_rejects_unknown_names():
 @needs_extension
 def test_teacher_only_gradient_takes_the_backward_kernel(gen):
     """When only the teacher wants a gradient the forward does not write a student gradient it would drop."""
+
     def kernel_node(loss):
         nodes = [loss.grad_fn]
         while nodes:

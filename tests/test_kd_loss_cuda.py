@@ -1,8 +1,10 @@
 """kd_loss checks that need a real GPU (skipped without CUDA)."""
+
 import pytest
 import torch
 
 import fastkd
+
 from conftest import assert_rel_close
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -10,6 +12,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 def test_auto_backend_picks_triton_on_cuda():
     from fastkd.dispatch import select_backend
+
     x = torch.zeros(2, 3, device="cuda")
     assert select_backend("auto", x, x) == "triton"
     assert select_backend("auto", x.double(), x.double()) == "reference"

@@ -1,6 +1,7 @@
 """kd_loss with a sparse (top-K) teacher: the bucket and renormalise semantics against float64 math written
 independently, K = V equals the full teacher, gradients over all V student logits, the Triton kernels against the
 reference (also where the student's mass outside the K is tiny), bad indices in the kernels, and errors."""
+
 import math
 
 import pytest
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import TopK, reference, topk_teacher
-from conftest import DEVICE, assert_rel_close, logits
 
+from conftest import DEVICE, assert_rel_close, logits
 
 
 def float64_topk_kl(s, t, k, tail, temperature):
@@ -37,7 +38,7 @@ def test_topk_loss_matches_float64_math(gen, tail, temperature):
     s, t = logits(gen, (6, 200)), logits(gen, (6, 200))
     teacher = topk_teacher(t, 10)
     got = fastkd.kd_loss(s, teacher, temperature=temperature, tail=tail, reduction="none")
-    want = temperature ** 2 * float64_topk_kl(s, t, 10, tail, temperature)
+    want = temperature**2 * float64_topk_kl(s, t, 10, tail, temperature)
     assert got.dtype == torch.float32
     assert_rel_close(got, want, 1e-5)
 
@@ -68,8 +69,11 @@ def test_student_gradient_reaches_all_classes_and_matches_float64(gen):
     teacher = topk_teacher(t, 5)
     labels = torch.tensor([1, -100, 39])
     assert torch.autograd.gradcheck(
-        lambda s: fastkd.kd_loss(s, TopK(teacher.values.double(), teacher.indices), temperature=2.0, labels=labels,
-                                 ce_weight=0.3), (s,))
+        lambda s: fastkd.kd_loss(
+            s, TopK(teacher.values.double(), teacher.indices), temperature=2.0, labels=labels, ce_weight=0.3
+        ),
+        (s,),
+    )
     s32 = s.detach().float().requires_grad_(True)
     fastkd.kd_loss(s32, teacher, temperature=2.0).backward()
     outside = torch.ones_like(s32, dtype=torch.bool).scatter_(-1, teacher.indices, False)
@@ -109,8 +113,9 @@ def test_topk_kernels_match_the_reference(gen, kind, tail, k, dtype, rtol):
     teacher = topk_teacher(logits(gen, (5, 150)).to(DEVICE), k, kind=kind)
     teacher = TopK(teacher.values.to(dtype), teacher.indices.int(), kind)
     labels = torch.tensor([3, -100, 149, 0, 7], device=DEVICE)
-    (loss, grad), (want_loss, want_grad) = kernel_and_reference(s, teacher, temperature=2.0, tail=tail, labels=labels,
-                                                                ce_weight=0.4)
+    (loss, grad), (want_loss, want_grad) = kernel_and_reference(
+        s, teacher, temperature=2.0, tail=tail, labels=labels, ce_weight=0.4
+    )
     assert_rel_close(loss, want_loss, rtol, what="loss")
     assert_rel_close(grad, want_grad, rtol, what="grad")
 
@@ -126,8 +131,9 @@ def test_topk_kernels_stay_exact_when_the_student_mass_outside_the_k_is_tiny(gen
     lp = lp - torch.logsumexp(lp, -1, keepdim=True) + math.log1p(-1e-3)  # the K hold 1 − 1e-3 of the teacher
     teacher = TopK(lp.float(), teacher.indices)
     s = torch.zeros(3, num_classes, dtype=torch.float64).scatter(-1, teacher.indices, 30.0)
-    (loss, grad), _ = kernel_and_reference(s.float().to(DEVICE), TopK(teacher.values.to(DEVICE),
-                                                                       teacher.indices.to(DEVICE)), reduction="none")
+    (loss, grad), _ = kernel_and_reference(
+        s.float().to(DEVICE), TopK(teacher.values.to(DEVICE), teacher.indices.to(DEVICE)), reduction="none"
+    )
     p_s = F.softmax(s, -1)
     q_s = torch.cat([p_s.gather(-1, teacher.indices), 1 - p_s.gather(-1, teacher.indices).sum(-1, keepdim=True)], -1)
     p_t = torch.cat([teacher.values.double().exp(), torch.full((3, 1), 1e-3, dtype=torch.float64)], -1)
@@ -163,13 +169,26 @@ def test_topk_stats_are_the_sparse_teachers_at_t1(gen, tail):
         p_t = torch.cat([p_t, 1 - p_t.sum(-1, keepdim=True)], -1)
     p_t = p_t / p_t.sum(-1, keepdim=True)
     log_q = F.log_softmax(s.double(), -1)
-    rows = torch.stack([(s.argmax(-1) == teacher.indices[:, 0]).double(), float64_topk_kl(s, t, 6, tail, 1.0),
-                        -torch.xlogy(p_t, p_t).sum(-1), -(log_q.exp() * log_q).sum(-1)])
+    rows = torch.stack(
+        [
+            (s.argmax(-1) == teacher.indices[:, 0]).double(),
+            float64_topk_kl(s, t, 6, tail, 1.0),
+            -torch.xlogy(p_t, p_t).sum(-1),
+            -(log_q.exp() * log_q).sum(-1),
+        ]
+    )
     want = rows[:, labels != -100].mean(1)
     for backend in ("reference", "triton"):
         leaf = s.to(DEVICE).requires_grad_(True)
-        loss, stats = fastkd.kd_loss(leaf, TopK(teacher.values.to(DEVICE), teacher.indices.to(DEVICE)), tail=tail,
-                                     temperature=2.0, labels=labels.to(DEVICE), return_stats=True, backend=backend)
+        loss, stats = fastkd.kd_loss(
+            leaf,
+            TopK(teacher.values.to(DEVICE), teacher.indices.to(DEVICE)),
+            tail=tail,
+            temperature=2.0,
+            labels=labels.to(DEVICE),
+            return_stats=True,
+            backend=backend,
+        )
         assert_rel_close(torch.stack(list(stats.values())), want, 1e-5, what=backend)
         assert not any(v.requires_grad for v in stats.values())
         loss.backward()  # the metrics leave the gradient alone
@@ -181,8 +200,7 @@ def test_topk_kernel_rows_with_bad_indices_are_nan(gen):
     s = logits(gen, (4, 10)).to(DEVICE)
     values = torch.full((4, 3), -2.0, device=DEVICE)
     indices = torch.tensor([[0, 1, 2], [0, 10, 2], [4, 5, 4], [9, 8, -1]], device=DEVICE)
-    rows, _, _ = torch.ops.fastkd.kd_topk_rows(s, values, indices, None, 1.0, "bucket", -100, 0.0, 1.0, "triton",
-                                               False)
+    rows, _, _ = torch.ops.fastkd.kd_topk_rows(s, values, indices, None, 1.0, "bucket", -100, 0.0, 1.0, "triton", False)
     assert rows[0].isfinite() and rows[1:].isnan().all()
 
 
@@ -202,8 +220,7 @@ def test_topk_torch_compile_fullgraph(gen):
     labels = torch.tensor([1, 2, -100, 29], device=DEVICE)
 
     def step(s, values, indices):
-        return fastkd.kd_loss(s, TopK(values, indices), temperature=2.0, labels=labels, ce_weight=0.5,
-                              backend="triton")
+        return fastkd.kd_loss(s, TopK(values, indices), temperature=2.0, labels=labels, ce_weight=0.5, backend="triton")
 
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(s, teacher.values, teacher.indices)
     (grad,) = torch.autograd.grad(got, s)
@@ -216,22 +233,34 @@ S = torch.zeros(2, 5)
 GOOD = TopK(torch.full((2, 2), -1.0), torch.tensor([[0, 1], [2, 3]]))
 
 
-@pytest.mark.parametrize("make, kwargs, error, match", [
-    (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), kind="probs"), {}, ValueError, "kind"),
-    (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 3, dtype=torch.long)), {}, ValueError, "same shape"),
-    (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 2)), {}, TypeError, "indices must be an int64"),
-    (lambda: TopK(torch.zeros(2, 6), torch.arange(6).repeat(2, 1)), {}, ValueError, "more than the V=5"),
-    (lambda: TopK(torch.zeros(2, 2), torch.tensor([[0, 5], [1, 2]])), {}, ValueError, r"indices must lie in \[0, 5\)"),
-    (lambda: TopK(torch.zeros(2, 2), torch.tensor([[1, 1], [1, 2]])), {}, ValueError, "distinct"),
-    (lambda: TopK(torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long)), {}, ValueError, r"shape \(\*, K\)"),
-    (lambda: TopK(torch.zeros(2, 2), torch.tensor([[0, 1], [1, 2]]), kind="logits"), dict(tail="bucket"),
-     ValueError, "needs the teacher's log-probabilities"),
-    (lambda: GOOD, dict(divergence="jsd"), ValueError, "divergence='kl'"),
-    (lambda: GOOD, dict(tail="middle"), ValueError, "tail must be one of"),
-    (lambda: GOOD, dict(teacher_weights=[1.0, 2.0]), ValueError, "a TopK teacher is one"),
-    (lambda: GOOD, dict(ensemble="logit"), ValueError, "a TopK teacher is one"),
-    (lambda: GOOD, dict(backend="cpu"), RuntimeError, "TopK teacher has no 'cpu' backend yet"),
-])
+@pytest.mark.parametrize(
+    "make, kwargs, error, match",
+    [
+        (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), kind="probs"), {}, ValueError, "kind"),
+        (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 3, dtype=torch.long)), {}, ValueError, "same shape"),
+        (lambda: TopK(torch.zeros(2, 2), torch.zeros(2, 2)), {}, TypeError, "indices must be an int64"),
+        (lambda: TopK(torch.zeros(2, 6), torch.arange(6).repeat(2, 1)), {}, ValueError, "more than the V=5"),
+        (
+            lambda: TopK(torch.zeros(2, 2), torch.tensor([[0, 5], [1, 2]])),
+            {},
+            ValueError,
+            r"indices must lie in \[0, 5\)",
+        ),
+        (lambda: TopK(torch.zeros(2, 2), torch.tensor([[1, 1], [1, 2]])), {}, ValueError, "distinct"),
+        (lambda: TopK(torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long)), {}, ValueError, r"shape \(\*, K\)"),
+        (
+            lambda: TopK(torch.zeros(2, 2), torch.tensor([[0, 1], [1, 2]]), kind="logits"),
+            dict(tail="bucket"),
+            ValueError,
+            "needs the teacher's log-probabilities",
+        ),
+        (lambda: GOOD, dict(divergence="jsd"), ValueError, "divergence='kl'"),
+        (lambda: GOOD, dict(tail="middle"), ValueError, "tail must be one of"),
+        (lambda: GOOD, dict(teacher_weights=[1.0, 2.0]), ValueError, "a TopK teacher is one"),
+        (lambda: GOOD, dict(ensemble="logit"), ValueError, "a TopK teacher is one"),
+        (lambda: GOOD, dict(backend="cpu"), RuntimeError, "TopK teacher has no 'cpu' backend yet"),
+    ],
+)
 def test_bad_topk_raises_clear_errors(make, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastkd.kd_loss(S, make(), **kwargs)

@@ -1,6 +1,7 @@
 """The one table of mode codes and statistics slots: fastkd/kernel_args.py, which the Triton kernels alias, and
 the C++ enums of csrc/kd_args.h and csrc/feature_loss_cpu.h must agree name for name and value for value; and no
 kernel source compares a mode or indexes a slot with a bare number."""
+
 import os
 import re
 
@@ -37,7 +38,7 @@ def cpp_enum(header: str, name: str) -> dict:
 def test_the_cpp_enums_are_the_python_table(enum, header, name, prefix):
     entries = cpp_enum(header, name)
     counts = {k: v for k, v in entries.items() if k.startswith("kNum")}
-    named = {k[1 + len(prefix):].lower(): v for k, v in entries.items() if k not in counts}
+    named = {k[1 + len(prefix) :].lower(): v for k, v in entries.items() if k not in counts}
     assert named == {member.name.replace("_", "").lower(): int(member) for member in enum}
     for count in counts.values():
         assert count == len(enum)
@@ -47,7 +48,9 @@ def test_no_bare_mode_codes_or_slot_indices_in_the_kernels():
     """A mode constexpr compared with a number, or a statistics tensor indexed by a number times the row count, is
     the silent bug the named table prevents."""
     triton_pattern = re.compile(r"\b(DIVERGENCE|ENSEMBLE|KIND|NORMALIZE|GROUP)\s*[=!<>]=?\s*\d")
-    cpp_pattern = re.compile(r"\b(divergence|kind|normalize|group)\s*[=!<>]=?\s*\d|stats\[\s*\d|\[\d+\s*\*\s*\w*num_rows")
+    cpp_pattern = re.compile(
+        r"\b(divergence|kind|normalize|group)\s*[=!<>]=?\s*\d|stats\[\s*\d|\[\d+\s*\*\s*\w*num_rows"
+    )
     found = []
     for folder, pattern, suffixes in ((KERNELS, triton_pattern, (".py",)), (CSRC, cpp_pattern, (".h", ".cpp", ".cu"))):
         for name in sorted(os.listdir(folder)):

@@ -1,13 +1,15 @@
 """fastkd.lipschitz: grouped power iteration (Triton kernel vs the reference, the reference vs float64 and vs
 torch.linalg.matrix_norm), its gradient, persistent state, the network bound, and the LONDON loss."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE, assert_rel_close, skip_unless_available
 from fastkd import cpu_backend, lipschitz, reference
+
+from conftest import DEVICE, assert_rel_close, skip_unless_available
 
 # Linear, Conv2d, Conv1d, one row, one column, more rows than a tile and more columns than a block, more rows
 # than the finishing block
@@ -46,8 +48,9 @@ def test_kernel_matches_reference(kernel, n_iter, dtype):
     state = state_on(weights)
     sigma, new = lipschitz.spectral_norms(weights, n_iter=n_iter, state=state, backend=kernel.backend)
     # the reference in float64 on the same (rounded) weights: the kernel's float32 sums are all that differ
-    ref_sigma, ref_u, ref_v = reference.spectral_norms(as_float64_matrices(weights), state.u.double(),
-                                                       state.v.double(), n_iter=n_iter, eps=1e-12)
+    ref_sigma, ref_u, ref_v = reference.spectral_norms(
+        as_float64_matrices(weights), state.u.double(), state.v.double(), n_iter=n_iter, eps=1e-12
+    )
     assert sigma.dtype == torch.float32 and sigma.shape == (len(SHAPES),)
     assert_rel_close(sigma, ref_sigma, 1e-5, what="sigma")
     assert_rel_close(new.u, ref_u, 1e-5, what="u")
@@ -62,8 +65,9 @@ def test_reference_in_float32_matches_float64():
     weights = make_weights(device="cpu")
     state = state_on(weights)
     sigma, u, v = reference.spectral_norms(lipschitz.as_matrices(weights), state.u, state.v, n_iter=5, eps=1e-12)
-    sigma64, u64, v64 = reference.spectral_norms(as_float64_matrices(weights), state.u.double(),
-                                                 state.v.double(), n_iter=5, eps=1e-12)
+    sigma64, u64, v64 = reference.spectral_norms(
+        as_float64_matrices(weights), state.u.double(), state.v.double(), n_iter=5, eps=1e-12
+    )
     for got, want in ((sigma, sigma64), (u, u64), (v, v64)):
         assert_rel_close(got, want, 1e-5)
 
@@ -133,6 +137,7 @@ def test_reference_gradcheck_in_float64_for_one_iteration_from_a_given_state():
 
     def sigma(*ws):
         return lipschitz.spectral_norms(list(ws), n_iter=1, state=state, backend="reference")[0]
+
     assert torch.autograd.gradcheck(sigma, tuple(weights))
 
 
@@ -152,25 +157,30 @@ def test_spectral_norms_compile_fullgraph(backend):
     skip_unless_available(backend)
     weights = make_weights(shapes=[(8, 12), (5, 3)], device=DEVICE if backend == "triton" else "cpu")
     state = state_on(weights)
-    compiled = torch.compile(lambda ws, st: lipschitz.spectral_norms(ws, n_iter=2, state=st, backend=backend)[0],
-                             fullgraph=True)
-    assert_rel_close(compiled(weights, state),
-                     lipschitz.spectral_norms(weights, n_iter=2, state=state, backend="reference")[0], 1e-5)
+    compiled = torch.compile(
+        lambda ws, st: lipschitz.spectral_norms(ws, n_iter=2, state=st, backend=backend)[0], fullgraph=True
+    )
+    assert_rel_close(
+        compiled(weights, state), lipschitz.spectral_norms(weights, n_iter=2, state=state, backend="reference")[0], 1e-5
+    )
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda w: lipschitz.spectral_norms([]), ValueError, "empty"),
-    (lambda w: lipschitz.spectral_norms(w[0]), TypeError, "list or tuple"),
-    (lambda w: lipschitz.spectral_norms([w[0], torch.randn(5)]), ValueError, r"weights\[1\] has shape \(5,\)"),
-    (lambda w: lipschitz.spectral_norms([torch.zeros(0, 3)]), ValueError, "empty"),
-    (lambda w: lipschitz.spectral_norms([torch.ones(2, 2, dtype=torch.int64)]), TypeError, "floating-point"),
-    (lambda w: lipschitz.spectral_norms(w, n_iter=0), ValueError, "n_iter"),
-    (lambda w: lipschitz.spectral_norms(w, eps=0.0), ValueError, "eps"),
-    (lambda w: lipschitz.spectral_norms(w, state=lipschitz.init_state(w[:1])), ValueError, "state.u must have"),
-    (lambda w: lipschitz.spectral_norms(w, state=(1, 2)), TypeError, "PowerIterationState"),
-    (lambda w: lipschitz.spectral_norms([w[0], w[1].half()], backend="triton"), ValueError, "one dtype"),
-    (lambda w: lipschitz.spectral_norms([w[0].double(), w[1]], backend="triton"), RuntimeError, "float64"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda w: lipschitz.spectral_norms([]), ValueError, "empty"),
+        (lambda w: lipschitz.spectral_norms(w[0]), TypeError, "list or tuple"),
+        (lambda w: lipschitz.spectral_norms([w[0], torch.randn(5)]), ValueError, r"weights\[1\] has shape \(5,\)"),
+        (lambda w: lipschitz.spectral_norms([torch.zeros(0, 3)]), ValueError, "empty"),
+        (lambda w: lipschitz.spectral_norms([torch.ones(2, 2, dtype=torch.int64)]), TypeError, "floating-point"),
+        (lambda w: lipschitz.spectral_norms(w, n_iter=0), ValueError, "n_iter"),
+        (lambda w: lipschitz.spectral_norms(w, eps=0.0), ValueError, "eps"),
+        (lambda w: lipschitz.spectral_norms(w, state=lipschitz.init_state(w[:1])), ValueError, "state.u must have"),
+        (lambda w: lipschitz.spectral_norms(w, state=(1, 2)), TypeError, "PowerIterationState"),
+        (lambda w: lipschitz.spectral_norms([w[0], w[1].half()], backend="triton"), ValueError, "one dtype"),
+        (lambda w: lipschitz.spectral_norms([w[0].double(), w[1]], backend="triton"), RuntimeError, "float64"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
         call(make_weights(shapes=[(4, 3), (2, 5)], device="cpu"))
@@ -198,8 +208,15 @@ def test_network_bound_of_an_mlp_is_the_product_of_the_matrix_norms():
 
 def test_network_bound_covers_conv_and_batchnorm_and_is_differentiable():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 2),
+    )
     with torch.no_grad():
         model[1].running_var.uniform_(0.2, 2.0)
         model[1].weight.uniform_(-2.0, 2.0)
@@ -224,20 +241,39 @@ def batchnorm_gain64(bn):
 
 def test_network_bound_equals_the_product_of_matrix_norms_kernel_factors_and_batchnorm_gains():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, (3, 2), padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(2),
-                          nn.Conv1d(8, 4, 5), nn.BatchNorm1d(4, affine=False), nn.ReLU(),
-                          nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(6, 2)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 8, (3, 2), padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Flatten(2),
+            nn.Conv1d(8, 4, 5),
+            nn.BatchNorm1d(4, affine=False),
+            nn.ReLU(),
+            nn.BatchNorm1d(4, track_running_stats=False),
+            nn.Linear(6, 2),
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         model[1].running_var.uniform_(0.2, 2.0)
         model[1].weight.uniform_(-2.0, 2.0)
         model[5].running_var.uniform_(0.01, 0.5)
     assert model(torch.randn(2, 3, 2, 4, dtype=torch.float64)).shape == (2, 4, 2)
     # a (3, 2) kernel: sqrt(∏k) = sqrt(6), not k₀ or sqrt(k₀²); the BatchNorm without running statistics counts 1
-    expected = (matrix_norm64(model[0].weight) * math.sqrt(6) * batchnorm_gain64(model[1])
-                * matrix_norm64(model[4].weight) * math.sqrt(5) * batchnorm_gain64(model[5])
-                * matrix_norm64(model[8].weight))
-    bound, _ = lipschitz.network_bound(model, n_iter=500, generator=torch.Generator().manual_seed(0),
-                                       backend="reference")
+    expected = (
+        matrix_norm64(model[0].weight)
+        * math.sqrt(6)
+        * batchnorm_gain64(model[1])
+        * matrix_norm64(model[4].weight)
+        * math.sqrt(5)
+        * batchnorm_gain64(model[5])
+        * matrix_norm64(model[8].weight)
+    )
+    bound, _ = lipschitz.network_bound(
+        model, n_iter=500, generator=torch.Generator().manual_seed(0), backend="reference"
+    )
     assert bound.item() == pytest.approx(expected, rel=1e-9)
     log_bound, _ = lipschitz.network_bound(model, n_iter=500, log=True, backend="reference")
     assert log_bound.item() == pytest.approx(math.log(expected), rel=1e-9)
@@ -279,6 +315,7 @@ def test_london_loss_gradcheck_through_the_iterations():
 
     def loss(*features):
         return lipschitz.london_loss(list(features), teacher, n_iter=3, init="ones")
+
     assert torch.autograd.gradcheck(loss, tuple(student))
 
 
@@ -289,15 +326,18 @@ def test_london_loss_uniform_init_is_seeded_by_the_generator():
     assert torch.equal(first, again) and first.dtype == torch.float32 and torch.isfinite(first)
 
 
-@pytest.mark.parametrize("make, error, message", [
-    (lambda s, t: lipschitz.london_loss(s[:1], t[:1]), ValueError, "at least 2 stages"),
-    (lambda s, t: lipschitz.london_loss(s, t[:2]), ValueError, "3 stages, teacher_features 2"),
-    (lambda s, t: lipschitz.london_loss([s[0].flatten(2), s[1]], t[:2]), ValueError, r"student_features\[0\]"),
-    (lambda s, t: lipschitz.london_loss(s, [t[0][:1], *t[1:]]), ValueError, "batch size"),
-    (lambda s, t: lipschitz.london_loss(s, t, init="normal"), ValueError, "init"),
-    (lambda s, t: lipschitz.london_loss(s, t, n_iter=0), ValueError, "n_iter"),
-    (lambda s, t: lipschitz.london_loss(s[0], t), TypeError, "list"),
-])
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda s, t: lipschitz.london_loss(s[:1], t[:1]), ValueError, "at least 2 stages"),
+        (lambda s, t: lipschitz.london_loss(s, t[:2]), ValueError, "3 stages, teacher_features 2"),
+        (lambda s, t: lipschitz.london_loss([s[0].flatten(2), s[1]], t[:2]), ValueError, r"student_features\[0\]"),
+        (lambda s, t: lipschitz.london_loss(s, [t[0][:1], *t[1:]]), ValueError, "batch size"),
+        (lambda s, t: lipschitz.london_loss(s, t, init="normal"), ValueError, "init"),
+        (lambda s, t: lipschitz.london_loss(s, t, n_iter=0), ValueError, "n_iter"),
+        (lambda s, t: lipschitz.london_loss(s[0], t), TypeError, "list"),
+    ],
+)
 def test_london_loss_bad_arguments(make, error, message):
     with pytest.raises(error, match=message):
         make(stages(0), stages(1))
@@ -336,8 +376,9 @@ def test_a_thousand_iterations_reach_matrix_norm_within_1e3_where_the_default_do
     backend = "cpu" if cpu_backend.AVAILABLE else "reference"
     errors = []
     for n_iter in (lipschitz.DEFAULT_ITERATIONS, 1000):
-        sigma, _ = lipschitz.spectral_norms([weight], n_iter=n_iter, backend=backend,
-                                            generator=torch.Generator().manual_seed(100 + seed))
+        sigma, _ = lipschitz.spectral_norms(
+            [weight], n_iter=n_iter, backend=backend, generator=torch.Generator().manual_seed(100 + seed)
+        )
         errors.append(1 - sigma.item() / exact)
     assert errors[0] > 1e-3 and 0 <= errors[1] <= 1e-3
 
@@ -349,6 +390,7 @@ def test_an_expanded_weight_is_read_as_its_values(backend):
     skip_unless_available(backend)
     device = torch.device("cpu") if backend == "cpu" else DEVICE
     weight = torch.randn(1, 3, generator=torch.Generator().manual_seed(0)).to(device).expand(4, 3)
-    sigma, _ = lipschitz.spectral_norms([weight], n_iter=30, backend=backend,
-                                        generator=torch.Generator().manual_seed(1))
+    sigma, _ = lipschitz.spectral_norms(
+        [weight], n_iter=30, backend=backend, generator=torch.Generator().manual_seed(1)
+    )
     assert sigma.item() == pytest.approx(torch.linalg.matrix_norm(weight.double().cpu(), ord=2).item(), rel=1e-5)

@@ -8,14 +8,17 @@ inputs and ≤ 1e-2 where an input is float16 or bfloat16, plus an absolute floo
 better (8× the error of the same textbook formulas evaluated in float32). Every tensor argument is also passed as a
 strided or broadcast view; padding around a view holds NaN, so reading outside the view shows.
 """
+
 import math
 from typing import Callable, NamedTuple
 
 import pytest
 import torch
-from hypothesis import Phase, assume, given, settings, strategies as st
+from hypothesis import Phase, assume, given, settings
+from hypothesis import strategies as st
 
 import fastkd
+
 import float64_truth as truth
 from conftest import assert_rel_close, backend_device, skip_unless_available
 
@@ -51,6 +54,7 @@ def examples(n: int):
 # inputs: values, layouts, labels
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def normal(gen: torch.Generator, shape, scale: float = 3.0) -> torch.Tensor:
     """N(0, scale²) float64 values drawn from ``gen``."""
     return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
@@ -58,6 +62,7 @@ def normal(gen: torch.Generator, shape, scale: float = 3.0) -> torch.Tensor:
 
 class Arg(NamedTuple):
     """An argument of the call under test: a base tensor (a leaf when ``grad``) and the view of it that is passed."""
+
     base: torch.Tensor
     view: Callable = lambda b: b
     grad: bool = False
@@ -90,8 +95,9 @@ def laid_out(x: torch.Tensor, layout: str, dtype: torch.dtype, grad: bool = Fals
     return Arg(base.to(dtype), lambda b: b[index], grad)
 
 
-def labels_laid_out(labels: torch.Tensor, layout: str, gen: torch.Generator, num_classes: int,
-                    dtype: torch.dtype = torch.int64) -> torch.Tensor:
+def labels_laid_out(
+    labels: torch.Tensor, layout: str, gen: torch.Generator, num_classes: int, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
     """Integer ``labels`` as a view laid out as ``layout``: "contiguous"; "column" (column 0 of a (*, 2) tensor whose
     column 1 holds other labels and ignore_index, like ``torch.tensor([[1, -100], [5, -100], [-100, 3]])[:, 0]``);
     "expanded" (the first label broadcast to every row, stride 0); "transposed" (dims reversed in memory)."""
@@ -117,6 +123,7 @@ def random_labels(gen: torch.Generator, shape, num_classes: int, ignored: float,
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation and comparison
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def evaluate(fn: Callable, args: list, upstream: torch.Tensor, dtype=None):
     """``fn(*views)`` and the gradients of Σ upstream·fn w.r.t. the bases that take one (zeros where none arrives),
@@ -147,8 +154,9 @@ def plain_float32_error(plain: torch.Tensor, exact: torch.Tensor) -> float:
     return (plain[finite] - exact[finite]).norm().item()
 
 
-def compare(lib: Callable, want: Callable, args: list, upstream: torch.Tensor, rtol: float, *,
-            unit=(1.0, 1.0), names=()):
+def compare(
+    lib: Callable, want: Callable, args: list, upstream: torch.Tensor, rtol: float, *, unit=(1.0, 1.0), names=()
+):
     """The library's value and gradients against the float64 truth's, within ``rtol`` plus an absolute floor: 8×
     the error of the same truth evaluated in float32 on the same inputs (what float32 cannot resolve: rows whose
     terms cancel, 1 − cos near 0, x/T of huge logits, features that normalise to nearly the same values) and 8
@@ -158,8 +166,10 @@ def compare(lib: Callable, want: Callable, args: list, upstream: torch.Tensor, r
     plain, plain_grads = evaluate(want, args, upstream, torch.float32)
     grad_names = names or [f"argument {i}" for i, arg in enumerate(args) if arg.grad]
     checks = [("value", got, exact, plain, unit[0])]
-    checks += [(f"gradient of {name}", g, e, p, unit[1])
-               for name, g, e, p in zip(grad_names, got_grads, exact_grads, plain_grads)]
+    checks += [
+        (f"gradient of {name}", g, e, p, unit[1])
+        for name, g, e, p in zip(grad_names, got_grads, exact_grads, plain_grads)
+    ]
     for what, actual, expected, float32_result, scale in checks:
         floor = 8 * plain_float32_error(float32_result, expected) + 8 * FLOAT32_EPS * scale
         assert_rel_close(actual, expected, rtol, atol=floor, what=what)
@@ -182,8 +192,17 @@ def divisor_of(reduction: str, labels=None, rows: int = 1, normalizer=None) -> f
     return float(max(rows if labels is None else int((labels != IGNORE).sum()), 1))
 
 
-def kd_unit(logits, *, kd_scale: float, ce_weight: float, temperature: float, rows: int, divisor: float,
-            upstream: torch.Tensor, peaked: bool = False):
+def kd_unit(
+    logits,
+    *,
+    kd_scale: float,
+    ce_weight: float,
+    temperature: float,
+    rows: int,
+    divisor: float,
+    upstream: torch.Tensor,
+    peaked: bool = False,
+):
     """The natural scales of a kd-family loss and of its gradient, for the floor of :func:`compare`. Per row: the
     largest probability p_max at T among ``logits`` (float32 rounds each probability to ε of it; 1 if ``peaked``,
     as DKD's binary distributions are) times kd_scale (the gradient's: kd_scale/T), times 1 + max|x|/T unless T is
@@ -191,15 +210,13 @@ def kd_unit(logits, *, kd_scale: float, ce_weight: float, temperature: float, ro
     flat = [x.double().reshape(-1, x.shape[-1]) for x in logits]
     peaks = rows
     if not peaked:
-        peaks = rows * max(truth.log_softmax(x, temperature).exp().amax(-1).nan_to_num(0.0).mean().item()
-                           for x in flat)
+        peaks = rows * max(truth.log_softmax(x, temperature).exp().amax(-1).nan_to_num(0.0).mean().item() for x in flat)
     rounding = 0.0
     if not math.log2(temperature).is_integer():
         rounding = max(x[x.isfinite()].abs().max().item() if x.isfinite().any() else 0.0 for x in flat) / temperature
     kd_part = kd_scale * peaks * (1 + rounding)
     up = float(upstream.abs().max())
-    return ((kd_part + abs(ce_weight) * rows) / divisor,
-            (kd_part / temperature + abs(ce_weight) * rows) / divisor * up)
+    return ((kd_part + abs(ce_weight) * rows) / divisor, (kd_part / temperature + abs(ce_weight) * rows) / divisor * up)
 
 
 def logical(args: list) -> list:
@@ -217,45 +234,107 @@ def backend_args(backend: str, args: list) -> list:
 # kd_loss with one teacher
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(20)
-@given(seed=SEEDS, row_shape=ROW_SHAPES, num_classes=st.one_of(st.just(1), NUM_CLASSES), temperature=TEMPERATURES,
-       divergence=st.sampled_from(DIVERGENCES), beta=BETAS, reduction=REDUCTIONS,
-       kd_weight=st.sampled_from((1.0, 0.4, 3.0)), scale_by_t2=st.booleans(),
-       dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES), layouts=st.tuples(LAYOUTS, LAYOUTS),
-       teacher_grad=st.booleans(), upstream_scale=UPSTREAM)
-def test_kd_loss_matches_float64_truth(backend, seed, row_shape, num_classes, temperature, divergence, beta,
-                                       reduction, kd_weight, scale_by_t2, dtypes, layouts, teacher_grad,
-                                       upstream_scale):
+@given(
+    seed=SEEDS,
+    row_shape=ROW_SHAPES,
+    num_classes=st.one_of(st.just(1), NUM_CLASSES),
+    temperature=TEMPERATURES,
+    divergence=st.sampled_from(DIVERGENCES),
+    beta=BETAS,
+    reduction=REDUCTIONS,
+    kd_weight=st.sampled_from((1.0, 0.4, 3.0)),
+    scale_by_t2=st.booleans(),
+    dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
+    layouts=st.tuples(LAYOUTS, LAYOUTS),
+    teacher_grad=st.booleans(),
+    upstream_scale=UPSTREAM,
+)
+def test_kd_loss_matches_float64_truth(
+    backend,
+    seed,
+    row_shape,
+    num_classes,
+    temperature,
+    divergence,
+    beta,
+    reduction,
+    kd_weight,
+    scale_by_t2,
+    dtypes,
+    layouts,
+    teacher_grad,
+    upstream_scale,
+):
     """kd_loss (every divergence, T, β including 0 and 1, reduction, kd_weight, T² or not, student and teacher of
     any two dtypes and layouts, 2-D or 3-D logits) equals the float64 truth, and so do the gradients of student
     and (when it requires grad) teacher, also for an upstream gradient other than 1."""
     skip_unless_available(backend)
     gen = torch.Generator().manual_seed(seed)
     shape = row_shape + (num_classes,)
-    args = [laid_out(normal(gen, shape), layouts[0], dtypes[0], grad=True),
-            laid_out(normal(gen, shape), layouts[1], dtypes[1], grad=teacher_grad)]
+    args = [
+        laid_out(normal(gen, shape), layouts[0], dtypes[0], grad=True),
+        laid_out(normal(gen, shape), layouts[1], dtypes[1], grad=teacher_grad),
+    ]
     upstream = upstream_for(gen, reduction, row_shape, upstream_scale)
-    options = dict(temperature=temperature, beta=beta, reduction=reduction, kd_weight=kd_weight,
-                   scale_by_t2=scale_by_t2)
-    unit = kd_unit(logical(args), kd_scale=kd_weight * (temperature ** 2 if scale_by_t2 else 1), ce_weight=0.0,
-                   temperature=temperature, rows=math.prod(row_shape),
-                   divisor=divisor_of(reduction, rows=math.prod(row_shape)), upstream=upstream)
-    compare(lambda s, t: fastkd.kd_loss(s, t, divergence=divergence, backend=backend, **options),
-            lambda s, t: truth.kd_loss(s, t, divergence_kind=divergence, **options), backend_args(backend, args),
-            upstream, tolerance(*(a.base for a in args)), unit=unit, names=("student", "teacher"))
+    options = dict(
+        temperature=temperature, beta=beta, reduction=reduction, kd_weight=kd_weight, scale_by_t2=scale_by_t2
+    )
+    unit = kd_unit(
+        logical(args),
+        kd_scale=kd_weight * (temperature**2 if scale_by_t2 else 1),
+        ce_weight=0.0,
+        temperature=temperature,
+        rows=math.prod(row_shape),
+        divisor=divisor_of(reduction, rows=math.prod(row_shape)),
+        upstream=upstream,
+    )
+    compare(
+        lambda s, t: fastkd.kd_loss(s, t, divergence=divergence, backend=backend, **options),
+        lambda s, t: truth.kd_loss(s, t, divergence_kind=divergence, **options),
+        backend_args(backend, args),
+        upstream,
+        tolerance(*(a.base for a in args)),
+        unit=unit,
+        names=("student", "teacher"),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(16)
-@given(seed=SEEDS, row_shape=ROW_SHAPES, num_classes=NUM_CLASSES, temperature=TEMPERATURES,
-       divergence=st.sampled_from(DIVERGENCES), ce_weight=st.sampled_from((0.0, 0.3, 1.0)),
-       kd_weight=st.sampled_from((1.0, 0.0, 0.7)), ignored=st.sampled_from((0.0, 0.4)),
-       label_layout=LABEL_LAYOUTS, label_dtype=st.sampled_from((torch.int64, torch.int32)),
-       reduction=REDUCTIONS, normalizer=st.sampled_from((None, 3.0, 0.5)), upstream_scale=UPSTREAM)
-def test_kd_loss_with_labels_in_any_layout(backend, seed, row_shape, num_classes, temperature, divergence, ce_weight,
-                                           kd_weight, ignored, label_layout, label_dtype, reduction, normalizer,
-                                           upstream_scale):
+@given(
+    seed=SEEDS,
+    row_shape=ROW_SHAPES,
+    num_classes=NUM_CLASSES,
+    temperature=TEMPERATURES,
+    divergence=st.sampled_from(DIVERGENCES),
+    ce_weight=st.sampled_from((0.0, 0.3, 1.0)),
+    kd_weight=st.sampled_from((1.0, 0.0, 0.7)),
+    ignored=st.sampled_from((0.0, 0.4)),
+    label_layout=LABEL_LAYOUTS,
+    label_dtype=st.sampled_from((torch.int64, torch.int32)),
+    reduction=REDUCTIONS,
+    normalizer=st.sampled_from((None, 3.0, 0.5)),
+    upstream_scale=UPSTREAM,
+)
+def test_kd_loss_with_labels_in_any_layout(
+    backend,
+    seed,
+    row_shape,
+    num_classes,
+    temperature,
+    divergence,
+    ce_weight,
+    kd_weight,
+    ignored,
+    label_layout,
+    label_dtype,
+    reduction,
+    normalizer,
+    upstream_scale,
+):
     """With labels (int64 or int32; contiguous, a strided column of a wider tensor, one label expanded to every row,
     or transposed): the CE term at T = 1 and the ignored rows (loss 0, zero gradient, not counted by "batchmean",
     or divided by a number ``normalizer``) agree with the float64 truth."""
@@ -263,32 +342,56 @@ def test_kd_loss_with_labels_in_any_layout(backend, seed, row_shape, num_classes
     assume(normalizer is None or reduction == "batchmean")
     gen = torch.Generator().manual_seed(seed)
     shape = row_shape + (num_classes,)
-    args = [laid_out(normal(gen, shape), "contiguous", torch.float32, grad=True),
-            laid_out(normal(gen, shape), "contiguous", torch.float32, grad=True)]
-    labels = labels_laid_out(random_labels(gen, row_shape, num_classes, ignored), label_layout, gen, num_classes,
-                             label_dtype)
+    args = [
+        laid_out(normal(gen, shape), "contiguous", torch.float32, grad=True),
+        laid_out(normal(gen, shape), "contiguous", torch.float32, grad=True),
+    ]
+    labels = labels_laid_out(
+        random_labels(gen, row_shape, num_classes, ignored), label_layout, gen, num_classes, label_dtype
+    )
     upstream = upstream_for(gen, reduction, row_shape, upstream_scale)
-    options = dict(temperature=temperature, reduction=reduction, ce_weight=ce_weight, kd_weight=kd_weight,
-                   normalizer=normalizer)
-    unit = kd_unit(logical(args), kd_scale=kd_weight * temperature ** 2, ce_weight=ce_weight,
-                   temperature=temperature, rows=math.prod(row_shape),
-                   divisor=divisor_of(reduction, labels, normalizer=normalizer), upstream=upstream)
+    options = dict(
+        temperature=temperature, reduction=reduction, ce_weight=ce_weight, kd_weight=kd_weight, normalizer=normalizer
+    )
+    unit = kd_unit(
+        logical(args),
+        kd_scale=kd_weight * temperature**2,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        rows=math.prod(row_shape),
+        divisor=divisor_of(reduction, labels, normalizer=normalizer),
+        upstream=upstream,
+    )
     device = backend_device(backend)
-    compare(lambda s, t: fastkd.kd_loss(s, t, labels=labels.to(device), divergence=divergence, backend=backend,
-                                        **options),
-            lambda s, t: truth.kd_loss(s, t, labels=labels, divergence_kind=divergence, **options),
-            backend_args(backend, args), upstream, 1e-5, unit=unit, names=("student", "teacher"))
+    compare(
+        lambda s, t: fastkd.kd_loss(s, t, labels=labels.to(device), divergence=divergence, backend=backend, **options),
+        lambda s, t: truth.kd_loss(s, t, labels=labels, divergence_kind=divergence, **options),
+        backend_args(backend, args),
+        upstream,
+        1e-5,
+        unit=unit,
+        names=("student", "teacher"),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(16)
-@given(seed=SEEDS, rows=st.integers(1, 6), num_classes=NUM_CLASSES,
-       temperature=EXACT_TEMPERATURES, divergence=st.sampled_from(DIVERGENCES), beta=BETAS,
-       masked=st.sampled_from((0.0, 0.3, 0.9)), huge=st.sampled_from((0.0, 0.3, 1.0)),
-       weights=st.sampled_from(((1.0, 0.0), (1.0, 0.5), (0.0, 1.0))),
-       dtype=st.sampled_from((torch.float32, torch.float16)), teacher_grad=st.booleans())
-def test_kd_loss_of_masked_and_huge_logits(backend, seed, rows, num_classes, temperature, divergence, beta, masked,
-                                           huge, weights, dtype, teacher_grad):
+@given(
+    seed=SEEDS,
+    rows=st.integers(1, 6),
+    num_classes=NUM_CLASSES,
+    temperature=EXACT_TEMPERATURES,
+    divergence=st.sampled_from(DIVERGENCES),
+    beta=BETAS,
+    masked=st.sampled_from((0.0, 0.3, 0.9)),
+    huge=st.sampled_from((0.0, 0.3, 1.0)),
+    weights=st.sampled_from(((1.0, 0.0), (1.0, 0.5), (0.0, 1.0))),
+    dtype=st.sampled_from((torch.float32, torch.float16)),
+    teacher_grad=st.booleans(),
+)
+def test_kd_loss_of_masked_and_huge_logits(
+    backend, seed, rows, num_classes, temperature, divergence, beta, masked, huge, weights, dtype, teacher_grad
+):
     """Masked vocabulary (−inf logits in the same columns of student and teacher, labels in the others) and logits
     offset by ±1e4 (each entry with probability ``huge``), with KD, CE or both: loss and gradients are finite and
     agree with the float64 truth as closely as for small logits. T is a power of two, so x/T is exact in float32
@@ -304,26 +407,62 @@ def test_kd_loss_of_masked_and_huge_logits(backend, seed, rows, num_classes, tem
         offset = torch.where(torch.rand(rows, num_classes, generator=gen) < 0.5, offset, -offset)
         return (normal(gen, (rows, num_classes)) + offset).masked_fill(column_masked, -math.inf)
 
-    args = [laid_out(logits(), "contiguous", dtype, grad=True),
-            laid_out(logits(), "contiguous", dtype, grad=teacher_grad)]
+    args = [
+        laid_out(logits(), "contiguous", dtype, grad=True),
+        laid_out(logits(), "contiguous", dtype, grad=teacher_grad),
+    ]
     labels = random_labels(gen, (rows,), num_classes, 0.2, allowed=~column_masked)
     upstream = torch.tensor(1.0, dtype=torch.float64)
     options = dict(temperature=temperature, beta=beta, kd_weight=kd_weight, ce_weight=ce_weight, reduction="sum")
-    unit = kd_unit(logical(args), kd_scale=kd_weight * temperature ** 2, ce_weight=ce_weight,
-                   temperature=temperature, rows=rows, divisor=1.0, upstream=upstream)
-    compare(lambda s, t: fastkd.kd_loss(s, t, labels=labels, divergence=divergence, backend=backend, **options),
-            lambda s, t: truth.kd_loss(s, t, labels=labels, divergence_kind=divergence, **options),
-            backend_args(backend, args), upstream, tolerance(args[0].base), unit=unit, names=("student", "teacher"))
+    unit = kd_unit(
+        logical(args),
+        kd_scale=kd_weight * temperature**2,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        rows=rows,
+        divisor=1.0,
+        upstream=upstream,
+    )
+    compare(
+        lambda s, t: fastkd.kd_loss(s, t, labels=labels, divergence=divergence, backend=backend, **options),
+        lambda s, t: truth.kd_loss(s, t, labels=labels, divergence_kind=divergence, **options),
+        backend_args(backend, args),
+        upstream,
+        tolerance(args[0].base),
+        unit=unit,
+        names=("student", "teacher"),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(12)
-@given(seed=SEEDS, op=st.sampled_from(("kd", "ensemble", "topk", "dkd")), rows=st.integers(1, 6),
-       num_classes=st.integers(2, 40), temperature=TEMPERATURES, divergence=st.sampled_from(DIVERGENCES),
-       neg_inf_rows=st.sampled_from((0.0, 0.5, 1.0)), ce_weight=st.sampled_from((0.0, 1.0)),
-       label_layout=LABEL_LAYOUTS, reduction=REDUCTIONS, normalizer=st.sampled_from((None, 2.0, "a zero tensor")))
-def test_an_all_ignored_batch_gives_exactly_zero(backend, seed, op, rows, num_classes, temperature, divergence,
-                                                 neg_inf_rows, ce_weight, label_layout, reduction, normalizer):
+@given(
+    seed=SEEDS,
+    op=st.sampled_from(("kd", "ensemble", "topk", "dkd")),
+    rows=st.integers(1, 6),
+    num_classes=st.integers(2, 40),
+    temperature=TEMPERATURES,
+    divergence=st.sampled_from(DIVERGENCES),
+    neg_inf_rows=st.sampled_from((0.0, 0.5, 1.0)),
+    ce_weight=st.sampled_from((0.0, 1.0)),
+    label_layout=LABEL_LAYOUTS,
+    reduction=REDUCTIONS,
+    normalizer=st.sampled_from((None, 2.0, "a zero tensor")),
+)
+def test_an_all_ignored_batch_gives_exactly_zero(
+    backend,
+    seed,
+    op,
+    rows,
+    num_classes,
+    temperature,
+    divergence,
+    neg_inf_rows,
+    ce_weight,
+    label_layout,
+    reduction,
+    normalizer,
+):
     """A batch whose labels are all ignore_index (any layout; some rows all −inf) gives a loss of exactly 0 for
     every reduction, connected to the graph, and gradients exactly 0, no NaN: kd_loss with one teacher, with an
     ensemble of two, with a TopK teacher, and dkd_loss."""
@@ -342,8 +481,9 @@ def test_an_all_ignored_batch_gives_exactly_zero(backend, seed, op, rows, num_cl
     labels = labels_laid_out(torch.full((rows,), IGNORE), label_layout, gen, num_classes).to(device)
     if normalizer == "a zero tensor":
         normalizer = torch.zeros((), device=device)
-    options = dict(temperature=temperature, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer,
-                   backend=backend)
+    options = dict(
+        temperature=temperature, ce_weight=ce_weight, reduction=reduction, normalizer=normalizer, backend=backend
+    )
     if op == "dkd":
         loss = fastkd.dkd_loss(s, t, labels, **options)
     else:
@@ -353,42 +493,64 @@ def test_an_all_ignored_batch_gives_exactly_zero(backend, seed, op, rows, num_cl
     loss.sum().backward()
     for name, x in (("student", s), ("teacher", t)):
         if x.requires_grad:
-            assert x.grad is not None and torch.equal(x.grad.cpu(), torch.zeros_like(x).cpu()), \
+            assert x.grad is not None and torch.equal(x.grad.cpu(), torch.zeros_like(x).cpu()), (
                 f"gradient of the {name}: {x.grad}"
+            )
 
 
 def rows_with_dead_padding(gen: torch.Generator, rows: int, num_classes: int):
     """Labels of which about half are ignore_index, and two (rows, V) logits whose ignored rows are all −inf."""
     labels = random_labels(gen, (rows,), num_classes, 0.0)
-    labels[torch.randperm(rows, generator=gen)[:max(rows // 2, 1)]] = IGNORE
+    labels[torch.randperm(rows, generator=gen)[: max(rows // 2, 1)]] = IGNORE
     dead = (labels == IGNORE).unsqueeze(-1).expand(rows, num_classes)
     return labels, [normal(gen, (rows, num_classes)).masked_fill(dead, -math.inf) for _ in range(2)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(10)
-@given(seed=SEEDS, rows=st.integers(2, 6), num_classes=NUM_CLASSES, temperature=TEMPERATURES,
-       divergence=st.sampled_from(DIVERGENCES), ce_weight=st.sampled_from((0.0, 0.5)), reduction=REDUCTIONS,
-       teacher_grad=st.booleans())
-def test_kd_loss_ignored_rows_of_neg_inf_logits(backend, seed, rows, num_classes, temperature, divergence, ce_weight,
-                                                reduction, teacher_grad):
+@given(
+    seed=SEEDS,
+    rows=st.integers(2, 6),
+    num_classes=NUM_CLASSES,
+    temperature=TEMPERATURES,
+    divergence=st.sampled_from(DIVERGENCES),
+    ce_weight=st.sampled_from((0.0, 0.5)),
+    reduction=REDUCTIONS,
+    teacher_grad=st.booleans(),
+)
+def test_kd_loss_ignored_rows_of_neg_inf_logits(
+    backend, seed, rows, num_classes, temperature, divergence, ce_weight, reduction, teacher_grad
+):
     """Ignored rows whose logits are all −inf (padding that was masked entirely) add 0 and get a zero gradient,
     never NaN; the other rows agree with the float64 truth."""
     skip_unless_available(backend)
     gen = torch.Generator().manual_seed(seed)
     labels, (s, t) = rows_with_dead_padding(gen, rows, num_classes)
-    args = [laid_out(s, "contiguous", torch.float32, grad=True),
-            laid_out(t, "contiguous", torch.float32, grad=teacher_grad)]
+    args = [
+        laid_out(s, "contiguous", torch.float32, grad=True),
+        laid_out(t, "contiguous", torch.float32, grad=teacher_grad),
+    ]
     upstream = upstream_for(gen, reduction, (rows,), 1.0)
     options = dict(temperature=temperature, ce_weight=ce_weight, reduction=reduction)
-    unit = kd_unit(logical(args), kd_scale=temperature ** 2, ce_weight=ce_weight, temperature=temperature,
-                   rows=rows, divisor=divisor_of(reduction, labels), upstream=upstream)
+    unit = kd_unit(
+        logical(args),
+        kd_scale=temperature**2,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        rows=rows,
+        divisor=divisor_of(reduction, labels),
+        upstream=upstream,
+    )
     device = backend_device(backend)
     _, grads = compare(
-        lambda s, t: fastkd.kd_loss(s, t, labels=labels.to(device), divergence=divergence, backend=backend,
-                                    **options),
+        lambda s, t: fastkd.kd_loss(s, t, labels=labels.to(device), divergence=divergence, backend=backend, **options),
         lambda s, t: truth.kd_loss(s, t, labels=labels, divergence_kind=divergence, **options),
-        backend_args(backend, args), upstream, 1e-5, unit=unit, names=("student", "teacher"))
+        backend_args(backend, args),
+        upstream,
+        1e-5,
+        unit=unit,
+        names=("student", "teacher"),
+    )
     for grad in grads:
         assert torch.equal(grad[labels == IGNORE].cpu(), torch.zeros(int((labels == IGNORE).sum()), num_classes))
 
@@ -397,17 +559,40 @@ def test_kd_loss_ignored_rows_of_neg_inf_logits(backend, seed, rows, num_classes
 # kd_loss with an ensemble of teachers, and with a sparse (top-K) teacher
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ensemble", ("prob", "logit"))
 @examples(10)
-@given(seed=SEEDS, row_shape=ROW_SHAPES, num_classes=st.integers(2, 40), num_teachers=st.integers(1, 3),
-       temperature=TEMPERATURES,
-       divergence=st.sampled_from(DIVERGENCES), weights=st.sampled_from(("uniform", "numbers", "tensor")),
-       silent_teacher=st.sampled_from((None, "partly -inf", "a row all -inf")), as_list=st.booleans(),
-       layout=LAYOUTS, dtype=FLOAT_DTYPES, teacher_grad=st.booleans())
-def test_kd_loss_ensemble_matches_float64_truth(backend, ensemble, seed, row_shape, num_classes, num_teachers,
-                                                temperature, divergence, weights, silent_teacher, as_list, layout,
-                                                dtype, teacher_grad):
+@given(
+    seed=SEEDS,
+    row_shape=ROW_SHAPES,
+    num_classes=st.integers(2, 40),
+    num_teachers=st.integers(1, 3),
+    temperature=TEMPERATURES,
+    divergence=st.sampled_from(DIVERGENCES),
+    weights=st.sampled_from(("uniform", "numbers", "tensor")),
+    silent_teacher=st.sampled_from((None, "partly -inf", "a row all -inf")),
+    as_list=st.booleans(),
+    layout=LAYOUTS,
+    dtype=FLOAT_DTYPES,
+    teacher_grad=st.booleans(),
+)
+def test_kd_loss_ensemble_matches_float64_truth(
+    backend,
+    ensemble,
+    seed,
+    row_shape,
+    num_classes,
+    num_teachers,
+    temperature,
+    divergence,
+    weights,
+    silent_teacher,
+    as_list,
+    layout,
+    dtype,
+    teacher_grad,
+):
     """An ensemble of K teachers ("prob": Σ_k w_k softmax(t_k/T); "logit": softmax(Σ_k w_k t_k/T)), given as a list
     (each teacher in its own layout) or a (K, *, V) view, with uniform weights, numbers or a strided tensor of
     weights, and possibly one more teacher of weight 0 whose logits are partly −inf or have a row all −inf (it must
@@ -445,23 +630,51 @@ def test_kd_loss_ensemble_matches_float64_truth(backend, ensemble, seed, row_sha
         return truth.kd_loss(s, torch.stack(t) if as_list else t[0], divergence_kind=divergence, **options)
 
     upstream = torch.tensor(1.0, dtype=torch.float64)
-    unit = kd_unit(logical(args), kd_scale=temperature ** 2, ce_weight=0.0, temperature=temperature,
-                   rows=math.prod(row_shape), divisor=divisor_of("batchmean", rows=math.prod(row_shape)),
-                   upstream=upstream)
+    unit = kd_unit(
+        logical(args),
+        kd_scale=temperature**2,
+        ce_weight=0.0,
+        temperature=temperature,
+        rows=math.prod(row_shape),
+        divisor=divisor_of("batchmean", rows=math.prod(row_shape)),
+        upstream=upstream,
+    )
     compare(library, want, backend_args(backend, args), upstream, tolerance(args[0].base), unit=unit)
 
 
 @pytest.mark.parametrize("backend", TOPK_BACKENDS)
 @examples(16)
-@given(seed=SEEDS, rows=st.integers(1, 6), num_classes=NUM_CLASSES, k=st.integers(1, 8), full=st.booleans(),
-       kind_tail=st.sampled_from((("logprobs", "bucket"), ("logprobs", "renormalize"), ("logits", "renormalize"))),
-       temperature=TEMPERATURES, layouts=st.tuples(LAYOUTS, LAYOUTS, LAYOUTS),
-       dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES), index_dtype=st.sampled_from((torch.int64, torch.int32)),
-       ce_weight=st.sampled_from((0.0, 0.5)), label_layout=st.one_of(st.none(), LABEL_LAYOUTS),
-       reduction=REDUCTIONS)
-def test_kd_loss_topk_teacher_matches_float64_truth(backend, seed, rows, num_classes, k, full, kind_tail, temperature,
-                                                    layouts, dtypes, index_dtype, ce_weight, label_layout,
-                                                    reduction):
+@given(
+    seed=SEEDS,
+    rows=st.integers(1, 6),
+    num_classes=NUM_CLASSES,
+    k=st.integers(1, 8),
+    full=st.booleans(),
+    kind_tail=st.sampled_from((("logprobs", "bucket"), ("logprobs", "renormalize"), ("logits", "renormalize"))),
+    temperature=TEMPERATURES,
+    layouts=st.tuples(LAYOUTS, LAYOUTS, LAYOUTS),
+    dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
+    index_dtype=st.sampled_from((torch.int64, torch.int32)),
+    ce_weight=st.sampled_from((0.0, 0.5)),
+    label_layout=st.one_of(st.none(), LABEL_LAYOUTS),
+    reduction=REDUCTIONS,
+)
+def test_kd_loss_topk_teacher_matches_float64_truth(
+    backend,
+    seed,
+    rows,
+    num_classes,
+    k,
+    full,
+    kind_tail,
+    temperature,
+    layouts,
+    dtypes,
+    index_dtype,
+    ce_weight,
+    label_layout,
+    reduction,
+):
     """A sparse teacher (its top-K log-probabilities or logits per row, in any order; K up to 8, or K = V for up to
     40 classes; student, values and indices of any layout and dtype) with tail "bucket" or "renormalize", with or
     without labels (any layout) and CE: the loss and the student's gradient equal the float64 truth."""
@@ -485,31 +698,50 @@ def test_kd_loss_topk_teacher_matches_float64_truth(backend, seed, rows, num_cla
         labels = labels_laid_out(random_labels(gen, (rows,), num_classes, 0.3), label_layout, gen, num_classes)
     upstream = upstream_for(gen, reduction, (rows,), 1.0)
     options = dict(temperature=temperature, reduction=reduction, ce_weight=ce_weight, labels=labels)
-    unit = kd_unit(logical([student, value_arg]), kd_scale=temperature ** 2, ce_weight=ce_weight,
-                   temperature=temperature, rows=rows, divisor=divisor_of(reduction, labels, rows),
-                   upstream=upstream)
+    unit = kd_unit(
+        logical([student, value_arg]),
+        kd_scale=temperature**2,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        rows=rows,
+        divisor=divisor_of(reduction, labels, rows),
+        upstream=upstream,
+    )
     device = backend_device(backend)
     device_options = dict(options, labels=None if labels is None else labels.to(device))
 
     def library(s, v):
-        return fastkd.kd_loss(s, fastkd.TopK(v, index_view.to(device), kind), tail=tail, backend=backend,
-                              **device_options)
+        return fastkd.kd_loss(
+            s, fastkd.TopK(v, index_view.to(device), kind), tail=tail, backend=backend, **device_options
+        )
 
-    compare(library, lambda s, v: truth.kd_topk_loss(s, v, index_view, tail=tail, **options),
-            backend_args(backend, [student, value_arg]), upstream, tolerance(student.base, value_arg.base),
-            unit=unit, names=("student",))
+    compare(
+        library,
+        lambda s, v: truth.kd_topk_loss(s, v, index_view, tail=tail, **options),
+        backend_args(backend, [student, value_arg]),
+        upstream,
+        tolerance(student.base, value_arg.base),
+        unit=unit,
+        names=("student",),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # normalizers (kd_loss and dkd_loss share them)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(10)
-@given(seed=SEEDS, rows=st.integers(1, 6), num_classes=st.integers(2, 40), op=st.sampled_from(("kd", "dkd")),
-       value=st.sampled_from((0, 1, 3, 7.5, 1000)),
-       dtype=st.sampled_from((torch.float32, torch.int64, torch.int32, torch.float64)),
-       ignored=st.sampled_from((0.0, 0.5, 1.0)))
+@given(
+    seed=SEEDS,
+    rows=st.integers(1, 6),
+    num_classes=st.integers(2, 40),
+    op=st.sampled_from(("kd", "dkd")),
+    value=st.sampled_from((0, 1, 3, 7.5, 1000)),
+    dtype=st.sampled_from((torch.float32, torch.int64, torch.int32, torch.float64)),
+    ignored=st.sampled_from((0.0, 0.5, 1.0)),
+)
 def test_tensor_normalizer_divides_the_sum(backend, seed, rows, num_classes, op, value, dtype, ignored):
     """A 0-d tensor ``normalizer`` of any real dtype (0, a step without counted rows, counts as 1) replaces the
     divisor of "batchmean" in kd_loss and dkd_loss: loss and gradients equal the float64 truth's sum ÷ normalizer,
@@ -518,8 +750,10 @@ def test_tensor_normalizer_divides_the_sum(backend, seed, rows, num_classes, op,
     assume(dtype.is_floating_point or float(value).is_integer())
     gen = torch.Generator().manual_seed(seed)
     device = backend_device(backend)
-    args = [laid_out(normal(gen, (rows, num_classes)), "contiguous", torch.float32, grad=True),
-            laid_out(normal(gen, (rows, num_classes)), "contiguous", torch.float32)]
+    args = [
+        laid_out(normal(gen, (rows, num_classes)), "contiguous", torch.float32, grad=True),
+        laid_out(normal(gen, (rows, num_classes)), "contiguous", torch.float32),
+    ]
     labels = random_labels(gen, (rows,), num_classes, ignored)
     normalizer = torch.tensor(value, dtype=dtype)
     upstream = torch.tensor(1.0, dtype=torch.float64)
@@ -528,8 +762,9 @@ def test_tensor_normalizer_divides_the_sum(backend, seed, rows, num_classes, op,
         kd_scale = 4.0
 
         def library(s, t):
-            return fastkd.kd_loss(s, t, labels=labels.to(device), backend=backend,
-                                  **dict(options, normalizer=normalizer.to(device)))
+            return fastkd.kd_loss(
+                s, t, labels=labels.to(device), backend=backend, **dict(options, normalizer=normalizer.to(device))
+            )
 
         def want(s, t):
             return truth.kd_loss(s, t, labels=labels, **options)
@@ -538,23 +773,41 @@ def test_tensor_normalizer_divides_the_sum(backend, seed, rows, num_classes, op,
         kd_scale = 4.0 * 9.0
 
         def library(s, t):
-            return fastkd.dkd_loss(s, t, labels.to(device), backend=backend,
-                                   **dict(options, normalizer=normalizer.to(device)))
+            return fastkd.dkd_loss(
+                s, t, labels.to(device), backend=backend, **dict(options, normalizer=normalizer.to(device))
+            )
 
         def want(s, t):
             return truth.dkd_loss(s, t, labels, **options)
 
-    unit = kd_unit(logical(args), kd_scale=kd_scale, ce_weight=0.5, temperature=2.0, rows=rows,
-                   divisor=divisor_of("batchmean", normalizer=normalizer), upstream=upstream, peaked=op == "dkd")
+    unit = kd_unit(
+        logical(args),
+        kd_scale=kd_scale,
+        ce_weight=0.5,
+        temperature=2.0,
+        rows=rows,
+        divisor=divisor_of("batchmean", normalizer=normalizer),
+        upstream=upstream,
+        peaked=op == "dkd",
+    )
     loss, _ = compare(library, want, backend_args(backend, args), upstream, 1e-5, unit=unit, names=("student",))
     assert loss.dtype == torch.float32
 
 
 @pytest.mark.parametrize("op", ("kd", "dkd"))
 @examples(12)
-@given(bad=st.sampled_from(((-2.0, torch.float32), (math.nan, torch.float32), (math.inf, torch.float32),
-                            (-math.inf, torch.float64), (-3, torch.int64))),
-       backend=st.sampled_from(BACKENDS))
+@given(
+    bad=st.sampled_from(
+        (
+            (-2.0, torch.float32),
+            (math.nan, torch.float32),
+            (math.inf, torch.float32),
+            (-math.inf, torch.float64),
+            (-3, torch.int64),
+        )
+    ),
+    backend=st.sampled_from(BACKENDS),
+)
 def test_invalid_tensor_normalizer_is_refused(op, bad, backend):
     """A negative, NaN or infinite tensor ``normalizer`` (on the CPU, where reading it costs no device sync) is
     refused with an error, as such a number is, instead of dividing the loss by it."""
@@ -576,17 +829,46 @@ def test_invalid_tensor_normalizer_is_refused(op, bad, backend):
 # dkd_loss
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(16)
-@given(seed=SEEDS, row_shape=ROW_SHAPES, num_classes=NUM_CLASSES, temperature=TEMPERATURES,
-       alpha=st.sampled_from((1.0, 0.0, 2.5)), beta=st.sampled_from((8.0, 0.0, 1.0)),
-       ce_weight=st.sampled_from((0.0, 0.5)), confident=st.sampled_from((0.0, 30.0, 1e4)),
-       masked=st.sampled_from((0.0, 0.4)), ignored=st.sampled_from((0.0, 0.4)), label_layout=LABEL_LAYOUTS,
-       label_dtype=st.sampled_from((torch.int64, torch.int32)), dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
-       layouts=st.tuples(LAYOUTS, LAYOUTS), reduction=REDUCTIONS, teacher_grad=st.booleans())
-def test_dkd_loss_matches_float64_truth(backend, seed, row_shape, num_classes, temperature, alpha, beta, ce_weight,
-                                        confident, masked, ignored, label_layout, label_dtype, dtypes, layouts,
-                                        reduction, teacher_grad):
+@given(
+    seed=SEEDS,
+    row_shape=ROW_SHAPES,
+    num_classes=NUM_CLASSES,
+    temperature=TEMPERATURES,
+    alpha=st.sampled_from((1.0, 0.0, 2.5)),
+    beta=st.sampled_from((8.0, 0.0, 1.0)),
+    ce_weight=st.sampled_from((0.0, 0.5)),
+    confident=st.sampled_from((0.0, 30.0, 1e4)),
+    masked=st.sampled_from((0.0, 0.4)),
+    ignored=st.sampled_from((0.0, 0.4)),
+    label_layout=LABEL_LAYOUTS,
+    label_dtype=st.sampled_from((torch.int64, torch.int32)),
+    dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
+    layouts=st.tuples(LAYOUTS, LAYOUTS),
+    reduction=REDUCTIONS,
+    teacher_grad=st.booleans(),
+)
+def test_dkd_loss_matches_float64_truth(
+    backend,
+    seed,
+    row_shape,
+    num_classes,
+    temperature,
+    alpha,
+    beta,
+    ce_weight,
+    confident,
+    masked,
+    ignored,
+    label_layout,
+    label_dtype,
+    dtypes,
+    layouts,
+    reduction,
+    teacher_grad,
+):
     """dkd_loss (TCKD and NCKD as mdistiller defines them; any α, β, T and CE; ignored rows; labels of any layout and
     dtype; logits of any layout and dtype with −inf non-target columns and target logits raised by up to 1e4, so
     that p_gt → 1) equals the float64 truth, and so do the gradients (the teacher's on the reference, the only
@@ -605,27 +887,47 @@ def test_dkd_loss_matches_float64_truth(backend, seed, row_shape, num_classes, t
     def logits():
         return (normal(gen, shape) + confident * target).masked_fill(column_masked, -math.inf)
 
-    args = [laid_out(logits(), layouts[0], dtypes[0], grad=True),
-            laid_out(logits(), layouts[1], dtypes[1], grad=teacher_grad)]
+    args = [
+        laid_out(logits(), layouts[0], dtypes[0], grad=True),
+        laid_out(logits(), layouts[1], dtypes[1], grad=teacher_grad),
+    ]
     labels = torch.where(torch.rand(row_shape, generator=gen) < ignored, IGNORE, labels)
     labels = labels_laid_out(labels, label_layout, gen, num_classes, label_dtype)
     upstream = upstream_for(gen, reduction, row_shape, 1.0)
     options = dict(temperature=temperature, alpha=alpha, beta=beta, ce_weight=ce_weight, reduction=reduction)
-    unit = kd_unit(logical(args), kd_scale=(alpha + beta) * temperature ** 2, ce_weight=ce_weight,
-                   temperature=temperature, rows=math.prod(row_shape), divisor=divisor_of(reduction, labels),
-                   upstream=upstream, peaked=True)
+    unit = kd_unit(
+        logical(args),
+        kd_scale=(alpha + beta) * temperature**2,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        rows=math.prod(row_shape),
+        divisor=divisor_of(reduction, labels),
+        upstream=upstream,
+        peaked=True,
+    )
     device = backend_device(backend)
-    compare(lambda s, t: fastkd.dkd_loss(s, t, labels.to(device), backend=backend, **options),
-            lambda s, t: truth.dkd_loss(s, t, labels, **options), backend_args(backend, args), upstream,
-            tolerance(*(a.base for a in args)), unit=unit, names=("student", "teacher"))
+    compare(
+        lambda s, t: fastkd.dkd_loss(s, t, labels.to(device), backend=backend, **options),
+        lambda s, t: truth.dkd_loss(s, t, labels, **options),
+        backend_args(backend, args),
+        upstream,
+        tolerance(*(a.base for a in args)),
+        unit=unit,
+        names=("student", "teacher"),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(8)
-@given(seed=SEEDS, rows=st.integers(2, 6), num_classes=st.integers(2, 40), temperature=TEMPERATURES,
-       ce_weight=st.sampled_from((0.0, 0.5)), reduction=REDUCTIONS)
-def test_dkd_loss_ignored_rows_of_neg_inf_logits(backend, seed, rows, num_classes, temperature, ce_weight,
-                                                 reduction):
+@given(
+    seed=SEEDS,
+    rows=st.integers(2, 6),
+    num_classes=st.integers(2, 40),
+    temperature=TEMPERATURES,
+    ce_weight=st.sampled_from((0.0, 0.5)),
+    reduction=REDUCTIONS,
+)
+def test_dkd_loss_ignored_rows_of_neg_inf_logits(backend, seed, rows, num_classes, temperature, ce_weight, reduction):
     """dkd_loss: ignored rows whose logits are all −inf add 0 and get a zero gradient, never NaN; the other rows
     agree with the float64 truth."""
     skip_unless_available(backend)
@@ -634,12 +936,26 @@ def test_dkd_loss_ignored_rows_of_neg_inf_logits(backend, seed, rows, num_classe
     args = [laid_out(s, "contiguous", torch.float32, grad=True), laid_out(t, "contiguous", torch.float32)]
     upstream = upstream_for(gen, reduction, (rows,), 1.0)
     options = dict(temperature=temperature, alpha=1.0, beta=8.0, ce_weight=ce_weight, reduction=reduction)
-    unit = kd_unit(logical(args), kd_scale=9.0 * temperature ** 2, ce_weight=ce_weight, temperature=temperature,
-                   rows=rows, divisor=divisor_of(reduction, labels), upstream=upstream, peaked=True)
+    unit = kd_unit(
+        logical(args),
+        kd_scale=9.0 * temperature**2,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        rows=rows,
+        divisor=divisor_of(reduction, labels),
+        upstream=upstream,
+        peaked=True,
+    )
     device = backend_device(backend)
-    _, (grad,) = compare(lambda s, t: fastkd.dkd_loss(s, t, labels.to(device), backend=backend, **options),
-                         lambda s, t: truth.dkd_loss(s, t, labels, **options), backend_args(backend, args), upstream,
-                         1e-5, unit=unit, names=("student",))
+    _, (grad,) = compare(
+        lambda s, t: fastkd.dkd_loss(s, t, labels.to(device), backend=backend, **options),
+        lambda s, t: truth.dkd_loss(s, t, labels, **options),
+        backend_args(backend, args),
+        upstream,
+        1e-5,
+        unit=unit,
+        names=("student",),
+    )
     assert torch.equal(grad[labels == IGNORE].cpu(), torch.zeros(int((labels == IGNORE).sum()), num_classes))
 
 
@@ -647,13 +963,16 @@ def test_dkd_loss_ignored_rows_of_neg_inf_logits(backend, seed, rows, num_classe
 # feature_loss
 # ----------------------------------------------------------------------------------------------------------------
 
-FEATURE_SHAPES = st.one_of(st.tuples(st.integers(1, 3), st.integers(1, 5)),
-                           st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5)),
-                           st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)))
+FEATURE_SHAPES = st.one_of(
+    st.tuples(st.integers(1, 3), st.integers(1, 5)),
+    st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5)),
+    st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
+)
 
 
-def feature_mask(gen: torch.Generator, shape, channel_dim: int, mask_kind, mask_layout: str, per_channel_ok: bool,
-                 dtype: torch.dtype):
+def feature_mask(
+    gen: torch.Generator, shape, channel_dim: int, mask_kind, mask_layout: str, per_channel_ok: bool, dtype: torch.dtype
+):
     """A mask for features of ``shape``: None, bool, or float (0 or a weight in [0.8, 2.2)) of ``dtype``; "full"
     (the features' shape), "broadcast" (size 1 along random dims, leading ones dropped), "expanded" (a broadcast
     mask expanded to full size: stride 0) or "sliced" (every other element of a wider last dim). Without
@@ -678,8 +997,9 @@ def feature_mask(gen: torch.Generator, shape, channel_dim: int, mask_kind, mask_
     return mask
 
 
-def feature_unit(student: torch.Tensor, teacher: torch.Tensor, mask, *, kind: str, normalize, channel_dim: int,
-                 reduction: str):
+def feature_unit(
+    student: torch.Tensor, teacher: torch.Tensor, mask, *, kind: str, normalize, channel_dim: int, reduction: str
+):
     """The natural scales of feature_loss and of its gradient, for the floor of :func:`compare`: over the present
     elements (weighted by the mask) the size |s'| + |t'| of the normalised features for the value; for the gradient
     the terms' slope times the normalisation's gain (1/σ per group for "channel"/"sample", 1/‖x‖ per position for
@@ -689,8 +1009,9 @@ def feature_unit(student: torch.Tensor, teacher: torch.Tensor, mask, *, kind: st
     m = torch.ones_like(s) if mask is None else truth.feature_groups(mask.double().expand(student.shape), channel_dim)
     present = m != 0
     s, t = torch.where(present, s, 0.0), torch.where(present, t, 0.0)
-    size = (truth.normalized_features(s, present, normalize).abs()
-            + truth.normalized_features(t, present, normalize).abs())
+    size = (
+        truth.normalized_features(s, present, normalize).abs() + truth.normalized_features(t, present, normalize).abs()
+    )
     gain = torch.ones_like(s)
     if kind == "cosine" or normalize == "l2":
         gain = sum(1 / x.norm(dim=1, keepdim=True).clamp_min(1e-30) for x in (s, t))
@@ -706,17 +1027,41 @@ def feature_unit(student: torch.Tensor, teacher: torch.Tensor, mask, *, kind: st
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(20)
-@given(seed=SEEDS, shape=FEATURE_SHAPES, channel_last=st.booleans(), kind=st.sampled_from(fastkd.features.KINDS),
-       normalize=st.sampled_from(fastkd.features.NORMALIZATIONS), with_margin=st.booleans(),
-       mask_kind=st.sampled_from((None, "bool", "float")),
-       mask_layout=st.sampled_from(("full", "broadcast", "expanded", "sliced")),
-       mask_dtype=st.sampled_from((torch.float32, torch.float64, torch.float16)),
-       beta=st.sampled_from((1.0, 0.3, 2.0)), reduction=st.sampled_from(("mean", "sum")),
-       dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES), layouts=st.tuples(LAYOUTS, LAYOUTS),
-       margin_layout=st.sampled_from(("contiguous", "sliced", "expanded")), teacher_grad=st.booleans())
-def test_feature_loss_matches_float64_truth(backend, seed, shape, channel_last, kind, normalize, with_margin,
-                                            mask_kind, mask_layout, mask_dtype, beta, reduction, dtypes, layouts,
-                                            margin_layout, teacher_grad):
+@given(
+    seed=SEEDS,
+    shape=FEATURE_SHAPES,
+    channel_last=st.booleans(),
+    kind=st.sampled_from(fastkd.features.KINDS),
+    normalize=st.sampled_from(fastkd.features.NORMALIZATIONS),
+    with_margin=st.booleans(),
+    mask_kind=st.sampled_from((None, "bool", "float")),
+    mask_layout=st.sampled_from(("full", "broadcast", "expanded", "sliced")),
+    mask_dtype=st.sampled_from((torch.float32, torch.float64, torch.float16)),
+    beta=st.sampled_from((1.0, 0.3, 2.0)),
+    reduction=st.sampled_from(("mean", "sum")),
+    dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
+    layouts=st.tuples(LAYOUTS, LAYOUTS),
+    margin_layout=st.sampled_from(("contiguous", "sliced", "expanded")),
+    teacher_grad=st.booleans(),
+)
+def test_feature_loss_matches_float64_truth(
+    backend,
+    seed,
+    shape,
+    channel_last,
+    kind,
+    normalize,
+    with_margin,
+    mask_kind,
+    mask_layout,
+    mask_dtype,
+    beta,
+    reduction,
+    dtypes,
+    layouts,
+    margin_layout,
+    teacher_grad,
+):
     """feature_loss (every kind and normalisation; channels second or last; OFD margins in any layout; bool or float
     masks of any dtype, full, broadcast, expanded or strided; features of any two dtypes and layouts; reduction
     "mean" or "sum") equals the float64 truth, and so do the gradients of student and teacher."""
@@ -725,10 +1070,13 @@ def test_feature_loss_matches_float64_truth(backend, seed, shape, channel_last, 
     assume(not (normalize == "channel" and len(shape) == 2))
     channel_dim = len(shape) - 1 if channel_last and len(shape) > 2 else 1
     gen = torch.Generator().manual_seed(seed)
-    args = [laid_out(normal(gen, shape, 2.0) + 0.5, layouts[0], dtypes[0], grad=True),
-            laid_out(normal(gen, shape, 2.0) + 0.5, layouts[1], dtypes[1], grad=teacher_grad)]
-    mask = feature_mask(gen, shape, channel_dim, mask_kind, mask_layout, kind != "cosine" and normalize != "l2",
-                        mask_dtype)
+    args = [
+        laid_out(normal(gen, shape, 2.0) + 0.5, layouts[0], dtypes[0], grad=True),
+        laid_out(normal(gen, shape, 2.0) + 0.5, layouts[1], dtypes[1], grad=teacher_grad),
+    ]
+    mask = feature_mask(
+        gen, shape, channel_dim, mask_kind, mask_layout, kind != "cosine" and normalize != "l2", mask_dtype
+    )
     margin = None
     if with_margin and normalize is None and kind != "cosine":
         margin_arg = laid_out(normal(gen, (shape[channel_dim],), 1.0) - 0.5, margin_layout, torch.float32)
@@ -737,25 +1085,45 @@ def test_feature_loss_matches_float64_truth(backend, seed, shape, channel_last, 
     device = backend_device(backend)
 
     def library(s, t):
-        return fastkd.feature_loss(s, t, mask=None if mask is None else mask.to(device),
-                                   margin=None if margin is None else margin.to(device), backend=backend, **options)
+        return fastkd.feature_loss(
+            s,
+            t,
+            mask=None if mask is None else mask.to(device),
+            margin=None if margin is None else margin.to(device),
+            backend=backend,
+            **options,
+        )
 
     def want(s, t):
         return truth.feature_loss(s, t, mask=mask, margin=None if margin is None else margin.to(s.dtype), **options)
 
-    unit = feature_unit(*logical(args), mask, kind=kind, normalize=normalize, channel_dim=channel_dim,
-                        reduction=reduction)
-    compare(library, want, backend_args(backend, args), torch.tensor(1.0, dtype=torch.float64),
-            tolerance(*(a.base for a in args)), unit=unit, names=("student", "teacher"))
+    unit = feature_unit(
+        *logical(args), mask, kind=kind, normalize=normalize, channel_dim=channel_dim, reduction=reduction
+    )
+    compare(
+        library,
+        want,
+        backend_args(backend, args),
+        torch.tensor(1.0, dtype=torch.float64),
+        tolerance(*(a.base for a in args)),
+        unit=unit,
+        names=("student", "teacher"),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(10)
-@given(seed=SEEDS, shape=FEATURE_SHAPES, kind=st.sampled_from(("mse", "l1", "smooth_l1")),
-       grad_of=st.sampled_from(("mask", "margin", "both")), mask_layout=st.sampled_from(("full", "broadcast")),
-       reduction=st.sampled_from(("mean", "sum")))
-def test_feature_loss_gradient_reaches_float_mask_and_margin(backend, seed, shape, kind, grad_of, mask_layout,
-                                                             reduction):
+@given(
+    seed=SEEDS,
+    shape=FEATURE_SHAPES,
+    kind=st.sampled_from(("mse", "l1", "smooth_l1")),
+    grad_of=st.sampled_from(("mask", "margin", "both")),
+    mask_layout=st.sampled_from(("full", "broadcast")),
+    reduction=st.sampled_from(("mean", "sum")),
+)
+def test_feature_loss_gradient_reaches_float_mask_and_margin(
+    backend, seed, shape, kind, grad_of, mask_layout, reduction
+):
     """A float mask (positive weights) and an OFD margin that require grad get the float64 truth's gradient
     (∂loss/∂m, ∂loss/∂margin) as the student does: from the backend asked for, or, where a kernel backend asked for
     by name computes no such gradient and refuses with a RuntimeError, from backend "auto". Never dropped."""
@@ -763,11 +1131,12 @@ def test_feature_loss_gradient_reaches_float_mask_and_margin(backend, seed, shap
     gen = torch.Generator().manual_seed(seed)
     small = [size if torch.rand((), generator=gen) < 0.5 else 1 for size in shape]
     mask_values = torch.rand(shape if mask_layout == "full" else small, generator=gen, dtype=torch.float64)
-    args = [laid_out(normal(gen, shape, 2.0), "contiguous", torch.float32, grad=True),
-            laid_out(normal(gen, shape, 2.0), "contiguous", torch.float32),
-            laid_out(mask_values * 1.5 + 0.2, "contiguous", torch.float32, grad=grad_of in ("mask", "both")),
-            laid_out(normal(gen, (shape[1],), 1.0) - 0.5, "contiguous", torch.float32,
-                     grad=grad_of in ("margin", "both"))]
+    args = [
+        laid_out(normal(gen, shape, 2.0), "contiguous", torch.float32, grad=True),
+        laid_out(normal(gen, shape, 2.0), "contiguous", torch.float32),
+        laid_out(mask_values * 1.5 + 0.2, "contiguous", torch.float32, grad=grad_of in ("mask", "both")),
+        laid_out(normal(gen, (shape[1],), 1.0) - 0.5, "contiguous", torch.float32, grad=grad_of in ("margin", "both")),
+    ]
     options = dict(kind=kind, reduction=reduction)
     names = ["student"] + [name for name, arg in zip(("mask", "margin"), args[2:]) if arg.grad]
     student, teacher, mask, _ = logical(args)
@@ -779,22 +1148,35 @@ def test_feature_loss_gradient_reaches_float_mask_and_margin(backend, seed, shap
         return truth.feature_loss(s, t, mask=m, margin=c, **options)
 
     try:
-        evaluate(lambda s, t, m, c: fastkd.feature_loss(s, t, mask=m, margin=c, backend=backend, **options), args,
-                 upstream)
+        evaluate(
+            lambda s, t, m, c: fastkd.feature_loss(s, t, mask=m, margin=c, backend=backend, **options), args, upstream
+        )
     except RuntimeError:
         assert backend != "reference", "the reference must compute every gradient"
         backend = "auto"
-    compare(lambda s, t, m, c: fastkd.feature_loss(s, t, mask=m, margin=c, backend=backend, **options), want, args,
-            upstream, 1e-5, unit=unit, names=names)
+    compare(
+        lambda s, t, m, c: fastkd.feature_loss(s, t, mask=m, margin=c, backend=backend, **options),
+        want,
+        args,
+        upstream,
+        1e-5,
+        unit=unit,
+        names=names,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # spectral_norms
 # ----------------------------------------------------------------------------------------------------------------
 
-WEIGHT_SHAPES = st.lists(st.one_of(st.tuples(st.integers(1, 9), st.integers(1, 9)),
-                                   st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 2),
-                                             st.integers(1, 2))), min_size=1, max_size=3)
+WEIGHT_SHAPES = st.lists(
+    st.one_of(
+        st.tuples(st.integers(1, 9), st.integers(1, 9)),
+        st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2)),
+    ),
+    min_size=1,
+    max_size=3,
+)
 
 
 def gapped_matrix(gen: torch.Generator, rows: int, cols: int, gap: float) -> torch.Tensor:
@@ -804,16 +1186,23 @@ def gapped_matrix(gen: torch.Generator, rows: int, cols: int, gap: float) -> tor
     u, _ = torch.linalg.qr(normal(gen, (rows, rank), 1.0))
     v, _ = torch.linalg.qr(normal(gen, (cols, rank), 1.0))
     top = 0.5 + 3.5 * float(torch.rand((), generator=gen))
-    sigma = torch.cat([torch.tensor([top], dtype=torch.float64),
-                       top * gap * torch.rand(rank - 1, generator=gen, dtype=torch.float64)])
+    sigma = torch.cat(
+        [torch.tensor([top], dtype=torch.float64), top * gap * torch.rand(rank - 1, generator=gen, dtype=torch.float64)]
+    )
     return u @ torch.diag(sigma) @ v.T
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(10)
-@given(seed=SEEDS, shapes=WEIGHT_SHAPES, gap=st.sampled_from((0.5, 0.1)), dtype=FLOAT_DTYPES,
-       layouts=st.lists(st.sampled_from(("contiguous", "offset", "sliced", "transposed", "expanded")), min_size=3,
-                        max_size=3))
+@given(
+    seed=SEEDS,
+    shapes=WEIGHT_SHAPES,
+    gap=st.sampled_from((0.5, 0.1)),
+    dtype=FLOAT_DTYPES,
+    layouts=st.lists(
+        st.sampled_from(("contiguous", "offset", "sliced", "transposed", "expanded")), min_size=3, max_size=3
+    ),
+)
 def test_spectral_norms_match_float64_sigma_max(backend, seed, shapes, gap, dtype, layouts):
     """spectral_norms of a list of Linear and Conv weights with a clear spectral gap (σ₂ ≤ gap·σ₁), each passed in any
     layout (rank one when expanded), from a seeded random start, equals σ_max of the float64 SVD of the very weights
@@ -822,8 +1211,10 @@ def test_spectral_norms_match_float64_sigma_max(backend, seed, shapes, gap, dtyp
     below 0.25⁵⁰, far under float32's resolution)."""
     skip_unless_available(backend)
     gen = torch.Generator().manual_seed(seed)
-    args = [laid_out(gapped_matrix(gen, shape[0], math.prod(shape[1:]), gap).reshape(shape), layout, dtype, grad=True)
-            for shape, layout in zip(shapes, layouts)]
+    args = [
+        laid_out(gapped_matrix(gen, shape[0], math.prod(shape[1:]), gap).reshape(shape), layout, dtype, grad=True)
+        for shape, layout in zip(shapes, layouts)
+    ]
     upstream = torch.rand(len(shapes), generator=gen, dtype=torch.float64) + 0.5
     iterations = dict(n_iter=50) if backend == "triton" else {}
 
@@ -832,5 +1223,10 @@ def test_spectral_norms_match_float64_sigma_max(backend, seed, shapes, gap, dtyp
         sigma, _ = fastkd.spectral_norms(list(weights), generator=start, backend=backend, **iterations)
         return sigma
 
-    compare(library, lambda *weights: torch.stack([truth.sigma_max(w) for w in weights]),
-            backend_args(backend, args), upstream, tolerance(args[0].base))
+    compare(
+        library,
+        lambda *weights: torch.stack([truth.sigma_max(w) for w in weights]),
+        backend_args(backend, args),
+        upstream,
+        tolerance(args[0].base),
+    )

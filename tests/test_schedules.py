@@ -1,4 +1,5 @@
 """fastkd.schedules: values at given steps, composition, and errors."""
+
 import math
 import pickle
 
@@ -8,7 +9,7 @@ from fastkd import schedules
 
 
 def test_constant_is_the_same_at_every_step():
-    assert [schedules.Constant(0.3)(s) for s in (0, 1, 10 ** 6)] == [0.3, 0.3, 0.3]
+    assert [schedules.Constant(0.3)(s) for s in (0, 1, 10**6)] == [0.3, 0.3, 0.3]
 
 
 def test_linear_goes_from_start_to_end_then_stays():
@@ -59,15 +60,18 @@ def test_schedules_pickle_with_their_values():
     assert "Warmup" in repr(copy) and "Step" in repr(copy)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: schedules.Linear(1.0, 0.0, steps=0), "steps"),
-    (lambda: schedules.Cosine(1.0, float("nan"), steps=3), "end"),
-    (lambda: schedules.Step(1.0, [5, 5]), "strictly increasing"),
-    (lambda: schedules.Step(1.0, [6, 3]), "strictly increasing"),
-    (lambda: schedules.Step(1.0, [-1]), "milestones"),
-    (lambda: schedules.Warmup(2.5), "steps"),
-    (lambda: schedules.Constant(True), "value"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: schedules.Linear(1.0, 0.0, steps=0), "steps"),
+        (lambda: schedules.Cosine(1.0, float("nan"), steps=3), "end"),
+        (lambda: schedules.Step(1.0, [5, 5]), "strictly increasing"),
+        (lambda: schedules.Step(1.0, [6, 3]), "strictly increasing"),
+        (lambda: schedules.Step(1.0, [-1]), "milestones"),
+        (lambda: schedules.Warmup(2.5), "steps"),
+        (lambda: schedules.Constant(True), "value"),
+    ],
+)
 def test_bad_arguments_name_what_is_wrong(make, message):
     with pytest.raises(ValueError, match=message):
         make()
