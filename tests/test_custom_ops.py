@@ -1,0 +1,92 @@
+"""torch.library.opcheck of every fastkd custom op on each kernel backend: the schema, the fake (meta) kernel
+against the real one, and AOT dispatch with dynamic shapes (torch.compile's path). The ops are called by the
+autograd.Functions of fastkd.kd, fastkd.features and fastkd.lipschitz, which own their gradients: the ops register
+no autograd kernel, so the registration check runs with inputs that need no gradient."""
+
+import pytest
+import torch
+
+import fastkd  # noqa: F401  (registers the ops)
+from fastkd.kernel_args import FeatureGroup
+
+from conftest import backend_device, skip_unless_available
+
+KD_OPTIONS = dict(temperature=2.0, divergence="kl", beta=0.5, ignore_index=-100, ce_weight=0.5, kd_scale=4.0, alpha=1.0)
+TOPK_OPTIONS = dict(temperature=2.0, tail="bucket", ignore_index=-100, ce_weight=0.5, kd_scale=4.0)
+
+
+def kd_cases(device, backend):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 37, generator=g).to(device), torch.randn(5, 37, generator=g).to(device)
+    labels = torch.tensor([1, -100, 36, 0, 7], device=device)
+    rows, stats, _ = torch.ops.fastkd.kd_loss_rows(
+        s, t, None, labels, **KD_OPTIONS, ensemble="none", backend=backend, with_metrics=False
+    )
+    grad_loss = torch.ones(5, device=device)
+    cases = [
+        (
+            torch.ops.fastkd.kd_loss_rows.default,
+            (s, t, None, labels),
+            dict(KD_OPTIONS, ensemble="none", backend=backend, with_metrics=True),
+        ),
+        (
+            torch.ops.fastkd.kd_loss_rows_backward.default,
+            (grad_loss, s, t, None, labels, stats),
+            dict(KD_OPTIONS, ensemble="none", backend=backend, teacher_grad=True),
+        ),
+    ]
+    if backend == "triton":  # the ensembles and the sparse teacher are Triton's
+        teachers, weights = torch.randn(3, 5, 37, generator=g).to(device), torch.tensor([0.2, 0.3, 0.5], device=device)
+        cases.append(
+            (
+                torch.ops.fastkd.kd_loss_rows.default,
+                (s, teachers, weights, labels),
+                dict(KD_OPTIONS, ensemble="prob", backend=backend, with_metrics=True),
+            )
+        )
+        top = torch.log_softmax(t, -1).topk(4)
+        _, topk_stats, _ = torch.ops.fastkd.kd_topk_rows(
+            s, top.values, top.indices, labels, **TOPK_OPTIONS, backend=backend, with_metrics=False
+        )
+        cases.append(
+            (
+                torch.ops.fastkd.kd_topk_rows.default,
+                (s, top.values, top.indices, labels),
+                dict(TOPK_OPTIONS, backend=backend, with_metrics=True),
+            )
+        )
+        cases.append(
+            (
+                torch.ops.fastkd.kd_topk_rows_backward.default,
+                (grad_loss, s, top.values, top.indices, labels, topk_stats),
+                dict(TOPK_OPTIONS, backend=backend),
+            )
+        )
+    return cases
+
+
+def feature_cases(device, backend):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 3, 10, generator=g).to(device), torch.randn(2, 3, 10, generator=g).to(device)
+    mask = (torch.rand(2, 1, 10, generator=g) > 0.3).to(torch.uint8).to(device).expand(2, 3, 10)
+    options = dict(kind="mse", normalize="channel", group=int(FeatureGroup.CHANNEL), beta=1.0, backend=backend)
+    scale = torch.ones(1, device=device)
+    return [
+        (torch.ops.fastkd.feature_loss_groups.default, (s, t, mask, None), options),
+        (torch.ops.fastkd.feature_loss_backward.default, (scale, s, t, mask, None), dict(options, teacher_grad=True)),
+    ]
+
+
+def power_iteration_cases(device, backend):
+    g = torch.Generator().manual_seed(2)
+    matrices = [torch.randn(6, 4, generator=g).to(device), torch.randn(3, 5, generator=g).to(device)]
+    u, v = torch.randn(9, generator=g).to(device), torch.randn(9, generator=g).to(device)
+    return [(torch.ops.fastkd.power_iteration.default, (matrices, u / u.norm(), v / v.norm(), 3, 1e-12, backend), {})]
+
+
+@pytest.mark.parametrize("cases", [kd_cases, feature_cases, power_iteration_cases])
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_opcheck(backend, cases):
+    skip_unless_available(backend)
+    for op, args, kwargs in cases(backend_device(backend), backend):
+        torch.library.opcheck(op, args, kwargs)
