@@ -246,7 +246,9 @@ def _topk_log_probs(
     weights = v / temperature
     if tail == "bucket" and indices.shape[-1] < z.shape[-1]:  # with K = V there is no rest: the bucket is empty
         rest = torch.logsumexp(z.scatter(-1, indices, -math.inf), dim=-1, keepdim=True) - log_sum
-        log_tail = torch.log(-torch.expm1(torch.logsumexp(v, dim=-1, keepdim=True).clamp(max=0.0)))
+        # the tail's mass 1 − Σ exp v in float64 (K values a row): in float32 a tail of 1e-3 carries 6e-5 of rounding
+        log_mass = torch.logsumexp(v.double(), dim=-1, keepdim=True).clamp(max=0.0)
+        log_tail = torch.log(-torch.expm1(log_mass)).to(math_dtype)
         weights = torch.cat([weights, log_tail / temperature], dim=-1)
         log_p_s = torch.cat([log_p_s, rest], dim=-1)
     return F.log_softmax(weights, dim=-1), log_p_s

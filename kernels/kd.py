@@ -922,13 +922,15 @@ def _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i
 def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET: tl.constexpr):
     """(log p_t on the K slots, log p_t of the tail bucket) of a sparse teacher: the softmax of v_k/T (and, with
     BUCKET, of log(1 − Σ_k exp v_k)/T, the remaining mass of log-probabilities v); without BUCKET the tail is
-    −inf."""
+    −inf. The tail's mass 1 − Σ_k exp v_k is computed in float64 (K values per row: free): in float32 a tail of
+    1e-3 would carry the rounding of Σ ≈ 1, 6e-5 of itself."""
     w = tl.where(slot_ok, values * inv_temperature, float("-inf"))
     top = tl.max(w, axis=0)
     if BUCKET:
-        top_v = tl.max(values, axis=0)
-        log_mass = top_v + tl.log(tl.sum(tl.exp(values - top_v), axis=0))  # log Σ exp v, ≤ 0 up to rounding
-        w_tail = tl.log(-_expm1(tl.minimum(log_mass, 0.0))) * inv_temperature
+        values_64 = values.to(tl.float64)
+        top_v = tl.max(values_64, axis=0)
+        log_mass = top_v + tl.log(tl.sum(tl.exp(values_64 - top_v), axis=0))  # log Σ exp v, ≤ 0 up to rounding
+        w_tail = tl.log(-_expm1(tl.minimum(log_mass, 0.0))).to(tl.float32) * inv_temperature
         top = tl.maximum(top, w_tail)
         log_norm = top + tl.log(tl.sum(tl.exp(w - top), axis=0) + tl.exp(w_tail - top))
         return w - log_norm, w_tail - log_norm
