@@ -15,7 +15,7 @@ s = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16).requires_grad_
 t = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
 labels = torch.randint(0, vocab, (rows,), device="cuda")
 print(f"fastkd fwd+bwd median, {rows}x{vocab} bf16, T=4, {torch.cuda.get_device_name()}")
-for divergence in ("kl", "reverse_kl", "jsd"):
+for divergence in fastkd.kd.DIVERGENCES:
     for ce_weight in (0.0, 0.5):
 
         def step():

@@ -18,6 +18,7 @@ enum Divergence : int {
     kJSD = 2,        // generalized Jensen–Shannon, weight beta
     kCosine = 3,     // 1 − cos(p_s, p_t)
     kDKD = 4,        // decoupled KD (dkd_loss): alpha·TCKD + beta·NCKD, the target class split off
+    kTVD = 5,        // total variation distance ½ Σ |p_s − p_t|
 };
 
 // Slots of the per-row statistics, laid out (kNumStats, num_rows) float32; a = s/T, b = t/T.
@@ -26,8 +27,9 @@ enum Stat : int {
     kStatLogSumA = 1,  // log Σ exp(a − max a) (cosine: log ‖exp(a − max a)‖₂)
     kStatMaxB = 2,     // the same for b
     kStatLogSumB = 3,
-    kStatD0 = 4,       // kl, reverse_kl: the divergence; jsd: KL(p_t‖m); cosine: the cosine; dkd: NCKD
-    kStatD1 = 5,       // jsd: KL(p_s‖m); dkd: p_t,gt − p_s,gt; otherwise 0
+    kStatD0 = 4,       // kl, reverse_kl: the divergence; jsd: KL(p_t‖m); cosine: the cosine; dkd: NCKD;
+                       // tvd: Σ p_s·sign(p_s − p_t)
+    kStatD1 = 5,       // jsd: KL(p_s‖m); dkd: p_t,gt − p_s,gt; tvd: Σ p_t·sign(p_s − p_t); otherwise 0
     kStatMaxS = 6,     // max s and log Σ exp(s − max s), at T = 1 (the CE term)
     kStatLogSumS = 7,
     kNumStats = 8,

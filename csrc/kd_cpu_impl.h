@@ -313,24 +313,44 @@ struct KDResult {
     float loss = 0, d0 = 0, d1 = 0, log_sum_a = 0, log_sum_b = 0;
 };
 
-// The generalized JSD's second sweep (m = β p_t + (1 − β) p_s needs both normalisers): (KL(p_t‖m), KL(p_s‖m)).
-[[gnu::always_inline]] inline void jsd_sweep(const Row& r, const KDArgs& args, int64_t num_cols, const KDSums& k,
-                                            KDResult& result) {
+// sign(p_s − p_t) per lane: 0 where they are equal (the subgradient of |x| at 0 that autograd takes), NaN where
+// either is NaN (a NaN row's gradients stay NaN)
+inline vf sign_of_difference(vf p_s, vf p_t) {
+    const vf equal_or_nan = p_s == p_t ? splat(0.0f) : splat(__builtin_nanf(""));
+    return p_s > p_t ? splat(1.0f) : (p_s < p_t ? splat(-1.0f) : equal_or_nan);
+}
+
+// The second sweep of the divergences whose terms need both normalisers first, over log p_s and log p_t: the
+// generalized JSD (m = β p_t + (1 − β) p_s): d0 = KL(p_t‖m), d1 = KL(p_s‖m); TVD: d0 = Σ p_s·σ, d1 = Σ p_t·σ with
+// σ = sign(p_s − p_t), and its value ½ Σ |p_s − p_t| (returned; 0 for JSD).
+template <int kDivergence>
+[[gnu::always_inline]] inline float normalized_sweep(const Row& r, const KDArgs& args, int64_t num_cols,
+                                                     const KDSums& k, KDResult& result) {
     const void *student = r.student, *teacher = r.teacher;
     const int s_dtype = args.student.dtype, t_dtype = args.teacher.dtype;
     const float inv_t = args.inv_temperature, m_a = k.m_a, m_b = k.m_b;
     const float log_sum_a = result.log_sum_a, log_sum_b = result.log_sum_b;
-    vf acc_0 = splat(0.0f), acc_1 = splat(0.0f);
+    vf acc_0 = splat(0.0f), acc_1 = splat(0.0f), acc_2 = splat(0.0f);
     for (int64_t c = 0; c < num_cols; c += kLanes) {
         const int n = static_cast<int>(min_(kLanes, num_cols - c));
         const vf log_p_s = (load_lanes(student, s_dtype, c, n, -kInf) * inv_t - m_a) - log_sum_a;
         const vf log_p_t = (load_lanes(teacher, t_dtype, c, n, -kInf) * inv_t - m_b) - log_sum_b;
-        const JSDRatios ratio = jsd_log_ratios(args, log_p_s, log_p_t);
-        acc_0 += weighted(vexp_nonpositive(log_p_t), ratio.teacher);
-        acc_1 += weighted(vexp_nonpositive(log_p_s), ratio.student);
+        if constexpr (kDivergence == kJSD) {
+            const JSDRatios ratio = jsd_log_ratios(args, log_p_s, log_p_t);
+            acc_0 += weighted(vexp_nonpositive(log_p_t), ratio.teacher);
+            acc_1 += weighted(vexp_nonpositive(log_p_s), ratio.student);
+        } else {
+            static_assert(kDivergence == kTVD, "normalized_sweep: jsd or tvd");
+            const vf p_s = vexp_nonpositive(log_p_s), p_t = vexp_nonpositive(log_p_t);
+            const vf sign = sign_of_difference(p_s, p_t);
+            acc_0 += p_s * sign;
+            acc_1 += p_t * sign;
+            acc_2 += vabs(p_s - p_t);
+        }
     }
     result.d0 = hsum(acc_0);
     result.d1 = hsum(acc_1);
+    return 0.5f * hsum(acc_2);
 }
 
 // The divergence of a row from its sums (see Stat in kd_args.h for d0 and d1); without kHasKD only the log-sums.
@@ -341,19 +361,22 @@ template <int kDivergence, bool kHasKD>
     result.log_sum_a = kDivergence == kCosine ? 0.5f * std::log(k.s_aa) : std::log(k.sum_a);
     result.log_sum_b = kDivergence == kCosine ? 0.5f * std::log(k.s_bb) : std::log(k.sum_b);
     if (!kHasKD) return result;
-    if (kDivergence == kKL) {
+    if constexpr (kDivergence == kKL) {
         result.d0 = k.w / k.sum_b - result.log_sum_b + result.log_sum_a;
         result.loss = args.kd_scale * result.d0;
-    } else if (kDivergence == kReverseKL) {
+    } else if constexpr (kDivergence == kReverseKL) {
         result.d0 = k.w / k.sum_a - result.log_sum_a + result.log_sum_b;
         result.loss = args.kd_scale * result.d0;
-    } else if (kDivergence == kJSD) {
-        jsd_sweep(r, args, num_cols, k, result);
+    } else if constexpr (kDivergence == kJSD) {
+        normalized_sweep<kJSD>(r, args, num_cols, k, result);
         result.loss = args.kd_scale * (args.beta * result.d0 + args.one_minus_beta * result.d1);
-    } else if (kDivergence == kCosine) {
+    } else if constexpr (kDivergence == kCosine) {
         result.d0 = k.s_ab / std::sqrt(k.s_aa * k.s_bb);
         result.loss = args.kd_scale * (1.0f - result.d0);
-    } else if (kDivergence == kDKD) {  // α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
+    } else if constexpr (kDivergence == kTVD) {
+        result.loss = args.kd_scale * normalized_sweep<kTVD>(r, args, num_cols, k, result);
+    } else {  // α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), b = [p_gt, 1 − p_gt]
+        static_assert(kDivergence == kDKD, "kd_result: a divergence without its result");
         result.d0 = k.w / k.sum_b - result.log_sum_b + result.log_sum_a;  // NCKD
         // target logit minus the non-target log-sum-exp, at T
         const float inv_t = args.inv_temperature;
@@ -519,20 +542,25 @@ void backward_row(const KDArgs& args, int64_t row) {
                 log_p_t = target ? splat(-kInf) : log_p_t;
             }
             const vf p_s = vexp_nonpositive(log_p_s), p_t = vexp_nonpositive(log_p_t);
-            if (kDivergence == kKL) {  // ∂KL(p_t‖p_s)/∂a = p_s − p_t, ∂/∂b = p_t (log p_t/p_s − KL)
+            if constexpr (kDivergence == kKL) {  // ∂KL(p_t‖p_s)/∂a = p_s − p_t, ∂/∂b = p_t (log p_t/p_s − KL)
                 grad_s = kd_factor * (p_s - p_t);
                 if (kTeacherGrad) grad_t = kd_factor * weighted(p_t, (log_p_t - log_p_s) - d0);
-            } else if (kDivergence == kReverseKL) {  // ∂KL(p_s‖p_t)/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
+            } else if constexpr (kDivergence == kReverseKL) {  // ∂/∂a = p_s (log p_s/p_t − KL), ∂/∂b = p_t − p_s
                 grad_s = kd_factor * weighted(p_s, (log_p_s - log_p_t) - d0);
                 if (kTeacherGrad) grad_t = kd_factor * (p_t - p_s);
-            } else if (kDivergence == kJSD) {  // ∂/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), ∂/∂b likewise for t
+            } else if constexpr (kDivergence == kJSD) {  // ∂/∂a = (1−β) p_s (log p_s/m − KL(p_s‖m)), likewise t
                 const JSDRatios ratio = jsd_log_ratios(args, log_p_s, log_p_t);
                 grad_s = (kd_factor * args.one_minus_beta) * weighted(p_s, ratio.student - d1);
                 if (kTeacherGrad) grad_t = (kd_factor * args.beta) * weighted(p_t, ratio.teacher - d0);
-            } else if (kDivergence == kCosine) {  // p is p/‖p‖ here: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
+            } else if constexpr (kDivergence == kCosine) {  // p is p/‖p‖: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
                 grad_s = -kd_factor * (p_s * (p_t - d0 * p_s));
                 if (kTeacherGrad) grad_t = -kd_factor * (p_t * (p_s - d0 * p_t));
-            } else if (kDivergence == kDKD) {  // student only; d1 = p_t,gt − p_s,gt
+            } else if constexpr (kDivergence == kTVD) {  // ∂/∂a = ½ p_s (σ − Σ p_s σ), ∂/∂b = ½ p_t (Σ p_t σ − σ)
+                const vf sign = sign_of_difference(p_s, p_t);
+                grad_s = (0.5f * kd_factor) * (p_s * (sign - d0));
+                if (kTeacherGrad) grad_t = (0.5f * kd_factor) * (p_t * (d1 - sign));
+            } else {  // student only; d1 = p_t,gt − p_s,gt
+                static_assert(kDivergence == kDKD, "backward_row: a divergence without its gradient");
                 const vf non_target = args.beta * (p_s - p_t) + args.alpha * d1 * p_s;
                 grad_s = kd_factor * (target ? splat(-args.alpha * d1) : non_target);
             }

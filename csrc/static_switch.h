@@ -37,6 +37,7 @@ decltype(auto) divergence_switch(int code, F&& f) {
         case kJSD: return f(IntConstant<kJSD>{});
         case kCosine: return f(IntConstant<kCosine>{});
         case kDKD: return f(IntConstant<kDKD>{});
+        case kTVD: return f(IntConstant<kTVD>{});
     }
     throw std::invalid_argument("unknown divergence code " + std::to_string(code));
 }

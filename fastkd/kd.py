@@ -21,7 +21,7 @@ from .dispatch import check_backend_name, kernel_or_reference, launchers, select
 from .kernel_args import NUM_METRICS, NUM_STATS, KDOptions, Metric, TopKOptions, stats_rows
 from .topk import TAILS, TopK
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine", "tvd")
 REDUCTIONS = ("batchmean", "sum", "none")
 ENSEMBLES = ("prob", "logit")
 FIDELITY_METRICS = tuple(metric.name.lower() for metric in Metric)  # the keys of kd_loss's stats, in slot order

@@ -24,6 +24,7 @@ class Divergence(enum.IntEnum):
     JSD = 2  # generalized Jensen–Shannon, weight beta
     COSINE = 3  # 1 − cos(p_s, p_t)
     DKD = 4  # decoupled KD: alpha·TCKD + beta·NCKD, the target class split off
+    TVD = 5  # total variation distance ½ Σ |p_s − p_t|
 
     @classmethod
     def of(cls, name: str) -> Divergence:
@@ -52,8 +53,8 @@ class Stat(enum.IntEnum):
     LOG_SUM_A = 1  # log Σ exp(a − max a) (cosine: log ‖exp(a − max a)‖₂)
     MAX_B = 2  # the same for b
     LOG_SUM_B = 3
-    D0 = 4  # kl, reverse_kl: the divergence; jsd: KL(p_t‖m); cosine: the cosine; dkd: NCKD
-    D1 = 5  # jsd: KL(p_s‖m); dkd: p_t,gt − p_s,gt; otherwise 0
+    D0 = 4  # kl, reverse_kl: the divergence; jsd: KL(p_t‖m); cosine: the cosine; dkd: NCKD; tvd: Σ p_s·sign(p_s − p_t)
+    D1 = 5  # jsd: KL(p_s‖m); dkd: p_t,gt − p_s,gt; tvd: Σ p_t·sign(p_s − p_t); otherwise 0
     MAX_S = 6  # max s and log Σ exp(s − max s), at T = 1 (the CE term)
     LOG_SUM_S = 7
 
@@ -147,7 +148,7 @@ class KDOptions(NamedTuple):
     the ``fastkd::kd_loss_rows`` custom ops, which take them by keyword (``**options._asdict()``)."""
 
     temperature: float
-    divergence: str  # a Divergence name: "kl", "reverse_kl", "jsd", "cosine" or "dkd"
+    divergence: str  # a Divergence name, lower case ("kl", ..., "dkd", "tvd")
     beta: float  # jsd: the mixture weight; dkd: the NCKD weight
     ignore_index: int
     ce_weight: float

@@ -68,7 +68,7 @@ def kd_divergence_rows(
 
     ``"kl"``: Σ p_t (log p_t − log p_s); ``"reverse_kl"``: Σ p_s (log p_s − log p_t);
     ``"jsd"``: β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with m = β·p_t + (1−β)·p_s (exactly 0 at β = 0 and β = 1);
-    ``"cosine"``: 1 − ⟨p_s, p_t⟩/(‖p_s‖‖p_t‖).
+    ``"cosine"``: 1 − ⟨p_s, p_t⟩/(‖p_s‖‖p_t‖); ``"tvd"``: ½ Σ |p_s − p_t| (total variation distance).
     """
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
@@ -90,6 +90,10 @@ def kd_divergence_rows(
     if divergence == "cosine":
         p_s, p_t = log_p_s.exp(), log_p_t.exp()
         return 1 - (p_s * p_t).sum(-1) / (p_s.norm(dim=-1) * p_t.norm(dim=-1))
+    if divergence == "tvd":  # |x| as x·sign(x): the same value and subgradient, and a NaN keeps its gradient NaN
+        difference = log_p_s.exp() - log_p_t.exp()
+        sign = torch.where(difference.isnan(), math.nan, torch.sign(difference)).detach()
+        return 0.5 * (difference * sign).sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")
 
 

@@ -47,6 +47,7 @@ REVERSE_KL = tl.constexpr(int(Divergence.REVERSE_KL))
 JSD = tl.constexpr(int(Divergence.JSD))
 COSINE = tl.constexpr(int(Divergence.COSINE))
 DKD = tl.constexpr(int(Divergence.DKD))
+TVD = tl.constexpr(int(Divergence.TVD))
 ONE_TEACHER = tl.constexpr(int(Ensemble.NONE))
 PROB = tl.constexpr(int(Ensemble.PROB))
 LOGIT = tl.constexpr(int(Ensemble.LOGIT))
@@ -384,7 +385,14 @@ def _metrics_block(
 
 
 @triton.jit
-def _jsd_sweep(
+def _sign_of_difference(p_s, p_t):
+    """sign(p_s − p_t): 0 where they are equal (the subgradient of |x| at 0 that autograd takes), NaN where either
+    is NaN (a NaN row's gradients stay NaN)."""
+    return tl.where(p_s > p_t, 1.0, tl.where(p_s < p_t, -1.0, tl.where(p_s == p_t, 0.0, float("nan"))))
+
+
+@triton.jit
+def _normalized_sweep(
     student_row,
     stride_s_col,
     teacher_row,
@@ -405,13 +413,17 @@ def _jsd_sweep(
     one_minus_beta,
     log_beta,
     log_one_minus_beta,
+    DIVERGENCE: tl.constexpr,
     INTERIOR_BETA: tl.constexpr,
     ENSEMBLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The generalized JSD's second sweep (m = β p_t + (1 − β) p_s needs both normalisers): (KL(p_t‖m), KL(p_s‖m))."""
+    """The second sweep of the divergences whose terms need both normalisers first, over log p_s and log p_t:
+    (d0, d1, value). The generalized JSD (m = β p_t + (1 − β) p_s): d0 = KL(p_t‖m), d1 = KL(p_s‖m), value 0; TVD:
+    d0 = Σ p_s·σ, d1 = Σ p_t·σ with σ = sign(p_s − p_t), value ½ Σ |p_s − p_t|."""
     d0 = 0.0
     d1 = 0.0
+    value = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
@@ -431,10 +443,22 @@ def _jsd_sweep(
         )
         log_p_s = _log_probs(x_s, inv_temperature, m_a, log_sum_a)
         log_p_t = _log_probs(b, 1.0, m_b, log_sum_b)
-        r_t, r_s = _jsd_log_ratios(log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta, INTERIOR_BETA)
-        d0 += tl.sum(_weighted(tl.exp(log_p_t), r_t), axis=0)
-        d1 += tl.sum(_weighted(tl.exp(log_p_s), r_s), axis=0)
-    return d0, d1
+        if DIVERGENCE == JSD:
+            r_t, r_s = _jsd_log_ratios(
+                log_p_s, log_p_t, beta, one_minus_beta, log_beta, log_one_minus_beta, INTERIOR_BETA
+            )
+            d0 += tl.sum(_weighted(tl.exp(log_p_t), r_t), axis=0)
+            d1 += tl.sum(_weighted(tl.exp(log_p_s), r_s), axis=0)
+        elif DIVERGENCE == TVD:
+            p_s = tl.exp(log_p_s)
+            p_t = tl.exp(log_p_t)
+            sign = _sign_of_difference(p_s, p_t)
+            d0 += tl.sum(p_s * sign, axis=0)
+            d1 += tl.sum(p_t * sign, axis=0)
+            value += tl.sum(tl.abs(p_s - p_t), axis=0)
+        else:
+            tl.static_assert(False, "_normalized_sweep: jsd or tvd")
+    return d0, d1, 0.5 * value
 
 
 @triton.jit
@@ -650,8 +674,8 @@ def kd_forward_kernel(
         elif DIVERGENCE == REVERSE_KL:
             d0 = w / sum_a - log_sum_a + log_sum_b
             kd_loss = d0
-        elif DIVERGENCE == JSD:
-            d0, d1 = _jsd_sweep(
+        elif DIVERGENCE == JSD or DIVERGENCE == TVD:
+            d0, d1, tvd = _normalized_sweep(
                 student_row,
                 stride_s_col,
                 teacher_row,
@@ -672,11 +696,15 @@ def kd_forward_kernel(
                 one_minus_beta,
                 log_beta,
                 log_one_minus_beta,
+                DIVERGENCE,
                 INTERIOR_BETA,
                 ENSEMBLE,
                 BLOCK,
             )
-            kd_loss = beta * d0 + one_minus_beta * d1
+            if DIVERGENCE == JSD:
+                kd_loss = beta * d0 + one_minus_beta * d1
+            else:
+                kd_loss = tvd
         elif DIVERGENCE == COSINE:
             log_sum_a = 0.5 * tl.log(s_aa)  # stored in place of the log-sums: the backward needs ‖p‖, not Σp
             log_sum_b = 0.5 * tl.log(s_bb)
@@ -759,6 +787,10 @@ def _kd_gradients(
     elif DIVERGENCE == DKD:  # d1 = p_t,gt − p_s,gt
         grad_s = kd_factor * tl.where(is_target, -alpha * d1, beta * (p_s - p_t) + alpha * d1 * p_s)
         grad_t = tl.zeros_like(grad_s)
+    elif DIVERGENCE == TVD:  # ∂TVD/∂a = ½ p_s (σ − Σ p_s σ), ∂/∂b = ½ p_t (Σ p_t σ − σ), σ = sign(p_s − p_t)
+        sign = _sign_of_difference(p_s, p_t)
+        grad_s = (0.5 * kd_factor) * (p_s * (sign - d0))
+        grad_t = (0.5 * kd_factor) * (p_t * (d1 - sign))
     else:
         tl.static_assert(False, "unknown divergence code")
     return grad_s, grad_t

@@ -52,7 +52,7 @@ def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torc
 
 def divergence(log_p_t: torch.Tensor, log_p_s: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
     """D(p_t, p_s) per row: "kl" KL(p_t‖p_s), "reverse_kl" KL(p_s‖p_t), "jsd" β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with
-    m = β·p_t + (1−β)·p_s (exactly 0 at β = 0 and 1), "cosine" 1 − ⟨p_s, p_t⟩/(‖p_s‖‖p_t‖)."""
+    m = β·p_t + (1−β)·p_s (exactly 0 at β = 0 and 1), "cosine" 1 − ⟨p_s, p_t⟩/(‖p_s‖‖p_t‖), "tvd" ½ Σ |p_s − p_t|."""
     if kind == "kl":
         return kl_from_logs(log_p_t, log_p_s)
     if kind == "reverse_kl":
@@ -65,6 +65,8 @@ def divergence(log_p_t: torch.Tensor, log_p_s: torch.Tensor, kind: str, beta: fl
     if kind == "cosine":
         p_s, p_t = log_p_s.exp(), log_p_t.exp()
         return 1 - (p_s * p_t).sum(-1) / (p_s.norm(dim=-1) * p_t.norm(dim=-1))
+    if kind == "tvd":
+        return 0.5 * (log_p_s.exp() - log_p_t.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence {kind!r}")
 
 
