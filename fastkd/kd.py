@@ -740,83 +740,84 @@ def kd_loss(
 ) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     r"""Knowledge-distillation loss between student and teacher logits, fused in one pass over each row.
 
-    For each row (leading dims of the ``(*, V)`` logits are flattened), with p_s = softmax(s/T) and
-    p_t = softmax(t/T)::
+    Per row (the leading dims of ``(*, V)`` logits are flattened), with p_s = softmax(s/T), p_t = softmax(t/T)::
 
         row_loss = kd_weight · (T² if scale_by_t2 else 1) · D(p_t, p_s) + ce_weight · CE(softmax(s), label)
 
-    D by ``divergence``:
+    and the rows reduced by ``reduction``. With the defaults (2-D logits) it equals::
 
-    - ``"kl"`` (Hinton): KL(p_t‖p_s) = Σ p_t (log p_t − log p_s).
-    - ``"reverse_kl"``: KL(p_s‖p_t).
-    - ``"jsd"``: generalized Jensen–Shannon, β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with m = β·p_t + (1−β)·p_s.
-      It is continuous in β on [0, 1] and exactly 0 at β = 0 and β = 1 (m equals one of the two
-      distributions there). TRL and Liger-Kernel instead switch to forward/reverse KL at the endpoints, a
-      jump; use ``"kl"`` or ``"reverse_kl"`` for those. JSD_β/(β(1−β)) tends to KL(p_t‖p_s) as β→0 and to
-      KL(p_s‖p_t) as β→1.
-    - ``"cosine"`` (SPEQ): 1 − ⟨p_s, p_t⟩/(‖p_s‖‖p_t‖), in [0, 1]; 0 when the two distributions are equal.
+        F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
 
-    The cross-entropy term uses the student logits at temperature 1. The T² factor keeps the soft-target
-    gradient, which scales as 1/T², comparable across temperatures (Hinton et al.); ``scale_by_t2=False``
-    gives the unscaled divergence, as Liger-Kernel and TRL return it.
+    Args:
+        student_logits (Tensor): ``(*, V)``, float32, float16 or bfloat16 (float64 runs the reference), any strides.
+        teacher_logits (Tensor, list of Tensors or TopK): one teacher ``(*, V)`` (gets a gradient only when it
+            requires grad); K teachers as ``(K, *, V)`` or a list of K ``(*, V)`` (see Notes); or a sparse
+            :class:`fastkd.TopK` teacher.
+        temperature (float, default 1.0): T > 0; at most 100 for float32 math, 1e6 for float64
+            (:data:`MAX_TEMPERATURE`).
+        divergence (str, default ``"kl"``): D. ``"kl"`` KL(p_t‖p_s) (Hinton); ``"reverse_kl"`` KL(p_s‖p_t);
+            ``"jsd"`` β·KL(p_t‖m) + (1−β)·KL(p_s‖m), m = β·p_t + (1−β)·p_s (continuous in β, exactly 0 at β = 0
+            and 1); ``"cosine"`` 1 − ⟨p_s, p_t⟩/(‖p_s‖‖p_t‖); ``"tvd"`` ½ Σ |p_s − p_t| (total variation).
+        beta (float, default 0.5): the JSD weight β in [0, 1].
+        reduction (str, default ``"batchmean"``): ``"batchmean"`` Σ row_loss ÷ the counted rows (all rows without
+            ``labels``, else those whose label is not ``ignore_index``; 0, connected to the graph, when none
+            counts); ``"sum"`` Σ row_loss; ``"none"`` the row losses, shape ``*`` (0 at ignored rows). Torch's
+            element-wise ``"mean"`` (÷ N·V) is refused.
+        labels (Tensor, optional): ``*``, int64 or int32: the CE term's targets, and ``ignore_index`` marks rows that
+            contribute 0, get zero gradient and are not counted. Another label outside [0, V) is an error for CPU
+            tensors and makes its row NaN on CUDA (checking would cost a sync).
+        ignore_index (int, default -100): the label of rows to skip.
+        ce_weight (float, default 0.0): the weight of the hard-label CE term (at T = 1); needs ``labels``.
+        kd_weight (float, default 1.0): the weight of the divergence.
+        scale_by_t2 (bool, default True): multiply the divergence by T² (Hinton: keeps the soft-target gradient
+            comparable across temperatures); ``False`` returns the divergence as Liger-Kernel and TRL do.
+        normalizer (float or 0-d Tensor, optional): replaces the divisor of ``"batchmean"``, e.g. the counted rows
+            of a whole gradient-accumulation step. A tensor 0 (no counted row in the step) gives 0; a negative or
+            non-finite tensor is an error on the CPU and makes the loss NaN on CUDA (:func:`check_normalizer`).
+        return_stats (bool, default False): also return fidelity metrics (Stanton et al.), computed in the same
+            forward without gradient or host sync.
+        teacher_weights (sequence of K numbers or 1-d Tensor, optional): the teachers' weights, non-negative,
+            normalised to sum 1 (uniform by default); a tensor is read on the host, no gradient reaches it.
+        ensemble (str, default ``"prob"``): the K teachers' target: ``"prob"`` Σ_k w_k softmax(t_k/T), the mean
+            distribution; ``"logit"`` softmax(Σ_k w_k t_k/T). A teacher of weight 0 takes no part.
+        tail (str, optional): for a TopK teacher: ``"bucket"`` (default for log-probabilities) keeps the mass
+            outside the K as one more class; ``"renormalize"`` (default and only choice for logits) renormalises the
+            teacher over its K classes (see :func:`fastkd.reference.kd_topk_rows`).
+        backend (str, default ``"auto"``): ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"``
+            (:mod:`fastkd.dispatch`).
 
-    ``labels`` (shape ``*``, int64/int32) serve the cross-entropy term and mark rows to skip: a row whose label is
-    ``ignore_index`` contributes 0, gets zero gradient and is not counted. A row with any other label outside
-    [0, V) is an error on CPU tensors; on CUDA (where checking would cost a device sync) its loss is NaN.
+    Returns:
+        Tensor: the loss, float32 (float64 for float64 inputs); 0-d, or ``*`` with ``reduction="none"``. With
+        ``return_stats=True`` a pair ``(loss, stats)``: ``stats`` maps ``"top1_agreement"``, ``"predictive_kl"``
+        (KL(p_t‖p_s)), ``"teacher_entropy"`` and ``"student_entropy"`` (nats), all at T = 1, to 0-d float32
+        tensors averaged over the counted rows (0 when none counts).
 
-    Reduction:
+    Shape:
+        student ``(*, V)``; teacher ``(*, V)``, ``(K, *, V)`` or a TopK of ``(*, K)``; labels ``*``; loss ``()`` or
+        ``*``. A row is one ``V``-vector: for ``(batch, seq, V)`` logits ``"batchmean"`` averages over tokens.
 
-    - ``"batchmean"`` (default): Σ row_loss ÷ number of counted rows (all rows without labels; rows whose label
-      is not ``ignore_index`` with labels). ``normalizer`` (number or 0-d tensor) replaces that divisor, e.g. the
-      counted rows of a whole gradient-accumulation step (a 0-d tensor 0, a step without counted rows, counts
-      as 1; a negative or non-finite tensor is an error on the CPU and gives NaN on CUDA, see
-      :func:`check_normalizer`). A batch with no counted row returns 0 (connected to the graph), never NaN.
-    - ``"sum"``: Σ row_loss.
-    - ``"none"``: row_loss of shape ``*`` (0 at ignored rows).
+    Example::
 
-    torch's element-wise ``"mean"`` divides by N·V and is refused. With the defaults this equals::
+        >>> s, t = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100)
+        >>> loss = fastkd.kd_loss(s, t, temperature=4.0, labels=torch.randint(0, 100, (8,)), ce_weight=0.1)
+        >>> loss.backward()
 
-        F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
-                 reduction="batchmean") * T * T        # for 2-D logits
-
-    ``return_stats=True`` returns ``(loss, stats)``, where ``stats`` holds fidelity metrics (Stanton et al., "Does
-    knowledge distillation really work?") computed in the same forward pass, without gradient and without a
-    host sync, each a 0-d float32 tensor averaged over the counted rows (0 if there are none):
-    ``"top1_agreement"`` (argmax s = argmax t, first index on ties), ``"predictive_kl"`` (KL(p_t‖p_s) at
-    T = 1), ``"teacher_entropy"`` and ``"student_entropy"`` (at T = 1, in nats).
-
-    Several teachers: ``teacher_logits`` of shape ``(K, *, V)`` or a list of K ``(*, V)`` tensors, with
-    ``teacher_weights`` (K non-negative numbers, normalised to sum 1; uniform by default; a tensor is read on the
-    host, a device sync for a CUDA tensor, and no gradient reaches it). ``ensemble="prob"``
-    (default) distils towards Σ_k w_k softmax(t_k/T), the mean of the teachers' distributions (Hinton's
-    ensemble, FEED); ``ensemble="logit"`` towards softmax(Σ_k w_k t_k/T). The Triton kernels read the K rows in
-    place and mix them in log space (log Σ_k w_k softmax(t_k/T) as a log-sum-exp over k; the forward first sweeps
-    the K rows once for each teacher's normaliser, which it keeps for the backward): no N×V temporary. The
-    C++ and reference backends, and any backend when the teachers require grad, compute the target's logits
-    first (:func:`fastkd.reference.ensemble_teacher_logits`, one N×V float32 tensor). A list of teachers is
-    stacked into one (K, N, V) tensor first; pass a (K, *, V) tensor to avoid that copy. With
-    ``return_stats`` the teacher of the metrics is the ensemble's distribution at T = 1.
-
-    A sparse teacher: ``teacher_logits`` may be a :class:`fastkd.TopK` (its top-K values and indices per row,
-    e.g. from an inference server, or :func:`fastkd.topk_teacher`), with ``divergence="kl"``. ``tail="bucket"``
-    (the default for log-probabilities) keeps the mass outside the K as one more class, against the student's
-    mass outside the K; ``tail="renormalize"`` (the default, and the only choice, for logits) renormalises the
-    teacher over its K classes. The student keeps its full-row normalisation and gets a gradient on all V
-    logits. See :func:`fastkd.reference.kd_topk_rows` for the temperature; ``return_stats`` measures fidelity to
-    the sparse teacher (:func:`fastkd.reference.kd_topk_fidelity_rows`). On CUDA (and under the Triton
-    interpreter) the Triton kernels run it in one sweep over each student row: the student's mass outside the K
-    is summed over those columns themselves (each compared with the K indices, O(K) per element), never as
-    1 − Σ_K, which loses everything when the K hold almost all of it. Indices are checked on the host for CPU
-    tensors (out of range, repeated); on CUDA such rows come out NaN. The kernels give no gradient to the TopK
-    values (values that require grad run the reference); CPU tensors run the reference.
-
-    Inputs may be float32, float16 or bfloat16 (math in float32, loss in float32) with any strides; float64 runs
-    the reference. ``temperature`` lies in (0, 100] for float32 math and (0, 1e6] for float64 (see
-    :data:`MAX_TEMPERATURE`: the relative error grows as about 6e-8·T², resp. 1e-16·T²). Gradients reach the
-    teacher only when ``teacher_logits.requires_grad`` (mutual learning).
-    ``backend``: ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (see :mod:`fastkd.dispatch`).
-    ``"cuda"`` (CUDA C++ kernels, never chosen by ``"auto"`` yet) covers divergences kl and reverse_kl with CE and
-    one teacher of the student's dtype without ``return_stats``; other calls run on the Triton kernels.
+    Notes:
+        - Several teachers: the Triton kernels read the K rows in place and mix them in log space (no N×V
+          target); the C++ and reference backends, and any backend when the teachers require grad, first form the
+          target's logits (one N×V float32 tensor, :func:`fastkd.reference.ensemble_teacher_logits`). A list is
+          stacked into one (K, N, V) tensor first. ``return_stats`` measures fidelity to the ensemble at T = 1.
+        - A TopK teacher takes ``divergence="kl"``; the student keeps its full-row normalisation and gets a gradient
+          on all V logits; ``return_stats`` measures fidelity to the sparse teacher. The Triton kernels sum the
+          student's mass outside the K over those columns themselves (never 1 − Σ_K); CPU tensors and values that
+          require grad run the reference. Indices are checked on the host for CPU tensors (in range, distinct);
+          on CUDA a row with bad indices comes out NaN.
+        - Backends: ``"auto"`` runs Triton on CUDA tensors, the C++ kernels on CPU tensors, the reference for
+          float64. ``"cuda"`` (never chosen by ``"auto"`` yet) covers kl and reverse_kl with CE and one teacher
+          of the student's dtype without ``return_stats``; other calls run on Triton.
+        - Accuracy: math in float32 keeps about seven digits of each log-sum-exp; a divergence that is a small
+          difference of such numbers keeps fewer (large T, a student close to its teacher): see the README's
+          "Float32 limits".
     """
     options = _check_options(
         temperature=temperature,
