@@ -64,11 +64,13 @@ def _element_offsets(group, start, num_c, num_s, BLOCK: tl.constexpr, GROUP: tl.
 
 @triton.jit
 def _load(ptr, n, c, s, strides, inside):
+    """Elements (n, c, s) of a strided (N, C, S) view as float32, 0 outside the group."""
     return tl.load(ptr + n * strides[0] + c * strides[1] + s * strides[2], mask=inside, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _mask(M, n, c, s, m_strides, inside, HAS_MASK: tl.constexpr):
+    """The mask's weights of elements (n, c, s) as float32 (1 without a mask), 0 outside the group."""
     if HAS_MASK:
         return tl.load(M + n * m_strides[0] + c * m_strides[1] + s * m_strides[2], mask=inside, other=0).to(tl.float32)
     return tl.where(inside, 1.0, 0.0)
@@ -76,6 +78,7 @@ def _mask(M, n, c, s, m_strides, inside, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _group_size(num_c, num_s, GROUP: tl.constexpr):
+    """The number of elements of one group."""
     if GROUP == GROUP_CHANNEL:
         return num_s
     elif GROUP == GROUP_POSITION:
@@ -85,8 +88,8 @@ def _group_size(num_c, num_s, GROUP: tl.constexpr):
 
 @triton.jit
 def _moments(
-    S,
-    T,
+    STUDENT,
+    TEACHER,
     M,
     group,
     num_c,
@@ -107,8 +110,8 @@ def _moments(
         n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
         present = _mask(M, n, c, s, m_strides, inside, HAS_MASK) != 0
         count += tl.where(present, 1.0, 0.0)
-        sum_s += tl.where(present, _load(S, n, c, s, s_strides, inside), 0.0)
-        sum_t += tl.where(present, _load(T, n, c, s, t_strides, inside), 0.0)
+        sum_s += tl.where(present, _load(STUDENT, n, c, s, s_strides, inside), 0.0)
+        sum_t += tl.where(present, _load(TEACHER, n, c, s, t_strides, inside), 0.0)
     total = tl.sum(count, 0)
     safe = tl.maximum(total, 1.0)
     mean_s, mean_t = tl.sum(sum_s, 0) / safe, tl.sum(sum_t, 0) / safe
@@ -117,8 +120,8 @@ def _moments(
     for start in range(0, size, BLOCK):
         n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
         present = _mask(M, n, c, s, m_strides, inside, HAS_MASK) != 0
-        ds = _load(S, n, c, s, s_strides, inside) - mean_s
-        dt = _load(T, n, c, s, t_strides, inside) - mean_t
+        ds = _load(STUDENT, n, c, s, s_strides, inside) - mean_s
+        dt = _load(TEACHER, n, c, s, t_strides, inside) - mean_t
         var_s += tl.where(present, ds * ds, 0.0)
         var_t += tl.where(present, dt * dt, 0.0)
     inv_s = 1.0 / tl.sqrt(tl.sum(var_s, 0) / safe + NORM_EPS)
@@ -128,8 +131,8 @@ def _moments(
 
 @triton.jit
 def _sums_of_squares(
-    S,
-    T,
+    STUDENT,
+    TEACHER,
     M,
     group,
     num_c,
@@ -149,8 +152,8 @@ def _sums_of_squares(
     for start in range(0, size, BLOCK):
         n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
         present = _mask(M, n, c, s, m_strides, inside, HAS_MASK) != 0
-        xs = tl.where(present, _load(S, n, c, s, s_strides, inside), 0.0)
-        xt = tl.where(present, _load(T, n, c, s, t_strides, inside), 0.0)
+        xs = tl.where(present, _load(STUDENT, n, c, s, s_strides, inside), 0.0)
+        xt = tl.where(present, _load(TEACHER, n, c, s, t_strides, inside), 0.0)
         ss += xs * xs
         tt += xt * xt
         st += xs * xt
@@ -179,8 +182,8 @@ def _loss_gradient(ys, yt, m, counted, scale, beta, KIND: tl.constexpr):
 
 @triton.jit
 def _normalized_pair(
-    S,
-    T,
+    STUDENT,
+    TEACHER,
     M,
     MARGIN,
     n,
@@ -199,8 +202,8 @@ def _normalized_pair(
 ):
     """Mask weight, normalised student and teacher ((x − shift)·scale), and whether each element counts."""
     m = _mask(M, n, c, s, m_strides, inside, HAS_MASK)
-    ys = (_load(S, n, c, s, s_strides, inside) - shift_s) * scale_s
-    yt = (_load(T, n, c, s, t_strides, inside) - shift_t) * scale_t
+    ys = (_load(STUDENT, n, c, s, s_strides, inside) - shift_s) * scale_s
+    yt = (_load(TEACHER, n, c, s, t_strides, inside) - shift_t) * scale_t
     counted = m != 0
     clipped = counted & False
     if HAS_MARGIN:
@@ -213,8 +216,8 @@ def _normalized_pair(
 
 @triton.jit
 def _group_normalizers(
-    S,
-    T,
+    STUDENT,
+    TEACHER,
     M,
     group,
     num_c,
@@ -232,11 +235,11 @@ def _group_normalizers(
     count, shift_s, shift_t, scale_s, scale_t, norm_s, norm_t = zero, zero, zero, zero + 1.0, zero + 1.0, zero, zero
     if NORMALIZE == STANDARDIZE:
         count, shift_s, shift_t, scale_s, scale_t = _moments(
-            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
+            STUDENT, TEACHER, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
         )
     elif NORMALIZE == L2:
         ss, tt, _ = _sums_of_squares(
-            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
+            STUDENT, TEACHER, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
         )
         norm_s, norm_t = tl.sqrt(ss), tl.sqrt(tt)
         scale_s, scale_t = 1.0 / tl.maximum(norm_s, L2_EPS), 1.0 / tl.maximum(norm_t, L2_EPS)
@@ -245,36 +248,38 @@ def _group_normalizers(
 
 @triton.jit
 def feature_forward_kernel(
-    S,
-    T,
-    M,
-    MARGIN,
+    STUDENT,
+    TEACHER,  # (N, C, S) features through their strides
+    M,  # the mask broadcast to (N, C, S) (stride 0 where broadcast; unused without HAS_MASK)
+    MARGIN,  # (C,) contiguous OFD margins (unused without HAS_MARGIN)
     TERMS,
-    WEIGHTS,
+    WEIGHTS,  # outputs, one per group: Σ mask·term and Σ mask
     num_c,
     num_s,
     s_n,
     s_c,
-    s_s,
+    s_s,  # the student's strides (elements)
     t_n,
     t_c,
-    t_s,
+    t_s,  # the teacher's
     m_n,
     m_c,
-    m_s,
-    beta,
-    KIND: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    GROUP: tl.constexpr,
+    m_s,  # the mask's
+    beta,  # the smooth-L1 threshold
+    KIND: tl.constexpr,  # FeatureKind
+    NORMALIZE: tl.constexpr,  # FeatureNormalize
+    GROUP: tl.constexpr,  # FeatureGroup: the elements this program owns
     HAS_MASK: tl.constexpr,
     HAS_MARGIN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """One group's Σ mask·term and Σ mask: its normalisation statistics first (sweeps of the group), then one sweep
+    of the terms (fastkd.reference.feature_loss_terms)."""
     group = tl.program_id(0).to(tl.int64)
     s_strides, t_strides, m_strides = (s_n, s_c, s_s), (t_n, t_c, t_s), (m_n, m_c, m_s)
     if KIND == COSINE:  # cosine over the C channels of one position (GROUP_POSITION); the mask is constant along them
         ss, tt, st = _sums_of_squares(
-            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
+            STUDENT, TEACHER, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
         )
         n, c, s, inside = _element_offsets(group, 0, num_c, num_s, BLOCK, GROUP)
         m = tl.sum(_mask(M, n, c, s, m_strides, inside & (c == 0), HAS_MASK), 0)  # the mask at c = 0
@@ -283,7 +288,7 @@ def feature_forward_kernel(
         tl.store(WEIGHTS + group, m)
     else:
         normalizers = _group_normalizers(
-            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, NORMALIZE, BLOCK
+            STUDENT, TEACHER, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, NORMALIZE, BLOCK
         )
         shift_s, shift_t, scale_s, scale_t = normalizers[1], normalizers[2], normalizers[3], normalizers[4]
         terms = tl.zeros((BLOCK,), tl.float32)
@@ -291,8 +296,8 @@ def feature_forward_kernel(
         for start in range(0, _group_size(num_c, num_s, GROUP), BLOCK):
             n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
             m, ys, yt, counted, clipped = _normalized_pair(
-                S,
-                T,
+                STUDENT,
+                TEACHER,
                 M,
                 MARGIN,
                 n,
@@ -318,13 +323,13 @@ def feature_forward_kernel(
 
 @triton.jit
 def feature_backward_kernel(
-    S,
-    T,
+    STUDENT,
+    TEACHER,
     M,
-    MARGIN,
-    SCALE,
+    MARGIN,  # as in feature_forward_kernel
+    SCALE,  # one float32: the incoming gradient ÷ the divisor, read on the device
     GRAD_S,
-    GRAD_T,
+    GRAD_T,  # outputs, laid out as the features (strides gs_*, gt_*; GRAD_T with TEACHER_GRAD only)
     num_c,
     num_s,
     s_n,
@@ -351,6 +356,8 @@ def feature_backward_kernel(
     TEACHER_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """One group's gradients of scale·Σ mask·term: the statistics again, the gradient w.r.t. the normalised values,
+    then back through the normalisation; 0 at absent elements."""
     group = tl.program_id(0).to(tl.int64)
     s_strides, t_strides, m_strides = (s_n, s_c, s_s), (t_n, t_c, t_s), (m_n, m_c, m_s)
     gs_strides, gt_strides = (gs_n, gs_c, gs_s), (gt_n, gt_c, gt_s)
@@ -358,7 +365,7 @@ def feature_backward_kernel(
     size = _group_size(num_c, num_s, GROUP)
     if KIND == COSINE:
         ss, tt, st = _sums_of_squares(
-            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
+            STUDENT, TEACHER, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, BLOCK
         )
         n, c, s, inside = _element_offsets(group, 0, num_c, num_s, BLOCK, GROUP)
         m = tl.sum(_mask(M, n, c, s, m_strides, inside & (c == 0), HAS_MASK), 0)  # the mask at c = 0
@@ -370,8 +377,8 @@ def feature_backward_kernel(
         coef_t = tl.where(norm_t > COSINE_EPS, st / (a * b * b * b), 0.0)
         for start in range(0, size, BLOCK):
             n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
-            xs = _load(S, n, c, s, s_strides, inside)
-            xt = _load(T, n, c, s, t_strides, inside)
+            xs = _load(STUDENT, n, c, s, s_strides, inside)
+            xt = _load(TEACHER, n, c, s, t_strides, inside)
             grad_s = tl.where(weight != 0, weight * (coef_s * xs - xt / (a * b)), 0.0)  # masked out: 0, even for NaN
             tl.store(
                 GRAD_S + n * gs_strides[0] + c * gs_strides[1] + s * gs_strides[2],
@@ -387,7 +394,7 @@ def feature_backward_kernel(
                 )
     else:
         count, shift_s, shift_t, scale_s, scale_t, norm_s, norm_t = _group_normalizers(
-            S, T, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, NORMALIZE, BLOCK
+            STUDENT, TEACHER, M, group, num_c, num_s, s_strides, t_strides, m_strides, HAS_MASK, GROUP, NORMALIZE, BLOCK
         )
         # the gradient g_y of the loss w.r.t. the normalised values, then back through the normalisation:
         #   standardised y = (x − μ)·r:  ∂/∂x = r·(g_y − mean(g_y) − y·mean(g_y·y))   (over present elements)
@@ -400,8 +407,8 @@ def feature_backward_kernel(
             for start in range(0, size, BLOCK):
                 n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
                 m, ys, yt, counted, clipped = _normalized_pair(
-                    S,
-                    T,
+                    STUDENT,
+                    TEACHER,
                     M,
                     MARGIN,
                     n,
@@ -431,8 +438,8 @@ def feature_backward_kernel(
         for start in range(0, size, BLOCK):
             n, c, s, inside = _element_offsets(group, start, num_c, num_s, BLOCK, GROUP)
             m, ys, yt, counted, clipped = _normalized_pair(
-                S,
-                T,
+                STUDENT,
+                TEACHER,
                 M,
                 MARGIN,
                 n,
@@ -480,6 +487,7 @@ def _grid_and_block(num_n: int, num_c: int, num_s: int, group: int) -> tuple[int
 
 
 def _common(student, teacher, mask, margin, *, kind, normalize, group, beta):
+    """The arguments both feature kernels take, and their grid and block."""
     num_n, num_c, num_s = student.shape
     mask_arg = mask if mask is not None else student
     return dict(

@@ -22,43 +22,68 @@ All matrices of a launch share a dtype; math is float32; offsets are 64-bit.
 
 from __future__ import annotations
 
+import enum
+
 import torch
 import triton
 import triton.language as tl
 
-# the per-matrix table (int64) has NUM_FIELDS columns: rows, cols, row stride, offset in u, offset in v, offset of
-# its partials, number of row tiles
-NUM_FIELDS = 7
+
+class Field(enum.IntEnum):
+    """The columns of the per-matrix table (int64, one row per matrix) that the launcher builds."""
+
+    ROWS = 0
+    COLS = 1
+    ROW_STRIDE = 2
+    U_OFFSET = 3  # where the matrix's u (and a) start in the flat vectors
+    V_OFFSET = 4  # where its v starts
+    PARTIALS_OFFSET = 5  # where its tiles' partials of Wᵀ u start in the scratch
+    TILES = 6  # its number of row tiles
+
+
+FIELD_ROWS = tl.constexpr(int(Field.ROWS))
+FIELD_COLS = tl.constexpr(int(Field.COLS))
+FIELD_ROW_STRIDE = tl.constexpr(int(Field.ROW_STRIDE))
+FIELD_U_OFFSET = tl.constexpr(int(Field.U_OFFSET))
+FIELD_V_OFFSET = tl.constexpr(int(Field.V_OFFSET))
+FIELD_PARTIALS_OFFSET = tl.constexpr(int(Field.PARTIALS_OFFSET))
+FIELD_TILES = tl.constexpr(int(Field.TILES))
+
+NUM_FIELDS = len(Field)
 
 
 @triton.jit
 def power_step_kernel(
-    POINTERS,
-    TABLE,
+    POINTERS,  # (L,) int64 data pointers of the matrices
+    TABLE,  # (L, NUM_FIELDS) int64, the Field columns of each matrix
     TILE_MATRIX,
-    TILE_INDEX,
+    TILE_INDEX,  # (tiles,) int32: the matrix of each program's tile and the tile's index in it
     U,
-    V,
-    A,
-    PARTIALS,
-    ARRIVALS,
+    V,  # the flat unit vectors (Σ rows), (Σ cols), float32
+    A,  # scratch (Σ rows): W v of each matrix
+    PARTIALS,  # scratch: each tile's Σ_rows W u per column
+    ARRIVALS,  # (L,) int32 arrival counters, 0 before and after a launch
     U_OUT,
     V_OUT,
-    SIGMA,
-    eps,
-    ELEMENT: tl.constexpr,
+    SIGMA,  # outputs: the new vectors and σ (L,)
+    eps,  # a vector whose new norm is ≤ eps is kept
+    ELEMENT: tl.constexpr,  # the matrices' dtype
     NUM_FIELDS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    FINISH_BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per tile
+    BLOCK_C: tl.constexpr,  # columns per step of the sweep
+    FINISH_BLOCK: tl.constexpr,  # the vectors' block in _finish_matrix
 ):
+    """One power iteration of a tile of BLOCK_R rows of one matrix: a = W v for its rows and its partial Wᵀ u,
+    from one read of the tile; the last tile of the matrix to arrive finishes it (see the module docstring)."""
     tile = tl.program_id(0)
     matrix = tl.load(TILE_MATRIX + tile).to(tl.int64)
     tile_index = tl.load(TILE_INDEX + tile).to(tl.int64)
     weights = tl.load(POINTERS + matrix).to(tl.pointer_type(ELEMENT))
     info = TABLE + matrix * NUM_FIELDS
-    num_rows, num_cols, stride = tl.load(info + 0), tl.load(info + 1), tl.load(info + 2)
-    u_offset, v_offset, partial_offset = tl.load(info + 3), tl.load(info + 4), tl.load(info + 5)
+    num_rows, num_cols = tl.load(info + FIELD_ROWS), tl.load(info + FIELD_COLS)
+    stride = tl.load(info + FIELD_ROW_STRIDE)
+    u_offset, v_offset = tl.load(info + FIELD_U_OFFSET), tl.load(info + FIELD_V_OFFSET)
+    partial_offset = tl.load(info + FIELD_PARTIALS_OFFSET)
 
     rows = tile_index * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     in_rows = rows < num_rows
@@ -77,7 +102,7 @@ def power_step_kernel(
     tl.store(A + u_offset + rows, a, mask=in_rows)
     tl.debug_barrier()  # every thread's stores above come before this program's release below
     arrived = tl.atomic_add(ARRIVALS + matrix, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.load(info + 6) - 1:  # the matrix's last tile: the others' stores are visible (acquire)
+    if arrived == tl.load(info + FIELD_TILES) - 1:  # the matrix's last tile: the others' stores are visible
         tl.debug_barrier()
         _finish_matrix(matrix, TABLE, A, PARTIALS, U, V, U_OUT, V_OUT, SIGMA, eps, NUM_FIELDS, FINISH_BLOCK)
         tl.store(ARRIVALS + matrix, 0)
@@ -101,13 +126,9 @@ def _finish_matrix(
 ):
     """σ, the new u and v of one matrix from a = W v and the tiles' partials of Wᵀ u."""
     info = TABLE + matrix * NUM_FIELDS
-    num_rows, num_cols = tl.load(info + 0), tl.load(info + 1)
-    u_offset, v_offset, partial_offset, num_tiles = (
-        tl.load(info + 3),
-        tl.load(info + 4),
-        tl.load(info + 5),
-        tl.load(info + 6),
-    )
+    num_rows, num_cols = tl.load(info + FIELD_ROWS), tl.load(info + FIELD_COLS)
+    u_offset, v_offset = tl.load(info + FIELD_U_OFFSET), tl.load(info + FIELD_V_OFFSET)
+    partial_offset, num_tiles = tl.load(info + FIELD_PARTIALS_OFFSET), tl.load(info + FIELD_TILES)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
 
     squares = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -144,7 +165,10 @@ def power_iteration(matrices, u, v, *, n_iter: int, eps: float):
     tiles = [triton.cdiv(w.shape[0], BLOCK_R) for w in matrices]
     table, offsets = [], [0, 0, 0]
     for w, num_tiles in zip(matrices, tiles):
-        table.append([w.shape[0], w.shape[1], w.stride(0), *offsets, num_tiles])
+        row = [0] * NUM_FIELDS
+        row[Field.ROWS], row[Field.COLS], row[Field.ROW_STRIDE], row[Field.TILES] = (*w.shape, w.stride(0), num_tiles)
+        row[Field.U_OFFSET], row[Field.V_OFFSET], row[Field.PARTIALS_OFFSET] = offsets
+        table.append(row)
         offsets = [offsets[0] + w.shape[0], offsets[1] + w.shape[1], offsets[2] + num_tiles * w.shape[1]]
     table = torch.tensor(table, dtype=torch.int64).to(device)
     pointers = torch.tensor([w.data_ptr() for w in matrices], dtype=torch.int64).to(device)

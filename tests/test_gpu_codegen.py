@@ -29,10 +29,10 @@ SCRIPT = textwrap.dedent(r"""
 
     f32 = "*fp32"
     strides = "s_n s_c s_s t_n t_c t_s m_n m_c m_s".split()
-    forward = {"S": "*bf16", "T": "*bf16", "M": "*u8", "MARGIN": f32, "TERMS": f32, "WEIGHTS": f32, "num_c": "i64",
-               "num_s": "i64", **dict.fromkeys(strides, "i64"), "beta": "fp32"}
-    backward = {"S": "*bf16", "T": "*bf16", "M": "*u8", "MARGIN": f32, "SCALE": f32, "GRAD_S": "*bf16",
-                "GRAD_T": "*bf16", "num_c": "i64", "num_s": "i64",
+    feature_inputs = {"STUDENT": "*bf16", "TEACHER": "*bf16", "M": "*u8", "MARGIN": f32}
+    forward = {**feature_inputs, "TERMS": f32, "WEIGHTS": f32, "num_c": "i64", "num_s": "i64",
+               **dict.fromkeys(strides, "i64"), "beta": "fp32"}
+    backward = {**feature_inputs, "SCALE": f32, "GRAD_S": "*bf16", "GRAD_T": "*bf16", "num_c": "i64", "num_s": "i64",
                 **dict.fromkeys(strides + "gs_n gs_c gs_s gt_n gt_c gt_s".split(), "i64"), "beta": "fp32"}
     # (KIND, NORMALIZE, GROUP, HAS_MARGIN): every branch of the kernels at least once
     feature_cases = [("MSE", "NONE", "CHANNEL", True), ("SMOOTH_L1", "STANDARDIZE", "CHANNEL", False),
