@@ -1,53 +1,9 @@
-r"""``fastkd.Distiller``: a student, a frozen teacher and weighted loss terms, as one ``nn.Module``.
+r"""``fastkd.Distiller``: a student, a frozen teacher and weighted loss terms, as one ``nn.Module``; and its terms
+:class:`KD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London` and :class:`Custom`.
 
-::
-
-    from fastkd.distiller import CrossEntropy, Distiller, Features, KD
-
-    distiller = Distiller(student, teacher, terms={
-        "ce": CrossEntropy(weight=0.1),
-        "kd": KD(weight=0.9, temperature=4.0),
-        "hint": Features("layer3", "layer3", weight=1.0),   # module paths, captured by forward hooks
-    }, example_inputs=x[:2])                                 # sizes the feature adapters
-    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1)     # the student's and the adapters'
-    for x, y in loader:
-        out = distiller(x, y)           # out.output: student logits; out.losses: {"ce": ..., "kd": ..., "hint": ...}
-        out.loss.backward()             # out.loss = Σ losses; out.metrics: top-1 agreement, predictive KL, ...
-        optimizer.step(); optimizer.zero_grad()
-    distiller.advance_schedules()       # once per epoch (or per step): weights/temperatures that are schedules
-
-Terms: :class:`KD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London`, :class:`Custom`.
-Each term's value is ``weight(step) · term(batch)``; weights (and the temperatures of KD/DKD) may be numbers or
-:mod:`fastkd.schedules`, evaluated at ``distiller.schedule_step``.
-
-**Reduction.** The per-row terms (KD, DKD, CrossEntropy) sum over rows (tokens for ``(N, L, V)`` logits) and
-divide by one divisor, the same for all of them: the counted rows of the call (rows whose label is not
-``ignore_index``; all rows without labels), or ``normalizer`` when given. For gradient accumulation over micro-
-batches pass ``normalizer`` = the counted rows of the whole optimizer step (:meth:`Distiller.counted_rows`), and
-the micro-batch losses add up to the loss of the whole batch (a normalizer of 0, a step without a counted row,
-counts as 1: the losses are 0). Under DDP, ``normalize_across_ranks=True`` sums the
-counted rows over the ranks (one all-reduce of one number, no host sync) and divides by the world size, so that
-DDP's gradient average equals the gradient of the concatenated batch even when ranks count different numbers of
-rows; a rank with no counted row contributes 0. :class:`Features` terms average over their elements.
-
-**Teacher.** The teacher is put in eval mode, its parameters stop requiring grad, and it runs under
-``torch.no_grad()`` (not ``inference_mode``: its logits are saved for the student's backward). It is held, not
-registered, so it is not in ``state_dict()``, ``parameters()`` or ``train()``/DDP's reach; ``.to()``,
-``.cuda()`` and ``.half()`` move it along. ``distiller.student`` is the model to save.
-
-**Features.** With ``capture="hooks"`` (default), :class:`Features` names modules by path (``"layer3.1.conv2"``)
-and forward hooks record their outputs while the distiller runs the models, and only then (a module that runs more
-than once per forward records each call; the term's ``call`` picks one). An output changed in place after its module
-ran (``ReLU(inplace=True)`` after a BatchNorm, ``out += identity``) is an error in eager mode, not a silently
-different feature. The hooks are picklable objects (``torch.save``, ``copy.deepcopy`` work) and
-:meth:`Distiller.remove_hooks` removes them. With ``capture="outputs"`` no hook is installed: both models return
-``(logits, features)``, features a dict (or a sequence), and terms name keys (or indices).
-
-**Recipes.** A teacher-assistant chain (TAKD) is two distillers run one after the other: distil the assistant
-from the teacher, then ``Distiller(student, assistant, ...)``. An early-stopped teacher (Cho & Hariharan) is
-the teacher's checkpoint from an early epoch, loaded before building the distiller. The soft-loss decay of KD
-for quantized networks is ``KD(weight=schedules.Linear(0.9, 0.0, epochs))``; DKD's warm-up is
-``DKD(weight=schedules.Warmup(20))`` with the epoch as the step.
+The guide (an example loop, the one divisor of the per-row terms, gradient accumulation and DDP, how the teacher is
+held, feature capture, schedules, recipes) is the README's section "Train with a Distiller"; the classes' docstrings
+give their arguments.
 """
 
 from __future__ import annotations

@@ -47,11 +47,26 @@ def dkd_loss(
     log p̂_j = z_j − r, never the log of a sum of probabilities, which in mdistiller's code gives inf or NaN when
     p_gt → 1.
 
-    ``labels`` are required. A row whose label is ``ignore_index`` contributes 0, gets zero gradient and is not
-    counted; another label outside [0, V) is an error on CPU and NaN on CUDA. ``reduction`` and ``normalizer``
-    are those of :func:`fastkd.kd_loss` (``"batchmean"`` divides by the counted rows), as is the temperature's
-    range. Math in float32 (float64 for float64 inputs); the loss is float32. ``backend`` as in kd_loss; the
-    kernels compute no teacher gradient.
+    Args:
+        student_logits (Tensor): ``(*, V)``, V ≥ 2, float32, float16 or bfloat16 (float64 runs the reference).
+        teacher_logits (Tensor): ``(*, V)``; the kernels give it no gradient (if it requires grad, ``"auto"`` runs
+            the reference, a kernel backend named is an error).
+        labels (Tensor): ``*``, int64 or int32, required: the target class of each row; ``ignore_index`` rows
+            contribute 0, get zero gradient and are not counted; another label outside [0, V) is an error on CPU
+            and makes its row NaN on CUDA.
+        alpha (float, default 1.0): the TCKD weight α.
+        beta (float, default 8.0): the NCKD weight β.
+        temperature (float, default 4.0): T, in the range of :func:`fastkd.kd_loss`.
+        reduction (str, default ``"batchmean"``), ignore_index (int, default -100), ce_weight (float, default 0.0),
+            normalizer (float or 0-d Tensor, optional), backend (str, default ``"auto"``): as in
+            :func:`fastkd.kd_loss`.
+
+    Returns:
+        Tensor: float32 (float64 for float64 inputs), 0-d, or ``*`` with ``reduction="none"``.
+
+    Example::
+
+        >>> loss = fastkd.dkd_loss(student(x), teacher(x), y, alpha=1.0, beta=8.0, temperature=4.0)
     """
     options = _check_options(
         temperature=temperature,

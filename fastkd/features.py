@@ -240,19 +240,38 @@ def feature_loss(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    r"""Masked feature-matching loss between student and teacher features of the same shape (see the module
-    docstring for the math): ``(N, C, H, W)`` maps, ``(N, L, C)`` tokens (``channel_dim=-1``), ``(N, C)``
-    vectors, or any ``(N, …)`` with ``channel_dim`` naming the channels.
+    r"""Masked feature-matching loss between student and teacher features of the same shape (the module docstring
+    has the math of each kind and normalisation).
 
-    ``mask``: bool or float, broadcastable to the features (spatial masks ``(N, 1, H, W)``, token masks ``(N, L,
-    1)``, per-channel masks ``(C, 1, 1)``, …); float values weigh the terms. ``margin``: OFD's per-channel teacher
-    margin, shape (C,) (:func:`ofd_margin`). ``beta``: the smooth-L1 threshold.
+    Args:
+        student_feat (Tensor): ``(N, C, H, W)`` maps, ``(N, L, C)`` tokens (``channel_dim=-1``), ``(N, C)`` vectors,
+            or any ``(N, …)`` with ``channel_dim`` naming the channels; float32, float16 or bfloat16 (math in
+            float32; float64 runs the reference). Gets the gradient.
+        teacher_feat (Tensor): the same shape; gets a gradient when it requires one.
+        mask (Tensor, optional): bool or float, broadcastable to the features (spatial ``(N, 1, H, W)``, token
+            ``(N, L, 1)``, per-channel ``(C, 1, 1)``, …); elements of mask 0 are absent (no statistic, no loss, zero
+            gradient), float values weigh the terms. Constant along the channels for ``"cosine"`` and ``"l2"``.
+        kind (str, default ``"mse"``): ``"mse"``, ``"l1"``, ``"smooth_l1"`` or ``"cosine"`` (along the channels).
+        normalize (str, optional): ``"channel"`` or ``"sample"`` standardisation, or ``"l2"`` along the channels.
+        margin (Tensor, optional): OFD's per-channel teacher margin, shape ``(C,)`` (:func:`ofd_margin`); raw
+            features and an element-wise kind only.
+        beta (float, default 1.0): the smooth-L1 threshold.
+        channel_dim (int, default 1): the channels' dim (not the batch's).
+        reduction (str, default ``"mean"``): ``"mean"`` Σ mask·term ÷ Σ mask (positions for ``"cosine"``; 0 when
+            nothing is present); ``"sum"`` Σ mask·term.
+        backend (str, default ``"auto"``): ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
 
-    Returns a 0-d float32 loss (float64 for float64 inputs). The gradient reaches the student features, and the
-    teacher features, a float ``mask`` and ``margin`` when they require grad (the kernels differentiate the
-    features only: a mask or margin that requires grad runs the reference under ``"auto"``, and is an error with a
-    kernel backend named); inputs may be float32, float16 or bfloat16 (math in float32).
-    ``backend``: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+    Returns:
+        Tensor: 0-d, float32 (float64 for float64 inputs).
+
+    Notes:
+        The kernels differentiate the features only: a float ``mask`` or a ``margin`` that requires grad runs the
+        reference under ``"auto"`` (and is an error with a kernel backend named). ``normalize="channel"`` or
+        ``"sample"`` with ``kind="cosine"`` always runs the reference.
+
+    Example::
+
+        >>> loss = fastkd.feature_loss(adapter(student_map), teacher_map, mask=foreground, normalize="channel")
     """
     channel_dim = _check(
         student_feat,

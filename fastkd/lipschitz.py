@@ -176,12 +176,27 @@ def spectral_norms(
     (CPU tensors, the C++ extension) one OpenMP pass does, its results the same for any thread count;
     ``"reference"`` loops over the matrices in PyTorch (two matrix-vector products each).
 
-    ``weights``: a list of ≥ 2-D tensors (Linear (out, in); Conv (out, in, *k) viewed as (out, in·∏k)) on one
-    device, float32/float16/bfloat16 (one dtype for the kernel) or float64 (reference). ``state``: the vectors of
-    a previous call (or :func:`init_state`); a fresh random start otherwise (``generator`` seeds it).
+    Args:
+        weights (list of Tensors): L tensors of ≥ 2 dims (Linear ``(out, in)``; Conv ``(out, in, *k)`` viewed as
+            ``(out, in·∏k)``) on one device, float32, float16 or bfloat16 (one dtype for the kernels) or float64
+            (reference); overlapping layouts (expanded rows) are copied.
+        n_iter (int, default 250): iterations; from a random start the error after 250 is at worst a few 1e-3 on
+            Gaussian matrices, after 1000 below 1e-3 (module docstring); with a kept ``state``, 1 per training step.
+        state (PowerIterationState, optional): the vectors of a previous call (or :func:`init_state`); a fresh
+            random start otherwise.
+        eps (float, default 1e-12): a vector whose new norm is ≤ eps keeps its previous value.
+        generator (torch.Generator, optional): seeds the random start.
+        backend (str, default ``"auto"``): ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
 
-    Returns ``(sigma, state)``: σ of shape (L,), float32 (float64 for float64 weights), differentiable in the
-    weights with ∂σ_i/∂W_i = u_i vₚᵣₑᵥ,ᵢᵀ; and the new state (no gradient) to pass to the next call.
+    Returns:
+        ``(sigma, state)``: σ of shape ``(L,)``, float32 (float64 for float64 weights), a lower bound of σ_max,
+        differentiable in the weights with ∂σ_i/∂W_i = u_i vₚᵣₑᵥ,ᵢᵀ; and the new state (no gradient) to pass to the
+        next call.
+
+    Example::
+
+        >>> sigma, state = fastkd.spectral_norms(weights, n_iter=1000)
+        >>> sigma, state = fastkd.spectral_norms(weights, n_iter=1, state=state)  # then once per step
     """
     matrices = as_matrices(weights)
     n_iter = _positive_int("n_iter", n_iter)
