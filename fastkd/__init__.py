@@ -6,6 +6,7 @@ from .distiller import Distiller
 from .dkd import dkd_loss
 from .features import FEED, feature_loss, ofd_margin
 from .kd import KDLoss, kd_loss
+from .linear_kd import LinearKDLoss, linear_kd_loss
 from .lipschitz import london_loss, spectral_norms
 from .topk import TopK, topk_teacher
 
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 __all__ = [
     "kd_loss",
     "KDLoss",
+    "linear_kd_loss",
+    "LinearKDLoss",
     "dkd_loss",
     "TopK",
     "topk_teacher",

@@ -469,7 +469,14 @@ def _check_tensors(
         raise ValueError(
             f"student_logits and teacher_logits must be on the same device, got {student.device} and {teacher.device}"
         )
-    math_dtype = reference._math_dtype(student, teacher)
+    check_temperature(temperature, reference._math_dtype(student, teacher))
+    check_labels(
+        labels, student.shape[:-1], student.shape[-1], student.device, ce_weight=ce_weight, ignore_index=ignore_index
+    )
+
+
+def check_temperature(temperature: float, math_dtype: torch.dtype) -> None:
+    """Refuse a temperature past :data:`MAX_TEMPERATURE` for the math dtype (float32 or float64)."""
     if temperature > MAX_TEMPERATURE[math_dtype]:
         raise ValueError(
             f"temperature must be at most {MAX_TEMPERATURE[math_dtype]:g} for {math_dtype} math, got "
@@ -478,6 +485,19 @@ def _check_tensors(
             f"digits left past the bound); use a smaller temperature"
             f"{' or float64 logits' if math_dtype == torch.float32 else ''}"
         )
+
+
+def check_labels(
+    labels: Optional[torch.Tensor],
+    row_shape: torch.Size,
+    num_classes: int,
+    device: torch.device,
+    *,
+    ce_weight: float,
+    ignore_index: int,
+) -> None:
+    """Validate ``labels`` for rows of shape ``row_shape`` over ``num_classes`` classes on ``device`` (None only
+    without a CE term); label values are read only for CPU tensors (elsewhere a bad row comes out NaN)."""
     if labels is None:
         if ce_weight != 0:
             raise ValueError("ce_weight != 0 needs labels")
@@ -486,16 +506,15 @@ def _check_tensors(
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
-    if labels.shape != student.shape[:-1]:
+    if labels.shape != row_shape:
         raise ValueError(
             f"labels must have the shape of student_logits without its last dim, "
-            f"{tuple(student.shape[:-1])}, got {tuple(labels.shape)}"
+            f"{tuple(row_shape)}, got {tuple(labels.shape)}"
         )
-    if labels.device != student.device:
-        raise ValueError(f"labels must be on the device of the logits ({student.device}), got {labels.device}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on the device of the logits ({device}), got {labels.device}")
     # a free check where reading the labels costs no device sync; elsewhere bad rows come out NaN
     if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel() > 0:
-        num_classes = student.shape[-1]
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
             raise ValueError(
@@ -657,22 +676,15 @@ def _kd_loss_topk(
         "the TopK values",
         torch.is_grad_enabled() and values.requires_grad,
     )
+    topk_options = TopKOptions(
+        temperature=t,
+        tail=tail,
+        ignore_index=options["ignore_index"],
+        ce_weight=options["ce_weight"],
+        kd_scale=_kd_scale(options),
+    )
     if chosen == "triton":
-        rows, metrics = _KDTopKRows.apply(
-            student,
-            values,
-            indices,
-            flat_labels,
-            return_stats,
-            chosen,
-            TopKOptions(
-                temperature=t,
-                tail=tail,
-                ignore_index=options["ignore_index"],
-                ce_weight=options["ce_weight"],
-                kd_scale=_kd_scale(options),
-            ),
-        )
+        rows, metrics = _KDTopKRows.apply(student, values, indices, flat_labels, return_stats, chosen, topk_options)
     else:
         metrics = (
             reference.kd_topk_fidelity_rows(
@@ -681,30 +693,45 @@ def _kd_loss_topk(
             if return_stats
             else None
         )
-        rows = _kd_scale(options) * reference.kd_topk_rows(
-            reference.counted_rows_only(student, flat_labels, options["ignore_index"]),
-            reference.counted_rows_only(values, flat_labels, options["ignore_index"]),
-            indices.long(),
-            tail=tail,
-            temperature=t,
-        )
-        if flat_labels is not None:  # the CE term and the ignored rows, as for a full teacher
-            ce_rows = reference.kd_loss_rows(
-                student,
-                student,
-                flat_labels,
-                temperature=t,
-                divergence="kl",
-                beta=0.5,
-                ignore_index=options["ignore_index"],
-                ce_weight=options["ce_weight"],
-                kd_weight=0.0,
-                scale_by_t2=True,
-            )
-            rows = torch.where(flat_labels != options["ignore_index"], rows + ce_rows, 0)
+        rows = topk_reference_rows(student, values, indices, flat_labels, topk_options)
     divisor = _divisor(options, flat_labels, student.shape[0])
     loss = _reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
     return _with_stats(loss, metrics, flat_labels, student.shape[0], options) if return_stats else loss
+
+
+def topk_reference_rows(
+    student: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    options: TopKOptions,
+) -> torch.Tensor:
+    """The row losses of (N, V) student logits against a sparse teacher ((N, K) values and indices) by the
+    reference (what the TopK kernels compute): kd_scale·:func:`fastkd.reference.kd_topk_rows`, plus the CE term,
+    0 at ignored rows."""
+    ignore_index = options.ignore_index
+    rows = options.kd_scale * reference.kd_topk_rows(
+        reference.counted_rows_only(student, labels, ignore_index),
+        reference.counted_rows_only(values, labels, ignore_index),
+        indices.long(),
+        tail=options.tail,
+        temperature=options.temperature,
+    )
+    if labels is None:
+        return rows
+    ce_rows = reference.kd_loss_rows(  # the CE term and the ignored rows, as for a full teacher
+        student,
+        student,
+        labels,
+        temperature=options.temperature,
+        divergence="kl",
+        beta=0.5,
+        ignore_index=ignore_index,
+        ce_weight=options.ce_weight,
+        kd_weight=0.0,
+        scale_by_t2=True,
+    )
+    return torch.where(labels != ignore_index, rows + ce_rows, 0)
 
 
 def _with_stats(loss: torch.Tensor, metrics: torch.Tensor, flat_labels, num_rows: int, options: dict):

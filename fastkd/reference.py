@@ -237,6 +237,24 @@ def ensemble_teacher_logits(
     raise ValueError(f"unknown ensemble {ensemble!r}")
 
 
+def head_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    vocab_size: int,
+    softcap: Optional[float],
+) -> torch.Tensor:
+    """The logits of an output head (the specification of :func:`fastkd.linear_kd_loss`'s heads):
+    z = hidden @ weight[:vocab_size]ᵀ (+ bias[:vocab_size]) in the inputs' dtype, then, with ``softcap`` c,
+    c·tanh(z/c) in the math dtype (float32, float64 for float64 inputs). Shape (*, vocab_size)."""
+    logits = F.linear(hidden, weight[:vocab_size], None if bias is None else bias[:vocab_size])
+    if softcap is None:
+        return logits
+    logits = logits.to(_math_dtype(logits))
+    return softcap * torch.tanh(logits / softcap)
+
+
 def _topk_log_probs(
     student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
