@@ -317,7 +317,33 @@ def _fake_grads(student_hidden, student_weight, student_bias, wants):
 
 
 @_linear_kd_forward_op.register_fake
-def _(student_hidden, student_weight, student_bias, *args, with_metrics, grad_hidden, grad_weight, grad_bias, **kw):
+def _(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher_logits,
+    topk_values,
+    topk_indices,
+    labels,
+    temperature,
+    divergence,
+    beta,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    tail,
+    vocab_size,
+    softcap,
+    chunk_rows,
+    backend,
+    with_metrics,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     num_rows = student_hidden.shape[0]
     return (
         student_hidden.new_empty(num_rows, dtype=torch.float32),
@@ -381,7 +407,33 @@ def _linear_kd_backward_op(
 
 
 @_linear_kd_backward_op.register_fake
-def _(grad_rows, student_hidden, student_weight, student_bias, *args, grad_hidden, grad_weight, grad_bias, **kw):
+def _(
+    grad_rows,
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher_logits,
+    topk_values,
+    topk_indices,
+    labels,
+    temperature,
+    divergence,
+    beta,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    tail,
+    vocab_size,
+    softcap,
+    chunk_rows,
+    backend,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+):
     return _fake_grads(student_hidden, student_weight, student_bias, (grad_hidden, grad_weight, grad_bias))
 
 

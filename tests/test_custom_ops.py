@@ -1,7 +1,7 @@
 """torch.library.opcheck of every fastkd custom op on each kernel backend: the schema, the fake (meta) kernel
 against the real one, and AOT dispatch with dynamic shapes (torch.compile's path). The ops are called by the
-autograd.Functions of fastkd.kd, fastkd.features and fastkd.lipschitz, which own their gradients: the ops register
-no autograd kernel, so the registration check runs with inputs that need no gradient."""
+autograd.Functions of fastkd.kd, fastkd.linear_kd, fastkd.features and fastkd.lipschitz, which own their gradients:
+the ops register no autograd kernel, so the registration check runs with inputs that need no gradient."""
 
 import pytest
 import torch
@@ -84,7 +84,31 @@ def power_iteration_cases(device, backend):
     return [(torch.ops.fastkd.power_iteration.default, (matrices, u / u.norm(), v / v.norm(), 3, 1e-12, backend), {})]
 
 
-@pytest.mark.parametrize("cases", [kd_cases, feature_cases, power_iteration_cases])
+def linear_kd_cases(device, backend):
+    g = torch.Generator().manual_seed(3)
+    h, w, b = (torch.randn(shape, generator=g).to(device) for shape in ((7, 6), (11, 6), (11,)))
+    th, tw = torch.randn(7, 5, generator=g).to(device), torch.randn(11, 5, generator=g).to(device)
+    labels = torch.tensor([1, -100, 9, 0, 7, 3, 2], device=device)
+    tensors = (h, w, b, th, tw, None, None, None, None, labels)
+    options = dict(
+        KD_OPTIONS,
+        tail="",
+        vocab_size=10,
+        softcap=3.0,
+        chunk_rows=3,
+        backend=backend,
+        grad_hidden=True,
+        grad_weight=True,
+    )
+    del options["alpha"]
+    grad_rows = torch.rand(7, generator=g).to(device)
+    return [
+        (torch.ops.fastkd.linear_kd_forward.default, tensors, dict(options, with_metrics=True, grad_bias=True)),
+        (torch.ops.fastkd.linear_kd_backward.default, (grad_rows,) + tensors, dict(options, grad_bias=False)),
+    ]
+
+
+@pytest.mark.parametrize("cases", [kd_cases, feature_cases, power_iteration_cases, linear_kd_cases])
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_opcheck(backend, cases):
     skip_unless_available(backend)
