@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run the whole test-suite on the GPU, tune, benchmark.
-#   bash bench/gpu_session.sh [tests|cuda|tune|bench|variants|divergences|overhead ...]
+#   bash bench/gpu_session.sh [tests|cuda|tune|bench|linear|variants|divergences|overhead ...]
 # (default: tests tune bench); results under $OUT (or ./gpu-out)
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -19,6 +19,7 @@ for step in $steps; do
                    tee "$OUT/cuda.log" | tail -15 ;;
         tune)  python3 "$OLDPWD/bench/tune_kd.py" --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" ;;
         bench) fastkd bench --op all --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+        linear) fastkd bench --op linear --json "$OUT/linear.json" 2>&1 | tee "$OUT/linear.log" ;;  # issue 15's target
         variants) python3 "$OLDPWD/bench/kd_variants.py" --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
         divergences) python3 "$OLDPWD/bench/divergences.py" 2>&1 | tee "$OUT/divergences.log" ;;
         overhead) python3 "$OLDPWD/bench/profile_overhead.py" 256 100 2>&1 | head -12 | tee "$OUT/overhead.log" ;;

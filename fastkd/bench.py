@@ -1,6 +1,8 @@
 """Benchmark harness behind ``fastkd bench``: fastkd's ops against the expressions users run today.
 
-Ops (``--op``): ``kd`` (kd_loss vs the eager KL expression, torch.compile of it and Liger-Kernel), ``feature``
+Ops (``--op``): ``kd`` (kd_loss vs the eager KL expression, torch.compile of it and Liger-Kernel), ``linear``
+(linear_kd_loss from the heads' hidden states vs materialised logits + kd_loss, the eager expression on them,
+torch.compile of it and Liger-Kernel's fused linear JSD at β = 0, forward KL), ``feature``
 (feature_loss with a spatial mask and per-channel standardisation vs the eager expression and torch.compile of it)
 and ``lipschitz`` (one power iteration over every Linear/Conv weight of ResNet-18 vs a per-layer torch loop).
 
@@ -39,15 +41,17 @@ import torch.nn.functional as F
 from . import cpu_backend, cuda_backend
 from .features import feature_loss
 from .kd import kd_loss
+from .linear_kd import linear_kd_loss
 from .lipschitz import init_state, spectral_norms
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPS = ("kd", "feature", "lipschitz")
+OPS = ("kd", "linear", "feature", "lipschitz")
 DEFAULT_SHAPES = {
     "kd": {
         "cuda": ["256x100:fp32", "1024x1000:fp32", "8192x32000:bf16", "4096x128256:bf16"],
         "cpu": ["256x100:fp32", "1024x1000:fp32", "512x32000:fp32"],
     },
+    "linear": {"cuda": ["8192x4096x128256:bf16"], "cpu": ["4096x1024x32000:fp32"]},
     "feature": {"cuda": ["64x256x28x28:bf16", "256x256x28x28:bf16"], "cpu": ["16x64x28x28:fp32"]},
     "lipschitz": {"cuda": ["resnet18:fp32", "resnet18:bf16"], "cpu": ["resnet18:fp32"]},
 }
@@ -69,7 +73,7 @@ class Result:
     note: str = ""
 
 
-SHAPE_FORMS = {"kd": "ROWSxVOCAB", "feature": "NxCxHxW", "lipschitz": "resnet18"}
+SHAPE_FORMS = {"kd": "ROWSxVOCAB", "linear": "ROWSxHIDDENxVOCAB", "feature": "NxCxHxW", "lipschitz": "resnet18"}
 
 
 def parse_spec(spec: str, op: str = "kd", default_dtype: str = "fp32") -> tuple[tuple, torch.dtype]:
@@ -316,6 +320,76 @@ def _timed_result(
     return Result(spec, name, fwd, fwd_bwd, None, memory, roofline, error, error <= tolerance)
 
 
+def linear_implementations(temperature: float) -> dict:
+    """name → impl(h, w, th, tw) for the linear benchmark: fastkd's fused-linear loss and the ways users get the
+    same loss by materialising the logits."""
+
+    def logits(h, w, th, tw):
+        with torch.no_grad():
+            teacher = th @ tw.T
+        return h @ w.T, teacher
+
+    eager = torch.compile(lambda h, w, th, tw: eager_kd(*logits(h, w, th, tw), temperature), dynamic=False)
+    impls = {
+        "fastkd": lambda h, w, th, tw: linear_kd_loss(h, w, th, tw, temperature=temperature),
+        "logits + kd_loss": lambda h, w, th, tw: kd_loss(*logits(h, w, th, tw), temperature=temperature),
+        "torch eager": lambda h, w, th, tw: eager_kd(*logits(h, w, th, tw), temperature),
+        "torch.compile": eager,
+    }
+    if importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+        liger = LigerFusedLinearJSD(jsd_beta=0.0, temperature=temperature)  # β = 0: forward KL, without T²
+        impls["liger-kernel"] = lambda h, w, th, tw: liger(h, w, th, tw) * temperature**2
+    return impls
+
+
+def bench_linear_shape(spec: str, device: torch.device, temperature: float, reps: int) -> list[Result]:
+    """linear_kd_loss on (N, H) hidden states and (V, H) heads (the teacher's of the same sizes) against the
+    implementations that build the logits: loss, hidden and weight gradients checked against float64 (the
+    reference rows, chunk by chunk, on float64 copies), then timed; memory is the peak above the inputs."""
+    (rows, hidden, vocab), dtype = parse_spec(spec, "linear")
+    gen = torch.Generator(device="cpu").manual_seed(rows + hidden + vocab)
+
+    def draw(*shape, scale):
+        return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    h, th = draw(rows, hidden, scale=1.0).requires_grad_(True), draw(rows, hidden, scale=1.0)
+    w, tw = (
+        draw(vocab, hidden, scale=hidden**-0.5 * 2).requires_grad_(True),
+        draw(vocab, hidden, scale=hidden**-0.5 * 2),
+    )
+    leaves = [x.detach().double().requires_grad_(True) for x in (h, w)]
+    truth = linear_kd_loss(*leaves, th.double(), tw.double(), temperature=temperature, backend="reference")
+    truth_grads = torch.autograd.grad(truth, leaves)
+    del leaves
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    results = []
+    for name, impl in linear_implementations(temperature).items():
+        try:
+            loss = impl(h, w, th, tw)
+            grads = torch.autograd.grad(loss, (h, w))
+            error = max(relative_error(x, y) for x, y in zip((loss, *grads), (truth, *truth_grads)))
+            del loss, grads
+
+            def forward():
+                with torch.no_grad():
+                    return impl(h, w, th, tw)
+
+            def forward_backward():
+                return torch.autograd.grad(impl(h, w, th, tw), (h, w))
+
+            results.append(
+                _timed_result(spec, name, device, forward, forward_backward, reps, None, None, error, tolerance)
+            )
+        except RuntimeError as exc:
+            note = f"{type(exc).__name__}: {exc}"[:80]
+            results.append(Result(spec, name, None, None, None, None, None, None, None, note))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
 def eager_feature_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked, per-channel standardised MSE between (N, C, H, W) maps, as eager code writes it."""
     count = mask.sum((2, 3), keepdim=True).clamp_min(1)
@@ -491,8 +565,12 @@ def plot(report: dict, path: str) -> None:
 
             def split(spec):  # (the size on the x axis, the rest of the shape and the dtype: the line's label)
                 shape, dtype = parse_spec(spec, op)
-                size = shape[1] if op == "kd" else shape[1] * shape[2] * shape[3]
-                return size, f"{shape[0]} rows" if op == "kd" else f"N={shape[0]}", str(dtype).replace("torch.", "")
+                dtype = str(dtype).replace("torch.", "")
+                if op == "kd":
+                    return shape[1], f"{shape[0]} rows", dtype
+                if op == "linear":
+                    return shape[2], f"{shape[0]} rows, H={shape[1]}", dtype
+                return shape[1] * shape[2] * shape[3], f"N={shape[0]}", dtype
 
             lines = {}
             for r in results:
@@ -507,7 +585,7 @@ def plot(report: dict, path: str) -> None:
                 roofline_axis.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
             for axis in (time_axis, roofline_axis):
                 axis.set_xscale("log")
-                axis.set_xlabel("vocabulary size" if op == "kd" else "elements per sample (C·H·W)")
+                axis.set_xlabel("elements per sample (C·H·W)" if op == "feature" else "vocabulary size")
             time_axis.set_yscale("log")
             time_axis.set_ylabel("forward+backward, ms")
             time_axis.legend()
@@ -569,6 +647,13 @@ def run(
             )
             impls = implementations(temperature, dev)
             results = [r for spec in specs for r in bench_shape(spec, dev, temperature, impls, bandwidth, reps)]
+        elif name == "linear":
+            log(
+                f"linear_kd_loss from (N, H) hidden states and (V, H) heads, forward+backward (gradients of the "
+                f"student's hidden states and weight), T={temperature}, batchmean; rel err = max relative error of "
+                f"loss and gradients against float64; peak MiB above the inputs"
+            )
+            results = [r for spec in specs for r in bench_linear_shape(spec, dev, temperature, reps)]
         elif name == "feature":
             log(
                 "feature_loss (mse, spatial mask, normalize='channel') forward and forward+backward; rel err against "

@@ -1,6 +1,7 @@
 """The ``fastkd`` command line: ``fastkd demo`` distils a student on scikit-learn's digits and compares it with
-the same student trained from scratch; ``fastkd bench`` times fastkd's ops (kd_loss, feature_loss, spectral norms)
-against torch eager, torch.compile, Liger-Kernel (when installed) or a per-layer loop, on this machine."""
+the same student trained from scratch; ``fastkd bench`` times fastkd's ops (kd_loss, linear_kd_loss, feature_loss,
+spectral norms) against torch eager, torch.compile, Liger-Kernel (when installed) or a per-layer loop, on this
+machine."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ def main(argv=None) -> int:
     bench = commands.add_parser("bench", help="time fastkd's ops against the usual baselines")
     bench.add_argument(
         "--op",
-        choices=["kd", "feature", "lipschitz", "all"],
+        choices=["kd", "linear", "feature", "lipschitz", "all"],
         default="kd",
-        help="kd: kd_loss; feature: feature_loss; lipschitz: spectral norms of ResNet-18's weights; "
-        "all: each with its default shapes (default kd)",
+        help="kd: kd_loss; linear: linear_kd_loss from hidden states and heads; feature: feature_loss; lipschitz: "
+        "spectral norms of ResNet-18's weights; all: each with its default shapes (default kd)",
     )
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     bench.add_argument(
         "--shapes",
         nargs="+",
         metavar="SHAPE[:DTYPE]",
-        help="kd: ROWSxVOCAB (8192x32000:bf16); feature: NxCxHxW (256x256x28x28:bf16); lipschitz: "
+        help="kd: ROWSxVOCAB (8192x32000:bf16); linear: ROWSxHIDDENxVOCAB (8192x4096x128256:bf16); feature: "
+        "NxCxHxW (256x256x28x28:bf16); lipschitz: "
         "resnet18[:bf16]; dtype fp32, fp16 or bf16; default: a few shapes sized for the device",
     )
     bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="dtype of the shapes that name none")

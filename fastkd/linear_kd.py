@@ -37,15 +37,17 @@ from .kd import (
 from .kernel_args import NUM_METRICS, KDOptions, TopKOptions
 from .topk import TAILS, TopK
 
-MIN_CHUNK_ELEMENTS = 1 << 22  # the smallest logits chunk :func:`default_chunk_rows` aims at (16 MB in float32)
+MIN_CHUNK_ELEMENTS = 1 << 24  # the smallest logits chunk :func:`default_chunk_rows` aims at (64 MB in float32)
 
 
 def default_chunk_rows(num_rows: int, hidden_size: int, vocab_size: int) -> int:
     """Rows per chunk when ``chunk_rows`` is not given: the largest power of two whose chunk of logits
-    (rows × ``vocab_size`` elements) is no larger than the student's hidden states (``num_rows × hidden_size``
-    elements), nor smaller than 2²² elements. The chunk's logits then cost about as much memory as the hidden
-    states (e.g. 128 rows at N = 4096, H = 1024, V = 32000; 256 rows at N = 8192, H = 4096, V = 128256)."""
-    budget = max(num_rows * hidden_size, MIN_CHUNK_ELEMENTS)
+    (rows × ``vocab_size`` elements) holds no more elements than twice the student's hidden states
+    (``2 × num_rows × hidden_size``), nor fewer than 2²⁴ (e.g. 512 rows at N = 4096, H = 1024, V = 32000 and at
+    N = 8192, H = 4096, V = 128256). Smaller chunks run smaller matmuls (measured on a 2-core CPU at the first
+    shape, forward+backward: 128 rows 1.18×, 512 rows 1.10×, 1024 rows 1.01× the time with materialised logits)
+    and add one weight-gradient update each; larger ones hold more logits (``python bench/linear_chunk_sweep.py``)."""
+    budget = max(2 * num_rows * hidden_size, MIN_CHUNK_ELEMENTS)
     return 1 << max(0, (budget // vocab_size).bit_length() - 1)
 
 
@@ -469,17 +471,19 @@ class _LinearKD(torch.autograd.Function):
     """Row losses (``total=False``) or their sum (``total=True``) of a linear_kd_loss; the gradient reaches the
     student's hidden states, weight and bias only (the teacher's tensors are constants).
 
-    With ``total=True`` the forward computes the gradients of the sum (the ``_chunks`` loop) and the backward
-    scales them by the incoming 0-d gradient, on the device, in place in eager mode (then a second backward
-    through the same graph recomputes the chunks). With ``total=False`` the backward recomputes the chunks with
-    the incoming row gradients.
+    With ``total=True`` and grad mode on (``grad_enabled``) the forward computes the gradients of the sum (the
+    ``_chunks`` loop) and the backward scales them by the incoming 0-d gradient, on the device, in place in eager
+    mode (then a second backward through the same graph recomputes the chunks). With ``total=False`` the backward
+    recomputes the chunks with the incoming row gradients.
     """
 
     @staticmethod
-    def forward(ctx, options: LinearKDOptions, backend: str, with_metrics: bool, total: bool, *tensors):
+    def forward(
+        ctx, options: LinearKDOptions, backend: str, with_metrics: bool, total: bool, grad_enabled: bool, *tensors
+    ):
         inputs = _Inputs(*tensors)
-        wants = tuple(ctx.needs_input_grad[4:7])
-        fuse = total and any(wants)
+        wants = tuple(ctx.needs_input_grad[5:8])
+        fuse = total and grad_enabled and any(wants)
         row_loss, metrics, *grads = _forward(inputs, options, backend, with_metrics, wants if fuse else (False,) * 3)
         ctx.save_for_backward(*tensors)
         ctx.options, ctx.backend, ctx.total, ctx.num_rows = options, backend, total, row_loss.shape[0]
@@ -492,7 +496,7 @@ class _LinearKD(torch.autograd.Function):
     @once_differentiable  # the gradient has no graph of its own: create_graph=True is refused, loudly
     def backward(ctx, grad_output, _grad_metrics):
         inputs = _Inputs(*ctx.saved_tensors)
-        wants = tuple(ctx.needs_input_grad[4:7])
+        wants = tuple(ctx.needs_input_grad[5:8])
         if ctx.fused_grads is not None:
             grads = ctx.fused_grads
             if ctx.in_place:
@@ -505,7 +509,7 @@ class _LinearKD(torch.autograd.Function):
             grads = _backward(grad_rows, inputs, ctx.options, ctx.backend, wants)
         params = (inputs.student_hidden, inputs.student_weight, inputs.student_bias)
         grads = [g.to(p.dtype) if want else None for g, p, want in zip(grads, params, wants)]
-        return (None,) * 4 + tuple(grads) + (None,) * 7
+        return (None,) * 5 + tuple(grads) + (None,) * 7
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -772,6 +776,7 @@ def linear_kd_loss(
         chosen,
         return_stats,
         total,
+        torch.is_grad_enabled(),
         hidden,
         student_weight,
         student_bias,

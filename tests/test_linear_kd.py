@@ -313,10 +313,10 @@ def test_linear_kd_loss_module_with_linear_and_tied_embedding_heads(gen):
 
 
 def test_default_chunk_rows_rule():
-    assert default_chunk_rows(4096, 1024, 32000) == 128
-    assert default_chunk_rows(8192, 4096, 128256) == 256
-    assert default_chunk_rows(10, 8, 1 << 23) == 1  # a vocabulary larger than the budget: one row at a time
-    assert default_chunk_rows(3, 8, 50) == 65536
+    assert default_chunk_rows(4096, 1024, 32000) == 512
+    assert default_chunk_rows(8192, 4096, 128256) == 512
+    assert default_chunk_rows(10, 8, 1 << 25) == 1  # a vocabulary larger than the budget: one row at a time
+    assert default_chunk_rows(3, 8, 64) == 1 << 18
 
 
 def test_bad_input_names_the_argument(gen):
