@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd import cpu_backend, reference
 
-from conftest import DEVICE, assert_rel_close, backend_device, skip_unless_available
+from conftest import DEVICE, assert_rel_close, backend_device, skip_unless_available, tvd_tie_free
 from conftest import logits as random_logits
 
 DIVERGENCES = fastkd.kd.DIVERGENCES  # every divergence kd_loss offers
@@ -74,11 +74,14 @@ def loss_and_grads(s, t, upstream=None, **options):
     """kd_loss and the gradients of Σ upstream·loss w.r.t. fresh leaf copies of s and t (t only if it is to
     receive one: t.requires_grad)."""
     s = s.detach().clone().requires_grad_(True)
-    t_leaf = t.detach().clone().requires_grad_(t.requires_grad)
+    teacher_grad = t.requires_grad
+    if options.get("divergence") == "tvd":  # the same tie-free teacher for every backend compared
+        t = tvd_tie_free(s, t.detach(), options.get("temperature", 1.0))
+    t_leaf = t.detach().clone().requires_grad_(teacher_grad)
     loss = fastkd.kd_loss(s, t_leaf, **options)
     (loss if upstream is None else loss * upstream).sum().backward()
     grad_t = t_leaf.grad
-    if grad_t is None and t.requires_grad:  # not reached by the graph (e.g. JSD at β = 0): a zero gradient
+    if grad_t is None and teacher_grad:  # not reached by the graph (e.g. JSD at β = 0): a zero gradient
         grad_t = torch.zeros_like(t_leaf)
     return loss.detach(), s.grad, grad_t
 
