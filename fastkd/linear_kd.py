@@ -191,12 +191,15 @@ def _rows_and_grad(
 
 
 def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``accumulator += a @ b`` for a float32 accumulator (a float16/bfloat16 product is formed in its dtype,
-    accumulated in float32 by the matmul, then added)."""
+    """``accumulator += a @ b`` for a float32 (V, H) accumulator, (V, n) ``a`` and (n, H) ``b``. A float16/bfloat16
+    product is formed in its dtype (float32 accumulation inside the matmul) in blocks of accumulator rows no larger
+    than ``a`` (the chunk's logits), then added: no (V, H) temporary."""
     if a.dtype == torch.float32:
         accumulator.addmm_(a, b)
-    else:
-        accumulator.add_(torch.mm(a, b))
+        return
+    block = max(1, a.numel() // max(b.shape[1], 1))
+    for start in range(0, accumulator.shape[0], block):
+        accumulator[start : start + block] += torch.mm(a[start : start + block], b)
 
 
 def _chunks(
@@ -713,7 +716,8 @@ def linear_kd_loss(
           incoming row gradients. A second backward (``retain_graph=True``) recomputes. ``create_graph=True`` is
           refused.
         - float16/bfloat16 heads: each chunk's logits are one matmul in that dtype (float32 accumulation), as in
-          the expression above; each chunk's weight-gradient product is added to a float32 accumulator.
+          the expression above; each chunk's weight-gradient product is added to a float32 accumulator in blocks of
+          rows no larger than the chunk's logits.
     """
     options = _check_options(
         temperature=temperature,

@@ -312,6 +312,15 @@ def test_linear_kd_loss_module_with_linear_and_tied_embedding_heads(gen):
     assert student_head.weight.grad is not None and embedding.weight.grad is None
 
 
+def test_half_precision_weight_gradient_in_blocks_equals_one_product(gen):
+    """The float16/bfloat16 weight-gradient update runs in blocks of rows no larger than the chunk's logits."""
+    accumulator = torch.zeros(50, 7)
+    a = torch.randn(50, 3, generator=gen).to(torch.bfloat16)  # 150 elements: blocks of 150 // 7 = 21 rows
+    b = torch.randn(3, 7, generator=gen).to(torch.bfloat16)
+    linear_kd._add_product(accumulator, a, b)
+    assert torch.equal(accumulator, torch.mm(a, b).float())
+
+
 def test_default_chunk_rows_rule():
     assert default_chunk_rows(4096, 1024, 32000) == 512
     assert default_chunk_rows(8192, 4096, 128256) == 512
