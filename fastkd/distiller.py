@@ -1,5 +1,6 @@
 r"""``fastkd.Distiller``: a student, a frozen teacher and weighted loss terms, as one ``nn.Module``; and its terms
-:class:`KD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London` and :class:`Custom`.
+:class:`KD`, :class:`LinearKD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London` and
+:class:`Custom`.
 
 The guide (an example loop, the one divisor of the per-row terms, gradient accumulation and DDP, how the teacher is
 held, feature capture, schedules, recipes) is the README's section "Train with a Distiller"; the classes' docstrings
@@ -19,6 +20,7 @@ from .adapters import adapter_for
 from .dkd import dkd_loss
 from .features import feature_loss
 from .kd import _check_options, check_ignore_index, check_normalizer, kd_loss, tensor_divisor
+from .linear_kd import head_parameters, linear_kd_loss
 from .lipschitz import london_loss
 from .schedules import Schedule, as_schedule
 
@@ -50,7 +52,11 @@ class DistillOutput(NamedTuple):
 
 
 class Term:
-    """A loss term: ``term(batch)`` is its unweighted value (or ``(value, metrics)``); ``weight`` a schedule."""
+    """A loss term: ``term(batch)`` is its unweighted value (or ``(value, metrics)``); ``weight`` a schedule.
+    ``reads``: what it takes the models' outputs to be, ``"logits"`` or ``"hidden"`` (the states entering the output
+    heads, :class:`LinearKD`), or None if it does not read them; one Distiller's terms must agree."""
+
+    reads: Optional[str] = None
 
     def __init__(self, weight: Union[float, Schedule] = 1.0):
         self.weight = as_schedule(weight, "weight")
@@ -71,6 +77,8 @@ class KD(Term):
     the distiller's divisor. Rows whose label is ``ignore_index`` are skipped when labels are given. A teacher
     that returns ``(K, *, V)`` logits is an ensemble (``teacher_weights``, ``ensemble`` as in kd_loss). Also
     reports the fidelity metrics (for an ensemble, against its distribution at T = 1)."""
+
+    reads = "logits"
 
     def __init__(
         self,
@@ -119,9 +127,86 @@ class KD(Term):
         )
 
 
+class LinearKD(Term):
+    """:func:`fastkd.linear_kd_loss` from the hidden states the models return (``(*, H)``, the input of their output
+    heads) through the heads given here, chunk by chunk: the N×V logits are never built. The student and teacher
+    given to the Distiller are then the models without their heads (e.g. a Hugging Face causal LM's ``.model``),
+    and ``student_head``/``teacher_head`` the heads (``nn.Linear`` or a tied ``nn.Embedding``; the student's gets a
+    gradient, so its parameters must be in the optimizer; the teacher's gets none). ``ce_weight`` adds the hard-label
+    CE (needs labels); other options as in linear_kd_loss. Reduced with the distiller's divisor; reports the
+    fidelity metrics. Cannot share a Distiller with terms that read logits (:class:`KD`, :class:`DKD`,
+    :class:`CrossEntropy`), and ``DistillOutput.output`` is then the student's hidden states."""
+
+    reads = "hidden"
+
+    def __init__(
+        self,
+        student_head: nn.Module,
+        teacher_head: nn.Module,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        temperature: Union[float, Schedule] = 4.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        ce_weight: float = 0.0,
+        scale_by_t2: bool = True,
+        vocab_size: Optional[int] = None,
+        logit_softcap: Optional[float] = None,
+        chunk_rows: Optional[int] = None,
+        backend: str = "auto",
+    ):
+        super().__init__(weight)
+        head_parameters(student_head, "student_head")
+        head_parameters(teacher_head, "teacher_head")
+        self.heads = (student_head, teacher_head)
+        self.temperature = as_schedule(temperature, "temperature")
+        self.options = dict(
+            divergence=divergence,
+            beta=beta,
+            ce_weight=ce_weight,
+            scale_by_t2=scale_by_t2,
+            vocab_size=vocab_size,
+            logit_softcap=logit_softcap,
+            chunk_rows=chunk_rows,
+            backend=backend,
+        )
+        _check_options(
+            temperature=self.temperature(0),
+            divergence=divergence,
+            beta=beta,
+            reduction="batchmean",
+            ignore_index=-100,
+            ce_weight=ce_weight,
+            kd_weight=1.0,
+            scale_by_t2=scale_by_t2,
+            normalizer=None,
+        )
+
+    def __call__(self, batch: DistillBatch):
+        (student_weight, student_bias), (teacher_weight, teacher_bias) = (
+            head_parameters(head, name) for head, name in zip(self.heads, ("student_head", "teacher_head"))
+        )
+        return linear_kd_loss(
+            batch.student_logits,
+            student_weight,
+            batch.teacher_logits,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            labels=batch.labels,
+            ignore_index=batch.ignore_index,
+            normalizer=batch.normalizer,
+            temperature=self.temperature(batch.step),
+            return_stats=True,
+            **self.options,
+        )
+
+
 class DKD(Term):
     """:func:`fastkd.dkd_loss` (α·TCKD + β·NCKD; needs labels), reduced with the distiller's divisor. Its warm-up
     is a schedule on ``weight``: ``DKD(weight=schedules.Warmup(20))``."""
+
+    reads = "logits"
 
     def __init__(
         self,
@@ -151,6 +236,8 @@ class DKD(Term):
 class CrossEntropy(Term):
     """Hard-label cross-entropy of the student logits: Σ over counted rows of −log softmax(s)[label] ÷ the
     distiller's divisor (0, not NaN, when no row counts)."""
+
+    reads = "logits"
 
     def __init__(self, weight: Union[float, Schedule] = 1.0, *, label_smoothing: float = 0.0):
         super().__init__(weight)
@@ -392,6 +479,12 @@ class Distiller(nn.Module):
                 if not callable(term):
                     raise TypeError(f"term {name!r} must be a fastkd Term or a callable, got {type(term).__name__}")
                 terms[name] = Custom(term)
+        reads = {term.reads for term in terms.values() if term.reads is not None}
+        if len(reads) > 1:
+            raise ValueError(
+                "terms that read the models' outputs as logits (KD, DKD, CrossEntropy) and as hidden states "
+                "(LinearKD) cannot share a Distiller: give LinearKD a ce_weight instead of a CrossEntropy term"
+            )
         self.student = student
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # held, not registered (see above)
         self.terms = terms
@@ -531,7 +624,7 @@ class Distiller(nn.Module):
                     for key, metric in term_metrics.items():
                         metrics.setdefault(key, metric.detach())
                 losses[name] = term.weight(self.schedule_step) * value
-            if not metrics and student_out.shape == teacher_out.shape:
+            if not metrics and student_out.shape == teacher_out.shape and "hidden" not in self._reads():
                 with torch.no_grad():
                     _, metrics = kd_loss(
                         student_out, teacher_out, labels=labels, ignore_index=self.ignore_index, return_stats=True
@@ -539,6 +632,9 @@ class Distiller(nn.Module):
         finally:
             self._capture.clear()
         return DistillOutput(student_out, losses, sum(losses.values()), metrics)
+
+    def _reads(self) -> set:
+        return {term.reads for term in self.terms.values()}
 
     def advance_schedules(self, steps: int = 1) -> int:
         """Move every schedule on by ``steps`` (call once per epoch or once per optimizer step); the new step."""

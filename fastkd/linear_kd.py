@@ -824,7 +824,8 @@ def linear_kd_loss_reference(
     return kd_loss(student, teacher_logits, backend="reference", **kd_options)
 
 
-def _head_parameters(head: nn.Module, name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def head_parameters(head: nn.Module, name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The (V, H) weight and the bias (or None) of an output head module named ``name`` in messages."""
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(
@@ -864,9 +865,9 @@ class LinearKDLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        _head_parameters(student_head, "student_head")
+        head_parameters(student_head, "student_head")
         if teacher_head is not None:
-            _head_parameters(teacher_head, "teacher_head")
+            head_parameters(teacher_head, "teacher_head")
         self._heads = (student_head, teacher_head)  # a tuple: not registered as submodules
         self.options = dict(
             temperature=temperature,
@@ -894,14 +895,14 @@ class LinearKDLoss(nn.Module):
         return_stats: bool = False,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
         student_head, teacher_head = self._heads
-        student_weight, student_bias = _head_parameters(student_head, "student_head")
+        student_weight, student_bias = head_parameters(student_head, "student_head")
         teacher_weight = teacher_bias = None
         if teacher_hidden is not None:
             if teacher_head is None:
                 raise ValueError(
                     "teacher_hidden needs a teacher_head; construct LinearKDLoss(student_head, teacher_head)"
                 )
-            teacher_weight, teacher_bias = _head_parameters(teacher_head, "teacher_head")
+            teacher_weight, teacher_bias = head_parameters(teacher_head, "teacher_head")
         return linear_kd_loss(
             student_hidden,
             student_weight,

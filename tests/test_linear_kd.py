@@ -368,3 +368,39 @@ def test_eager_expression_agrees(gen):
     z_s, z_t = F.linear(h, w, b), F.linear(th, tw, tb)
     eager = F.kl_div(F.log_softmax(z_s / 3, -1), F.log_softmax(z_t / 3, -1), log_target=True, reduction="batchmean")
     assert_rel_close(loss, eager * 9, 1e-5, what="eager")
+
+
+def test_distiller_linear_kd_term_equals_kd_loss_on_the_logits(gen):
+    """A Distiller over headless models with a LinearKD term: the loss and the gradients of the student's body and
+    head are those of kd_loss + CE on the logits the heads would give."""
+    from fastkd.distiller import KD, Distiller, LinearKD
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    student_body = torch.nn.Sequential(torch.nn.Embedding(40, 16), torch.nn.Linear(16, 16))
+    teacher_body = torch.nn.Sequential(torch.nn.Embedding(40, 24), torch.nn.Linear(24, 24))
+    student_head, teacher_head = torch.nn.Linear(16, 40), torch.nn.Linear(24, 40, bias=False)
+    tokens = torch.randint(0, 40, (2, 7), generator=gen)
+    labels = torch.randint(0, 40, (2, 7), generator=gen)
+    labels[0, :3] = -100
+    term = LinearKD(student_head, teacher_head, temperature=2.0, ce_weight=0.5, chunk_rows=4)
+    distiller = Distiller(student_body, teacher_body, terms={"kd": term})
+    out = distiller(tokens, labels)
+    assert out.output.shape == (2, 7, 16) and set(out.metrics) == set(fastkd.kd.FIDELITY_METRICS)
+    params = [*student_body.parameters(), *student_head.parameters()]
+    grads = torch.autograd.grad(out.loss, params)
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_body(tokens))
+    expected = fastkd.kd_loss(
+        student_head(student_body(tokens)),
+        teacher_logits,
+        temperature=2.0,
+        labels=labels,
+        ce_weight=0.5,
+        backend="reference",
+    )
+    expected_grads = torch.autograd.grad(expected, params)
+    assert_rel_close(out.loss, expected, 1e-5, what="loss")
+    for g, e in zip(grads, expected_grads):
+        assert_rel_close(g, e, 1e-5, what="grad")
+    with pytest.raises(ValueError, match="cannot share a Distiller"):
+        Distiller(student_body, teacher_body, terms={"kd": term, "logits": KD()})
