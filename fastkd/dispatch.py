@@ -144,6 +144,28 @@ def select_backend(
     return requested
 
 
+def kernel_op(name: str):
+    """Decorator: register the function as the custom op ``fastkd::<name>`` (``torch.compile`` sees the op and its
+    fake kernel, registered with ``.register_fake`` on the result) and return a callable that runs the function
+    itself in eager mode. The same code runs either way; in eager mode the op's dispatch (its autograd wrapper, the
+    redispatch and the dynamo-disabled backend call) would cost more than the kernels at small shapes: about 45% of
+    a kd_loss forward at 8×10 on CPU."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(f"fastkd::{name}", mutates_args=())(fn)
+
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return op(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        call.register_fake = op.register_fake
+        call.__doc__, call.__name__ = fn.__doc__, fn.__name__
+        return call
+
+    return wrap
+
+
 def kernel_or_reference(chosen: str, requested: str, op: str, what_needs_grad: str, needs_grad: bool) -> str:
     """``chosen``, or the reference when ``chosen``'s kernels give ``what_needs_grad`` no gradient and it needs one;
     a ``RuntimeError`` instead when a kernel backend was asked for by name (``requested`` not ``"auto"``)."""

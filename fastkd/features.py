@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from .adapters import adapter_for
-from .dispatch import kernel_or_reference, launchers, select_backend
+from .dispatch import kernel_op, kernel_or_reference, launchers, select_backend
 from .kernel_args import FeatureGroup, feature_groups
 
 KINDS = ("mse", "l1", "smooth_l1", "cosine")
@@ -41,7 +41,7 @@ NORMALIZATIONS = (None, "channel", "sample", "l2")
 REDUCTIONS = ("mean", "sum")
 
 
-@torch.library.custom_op("fastkd::feature_loss_groups", mutates_args=())
+@kernel_op("feature_loss_groups")
 def _feature_loss_groups_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -65,7 +65,7 @@ def _(student, teacher, mask, margin, kind, normalize, group, beta, backend):
     return student.new_empty(groups, dtype=torch.float32), student.new_empty(groups, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastkd::feature_loss_backward", mutates_args=())
+@kernel_op("feature_loss_backward")
 def _feature_loss_backward_op(
     scale: torch.Tensor,
     student: torch.Tensor,
@@ -108,9 +108,7 @@ class _FeatureLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, mask, margin, kind, normalize, group, beta, backend, mean):
-        terms, weights = torch.ops.fastkd.feature_loss_groups.default(
-            student, teacher, mask, margin, kind, normalize, group, beta, backend
-        )
+        terms, weights = _feature_loss_groups_op(student, teacher, mask, margin, kind, normalize, group, beta, backend)
         total = terms.sum()
         divisor = weights.sum() if mean else torch.ones((), dtype=torch.float32, device=terms.device)
         loss = _over(total, divisor)
@@ -124,7 +122,7 @@ class _FeatureLoss(torch.autograd.Function):
         student, teacher, mask, margin, divisor = ctx.saved_tensors
         scale = _over(grad_loss, divisor)
         teacher_grad = ctx.needs_input_grad[1]
-        grad_s, grad_t = torch.ops.fastkd.feature_loss_backward.default(
+        grad_s, grad_t = _feature_loss_backward_op(
             scale.reshape(1).to(torch.float32), student, teacher, mask, margin, *ctx.options, teacher_grad
         )
         return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None, None

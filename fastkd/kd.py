@@ -17,7 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import cpu_backend, cuda_backend, reference
-from .dispatch import check_backend_name, kernel_or_reference, launchers, select_backend
+from .dispatch import check_backend_name, kernel_op, kernel_or_reference, launchers, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS, KDOptions, Metric, TopKOptions, stats_rows
 from .topk import TAILS, TopK
 
@@ -40,7 +40,7 @@ MAX_TEMPERATURE = {torch.float32: 100.0, torch.float64: 1e6}
 # ensemble "prob" or "logit" (Triton only; no teacher gradient)
 
 
-@torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
+@kernel_op("kd_loss_rows")
 def _kd_loss_rows_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -96,7 +96,7 @@ def _(
     )
 
 
-@torch.library.custom_op("fastkd::kd_loss_rows_backward", mutates_args=())
+@kernel_op("kd_loss_rows_backward")
 def _kd_loss_rows_backward_op(
     grad_loss: torch.Tensor,
     student: torch.Tensor,
@@ -203,7 +203,7 @@ class _KDLossRows(torch.autograd.Function):
             )
             ctx.fused_grads = (grad_s, grad_t, grad_scale)
         else:
-            row_loss, stats, metrics = torch.ops.fastkd.kd_loss_rows.default(
+            row_loss, stats, metrics = _kd_loss_rows_op(
                 student,
                 teacher,
                 teacher_weights=teacher_weights,
@@ -233,7 +233,7 @@ class _KDLossRows(torch.autograd.Function):
                 cpu_backend.scale_rows_(grad_t, factor)
         else:
             student, teacher, teacher_weights, labels, stats = ctx.saved_tensors
-            grad_s, grad_t = torch.ops.fastkd.kd_loss_rows_backward.default(
+            grad_s, grad_t = _kd_loss_rows_backward_op(
                 grad_loss,
                 student,
                 teacher,
@@ -252,7 +252,7 @@ class _KDLossRows(torch.autograd.Function):
 # a sparse teacher (TopK): Triton only; no gradient to its values
 
 
-@torch.library.custom_op("fastkd::kd_topk_rows", mutates_args=())
+@kernel_op("kd_topk_rows")
 def _kd_topk_rows_op(
     student: torch.Tensor,
     values: torch.Tensor,
@@ -284,7 +284,7 @@ def _(student, values, indices, labels, temperature, tail, ignore_index, ce_weig
     )
 
 
-@torch.library.custom_op("fastkd::kd_topk_rows_backward", mutates_args=())
+@kernel_op("kd_topk_rows_backward")
 def _kd_topk_rows_backward_op(
     grad_loss: torch.Tensor,
     student: torch.Tensor,
@@ -318,7 +318,7 @@ class _KDTopKRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, values, indices, labels, with_metrics, backend, options: TopKOptions):
-        row_loss, stats, metrics = torch.ops.fastkd.kd_topk_rows.default(
+        row_loss, stats, metrics = _kd_topk_rows_op(
             student, values, indices, labels=labels, **options._asdict(), backend=backend, with_metrics=with_metrics
         )
         ctx.save_for_backward(student, values, indices, labels, stats)
@@ -331,7 +331,7 @@ class _KDTopKRows(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_metrics):
         student, values, indices, labels, stats = ctx.saved_tensors
-        grad_s = torch.ops.fastkd.kd_topk_rows_backward.default(
+        grad_s = _kd_topk_rows_backward_op(
             grad_loss,
             student,
             values,

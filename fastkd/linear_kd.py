@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import cpu_backend, reference
-from .dispatch import check_backend_name, launchers, select_backend
+from .dispatch import check_backend_name, kernel_op, launchers, select_backend
 from .kd import (
     _FLOAT_DTYPES,
     _check_options,
@@ -265,7 +265,7 @@ def _chunks(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastkd::linear_kd_forward", mutates_args=())
+@kernel_op("linear_kd_forward")
 def _linear_kd_forward_op(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -357,7 +357,7 @@ def _(
     )
 
 
-@torch.library.custom_op("fastkd::linear_kd_backward", mutates_args=())
+@kernel_op("linear_kd_backward")
 def _linear_kd_backward_op(
     grad_rows: torch.Tensor,
     student_hidden: torch.Tensor,
@@ -445,7 +445,7 @@ def _(
 def _forward(inputs: _Inputs, options: LinearKDOptions, backend: str, with_metrics: bool, wants):
     if backend == "reference":  # autograd inside: not through a custom op
         return _chunks(inputs, options, backend, with_metrics=with_metrics, grad_rows=None, wants=wants)
-    return torch.ops.fastkd.linear_kd_forward.default(
+    return _linear_kd_forward_op(
         *inputs,
         **options._asdict(),
         backend=backend,
@@ -459,7 +459,7 @@ def _forward(inputs: _Inputs, options: LinearKDOptions, backend: str, with_metri
 def _backward(grad_rows: torch.Tensor, inputs: _Inputs, options: LinearKDOptions, backend: str, wants):
     if backend == "reference":
         return _chunks(inputs, options, backend, with_metrics=False, grad_rows=grad_rows, wants=wants)[2:]
-    return torch.ops.fastkd.linear_kd_backward.default(
+    return _linear_kd_backward_op(
         grad_rows,
         *inputs,
         **options._asdict(),

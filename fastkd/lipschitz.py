@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .dispatch import launchers, select_backend
+from .dispatch import kernel_op, launchers, select_backend
 
 DEFAULT_ITERATIONS = 250
 LONDON_INITS = ("uniform", "ones")
@@ -123,7 +123,7 @@ def _check_state(state, matrices: list) -> PowerIterationState:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastkd::power_iteration", mutates_args=())
+@kernel_op("power_iteration")
 def _power_iteration_op(
     matrices: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_iter: int, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +143,7 @@ class _SpectralNorms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         *matrices, u, v, n_iter, eps, backend = args
-        sigma, u, v, v_prev = torch.ops.fastkd.power_iteration.default(list(matrices), u, v, n_iter, eps, backend)
+        sigma, u, v, v_prev = _power_iteration_op(list(matrices), u, v, n_iter, eps, backend)
         ctx.save_for_backward(u, v_prev)
         ctx.shapes = [(m.shape, m.dtype) for m in matrices]
         ctx.mark_non_differentiable(u, v)
