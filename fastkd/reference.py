@@ -194,11 +194,14 @@ def dkd_loss_rows(
     def split_log_probs(x):
         """log p_gt, log(1 − p_gt) and log p̂ (−inf at the target) of logits at temperature T: the binary pair
         from the target logit z_gt and the non-target log-sum-exp r, as −softplus(r − z_gt) and −softplus(z_gt − r)
-        (accurate however close p_gt is to 0 or 1). The row's max is subtracted first (the results do not depend on
-        it, so it takes no gradient): at z = x/T of size 200 a float32 ulp is 1.5e-5, and the gradient of a
-        class holding all but 5e-5 of p̂ would lose a quarter of its value (found by tests/test_properties.py)."""
+        (accurate however close p_gt is to 0 or 1). The max of the non-target z is subtracted first (the results
+        do not depend on it, so it takes no gradient): at z = x/T of size 200 a float32 ulp is 1.5e-5, and the
+        gradient of a class holding all but 5e-5 of p̂ would lose a quarter of its value; the overall max would
+        not do when the target dominates, as then the non-target z − max are of that size (both found by
+        tests/test_properties.py)."""
         z = x / temperature
-        z = z - z.amax(dim=-1, keepdim=True).detach()
+        rest_max = z.masked_fill(is_target, -math.inf).amax(dim=-1, keepdim=True).detach()
+        z = z - torch.where(rest_max.isfinite(), rest_max, 0)
         log_sum_rest = torch.logsumexp(z.masked_fill(is_target, -math.inf), dim=-1)
         gap = z.gather(-1, target).squeeze(-1) - log_sum_rest
         log_hat = z.masked_fill(is_target, -math.inf) - log_sum_rest.unsqueeze(-1)
