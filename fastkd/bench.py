@@ -1,6 +1,8 @@
 """Benchmark harness behind ``fastkd bench``: fastkd's ops against the expressions users run today.
 
-Ops (``--op``): ``kd`` (kd_loss vs the eager KL expression, torch.compile of it and Liger-Kernel), ``linear``
+Ops (``--op``): ``kd`` (kd_loss vs the eager KL expression, torch.compile of it and Liger-Kernel), ``overhead``
+(kd_loss per call at classification shapes on every backend, against eager and torch.compile; CPU with 1 and 2
+threads), ``linear``
 (linear_kd_loss from the heads' hidden states vs materialised logits + kd_loss, the eager expression on them,
 torch.compile of it and Liger-Kernel's fused linear JSD at β = 0, forward KL), ``feature``
 (feature_loss with a spatial mask and per-channel standardisation vs the eager expression and torch.compile of it)
@@ -45,7 +47,7 @@ from .linear_kd import linear_kd_loss
 from .lipschitz import init_state, spectral_norms
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPS = ("kd", "linear", "feature", "lipschitz")
+OPS = ("kd", "linear", "feature", "lipschitz", "overhead")
 DEFAULT_SHAPES = {
     "kd": {
         "cuda": ["256x100:fp32", "1024x1000:fp32", "8192x32000:bf16", "4096x128256:bf16"],
@@ -54,6 +56,7 @@ DEFAULT_SHAPES = {
     "linear": {"cuda": ["8192x4096x128256:bf16"], "cpu": ["4096x1024x32000:fp32"]},
     "feature": {"cuda": ["64x256x28x28:bf16", "256x256x28x28:bf16"], "cpu": ["16x64x28x28:fp32"]},
     "lipschitz": {"cuda": ["resnet18:fp32", "resnet18:bf16"], "cpu": ["resnet18:fp32"]},
+    "overhead": {device: ["8x10", "128x100", "256x100", "256x1000", "1024x1000"] for device in ("cuda", "cpu")},
 }
 
 CPU = torch.device("cpu")
@@ -73,7 +76,13 @@ class Result:
     note: str = ""
 
 
-SHAPE_FORMS = {"kd": "ROWSxVOCAB", "linear": "ROWSxHIDDENxVOCAB", "feature": "NxCxHxW", "lipschitz": "resnet18"}
+SHAPE_FORMS = {
+    "kd": "ROWSxVOCAB",
+    "linear": "ROWSxHIDDENxVOCAB",
+    "feature": "NxCxHxW",
+    "lipschitz": "resnet18",
+    "overhead": "ROWSxVOCAB",
+}
 
 
 def parse_spec(spec: str, op: str = "kd", default_dtype: str = "fp32") -> tuple[tuple, torch.dtype]:
@@ -390,6 +399,60 @@ def bench_linear_shape(spec: str, device: torch.device, temperature: float, reps
     return results
 
 
+def bench_overhead_shape(spec: str, device: torch.device, temperature: float, reps: int) -> list[Result]:
+    """Per-call time at classification shapes, where the host's work decides the step: kd_loss on every kernel
+    backend that runs here (and the reference) against the eager expression and torch.compile of it, forward alone
+    and forward+backward through autograd, each the median of ``50 × reps`` calls (µs: the ms columns × 1000); on
+    CPU once with 1 thread and once with 2 (the shape names the thread count)."""
+    (rows, cols), dtype = parse_spec(spec, "overhead")
+    gen = torch.Generator(device="cpu").manual_seed(rows + cols)
+    student = (torch.randn(rows, cols, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_(True)
+    teacher = (torch.randn(rows, cols, generator=gen) * 2).to(device=device, dtype=dtype)
+    truth_loss, truth_grad = float64_truth(student, teacher, temperature)
+    backends = ["triton", "cuda"] if device.type == "cuda" else (["cpu"] if cpu_backend.AVAILABLE else [])
+    impls = {
+        f"fastkd ({b})": (lambda b: lambda s, t: kd_loss(s, t, temperature=temperature, backend=b))(b) for b in backends
+    }
+    impls["fastkd (reference)"] = lambda s, t: kd_loss(s, t, temperature=temperature, backend="reference")
+    impls["torch eager"] = lambda s, t: eager_kd(s, t, temperature)
+    impls["torch.compile"] = torch.compile(lambda s, t: eager_kd(s, t, temperature), dynamic=False)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    threads = [None] if device.type == "cuda" else [1, 2]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for count in threads:
+            label = spec if count is None else f"{spec} {count}thr"
+            if count is not None:
+                torch.set_num_threads(count)
+            for name, impl in impls.items():
+                try:
+                    loss = impl(student, teacher)
+                    (grad,) = torch.autograd.grad(loss, student)
+                    error = max(relative_error(loss, truth_loss), relative_error(grad, truth_grad))
+
+                    def forward(impl=impl):
+                        with torch.no_grad():
+                            return impl(student, teacher)
+
+                    def forward_backward(impl=impl):
+                        return torch.autograd.grad(impl(student, teacher), student)
+
+                    results.append(
+                        _timed_result(
+                            label, name, device, forward, forward_backward, 50 * reps, None, None, error, tolerance
+                        )
+                    )
+                except RuntimeError as exc:
+                    note = f"{type(exc).__name__}: {exc}"[:80]
+                    results.append(Result(label, name, None, None, None, None, None, None, None, note))
+    finally:
+        torch.set_num_threads(before)
+    for result in results:  # memory is not what this op measures
+        result.peak_extra_mib = None
+    return results
+
+
 def eager_feature_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked, per-channel standardised MSE between (N, C, H, W) maps, as eager code writes it."""
     count = mask.sum((2, 3), keepdim=True).clamp_min(1)
@@ -521,7 +584,10 @@ def format_table(results: list[Result]) -> str:
     def timed(r):
         return r.forward_backward_ms if r.forward_backward_ms is not None else r.forward_ms
 
-    base = {r.shape: timed(r) for r in results if r.implementation == "fastkd"}
+    base = {}  # the first fastkd row of each shape
+    for r in results:
+        if r.implementation.startswith("fastkd") and r.shape not in base:
+            base[r.shape] = timed(r)
     header = (
         f"{'shape':<18} {'implementation':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'graph ms':>9} "
         f"{'fastkd speedup':>14} {'peak MiB':>9} {'roofline':>8} {'rel err':>8}  within tolerance"
@@ -551,7 +617,7 @@ def plot(report: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install 'fastkd[bench]'") from exc
-    ops = [op for op in OPS if report["results"].get(op)]
+    ops = [op for op in OPS if report["results"].get(op) and op != "overhead"]  # overhead: a table only
     figure, axes = plt.subplots(2, len(ops), figsize=(5 * len(ops), 7), squeeze=False)
     for column, op in enumerate(ops):
         results = report["results"][op]
@@ -654,6 +720,13 @@ def run(
                 f"loss and gradients against float64; peak MiB above the inputs"
             )
             results = [r for spec in specs for r in bench_linear_shape(spec, dev, temperature, reps)]
+        elif name == "overhead":
+            log(
+                f"kd_loss per call at classification shapes, T={temperature}, batchmean: fwd and fwd+bwd (autograd) "
+                f"in ms (×1000 for µs), medians of {50 * reps} calls; speedup = implementation time / fastkd time "
+                f"(the first fastkd row); rel err against float64"
+            )
+            results = [r for spec in specs for r in bench_overhead_shape(spec, dev, temperature, reps)]
         elif name == "feature":
             log(
                 "feature_loss (mse, spatial mask, normalize='channel') forward and forward+backward; rel err against "

@@ -35,7 +35,9 @@ def test_bad_specs_say_the_form(spec, op, message):
         bench.parse_spec(spec, op)
 
 
-@pytest.mark.parametrize("op, shapes", [("feature", ["2x3x4x4"]), ("lipschitz", None)])
+@pytest.mark.parametrize(
+    "op, shapes", [("feature", ["2x3x4x4"]), ("lipschitz", None), ("linear", ["8x4x16"]), ("overhead", ["4x10"])]
+)
 def test_run_checks_agreement_and_writes_json(tmp_path, monkeypatch, op, shapes):
     monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 30.0)  # measuring it copies 1 GiB
     path = tmp_path / "bench.json"
@@ -43,7 +45,7 @@ def test_run_checks_agreement_and_writes_json(tmp_path, monkeypatch, op, shapes)
     report = bench.run(shapes, op=op, device="cpu", reps=1, json_path=str(path), log=lines.append)
     results = json.loads(path.read_text())["results"][op]
     assert results == report["results"][op]
-    assert {r["implementation"] for r in results} >= {"fastkd"}
+    assert any(r["implementation"].startswith("fastkd") for r in results)
     assert all(r["within_tolerance"] for r in results), results
     assert "fastkd" in lines[-1]
 
