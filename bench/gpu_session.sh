@@ -22,6 +22,7 @@ for step in $steps; do
         linear) fastkd bench --op linear --json "$OUT/linear.json" 2>&1 | tee "$OUT/linear.log" ;;  # issue 15's target
         variants) python3 "$OLDPWD/bench/kd_variants.py" --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" ;;
         divergences) python3 "$OLDPWD/bench/divergences.py" 2>&1 | tee "$OUT/divergences.log" ;;
-        overhead) python3 "$OLDPWD/bench/profile_overhead.py" 256 100 2>&1 | head -12 | tee "$OUT/overhead.log" ;;
+        overhead) python3 "$OLDPWD/bench/profile_overhead.py" 256 100 2>&1 | head -12 | tee "$OUT/overhead.log"
+                  fastkd bench --op overhead --json "$OUT/overhead.json" 2>&1 | tee -a "$OUT/overhead.log" ;;
     esac
 done
