@@ -620,11 +620,12 @@ def _reduce(row_loss: torch.Tensor, row_shape, reduction: str, divisor) -> torch
     return row_loss.sum() if reduction == "sum" else row_loss.sum() / divisor
 
 
-def _kd_loss_topk(
-    student_logits, topk: TopK, labels, tail, options, return_stats, backend
-) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
-    """kd_loss against a sparse teacher: validation, the Triton kernels or the reference rows (+ CE), and the
-    reduction."""
+def check_topk(
+    topk: TopK, row_shape: torch.Size, num_classes: int, device: torch.device, *, tail, divergence: str, holder: str
+) -> str:
+    """Validate a sparse teacher for rows of shape ``row_shape`` over ``num_classes`` classes on ``device`` (the
+    device of ``holder``, for messages) and return its tail (the default for its kind when ``tail`` is None).
+    Indices are read only for CPU tensors (range, distinct): elsewhere the kernels make such rows NaN."""
     tail = tail if tail is not None else ("bucket" if topk.kind == "logprobs" else "renormalize")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -633,8 +634,29 @@ def _kd_loss_topk(
             "tail='bucket' needs the teacher's log-probabilities (TopK kind='logprobs'); top-K logits "
             "say nothing of the mass outside them: use tail='renormalize'"
         )
-    if options["divergence"] != "kl":
-        raise ValueError(f"a TopK teacher works with divergence='kl' for now, got {options['divergence']!r}")
+    if divergence != "kl":
+        raise ValueError(f"a TopK teacher works with divergence='kl' for now, got {divergence!r}")
+    values, indices = topk.values, topk.indices
+    if values.shape[:-1] != row_shape:
+        raise ValueError(f"TopK values must have shape (*, K) with * = {tuple(row_shape)}, got {tuple(values.shape)}")
+    k = values.shape[-1]
+    if k > num_classes:
+        raise ValueError(f"TopK has K={k} entries per row, more than the V={num_classes} classes")
+    if values.device != device:
+        raise ValueError(f"TopK must be on the device of {holder} ({device}), got {values.device}")
+    if indices.device.type == "cpu" and not torch.compiler.is_compiling() and indices.numel():
+        if bool(((indices < 0) | (indices >= num_classes)).any()):
+            raise ValueError(f"TopK indices must lie in [0, {num_classes})")
+        if k > 1 and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+            raise ValueError("TopK indices must be distinct within a row")
+    return tail
+
+
+def _kd_loss_topk(
+    student_logits, topk: TopK, labels, tail, options, return_stats, backend
+) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
+    """kd_loss against a sparse teacher: validation, the Triton kernels or the reference rows (+ CE), and the
+    reduction."""
     _check_tensors(
         student_logits,
         student_logits,
@@ -644,26 +666,18 @@ def _kd_loss_topk(
         temperature=options["temperature"],
     )
     num_classes = student_logits.shape[-1]
-    if topk.values.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(
-            f"TopK values must have shape (*, K) with * = {tuple(student_logits.shape[:-1])}, got "
-            f"{tuple(topk.values.shape)}"
-        )
+    tail = check_topk(
+        topk,
+        student_logits.shape[:-1],
+        num_classes,
+        student_logits.device,
+        tail=tail,
+        divergence=options["divergence"],
+        holder="the logits",
+    )
     k = topk.values.shape[-1]
-    if k > num_classes:
-        raise ValueError(f"TopK has K={k} entries per row, more than the V={num_classes} classes")
-    if topk.values.device != student_logits.device:
-        raise ValueError(
-            f"TopK must be on the device of the logits ({student_logits.device}), got {topk.values.device}"
-        )
     student = student_logits.reshape(-1, num_classes)
     values, indices = topk.values.reshape(-1, k), topk.indices.reshape(-1, k)
-    # free checks where reading the indices costs no device sync; elsewhere the kernels make such rows NaN
-    if indices.device.type == "cpu" and not torch.compiler.is_compiling() and indices.numel():
-        if bool(((indices < 0) | (indices >= num_classes)).any()):
-            raise ValueError(f"TopK indices must lie in [0, {num_classes})")
-        if k > 1 and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
-            raise ValueError("TopK indices must be distinct within a row")
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
     chosen = select_backend(

@@ -31,11 +31,12 @@ from .kd import (
     _with_stats,
     check_labels,
     check_temperature,
+    check_topk,
     kd_loss,
     topk_reference_rows,
 )
 from .kernel_args import NUM_METRICS, KDOptions, TopKOptions
-from .topk import TAILS, TopK
+from .topk import TopK
 
 MIN_CHUNK_ELEMENTS = 1 << 24  # the smallest logits chunk :func:`default_chunk_rows` aims at (64 MB in float32)
 
@@ -590,16 +591,10 @@ def _teacher_inputs(teacher_hidden, teacher_weight, teacher_bias, teacher_logits
         bias = None if teacher_bias is None else teacher_bias.detach()
         teacher = (hidden, teacher_weight.detach(), bias, None, None, None)
         return teacher, teacher_weight.shape[0], "teacher_weight has"
-    if isinstance(teacher_logits, TopK):
-        values, indices = teacher_logits.values, teacher_logits.indices
-        if values.shape[:-1] != row_shape:
-            raise ValueError(
-                f"TopK values must have shape (*, K) with * = {tuple(row_shape)}, got {tuple(values.shape)}"
-            )
-        if values.device != device:
-            raise ValueError(f"TopK must be on the device of student_hidden ({device}), got {values.device}")
-        k = values.shape[-1]
-        return (None,) * 4 + (values.detach().reshape(-1, k), indices.reshape(-1, k)), None, "the TopK teacher"
+    if isinstance(teacher_logits, TopK):  # checked by kd.check_topk once the classes are known
+        k = teacher_logits.values.shape[-1]
+        values, indices = teacher_logits.values.detach().reshape(-1, k), teacher_logits.indices.reshape(-1, k)
+        return (None,) * 4 + (values, indices), None, "the TopK teacher"
     _check_float("teacher_logits", teacher_logits, device)
     if teacher_logits.shape[:-1] != row_shape or teacher_logits.dim() == 0 or teacher_logits.shape[-1] == 0:
         raise ValueError(
@@ -608,25 +603,6 @@ def _teacher_inputs(teacher_hidden, teacher_weight, teacher_bias, teacher_logits
         )
     logits = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     return (None,) * 3 + (logits, None, None), teacher_logits.shape[-1], "teacher_logits have"
-
-
-def _check_topk(values, indices, vocab_size: int, tail, kind: str, divergence: str) -> str:
-    """The tail of a TopK teacher, checked against its kind, the divergence and the classes."""
-    tail = tail if tail is not None else ("bucket" if kind == "logprobs" else "renormalize")
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    if tail == "bucket" and kind != "logprobs":
-        raise ValueError("tail='bucket' needs the teacher's log-probabilities (TopK kind='logprobs')")
-    if divergence != "kl":
-        raise ValueError(f"a TopK teacher works with divergence='kl' for now, got {divergence!r}")
-    if values.shape[-1] > vocab_size:
-        raise ValueError(f"TopK has K={values.shape[-1]} entries per row, more than the V={vocab_size} classes")
-    if indices.device.type == "cpu" and not torch.compiler.is_compiling() and indices.numel():
-        if bool(((indices < 0) | (indices >= vocab_size)).any()):
-            raise ValueError(f"TopK indices must lie in [0, {vocab_size})")
-        if indices.shape[-1] > 1 and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
-            raise ValueError("TopK indices must be distinct within a row")
-    return tail
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -742,7 +718,15 @@ def linear_kd_loss(
         teacher_classes = student_weight.shape[0] if vocab_size is None else vocab_size
     vocab_size = _check_vocab_size(vocab_size, student_weight.shape[0], teacher_classes, teacher_what)
     if topk:
-        tail = _check_topk(teacher[4], teacher[5], vocab_size, tail, teacher_logits.kind, options["divergence"])
+        tail = check_topk(
+            teacher_logits,
+            row_shape,
+            vocab_size,
+            device,
+            tail=tail,
+            divergence=options["divergence"],
+            holder="student_hidden",
+        )
     elif tail is not None:
         raise ValueError("tail applies to a TopK teacher only")
     if logit_softcap is not None:
