@@ -255,7 +255,17 @@ def bench_shape(
 
     ref_loss, ref_grad = float64_truth(student, teacher, temperature)
     return _bench_implementations(
-        spec, device, impls, student, teacher, ref_loss, ref_grad, roofline_bytes, bandwidth_gbs, tolerance, reps
+        spec,
+        device,
+        impls,
+        (student, teacher),
+        (student,),
+        ref_loss,
+        (ref_grad,),
+        roofline_bytes,
+        bandwidth_gbs,
+        tolerance,
+        reps,
     )
 
 
@@ -263,32 +273,32 @@ def _bench_implementations(
     spec: str,
     device: torch.device,
     impls: dict,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
+    inputs: tuple,
+    wrt: tuple,
     truth_loss: torch.Tensor,
-    truth_grad: torch.Tensor,
-    roofline_bytes: float,
+    truth_grads: tuple,
+    roofline_bytes: Optional[float],
     bandwidth_gbs: Optional[float],
     tolerance: float,
     reps: int,
 ) -> list[Result]:
-    """For each ``impl(student, teacher)``: its loss and student gradient against the truth, then its forward and
-    forward+backward times, memory, roofline share and (CUDA) CUDA-graph replay time. Failures (out of memory,
+    """For each ``impl(*inputs)``: its loss and its gradients w.r.t. ``wrt`` against the truth, then its forward
+    and forward+backward times, memory, roofline share and (CUDA) CUDA-graph replay time. Failures (out of memory,
     say) are reported in the row, not raised."""
     results = []
     for name, impl in impls.items():
         try:
-            loss = impl(student, teacher)
-            (grad,) = torch.autograd.grad(loss, student)
-            error = max(relative_error(loss, truth_loss), relative_error(grad, truth_grad))
-            del loss, grad
+            loss = impl(*inputs)
+            grads = torch.autograd.grad(loss, wrt)
+            error = max(relative_error(x, y) for x, y in zip((loss, *grads), (truth_loss, *truth_grads)))
+            del loss, grads
 
-            def forward():
+            def forward(impl=impl):
                 with torch.no_grad():
-                    return impl(student, teacher)
+                    return impl(*inputs)
 
-            def forward_backward():
-                return torch.autograd.grad(impl(student, teacher), student)
+            def forward_backward(impl=impl):
+                return torch.autograd.grad(impl(*inputs), wrt)
 
             result = _timed_result(
                 spec, name, device, forward, forward_backward, reps, roofline_bytes, bandwidth_gbs, error, tolerance
@@ -373,30 +383,10 @@ def bench_linear_shape(spec: str, device: torch.device, temperature: float, reps
     truth_grads = torch.autograd.grad(truth, leaves)
     del leaves
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
-    results = []
-    for name, impl in linear_implementations(temperature).items():
-        try:
-            loss = impl(h, w, th, tw)
-            grads = torch.autograd.grad(loss, (h, w))
-            error = max(relative_error(x, y) for x, y in zip((loss, *grads), (truth, *truth_grads)))
-            del loss, grads
-
-            def forward():
-                with torch.no_grad():
-                    return impl(h, w, th, tw)
-
-            def forward_backward():
-                return torch.autograd.grad(impl(h, w, th, tw), (h, w))
-
-            results.append(
-                _timed_result(spec, name, device, forward, forward_backward, reps, None, None, error, tolerance)
-            )
-        except RuntimeError as exc:
-            note = f"{type(exc).__name__}: {exc}"[:80]
-            results.append(Result(spec, name, None, None, None, None, None, None, None, note))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return results
+    impls = linear_implementations(temperature)
+    return _bench_implementations(
+        spec, device, impls, (h, w, th, tw), (h, w), truth, truth_grads, None, None, tolerance, reps
+    )
 
 
 def bench_overhead_shape(spec: str, device: torch.device, temperature: float, reps: int) -> list[Result]:
@@ -417,35 +407,26 @@ def bench_overhead_shape(spec: str, device: torch.device, temperature: float, re
     impls["torch eager"] = lambda s, t: eager_kd(s, t, temperature)
     impls["torch.compile"] = torch.compile(lambda s, t: eager_kd(s, t, temperature), dynamic=False)
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
-    threads = [None] if device.type == "cuda" else [1, 2]
     before = torch.get_num_threads()
     results = []
     try:
-        for count in threads:
-            label = spec if count is None else f"{spec} {count}thr"
-            if count is not None:
-                torch.set_num_threads(count)
-            for name, impl in impls.items():
-                try:
-                    loss = impl(student, teacher)
-                    (grad,) = torch.autograd.grad(loss, student)
-                    error = max(relative_error(loss, truth_loss), relative_error(grad, truth_grad))
-
-                    def forward(impl=impl):
-                        with torch.no_grad():
-                            return impl(student, teacher)
-
-                    def forward_backward(impl=impl):
-                        return torch.autograd.grad(impl(student, teacher), student)
-
-                    results.append(
-                        _timed_result(
-                            label, name, device, forward, forward_backward, 50 * reps, None, None, error, tolerance
-                        )
-                    )
-                except RuntimeError as exc:
-                    note = f"{type(exc).__name__}: {exc}"[:80]
-                    results.append(Result(label, name, None, None, None, None, None, None, None, note))
+        for threads in [None] if device.type == "cuda" else [1, 2]:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            label = spec if threads is None else f"{spec} {threads}thr"
+            results += _bench_implementations(
+                label,
+                device,
+                impls,
+                (student, teacher),
+                (student,),
+                truth_loss,
+                (truth_grad,),
+                None,
+                None,
+                tolerance,
+                50 * reps,
+            )
     finally:
         torch.set_num_threads(before)
     for result in results:  # memory is not what this op measures
@@ -485,7 +466,17 @@ def bench_feature_shape(spec: str, device: torch.device, bandwidth_gbs: Optional
     roofline_bytes = student.numel() * student.element_size() * 5 + 2 * mask.numel() * mask.element_size()
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     return _bench_implementations(
-        spec, device, impls, student, teacher, truth, truth_grad, roofline_bytes, bandwidth_gbs, tolerance, reps
+        spec,
+        device,
+        impls,
+        (student, teacher),
+        (student,),
+        truth,
+        (truth_grad,),
+        roofline_bytes,
+        bandwidth_gbs,
+        tolerance,
+        reps,
     )
 
 
