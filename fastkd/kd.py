@@ -449,10 +449,7 @@ def _check_tensors(
     temperature: float,
 ) -> None:
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {x.dtype}")
+        check_float_tensor(name, x)
         if x.dim() == 0 or x.shape[-1] == 0:
             raise ValueError(f"{name} must have shape (*, V) with V >= 1, got {tuple(x.shape)}")
     if student.shape[-1] != teacher.shape[-1]:
@@ -473,6 +470,14 @@ def _check_tensors(
     check_labels(
         labels, student.shape[:-1], student.shape[-1], student.device, ce_weight=ce_weight, ignore_index=ignore_index
     )
+
+
+def check_float_tensor(name: str, x) -> None:
+    """Raise ``TypeError`` unless ``x`` is a tensor of a dtype the ops take (float32/16, bfloat16, float64)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {x.dtype}")
 
 
 def check_temperature(temperature: float, math_dtype: torch.dtype) -> None:

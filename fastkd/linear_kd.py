@@ -23,12 +23,12 @@ from torch.autograd.function import once_differentiable
 from . import cpu_backend, reference
 from .dispatch import check_backend_name, kernel_op, launchers, select_backend
 from .kd import (
-    _FLOAT_DTYPES,
     _check_options,
     _divisor,
     _finite_number,
     _kd_scale,
     _with_stats,
+    check_float_tensor,
     check_labels,
     check_temperature,
     check_topk,
@@ -522,10 +522,7 @@ class _LinearKD(torch.autograd.Function):
 
 
 def _check_float(name: str, x, device: Optional[torch.device] = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {x.dtype}")
+    check_float_tensor(name, x)
     if device is not None and x.device != device:
         raise ValueError(f"{name} must be on the device of student_hidden ({device}), got {x.device}")
 
