@@ -36,10 +36,25 @@ inline int dtype_code(int code, const char* key, bool allow_uint8 = false) {
     return code;
 }
 
-inline Rows rows(const py::dict& d, const char* key) {
-    const auto spec = get<std::tuple<uintptr_t, int, int64_t>>(d, key);  // (pointer, dtype code, row stride)
+using RowsSpec = std::tuple<uintptr_t, int, int64_t>;  // (pointer, dtype code, row stride)
+
+inline Rows rows(const RowsSpec& spec, const char* key) {
     return Rows{reinterpret_cast<const void*>(std::get<0>(spec)), dtype_code(std::get<1>(spec), key),
                 std::get<2>(spec)};
+}
+
+inline Rows rows(const py::dict& d, const char* key) { return rows(get<RowsSpec>(d, key), key); }
+
+// Checks every kernel takes for granted in a, whichever way its arguments came in.
+inline void check_common_args(const KDArgs& a) {
+    if (a.num_rows < 0 || a.num_cols < 1 || a.num_cols > INT32_MAX) {
+        throw std::invalid_argument("num_rows must be >= 0 and num_cols in [1, 2^31)");
+    }
+    divergence_switch(a.divergence, [](auto) {});  // throws for a code outside the enum
+    if (a.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+    if (a.num_rows > 0 && (a.student.data == nullptr || a.teacher.data == nullptr || a.stats == nullptr)) {
+        throw std::invalid_argument("null data pointer");
+    }
 }
 
 inline KDArgs common_args(const py::dict& d) {
@@ -61,14 +76,7 @@ inline KDArgs common_args(const py::dict& d) {
     a.alpha = get<float>(d, "alpha");
     a.stats = pointer<float>(d, "stats");
     a.num_threads = get<int>(d, "num_threads");
-    if (a.num_rows < 0 || a.num_cols < 1 || a.num_cols > INT32_MAX) {
-        throw std::invalid_argument("num_rows must be >= 0 and num_cols in [1, 2^31)");
-    }
-    divergence_switch(a.divergence, [](auto) {});  // throws for a code outside the enum
-    if (a.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
-    if (a.num_rows > 0 && (a.student.data == nullptr || a.teacher.data == nullptr || a.stats == nullptr)) {
-        throw std::invalid_argument("null data pointer");
-    }
+    check_common_args(a);
     return a;
 }
 

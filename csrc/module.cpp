@@ -50,8 +50,19 @@ void set_isa(const std::string& name) {
     throw std::invalid_argument("unknown instruction set '" + name + "'");
 }
 
+// The OpenMP threads worth starting for a kernel over `elements` logits: waking a thread team costs more than the
+// work below about kElementsPerThread per thread (measured: bench/overhead_cpu.py), and far more when the cores are
+// oversubscribed. Rows still go to threads in a fixed order, so results do not depend on this.
+constexpr int64_t kElementsPerThread = 1 << 15;
+
+int threads_for(int requested, int64_t elements) {
+    const int64_t useful = elements / kElementsPerThread;
+    return static_cast<int>(useful < 1 ? 1 : (useful < requested ? useful : requested));
+}
+
 void kd_forward(const py::dict& d) {
     KDArgs a = common_args(d);
+    a.num_threads = threads_for(a.num_threads, a.num_rows * a.num_cols);
     a.loss = pointer<float>(d, "loss");
     if (a.num_rows > 0 && a.loss == nullptr) throw std::invalid_argument("null loss pointer");
     a.fused_grad_student = pointer<void>(d, "fused_grad_student");
@@ -67,9 +78,81 @@ void kd_forward(const py::dict& d) {
 
 void kd_backward(const py::dict& d) {
     KDArgs a = common_args(d);
+    a.num_threads = threads_for(a.num_threads, a.num_rows * a.num_cols);
     read_backward_args(a, d);
     py::gil_scoped_release release;
     g_isa->backward(a);
+}
+
+// kd_loss reduced to one number in one call, for eager CPU calls, where building and reading an argument dict
+// costs more than the kernel at classification shapes (positional arguments instead). Writes
+// *loss_out = Σ row_loss / divisor (summed in double in row order: the same bits for any thread count) and, when
+// grad_student is set (kl and reverse_kl), the gradient of that loss w.r.t. the student (and the teacher into
+// grad_teacher if set), and the fidelity metrics (kNumMetrics, num_rows) when metrics is set. divisor 0: the
+// counted rows (label != ignore_index; all rows without labels), at least 1.
+void kd_loss_reduced(const RowsSpec& student, const RowsSpec& teacher, int64_t num_rows, int64_t num_cols,
+                     uintptr_t labels, int64_t ignore_index, int divergence,
+                     const std::tuple<float, float, float, float, float>& scalars, float ce_weight, float kd_scale,
+                     uintptr_t grad_student, uintptr_t grad_teacher, uintptr_t metrics, double divisor,
+                     uintptr_t loss_out, int num_threads) {
+    thread_local std::vector<float> row_loss, stats;  // scratch: the caller needs neither
+    row_loss.resize(static_cast<size_t>(num_rows > 0 ? num_rows : 0));
+    stats.resize(row_loss.size() * kNumStats);
+    KDArgs a;
+    a.student = rows(student, "student");
+    a.teacher = rows(teacher, "teacher");
+    a.num_rows = num_rows;
+    a.num_cols = num_cols;
+    a.labels = reinterpret_cast<const int64_t*>(labels);
+    a.ignore_index = ignore_index;
+    a.divergence = divergence;
+    std::tie(a.inv_temperature, a.beta, a.one_minus_beta, a.log_beta, a.log_one_minus_beta) = scalars;
+    a.ce_weight = ce_weight;
+    a.kd_scale = kd_scale;
+    a.loss = row_loss.data();
+    a.stats = stats.data();
+    a.fused_grad_student = reinterpret_cast<void*>(grad_student);
+    a.fused_grad_teacher = reinterpret_cast<void*>(grad_teacher);
+    a.metrics = reinterpret_cast<float*>(metrics);
+    a.num_threads = num_threads;
+    check_common_args(a);
+    a.num_threads = threads_for(num_threads, num_rows * num_cols);
+    float* out = reinterpret_cast<float*>(loss_out);
+    if (out == nullptr) throw std::invalid_argument("null loss_out pointer");
+    if (a.fused_grad_student == nullptr && a.fused_grad_teacher != nullptr) {
+        throw std::invalid_argument("grad_teacher needs grad_student");
+    }
+    if (a.fused_grad_student != nullptr && divergence != kKL && divergence != kReverseKL) {
+        throw std::invalid_argument("the fused gradient covers kl and reverse_kl only");
+    }
+    if (!(divisor >= 0)) throw std::invalid_argument("divisor must be >= 0 (0: count the rows)");
+    if (divisor == 0) {
+        int64_t counted = num_rows;
+        if (a.labels != nullptr) {
+            counted = 0;
+            for (int64_t row = 0; row < num_rows; ++row) counted += a.labels[row] != ignore_index;
+        }
+        divisor = counted > 0 ? static_cast<double>(counted) : 1.0;
+    }
+    a.grad_scale = static_cast<float>(1.0 / divisor);
+    {
+        py::gil_scoped_release release;
+        g_isa->forward(a);
+    }
+    double total = 0;
+    for (float x : row_loss) total += x;
+    *out = static_cast<float>(total / divisor);
+}
+
+// The first position whose label is neither in [0, num_classes) nor ignore_index, or -1: labels are checked on
+// the host without a tensor op (several of them cost more than a small kd_loss).
+int64_t first_bad_label(uintptr_t labels, int64_t count, int64_t num_classes, int64_t ignore_index) {
+    const int64_t* x = reinterpret_cast<const int64_t*>(labels);
+    if (count > 0 && x == nullptr) throw std::invalid_argument("null labels pointer");
+    for (int64_t i = 0; i < count; ++i) {
+        if (x[i] != ignore_index && (x[i] < 0 || x[i] >= num_classes)) return i;
+    }
+    return -1;
 }
 
 void scale_rows(const py::dict& d) {
@@ -82,6 +165,7 @@ void scale_rows(const py::dict& d) {
     a.factor_stride = get<int64_t>(d, "factor_stride");
     a.num_threads = get<int>(d, "num_threads");
     if (a.num_rows < 0 || a.num_cols < 0 || a.num_threads < 1) throw std::invalid_argument("bad sizes");
+    a.num_threads = threads_for(a.num_threads, a.num_rows * a.num_cols);
     if (a.num_rows > 0 && a.num_cols > 0 && (a.rows == nullptr || a.factors == nullptr)) {
         throw std::invalid_argument("null pointer");
     }
@@ -144,6 +228,7 @@ FeatureArgs feature_args(const py::dict& d) {
     a.beta = get<float>(d, "beta");
     a.num_threads = get<int>(d, "num_threads");
     if (a.num_n < 0 || a.num_c < 0 || a.num_s < 0 || a.num_threads < 1) throw std::invalid_argument("bad sizes");
+    a.num_threads = threads_for(a.num_threads, a.num_n * a.num_c * a.num_s);
     if (a.kind < kKindMSE || a.kind > kKindCosine || a.normalize < kNormalizeNone ||
         a.normalize > kNormalizeL2 || a.group < kGroupChannel || a.group > kGroupSample) {
         throw std::invalid_argument("unknown kind, normalize or group code");
@@ -192,6 +277,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_isa", &fastkd::set_isa, py::arg("name"), "Run the kernels with this instruction set.");
     m.def("kd_forward", &fastkd::kd_forward, py::arg("args"), "kd_loss forward over all rows (see kd_cpu.h).");
     m.def("kd_backward", &fastkd::kd_backward, py::arg("args"), "kd_loss backward over all rows (see kd_cpu.h).");
+    m.def("kd_loss_reduced", &fastkd::kd_loss_reduced,
+          "kd_loss forward reduced to one number, with the fused gradient (positional arguments, see module.cpp).");
+    m.def("first_bad_label", &fastkd::first_bad_label, py::arg("labels"), py::arg("count"), py::arg("num_classes"),
+          py::arg("ignore_index"), "Index of the first label out of range (neither a class nor ignore_index), or -1.");
     m.def("scale_rows", &fastkd::scale_rows, py::arg("args"), "Rows times per-row factors, in place (kd_cpu.h).");
     m.def("power_iteration", &fastkd::power_iteration, py::arg("args"),
           "Grouped power iteration over a list of matrices (power_iteration_cpu.h).");

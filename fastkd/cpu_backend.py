@@ -6,12 +6,14 @@ allocates the outputs with torch. Rows must have unit column stride; other layou
 extension was not built (no compiler at install time, ``FASTKD_BUILD_CPU=0``) :data:`AVAILABLE` is False and
 CPU tensors run through the reference implementation.
 
-The kernels run on ``torch.get_num_threads()`` threads. Each row is computed by one thread in a fixed order, so
-the results are the same, bit for bit, for every thread count.
+The kernels run on ``torch.get_num_threads()`` threads, or fewer for small inputs (one per 2¹⁵ logits: waking a
+thread team costs more than less work). Each row is computed by one thread in a fixed order, so the results are
+the same, bit for bit, for every thread count.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -22,12 +24,15 @@ from .kernel_args import (
     DTYPE_CODES,
     NUM_METRICS,
     NUM_STATS,
+    Divergence,
     DType,
     FeatureKind,
     FeatureNormalize,
     KDOptions,
     feature_groups,
     kd_launch_args,
+    kd_scalars,
+    rows_spec,
 )
 
 try:
@@ -147,6 +152,59 @@ def kd_forward_with_grad(
     if options.divergence not in FUSED_DIVERGENCES:
         raise ValueError(f"the fused gradient covers divergences {FUSED_DIVERGENCES}, got {options.divergence!r}")
     return _forward(student, teacher, labels, options, with_metrics, float(grad_scale), teacher_grad)
+
+
+def kd_loss_reduced(
+    student, teacher, labels, options: KDOptions, *, divisor: float, grad: bool, teacher_grad: bool, with_metrics: bool
+):
+    """``(loss, metrics, grad_s, grad_t)`` in one kernel call: the 0-d float32 ``Σ row_loss / divisor`` of (N, V)
+    CPU logits (summed in float64 in row order; ``divisor`` 0: the counted rows, at least 1), the fidelity metrics
+    (NUM_METRICS, N) (empty without ``with_metrics``) and, with ``grad`` (kl and reverse_kl,
+    :data:`FUSED_DIVERGENCES`), the gradients of the loss w.r.t. the student and, with ``teacher_grad``, the teacher
+    (contiguous, in their input dtypes; None when not asked for). The eager kd_loss path for a reduced loss: no row
+    losses, statistics or argument dict (csrc/module.cpp)."""
+    student, student_spec = rows_spec(student)
+    teacher, teacher_spec = rows_spec(teacher)
+    if labels is not None and (labels.dtype != torch.int64 or not labels.is_contiguous()):
+        labels = labels.to(torch.int64).contiguous()
+    loss = torch.empty((), dtype=torch.float32)
+    metrics = torch.empty((NUM_METRICS, student.shape[0]) if with_metrics else (0,), dtype=torch.float32)
+    grad_s = empty(student.shape, student.dtype) if grad else None
+    grad_t = empty(teacher.shape, teacher.dtype) if grad and teacher_grad else None
+    ignore_index, divergence, scalars, ce_weight, kd_scale = _reduced_option_args(options)
+    _extension().kd_loss_reduced(
+        student_spec,
+        teacher_spec,
+        student.shape[0],
+        student.shape[1],
+        0 if labels is None else labels.data_ptr(),
+        ignore_index,
+        divergence,
+        scalars,
+        ce_weight,
+        kd_scale,
+        0 if grad_s is None else grad_s.data_ptr(),
+        0 if grad_t is None else grad_t.data_ptr(),
+        metrics.data_ptr() if with_metrics else 0,
+        float(divisor),
+        loss.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return loss, metrics, grad_s, grad_t
+
+
+@functools.lru_cache(maxsize=256)
+def _reduced_option_args(options: KDOptions) -> tuple:
+    """The option arguments of ``_C.kd_loss_reduced``, derived once per distinct options."""
+    scalars = tuple(kd_scalars(options).values())
+    return options.ignore_index, int(Divergence.of(options.divergence)), scalars, options.ce_weight, options.kd_scale
+
+
+def first_bad_label(labels: torch.Tensor, num_classes: int, ignore_index: int) -> int:
+    """The flat position (in row-major order) of the first label of an integer CPU tensor that is neither in
+    [0, num_classes) nor ``ignore_index``, or -1 (one host loop; int64 contiguous labels are read in place)."""
+    labels = labels.to(torch.int64).contiguous()
+    return _extension().first_bad_label(labels.data_ptr(), labels.numel(), num_classes, ignore_index)
 
 
 def scale_rows_(rows: torch.Tensor, factors: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ and the reduction. The kernels are in :mod:`fastkd.kernels.kd`, the specificatio
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Union
@@ -249,6 +250,56 @@ class _KDLossRows(torch.autograd.Function):
         return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None
 
 
+class _KDLossReduced(torch.autograd.Function):
+    """The eager C++ path of a ``"batchmean"`` or ``"sum"`` loss of kl or reverse_kl with one teacher: one kernel
+    call returns the reduced loss (and the metrics) and writes its gradient
+    (:func:`fastkd.cpu_backend.kd_loss_reduced`), so a small call costs one autograd node and no row losses,
+    statistics or reduction ops. The backward hands the gradient on, scaled in place by the incoming gradient when
+    that is not 1; a second backward through a retained graph calls the kernel again (the first one's gradient may
+    now be a ``.grad``)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, options: KDOptions, divisor: float, with_metrics: bool):
+        loss, metrics, *grads = cpu_backend.kd_loss_reduced(
+            student,
+            teacher,
+            labels,
+            options,
+            divisor=divisor,
+            grad=True,
+            teacher_grad=ctx.needs_input_grad[1],
+            with_metrics=with_metrics,
+        )
+        ctx.grads = grads
+        ctx.save_for_backward(student, teacher, labels)
+        ctx.options, ctx.divisor = options, divisor
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_metrics):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            student, teacher, labels = ctx.saved_tensors
+            grads = cpu_backend.kd_loss_reduced(
+                student,
+                teacher,
+                labels,
+                ctx.options,
+                divisor=ctx.divisor,
+                grad=True,
+                teacher_grad=ctx.needs_input_grad[1],
+                with_metrics=False,
+            )[2:]
+        if float(grad_loss) != 1.0:  # a CPU scalar: reading it costs no sync
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_loss)
+        # student, teacher; labels, options, divisor, with_metrics
+        return grads[0], grads[1], None, None, None, None
+
+
 # a sparse teacher (TopK): Triton only; no gradient to its values
 
 
@@ -402,7 +453,31 @@ def tensor_divisor(normalizer: torch.Tensor) -> torch.Tensor:
 def _check_options(
     *, temperature, divergence, beta, reduction, ignore_index, ce_weight, kd_weight, scale_by_t2, normalizer
 ) -> dict:
-    """Validate the tensor-free options of kd_loss; return them normalised (floats, ints)."""
+    """Validate the tensor-free options of kd_loss; return them normalised (floats, ints) with the kernels'
+    :class:`KDOptions` under ``"kernel"``. The number options are checked once per distinct set of values (a cache
+    keyed on values and types): most training loops pass the same ones every step."""
+    key = (temperature, divergence, beta, reduction, ignore_index, ce_weight, kd_weight, scale_by_t2)
+    uncached = _checked_scalar_options.__wrapped__
+    # dynamo traces the checks themselves, not the cache
+    check = uncached if torch.compiler.is_compiling() else _checked_scalar_options
+    try:
+        options = check(*key)
+    except TypeError:  # an unhashable or wrongly typed value: validate uncached, which names the argument
+        options = uncached(*key)
+    options = dict(options)  # a copy: the cached dict is shared
+    if normalizer is not None:
+        if reduction != "batchmean":
+            raise ValueError(
+                f"normalizer replaces the divisor of reduction='batchmean'; it has no meaning with "
+                f"reduction={reduction!r}"
+            )
+        normalizer = check_normalizer(normalizer)
+    options["normalizer"] = normalizer
+    return options
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _checked_scalar_options(temperature, divergence, beta, reduction, ignore_index, ce_weight, kd_weight, scale_by_t2):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if reduction == "mean":
@@ -419,14 +494,7 @@ def _check_options(
     ignore_index = check_ignore_index(ignore_index)
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
-    if normalizer is not None:
-        if reduction != "batchmean":
-            raise ValueError(
-                f"normalizer replaces the divisor of reduction='batchmean'; it has no meaning with "
-                f"reduction={reduction!r}"
-            )
-        normalizer = check_normalizer(normalizer)
-    return dict(
+    options = dict(
         temperature=_finite_number("temperature", temperature, positive=True),
         divergence=divergence,
         beta=beta,
@@ -435,8 +503,16 @@ def _check_options(
         ce_weight=_finite_number("ce_weight", ce_weight),
         kd_weight=_finite_number("kd_weight", kd_weight),
         scale_by_t2=scale_by_t2,
-        normalizer=normalizer,
     )
+    options["kernel"] = KDOptions(
+        temperature=options["temperature"],
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        ce_weight=options["ce_weight"],
+        kd_scale=_kd_scale(options),
+    )
+    return options
 
 
 def _check_tensors(
@@ -520,11 +596,15 @@ def check_labels(
         raise ValueError(f"labels must be on the device of the logits ({device}), got {labels.device}")
     # a free check where reading the labels costs no device sync; elsewhere bad rows come out NaN
     if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel() > 0:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
+        if cpu_backend.AVAILABLE:  # one host loop, no tensor op
+            bad = cpu_backend.first_bad_label(labels, num_classes, ignore_index)
+            bad_label = None if bad < 0 else int(labels.reshape(-1)[bad])
+        else:
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+            bad_label = int(labels[bad][0]) if bool(bad.any()) else None
+        if bad_label is not None:
             raise ValueError(
-                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, got "
-                f"{labels[bad][0].item()}"
+                f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, got {bad_label}"
             )
 
 
@@ -584,18 +664,6 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
     return teachers, torch.tensor([w / total for w in values], dtype=torch.float32)
 
 
-def _kernel_options(options: dict) -> KDOptions:
-    """The kernels' options of a validated kd_loss call (:func:`_check_options`)."""
-    return KDOptions(
-        temperature=options["temperature"],
-        divergence=options["divergence"],
-        beta=options["beta"],
-        ignore_index=options["ignore_index"],
-        ce_weight=options["ce_weight"],
-        kd_scale=_kd_scale(options),
-    )
-
-
 def _kd_scale(options: dict) -> float:
     """The factor of the divergence in each row loss: kd_weight, times T² with scale_by_t2."""
     t = options["temperature"]
@@ -617,6 +685,36 @@ def _divisor(options: dict, flat_labels: Optional[torch.Tensor], num_rows: int):
     if normalizer is not None:
         return normalizer
     return _counted_rows(flat_labels, num_rows, options["ignore_index"])
+
+
+def _kd_loss_reduced_cpu(student, teacher, flat_labels, options: dict, with_metrics: bool):
+    """``(loss, metrics)`` of an eager C++ call of kl or reverse_kl in one kernel call (:class:`_KDLossReduced`),
+    or None where that does not apply: another divergence, ``reduction="none"``, a tensor normalizer, a gradient for
+    the teacher alone. The same call gives the same bits with or without the student's gradient or
+    ``return_stats``."""
+    normalizer = options["normalizer"]
+    if (
+        options["divergence"] not in cpu_backend.FUSED_DIVERGENCES
+        or options["reduction"] == "none"
+        or isinstance(normalizer, torch.Tensor)
+    ):
+        return None
+    # the kernel's divisor: 0 stands for the counted rows
+    divisor = 1.0 if options["reduction"] == "sum" else (0.0 if normalizer is None else normalizer)
+    if torch.is_grad_enabled() and teacher.requires_grad and not student.requires_grad:
+        return None  # the kernel writes the teacher's gradient beside the student's only: take the backward kernel
+    if torch.is_grad_enabled() and student.requires_grad:
+        return _KDLossReduced.apply(student, teacher, flat_labels, options["kernel"], divisor, with_metrics)
+    return cpu_backend.kd_loss_reduced(
+        student,
+        teacher,
+        flat_labels,
+        options["kernel"],
+        divisor=divisor,
+        grad=False,
+        teacher_grad=False,
+        with_metrics=with_metrics,
+    )[:2]
 
 
 def _reduce(row_loss: torch.Tensor, row_shape, reduction: str, divisor) -> torch.Tensor:
@@ -895,12 +993,13 @@ def kd_loss(
     )
     row_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
-    student = student_logits.reshape(-1, num_classes)  # a view whenever the leading dims allow one
-    flat_labels = None if labels is None else labels.reshape(-1)
+    # (N, V) rows: a view whenever the leading dims allow one (none for 2-D logits: a view would add a graph node)
+    student = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, num_classes)
+    flat_labels = labels if labels is None or labels.dim() == 1 else labels.reshape(-1)
     t = options["temperature"]
 
     if ensemble_teachers is None:
-        teacher = teacher_logits.reshape(-1, num_classes)
+        teacher = teacher_logits if teacher_logits.dim() == 2 else teacher_logits.reshape(-1, num_classes)
         teachers = teacher
     else:
         teachers, weights = ensemble_teachers
@@ -926,6 +1025,10 @@ def kd_loss(
                     metrics_teacher = reference.ensemble_teacher_logits(
                         teachers, weights, ensemble=ensemble, temperature=1.0
                     )
+    if chosen == "cpu" and ensemble_teachers is None and not torch.compiler.is_compiling():
+        reduced = _kd_loss_reduced_cpu(student, teacher, flat_labels, options, return_stats)
+        if reduced is not None:
+            return _with_stats(*reduced, flat_labels, student.shape[0], options) if return_stats else reduced[0]
     divisor = _divisor(options, flat_labels, student.shape[0])
     kernel_metrics = return_stats and metrics_teacher is None
     if chosen in ("triton", "cpu", "cuda"):
@@ -942,7 +1045,7 @@ def kd_loss(
             kernel_metrics,
             teacher_weights,
             fused_ensemble,
-            _kernel_options(options),
+            options["kernel"],
         )
     else:
         row_loss = reference.kd_loss_rows(

@@ -1,6 +1,6 @@
 """The C++ CPU backend (fastkd._C): what the shared kernel tests in test_kd_loss.py do not cover — thread-count
-determinism, the fused-gradient path against the backward kernel, the buffer pool, and the package without the
-extension."""
+determinism, the fused-gradient paths (the reduced loss in one call, and the row losses) against the backward
+kernel, the host label check, the buffer pool, and the package without the extension."""
 
 import os
 import subprocess
@@ -46,28 +46,19 @@ def test_results_do_not_depend_on_the_thread_count(gen, threads, isa, divergence
     default = cpu_backend.isa()
     cpu_backend.set_isa(isa)
     try:
-        s, t = logits(gen, (37, 2500), dtype), logits(gen, (37, 2500), dtype)
-        labels = torch.randint(0, 2500, (37,), generator=gen)
+        # 37·2700 logits: enough for 3 threads (the extension starts one per 2^15 logits)
+        s, t = logits(gen, (37, 2700), dtype), logits(gen, (37, 2700), dtype)
+        labels = torch.randint(0, 2700, (37,), generator=gen)
         labels[::4] = -100
         upstream = torch.rand(37, generator=gen)
         results = []
         for num_threads in (1, 2, 3):
             torch.set_num_threads(num_threads)
-            results.append(
-                loss_and_grads(
-                    s,
-                    t,
-                    upstream,
-                    temperature=2.0,
-                    divergence=divergence,
-                    labels=labels,
-                    ce_weight=0.3,
-                    reduction="none",
-                    backend="cpu",
-                )
-            )
-        for other in results[1:]:
-            for a, b in zip(results[0], other):
+            options = dict(temperature=2.0, divergence=divergence, labels=labels, ce_weight=0.3, backend="cpu")
+            results.append(loss_and_grads(s, t, upstream, reduction="none", **options))
+            results.append(loss_and_grads(s, t, **options))  # batchmean: the reduced loss of kl and reverse_kl
+        for k, other in enumerate(results[2:]):
+            for a, b in zip(results[k % 2], other):
                 assert torch.equal(a, b)
     finally:
         cpu_backend.set_isa(default)
@@ -78,7 +69,8 @@ def test_results_do_not_depend_on_the_thread_count(gen, threads, isa, divergence
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_fused_gradient_equals_the_backward_kernel(gen, divergence, reduction):
     """In eager mode the forward writes the gradient (the backward rescales it when the incoming gradient is not
-    the one it assumed); a second backward of the same graph runs the backward kernel. Both match the reference."""
+    the one it assumed); a second backward of the same graph runs the backward kernel (row losses) or the kernel
+    again (a reduced loss). Both match the reference."""
     s = logits(gen, (9, 700)).requires_grad_(True)
     t = logits(gen, (9, 700)).requires_grad_(True)
     labels = torch.randint(0, 700, (9,), generator=gen)
@@ -93,6 +85,50 @@ def test_fused_gradient_equals_the_backward_kernel(gen, divergence, reduction):
     for got_fused, got_kernel, expected in zip(fused, kernel, want):
         assert_rel_close(got_fused, expected, 1e-5, what="fused")
         assert_rel_close(got_kernel, expected, 1e-5, what="backward kernel")
+
+
+@needs_extension
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(reduction="sum"),
+        dict(normalizer=5.5),
+        dict(labels="some ignored", ce_weight=0.2),
+        dict(labels="all ignored", ce_weight=0.2),
+    ],
+    ids=["batchmean", "sum", "normalizer", "labels", "all-ignored"],
+)
+def test_reduced_loss_in_one_call_matches_the_reference(gen, divergence, dtype, options):
+    """A batchmean/sum loss of kl or reverse_kl takes one kernel call that reduces the rows (the divisor counted
+    in C++ from the labels) and writes both gradients; it matches the reference, and the loss has the same bits
+    with and without a gradient and with return_stats."""
+    s, t = logits(gen, (11, 300), dtype), logits(gen, (11, 300), dtype)
+    options = dict(options, temperature=2.0, divergence=divergence)
+    if "labels" in options:
+        labels = torch.randint(0, 300, (11,), generator=gen)
+        labels[::3] = -100
+        options["labels"] = torch.full_like(labels, -100) if options["labels"] == "all ignored" else labels
+    got = loss_and_grads(s, t, backend="cpu", **options)
+    want = loss_and_grads(s, t, backend="reference", **options)
+    for a, b, what in zip(got, want, ("loss", "student grad", "teacher grad")):
+        assert_rel_close(a, b, 1e-5 if dtype == torch.float32 else 1e-2, what=what)
+    assert torch.equal(fastkd.kd_loss(s, t, backend="cpu", **options), got[0])
+    with_stats, stats = fastkd.kd_loss(s.requires_grad_(True), t, backend="cpu", return_stats=True, **options)
+    assert torch.equal(with_stats.detach(), got[0]) and set(stats) == set(fastkd.kd.FIDELITY_METRICS)
+
+
+@needs_extension
+def test_labels_are_checked_on_the_host(gen):
+    """Out-of-range labels are found by one host loop over CPU labels (any integer dtype and layout)."""
+    labels = torch.tensor([[1, -100, 3], [7, 2, 0]], dtype=torch.int32).t()  # (3, 2), not contiguous
+    assert cpu_backend.first_bad_label(labels, 8, -100) == -1
+    assert cpu_backend.first_bad_label(labels, 7, -100) == 1  # labels[0, 1] = 7
+    assert cpu_backend.first_bad_label(torch.tensor([-1, 2]), 8, -100) == 0
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 7\) or equal ignore_index=-100, got 7"):
+        fastkd.kd_loss(logits(gen, (3, 2, 7)), logits(gen, (3, 2, 7)), labels=labels)
 
 
 @needs_extension
@@ -191,20 +227,20 @@ def test_set_isa_rejects_unknown_names():
 def test_teacher_only_gradient_takes_the_backward_kernel(gen):
     """When only the teacher wants a gradient the forward does not write a student gradient it would drop."""
 
-    def kernel_node(loss):
+    def kernel_node(loss, attribute):
         nodes = [loss.grad_fn]
         while nodes:
             node = nodes.pop()
-            if hasattr(node, "fused_grads"):
+            if hasattr(node, attribute):
                 return node
             nodes += [next_node for next_node, _ in node.next_functions if next_node is not None]
-        raise AssertionError("no kd_loss kernel node in the graph")
+        raise AssertionError(f"no kd_loss kernel node with {attribute} in the graph")
 
     s, t = logits(gen, (8, 300)), logits(gen, (8, 300))
-    assert kernel_node(fastkd.kd_loss(s.requires_grad_(True), t, backend="cpu")).fused_grads is not None
+    assert kernel_node(fastkd.kd_loss(s.requires_grad_(True), t, backend="cpu"), "grads").grads is not None
     s, t = s.detach(), t.requires_grad_(True)
     loss = fastkd.kd_loss(s, t, temperature=2.0, backend="cpu")
-    assert kernel_node(loss).fused_grads is None
+    assert kernel_node(loss, "fused_grads").fused_grads is None
     (grad,) = torch.autograd.grad(loss, t)
     want = torch.autograd.grad(fastkd.kd_loss(s, t, temperature=2.0, backend="reference"), t)[0]
     assert_rel_close(grad, want, 1e-5)
