@@ -405,7 +405,6 @@ def bench_overhead_shape(spec: str, device: torch.device, temperature: float, re
     }
     impls["fastkd (reference)"] = lambda s, t: kd_loss(s, t, temperature=temperature, backend="reference")
     impls["torch eager"] = lambda s, t: eager_kd(s, t, temperature)
-    impls["torch.compile"] = torch.compile(lambda s, t: eager_kd(s, t, temperature), dynamic=False)
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     before = torch.get_num_threads()
     results = []
@@ -413,6 +412,10 @@ def bench_overhead_shape(spec: str, device: torch.device, temperature: float, re
         for threads in [None] if device.type == "cuda" else [1, 2]:
             if threads is not None:
                 torch.set_num_threads(threads)
+            # compiled afresh for each shape and thread count: the thread count is part of dynamo's guards, and
+            # past its recompile limit a compiled function silently runs eagerly
+            torch._dynamo.reset()
+            impls["torch.compile"] = torch.compile(lambda s, t: eager_kd(s, t, temperature), dynamic=False)
             label = spec if threads is None else f"{spec} {threads}thr"
             results += _bench_implementations(
                 label,

@@ -161,7 +161,7 @@ def kd_loss_reduced(
     CPU logits (summed in float64 in row order; ``divisor`` 0: the counted rows, at least 1), the fidelity metrics
     (NUM_METRICS, N) (empty without ``with_metrics``) and, with ``grad`` (kl and reverse_kl,
     :data:`FUSED_DIVERGENCES`), the gradients of the loss w.r.t. the student and, with ``teacher_grad``, the teacher
-    (contiguous, in their input dtypes; None when not asked for). The eager kd_loss path for a reduced loss: no row
+    (contiguous, in their input dtypes; empty when not asked for). The eager kd_loss path for a reduced loss: no row
     losses, statistics or argument dict (csrc/module.cpp)."""
     student, student_spec = rows_spec(student)
     teacher, teacher_spec = rows_spec(teacher)
@@ -169,8 +169,8 @@ def kd_loss_reduced(
         labels = labels.to(torch.int64).contiguous()
     loss = torch.empty((), dtype=torch.float32)
     metrics = torch.empty((NUM_METRICS, student.shape[0]) if with_metrics else (0,), dtype=torch.float32)
-    grad_s = empty(student.shape, student.dtype) if grad else None
-    grad_t = empty(teacher.shape, teacher.dtype) if grad and teacher_grad else None
+    grad_s = empty(student.shape if grad else (0,), student.dtype)
+    grad_t = empty(teacher.shape if grad and teacher_grad else (0,), teacher.dtype)
     ignore_index, divergence, scalars, ce_weight, kd_scale = _reduced_option_args(options)
     _extension().kd_loss_reduced(
         student_spec,
@@ -183,8 +183,8 @@ def kd_loss_reduced(
         scalars,
         ce_weight,
         kd_scale,
-        0 if grad_s is None else grad_s.data_ptr(),
-        0 if grad_t is None else grad_t.data_ptr(),
+        grad_s.data_ptr() if grad else 0,
+        grad_t.data_ptr() if grad and teacher_grad else 0,
         metrics.data_ptr() if with_metrics else 0,
         float(divisor),
         loss.data_ptr(),

@@ -250,28 +250,98 @@ class _KDLossRows(torch.autograd.Function):
         return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None
 
 
+# a reduced kl/reverse_kl loss with its gradient in one call: the C++ backend
+
+
+@kernel_op("kd_loss_reduced")
+def _kd_loss_reduced_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    temperature: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    ce_weight: float,
+    kd_scale: float,
+    alpha: float,
+    divisor: float,
+    grad: bool,
+    teacher_grad: bool,
+    with_metrics: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = KDOptions(
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        ce_weight=ce_weight,
+        kd_scale=kd_scale,
+        alpha=alpha,
+    )
+    return cpu_backend.kd_loss_reduced(
+        student,
+        teacher,
+        labels,
+        options,
+        divisor=divisor,
+        grad=grad,
+        teacher_grad=teacher_grad,
+        with_metrics=with_metrics,
+    )
+
+
+@_kd_loss_reduced_op.register_fake
+def _(
+    student,
+    teacher,
+    labels,
+    temperature,
+    divergence,
+    beta,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    alpha,
+    divisor,
+    grad,
+    teacher_grad,
+    with_metrics,
+):
+    return (
+        student.new_empty((), dtype=torch.float32),
+        student.new_empty((NUM_METRICS, student.shape[0]) if with_metrics else (0,), dtype=torch.float32),
+        student.new_empty(student.shape if grad else (0,)),
+        teacher.new_empty(teacher.shape if grad and teacher_grad else (0,)),
+    )
+
+
 class _KDLossReduced(torch.autograd.Function):
-    """The eager C++ path of a ``"batchmean"`` or ``"sum"`` loss of kl or reverse_kl with one teacher: one kernel
-    call returns the reduced loss (and the metrics) and writes its gradient
-    (:func:`fastkd.cpu_backend.kd_loss_reduced`), so a small call costs one autograd node and no row losses,
-    statistics or reduction ops. The backward hands the gradient on, scaled in place by the incoming gradient when
-    that is not 1; a second backward through a retained graph calls the kernel again (the first one's gradient may
-    now be a ``.grad``)."""
+    """A ``"batchmean"`` or ``"sum"`` loss of kl or reverse_kl with one teacher on the C++ backend: one kernel call
+    returns the reduced loss (and the metrics) and its gradient (:func:`fastkd.cpu_backend.kd_loss_reduced`), so a
+    small call costs one autograd node and no row losses, statistics or reduction ops. The backward hands the
+    gradient on times the incoming gradient: in place in eager mode, and not at all when that gradient is 1 (a
+    CPU scalar: reading it costs no sync). A second eager backward through a retained graph calls the kernel again
+    (the first one's gradient may now be a ``.grad``)."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, options: KDOptions, divisor: float, with_metrics: bool):
-        loss, metrics, *grads = cpu_backend.kd_loss_reduced(
+        loss, metrics, grad_s, grad_t = _kd_loss_reduced_op(
             student,
             teacher,
             labels,
-            options,
+            **options._asdict(),
             divisor=divisor,
             grad=True,
             teacher_grad=ctx.needs_input_grad[1],
             with_metrics=with_metrics,
         )
-        ctx.grads = grads
-        ctx.save_for_backward(student, teacher, labels)
+        if torch.compiler.is_compiling():
+            ctx.fused_grads = None
+            ctx.save_for_backward(grad_s, grad_t)
+        else:
+            ctx.fused_grads = (grad_s, grad_t)
+            ctx.save_for_backward(student, teacher, labels)
         ctx.options, ctx.divisor = options, divisor
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
@@ -279,25 +349,31 @@ class _KDLossReduced(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_metrics):
-        grads, ctx.grads = ctx.grads, None
+        teacher_grad = ctx.needs_input_grad[1]
+        if torch.compiler.is_compiling():
+            grad_s, grad_t = ctx.saved_tensors
+            grad_s, grad_t = grad_s * grad_loss, grad_t * grad_loss if teacher_grad else None
+            return grad_s, grad_t, None, None, None, None
+        grads, ctx.fused_grads = ctx.fused_grads, None
         if grads is None:
             student, teacher, labels = ctx.saved_tensors
-            grads = cpu_backend.kd_loss_reduced(
+            grads = _kd_loss_reduced_op(
                 student,
                 teacher,
                 labels,
-                ctx.options,
+                **ctx.options._asdict(),
                 divisor=ctx.divisor,
                 grad=True,
-                teacher_grad=ctx.needs_input_grad[1],
+                teacher_grad=teacher_grad,
                 with_metrics=False,
             )[2:]
-        if float(grad_loss) != 1.0:  # a CPU scalar: reading it costs no sync
-            for grad in grads:
-                if grad is not None:
-                    grad.mul_(grad_loss)
+        grad_s, grad_t = grads[0], grads[1] if teacher_grad else None
+        if float(grad_loss) != 1.0:
+            grad_s.mul_(grad_loss)
+            if grad_t is not None:
+                grad_t.mul_(grad_loss)
         # student, teacher; labels, options, divisor, with_metrics
-        return grads[0], grads[1], None, None, None, None
+        return grad_s, grad_t, None, None, None, None
 
 
 # a sparse teacher (TopK): Triton only; no gradient to its values
@@ -688,7 +764,7 @@ def _divisor(options: dict, flat_labels: Optional[torch.Tensor], num_rows: int):
 
 
 def _kd_loss_reduced_cpu(student, teacher, flat_labels, options: dict, with_metrics: bool):
-    """``(loss, metrics)`` of an eager C++ call of kl or reverse_kl in one kernel call (:class:`_KDLossReduced`),
+    """``(loss, metrics)`` of a C++ backend call of kl or reverse_kl in one kernel call (:class:`_KDLossReduced`),
     or None where that does not apply: another divergence, ``reduction="none"``, a tensor normalizer, a gradient for
     the teacher alone. The same call gives the same bits with or without the student's gradient or
     ``return_stats``."""
@@ -705,11 +781,11 @@ def _kd_loss_reduced_cpu(student, teacher, flat_labels, options: dict, with_metr
         return None  # the kernel writes the teacher's gradient beside the student's only: take the backward kernel
     if torch.is_grad_enabled() and student.requires_grad:
         return _KDLossReduced.apply(student, teacher, flat_labels, options["kernel"], divisor, with_metrics)
-    return cpu_backend.kd_loss_reduced(
+    return _kd_loss_reduced_op(
         student,
         teacher,
         flat_labels,
-        options["kernel"],
+        **options["kernel"]._asdict(),
         divisor=divisor,
         grad=False,
         teacher_grad=False,
@@ -1025,7 +1101,7 @@ def kd_loss(
                     metrics_teacher = reference.ensemble_teacher_logits(
                         teachers, weights, ensemble=ensemble, temperature=1.0
                     )
-    if chosen == "cpu" and ensemble_teachers is None and not torch.compiler.is_compiling():
+    if chosen == "cpu" and ensemble_teachers is None:
         reduced = _kd_loss_reduced_cpu(student, teacher, flat_labels, options, return_stats)
         if reduced is not None:
             return _with_stats(*reduced, flat_labels, student.shape[0], options) if return_stats else reduced[0]

@@ -35,6 +35,10 @@ def kd_cases(device, backend):
             dict(KD_OPTIONS, ensemble="none", backend=backend, teacher_grad=True),
         ),
     ]
+    if backend == "cpu":  # a reduced loss with its gradient in one call is the C++ backend's
+        reduced = dict(KD_OPTIONS, divisor=0.0, grad=True, with_metrics=True)
+        cases.append((torch.ops.fastkd.kd_loss_reduced.default, (s, t, labels), dict(reduced, teacher_grad=True)))
+        cases.append((torch.ops.fastkd.kd_loss_reduced.default, (s, t, None), dict(reduced, teacher_grad=False)))
     if backend == "triton":  # the ensembles and the sparse teacher are Triton's
         teachers, weights = torch.randn(3, 5, 37, generator=g).to(device), torch.tensor([0.2, 0.3, 0.5], device=device)
         cases.append(
@@ -119,6 +123,7 @@ def test_opcheck(backend, cases):
 EAGER_CALLS = {  # the callables fastkd's autograd.Functions use: in eager mode they run the op's function directly
     "kd_loss_rows": fastkd.kd._kd_loss_rows_op,
     "kd_loss_rows_backward": fastkd.kd._kd_loss_rows_backward_op,
+    "kd_loss_reduced": fastkd.kd._kd_loss_reduced_op,
     "kd_topk_rows": fastkd.kd._kd_topk_rows_op,
     "kd_topk_rows_backward": fastkd.kd._kd_topk_rows_backward_op,
     "feature_loss_groups": fastkd.features._feature_loss_groups_op,

@@ -46,19 +46,28 @@ def test_results_do_not_depend_on_the_thread_count(gen, threads, isa, divergence
     default = cpu_backend.isa()
     cpu_backend.set_isa(isa)
     try:
-        # 37·2700 logits: enough for 3 threads (the extension starts one per 2^15 logits)
-        s, t = logits(gen, (37, 2700), dtype), logits(gen, (37, 2700), dtype)
-        labels = torch.randint(0, 2700, (37,), generator=gen)
+        s, t = logits(gen, (37, 2500), dtype), logits(gen, (37, 2500), dtype)
+        labels = torch.randint(0, 2500, (37,), generator=gen)
         labels[::4] = -100
         upstream = torch.rand(37, generator=gen)
         results = []
         for num_threads in (1, 2, 3):
             torch.set_num_threads(num_threads)
-            options = dict(temperature=2.0, divergence=divergence, labels=labels, ce_weight=0.3, backend="cpu")
-            results.append(loss_and_grads(s, t, upstream, reduction="none", **options))
-            results.append(loss_and_grads(s, t, **options))  # batchmean: the reduced loss of kl and reverse_kl
-        for k, other in enumerate(results[2:]):
-            for a, b in zip(results[k % 2], other):
+            results.append(
+                loss_and_grads(
+                    s,
+                    t,
+                    upstream,
+                    temperature=2.0,
+                    divergence=divergence,
+                    labels=labels,
+                    ce_weight=0.3,
+                    reduction="none",
+                    backend="cpu",
+                )
+            )
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
                 assert torch.equal(a, b)
     finally:
         cpu_backend.set_isa(default)
@@ -69,8 +78,7 @@ def test_results_do_not_depend_on_the_thread_count(gen, threads, isa, divergence
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_fused_gradient_equals_the_backward_kernel(gen, divergence, reduction):
     """In eager mode the forward writes the gradient (the backward rescales it when the incoming gradient is not
-    the one it assumed); a second backward of the same graph runs the backward kernel (row losses) or the kernel
-    again (a reduced loss). Both match the reference."""
+    the one it assumed); a second backward of the same graph runs the backward kernel. Both match the reference."""
     s = logits(gen, (9, 700)).requires_grad_(True)
     t = logits(gen, (9, 700)).requires_grad_(True)
     labels = torch.randint(0, 700, (9,), generator=gen)
@@ -129,6 +137,48 @@ def test_labels_are_checked_on_the_host(gen):
     assert cpu_backend.first_bad_label(torch.tensor([-1, 2]), 8, -100) == 0
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 7\) or equal ignore_index=-100, got 7"):
         fastkd.kd_loss(logits(gen, (3, 2, 7)), logits(gen, (3, 2, 7)), labels=labels)
+
+
+@needs_extension
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_reduced_loss_does_not_depend_on_the_thread_count(gen, threads, divergence):
+    """The reduced loss sums the rows in row order: 1, 2 and 3 threads give the same bits (37·2700 logits are
+    enough for 3 threads; the extension starts one per 2^15 logits)."""
+    s, t = logits(gen, (37, 2700)), logits(gen, (37, 2700))
+    labels = torch.randint(0, 2700, (37,), generator=gen)
+    labels[::4] = -100
+    results = []
+    for num_threads in (1, 2, 3):
+        torch.set_num_threads(num_threads)
+        results.append(loss_and_grads(s, t, temperature=2.0, divergence=divergence, labels=labels, ce_weight=0.3))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@needs_extension
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_reduced_loss_compiles_to_the_same_bits(gen, divergence):
+    """Eager calls run the reduced op's function directly; torch.compile(fullgraph=True) calls the custom op
+    fastkd::kd_loss_reduced: the loss and both gradients (times an incoming gradient of 0.5) are the same bits."""
+    s, t = logits(gen, (6, 50)), logits(gen, (6, 50))
+    labels = torch.randint(0, 50, (6,), generator=gen)
+    labels[1] = -100
+
+    def step(s, t):
+        options = dict(temperature=2.0, divergence=divergence, labels=labels, ce_weight=0.5, backend="cpu")
+        return fastkd.kd_loss(s, t, **options) * 0.5
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        s_leaf, t_leaf = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        loss = fn(s_leaf, t_leaf)
+        loss.backward()
+        results.append((loss.detach(), s_leaf.grad, t_leaf.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @needs_extension
@@ -227,20 +277,20 @@ def test_set_isa_rejects_unknown_names():
 def test_teacher_only_gradient_takes_the_backward_kernel(gen):
     """When only the teacher wants a gradient the forward does not write a student gradient it would drop."""
 
-    def kernel_node(loss, attribute):
+    def kernel_node(loss):
         nodes = [loss.grad_fn]
         while nodes:
             node = nodes.pop()
-            if hasattr(node, attribute):
+            if hasattr(node, "fused_grads"):
                 return node
             nodes += [next_node for next_node, _ in node.next_functions if next_node is not None]
-        raise AssertionError(f"no kd_loss kernel node with {attribute} in the graph")
+        raise AssertionError("no kd_loss kernel node in the graph")
 
     s, t = logits(gen, (8, 300)), logits(gen, (8, 300))
-    assert kernel_node(fastkd.kd_loss(s.requires_grad_(True), t, backend="cpu"), "grads").grads is not None
+    assert kernel_node(fastkd.kd_loss(s.requires_grad_(True), t, backend="cpu")).fused_grads is not None
     s, t = s.detach(), t.requires_grad_(True)
     loss = fastkd.kd_loss(s, t, temperature=2.0, backend="cpu")
-    assert kernel_node(loss, "fused_grads").fused_grads is None
+    assert kernel_node(loss).fused_grads is None
     (grad,) = torch.autograd.grad(loss, t)
     want = torch.autograd.grad(fastkd.kd_loss(s, t, temperature=2.0, backend="reference"), t)[0]
     assert_rel_close(grad, want, 1e-5)
