@@ -389,11 +389,37 @@ def bench_linear_shape(spec: str, device: torch.device, temperature: float, reps
     )
 
 
+def interleaved_ms(fns: dict, device: torch.device, rounds: int, block_s: float = 2e-3) -> dict:
+    """name → median over ``rounds`` of the mean ms per call of ``fns[name]()``. Each round times a block of calls
+    of every function in turn (about ``block_s`` seconds each), so the host's drift over the run, which moves
+    µs-scale timings by up to 2× on a shared VM, falls on all of them alike."""
+
+    def block(fn, calls: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3 / calls
+
+    calls = {}
+    for name, fn in fns.items():
+        block(fn, 3)  # warm-up
+        calls[name] = max(1, int(block_s * 1e3 / max(block(fn, 3), 1e-6)))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(block(fn, calls[name]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def bench_overhead_shape(spec: str, device: torch.device, temperature: float, reps: int) -> list[Result]:
     """Per-call time at classification shapes, where the host's work decides the step: kd_loss on every kernel
     backend that runs here (and the reference) against the eager expression and torch.compile of it, forward alone
-    and forward+backward through autograd, each the median of ``50 × reps`` calls (µs: the ms columns × 1000); on
-    CPU once with 1 thread and once with 2 (the shape names the thread count)."""
+    (no grad) and forward+backward through autograd, timed in ``reps`` interleaved rounds (:func:`interleaved_ms`;
+    µs: the ms columns × 1000); on CPU once with 1 thread and once with 2 (the shape names the thread count)."""
     (rows, cols), dtype = parse_spec(spec, "overhead")
     gen = torch.Generator(device="cpu").manual_seed(rows + cols)
     student = (torch.randn(rows, cols, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_(True)
@@ -417,23 +443,25 @@ def bench_overhead_shape(spec: str, device: torch.device, temperature: float, re
             torch._dynamo.reset()
             impls["torch.compile"] = torch.compile(lambda s, t: eager_kd(s, t, temperature), dynamic=False)
             label = spec if threads is None else f"{spec} {threads}thr"
-            results += _bench_implementations(
-                label,
-                device,
-                impls,
-                (student, teacher),
-                (student,),
-                truth_loss,
-                (truth_grad,),
-                None,
-                None,
-                tolerance,
-                50 * reps,
-            )
+            steps, errors = {}, {}
+            for name, impl in impls.items():
+                loss = impl(student, teacher)
+                (grad,) = torch.autograd.grad(loss, student)
+                errors[name] = max(relative_error(loss, truth_loss), relative_error(grad, truth_grad))
+
+                def forward(impl=impl):
+                    with torch.no_grad():
+                        return impl(student, teacher)
+
+                steps[name, "fwd"] = forward
+                steps[name, "fwd+bwd"] = lambda impl=impl: torch.autograd.grad(impl(student, teacher), student)
+            times = interleaved_ms(steps, device, reps)
+            for name in impls:
+                fwd, fwd_bwd = times[name, "fwd"], times[name, "fwd+bwd"]
+                error = errors[name]
+                results.append(Result(label, name, fwd, fwd_bwd, None, None, None, error, error <= tolerance))
     finally:
         torch.set_num_threads(before)
-    for result in results:  # memory is not what this op measures
-        result.peak_extra_mib = None
     return results
 
 
@@ -716,9 +744,9 @@ def run(
             results = [r for spec in specs for r in bench_linear_shape(spec, dev, temperature, reps)]
         elif name == "overhead":
             log(
-                f"kd_loss per call at classification shapes, T={temperature}, batchmean: fwd and fwd+bwd (autograd) "
-                f"in ms (×1000 for µs), medians of {50 * reps} calls; speedup = implementation time / fastkd time "
-                f"(the first fastkd row); rel err against float64"
+                f"kd_loss per call at classification shapes, T={temperature}, batchmean: fwd (no grad) and fwd+bwd "
+                f"(autograd) in ms (×1000 for µs), medians of {reps} interleaved rounds of ~2 ms blocks of calls; "
+                f"speedup = implementation time / fastkd time (the first fastkd row); rel err against float64"
             )
             results = [r for spec in specs for r in bench_overhead_shape(spec, dev, temperature, reps)]
         elif name == "feature":

@@ -75,7 +75,6 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor; from 1 MiB up its memory comes from the extension's buffer pool, which keeps
     released blocks for the next call of the same size (a fresh large allocation is zero-filled page by page on
     first touch, which costs more than the kernels). See :func:`empty_cache`."""
-    shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
     if _C is None or nbytes < 2**20:
         return torch.empty(shape, dtype=dtype)

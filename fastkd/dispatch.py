@@ -100,7 +100,9 @@ def select_backend(
             raise RuntimeError(f"{op} has no {requested!r} backend yet (it has {kernels + ('reference',)})")
         requested = "auto"  # FASTKD_BACKEND names a backend this op lacks: choose among those it has
     device = tensors[0].device
-    kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
+    kernel_dtypes = True
+    for t in tensors:
+        kernel_dtypes = kernel_dtypes and t.dtype in KERNEL_DTYPES
     if requested == "auto":
         if "triton" in kernels and device.type == "cuda" and kernel_dtypes and TRITON_AVAILABLE:
             return "triton"

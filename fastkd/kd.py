@@ -618,7 +618,7 @@ def _check_tensors(
         raise ValueError(
             f"student_logits and teacher_logits must be on the same device, got {student.device} and {teacher.device}"
         )
-    check_temperature(temperature, reference._math_dtype(student, teacher))
+    check_temperature(temperature, torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32)
     check_labels(
         labels, student.shape[:-1], student.shape[-1], student.device, ce_weight=ce_weight, ignore_index=ignore_index
     )
