@@ -88,16 +88,20 @@ void kd_backward(const py::dict& d) {
 // costs more than the kernel at classification shapes (positional arguments instead). Writes
 // *loss_out = Σ row_loss / divisor (summed in double in row order: the same bits for any thread count) and, when
 // grad_student is set (kl and reverse_kl), the gradient of that loss w.r.t. the student (and the teacher into
-// grad_teacher if set), and the fidelity metrics (kNumMetrics, num_rows) when metrics is set. divisor 0: the
-// counted rows (label != ignore_index; all rows without labels), at least 1.
+// grad_teacher if set), and the means of the fidelity metrics over the counted rows (kNumMetrics floats) when
+// metrics is set. divisor 0: the
+// counted rows (label != ignore_index; all rows without labels), at least 1; NaN (a bad normalizer) makes the loss
+// and the gradient NaN.
 void kd_loss_reduced(const RowsSpec& student, const RowsSpec& teacher, int64_t num_rows, int64_t num_cols,
                      uintptr_t labels, int64_t ignore_index, int divergence,
                      const std::tuple<float, float, float, float, float>& scalars, float ce_weight, float kd_scale,
                      uintptr_t grad_student, uintptr_t grad_teacher, uintptr_t metrics, double divisor,
                      uintptr_t loss_out, int num_threads) {
-    thread_local std::vector<float> row_loss, stats;  // scratch: the caller needs neither
+    thread_local std::vector<float> row_loss, stats, row_metrics;  // scratch: the caller needs none of them
     row_loss.resize(static_cast<size_t>(num_rows > 0 ? num_rows : 0));
     stats.resize(row_loss.size() * kNumStats);
+    float* metric_means = reinterpret_cast<float*>(metrics);
+    if (metric_means != nullptr) row_metrics.resize(row_loss.size() * kNumMetrics);
     KDArgs a;
     a.student = rows(student, "student");
     a.teacher = rows(teacher, "teacher");
@@ -113,7 +117,7 @@ void kd_loss_reduced(const RowsSpec& student, const RowsSpec& teacher, int64_t n
     a.stats = stats.data();
     a.fused_grad_student = reinterpret_cast<void*>(grad_student);
     a.fused_grad_teacher = reinterpret_cast<void*>(grad_teacher);
-    a.metrics = reinterpret_cast<float*>(metrics);
+    a.metrics = metric_means != nullptr ? row_metrics.data() : nullptr;
     a.num_threads = num_threads;
     check_common_args(a);
     a.num_threads = threads_for(num_threads, num_rows * num_cols);
@@ -125,15 +129,13 @@ void kd_loss_reduced(const RowsSpec& student, const RowsSpec& teacher, int64_t n
     if (a.fused_grad_student != nullptr && divergence != kKL && divergence != kReverseKL) {
         throw std::invalid_argument("the fused gradient covers kl and reverse_kl only");
     }
-    if (!(divisor >= 0)) throw std::invalid_argument("divisor must be >= 0 (0: count the rows)");
-    if (divisor == 0) {
-        int64_t counted = num_rows;
-        if (a.labels != nullptr) {
-            counted = 0;
-            for (int64_t row = 0; row < num_rows; ++row) counted += a.labels[row] != ignore_index;
-        }
-        divisor = counted > 0 ? static_cast<double>(counted) : 1.0;
+    if (divisor < 0) throw std::invalid_argument("divisor must be >= 0 (0: count the rows) or NaN");
+    int64_t counted = num_rows;
+    if (a.labels != nullptr) {
+        counted = 0;
+        for (int64_t row = 0; row < num_rows; ++row) counted += a.labels[row] != ignore_index;
     }
+    if (divisor == 0) divisor = counted > 0 ? static_cast<double>(counted) : 1.0;
     a.grad_scale = static_cast<float>(1.0 / divisor);
     {
         py::gil_scoped_release release;
@@ -142,6 +144,13 @@ void kd_loss_reduced(const RowsSpec& student, const RowsSpec& teacher, int64_t n
     double total = 0;
     for (float x : row_loss) total += x;
     *out = static_cast<float>(total / divisor);
+    if (metric_means != nullptr) {  // each metric's mean over the counted rows (ignored rows hold 0), 0 if none
+        for (int slot = 0; slot < kNumMetrics; ++slot) {
+            double sum = 0;
+            for (int64_t row = 0; row < num_rows; ++row) sum += row_metrics[slot * num_rows + row];
+            metric_means[slot] = static_cast<float>(sum / static_cast<double>(counted > 0 ? counted : 1));
+        }
+    }
 }
 
 // The first position whose label is neither in [0, num_classes) nor ignore_index, or -1: labels are checked on

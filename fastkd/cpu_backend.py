@@ -156,18 +156,22 @@ def kd_forward_with_grad(
 def kd_loss_reduced(
     student, teacher, labels, options: KDOptions, *, divisor: float, grad: bool, teacher_grad: bool, with_metrics: bool
 ):
-    """``(loss, metrics, grad_s, grad_t)`` in one kernel call: the 0-d float32 ``Σ row_loss / divisor`` of (N, V)
-    CPU logits (summed in float64 in row order; ``divisor`` 0: the counted rows, at least 1), the fidelity metrics
-    (NUM_METRICS, N) (empty without ``with_metrics``) and, with ``grad`` (kl and reverse_kl,
-    :data:`FUSED_DIVERGENCES`), the gradients of the loss w.r.t. the student and, with ``teacher_grad``, the teacher
-    (contiguous, in their input dtypes; empty when not asked for). The eager kd_loss path for a reduced loss: no row
-    losses, statistics or argument dict (csrc/module.cpp)."""
+    """``(loss, metrics, grad_s, grad_t)`` in one kernel call, for (N, V) CPU logits:
+
+    - ``loss``: the 0-d float32 ``Σ row_loss / divisor``, summed in float64 in row order (``divisor`` 0: the
+      counted rows, at least 1; NaN: a NaN loss);
+    - ``metrics``: the fidelity metrics' means over the counted rows, (NUM_METRICS,) (0 when none counts; empty
+      without ``with_metrics``);
+    - with ``grad`` (kl and reverse_kl, :data:`FUSED_DIVERGENCES`): the gradients of the loss w.r.t. the student
+      and, with ``teacher_grad``, the teacher (contiguous, in their input dtypes; empty when not asked for).
+
+    The kd_loss path for a reduced loss: no row losses, statistics or argument dict (csrc/module.cpp)."""
     student, student_spec = rows_spec(student)
     teacher, teacher_spec = rows_spec(teacher)
     if labels is not None and (labels.dtype != torch.int64 or not labels.is_contiguous()):
         labels = labels.to(torch.int64).contiguous()
     loss = torch.empty((), dtype=torch.float32)
-    metrics = torch.empty((NUM_METRICS, student.shape[0]) if with_metrics else (0,), dtype=torch.float32)
+    metrics = torch.empty(NUM_METRICS if with_metrics else 0, dtype=torch.float32)
     grad_s = empty(student.shape if grad else (0,), student.dtype)
     grad_t = empty(teacher.shape if grad and teacher_grad else (0,), teacher.dtype)
     ignore_index, divergence, scalars, ce_weight, kd_scale = _reduced_option_args(options)

@@ -258,6 +258,7 @@ def _kd_loss_reduced_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
+    normalizer: Optional[torch.Tensor],
     temperature: float,
     divergence: str,
     beta: float,
@@ -279,6 +280,8 @@ def _kd_loss_reduced_op(
         kd_scale=kd_scale,
         alpha=alpha,
     )
+    if normalizer is not None:  # read here, inside the op: torch.compile sees no host read
+        divisor = host_divisor(normalizer)
     return cpu_backend.kd_loss_reduced(
         student,
         teacher,
@@ -296,6 +299,7 @@ def _(
     student,
     teacher,
     labels,
+    normalizer,
     temperature,
     divergence,
     beta,
@@ -310,7 +314,7 @@ def _(
 ):
     return (
         student.new_empty((), dtype=torch.float32),
-        student.new_empty((NUM_METRICS, student.shape[0]) if with_metrics else (0,), dtype=torch.float32),
+        student.new_empty(NUM_METRICS if with_metrics else 0, dtype=torch.float32),
         student.new_empty(student.shape if grad else (0,)),
         teacher.new_empty(teacher.shape if grad and teacher_grad else (0,)),
     )
@@ -325,11 +329,12 @@ class _KDLossReduced(torch.autograd.Function):
     (the first one's gradient may now be a ``.grad``)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, options: KDOptions, divisor: float, with_metrics: bool):
+    def forward(ctx, student, teacher, labels, normalizer, options: KDOptions, divisor: float, with_metrics: bool):
         loss, metrics, grad_s, grad_t = _kd_loss_reduced_op(
             student,
             teacher,
             labels,
+            normalizer,
             **options._asdict(),
             divisor=divisor,
             grad=True,
@@ -341,7 +346,7 @@ class _KDLossReduced(torch.autograd.Function):
             ctx.save_for_backward(grad_s, grad_t)
         else:
             ctx.fused_grads = (grad_s, grad_t)
-            ctx.save_for_backward(student, teacher, labels)
+            ctx.save_for_backward(student, teacher, labels, normalizer)
         ctx.options, ctx.divisor = options, divisor
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
@@ -353,14 +358,15 @@ class _KDLossReduced(torch.autograd.Function):
         if torch.compiler.is_compiling():
             grad_s, grad_t = ctx.saved_tensors
             grad_s, grad_t = grad_s * grad_loss, grad_t * grad_loss if teacher_grad else None
-            return grad_s, grad_t, None, None, None, None
+            return grad_s, grad_t, None, None, None, None, None
         grads, ctx.fused_grads = ctx.fused_grads, None
         if grads is None:
-            student, teacher, labels = ctx.saved_tensors
+            student, teacher, labels, normalizer = ctx.saved_tensors
             grads = _kd_loss_reduced_op(
                 student,
                 teacher,
                 labels,
+                normalizer,
                 **ctx.options._asdict(),
                 divisor=ctx.divisor,
                 grad=True,
@@ -372,8 +378,8 @@ class _KDLossReduced(torch.autograd.Function):
             grad_s.mul_(grad_loss)
             if grad_t is not None:
                 grad_t.mul_(grad_loss)
-        # student, teacher; labels, options, divisor, with_metrics
-        return grad_s, grad_t, None, None, None, None
+        # student, teacher; labels, normalizer, options, divisor, with_metrics
+        return grad_s, grad_t, None, None, None, None, None
 
 
 # a sparse teacher (TopK): Triton only; no gradient to its values
@@ -524,6 +530,14 @@ def tensor_divisor(normalizer: torch.Tensor) -> torch.Tensor:
     wrong normalizer on CUDA, where it is not checked, gives NaN, never a wrong number)."""
     value = normalizer.to(torch.float32)
     return torch.where((value > 0) & value.isfinite(), value, torch.where(value == 0, 1.0, math.nan))
+
+
+def host_divisor(normalizer: torch.Tensor) -> float:
+    """:func:`tensor_divisor` read on the host (one read of a CPU scalar; a sync for a CUDA one)."""
+    value = float(normalizer if normalizer.dtype == torch.float32 else normalizer.to(torch.float32))
+    if value > 0 and math.isfinite(value):
+        return value
+    return 1.0 if value == 0 else math.nan
 
 
 def _check_options(
@@ -764,27 +778,26 @@ def _divisor(options: dict, flat_labels: Optional[torch.Tensor], num_rows: int):
 
 
 def _kd_loss_reduced_cpu(student, teacher, flat_labels, options: dict, with_metrics: bool):
-    """``(loss, metrics)`` of a C++ backend call of kl or reverse_kl in one kernel call (:class:`_KDLossReduced`),
-    or None where that does not apply: another divergence, ``reduction="none"``, a tensor normalizer, a gradient for
-    the teacher alone. The same call gives the same bits with or without the student's gradient or
-    ``return_stats``."""
-    normalizer = options["normalizer"]
-    if (
-        options["divergence"] not in cpu_backend.FUSED_DIVERGENCES
-        or options["reduction"] == "none"
-        or isinstance(normalizer, torch.Tensor)
-    ):
+    """``(loss, metric means)`` of a C++ backend call of kl or reverse_kl in one kernel call (:class:`_KDLossReduced`),
+    or None where that does not apply: another divergence, ``reduction="none"``, a gradient for the teacher alone.
+    The same call gives the same bits with or without the student's gradient or ``return_stats``."""
+    if options["divergence"] not in cpu_backend.FUSED_DIVERGENCES or options["reduction"] == "none":
         return None
-    # the kernel's divisor: 0 stands for the counted rows
-    divisor = 1.0 if options["reduction"] == "sum" else (0.0 if normalizer is None else normalizer)
+    normalizer = options["normalizer"]
+    tensor_normalizer = normalizer if isinstance(normalizer, torch.Tensor) else None
+    # the kernel's divisor (a tensor normalizer is read inside the op); 0 stands for the counted rows
+    divisor = 1.0 if options["reduction"] == "sum" or tensor_normalizer is not None else (normalizer or 0.0)
     if torch.is_grad_enabled() and teacher.requires_grad and not student.requires_grad:
         return None  # the kernel writes the teacher's gradient beside the student's only: take the backward kernel
     if torch.is_grad_enabled() and student.requires_grad:
-        return _KDLossReduced.apply(student, teacher, flat_labels, options["kernel"], divisor, with_metrics)
+        return _KDLossReduced.apply(
+            student, teacher, flat_labels, tensor_normalizer, options["kernel"], divisor, with_metrics
+        )
     return _kd_loss_reduced_op(
         student,
         teacher,
         flat_labels,
+        tensor_normalizer,
         **options["kernel"]._asdict(),
         divisor=divisor,
         grad=False,
@@ -1103,8 +1116,9 @@ def kd_loss(
                     )
     if chosen == "cpu" and ensemble_teachers is None:
         reduced = _kd_loss_reduced_cpu(student, teacher, flat_labels, options, return_stats)
-        if reduced is not None:
-            return _with_stats(*reduced, flat_labels, student.shape[0], options) if return_stats else reduced[0]
+        if reduced is not None:  # the metrics come averaged
+            loss, metric_means = reduced
+            return (loss, dict(zip(FIDELITY_METRICS, metric_means.unbind()))) if return_stats else loss
     divisor = _divisor(options, flat_labels, student.shape[0])
     kernel_metrics = return_stats and metrics_teacher is None
     if chosen in ("triton", "cpu", "cuda"):

@@ -37,8 +37,11 @@ def kd_cases(device, backend):
     ]
     if backend == "cpu":  # a reduced loss with its gradient in one call is the C++ backend's
         reduced = dict(KD_OPTIONS, divisor=0.0, grad=True, with_metrics=True)
-        cases.append((torch.ops.fastkd.kd_loss_reduced.default, (s, t, labels), dict(reduced, teacher_grad=True)))
-        cases.append((torch.ops.fastkd.kd_loss_reduced.default, (s, t, None), dict(reduced, teacher_grad=False)))
+        normalizer = torch.tensor(2.5)
+        cases.append((torch.ops.fastkd.kd_loss_reduced.default, (s, t, labels, None), dict(reduced, teacher_grad=True)))
+        cases.append(
+            (torch.ops.fastkd.kd_loss_reduced.default, (s, t, None, normalizer), dict(reduced, teacher_grad=False))
+        )
     if backend == "triton":  # the ensembles and the sparse teacher are Triton's
         teachers, weights = torch.randn(3, 5, 37, generator=g).to(device), torch.tensor([0.2, 0.3, 0.5], device=device)
         cases.append(

@@ -104,10 +104,13 @@ def test_fused_gradient_equals_the_backward_kernel(gen, divergence, reduction):
         dict(),
         dict(reduction="sum"),
         dict(normalizer=5.5),
+        dict(normalizer=torch.tensor(5.5)),
+        dict(normalizer=torch.tensor(7), labels="some ignored"),
         dict(labels="some ignored", ce_weight=0.2),
         dict(labels="all ignored", ce_weight=0.2),
+        dict(labels="all ignored", normalizer=torch.tensor(0.0)),
     ],
-    ids=["batchmean", "sum", "normalizer", "labels", "all-ignored"],
+    ids=["batchmean", "sum", "normalizer", "tensor-normalizer", "int-normalizer", "labels", "all-ignored", "zero"],
 )
 def test_reduced_loss_in_one_call_matches_the_reference(gen, divergence, dtype, options):
     """A batchmean/sum loss of kl or reverse_kl takes one kernel call that reduces the rows (the divisor counted
