@@ -185,6 +185,24 @@ def test_reduced_loss_compiles_to_the_same_bits(gen, divergence):
 
 
 @needs_extension
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_one_call_gradient_equals_the_row_path(gen, divergence):
+    """The reduced loss's one call and the row path (row losses, then a sum and a division in torch) give the same
+    loss and gradients to float32 rounding."""
+    s, t = logits(gen, (13, 400)), logits(gen, (13, 400))
+    labels = torch.randint(0, 400, (13,), generator=gen)
+    labels[::5] = -100
+    options = dict(temperature=3.0, divergence=divergence, labels=labels, ce_weight=0.4, backend="cpu")
+    one_call = loss_and_grads(s, t, **options)
+    s_leaf, t_leaf = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    rows = fastkd.kd_loss(s_leaf, t_leaf, reduction="none", **options)
+    row_path = rows.sum() / (labels != -100).sum()
+    row_path.backward()
+    for a, b in zip(one_call, (row_path.detach(), s_leaf.grad, t_leaf.grad)):
+        assert_rel_close(a, b, 1e-6)
+
+
+@needs_extension
 def test_no_grad_forward_allocates_no_gradient(gen):
     s, t = logits(gen, (64, 8192)).requires_grad_(True), logits(gen, (64, 8192))
     cpu_backend.empty_cache()
