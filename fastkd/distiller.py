@@ -9,6 +9,8 @@ give their arguments.
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import torch
@@ -250,9 +252,11 @@ class CrossEntropy(Term):
                 f"labels must have the shape of the student logits without the class dim, "
                 f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
             )
+        if logits.dim() != 2:  # (N, V) logits as they are: a reshape would add a graph node
+            logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         total = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            labels.reshape(-1),
+            logits.float(),
+            labels,
             ignore_index=batch.ignore_index,
             reduction="sum",
             label_smoothing=self.label_smoothing,
@@ -631,7 +635,7 @@ class Distiller(nn.Module):
                     )
         finally:
             self._capture.clear()
-        return DistillOutput(student_out, losses, sum(losses.values()), metrics)
+        return DistillOutput(student_out, losses, functools.reduce(operator.add, losses.values()), metrics)
 
     def _reads(self) -> set:
         return {term.reads for term in self.terms.values()}
