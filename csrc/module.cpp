@@ -84,14 +84,13 @@ void kd_backward(const py::dict& d) {
     g_isa->backward(a);
 }
 
-// kd_loss reduced to one number in one call, for eager CPU calls, where building and reading an argument dict
-// costs more than the kernel at classification shapes (positional arguments instead). Writes
-// *loss_out = Σ row_loss / divisor (summed in double in row order: the same bits for any thread count) and, when
-// grad_student is set (kl and reverse_kl), the gradient of that loss w.r.t. the student (and the teacher into
-// grad_teacher if set), and the means of the fidelity metrics over the counted rows (kNumMetrics floats) when
-// metrics is set. divisor 0: the
-// counted rows (label != ignore_index; all rows without labels), at least 1; NaN (a bad normalizer) makes the loss
-// and the gradient NaN.
+// kd_loss reduced to one number in one call, where building and reading an argument dict would cost more than the
+// kernel at classification shapes (positional arguments instead). Writes *loss_out = Σ row_loss / divisor (summed
+// in double in row order: the same bits for any thread count); when grad_student is set (kl and reverse_kl), the
+// gradient of that loss w.r.t. the student (and the teacher into grad_teacher if set); when metrics is set, the
+// means of the fidelity metrics over the counted rows (kNumMetrics floats). divisor 0: the counted rows
+// (label != ignore_index; all rows without labels), at least 1; NaN (a bad normalizer) makes the loss and the
+// gradient NaN.
 void kd_loss_reduced(const RowsSpec& student, const RowsSpec& teacher, int64_t num_rows, int64_t num_cols,
                      uintptr_t labels, int64_t ignore_index, int divergence,
                      const std::tuple<float, float, float, float, float>& scalars, float ce_weight, float kd_scale,

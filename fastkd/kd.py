@@ -320,6 +320,23 @@ def _(
     )
 
 
+def _kd_loss_reduced(
+    student, teacher, labels, normalizer, options: KDOptions, divisor: float, *, grad, teacher_grad, with_metrics
+):
+    """``_kd_loss_reduced_op`` with the kernel options as one :class:`KDOptions`."""
+    return _kd_loss_reduced_op(
+        student,
+        teacher,
+        labels,
+        normalizer,
+        **options._asdict(),
+        divisor=divisor,
+        grad=grad,
+        teacher_grad=teacher_grad,
+        with_metrics=with_metrics,
+    )
+
+
 class _KDLossReduced(torch.autograd.Function):
     """A ``"batchmean"`` or ``"sum"`` loss of kl or reverse_kl with one teacher on the C++ backend: one kernel call
     returns the reduced loss (and the metrics) and its gradient (:func:`fastkd.cpu_backend.kd_loss_reduced`), so a
@@ -330,13 +347,13 @@ class _KDLossReduced(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels, normalizer, options: KDOptions, divisor: float, with_metrics: bool):
-        loss, metrics, grad_s, grad_t = _kd_loss_reduced_op(
+        loss, metrics, grad_s, grad_t = _kd_loss_reduced(
             student,
             teacher,
             labels,
             normalizer,
-            **options._asdict(),
-            divisor=divisor,
+            options,
+            divisor,
             grad=True,
             teacher_grad=ctx.needs_input_grad[1],
             with_metrics=with_metrics,
@@ -362,13 +379,13 @@ class _KDLossReduced(torch.autograd.Function):
         grads, ctx.fused_grads = ctx.fused_grads, None
         if grads is None:
             student, teacher, labels, normalizer = ctx.saved_tensors
-            grads = _kd_loss_reduced_op(
+            grads = _kd_loss_reduced(
                 student,
                 teacher,
                 labels,
                 normalizer,
-                **ctx.options._asdict(),
-                divisor=ctx.divisor,
+                ctx.options,
+                ctx.divisor,
                 grad=True,
                 teacher_grad=teacher_grad,
                 with_metrics=False,
@@ -632,7 +649,7 @@ def _check_tensors(
         raise ValueError(
             f"student_logits and teacher_logits must be on the same device, got {student.device} and {teacher.device}"
         )
-    check_temperature(temperature, torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32)
+    check_temperature(temperature, reference._math_dtype(student, teacher))
     check_labels(
         labels, student.shape[:-1], student.shape[-1], student.device, ce_weight=ce_weight, ignore_index=ignore_index
     )
@@ -793,13 +810,13 @@ def _kd_loss_reduced_cpu(student, teacher, flat_labels, options: dict, with_metr
         return _KDLossReduced.apply(
             student, teacher, flat_labels, tensor_normalizer, options["kernel"], divisor, with_metrics
         )
-    return _kd_loss_reduced_op(
+    return _kd_loss_reduced(
         student,
         teacher,
         flat_labels,
         tensor_normalizer,
-        **options["kernel"]._asdict(),
-        divisor=divisor,
+        options["kernel"],
+        divisor,
         grad=False,
         teacher_grad=False,
         with_metrics=with_metrics,

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 
 def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32: the precision every reference computes in."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    for t in tensors:  # a loop, not any(generator): this runs on every kd_loss call
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def _weighted(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
