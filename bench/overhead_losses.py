@@ -1,18 +1,19 @@
 """Host overhead of dkd_loss and feature_loss on CPU at classification shapes against the eager code they replace:
 µs per forward+backward call through autograd, fastkd (its default backend) and eager interleaved round by round
-(the VM's noise moves both alike), medians of 15 rounds.
+(the VM's noise moves both alike; fastkd.bench.interleaved_ms), medians of 15 rounds of ~2 ms blocks.
 
     python bench/overhead_losses.py [THREADS]        (default 1)
 """
 
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastkd
+from fastkd.bench import interleaved_ms
+
+ROUNDS = 15
 
 
 def eager_dkd(s, t, labels, alpha=1.0, beta=8.0, temperature=4.0):
@@ -29,46 +30,34 @@ def eager_dkd(s, t, labels, alpha=1.0, beta=8.0, temperature=4.0):
     return alpha * tckd + beta * nckd
 
 
-def interleaved_us(fns: dict, calls: int, rounds: int = 15) -> dict:
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        for _ in range(calls // 10):
-            fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls * 1e6)
-    return {name: statistics.median(values) for name, values in times.items()}
+def us_per_call(fns: dict) -> dict:
+    return {name: ms * 1e3 for name, ms in interleaved_ms(fns, torch.device("cpu"), ROUNDS).items()}
 
 
 def main(threads: int) -> None:
     torch.set_num_threads(threads)
-    print(f"CPU, {threads} thread(s), fp32; µs per forward+backward call, medians of 15 interleaved rounds")
+    print(f"CPU, {threads} thread(s), fp32; µs per forward+backward call, medians of {ROUNDS} interleaved rounds")
     print(f"{'op':<34} {'fastkd':>8} {'eager':>8} {'ratio':>6}")
     gen = torch.Generator().manual_seed(0)
     for rows, cols in [(64, 10), (128, 100), (256, 1000)]:
         s = torch.randn(rows, cols, generator=gen, requires_grad=True)
         t, labels = torch.randn(rows, cols, generator=gen), torch.randint(0, cols, (rows,), generator=gen)
-        got = interleaved_us(
+        got = us_per_call(
             {
                 "fastkd": lambda: torch.autograd.grad(fastkd.dkd_loss(s, t, labels), s),
                 "eager": lambda: torch.autograd.grad(eager_dkd(s, t, labels), s),
-            },
-            2000 if rows * cols < 100_000 else 200,
+            }
         )
         name = f"dkd_loss {rows}x{cols}"
         print(f"{name:<34} {got['fastkd']:8.1f} {got['eager']:8.1f} {got['fastkd'] / got['eager']:6.2f}")
     for shape in [(64, 64, 8, 8), (256, 128, 16, 16)]:
         s = torch.randn(shape, generator=gen, requires_grad=True)
         t = torch.randn(shape, generator=gen)
-        got = interleaved_us(
+        got = us_per_call(
             {
                 "fastkd": lambda: torch.autograd.grad(fastkd.feature_loss(s, t), s),
                 "eager": lambda: torch.autograd.grad(F.mse_loss(s, t), s),
-            },
-            2000 if s.numel() < 1_000_000 else 50,
+            }
         )
         name = f"feature_loss mse {'x'.join(map(str, shape))}"
         print(f"{name:<34} {got['fastkd']:8.1f} {got['eager']:8.1f} {got['fastkd'] / got['eager']:6.2f}", flush=True)
