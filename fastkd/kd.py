@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import cpu_backend, cuda_backend, reference
+from . import cpu_backend, cuda_backend, fused_gradient, reference
 from .dispatch import check_backend_name, kernel_op, kernel_or_reference, launchers, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS, KDOptions, Metric, TopKOptions, stats_rows
 from .topk import TAILS, TopK
@@ -341,9 +341,7 @@ class _KDLossReduced(torch.autograd.Function):
     """A ``"batchmean"`` or ``"sum"`` loss of kl or reverse_kl with one teacher on the C++ backend: one kernel call
     returns the reduced loss (and the metrics) and its gradient (:func:`fastkd.cpu_backend.kd_loss_reduced`), so a
     small call costs one autograd node and no row losses, statistics or reduction ops. The backward hands the
-    gradient on times the incoming gradient: in place in eager mode, and not at all when that gradient is 1 (a
-    CPU scalar: reading it costs no sync). A second eager backward through a retained graph calls the kernel again
-    (the first one's gradient may now be a ``.grad``)."""
+    gradient on (:mod:`fastkd.fused_gradient`)."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, normalizer, options: KDOptions, divisor: float, with_metrics: bool):
@@ -358,12 +356,7 @@ class _KDLossReduced(torch.autograd.Function):
             teacher_grad=ctx.needs_input_grad[1],
             with_metrics=with_metrics,
         )
-        if torch.compiler.is_compiling():
-            ctx.fused_grads = None
-            ctx.save_for_backward(grad_s, grad_t)
-        else:
-            ctx.fused_grads = (grad_s, grad_t)
-            ctx.save_for_backward(student, teacher, labels, normalizer)
+        fused_gradient.keep(ctx, (grad_s, grad_t), (student, teacher, labels, normalizer))
         ctx.options, ctx.divisor = options, divisor
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
@@ -372,14 +365,9 @@ class _KDLossReduced(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_metrics):
         teacher_grad = ctx.needs_input_grad[1]
-        if torch.compiler.is_compiling():
-            grad_s, grad_t = ctx.saved_tensors
-            grad_s, grad_t = grad_s * grad_loss, grad_t * grad_loss if teacher_grad else None
-            return grad_s, grad_t, None, None, None, None, None
-        grads, ctx.fused_grads = ctx.fused_grads, None
-        if grads is None:
-            student, teacher, labels, normalizer = ctx.saved_tensors
-            grads = _kd_loss_reduced(
+
+        def recompute(student, teacher, labels, normalizer):
+            return _kd_loss_reduced(
                 student,
                 teacher,
                 labels,
@@ -390,13 +378,10 @@ class _KDLossReduced(torch.autograd.Function):
                 teacher_grad=teacher_grad,
                 with_metrics=False,
             )[2:]
-        grad_s, grad_t = grads[0], grads[1] if teacher_grad else None
-        if float(grad_loss) != 1.0:
-            grad_s.mul_(grad_loss)
-            if grad_t is not None:
-                grad_t.mul_(grad_loss)
+
+        grad_s, grad_t = fused_gradient.take(ctx, grad_loss, recompute)
         # student, teacher; labels, normalizer, options, divisor, with_metrics
-        return grad_s, grad_t, None, None, None, None, None
+        return grad_s, grad_t if teacher_grad else None, None, None, None, None, None
 
 
 # a sparse teacher (TopK): Triton only; no gradient to its values
