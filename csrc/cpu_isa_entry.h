@@ -9,7 +9,7 @@ namespace FASTKD_ISA {
 namespace {
 bool cpu_supports() { return FASTKD_CPU_SUPPORTS(); }
 }  // namespace
-extern const CpuIsa isa = {FASTKD_ISA_NAME, cpu_supports,    forward,         backward,
-                           scale_rows,      power_iteration, feature_forward, feature_backward};
+extern const CpuIsa isa = {FASTKD_ISA_NAME,  cpu_supports,    forward,         backward,    scale_rows,
+                           power_iteration, feature_forward, feature_backward, feature_flat};
 }  // namespace FASTKD_ISA
 }  // namespace fastkd

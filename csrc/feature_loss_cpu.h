@@ -46,4 +46,24 @@ struct FeatureArgs {
     int num_threads = 1;
 };
 
+// feature_loss of contiguous features with no mask, normalisation or margin and an element-wise kind, in one pass
+// (feature_flat in feature_loss_impl.h; module.cpp's feature_loss_flat reduces it): the sum of term(s − t) of
+// each block of kFeatureFlatBlock elements into block_sums (one thread per block: the same bits for any thread
+// count) and, where the gradient pointers are set, grad_scale·∂term/∂s (its negative for t) in the inputs' dtypes.
+constexpr int64_t kFeatureFlatBlock = 1 << 14;
+
+struct FeatureFlatArgs {
+    const void* student = nullptr;
+    const void* teacher = nullptr;
+    int student_dtype = kFloat32, teacher_dtype = kFloat32;
+    int64_t count = 0;  // elements
+    int kind = kKindMSE;  // mse, l1 or smooth_l1
+    float beta = 1.0f;
+    float grad_scale = 1.0f;
+    void* grad_student = nullptr;  // null: not wanted
+    void* grad_teacher = nullptr;
+    double* block_sums = nullptr;  // ceil(count / kFeatureFlatBlock) of them
+    int num_threads = 1;
+};
+
 }  // namespace fastkd

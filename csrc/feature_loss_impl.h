@@ -330,6 +330,46 @@ void feature_backward_group(const FeatureArgs& a, int64_t g) {
     });
 }
 
+// One block of the flat pass (FeatureFlatArgs): Σ term over [begin, end), gradients stored on the way.
+template <int Kind>
+float flat_block(const FeatureFlatArgs& a, int64_t begin, int64_t end) {
+    GroupSum sum;
+    for (int64_t i = begin; i < end; i += kLanes) {
+        const int n = static_cast<int>(end - i < kLanes ? end - i : kLanes);
+        const vf d =
+            load_lanes(a.student, a.student_dtype, i, n, 0.0f) - load_lanes(a.teacher, a.teacher_dtype, i, n, 0.0f);
+        vf term, slope;
+        term_and_slope(Kind, a.beta, d, &term, &slope);  // lanes past n: d = 0, a term of 0
+        sum.add(term);
+        const vf grad = a.grad_scale * slope;
+        if (a.grad_student != nullptr) store_lanes(a.grad_student, a.student_dtype, i, n, grad);
+        if (a.grad_teacher != nullptr) store_lanes(a.grad_teacher, a.teacher_dtype, i, n, -grad);
+    }
+    return sum.value();
+}
+
+template <int Kind>
+void feature_flat_kind(const FeatureFlatArgs& a) {
+    const int64_t blocks = (a.count + kFeatureFlatBlock - 1) / kFeatureFlatBlock;
+#pragma omp parallel num_threads(a.num_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t end = (b + 1) * kFeatureFlatBlock;
+            a.block_sums[b] = flat_block<Kind>(a, b * kFeatureFlatBlock, end < a.count ? end : a.count);
+        }
+        store_fence();
+    }
+}
+
+void feature_flat(const FeatureFlatArgs& a) {
+    switch (a.kind) {
+        case kKindMSE: return feature_flat_kind<kKindMSE>(a);
+        case kKindL1: return feature_flat_kind<kKindL1>(a);
+        default: return feature_flat_kind<kKindSmoothL1>(a);
+    }
+}
+
 int64_t feature_groups(const FeatureArgs& a) {
     switch (static_cast<FeatureGroup>(a.group)) {
         case kGroupChannel: return a.num_n * a.num_c;

@@ -35,6 +35,7 @@ struct CpuIsa {
     void (*power_iteration)(const PowerArgs&);
     void (*feature_forward)(const FeatureArgs&);
     void (*feature_backward)(const FeatureArgs&);
+    void (*feature_flat)(const FeatureFlatArgs&);
 };
 
 namespace avx512 { extern const CpuIsa isa; }

@@ -12,6 +12,6 @@
 #include "feature_loss_impl.h"
 #include "cpu_isa_entry.h"
 #else
-extern const fastkd::CpuIsa fastkd::avx2::isa = {"avx2", nullptr, nullptr, nullptr, nullptr, nullptr,
-                                                    nullptr, nullptr};
+extern const fastkd::CpuIsa fastkd::avx2::isa = {"avx2", nullptr, nullptr, nullptr, nullptr,
+                                                    nullptr, nullptr, nullptr, nullptr};
 #endif

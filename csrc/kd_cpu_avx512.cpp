@@ -15,6 +15,6 @@
 #include "feature_loss_impl.h"
 #include "cpu_isa_entry.h"
 #else
-extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr, nullptr, nullptr,
-                                                    nullptr, nullptr};
+extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr, nullptr,
+                                                    nullptr, nullptr, nullptr, nullptr};
 #endif

@@ -266,6 +266,46 @@ void feature_backward(const py::dict& d) {
     g_isa->feature_backward(a);
 }
 
+// feature_loss reduced to one number in one call, for contiguous features with no mask, normalisation or margin
+// and an element-wise kind (positional arguments, as kd_loss_reduced): *loss_out = Σ term(s − t) / divisor, the
+// blocks of feature_flat summed in double in order (the same bits for any thread count); when grad_student or
+// grad_teacher is set, the gradient of that loss w.r.t. that input, in its dtype.
+void feature_loss_flat(uintptr_t student, int student_dtype, uintptr_t teacher, int teacher_dtype, int64_t count,
+                       int kind, float beta, double divisor, uintptr_t grad_student, uintptr_t grad_teacher,
+                       uintptr_t loss_out, int num_threads) {
+    FeatureFlatArgs a;
+    a.student = reinterpret_cast<const void*>(student);
+    a.teacher = reinterpret_cast<const void*>(teacher);
+    a.student_dtype = dtype_code(student_dtype, "student");
+    a.teacher_dtype = dtype_code(teacher_dtype, "teacher");
+    a.count = count;
+    a.kind = kind;
+    a.beta = beta;
+    a.grad_scale = static_cast<float>(1.0 / divisor);
+    a.grad_student = reinterpret_cast<void*>(grad_student);
+    a.grad_teacher = reinterpret_cast<void*>(grad_teacher);
+    if (count < 0 || num_threads < 1) throw std::invalid_argument("count must be >= 0 and num_threads >= 1");
+    if (kind != kKindMSE && kind != kKindL1 && kind != kKindSmoothL1) {
+        throw std::invalid_argument("the flat pass covers the element-wise kinds (mse, l1, smooth_l1) only");
+    }
+    if (!(divisor > 0)) throw std::invalid_argument("divisor must be > 0");
+    float* out = reinterpret_cast<float*>(loss_out);
+    if (out == nullptr || (count > 0 && (a.student == nullptr || a.teacher == nullptr))) {
+        throw std::invalid_argument("null pointer");
+    }
+    thread_local std::vector<double> block_sums;  // scratch
+    block_sums.resize(static_cast<size_t>((count + kFeatureFlatBlock - 1) / kFeatureFlatBlock));
+    a.block_sums = block_sums.data();
+    a.num_threads = threads_for(num_threads, count);
+    {
+        py::gil_scoped_release release;
+        g_isa->feature_flat(a);
+    }
+    double total = 0;
+    for (double x : block_sums) total += x;
+    *out = static_cast<float>(total / divisor);
+}
+
 // An uninitialised uint8 numpy array of nbytes from the buffer pool; its memory goes back to the pool when the
 // array (and every tensor made from it with torch.from_numpy) is gone.
 py::array_t<uint8_t> empty_buffer(size_t nbytes) {
@@ -296,6 +336,8 @@ PYBIND11_MODULE(_C, m) {
           "feature_loss: per-group sums of weighted terms and weights (feature_loss_cpu.h).");
     m.def("feature_backward", &fastkd::feature_backward, py::arg("args"),
           "feature_loss: gradients of the scaled sum of terms (feature_loss_cpu.h).");
+    m.def("feature_loss_flat", &fastkd::feature_loss_flat,
+          "feature_loss of plain contiguous features reduced to one number, with its gradients (module.cpp).");
     m.def("empty_buffer", &fastkd::empty_buffer, py::arg("nbytes"),
           "Uninitialised uint8 array from the buffer pool (csrc/buffer_pool.h).");
     m.def("empty_cache", &fastkd::buffer_pool::empty, "Free the pool's cached blocks.");

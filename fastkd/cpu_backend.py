@@ -312,6 +312,35 @@ def _feature_args(student, teacher, mask, margin, *, kind, normalize, group, bet
     return args, [mask, margin]
 
 
+def feature_loss_flat(student, teacher, *, kind: str, beta: float, mean: bool, grad: bool, teacher_grad: bool):
+    """``(loss, grad_s, grad_t)`` of plain features in one kernel call: contiguous CPU student and teacher of the
+    same shape, no mask, normalisation or margin, an element-wise kind. ``loss`` is the 0-d float32
+    ``Σ term(s − t)`` (÷ the element count with ``mean``), summed in float64 in a fixed order; ``grad_s`` and
+    ``grad_t`` its gradients (in the inputs' dtypes; empty when ``grad``, ``teacher_grad`` is false)."""
+    count = student.numel()
+    loss = torch.empty((), dtype=torch.float32)
+    grad_s = empty(student.shape if grad else (0,), student.dtype)
+    grad_t = empty(teacher.shape if teacher_grad else (0,), teacher.dtype)
+    _extension().feature_loss_flat(
+        student.data_ptr(),
+        DTYPE_CODES[student.dtype],
+        teacher.data_ptr(),
+        DTYPE_CODES[teacher.dtype],
+        count,
+        _FEATURE_KIND_CODES[kind],
+        beta,
+        float(max(count, 1)) if mean else 1.0,
+        grad_s.data_ptr() if grad else 0,
+        grad_t.data_ptr() if teacher_grad else 0,
+        loss.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return loss, grad_s, grad_t
+
+
+_FEATURE_KIND_CODES = {kind.name.lower(): int(kind) for kind in FeatureKind}
+
+
 def feature_forward(student, teacher, mask, margin, *, kind, normalize, group, beta):
     """Per-group Σ mask·term and Σ mask of (N, C, S) CPU features; the contract of
     :func:`fastkd.kernels.features.feature_forward`."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import cpu_backend, fused_gradient, reference
 from .adapters import adapter_for
 from .dispatch import kernel_op, kernel_or_reference, launchers, select_backend
 from .kernel_args import FeatureGroup, feature_groups
@@ -126,6 +126,63 @@ class _FeatureLoss(torch.autograd.Function):
             scale.reshape(1).to(torch.float32), student, teacher, mask, margin, *ctx.options, teacher_grad
         )
         return grad_s, grad_t if teacher_grad else None, None, None, None, None, None, None, None, None
+
+
+# plain features (contiguous, no mask, normalisation or margin, an element-wise kind): the loss and its gradient in
+# one call of the C++ backend
+
+
+@kernel_op("feature_loss_flat")
+def _feature_loss_flat_op(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: float, mean: bool, grad: bool, teacher_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cpu_backend.feature_loss_flat(
+        student, teacher, kind=kind, beta=beta, mean=mean, grad=grad, teacher_grad=teacher_grad
+    )
+
+
+@_feature_loss_flat_op.register_fake
+def _(student, teacher, kind, beta, mean, grad, teacher_grad):
+    return (
+        student.new_empty((), dtype=torch.float32),
+        student.new_empty(student.shape if grad else (0,)),
+        teacher.new_empty(teacher.shape if teacher_grad else (0,)),
+    )
+
+
+class _FeatureLossFlat(torch.autograd.Function):
+    """Plain features on the C++ backend: the forward's one call returns the loss and its gradients, the backward
+    hands them on (:mod:`fastkd.fused_gradient`)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, kind, beta, mean):
+        wants = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, grad_s, grad_t = _feature_loss_flat_op(student, teacher, kind, beta, mean, *wants)
+        fused_gradient.keep(ctx, (grad_s, grad_t), (student, teacher))
+        ctx.options = kind, beta, mean
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        wants = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_s, grad_t = fused_gradient.take(
+            ctx, grad_loss, lambda student, teacher: _feature_loss_flat_op(student, teacher, *ctx.options, *wants)[1:]
+        )
+        return grad_s if wants[0] else None, grad_t if wants[1] else None, None, None, None
+
+
+def _plain(student, teacher, mask, margin, kind: str, normalize: Optional[str]) -> bool:
+    """Whether the C++ backend's flat pass (:class:`_FeatureLossFlat`) computes this call: contiguous features,
+    no mask, normalisation or margin, an element-wise kind (the layout of the channels then does not matter)."""
+    return (
+        mask is None
+        and margin is None
+        and normalize is None
+        and kind != "cosine"
+        and student.is_contiguous()
+        and teacher.is_contiguous()
+    )
 
 
 def _as_groups(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -284,8 +341,8 @@ def feature_loss(
     )
     if student_feat.numel() == 0:  # nothing to match: 0, connected to both inputs (as a fully masked input)
         return (student_feat.sum() + teacher_feat.sum()).to(reference._math_dtype(student_feat, teacher_feat)) * 0
-    student, teacher = _as_groups(student_feat, channel_dim), _as_groups(teacher_feat, channel_dim)
-    group = _kernel_group(kind, normalize, student.shape[1], student.shape[2])
+    num_c = student_feat.shape[channel_dim]
+    group = _kernel_group(kind, normalize, num_c, student_feat.numel() // (student_feat.shape[0] * num_c))
     if group is None:
         chosen = select_backend(
             backend,
@@ -301,6 +358,12 @@ def feature_loss(
         chosen = kernel_or_reference(
             chosen, backend, "feature_loss", name, x is not None and torch.is_grad_enabled() and x.requires_grad
         )
+    mean = reduction == "mean"
+    if chosen == "cpu" and _plain(student_feat, teacher_feat, mask, margin, kind, normalize):
+        if torch.is_grad_enabled() and (student_feat.requires_grad or teacher_feat.requires_grad):
+            return _FeatureLossFlat.apply(student_feat, teacher_feat, kind, float(beta), mean)
+        return _feature_loss_flat_op(student_feat, teacher_feat, kind, float(beta), mean, False, False)[0]
+    student, teacher = _as_groups(student_feat, channel_dim), _as_groups(teacher_feat, channel_dim)
     if chosen in ("triton", "cpu"):  # the kernels read the mask through its strides (0 where it is broadcast)
         groups_mask = (
             None
@@ -319,7 +382,7 @@ def feature_loss(
             int(group),
             float(beta),
             chosen,
-            reduction == "mean",
+            mean,
         )
     math_dtype = reference._math_dtype(student, teacher)  # cast before expanding: no full-size copy of the mask
     weights_mask = (

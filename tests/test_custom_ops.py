@@ -78,10 +78,15 @@ def feature_cases(device, backend):
     mask = (torch.rand(2, 1, 10, generator=g) > 0.3).to(torch.uint8).to(device).expand(2, 3, 10)
     options = dict(kind="mse", normalize="channel", group=int(FeatureGroup.CHANNEL), beta=1.0, backend=backend)
     scale = torch.ones(1, device=device)
-    return [
+    cases = [
         (torch.ops.fastkd.feature_loss_groups.default, (s, t, mask, None), options),
         (torch.ops.fastkd.feature_loss_backward.default, (scale, s, t, mask, None), dict(options, teacher_grad=True)),
     ]
+    if backend == "cpu":  # plain features: the loss and its gradients in one call is the C++ backend's
+        flat = dict(kind="smooth_l1", beta=0.5, mean=True)
+        cases.append((torch.ops.fastkd.feature_loss_flat.default, (s, t), dict(flat, grad=True, teacher_grad=True)))
+        cases.append((torch.ops.fastkd.feature_loss_flat.default, (s, t), dict(flat, grad=False, teacher_grad=False)))
+    return cases
 
 
 def power_iteration_cases(device, backend):
@@ -131,6 +136,7 @@ EAGER_CALLS = {  # the callables fastkd's autograd.Functions use: in eager mode 
     "kd_topk_rows_backward": fastkd.kd._kd_topk_rows_backward_op,
     "feature_loss_groups": fastkd.features._feature_loss_groups_op,
     "feature_loss_backward": fastkd.features._feature_loss_backward_op,
+    "feature_loss_flat": fastkd.features._feature_loss_flat_op,
     "power_iteration": fastkd.lipschitz._power_iteration_op,
     "linear_kd_forward": fastkd.linear_kd._linear_kd_forward_op,
     "linear_kd_backward": fastkd.linear_kd._linear_kd_backward_op,

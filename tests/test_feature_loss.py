@@ -412,3 +412,122 @@ def test_ofd_margin_switches_to_minus_three_gamma_below_a_negative_mass_of_1e3()
     z = torch.tensor(2.9, dtype=torch.float64)
     assert margin[0].item() == pytest.approx((z - normal.log_prob(z).exp() / normal.cdf(-z)).item(), rel=1e-6)
     assert margin[1].item() == -3.0
+
+
+# plain features on the C++ backend (contiguous, no mask, normalisation or margin, an element-wise kind): one call
+# returns the loss and its gradients (features._FeatureLossFlat)
+
+PLAIN_SHAPES = [(4, 7), (2, 3, 4, 5), (3, 5, 41, 37)]  # the last spans two blocks of the flat pass and a remainder
+
+
+@pytest.fixture
+def flat_calls(monkeypatch):
+    """The calls of the C++ flat pass, counted."""
+    skip_unless_available("cpu")
+    calls = []
+    flat = features.cpu_backend.feature_loss_flat
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return flat(*args, **kwargs)
+
+    monkeypatch.setattr(features.cpu_backend, "feature_loss_flat", counted)
+    return calls
+
+
+@pytest.mark.parametrize("shape", PLAIN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["mse", "l1", "smooth_l1"])
+def test_plain_features_take_one_cpu_call_matching_the_reference(flat_calls, kind, reduction, shape):
+    student, teacher = make(shape, device="cpu"), make(shape, seed=1, device="cpu")
+    options = dict(kind=kind, reduction=reduction, beta=0.7)
+    got = run(student, teacher, "cpu", **options)
+    assert len(flat_calls) == 1 and flat_calls[0]["grad"] and flat_calls[0]["teacher_grad"]
+    want = run(student.double(), teacher.double(), "reference", **options)
+    for name, a, b in zip(("loss", "grad student", "grad teacher"), got, want):
+        assert a.dtype == torch.float32
+        assert_rel_close(a, b, 1e-5, what=name)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 2, (torch.float16,) * 2, (torch.bfloat16, torch.float32)])
+def test_plain_half_precision_features_within_1e2(flat_calls, dtypes):
+    student, teacher = make((2, 3, 5, 7), device="cpu"), make((2, 3, 5, 7), seed=1, device="cpu")
+    got = run(student.to(dtypes[0]), teacher.to(dtypes[1]), "cpu", kind="smooth_l1")
+    assert flat_calls and got[1].dtype == dtypes[0] and got[2].dtype == dtypes[1]
+    want = run(student.to(dtypes[0]).double(), teacher.to(dtypes[1]).double(), "reference", kind="smooth_l1")
+    for a, b in zip(got, want):
+        assert_rel_close(a, b, 1e-2)
+
+
+def test_plain_features_one_side_wanting_a_gradient(flat_calls):
+    student, teacher = make((3, 4, 5), device="cpu"), make((3, 4, 5), seed=1, device="cpu").requires_grad_()
+    fastkd.feature_loss(student, teacher, kind="l1", backend="cpu").backward()
+    assert flat_calls[-1]["grad"] is False and flat_calls[-1]["teacher_grad"] is True
+    assert_rel_close(teacher.grad, -torch.sign(student - teacher.detach()) / student.numel(), 1e-6)
+    with torch.no_grad():
+        fastkd.feature_loss(student, teacher, backend="cpu")
+    assert flat_calls[-1]["grad"] is False and flat_calls[-1]["teacher_grad"] is False
+
+
+def test_plain_features_loss_has_the_same_bits_with_or_without_a_gradient(flat_calls):
+    student, teacher = make((2, 3, 8, 8), device="cpu"), make((2, 3, 8, 8), seed=1, device="cpu")
+    with torch.no_grad():
+        without = fastkd.feature_loss(student, teacher, backend="cpu")
+    assert torch.equal(fastkd.feature_loss(student.requires_grad_(), teacher, backend="cpu"), without)
+
+
+def test_plain_features_backward_scales_by_the_incoming_gradient_and_runs_twice(flat_calls):
+    student = make((2, 3, 4, 4), device="cpu").requires_grad_()
+    teacher = make((2, 3, 4, 4), seed=1, device="cpu")
+    expected = 2 * (student.detach() - teacher) / student.numel()
+    loss = fastkd.feature_loss(student, teacher, backend="cpu")
+    (3 * loss).backward(retain_graph=True)
+    assert_rel_close(student.grad, 3 * expected, 1e-6)
+    loss.backward()  # a second backward through the retained graph: the kernel runs again
+    assert_rel_close(student.grad, 4 * expected, 1e-6)
+    assert len(flat_calls) == 2
+
+
+def test_plain_features_nan_reaches_the_loss_and_its_gradient(flat_calls):
+    student = make((2, 3, 4), device="cpu")
+    student[1, 2, 3] = float("nan")
+    _, grad_s, grad_t = run(student, make((2, 3, 4), seed=1, device="cpu"), "cpu")
+    loss = fastkd.feature_loss(student, make((2, 3, 4), seed=1, device="cpu"), backend="cpu")
+    assert loss.isnan() and grad_s[1, 2, 3].isnan() and grad_t[1, 2, 3].isnan()
+    assert grad_s[0].isfinite().all()
+
+
+def test_non_contiguous_plain_features_take_the_group_kernels(flat_calls):
+    student, teacher = make((2, 5, 4, 3), device="cpu"), make((2, 5, 4, 3), seed=1, device="cpu")
+    strided = run(student.transpose(1, 3), teacher.transpose(1, 3), "cpu", kind="smooth_l1")
+    assert not flat_calls
+    flat = run(student.transpose(1, 3).contiguous(), teacher.transpose(1, 3).contiguous(), "cpu", kind="smooth_l1")
+    assert len(flat_calls) == 1
+    for a, b in zip(strided, flat):
+        assert_rel_close(a, b, 1e-6)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_plain_features_give_the_same_bits_for_any_thread_count(flat_calls, threads):
+    # 4·8·64·64 elements: eight blocks of the flat pass, enough work for four threads
+    student, teacher = make((4, 8, 64, 64), device="cpu"), make((4, 8, 64, 64), seed=1, device="cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = run(student, teacher, "cpu")
+        torch.set_num_threads(threads)
+        got = run(student, teacher, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert flat_calls and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_plain_features_compile_fullgraph_to_the_same_bits(flat_calls):
+    student, teacher = make((2, 3, 4, 4), device="cpu"), make((2, 3, 4, 4), seed=1, device="cpu")
+    loss = functools.partial(fastkd.feature_loss, kind="smooth_l1", backend="cpu")
+    compiled = torch.compile(loss, fullgraph=True)
+    s_eager, s_compiled = student.clone().requires_grad_(), student.clone().requires_grad_()
+    eager_loss, compiled_loss = loss(s_eager, teacher), compiled(s_compiled, teacher)
+    (2 * eager_loss).backward()
+    (2 * compiled_loss).backward()
+    assert torch.equal(eager_loss, compiled_loss) and torch.equal(s_eager.grad, s_compiled.grad)
