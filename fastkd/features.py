@@ -18,7 +18,9 @@ Statistics (mean, variance, norms) run over the present elements. ``reduction="m
 
 Backends (:mod:`fastkd.dispatch`): ``"triton"`` runs one fused kernel per pass (CUDA, or the interpreter on
 CPU), the statistics computed in the same launch, one program per normalisation group; ``"cpu"`` runs the same
-algorithm in the C++ extension (csrc/feature_loss_impl.h, OpenMP over groups, the same bits for any thread count).
+algorithm in the C++ extension (csrc/feature_loss_impl.h, OpenMP over groups, the same bits for any thread count);
+for plain features there (contiguous, no mask, normalisation or margin, an element-wise kind) one flat pass returns
+the loss and both gradients, and the backward only scales them (:mod:`fastkd.fused_gradient`).
 ``normalize="channel"`` or ``"sample"`` with ``kind="cosine"`` mixes two groupings and always runs the reference.
 """
 
