@@ -627,7 +627,8 @@ class Distiller(nn.Module):
                     value, term_metrics = value
                     for key, metric in term_metrics.items():
                         metrics.setdefault(key, metric.detach())
-                losses[name] = term.weight(self.schedule_step) * value
+                weight = term.weight(self.schedule_step)
+                losses[name] = value if weight == 1 else weight * value  # ×1 is exact: no graph node for it
             if not metrics and student_out.shape == teacher_out.shape and "hidden" not in self._reads():
                 with torch.no_grad():
                     _, metrics = kd_loss(

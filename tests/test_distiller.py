@@ -103,6 +103,15 @@ def test_terms_are_weighted_and_share_one_divisor_of_counted_rows():
     assert_rel_close(out.loss, sum(out.losses.values()), 1e-6)
 
 
+def test_a_weight_of_one_is_the_term_itself_and_other_weights_multiply_it():
+    student, teacher = make_pair()
+    x, y = batch()
+    out = Distiller(student, teacher, terms={"ce": CrossEntropy(1.0), "kd": KD(2.5)})(x, y)
+    kd_alone = Distiller(student, teacher, terms={"kd": KD()})(x, y).loss
+    assert type(out.losses["ce"].grad_fn).__name__ == "DivBackward0"  # no ×1 node after the term's own division
+    assert torch.equal(out.losses["kd"], 2.5 * kd_alone)
+
+
 def test_a_custom_ignore_index_skips_those_rows_in_every_term_and_in_the_divisor():
     student, teacher = make_pair()
     x, y = batch(ignored=())
