@@ -332,10 +332,10 @@ void feature_backward_group(const FeatureArgs& a, int64_t g) {
 
 // One block of the flat pass (FeatureFlatArgs): Σ term over [begin, end), gradients stored on the way.
 template <int Kind>
-float flat_block(const FeatureFlatArgs& a, int64_t begin, int64_t end) {
+float flat_block(const FeatureFlatArgs& args, int64_t begin, int64_t end) {
+    const FeatureFlatArgs a = args;  // a local copy: the compiler keeps it in registers across the stores below
     GroupSum sum;
-    for (int64_t i = begin; i < end; i += kLanes) {
-        const int n = static_cast<int>(end - i < kLanes ? end - i : kLanes);
+    auto chunk = [&](int64_t i, int n) {
         const vf d =
             load_lanes(a.student, a.student_dtype, i, n, 0.0f) - load_lanes(a.teacher, a.teacher_dtype, i, n, 0.0f);
         vf term, slope;
@@ -344,7 +344,10 @@ float flat_block(const FeatureFlatArgs& a, int64_t begin, int64_t end) {
         const vf grad = a.grad_scale * slope;
         if (a.grad_student != nullptr) store_lanes(a.grad_student, a.student_dtype, i, n, grad);
         if (a.grad_teacher != nullptr) store_lanes(a.grad_teacher, a.teacher_dtype, i, n, -grad);
-    }
+    };
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes) chunk(i, kLanes);  // whole vectors: n is a constant here
+    if (i < end) chunk(i, static_cast<int>(end - i));
     return sum.value();
 }
 
