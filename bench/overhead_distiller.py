@@ -82,11 +82,7 @@ def main(threads: int) -> None:
     ft = torch.randn(64, 64, 8, 8, generator=gen)
 
     def fastkd_losses():
-        loss = (
-            F.cross_entropy(s, labels)
-            + fastkd.kd_loss(s, t, temperature=TEMPERATURE)
-            + fastkd.feature_loss(fs, ft)
-        )
+        loss = F.cross_entropy(s, labels) + fastkd.kd_loss(s, t, temperature=TEMPERATURE) + fastkd.feature_loss(fs, ft)
         torch.autograd.grad(loss, (s, fs))
 
     def eager_losses():
