@@ -24,6 +24,7 @@ from .features import feature_loss
 from .kd import _check_options, check_ignore_index, check_normalizer, kd_loss, tensor_divisor
 from .linear_kd import head_parameters, linear_kd_loss
 from .lipschitz import london_loss
+from .outputs import Where, check_where, logits_of, next_token_rows
 from .schedules import Schedule, as_schedule
 
 CAPTURE_MODES = ("hooks", "outputs")
@@ -32,11 +33,11 @@ CAPTURE_MODES = ("hooks", "outputs")
 class DistillBatch(NamedTuple):
     """What a loss term sees for one call of the distiller."""
 
-    student_logits: torch.Tensor
+    student_logits: torch.Tensor  # the rows the terms read: with causal_lm, the next-token predictions [..., :-1, :]
     teacher_logits: torch.Tensor
     student_features: Mapping[Any, list]  # module path (or output key) → its outputs in call order
     teacher_features: Mapping[Any, list]
-    labels: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]  # with causal_lm, the next tokens: labels[..., 1:]
     ignore_index: int
     normalizer: Union[int, torch.Tensor]  # the divisor of the per-row terms
     step: int  # the schedule step
@@ -44,7 +45,8 @@ class DistillBatch(NamedTuple):
 
 
 class DistillOutput(NamedTuple):
-    """``output``: the student's logits; ``losses``: each term's weighted value; ``loss``: their sum;
+    """``output``: the student's logits (as its model returned them, read by the ``logits`` rule; not shifted with
+    ``causal_lm``); ``losses``: each term's weighted value; ``loss``: their sum;
     ``metrics``: detached fidelity metrics (see :func:`fastkd.kd_loss`'s ``return_stats``)."""
 
     output: torch.Tensor
@@ -452,6 +454,10 @@ class Distiller(nn.Module):
     ``terms``: a dict name → :class:`Term` (or a callable ``fn(batch)``, weight 1); default ``{"kd": KD()}``.
     ``example_inputs``: one batch (as ``forward`` takes it) to size the adapters of :class:`Features` terms;
     both models run it once in eval mode without gradient. ``ignore_index``: the label of rows to skip.
+    ``logits``: where the logits are in what the models return (:mod:`fastkd.outputs`: by default the output itself
+    if it is a tensor, else its ``"logits"`` entry or attribute, else a tuple's first element); a key, attribute
+    name, index or callable overrides it. ``causal_lm``: the rows are next-token predictions, as in Hugging Face's
+    causal-LM loss: logits ``[..., :-1, :]`` against labels ``[..., 1:]`` (pass the labels unshifted).
     ``forward(inputs, labels=None, *, normalizer=None)`` returns a :class:`DistillOutput`; ``inputs`` is a
     tensor, or a tuple/list (positional) or dict (keyword) of the models' arguments.
     """
@@ -466,6 +472,8 @@ class Distiller(nn.Module):
         capture: str = "hooks",
         ignore_index: int = -100,
         normalize_across_ranks: bool = False,
+        logits: Where = None,
+        causal_lm: bool = False,
     ):
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -495,6 +503,10 @@ class Distiller(nn.Module):
         self.capture = capture
         self.ignore_index = check_ignore_index(ignore_index)
         self.normalize_across_ranks = normalize_across_ranks
+        self.logits = check_where(logits)
+        if not isinstance(causal_lm, bool):
+            raise TypeError(f"causal_lm must be a bool, got {type(causal_lm).__name__}")
+        self.causal_lm = causal_lm
         self.schedule_step = 0
         self.adapters = nn.ModuleDict()
         self._capture = _Capture()
@@ -581,12 +593,21 @@ class Distiller(nn.Module):
 
     def counted_rows(self, labels: Optional[torch.Tensor], logits_shape: Optional[torch.Size] = None):
         """The rows the per-row terms count: labels ≠ ignore_index (a 0-d tensor), else all rows of
-        ``logits_shape[:-1]``. Sum it over the micro-batches of an optimizer step to get its ``normalizer``."""
+        ``logits_shape[:-1]``; with ``causal_lm``, of the next-token rows (labels ``[..., 1:]``, one position
+        fewer per sequence), labels given unshifted as to ``forward``. Sum it over the micro-batches of an optimizer
+        step to get its ``normalizer``."""
         if labels is not None:
-            return (labels != self.ignore_index).sum()
+            return self._counted_rows(labels[..., 1:] if self.causal_lm else labels, None)
         if logits_shape is None:
             raise ValueError("counted_rows needs labels or the logits' shape")
-        return logits_shape[:-1].numel()
+        rows = torch.Size(logits_shape)[:-1]
+        if self.causal_lm and rows:
+            rows = torch.Size((*rows[:-1], max(rows[-1] - 1, 0)))
+        return self._counted_rows(None, rows)
+
+    def _counted_rows(self, labels: Optional[torch.Tensor], rows: Optional[torch.Size]):
+        """The counted rows of labels or of a shape of rows, as they reach the terms (already shifted)."""
+        return (labels != self.ignore_index).sum() if labels is not None else rows.numel()
 
     def _normalizer(self, logits: torch.Tensor, labels: Optional[torch.Tensor], normalizer):
         if normalizer is not None:  # 0: no counted row in the whole step; the losses are 0
@@ -594,7 +615,7 @@ class Distiller(nn.Module):
             if isinstance(normalizer, torch.Tensor):
                 return tensor_divisor(normalizer)
             return normalizer if normalizer != 0 else 1
-        count = self.counted_rows(labels, logits.shape)
+        count = self._counted_rows(labels, logits.shape[:-1])
         if not (self.normalize_across_ranks and dist.is_available() and dist.is_initialized()):
             return count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
         count = torch.as_tensor(count, dtype=torch.float32, device=logits.device)
@@ -609,14 +630,19 @@ class Distiller(nn.Module):
             student_features, teacher_features = self._features(student_out, teacher_out)
             if self.capture == "outputs":
                 student_out, teacher_out = student_out[0], teacher_out[0]
+            output = logits_of(student_out, self.logits, "student")
+            student_rows, teacher_rows = output, logits_of(teacher_out, self.logits, "teacher")
+            if self.causal_lm:
+                student_rows, labels = next_token_rows(student_rows, labels, "student")
+                teacher_rows, _ = next_token_rows(teacher_rows, None, "teacher")
             batch = DistillBatch(
-                student_out,
-                teacher_out,
+                student_rows,
+                teacher_rows,
                 student_features,
                 teacher_features,
                 labels,
                 self.ignore_index,
-                self._normalizer(student_out, labels, normalizer),
+                self._normalizer(student_rows, labels, normalizer),
                 self.schedule_step,
                 inputs,
             )
@@ -629,14 +655,14 @@ class Distiller(nn.Module):
                         metrics.setdefault(key, metric.detach())
                 weight = term.weight(self.schedule_step)
                 losses[name] = value if weight == 1 else weight * value  # ×1 is exact: no graph node for it
-            if not metrics and student_out.shape == teacher_out.shape and "hidden" not in self._reads():
+            if not metrics and student_rows.shape == teacher_rows.shape and "hidden" not in self._reads():
                 with torch.no_grad():
                     _, metrics = kd_loss(
-                        student_out, teacher_out, labels=labels, ignore_index=self.ignore_index, return_stats=True
+                        student_rows, teacher_rows, labels=labels, ignore_index=self.ignore_index, return_stats=True
                     )
         finally:
             self._capture.clear()
-        return DistillOutput(student_out, losses, functools.reduce(operator.add, losses.values()), metrics)
+        return DistillOutput(output, losses, functools.reduce(operator.add, losses.values()), metrics)
 
     def _reads(self) -> set:
         return {term.reads for term in self.terms.values()}
