@@ -1,0 +1,358 @@
+r"""The loss terms of :class:`fastkd.Distiller` (:class:`KD`, :class:`LinearKD`, :class:`DKD`,
+:class:`CrossEntropy`, :class:`Features`, :class:`London`, :class:`Custom`) and :class:`DistillBatch`, what a term
+sees for one call of the distiller. Importable from :mod:`fastkd.distiller` as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dkd import dkd_loss
+from .features import feature_loss
+from .kd import _check_options, kd_loss
+from .linear_kd import head_parameters, linear_kd_loss
+from .lipschitz import london_loss
+from .schedules import Schedule, as_schedule
+
+
+class DistillBatch(NamedTuple):
+    """What a loss term sees for one call of the distiller."""
+
+    student_logits: torch.Tensor  # the rows the terms read: with causal_lm, the next-token predictions [..., :-1, :]
+    teacher_logits: torch.Tensor
+    student_features: Mapping[Any, list]  # module path (or output key) → its outputs in call order
+    teacher_features: Mapping[Any, list]
+    labels: Optional[torch.Tensor]  # with causal_lm, the next tokens: labels[..., 1:]
+    ignore_index: int
+    normalizer: Union[int, torch.Tensor]  # the divisor of the per-row terms
+    step: int  # the schedule step
+    inputs: Any
+
+
+class Term:
+    """A loss term: ``term(batch)`` is its unweighted value (or ``(value, metrics)``); ``weight`` a schedule.
+    ``reads``: what it takes the models' outputs to be, ``"logits"`` or ``"hidden"`` (the states entering the output
+    heads, :class:`LinearKD`), or None if it does not read them; one Distiller's terms must agree."""
+
+    reads: Optional[str] = None
+
+    def __init__(self, weight: Union[float, Schedule] = 1.0):
+        self.weight = as_schedule(weight, "weight")
+
+    def __call__(self, batch: DistillBatch):
+        raise NotImplementedError
+
+    def captures(self) -> tuple[list, list]:
+        """The student and teacher features (module paths or output keys) this term reads."""
+        return [], []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class KD(Term):
+    """:func:`fastkd.kd_loss` (KD part only: CE is its own term) of the student and teacher logits, reduced with
+    the distiller's divisor. Rows whose label is ``ignore_index`` are skipped when labels are given. A teacher
+    that returns ``(K, *, V)`` logits is an ensemble (``teacher_weights``, ``ensemble`` as in kd_loss). Also
+    reports the fidelity metrics (for an ensemble, against its distribution at T = 1)."""
+
+    reads = "logits"
+
+    def __init__(
+        self,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        temperature: Union[float, Schedule] = 4.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        scale_by_t2: bool = True,
+        teacher_weights=None,
+        ensemble: str = "prob",
+        backend: str = "auto",
+    ):
+        super().__init__(weight)
+        self.temperature = as_schedule(temperature, "temperature")
+        self.options = dict(
+            divergence=divergence,
+            beta=beta,
+            scale_by_t2=scale_by_t2,
+            teacher_weights=teacher_weights,
+            ensemble=ensemble,
+            backend=backend,
+        )
+        _check_options(
+            temperature=self.temperature(0),
+            divergence=divergence,
+            beta=beta,
+            reduction="batchmean",
+            ignore_index=-100,
+            ce_weight=0.0,
+            kd_weight=1.0,
+            scale_by_t2=scale_by_t2,
+            normalizer=None,
+        )
+
+    def __call__(self, batch: DistillBatch):
+        return kd_loss(
+            batch.student_logits,
+            batch.teacher_logits,
+            temperature=self.temperature(batch.step),
+            labels=batch.labels,
+            ignore_index=batch.ignore_index,
+            normalizer=batch.normalizer,
+            return_stats=True,
+            **self.options,
+        )
+
+
+class LinearKD(Term):
+    """:func:`fastkd.linear_kd_loss` from the hidden states the models return (``(*, H)``, the input of their output
+    heads) through the heads given here, chunk by chunk: the N×V logits are never built. The student and teacher
+    given to the Distiller are then the models without their heads (e.g. a Hugging Face causal LM's ``.model``),
+    and ``student_head``/``teacher_head`` the heads (``nn.Linear`` or a tied ``nn.Embedding``; the student's gets a
+    gradient, so its parameters must be in the optimizer; the teacher's gets none). ``ce_weight`` adds the hard-label
+    CE (needs labels); other options as in linear_kd_loss. Reduced with the distiller's divisor; reports the
+    fidelity metrics. Cannot share a Distiller with terms that read logits (:class:`KD`, :class:`DKD`,
+    :class:`CrossEntropy`), and ``DistillOutput.output`` is then the student's hidden states."""
+
+    reads = "hidden"
+
+    def __init__(
+        self,
+        student_head: nn.Module,
+        teacher_head: nn.Module,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        temperature: Union[float, Schedule] = 4.0,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        ce_weight: float = 0.0,
+        scale_by_t2: bool = True,
+        vocab_size: Optional[int] = None,
+        logit_softcap: Optional[float] = None,
+        chunk_rows: Optional[int] = None,
+        backend: str = "auto",
+    ):
+        super().__init__(weight)
+        head_parameters(student_head, "student_head")
+        head_parameters(teacher_head, "teacher_head")
+        self.heads = (student_head, teacher_head)
+        self.temperature = as_schedule(temperature, "temperature")
+        self.options = dict(
+            divergence=divergence,
+            beta=beta,
+            ce_weight=ce_weight,
+            scale_by_t2=scale_by_t2,
+            vocab_size=vocab_size,
+            logit_softcap=logit_softcap,
+            chunk_rows=chunk_rows,
+            backend=backend,
+        )
+        _check_options(
+            temperature=self.temperature(0),
+            divergence=divergence,
+            beta=beta,
+            reduction="batchmean",
+            ignore_index=-100,
+            ce_weight=ce_weight,
+            kd_weight=1.0,
+            scale_by_t2=scale_by_t2,
+            normalizer=None,
+        )
+
+    def __call__(self, batch: DistillBatch):
+        (student_weight, student_bias), (teacher_weight, teacher_bias) = (
+            head_parameters(head, name) for head, name in zip(self.heads, ("student_head", "teacher_head"))
+        )
+        return linear_kd_loss(
+            batch.student_logits,
+            student_weight,
+            batch.teacher_logits,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            labels=batch.labels,
+            ignore_index=batch.ignore_index,
+            normalizer=batch.normalizer,
+            temperature=self.temperature(batch.step),
+            return_stats=True,
+            **self.options,
+        )
+
+
+class DKD(Term):
+    """:func:`fastkd.dkd_loss` (α·TCKD + β·NCKD; needs labels), reduced with the distiller's divisor. Its warm-up
+    is a schedule on ``weight``: ``DKD(weight=schedules.Warmup(20))``."""
+
+    reads = "logits"
+
+    def __init__(
+        self,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: Union[float, Schedule] = 4.0,
+        backend: str = "auto",
+    ):
+        super().__init__(weight)
+        self.temperature = as_schedule(temperature, "temperature")
+        self.options = dict(alpha=alpha, beta=beta, backend=backend)
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        return dkd_loss(
+            batch.student_logits,
+            batch.teacher_logits,
+            _labels(batch, self),
+            temperature=self.temperature(batch.step),
+            ignore_index=batch.ignore_index,
+            normalizer=batch.normalizer,
+            **self.options,
+        )
+
+
+class CrossEntropy(Term):
+    """Hard-label cross-entropy of the student logits: Σ over counted rows of −log softmax(s)[label] ÷ the
+    distiller's divisor (0, not NaN, when no row counts)."""
+
+    reads = "logits"
+
+    def __init__(self, weight: Union[float, Schedule] = 1.0, *, label_smoothing: float = 0.0):
+        super().__init__(weight)
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        logits, labels = batch.student_logits, _labels(batch, self)
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"labels must have the shape of the student logits without the class dim, "
+                f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+            )
+        if logits.dim() != 2:  # (N, V) logits as they are: a reshape would add a graph node
+            logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        total = F.cross_entropy(
+            logits.float(),
+            labels,
+            ignore_index=batch.ignore_index,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
+        )
+        return total / batch.normalizer
+
+
+class Features(Term):
+    """Feature matching (FitNets): ``loss(adapter(student feature), teacher feature)``.
+
+    ``student``/``teacher``: module paths (``capture="hooks"``) or keys of the features the models return
+    (``capture="outputs"``). ``call``: which call's output when the module runs more than once per forward
+    (default the last). ``adapter``: ``"auto"`` (built from the example batch by
+    :func:`fastkd.adapters.adapter_for`, identity when the shapes agree), ``None`` (none; shapes must agree), or
+    a module. ``loss``: any ``loss(student, teacher) -> Tensor``; by default :func:`fastkd.feature_loss` (mean
+    squared error over elements; e.g. ``functools.partial(feature_loss, normalize="channel")`` for others).
+    """
+
+    def __init__(
+        self,
+        student: Any,
+        teacher: Any,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = feature_loss,
+        adapter: Union[str, nn.Module, None] = "auto",
+        call: int = -1,
+    ):
+        super().__init__(weight)
+        if not (adapter is None or adapter == "auto" or isinstance(adapter, nn.Module)):
+            raise ValueError(f"adapter must be 'auto', None or an nn.Module, got {adapter!r}")
+        if not callable(loss):
+            raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+        self.student, self.teacher, self.loss, self.adapter, self.call = student, teacher, loss, adapter, call
+
+    def captures(self) -> tuple[list, list]:
+        return [self.student], [self.teacher]
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        student = _feature(batch.student_features, self.student, "student", self.call)
+        teacher = _feature(batch.teacher_features, self.teacher, "teacher", self.call)
+        if self.adapter == "auto":
+            raise RuntimeError("this Features term's adapter has not been built: give the Distiller example_inputs")
+        if self.adapter is not None:
+            student = self.adapter(student)
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"student feature {self.student!r} has shape {tuple(student.shape)} (after the "
+                f"adapter) but teacher feature {self.teacher!r} has {tuple(teacher.shape)}; use "
+                f"adapter='auto' or a module that maps one to the other"
+            )
+        return self.loss(student, teacher)
+
+
+class London(Term):
+    """:func:`fastkd.london_loss` (LONDON's Lipschitz-continuity loss) over the stage features named by
+    ``student`` and ``teacher`` (lists of L ≥ 2 module paths or output keys, (B, C, H, W) maps, last call of
+    each); ``n_iter``, ``init`` as there. The authors' CIFAR weight is α/200."""
+
+    def __init__(
+        self,
+        student: list,
+        teacher: list,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        n_iter: int = 10,
+        init: str = "uniform",
+    ):
+        super().__init__(weight)
+        if len(student) != len(teacher) or len(student) < 2:
+            raise ValueError(
+                f"student and teacher must name the same number (≥ 2) of stages, got {len(student)} and {len(teacher)}"
+            )
+        self.student, self.teacher, self.n_iter, self.init = list(student), list(teacher), n_iter, init
+
+    def captures(self) -> tuple[list, list]:
+        return self.student, self.teacher
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        return london_loss(
+            [_feature(batch.student_features, key, "student", -1) for key in self.student],
+            [_feature(batch.teacher_features, key, "teacher", -1) for key in self.teacher],
+            n_iter=self.n_iter,
+            init=self.init,
+        )
+
+
+class Custom(Term):
+    """Any ``fn(batch) -> Tensor`` (or ``(Tensor, metrics)``) as a weighted term."""
+
+    def __init__(self, fn: Callable[[DistillBatch], Any], weight: Union[float, Schedule] = 1.0):
+        super().__init__(weight)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, batch: DistillBatch):
+        return self.fn(batch)
+
+
+def _feature(features: Mapping[Any, list], key: Any, side: str, call: int) -> torch.Tensor:
+    """The output of call ``call`` of the module (or output key) ``key`` in this forward."""
+    outputs = features.get(key, [])
+    if not outputs:
+        raise RuntimeError(
+            f"the {side}'s feature {key!r} was not produced by its forward (module not run, or hooks removed)"
+        )
+    try:
+        return outputs[call]
+    except IndexError:
+        raise IndexError(
+            f"call={call}, but the {side}'s module {key!r} ran {len(outputs)} time(s) in this forward"
+        ) from None
+
+
+def _labels(batch: DistillBatch, term: Term) -> torch.Tensor:
+    if batch.labels is None:
+        raise ValueError(f"{type(term).__name__} needs labels: call distiller(inputs, labels)")
+    return batch.labels
