@@ -20,7 +20,7 @@ from torch import nn
 from .adapters import adapter_for
 from .kd import check_ignore_index, check_normalizer, kd_loss, tensor_divisor
 from .outputs import Where, check_where, logits_of, next_token_rows
-from .terms import DKD, KD, CrossEntropy, Custom, DistillBatch, Features, LinearKD, London, Term, _feature
+from .terms import DKD, KD, CrossEntropy, Custom, DistillBatch, Features, LinearKD, London, Term, captured_feature
 
 __all__ = [
     "Distiller",
@@ -234,8 +234,8 @@ class Distiller(nn.Module):
                 for term in features.values():
                     if term.adapter != "auto":
                         continue
-                    student = _feature(student_features, term.student, "student", term.call)
-                    teacher = _feature(teacher_features, term.teacher, "teacher", term.call)
+                    student = captured_feature(student_features, term.student, "student", term.call)
+                    teacher = captured_feature(teacher_features, term.teacher, "teacher", term.call)
                     term.adapter = adapter_for(student.shape, teacher.shape).to(student.device, student.dtype)
         finally:
             self.student.train(was_training)
@@ -315,6 +315,7 @@ class Distiller(nn.Module):
                 self._normalizer(student_rows, labels, normalizer),
                 self.schedule_step,
                 inputs,
+                self.adapters,
             )
             losses, metrics = {}, {}
             for name, term in self.terms.items():

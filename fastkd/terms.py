@@ -5,7 +5,8 @@ sees for one call of the distiller. Importable from :mod:`fastkd.distiller` as w
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,9 @@ from .schedules import Schedule, as_schedule
 
 
 class DistillBatch(NamedTuple):
-    """What a loss term sees for one call of the distiller."""
+    """What a loss term sees for one call of the distiller. A custom term reads the captured features with
+    :meth:`student_feature` and :meth:`teacher_feature` (declare them: ``Custom(fn, student_features=[...],
+    teacher_features=[...])``) and the Features terms' adapters in ``adapters`` (term name → module)."""
 
     student_logits: torch.Tensor  # the rows the terms read: with causal_lm, the next-token predictions [..., :-1, :]
     teacher_logits: torch.Tensor
@@ -30,7 +33,16 @@ class DistillBatch(NamedTuple):
     ignore_index: int
     normalizer: Union[int, torch.Tensor]  # the divisor of the per-row terms
     step: int  # the schedule step
-    inputs: Any
+    inputs: Any  # the batch as the distiller got it
+    adapters: Mapping[str, nn.Module] = MappingProxyType({})  # the Features terms' adapters by term name
+
+    def student_feature(self, key: Any, call: int = -1) -> torch.Tensor:
+        """The student's captured feature ``key`` (module path or output key) of call ``call`` in this forward."""
+        return captured_feature(self.student_features, key, "student", call)
+
+    def teacher_feature(self, key: Any, call: int = -1) -> torch.Tensor:
+        """The teacher's captured feature ``key`` of call ``call`` in this forward."""
+        return captured_feature(self.teacher_features, key, "teacher", call)
 
 
 class Term:
@@ -253,6 +265,12 @@ class Features(Term):
     :func:`fastkd.adapters.adapter_for`, identity when the shapes agree), ``None`` (none; shapes must agree), or
     a module. ``loss``: any ``loss(student, teacher) -> Tensor``; by default :func:`fastkd.feature_loss` (mean
     squared error over elements; e.g. ``functools.partial(feature_loss, normalize="channel")`` for others).
+
+    ``mask``: the elements that count, e.g. the attention mask of token features: the key of a mask in the inputs
+    mapping (``"attention_mask"``) or ``mask(batch) -> Tensor``; it goes to ``loss(student, teacher, mask=m)``. An
+    integer mask counts where it is non-zero. A mask with the features' shape but their channels (or anything that
+    broadcasts to the features) is used as it is; one with a dim fewer is the features without their channel dim,
+    ``(N, L)`` for ``(N, L, C)`` tokens or ``(N, H, W)`` for ``(N, C, H, W)`` maps, and gets a size-1 channel dim.
     """
 
     def __init__(
@@ -261,23 +279,27 @@ class Features(Term):
         teacher: Any,
         weight: Union[float, Schedule] = 1.0,
         *,
-        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = feature_loss,
+        loss: Callable[..., torch.Tensor] = feature_loss,
         adapter: Union[str, nn.Module, None] = "auto",
         call: int = -1,
+        mask: Union[str, Callable[[DistillBatch], torch.Tensor], None] = None,
     ):
         super().__init__(weight)
         if not (adapter is None or adapter == "auto" or isinstance(adapter, nn.Module)):
             raise ValueError(f"adapter must be 'auto', None or an nn.Module, got {adapter!r}")
         if not callable(loss):
             raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+        if not (mask is None or isinstance(mask, str) or callable(mask)):
+            raise TypeError(f"mask must be None, a key of the inputs or a callable batch -> Tensor, got {mask!r}")
         self.student, self.teacher, self.loss, self.adapter, self.call = student, teacher, loss, adapter, call
+        self.mask = mask
 
     def captures(self) -> tuple[list, list]:
         return [self.student], [self.teacher]
 
     def __call__(self, batch: DistillBatch) -> torch.Tensor:
-        student = _feature(batch.student_features, self.student, "student", self.call)
-        teacher = _feature(batch.teacher_features, self.teacher, "teacher", self.call)
+        student = batch.student_feature(self.student, self.call)
+        teacher = batch.teacher_feature(self.teacher, self.call)
         if self.adapter == "auto":
             raise RuntimeError("this Features term's adapter has not been built: give the Distiller example_inputs")
         if self.adapter is not None:
@@ -288,7 +310,42 @@ class Features(Term):
                 f"adapter) but teacher feature {self.teacher!r} has {tuple(teacher.shape)}; use "
                 f"adapter='auto' or a module that maps one to the other"
             )
-        return self.loss(student, teacher)
+        if self.mask is None:
+            return self.loss(student, teacher)
+        return self.loss(student, teacher, mask=_feature_mask(self._batch_mask(batch), student.shape))
+
+    def _batch_mask(self, batch: DistillBatch) -> torch.Tensor:
+        if callable(self.mask):
+            mask = self.mask(batch)
+        elif not isinstance(batch.inputs, Mapping) or self.mask not in batch.inputs:
+            keys = list(batch.inputs.keys()) if isinstance(batch.inputs, Mapping) else type(batch.inputs).__name__
+            raise ValueError(f"Features(mask={self.mask!r}) reads the inputs mapping, which has {keys}")
+        else:
+            mask = batch.inputs[self.mask]
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"the mask of Features({self.student!r}, ...) must be a tensor, got {type(mask).__name__}")
+        return mask
+
+
+def _feature_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``mask`` (bool, float, or integer: non-zero counts) aligned with features of ``shape`` (Features' rule)."""
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        mask = mask != 0
+    if mask.dim() != len(shape) - 1:
+        return mask
+    channels_last = mask.shape == shape[:-1]
+    channels_first = mask.shape == shape[:1] + shape[2:]
+    if channels_last and channels_first and len(shape) > 2:
+        raise ValueError(
+            f"a mask of shape {tuple(mask.shape)} fits features {tuple(shape)} with the channels first or last; "
+            f"give it a size-1 channel dim"
+        )
+    if channels_last or channels_first:
+        return mask.unsqueeze(-1 if channels_last and len(shape) > 2 else 1)
+    raise ValueError(
+        f"a mask of shape {tuple(mask.shape)} does not match features {tuple(shape)} without their channel dim "
+        f"({tuple(shape[:-1])} or {tuple(shape[:1] + shape[2:])})"
+    )
 
 
 class London(Term):
@@ -317,27 +374,42 @@ class London(Term):
 
     def __call__(self, batch: DistillBatch) -> torch.Tensor:
         return london_loss(
-            [_feature(batch.student_features, key, "student", -1) for key in self.student],
-            [_feature(batch.teacher_features, key, "teacher", -1) for key in self.teacher],
+            [batch.student_feature(key) for key in self.student],
+            [batch.teacher_feature(key) for key in self.teacher],
             n_iter=self.n_iter,
             init=self.init,
         )
 
 
 class Custom(Term):
-    """Any ``fn(batch) -> Tensor`` (or ``(Tensor, metrics)``) as a weighted term."""
+    """Any ``fn(batch) -> Tensor`` (or ``(Tensor, metrics)``) as a weighted term. ``student_features`` and
+    ``teacher_features``: the module paths (or output keys) it reads with ``batch.student_feature(key)`` and
+    ``batch.teacher_feature(key)``, captured for it; ``batch.adapters`` holds the Features terms' adapters."""
 
-    def __init__(self, fn: Callable[[DistillBatch], Any], weight: Union[float, Schedule] = 1.0):
+    def __init__(
+        self,
+        fn: Callable[[DistillBatch], Any],
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        student_features: Sequence[Any] = (),
+        teacher_features: Sequence[Any] = (),
+    ):
         super().__init__(weight)
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        self.fn = fn
+        for name, keys in (("student_features", student_features), ("teacher_features", teacher_features)):
+            if isinstance(keys, str) or not isinstance(keys, Sequence):
+                raise TypeError(f"{name} must be a list of module paths or output keys, got {keys!r}")
+        self.fn, self.student_features, self.teacher_features = fn, list(student_features), list(teacher_features)
+
+    def captures(self) -> tuple[list, list]:
+        return self.student_features, self.teacher_features
 
     def __call__(self, batch: DistillBatch):
         return self.fn(batch)
 
 
-def _feature(features: Mapping[Any, list], key: Any, side: str, call: int) -> torch.Tensor:
+def captured_feature(features: Mapping[Any, list], key: Any, side: str, call: int) -> torch.Tensor:
     """The output of call ``call`` of the module (or output key) ``key`` in this forward."""
     outputs = features.get(key, [])
     if not outputs:
