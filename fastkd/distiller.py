@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Mapping, NamedTuple, Optional, Union
+import warnings
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,19 @@ from torch import nn
 from .adapters import adapter_for
 from .kd import check_ignore_index, check_normalizer, kd_loss, tensor_divisor
 from .outputs import Where, check_where, logits_of, next_token_rows
-from .terms import DKD, KD, CrossEntropy, Custom, DistillBatch, Features, LinearKD, London, Term, captured_feature
+from .terms import (
+    DKD,
+    KD,
+    CrossEntropy,
+    Custom,
+    DistillBatch,
+    Features,
+    LinearKD,
+    London,
+    StepNormalizer,
+    Term,
+    captured_feature,
+)
 
 __all__ = [
     "Distiller",
@@ -34,6 +47,7 @@ __all__ = [
     "Features",
     "London",
     "Custom",
+    "StepNormalizer",
 ]
 
 CAPTURE_MODES = ("hooks", "outputs")
@@ -110,6 +124,27 @@ def _unwrapped(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def _data_parallel(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped by DistributedDataParallel or FSDP (FullyShardedDataParallel or fully_shard)."""
+    fsdp = getattr(torch.distributed, "fsdp", None)
+    wrappers = [nn.parallel.DistributedDataParallel]
+    for name in ("FullyShardedDataParallel", "FSDPModule"):
+        if fsdp is not None and isinstance(getattr(fsdp, name, None), type):
+            wrappers.append(getattr(fsdp, name))
+    return isinstance(model, tuple(wrappers))
+
+
+def _first_tensor(inputs: Any) -> torch.Tensor:
+    """The first tensor of a micro-batch's inputs (a tensor, a tuple/list or a mapping of them)."""
+    values = (
+        inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
+    )
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError(f"a micro-batch without labels needs a tensor among its inputs, got {type(inputs).__name__}")
+
+
 def _call(model: nn.Module, inputs: Any):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
@@ -129,7 +164,9 @@ class Distiller(nn.Module):
     name, index or callable overrides it. ``causal_lm``: the rows are next-token predictions, as in Hugging Face's
     causal-LM loss: logits ``[..., :-1, :]`` against labels ``[..., 1:]`` (pass the labels unshifted).
     ``forward(inputs, labels=None, *, normalizer=None)`` returns a :class:`DistillOutput`; ``inputs`` is a
-    tensor, or a tuple/list (positional) or dict (keyword) of the models' arguments.
+    tensor, or a tuple/list (positional) or dict (keyword) of the models' arguments; ``normalizer``: the divisor of
+    the per-row terms, or the :class:`StepNormalizer` of a step of accumulated micro-batches
+    (:meth:`step_normalizer`).
     """
 
     def __init__(
@@ -194,6 +231,13 @@ class Distiller(nn.Module):
         for name, term in features.items():
             if isinstance(term.adapter, nn.Module):
                 self.adapters[name] = term.adapter
+        if len(self.adapters) and _data_parallel(student):
+            warnings.warn(
+                "the student is wrapped for data parallelism (DDP or FSDP) inside the Distiller, so the adapters' "
+                "gradients are not synchronised across ranks; wrap the Distiller instead: "
+                "DistributedDataParallel(Distiller(student, teacher, ...))",
+                stacklevel=2,
+            )
 
     def _hook(self, side: str, model: nn.Module, path: str) -> None:
         if path in self._capture.outputs[side]:
@@ -275,6 +319,47 @@ class Distiller(nn.Module):
             rows = torch.Size((*rows[:-1], max(rows[-1] - 1, 0)))
         return self._counted_rows(None, rows)
 
+    def step_normalizer(self, micro_batches: Sequence[tuple[Any, Optional[torch.Tensor]]]) -> StepNormalizer:
+        """The counts of one optimizer step, to pass as ``normalizer=`` to each of its micro-batch calls: then the
+        micro-batch losses add up to the loss of the whole step, for every term but London (a per-call value).
+
+        ``micro_batches``: this rank's ``(inputs, labels)`` of the step, as they go to ``forward``. Counted: the
+        rows of the per-row terms (:meth:`counted_rows` of the labels; without labels, the micro-batch's samples,
+        right for ``(N, V)`` logits), the samples (the labels' dim 0, else that of the first input tensor), and Σ of
+        each mask key a :class:`Features` term reads from the inputs. With ``normalize_across_ranks`` the counts
+        are summed over the ranks (one all-reduce of a few numbers) and divided by the world size, so that DDP's
+        average gradient equals that of the concatenated batch. A normalizer given as a number or tensor is used as
+        it is, on every rank."""
+        features = [term for term in self.terms.values() if isinstance(term, Features) and term.mask is not None]
+        if any(callable(term.mask) for term in features):
+            raise ValueError("step_normalizer counts masks given by their key; a Features term has a callable mask")
+        keys = sorted({term.mask for term in features})
+        counts, device = [], None
+        for item in micro_batches:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TypeError(f"micro_batches must hold (inputs, labels) pairs, got {type(item).__name__}")
+            inputs, labels = item
+            first = labels if labels is not None else _first_tensor(inputs)
+            device = device or first.device
+            samples = first.shape[0] if first.dim() else 1
+            masks = []
+            for key in keys:
+                if not isinstance(inputs, Mapping) or key not in inputs:
+                    raise ValueError(
+                        f"a Features term reads the mask {key!r} of the inputs, which this micro-batch lacks"
+                    )
+                mask = inputs[key]
+                masks.append(mask.sum() if mask.is_floating_point() else (mask != 0).sum())
+            rows = self.counted_rows(labels) if labels is not None else samples
+            counts.append([torch.as_tensor(c, dtype=torch.float64, device=device) for c in (rows, samples, *masks)])
+        if not counts:
+            raise ValueError("micro_batches is empty")
+        total = torch.stack([torch.stack(c) for c in counts]).sum(0)
+        if self.normalize_across_ranks and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            total = total / dist.get_world_size()
+        return StepNormalizer(total[0], total[1], dict(zip(keys, total[2:])))
+
     def _counted_rows(self, labels: Optional[torch.Tensor], rows: Optional[torch.Size]):
         """The counted rows of labels or of a shape of rows, as they reach the terms (already shifted)."""
         return (labels != self.ignore_index).sum() if labels is not None else rows.numel()
@@ -293,8 +378,13 @@ class Distiller(nn.Module):
         return count.clamp_min(1) / dist.get_world_size()
 
     def forward(
-        self, inputs: Any, labels: Optional[torch.Tensor] = None, *, normalizer: Union[float, torch.Tensor, None] = None
+        self,
+        inputs: Any,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        normalizer: Union[float, torch.Tensor, StepNormalizer, None] = None,
     ) -> DistillOutput:
+        step = normalizer if isinstance(normalizer, StepNormalizer) else None
         try:
             student_out, teacher_out = self._run_models(inputs)
             student_features, teacher_features = self._features(student_out, teacher_out)
@@ -312,10 +402,11 @@ class Distiller(nn.Module):
                 teacher_features,
                 labels,
                 self.ignore_index,
-                self._normalizer(student_rows, labels, normalizer),
+                self._normalizer(student_rows, labels, step.rows if step is not None else normalizer),
                 self.schedule_step,
                 inputs,
                 self.adapters,
+                step,
             )
             losses, metrics = {}, {}
             for name, term in self.terms.items():

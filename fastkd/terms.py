@@ -20,6 +20,18 @@ from .lipschitz import london_loss
 from .schedules import Schedule, as_schedule
 
 
+class StepNormalizer(NamedTuple):
+    """The counts of one optimizer step's micro-batches (:meth:`fastkd.Distiller.step_normalizer`), summed over the
+    ranks and divided by the world size with ``normalize_across_ranks``: ``rows`` divides the per-row terms (KD,
+    DKD, CE, LinearKD); a :class:`Features` term's per-call mean is weighted by this call's share of ``samples``, or
+    of ``masks[key]`` (Σ of the mask ``key`` of the inputs) when its mask is that key, so that the micro-batches'
+    losses add up to the loss of the whole step."""
+
+    rows: torch.Tensor
+    samples: torch.Tensor
+    masks: Mapping[str, torch.Tensor]
+
+
 class DistillBatch(NamedTuple):
     """What a loss term sees for one call of the distiller. A custom term reads the captured features with
     :meth:`student_feature` and :meth:`teacher_feature` (declare them: ``Custom(fn, student_features=[...],
@@ -35,6 +47,7 @@ class DistillBatch(NamedTuple):
     step: int  # the schedule step
     inputs: Any  # the batch as the distiller got it
     adapters: Mapping[str, nn.Module] = MappingProxyType({})  # the Features terms' adapters by term name
+    step_normalizer: Optional[StepNormalizer] = None  # given to the distiller's forward as its normalizer
 
     def student_feature(self, key: Any, call: int = -1) -> torch.Tensor:
         """The student's captured feature ``key`` (module path or output key) of call ``call`` in this forward."""
@@ -271,6 +284,11 @@ class Features(Term):
     integer mask counts where it is non-zero. A mask with the features' shape but their channels (or anything that
     broadcasts to the features) is used as it is; one with a dim fewer is the features without their channel dim,
     ``(N, L)`` for ``(N, L, C)`` tokens or ``(N, H, W)`` for ``(N, C, H, W)`` maps, and gets a size-1 channel dim.
+
+    The value is the loss of this call (a mean for ``feature_loss``). With a :class:`StepNormalizer` as the
+    distiller's normalizer it is weighted by this call's share of the step: of its samples (the features' dim 0),
+    or of the mask's Σ with a mask key, so that the micro-batch losses of a step add up to the step's loss. That is
+    exact when the loss is a mean over samples of equal size, or over the elements a mask keeps.
     """
 
     def __init__(
@@ -310,9 +328,17 @@ class Features(Term):
                 f"adapter) but teacher feature {self.teacher!r} has {tuple(teacher.shape)}; use "
                 f"adapter='auto' or a module that maps one to the other"
             )
+        step = batch.step_normalizer
         if self.mask is None:
-            return self.loss(student, teacher)
-        return self.loss(student, teacher, mask=_feature_mask(self._batch_mask(batch), student.shape))
+            value = self.loss(student, teacher)
+            return value if step is None else value * _share(student.shape[0], step.samples).to(value.dtype)
+        mask = _feature_mask(self._batch_mask(batch), student.shape)
+        value = self.loss(student, teacher, mask=mask)
+        if step is None:
+            return value
+        if callable(self.mask):
+            raise ValueError("a Features term with a callable mask cannot be step-normalized: give the mask's key")
+        return value * _share(mask.sum(), step.masks[self.mask]).to(value.dtype)
 
     def _batch_mask(self, batch: DistillBatch) -> torch.Tensor:
         if callable(self.mask):
@@ -325,6 +351,12 @@ class Features(Term):
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"the mask of Features({self.student!r}, ...) must be a tensor, got {type(mask).__name__}")
         return mask
+
+
+def _share(count, step_count: torch.Tensor) -> torch.Tensor:
+    """count ÷ step_count in float32 (0 where the step counts nothing)."""
+    step_count = step_count.to(torch.float32)
+    return torch.where(step_count > 0, count / step_count.clamp_min(1e-30), 0.0)
 
 
 def _feature_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:

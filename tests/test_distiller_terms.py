@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastkd
-from fastkd.distiller import Custom, Distiller, Features
+from fastkd.distiller import KD, CrossEntropy, Custom, Distiller, Features
 
 from conftest import assert_rel_close
 
@@ -159,3 +159,138 @@ def test_a_custom_term_reads_declared_features_and_the_adapters():
     assert_rel_close(out.losses["embed"], gap, 1e-6)
     with pytest.raises(TypeError, match="student_features must be a list"):
         Custom(embed_gap, student_features="embed")
+
+
+# gradient accumulation: Distiller.step_normalizer makes the micro-batch losses add up to the step's, every term
+
+
+def accumulation_distiller(student, teacher, **options):
+    terms = {
+        "ce": CrossEntropy(0.5),
+        "kd": KD(0.7, temperature=2.0),
+        "hint": Features("body", "body", adapter=None),  # samples of equal size: weighted by their share
+        "masked": Features("embed", "embed", adapter=None, mask="attention_mask"),  # weighted by the mask's share
+    }
+    return Distiller(student, teacher, terms=terms, **options)
+
+
+def padded_batch(seed, batch=6, length=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+    attention_mask = (torch.arange(length) < torch.randint(2, length + 1, (batch, 1), generator=g)).long()
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": attention_mask}, labels
+
+
+def split(inputs, labels, bounds):
+    return [({k: v[a:b] for k, v in inputs.items()}, labels[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def step_grads(distiller, student, micro_batches, normalizer):
+    student.zero_grad()
+    losses = {}
+    for inputs, labels in micro_batches:
+        out = distiller(inputs, labels, normalizer=normalizer)
+        out.loss.backward()
+        for name, value in out.losses.items():
+            losses[name] = losses.get(name, 0) + value.detach()
+    return losses, [p.grad.clone() for p in student.parameters()]
+
+
+@pytest.mark.parametrize("causal_lm", [False, True])
+def test_micro_batches_with_the_step_normalizer_add_up_to_the_whole_batch_for_every_term(causal_lm):
+    student, teacher = Encoder(5, 0), Encoder(5, 1)
+    distiller = accumulation_distiller(student, teacher, causal_lm=causal_lm)
+    inputs, labels = padded_batch(0)
+    whole_losses, whole_grads = step_grads(distiller, student, [(inputs, labels)], None)
+    micro = split(inputs, labels, [0, 1, 4, 6])  # unequal sizes and padding
+    step = distiller.step_normalizer(micro)
+    shifted = labels[:, 1:] if causal_lm else labels
+    assert int(step.rows) == int((shifted != -100).sum()) and int(step.samples) == 6
+    assert int(step.masks["attention_mask"]) == int(inputs["attention_mask"].sum())
+    losses, grads = step_grads(distiller, student, micro, step)
+    for name in whole_losses:
+        assert_rel_close(losses[name], whole_losses[name], 1e-5, what=name)
+    for got, want in zip(grads, whole_grads):
+        assert_rel_close(got, want, 1e-5)
+    # per-call means, without the step normalizer, do not add up for the features (the reason for it)
+    plain, _ = step_grads(distiller, student, micro, None)
+    assert abs(plain["hint"] - whole_losses["hint"]) > 1e-3 * whole_losses["hint"]
+
+
+def test_step_normalizer_refuses_what_it_cannot_count():
+    student, teacher = Encoder(4, 0), Encoder(4, 1)
+    inputs, labels = padded_batch(1)
+    callable_mask = Distiller(
+        student,
+        teacher,
+        terms={"hint": Features("body", "body", adapter=None, mask=lambda b: b.inputs["attention_mask"])},
+    )
+    with pytest.raises(ValueError, match="callable mask"):
+        callable_mask.step_normalizer([(inputs, labels)])
+    distiller = accumulation_distiller(student, teacher)
+    with pytest.raises(ValueError, match="'attention_mask' of the inputs, which this micro-batch lacks"):
+        distiller.step_normalizer([({"input_ids": inputs["input_ids"]}, labels)])
+    with pytest.raises(ValueError, match="micro_batches is empty"):
+        distiller.step_normalizer([])
+    with pytest.raises(TypeError, match=r"\(inputs, labels\) pairs"):
+        distiller.step_normalizer([inputs])
+
+
+def test_without_labels_the_step_counts_samples_as_rows():
+    student, teacher = ConvNet(3, 0), ConvNet(3, 1)
+    distiller = Distiller(student, teacher, terms={"kd": KD(), "hint": Features("conv", "conv", adapter=None)})
+    x = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    whole_losses, whole_grads = step_grads(distiller, student, [(x, None)], None)
+    micro = [(x[:2], None), (x[2:], None)]
+    step = distiller.step_normalizer(micro)
+    assert int(step.rows) == int(step.samples) == 5
+    losses, grads = step_grads(distiller, student, micro, step)
+    for name in whole_losses:
+        assert_rel_close(losses[name], whole_losses[name], 1e-5, what=name)
+    for got, want in zip(grads, whole_grads):
+        assert_rel_close(got, want, 1e-5)
+
+
+def _ddp_accumulation_worker(rank, world, init_file, out_dir):
+    import os
+    import warnings
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        student, teacher = Encoder(5, 0), Encoder(5, 1)
+        model = nn.parallel.DistributedDataParallel(
+            accumulation_distiller(student, teacher, causal_lm=True, normalize_across_ranks=True)
+        )
+        inputs, labels = padded_batch(3, batch=8)
+        mine = split(inputs, labels, [0, 1, 3] if rank == 0 else [3, 6, 8])  # unequal micro-batches per rank
+        step = model.module.step_normalizer(mine)
+        for part_inputs, part_labels in mine:
+            model(part_inputs, part_labels, normalizer=step).loss.backward()
+        torch.save([p.grad for p in student.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Distiller(
+                nn.parallel.DistributedDataParallel(Encoder(4, 0)),
+                Encoder(6, 1),
+                terms={"hint": Features("body", "body", adapter=nn.Linear(4, 6))},
+            )
+        torch.save([str(w.message) for w in caught], os.path.join(out_dir, f"warnings{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_gradient_accumulation_equals_one_process_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_accumulation_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    student, teacher = Encoder(5, 0), Encoder(5, 1)
+    distiller = accumulation_distiller(student, teacher, causal_lm=True)
+    _, whole = step_grads(distiller, student, [padded_batch(3, batch=8)], None)
+    for rank in range(2):
+        for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), whole):
+            assert_rel_close(got, want, 1e-5)
+        caught = torch.load(tmp_path / f"warnings{rank}.pt")
+        assert any("wrap the Distiller instead" in message for message in caught)
