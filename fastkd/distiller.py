@@ -166,7 +166,8 @@ class Distiller(nn.Module):
     ``forward(inputs, labels=None, *, normalizer=None)`` returns a :class:`DistillOutput`; ``inputs`` is a
     tensor, or a tuple/list (positional) or dict (keyword) of the models' arguments; ``normalizer``: the divisor of
     the per-row terms, or the :class:`StepNormalizer` of a step of accumulated micro-batches
-    (:meth:`step_normalizer`).
+    (:meth:`step_normalizer`); ``student``: the module to run for the student, when a trainer has wrapped
+    ``distiller.student`` (DDP, FSDP, ``torch.compile``) and the wrapper must see the forward.
     """
 
     def __init__(
@@ -249,12 +250,12 @@ class Distiller(nn.Module):
         self._hooks.append(module.register_forward_hook(_RecordOutput(self._capture, side, path)))
         self._capture.add(side, path)
 
-    def _run_models(self, inputs: Any):
+    def _run_models(self, inputs: Any, student: Optional[nn.Module] = None):
         """Both models' outputs, the hooks recording meanwhile (and checked for later in-place changes)."""
         self._capture.clear()
         self._capture.active = True
         try:
-            student_out = _call(self.student, inputs)
+            student_out = _call(self.student if student is None else student, inputs)
             with torch.no_grad():
                 teacher_out = _call(self.teacher, inputs)
         finally:
@@ -383,10 +384,13 @@ class Distiller(nn.Module):
         labels: Optional[torch.Tensor] = None,
         *,
         normalizer: Union[float, torch.Tensor, StepNormalizer, None] = None,
+        student: Optional[nn.Module] = None,
     ) -> DistillOutput:
+        if student is not None and _unwrapped(student) is not _unwrapped(self.student):
+            raise ValueError("student must be distiller.student or a wrapper of it (DDP, FSDP, torch.compile)")
         step = normalizer if isinstance(normalizer, StepNormalizer) else None
         try:
-            student_out, teacher_out = self._run_models(inputs)
+            student_out, teacher_out = self._run_models(inputs, student)
             student_features, teacher_features = self._features(student_out, teacher_out)
             if self.capture == "outputs":
                 student_out, teacher_out = student_out[0], teacher_out[0]
