@@ -2,4 +2,6 @@
 
 - :mod:`fastkd.integrations.transformers`: ``DistillationTrainer``, a Hugging Face ``Trainer`` that distils
   (``pip install fastkd[hf]``).
+- :mod:`fastkd.integrations.trl`: ``generalized_jsd_loss``, TRL's GKD divergence on fastkd's kernels
+  (``pip install fastkd[trl]``; the function itself imports nothing from TRL).
 """
