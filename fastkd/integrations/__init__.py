@@ -4,4 +4,6 @@
   (``pip install fastkd[hf]``).
 - :mod:`fastkd.integrations.trl`: ``generalized_jsd_loss``, TRL's GKD divergence on fastkd's kernels
   (``pip install fastkd[trl]``; the function itself imports nothing from TRL).
+- :mod:`fastkd.integrations.lightning`: ``DistillationModule``, a ``LightningModule`` around a Distiller
+  (``pip install fastkd[lightning]``).
 """
