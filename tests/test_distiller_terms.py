@@ -267,9 +267,14 @@ def _ddp_accumulation_worker(rank, world, init_file, out_dir):
         inputs, labels = padded_batch(3, batch=8)
         mine = split(inputs, labels, [0, 1, 3] if rank == 0 else [3, 6, 8])  # unequal micro-batches per rank
         step = model.module.step_normalizer(mine)
+        losses = {}
         for part_inputs, part_labels in mine:
-            model(part_inputs, part_labels, normalizer=step).loss.backward()
+            out = model(part_inputs, part_labels, normalizer=step)
+            out.loss.backward()
+            for name, value in out.losses.items():
+                losses[name] = losses.get(name, 0) + value.detach()
         torch.save([p.grad for p in student.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(losses, os.path.join(out_dir, f"losses{rank}.pt"))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             Distiller(
@@ -288,7 +293,10 @@ def test_ddp_with_gradient_accumulation_equals_one_process_on_the_whole_batch(tm
     mp.spawn(_ddp_accumulation_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     student, teacher = Encoder(5, 0), Encoder(5, 1)
     distiller = accumulation_distiller(student, teacher, causal_lm=True)
-    _, whole = step_grads(distiller, student, [padded_batch(3, batch=8)], None)
+    whole_losses, whole = step_grads(distiller, student, [padded_batch(3, batch=8)], None)
+    ranks = [torch.load(tmp_path / f"losses{rank}.pt") for rank in range(2)]
+    for name, value in whole_losses.items():  # each term: the mean over the ranks is the whole batch's
+        assert_rel_close((ranks[0][name] + ranks[1][name]) / 2, value, 1e-5, what=name)
     for rank in range(2):
         for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), whole):
             assert_rel_close(got, want, 1e-5)
