@@ -185,3 +185,30 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     exec(example.replace("max_steps=1000", "max_steps=2, report_to=[], use_cpu=True"), namespace)
     assert namespace["trainer"].state.global_step == 2
     transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "distilled" / "student"))
+
+
+def test_a_linear_kd_term_trains_as_ce_plus_kd_on_logits_without_building_them(tmp_path):
+    from fastkd.distiller import LinearKD
+
+    options = dict(gradient_accumulation_steps=2, max_steps=2)
+    logits_run = trainer(tmp_path / "logits", terms={"ce": CrossEntropy(), "kd": KD(temperature=2.0)}, **options)
+    logits_run.train()
+    student, teacher = gpt2(16, 0), gpt2(24, 1)
+    head = LinearKD(student.get_output_embeddings(), teacher.get_output_embeddings(), ce_weight=1.0, temperature=2.0)
+    linear_run = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        terms={"kd": head},
+        args=arguments(tmp_path / "linear", **options),
+        train_dataset=Sequences(),
+        data_collator=collate,
+    )
+    built = []
+    handle = student.lm_head.register_forward_hook(lambda m, args, out: built.append(out.shape))
+    linear_run.train()
+    handle.remove()
+    assert not built  # the student's head never ran as a module: no (N, V) logits
+    for name, value in weights(logits_run.model).items():
+        assert_rel_close(weights(linear_run.model)[name], value, 1e-5, what=name)
+    losses = [[entry["loss"] for entry in run.state.log_history if "loss" in entry] for run in (linear_run, logits_run)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

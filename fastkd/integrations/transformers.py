@@ -7,6 +7,10 @@ student with a :class:`fastkd.Distiller`'s terms instead of the model's own loss
 - the loss: the Distiller's terms (default ``{"ce": CrossEntropy(), "kd": KD()}``) on the models' ``logits``,
   shifted for causal LMs (``causal_lm=None`` detects a causal-LM head as the ``Trainer`` does), labels popped from
   the inputs so that neither model computes its own loss;
+- LLM heads without logits: with a :class:`fastkd.distiller.LinearKD` term (``LinearKD(student.lm_head,
+  teacher.lm_head, ce_weight=..., ...)``, which then replaces KD and CE), the Distiller runs the models'
+  ``base_model`` and reads its ``last_hidden_state``, so the N×V logits are never built; module paths of
+  ``Features`` terms are then relative to the base models (one process only, for now);
 - gradient accumulation: the ``Trainer`` gathers the micro-batches of each optimizer step; their
   :meth:`fastkd.Distiller.step_normalizer` (summed over the ranks under DDP) normalizes every term, so
   ``gradient_accumulation_steps=k`` gives the gradient of one batch k times larger, padding included, and the
@@ -76,13 +80,21 @@ class DistillationTrainer(transformers.Trainer):
         **kwargs,
     ):
         super().__init__(model=model, **kwargs)
+        terms = {"ce": CrossEntropy(), "kd": KD()} if terms is None else dict(terms)
+        # LinearKD terms read the hidden states entering the heads: run the base models, never the N×V logits
+        self._hidden = any(getattr(term, "reads", None) == "hidden" for term in terms.values())
+        if self._hidden and self.args.world_size > 1:
+            raise NotImplementedError(
+                "LinearKD terms run the student's base model outside the Trainer's DDP wrapper, so its gradients "
+                "would not be synchronised across processes; use one process, or KD terms on the logits"
+            )
         self.distiller = Distiller(
-            model,
-            teacher,
-            terms={"ce": CrossEntropy(), "kd": KD()} if terms is None else terms,
+            model.base_model if self._hidden else model,
+            teacher.base_model if self._hidden else teacher,
+            terms=terms,
             example_inputs=example_inputs,
             normalize_across_ranks=self.args.world_size > 1,
-            logits=logits,
+            logits="last_hidden_state" if logits is None and self._hidden else logits,
             causal_lm=_is_causal_lm(model) if causal_lm is None else causal_lm,
         )
         if len(self.distiller.adapters) and self.args.world_size > 1:
@@ -129,13 +141,14 @@ class DistillationTrainer(transformers.Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         normalizer = num_items_in_batch if isinstance(num_items_in_batch, StepNormalizer) else None
-        out = self.distiller(inputs, labels, normalizer=normalizer, student=model)
+        out = self.distiller(inputs, labels, normalizer=normalizer, student=None if self._hidden else model)
         logged = self._logged[model.training]
         for name, value in out.losses.items():
             logged[f"loss_{name}"].append(value.detach())
         for name, value in out.metrics.items():
             logged[name].append(value.detach().float())
-        return (out.loss, {"logits": out.output}) if return_outputs else out.loss
+        outputs = {"hidden_states" if self._hidden else "logits": out.output}
+        return (out.loss, outputs) if return_outputs else out.loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Adds the terms and fidelity metrics since the last log: with training's ``loss``, the terms summed over
