@@ -8,6 +8,7 @@ from .features import FEED, feature_loss, ofd_margin
 from .kd import KDLoss, kd_loss
 from .linear_kd import LinearKDLoss, linear_kd_loss
 from .lipschitz import london_loss, spectral_norms
+from .teacher_cache import TeacherCache
 from .topk import TopK, topk_teacher
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "dkd_loss",
     "TopK",
     "topk_teacher",
+    "TeacherCache",
     "feature_loss",
     "ofd_margin",
     "FEED",

@@ -1,0 +1,319 @@
+r"""Offline teachers: :class:`TeacherCache` keeps a teacher's top-K log-probabilities per token of a dataset on disk,
+so that students train from them many times without running the teacher.
+
+Writing: ``with TeacherCache.write(path, k=64, vocab_size=V) as writer: writer.add(sample_ids, teacher, mask)``
+appends each sample's tokens (those the attention mask keeps, in order) from full teacher logits (their top-``k``
+log-softmax entries) or from a :class:`fastkd.TopK` of log-probabilities. Reading: ``TeacherCache(path)[sample_id]``
+is that sample's ``TopK`` of shape (L, k), and :meth:`TeacherCache.collate` pads a batch of samples to a ``(B, L, k)``
+``TopK`` aligned with right-padded ``(B, L)`` labels.
+
+On disk (a directory):
+
+- ``index.json``: the format version, ``kind`` ("topk"), ``k``, ``vocab_size``, the stored dtypes, the temperature
+  the log-probabilities were taken at, the tail policy (``"implicit"``: the log-probabilities are the full
+  distribution's, so the K entries sum to less than 1 and the rest is the tail's mass), and per shard its files,
+  their sizes and SHA-256 checksums, its tokens and samples;
+- per shard, three NumPy ``.npy`` files: ``values`` (tokens, k) in the stored dtype (bfloat16 kept as its 16-bit
+  patterns), ``indices`` (tokens, k) in the narrowest integer type that holds V (uint16 up to 65536, else int32),
+  and ``samples`` (samples, 3) int64 rows of (sample id, first token, token count).
+
+Why ``.npy`` shards: they are memory-mapped (``numpy.load(mmap_mode="r")``: no whole-file load, a sample is one
+slice, O(1) from an in-memory id → (shard, offset) table), need no dependency beyond NumPy, and cost k·(2 + 2) bytes
+per token at bfloat16 with V ≤ 65536 (k·(2 + 4) above): at k = 64, 256 or 384 bytes. safetensors would add a
+dependency for the same layout; Arrow/Parquet would add a large one and compress what is mostly random bits.
+
+Crash safety: a shard's files are written under temporary names, then renamed, and only then listed in
+``index.json`` (itself replaced atomically), so a partially written shard is never listed and never read.
+``TeacherCache.write(path, ..., resume=True)`` reopens such a cache: the listed samples are kept, ``add`` skips the
+ids already stored, and leftovers of the interrupted shard are overwritten. Opening checks every listed file's size
+(a truncated file is an error naming it), and a shard's checksums are checked the first time it is read
+(``verify=False`` skips that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .topk import TopK, topk_teacher
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+PARTS = ("values", "indices", "samples")
+VALUE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def _index_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 65536 else np.int32
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: str, content: dict) -> None:
+    """Replace ``path`` atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class TeacherCacheWriter:
+    """Appends samples to a :class:`TeacherCache` directory (made by :meth:`TeacherCache.write`); a context manager
+    whose exit writes the last shard. Not thread-safe; one writer per directory."""
+
+    def __init__(self, path: str, index: dict, shard_tokens: int):
+        self.path, self.index, self.shard_tokens = path, index, shard_tokens
+        self._stored = set()
+        for shard in index["shards"]:
+            samples = np.load(os.path.join(path, shard["files"]["samples"]))
+            self._stored.update(int(i) for i in samples[:, 0])
+        self._values, self._indices, self._samples, self._tokens = [], [], [], 0
+
+    def __enter__(self) -> "TeacherCacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add(
+        self,
+        sample_ids: Union[Sequence[int], torch.Tensor],
+        teacher: Union[torch.Tensor, TopK],
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Store the tokens of a batch: ``teacher`` is full logits ``(B, L, V)`` (stored as their top-k log-softmax
+        entries) or a ``TopK`` of log-probabilities ``(B, L, k)``; ``attention_mask`` ``(B, L)`` keeps the tokens
+        where it is non-zero (all without it), in order. Samples whose id is already stored are skipped."""
+        k, vocab_size = self.index["k"], self.index["vocab_size"]
+        if isinstance(teacher, TopK):
+            if teacher.kind != "logprobs":
+                raise ValueError("a TopK teacher to cache must hold log-probabilities (kind='logprobs')")
+            top = teacher
+        elif isinstance(teacher, torch.Tensor) and teacher.is_floating_point():
+            if teacher.shape[-1] != vocab_size:
+                raise ValueError(f"teacher logits have {teacher.shape[-1]} classes, the cache vocab_size={vocab_size}")
+            temperature = self.index["temperature"]
+            top = topk_teacher(teacher.detach().float() / temperature, k)
+        else:
+            raise TypeError(f"teacher must be floating-point logits or a TopK, got {type(teacher).__name__}")
+        if top.values.dim() != 3 or top.values.shape[-1] != k:
+            raise ValueError(f"the teacher's entries must be (B, L, k={k}), got {tuple(top.values.shape)}")
+        batch, length = top.values.shape[:2]
+        ids = [int(i) for i in (sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else sample_ids)]
+        if len(ids) != batch or len(set(ids)) != batch or any(i < 0 for i in ids):
+            raise ValueError(f"sample_ids must be {batch} distinct ids >= 0, got {ids}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(f"attention_mask must be (B, L) = {(batch, length)}, got {tuple(attention_mask.shape)}")
+        values = top.values.detach().to(self.index["values_torch_dtype"]).cpu()
+        indices = top.indices.detach().cpu()
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab_size):
+            raise ValueError(f"TopK indices must lie in [0, vocab_size={vocab_size})")
+        keep = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else attention_mask.cpu() != 0
+        for row, sample_id in enumerate(ids):
+            if sample_id in self._stored:
+                continue
+            self._stored.add(sample_id)
+            count = int(keep[row].sum())
+            self._values.append(values[row][keep[row]])
+            self._indices.append(indices[row][keep[row]])
+            self._samples.append((sample_id, self._tokens, count))
+            self._tokens += count
+            if self._tokens >= self.shard_tokens:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._samples:
+            return
+        number = len(self.index["shards"])
+        values = torch.cat(self._values)
+        stored = values.view(torch.int16).numpy().view(np.uint16) if values.dtype == torch.bfloat16 else values.numpy()
+        arrays = {
+            "values": stored,
+            "indices": torch.cat(self._indices).numpy().astype(_index_dtype(self.index["vocab_size"])),
+            "samples": np.asarray(self._samples, dtype=np.int64).reshape(-1, 3),
+        }
+        shard = {"files": {}, "bytes": {}, "sha256": {}, "tokens": self._tokens, "samples": len(self._samples)}
+        for part, array in arrays.items():
+            name = f"shard-{number:05d}.{part}.npy"
+            final = os.path.join(self.path, name)
+            with open(final + ".tmp", "wb") as f:
+                np.save(f, array)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(final + ".tmp", final)
+            shard["files"][part], shard["bytes"][part], shard["sha256"][part] = (
+                name,
+                os.path.getsize(final),
+                _sha256(final),
+            )
+        self.index["shards"].append(shard)
+        _write_json(os.path.join(self.path, INDEX_FILE), _public(self.index))
+        self._values, self._indices, self._samples, self._tokens = [], [], [], 0
+
+    def close(self) -> None:
+        """Write what is buffered as the last shard."""
+        self._flush()
+
+
+def _public(index: dict) -> dict:
+    return {key: value for key, value in index.items() if key != "values_torch_dtype"}
+
+
+class TeacherCache:
+    """A teacher cache on disk, read-only (the module docstring has the format). ``cache[sample_id]`` is a
+    ``TopK`` (L, k) of that sample's tokens; ``len(cache)`` and ``sample_id in cache`` as for a mapping."""
+
+    def __init__(self, path: str, *, verify: bool = True):
+        self.path, self.verify = str(path), verify
+        self.index = _read_index(self.path)
+        self._locations = {}
+        for number, shard in enumerate(self.index["shards"]):
+            for part in PARTS:
+                file = os.path.join(self.path, shard["files"][part])
+                if not os.path.isfile(file) or os.path.getsize(file) != shard["bytes"][part]:
+                    raise ValueError(f"teacher cache file {file} is missing or truncated (index.json lists its size)")
+            samples = np.load(os.path.join(self.path, shard["files"]["samples"]))
+            for sample_id, start, count in samples.tolist():
+                if sample_id in self._locations:
+                    raise ValueError(f"teacher cache {self.path}: sample {sample_id} is stored twice")
+                self._locations[sample_id] = (number, start, count)
+        self._shards = {}  # shard number → (values, indices) memory maps, opened (and verified) on first use
+
+    @staticmethod
+    def write(
+        path: str,
+        *,
+        k: int,
+        vocab_size: int,
+        dtype: torch.dtype = torch.bfloat16,
+        temperature: float = 1.0,
+        shard_tokens: int = 1 << 20,
+        resume: bool = False,
+    ) -> TeacherCacheWriter:
+        """A writer for a new cache at ``path`` (a directory, created; an existing cache is an error unless
+        ``resume``, which continues it with the same settings). ``dtype``: of the stored log-probabilities;
+        ``temperature``: the logits are divided by it before the log-softmax; shards hold about ``shard_tokens``."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+            raise ValueError(f"k must be an int in [1, vocab_size], got {k!r}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= 2**31 - 1:
+            raise ValueError(f"vocab_size must be an int in [1, 2^31), got {vocab_size!r}")
+        if dtype not in VALUE_DTYPES:
+            raise ValueError(f"dtype must be one of {list(VALUE_DTYPES)}, got {dtype}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be an int >= 1, got {shard_tokens!r}")
+        path = str(path)
+        settings = dict(
+            format_version=FORMAT_VERSION,
+            kind="topk",
+            k=k,
+            vocab_size=vocab_size,
+            values_dtype=VALUE_DTYPES[dtype],
+            indices_dtype=np.dtype(_index_dtype(vocab_size)).name,
+            temperature=float(temperature),
+            tail="implicit",
+        )
+        if os.path.exists(os.path.join(path, INDEX_FILE)):
+            if not resume:
+                raise FileExistsError(f"{path} already holds a teacher cache; pass resume=True to continue it")
+            index = _read_index(path)
+            differing = {key: (index[key], value) for key, value in settings.items() if index[key] != value}
+            if differing:
+                raise ValueError(f"the cache at {path} was written with other settings (stored, given): {differing}")
+        else:
+            os.makedirs(path, exist_ok=True)
+            index = dict(settings, shards=[])
+            _write_json(os.path.join(path, INDEX_FILE), index)
+        index["values_torch_dtype"] = dtype
+        return TeacherCacheWriter(path, index, shard_tokens)
+
+    def __len__(self) -> int:
+        return len(self._locations)
+
+    def __contains__(self, sample_id: int) -> bool:
+        return sample_id in self._locations
+
+    def sample_ids(self) -> list:
+        """The stored sample ids in the order they were written."""
+        return list(self._locations)
+
+    def _shard(self, number: int):
+        if number not in self._shards:
+            shard = self.index["shards"][number]
+            files = {part: os.path.join(self.path, shard["files"][part]) for part in ("values", "indices")}
+            if self.verify:
+                for part, file in files.items():
+                    if _sha256(file) != shard["sha256"][part]:
+                        raise ValueError(
+                            f"teacher cache file {file} is corrupted (its SHA-256 differs from index.json)"
+                        )
+            self._shards[number] = tuple(np.load(files[part], mmap_mode="r") for part in ("values", "indices"))
+        return self._shards[number]
+
+    def __getitem__(self, sample_id: int) -> TopK:
+        try:
+            number, start, count = self._locations[int(sample_id)]
+        except KeyError:
+            raise KeyError(f"sample {sample_id} is not in the teacher cache {self.path}") from None
+        values, indices = self._shard(number)
+        stored = np.array(values[start : start + count])
+        if self.index["values_dtype"] == "bfloat16":
+            value_tensor = torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16)
+        else:
+            value_tensor = torch.from_numpy(stored)
+        return TopK(value_tensor, torch.from_numpy(np.array(indices[start : start + count]).astype(np.int64)))
+
+    def collate(self, sample_ids: Iterable[int], pad_to: Optional[int] = None) -> TopK:
+        """The samples' entries as one ``TopK`` (B, L, k), each sample's tokens first and the rest padding (aligned
+        with right-padded (B, L) labels, whose padding must be ``ignore_index``): L is ``pad_to`` or the longest
+        sample. Padding holds a valid placeholder (indices 0..k−1, log(1/k) each)."""
+        samples = [self[i] for i in sample_ids]
+        longest = max((s.values.shape[0] for s in samples), default=0)
+        length = longest if pad_to is None else pad_to
+        if length < longest:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest sample ({longest} tokens)")
+        k = self.index["k"]
+        dtype = samples[0].values.dtype if samples else torch.float32
+        values = torch.full((len(samples), length, k), -math.log(k), dtype=dtype)
+        indices = torch.arange(k, dtype=torch.int64).expand(len(samples), length, k).clone()
+        for row, sample in enumerate(samples):
+            values[row, : sample.values.shape[0]] = sample.values
+            indices[row, : sample.values.shape[0]] = sample.indices
+        return TopK(values, indices)
+
+    def __getstate__(self) -> dict:  # DataLoader workers: reopen the memory maps in the worker
+        state = dict(self.__dict__)
+        state["_shards"] = {}
+        return state
+
+
+def _read_index(path: str) -> dict:
+    file = os.path.join(path, INDEX_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no teacher cache at {path} (no {INDEX_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"teacher cache index {file} is not valid JSON: {exc}") from None
+    if index.get("format_version") != FORMAT_VERSION or index.get("kind") != "topk":
+        raise ValueError(
+            f"teacher cache {file}: format_version {index.get('format_version')!r} and kind {index.get('kind')!r}, "
+            f"this fastkd reads version {FORMAT_VERSION} 'topk'"
+        )
+    return index

@@ -1,0 +1,176 @@
+"""fastkd.TeacherCache: bit-exact round trips across shards for every index width, resume after an interrupted
+write, corrupted and truncated shards named in the error, losses from cached teachers equal to the in-memory TopK,
+and reading from DataLoader workers."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fastkd
+from fastkd import TeacherCache, TopK, topk_teacher
+
+from conftest import assert_rel_close
+
+
+def batches(vocab_size, k, seed=0, count=5, batch=3, length=6):
+    """(sample ids, full logits (B, L, V), attention mask) batches with padded positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(count):
+        logits = torch.randn(batch, length, vocab_size, generator=g) * 3
+        mask = (torch.arange(length) < torch.randint(1, length + 1, (batch, 1), generator=g)).long()
+        out.append((list(range(b * batch, (b + 1) * batch)), logits, mask))
+    return out
+
+
+def expected(batches_, k, dtype):
+    """sample id → the TopK the cache should return (its kept tokens' top-k log-probs in ``dtype``)."""
+    want = {}
+    for ids, logits, mask in batches_:
+        top = topk_teacher(logits, k)
+        for row, sample_id in enumerate(ids):
+            keep = mask[row].bool()
+            want[sample_id] = TopK(top.values[row][keep].to(dtype), top.indices[row][keep])
+    return want
+
+
+@pytest.mark.parametrize("vocab_size", [1000, 65536, 65537, 262144])
+def test_round_trip_is_bit_exact_across_shards(tmp_path, vocab_size):
+    k = 8
+    data = batches(vocab_size, k, count=3 if vocab_size > 65536 else 5, length=4)
+    with TeacherCache.write(tmp_path, k=k, vocab_size=vocab_size, shard_tokens=7) as writer:
+        for ids, logits, mask in data:
+            writer.add(ids, logits, mask)
+    cache = TeacherCache(tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert len(index["shards"]) > 1
+    assert index["indices_dtype"] == ("uint16" if vocab_size <= 65536 else "int32")
+    want = expected(data, k, torch.bfloat16)
+    assert cache.sample_ids() == list(want)  # the order of writing
+    for sample_id, top in want.items():
+        got = cache[sample_id]
+        assert got.values.dtype == torch.bfloat16 and got.indices.dtype == torch.int64
+        assert torch.equal(got.values.view(torch.int16), top.values.view(torch.int16))
+        assert torch.equal(got.indices, top.indices)
+
+
+def test_bytes_per_token_at_k_64(tmp_path):
+    with TeacherCache.write(tmp_path, k=64, vocab_size=32000) as writer:
+        writer.add([0], torch.randn(1, 100, 32000))
+    shard = json.loads((tmp_path / "index.json").read_text())["shards"][0]
+    payload = shard["bytes"]["values"] + shard["bytes"]["indices"]
+    assert 256 * 100 <= payload <= 256 * 100 + 512  # bf16 values and uint16 indices, plus two .npy headers
+
+
+def test_resume_after_an_interrupted_write_keeps_every_sample_once(tmp_path):
+    data = batches(1000, 4)
+    whole_path, path = tmp_path / "whole", tmp_path / "part"
+    with TeacherCache.write(whole_path, k=4, vocab_size=1000, shard_tokens=10) as writer:
+        for batch in data:
+            writer.add(*batch)
+    writer = TeacherCache.write(path, k=4, vocab_size=1000, shard_tokens=10)
+    for batch in data[:3]:
+        writer.add(*batch)  # some shards flushed, the rest buffered when the process dies (no close)
+    listed = json.loads((path / "index.json").read_text())["shards"]
+    assert listed and sum(s["samples"] for s in listed) < 9
+    (path / f"shard-{len(listed):05d}.values.npy.tmp").write_bytes(b"half a shard")  # an interrupted flush
+    with TeacherCache.write(path, k=4, vocab_size=1000, shard_tokens=10, resume=True) as writer:
+        for batch in data:  # the loop starts again from the beginning
+            writer.add(*batch)
+    resumed, whole = TeacherCache(path), TeacherCache(whole_path)
+    assert sorted(resumed.sample_ids()) == sorted(whole.sample_ids()) == list(range(15))
+    for sample_id in whole.sample_ids():
+        assert torch.equal(resumed[sample_id].values, whole[sample_id].values)
+        assert torch.equal(resumed[sample_id].indices, whole[sample_id].indices)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        TeacherCache.write(path, k=4, vocab_size=1000)
+    with pytest.raises(ValueError, match="other settings"):
+        TeacherCache.write(path, k=8, vocab_size=1000, resume=True)
+
+
+def written(tmp_path):
+    with TeacherCache.write(tmp_path, k=4, vocab_size=300, shard_tokens=8) as writer:
+        for batch in batches(300, 4, count=2):
+            writer.add(*batch)
+    return json.loads((tmp_path / "index.json").read_text())["shards"]
+
+
+def test_a_corrupted_shard_is_an_error_naming_its_file(tmp_path):
+    shards = written(tmp_path)
+    file = tmp_path / shards[0]["files"]["values"]
+    raw = bytearray(file.read_bytes())
+    raw[-3] ^= 0xFF
+    file.write_bytes(bytes(raw))
+    cache = TeacherCache(tmp_path)
+    first = cache.sample_ids()[0]
+    with pytest.raises(ValueError, match=f"{file}.*corrupted"):
+        cache[first]
+    assert TeacherCache(tmp_path, verify=False)[first].values.shape[-1] == 4  # unchecked on request
+
+
+def test_a_truncated_shard_is_an_error_naming_its_file(tmp_path):
+    shards = written(tmp_path)
+    file = tmp_path / shards[-1]["files"]["indices"]
+    file.write_bytes(file.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=f"{file} is missing or truncated"):
+        TeacherCache(tmp_path)
+
+
+def test_bad_writes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="k must be an int in"):
+        TeacherCache.write(tmp_path / "a", k=0, vocab_size=10)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        TeacherCache.write(tmp_path / "b", k=2, vocab_size=10, dtype=torch.float64)
+    writer = TeacherCache.write(tmp_path / "c", k=2, vocab_size=10)
+    with pytest.raises(ValueError, match="distinct ids"):
+        writer.add([1, 1], torch.randn(2, 3, 10))
+    with pytest.raises(ValueError, match="vocab_size=10"):
+        writer.add([1], torch.randn(1, 3, 11))
+    with pytest.raises(ValueError, match="kind='logprobs'"):
+        writer.add([1], topk_teacher(torch.randn(1, 3, 10), 2, kind="logits"))
+    with pytest.raises(FileNotFoundError, match="no teacher cache"):
+        TeacherCache(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cached_teacher_gives_the_loss_of_the_in_memory_topk(tmp_path, dtype):
+    vocab_size, k = 50, 6
+    ((ids, logits, mask),) = batches(vocab_size, k, count=1, batch=4, length=5)
+    with TeacherCache.write(tmp_path, k=k, vocab_size=vocab_size, dtype=dtype) as writer:
+        writer.add(ids, logits, mask)
+    labels = torch.randint(0, vocab_size, (4, 5)).masked_fill(mask == 0, -100)
+    student = torch.randn(4, 5, vocab_size, requires_grad=True)
+    cached = TeacherCache(tmp_path).collate(ids, pad_to=5)
+    top = topk_teacher(logits, k)
+    in_memory = TopK(top.values.to(dtype), top.indices)
+    options = dict(labels=labels, temperature=2.0)
+    got = fastkd.kd_loss(student, cached, **options)
+    want = fastkd.kd_loss(student, in_memory, **options)  # padded rows differ but are ignored
+    assert torch.equal(got, want)
+    reference = fastkd.kd_loss(student, in_memory, backend="reference", **options)
+    assert_rel_close(got, reference, 1e-5)
+
+
+def test_collate_pads_and_a_dataloader_with_workers_reads_the_cache(tmp_path):
+    data = batches(200, 3, count=2)
+    with TeacherCache.write(tmp_path, k=3, vocab_size=200, shard_tokens=5) as writer:
+        for batch in data:
+            writer.add(*batch)
+    cache = TeacherCache(tmp_path)
+    want = expected(data, 3, torch.bfloat16)
+    loader = torch.utils.data.DataLoader(list(range(6)), batch_size=3, num_workers=2, collate_fn=cache.collate)
+    for ids, batch in zip(([0, 1, 2], [3, 4, 5]), loader):
+        longest = max(want[i].values.shape[0] for i in ids)
+        assert batch.values.shape == (3, longest, 3)
+        for row, sample_id in enumerate(ids):
+            n = want[sample_id].values.shape[0]
+            assert torch.equal(batch.values[row, :n], want[sample_id].values)
+            assert torch.equal(batch.indices[row, n:], torch.arange(3).expand(longest - n, 3))
+    with pytest.raises(ValueError, match="pad_to=1 is shorter"):
+        cache.collate([0], pad_to=1)
+    with pytest.raises(KeyError, match="sample 99 is not in the teacher cache"):
+        cache[99]
+    assert os.path.isdir(tmp_path) and np.load(tmp_path / "shard-00000.samples.npy").shape[1] == 3
