@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from . import cpu_backend, cuda_backend, fused_gradient, reference
 from .dispatch import check_backend_name, kernel_op, kernel_or_reference, launchers, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS, KDOptions, Metric, TopKOptions, stats_rows
-from .topk import TAILS, TopK
+from .topk import TAILS, TopK, counted_rows_only
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine", "tvd")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -843,7 +843,24 @@ def check_topk(
             raise ValueError(f"TopK indices must lie in [0, {num_classes})")
         if k > 1 and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
             raise ValueError("TopK indices must be distinct within a row")
+        if topk.kind == "logprobs":
+            _check_topk_mass(values)
     return tail
+
+
+def _check_topk_mass(values: torch.Tensor) -> None:
+    """Refuse CPU log-probabilities whose probabilities sum to more than 1 by more than the rounding of their dtype
+    allows (Σ_k p_k·|log p_k|·ε: each stored log p_k is off by up to |log p_k|·ε/2)."""
+    log_p = values.detach().double()
+    p = log_p.exp()
+    excess = p.sum(-1) - 1 - (p * log_p.abs()).sum(-1) * torch.finfo(values.dtype).eps - 1e-6
+    if bool((excess > 0).any()):
+        row = int((excess > 0).flatten().nonzero()[0])
+        mass = float(p.reshape(-1, p.shape[-1])[row].sum())
+        raise ValueError(
+            f"TopK log-probabilities of row {row} sum to probability {mass:.6g} > 1: they are not the "
+            f"log-probabilities of one distribution (give logits as TopK(kind='logits'))"
+        )
 
 
 def _kd_loss_topk(
@@ -860,6 +877,7 @@ def _kd_loss_topk(
         temperature=options["temperature"],
     )
     num_classes = student_logits.shape[-1]
+    topk = counted_rows_only(topk, labels, options["ignore_index"])
     tail = check_topk(
         topk,
         student_logits.shape[:-1],

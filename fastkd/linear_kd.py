@@ -36,7 +36,7 @@ from .kd import (
     topk_reference_rows,
 )
 from .kernel_args import NUM_METRICS, KDOptions, TopKOptions
-from .topk import TopK
+from .topk import TopK, counted_rows_only
 
 MIN_CHUNK_ELEMENTS = 1 << 24  # the smallest logits chunk :func:`default_chunk_rows` aims at (64 MB in float32)
 
@@ -707,6 +707,8 @@ def linear_kd_loss(
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     _check_head("student", student_hidden, student_weight, student_bias, None, None)
     device, row_shape = student_hidden.device, student_hidden.shape[:-1]
+    if isinstance(teacher_logits, TopK):  # padded rows may hold anything
+        teacher_logits = counted_rows_only(teacher_logits, labels, options["ignore_index"])
     teacher, teacher_classes, teacher_what = _teacher_inputs(
         teacher_hidden, teacher_weight, teacher_bias, teacher_logits, row_shape, device
     )

@@ -8,6 +8,7 @@ from full teacher logits. The loss's specification is :func:`fastkd.reference.kd
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -19,7 +20,9 @@ TAILS = ("bucket", "renormalize")
 class TopK:
     """A teacher's top-K entries per row: ``values`` (*, K) float and ``indices`` (*, K) int64 (distinct, in
     [0, V)). ``kind="logprobs"`` (log-probabilities, which carry the mass outside the K: see ``tail`` in
-    :func:`fastkd.kd_loss`) or ``"logits"`` (only their differences mean anything)."""
+    :func:`fastkd.kd_loss`; on CPU a row whose probabilities sum to more than 1, beyond the rounding of their dtype,
+    is refused) or ``"logits"`` (only their differences mean anything). Rows whose label is ``ignore_index`` need
+    no valid entries (:func:`counted_rows_only`)."""
 
     values: torch.Tensor
     indices: torch.Tensor
@@ -52,3 +55,16 @@ def topk_teacher(teacher_logits: torch.Tensor, k: int, *, kind: str = "logprobs"
         source = torch.log_softmax(teacher_logits.float(), dim=-1) if kind == "logprobs" else teacher_logits
         values, indices = source.topk(k, dim=-1)
     return TopK(values, indices, kind)
+
+
+def counted_rows_only(topk: TopK, labels, ignore_index: int) -> TopK:
+    """``topk`` with the rows whose label is ``ignore_index`` replaced by a valid placeholder (indices 0..K−1,
+    log(1/K) each), so that padded rows may hold anything (index −1, garbage) and reach no kernel as such. One
+    (*, K) select, no host sync; ``topk`` itself when there are no labels or they do not fit its rows."""
+    if labels is None or not isinstance(labels, torch.Tensor) or labels.shape != topk.values.shape[:-1]:
+        return topk
+    k = topk.values.shape[-1]
+    counted = (labels != ignore_index).unsqueeze(-1)
+    placeholder = torch.arange(k, device=topk.indices.device, dtype=topk.indices.dtype)
+    values = torch.where(counted, topk.values, torch.full((), -math.log(k), dtype=topk.values.dtype))
+    return TopK(values, torch.where(counted, topk.indices, placeholder), topk.kind)

@@ -277,3 +277,64 @@ def test_topk_teacher_helper_checks_k():
     with pytest.raises(ValueError, match=r"k must be an int in \[1, V=5\]"):
         topk_teacher(S, 6)
     assert math.isclose(topk_teacher(S, 5).values.exp().sum(-1)[0].item(), 1.0, rel_tol=1e-6)
+
+
+# rows whose label is ignore_index need no valid entries; log-probabilities beyond one distribution are refused
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_ignored_rows_may_hold_any_entries(gen, backend):
+    from conftest import skip_unless_available
+
+    skip_unless_available(backend)
+    s = logits(gen, (4, 12))
+    teacher = topk_teacher(logits(gen, (4, 12)), 3)
+    labels = torch.tensor([2, -100, 5, -100])
+    garbage = TopK(
+        teacher.values.clone().index_fill_(0, torch.tensor([1, 3]), float("nan")),
+        teacher.indices.clone().index_put_((torch.tensor([1, 3]),), torch.tensor([-1, 99, -1])),
+    )
+    clean = TopK(teacher.values.clone(), teacher.indices.clone())
+    for row in (1, 3):
+        clean.values[row], clean.indices[row] = -math.log(3), torch.arange(3)
+    device = DEVICE if backend == "triton" else "cpu"
+    leaf = s.to(device).requires_grad_()
+    options = dict(labels=labels.to(device), ce_weight=0.5, backend=backend)
+    on_device = lambda top: TopK(top.values.to(device), top.indices.to(device))  # noqa: E731
+    got = fastkd.kd_loss(leaf, on_device(garbage), **options)
+    (grad,) = torch.autograd.grad(got, leaf)
+    want = fastkd.kd_loss(leaf, on_device(clean), **options)
+    assert torch.equal(got, want) and got.isfinite()
+    assert torch.equal(grad, torch.autograd.grad(want, leaf)[0])
+
+
+def test_ignored_rows_of_a_topk_teacher_may_hold_any_entries_in_linear_kd(gen):
+    hidden, weight = logits(gen, (4, 6)), logits(gen, (12, 6))
+    teacher = topk_teacher(logits(gen, (4, 12)), 3)
+    labels = torch.tensor([2, -100, 5, 7])
+    garbage = TopK(teacher.values.clone(), teacher.indices.clone().index_fill_(0, torch.tensor([1]), -1))
+    got = fastkd.linear_kd_loss(hidden, weight, teacher_logits=garbage, labels=labels)
+    counted = labels != -100
+    want = fastkd.kd_loss(
+        hidden[counted] @ weight.T, TopK(teacher.values[counted], teacher.indices[counted]), labels=labels[counted]
+    )
+    assert_rel_close(got, want, 1e-5)
+
+
+def test_log_probabilities_summing_beyond_one_are_refused_on_cpu(gen):
+    s = logits(gen, (3, 10))
+    values = torch.log(torch.tensor([[0.5, 0.3, 0.1], [0.6, 0.5, 0.2], [0.2, 0.2, 0.2]]))
+    indices = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    with pytest.raises(ValueError, match=r"row 1 sum to probability 1\.3 > 1"):
+        fastkd.kd_loss(s, TopK(values, indices))
+    fastkd.kd_loss(s, TopK(values, indices), labels=torch.tensor([1, -100, 2]))  # an ignored row is not checked
+    fastkd.kd_loss(s, TopK(values, indices, kind="logits"), tail="renormalize")  # logits carry no mass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_whole_distribution_rounded_to_its_dtype_is_accepted(gen, dtype):
+    t = logits(gen, (64, 40)) * 3
+    full = topk_teacher(t, 40)  # K = V: the probabilities sum to 1 up to rounding
+    rounded = TopK(full.values.to(dtype), full.indices)
+    assert (rounded.values.double().exp().sum(-1) > 1).any() or dtype == torch.float32
+    fastkd.kd_loss(logits(gen, (64, 40)).to(dtype), rounded)
