@@ -1063,8 +1063,11 @@ def kd_loss(
         - A TopK teacher takes ``divergence="kl"``; the student keeps its full-row normalisation and gets a gradient
           on all V logits; ``return_stats`` measures fidelity to the sparse teacher. The Triton kernels sum the
           student's mass outside the K over those columns themselves (never 1 − Σ_K); CPU tensors and values that
-          require grad run the reference. Indices are checked on the host for CPU tensors (in range, distinct);
-          on CUDA a row with bad indices comes out NaN.
+          require grad run the reference. Rows whose label is ``ignore_index`` may hold anything (a placeholder
+          replaces them). Indices are checked on the host for CPU tensors (in range, distinct), and so are
+          log-probabilities (a row whose probabilities sum to more than 1 beyond its dtype's rounding is refused);
+          on CUDA neither is read (a host sync): a row with bad indices comes out NaN, and log-probabilities of
+          mass above 1 give a tail of log(0) under ``tail="bucket"``, not an error.
         - Backends: ``"auto"`` runs Triton on CUDA tensors, the C++ kernels on CPU tensors, the reference for
           float64. ``"cuda"`` (never chosen by ``"auto"`` yet) covers kl and reverse_kl with CE and one teacher
           of the student's dtype without ``return_stats``; other calls run on Triton.
