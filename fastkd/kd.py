@@ -1066,8 +1066,8 @@ def kd_loss(
           require grad run the reference. Rows whose label is ``ignore_index`` may hold anything (a placeholder
           replaces them). Indices are checked on the host for CPU tensors (in range, distinct), and so are
           log-probabilities (a row whose probabilities sum to more than 1 beyond its dtype's rounding is refused);
-          on CUDA neither is read (a host sync): a row with bad indices comes out NaN, and log-probabilities of
-          mass above 1 give a tail of log(0) under ``tail="bucket"``, not an error.
+          on CUDA neither is read (a host sync): a row with bad indices comes out NaN, but log-probabilities of
+          mass above 1 are not detected and give a finite, meaningless loss.
         - Backends: ``"auto"`` runs Triton on CUDA tensors, the C++ kernels on CPU tensors, the reference for
           float64. ``"cuda"`` (never chosen by ``"auto"`` yet) covers kl and reverse_kl with CE and one teacher
           of the student's dtype without ``return_stats``; other calls run on Triton.
