@@ -479,8 +479,8 @@ def test_an_ignored_row_of_minus_inf_logits_gets_zero_gradient(gen, case, backen
     t.requires_grad_(case != "topk" and not (case == "dkd" and backend in ("triton", "cpu")))  # kernels: no t grad
     if case == "ensemble":
         loss = fastkd.kd_loss(s, torch.stack([t, t.detach() * 0.5]), labels=labels, ce_weight=1.0, backend=backend)
-    elif case == "topk":
-        top = t.topk(3)
+    elif case == "topk":  # log-probabilities: a TopK of raw logits as "logprobs" is refused (mass above 1)
+        top = torch.log_softmax(t, -1).topk(3)
         loss = fastkd.kd_loss(
             s, fastkd.TopK(top.values, top.indices), labels=labels, ce_weight=1.0, temperature=2.0, backend=backend
         )
