@@ -823,9 +823,9 @@ def check_topk(
     tail = tail if tail is not None else ("bucket" if topk.kind == "logprobs" else "renormalize")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    if tail == "bucket" and topk.kind != "logprobs":
+    if tail != "renormalize" and topk.kind != "logprobs":
         raise ValueError(
-            "tail='bucket' needs the teacher's log-probabilities (TopK kind='logprobs'); top-K logits "
+            f"tail={tail!r} needs the teacher's log-probabilities (TopK kind='logprobs'); top-K logits "
             "say nothing of the mass outside them: use tail='renormalize'"
         )
     if divergence != "kl":
@@ -893,7 +893,12 @@ def _kd_loss_topk(
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
     chosen = select_backend(
-        backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton", "cuda"), cuda_covers=False
+        backend,
+        student,
+        values,
+        op="kd_loss with a TopK teacher",
+        kernels=() if tail == "spread" else ("triton", "cuda"),  # "spread": the reference on every device, for now
+        cuda_covers=False,
     )
     chosen = kernel_or_reference(
         chosen,
@@ -1034,8 +1039,10 @@ def kd_loss(
         ensemble (str, default ``"prob"``): the K teachers' target: ``"prob"`` Σ_k w_k softmax(t_k/T), the mean
             distribution; ``"logit"`` softmax(Σ_k w_k t_k/T). A teacher of weight 0 takes no part.
         tail (str, optional): for a TopK teacher: ``"bucket"`` (default for log-probabilities) keeps the mass
-            outside the K as one more class; ``"renormalize"`` (default and only choice for logits) renormalises the
-            teacher over its K classes (see :func:`fastkd.reference.kd_topk_rows`).
+            outside the K as one more class; ``"spread"`` (log-probabilities) spreads it evenly over the V − K
+            other classes and takes the KL over all V, which keeps the scale of full-logit KD at T > 1 where the
+            bucket does not (the reference on every device for now); ``"renormalize"`` (default and only choice
+            for logits) renormalises the teacher over its K classes (see :func:`fastkd.reference.kd_topk_rows`).
         backend (str, default ``"auto"``): ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"``
             (:mod:`fastkd.dispatch`).
 

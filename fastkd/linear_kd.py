@@ -726,6 +726,8 @@ def linear_kd_loss(
             divergence=options["divergence"],
             holder="student_hidden",
         )
+        if tail == "spread":
+            raise ValueError("linear_kd_loss takes tail='bucket' or 'renormalize' for now; 'spread' runs in kd_loss")
     elif tail is not None:
         raise ValueError("tail applies to a TopK teacher only")
     if logit_softcap is not None:

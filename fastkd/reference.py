@@ -275,7 +275,7 @@ def _topk_log_probs(
     log_sum = torch.logsumexp(z, dim=-1, keepdim=True)
     log_p_s = z.gather(-1, indices) - log_sum
     weights = v / temperature
-    if tail == "bucket" and indices.shape[-1] < z.shape[-1]:  # with K = V there is no rest: the bucket is empty
+    if tail in ("bucket", "spread") and indices.shape[-1] < z.shape[-1]:  # K = V: no rest, the bucket is empty
         rest = torch.logsumexp(z.scatter(-1, indices, -math.inf), dim=-1, keepdim=True) - log_sum
         # the tail's mass 1 − Σ exp v in float64 (K values a row): in float32 a tail of 1e-3 carries 6e-5 of rounding
         log_mass = torch.logsumexp(v.double(), dim=-1, keepdim=True).clamp(max=0.0)
@@ -297,9 +297,42 @@ def kd_topk_rows(
     mass). With ``tail="renormalize"`` p_t is the softmax over the K classes alone. The student keeps its
     full-row normalisation: log p_s,k = s_k/T − logsumexp(s/T), and its bucket probability is the mass of every
     class outside the K (a log-sum-exp over those columns).
+
+    ``tail="spread"`` (log-probabilities only) makes the teacher a full distribution: the rest's mass
+    r = 1 − Σ_k exp v_k spread evenly over its V − K classes, each of log-probability log(r/(V − K)), then
+    tempered like the K: log-weights v_k/T and log(r/(V − K))/T. The loss is the full KL over all V classes,
+    Σ_k p_k (log p_k − log p_s,k) + p_j·((V − K)·log p_j − Σ_{i∉K} log p_s,i) with p_j the probability of each
+    class of the rest, so it also measures how far the student's rest is from even, and at T > 1 it keeps the
+    scale of full-logit KD, where the bucket tempers V − K classes as if they were one (bench/topk_tail.py).
+    Tempering inflates a small rest ((V − K)·(r/(V − K))^(1/T) against the K's p_k^(1/T)), also its rounding: where
+    the K hold nearly all the mass and T > 1, store the log-probabilities in float32 rather than bfloat16.
     """
+    if tail == "spread" and indices.shape[-1] < student_logits.shape[-1]:
+        return _spread_topk_rows(student_logits, values, indices, temperature)
     log_p_t, log_p_s = _topk_log_probs(student_logits, values, indices, tail=tail, temperature=temperature)
     return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
+
+
+def _spread_topk_rows(student_logits, values, indices, temperature):
+    """:func:`kd_topk_rows` with ``tail="spread"`` and K < V."""
+    math_dtype = _math_dtype(student_logits, values)
+    num_classes, num_slots = student_logits.shape[-1], indices.shape[-1]
+    rest_classes = num_classes - num_slots
+    z = student_logits.to(math_dtype) / temperature
+    log_sum = torch.logsumexp(z, dim=-1, keepdim=True)
+    z_top = z.gather(-1, indices)
+    log_q_top = z_top - log_sum
+    log_q_rest_sum = (z.sum(-1, keepdim=True) - z_top.sum(-1, keepdim=True)) - rest_classes * log_sum
+    v = values.to(math_dtype)
+    log_mass = torch.logsumexp(v.double(), dim=-1, keepdim=True).clamp(max=0.0)
+    log_rest = torch.log(-torch.expm1(log_mass)).to(math_dtype)  # −inf when the K hold all the mass
+    w_top, w_each = v / temperature, (log_rest - math.log(rest_classes)) / temperature
+    log_norm = torch.logsumexp(torch.cat([w_top, w_each + math.log(rest_classes)], dim=-1), dim=-1, keepdim=True)
+    log_p_top, log_p_each = w_top - log_norm, w_each - log_norm
+    kl_top = _weighted(log_p_top.exp(), log_p_top - log_q_top).sum(-1)
+    p_each = log_p_each.exp()
+    kl_rest = torch.where(p_each > 0, p_each * (rest_classes * log_p_each - log_q_rest_sum), 0.0)
+    return kl_top + kl_rest.squeeze(-1)
 
 
 def kd_topk_fidelity_rows(

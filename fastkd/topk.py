@@ -13,7 +13,7 @@ import math
 import torch
 
 KINDS = ("logits", "logprobs")
-TAILS = ("bucket", "renormalize")
+TAILS = ("bucket", "spread", "renormalize")
 
 
 @dataclasses.dataclass(frozen=True)

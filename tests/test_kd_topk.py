@@ -338,3 +338,63 @@ def test_a_whole_distribution_rounded_to_its_dtype_is_accepted(gen, dtype):
     rounded = TopK(full.values.to(dtype), full.indices)
     assert (rounded.values.double().exp().sum(-1) > 1).any() or dtype == torch.float32
     fastkd.kd_loss(logits(gen, (64, 40)).to(dtype), rounded)
+
+
+# tail="spread": the rest's mass spread evenly over its V − K classes, the KL over all V
+
+
+def float64_spread_kl(s, teacher, temperature):
+    """The teacher as a full distribution (its K probabilities, the rest's mass evenly over the other classes),
+    tempered as p^(1/T) renormalised, against softmax(s/T): written out over all V classes in float64."""
+    v, idx = teacher.values.double(), teacher.indices
+    num_classes = s.shape[-1]
+    rest = (1 - v.exp().sum(-1, keepdim=True)).clamp_min(0)
+    p = (rest / (num_classes - idx.shape[-1])).expand(*v.shape[:-1], num_classes).clone()
+    p.scatter_(-1, idx, v.exp())
+    p_t = F.softmax(torch.log(p) / temperature, -1)
+    log_q = F.log_softmax(s.double() / temperature, -1)
+    return (torch.xlogy(p_t, p_t) - p_t * log_q).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("k", [1, 7, 29])
+def test_spread_tail_is_the_kl_against_an_even_tail_over_all_classes(gen, temperature, k):
+    s, t = logits(gen, (5, 30)), logits(gen, (5, 30))
+    teacher = topk_teacher(t, k)
+    leaf = s.clone().requires_grad_()
+    got = fastkd.kd_loss(leaf, teacher, temperature=temperature, tail="spread", reduction="none")
+    s64 = s.double().requires_grad_()
+    want = temperature**2 * float64_spread_kl(s64, teacher, temperature)
+    assert_rel_close(got, want, 1e-5)
+    (grad,) = torch.autograd.grad(got.sum(), leaf)
+    assert_rel_close(grad, torch.autograd.grad(want.sum(), s64)[0], 1e-5)
+
+
+def test_spread_tail_equals_bucket_on_the_k_and_full_kd_for_k_equal_v(gen):
+    s, t = logits(gen, (4, 12)), logits(gen, (4, 12))
+    full = fastkd.kd_loss(s, t, temperature=3.0)
+    assert_rel_close(fastkd.kd_loss(s, topk_teacher(t, 12), temperature=3.0, tail="spread"), full, 1e-5)
+    # K that hold all the mass (in float64: a float32 rounding residue of ~1e-8 would be tempered into ~1e-4 of
+    # mass): an empty rest, the loss of the K classes alone
+    indices = t.topk(4).indices
+    closed = TopK(torch.log_softmax(t.double().gather(-1, indices), -1), indices)
+    loss = fastkd.kd_loss(s, closed, temperature=2.0, tail="spread")
+    alone = fastkd.kd_loss(s, TopK(closed.values, closed.indices, "logits"), temperature=2.0, tail="renormalize")
+    assert_rel_close(loss, alone, 1e-6)
+
+
+def test_spread_reference_gradcheck_in_float64(gen):
+    s = logits(gen, (3, 9)).double().requires_grad_()
+    teacher = topk_teacher(logits(gen, (3, 9)), 3)
+    teacher = TopK(teacher.values.double(), teacher.indices)
+    assert torch.autograd.gradcheck(lambda x: fastkd.kd_loss(x, teacher, temperature=2.0, tail="spread"), (s,))
+
+
+def test_spread_tail_refusals(gen):
+    s, t = logits(gen, (2, 10)), logits(gen, (2, 10))
+    with pytest.raises(ValueError, match="tail='spread' needs the teacher's log-probabilities"):
+        fastkd.kd_loss(s, topk_teacher(t, 3, kind="logits"), tail="spread")
+    with pytest.raises(RuntimeError, match="no 'triton' backend"):
+        fastkd.kd_loss(s, topk_teacher(t, 3), tail="spread", backend="triton")
+    with pytest.raises(ValueError, match="'spread' runs in kd_loss"):
+        fastkd.linear_kd_loss(s[:, :4], torch.randn(10, 4), teacher_logits=topk_teacher(t, 3), tail="spread")
