@@ -893,12 +893,7 @@ def _kd_loss_topk(
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
     chosen = select_backend(
-        backend,
-        student,
-        values,
-        op="kd_loss with a TopK teacher",
-        kernels=() if tail == "spread" else ("triton", "cuda"),  # "spread": the reference on every device, for now
-        cuda_covers=False,
+        backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton", "cuda"), cuda_covers=False
     )
     chosen = kernel_or_reference(
         chosen,
@@ -1041,7 +1036,7 @@ def kd_loss(
         tail (str, optional): for a TopK teacher: ``"bucket"`` (default for log-probabilities) keeps the mass
             outside the K as one more class; ``"spread"`` (log-probabilities) spreads it evenly over the V − K
             other classes and takes the KL over all V, which keeps the scale of full-logit KD at T > 1 where the
-            bucket does not (the reference on every device for now); ``"renormalize"`` (default and only choice
+            bucket does not; ``"renormalize"`` (default and only choice
             for logits) renormalises the teacher over its K classes (see :func:`fastkd.reference.kd_topk_rows`).
         backend (str, default ``"auto"``): ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"``
             (:mod:`fastkd.dispatch`).

@@ -62,7 +62,7 @@ class LinearKDOptions(NamedTuple):
     ignore_index: int
     ce_weight: float
     kd_scale: float  # kd_weight, times T² with scale_by_t2
-    tail: str  # a TopK teacher's tail ("bucket" or "renormalize"); "" for a full teacher
+    tail: str  # a TopK teacher's tail ("bucket", "spread" or "renormalize"); "" for a full teacher
     vocab_size: int  # the classes: the first vocab_size rows of the heads (columns of teacher logits)
     softcap: Optional[float]  # c of c·tanh(z/c) on the heads' logits, or None
     chunk_rows: int
@@ -726,8 +726,6 @@ def linear_kd_loss(
             divergence=options["divergence"],
             holder="student_hidden",
         )
-        if tail == "spread":
-            raise ValueError("linear_kd_loss takes tail='bucket' or 'renormalize' for now; 'spread' runs in kd_loss")
     elif tail is not None:
         raise ValueError("tail applies to a TopK teacher only")
     if logit_softcap is not None:

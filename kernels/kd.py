@@ -23,6 +23,8 @@ Each kernel reads top to bottom as: the row's state, a sweep whose block updates
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -952,10 +954,11 @@ def _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i
 
 
 @triton.jit
-def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET: tl.constexpr):
+def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, tail_shift, BUCKET: tl.constexpr):
     """(log p_t on the K slots, log p_t of the tail bucket) of a sparse teacher: the softmax of v_k/T (and, with
-    BUCKET, of log(1 − Σ_k exp v_k)/T, the remaining mass of log-probabilities v); without BUCKET the tail is
-    −inf. The tail's mass 1 − Σ_k exp v_k is computed in float64 (K values per row: free): in float32 a tail of
+    BUCKET, of log(1 − Σ_k exp v_k)/T + tail_shift, the remaining mass of log-probabilities v; tail_shift is
+    (1 − 1/T)·log(V − K) for the "spread" tail, whose V − K classes each get 1/(V − K) of it); without BUCKET the
+    tail is −inf. The tail's mass 1 − Σ_k exp v_k is computed in float64 (K values per row: free): in float32 a tail of
     1e-3 would carry the rounding of Σ ≈ 1, 6e-5 of itself."""
     w = tl.where(slot_ok, values * inv_temperature, float("-inf"))
     top = tl.max(w, axis=0)
@@ -963,7 +966,7 @@ def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET: tl.const
         values_64 = values.to(tl.float64)
         top_v = tl.max(values_64, axis=0)
         log_mass = top_v + tl.log(tl.sum(tl.exp(values_64 - top_v), axis=0))  # log Σ exp v, ≤ 0 up to rounding
-        w_tail = tl.log(-_expm1(tl.minimum(log_mass, 0.0))).to(tl.float32) * inv_temperature
+        w_tail = tl.log(-_expm1(tl.minimum(log_mass, 0.0))).to(tl.float32) * inv_temperature + tail_shift
         top = tl.maximum(top, w_tail)
         log_norm = top + tl.log(tl.sum(tl.exp(w - top), axis=0) + tl.exp(w_tail - top))
         return w - log_norm, w_tail - log_norm
@@ -991,13 +994,15 @@ def kd_topk_forward_kernel(
     stride_labels,
     num_rows,
     inv_temperature,
+    tail_shift,  # (1 − 1/T)·log(V − K) with SPREAD, else 0 (see _sparse_teacher_log_probs)
     ignore_index,
     ce_weight,
     kd_scale,
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
     HAS_KD: tl.constexpr,
-    BUCKET: tl.constexpr,  # the teacher's mass outside the K is one more class ("bucket" tail, K < V)
+    SPREAD: tl.constexpr,  # "spread" tail: the rest's mass evenly over its V − K classes, the KL over all V
+    BUCKET: tl.constexpr,  # the teacher's mass outside the K is one more class ("bucket" or "spread" tail, K < V)
     HAS_METRICS: tl.constexpr,
     TOPK: tl.constexpr,  # K rounded up to a power of 2
     BLOCK: tl.constexpr,
@@ -1018,6 +1023,7 @@ def kd_topk_forward_kernel(
     sum_a = 0.0
     m_rest = float("-inf")
     sum_rest = 0.0
+    sum_a_rest = 0.0  # Σ s/T over the columns outside the K (SPREAD)
     m_1 = float("-inf")
     sum_1 = 0.0
     u_s = 0.0  # Σ e·(s − max s) at T = 1: the student's entropy
@@ -1037,6 +1043,8 @@ def kd_topk_forward_kernel(
             m_a, sum_a = _online_logsumexp(m_a, sum_a, a)
             if BUCKET:
                 m_rest, sum_rest = _online_logsumexp(m_rest, sum_rest, tl.where(in_topk, float("-inf"), a))
+            if SPREAD:
+                sum_a_rest += tl.sum(tl.where(in_topk | (cols >= V), 0.0, a), axis=0)
         if HAS_CE or HAS_METRICS:
             new_m_1, shift_1, scale_1, e_1 = _rebased(m_1, x_s)
             if HAS_METRICS:
@@ -1058,9 +1066,13 @@ def kd_topk_forward_kernel(
     x_k = tl.load(student_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)  # s at the K
     if HAS_KD:
         log_p_s = _log_probs(x_k, inv_temperature, m_a, log_sum_a)
-        log_p_t, log_p_t_tail = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
+        log_p_t, log_p_t_tail = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, tail_shift, BUCKET)
         kl = tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_p_t), log_p_t - log_p_s), 0.0), axis=0)
-        if BUCKET:  # the student's bucket: its mass outside the K
+        if SPREAD:  # p_tail·(log p_each − the mean of log p_s over the rest's V − K classes)
+            rest_classes = (V - K).to(tl.float32)
+            mean_log_p_s_rest = sum_a_rest / rest_classes - (m_a + log_sum_a)
+            kl += _weighted(tl.exp(log_p_t_tail), log_p_t_tail - tl.log(rest_classes) - mean_log_p_s_rest)
+        elif BUCKET:  # the student's bucket: its mass outside the K
             kl += _weighted(tl.exp(log_p_t_tail), log_p_t_tail - ((m_rest + tl.log(sum_rest)) - (m_a + log_sum_a)))
         loss = kd_scale * kl
     if HAS_CE:
@@ -1075,7 +1087,7 @@ def kd_topk_forward_kernel(
     _store_slot(STATS, TOPK_MAX_REST, row, num_rows, counted, m_rest)
     _store_slot(STATS, TOPK_LOG_SUM_REST, row, num_rows, counted, tl.log(sum_rest))
     if HAS_METRICS:  # agreement, KL(p_t‖p_s), H(p_t) of the sparse teacher, H(p_s), all at T = 1
-        log_q_t, log_q_t_tail = _sparse_teacher_log_probs(values, slot_ok, 1.0, BUCKET)
+        log_q_t, log_q_t_tail = _sparse_teacher_log_probs(values, slot_ok, 1.0, 0.0, BUCKET)  # T = 1: no shift
         log_q_s = _log_probs(x_k, 1.0, m_1, log_sum_1)
         kl_1 = tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_q_t), log_q_t - log_q_s), 0.0), axis=0)
         entropy_t = -tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_q_t), log_q_t), 0.0), axis=0)
@@ -1113,12 +1125,14 @@ def kd_topk_backward_kernel(
     stride_grad_loss,
     num_rows,
     inv_temperature,
+    tail_shift,  # (1 − 1/T)·log(V − K) with SPREAD, else 0 (see _sparse_teacher_log_probs)
     ignore_index,
     ce_weight,
     kd_scale,
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
     HAS_KD: tl.constexpr,
+    SPREAD: tl.constexpr,  # "spread" tail: the rest's mass evenly over its V − K classes, the KL over all V
     BUCKET: tl.constexpr,
     TOPK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -1150,7 +1164,9 @@ def kd_topk_backward_kernel(
         grad = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
             grad = kd_factor * tl.exp(_log_probs(x_s, inv_temperature, m_a, log_sum_a))
-            if BUCKET:
+            if SPREAD:  # each class of the rest has the teacher's p_tail/(V − K)
+                grad -= kd_factor * tl.exp(log_p_t_tail - tl.log((V - K).to(tl.float32)))
+            elif BUCKET:
                 grad -= kd_factor * tl.exp(log_p_t_tail + _log_probs(x_s, inv_temperature, m_rest, log_sum_rest))
         if HAS_CE:
             grad += _ce_gradient(x_s, cols == label, m_1, log_sum_1, ce_factor)
@@ -1158,7 +1174,7 @@ def kd_topk_backward_kernel(
     if HAS_KD:
         tl.debug_barrier()
         x_k = tl.load(student_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)
-        log_p_t, _ = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, BUCKET)
+        log_p_t, _ = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, tail_shift, BUCKET)
         grad = kd_factor * (tl.exp(_log_probs(x_k, inv_temperature, m_a, log_sum_a)) - tl.exp(log_p_t))
         if HAS_CE:
             grad += _ce_gradient(x_k, indices == label, m_1, log_sum_1, ce_factor)
@@ -1331,15 +1347,18 @@ def kd_backward(
 def _topk_args(values, indices, labels, options: TopKOptions, student) -> dict:
     """The sparse teacher's arguments and the launch's options."""
     num_slots = values.shape[1]
+    spread = options.tail == "spread" and num_slots < student.shape[1]
     return dict(
         K=num_slots,
         stride_v_row=values.stride(0),
         stride_v_col=values.stride(1),
         stride_i_row=indices.stride(0),
         stride_i_col=indices.stride(1),
-        BUCKET=options.tail == "bucket" and num_slots < student.shape[1],
+        BUCKET=options.tail in ("bucket", "spread") and num_slots < student.shape[1],
+        SPREAD=spread,
         TOPK=triton.next_power_of_2(num_slots),
         inv_temperature=1.0 / options.temperature,
+        tail_shift=(1.0 - 1.0 / options.temperature) * math.log(student.shape[1] - num_slots) if spread else 0.0,
         ignore_index=options.ignore_index,
         ce_weight=options.ce_weight,
         kd_scale=options.kd_scale,

@@ -89,13 +89,14 @@ SCRIPT = textwrap.dedent(r"""
     topk_common = {"V": "i64", "K": "i32", "stride_s_row": "i64", "stride_s_col": "i64", "stride_v_row": "i64",
                    "stride_v_col": "i64", "stride_i_row": "i64", "stride_i_col": "i64", "stride_labels": "i64",
                    "num_rows": "i64",
-                   "inv_temperature": "fp32", "ignore_index": "i64", "ce_weight": "fp32", "kd_scale": "fp32"}
+                   "inv_temperature": "fp32", "tail_shift": "fp32", "ignore_index": "i64", "ce_weight": "fp32",
+                   "kd_scale": "fp32"}
     topk_forward = {"STUDENT": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "LOSS": f32, "STATS": f32,
                     "METRICS": f32, **topk_common}
     topk_backward = {"STUDENT": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "STATS": f32,
                      "GRAD_LOSS": f32, "GRAD_S": "*bf16", "stride_grad_loss": "i64", **topk_common}
-    for bucket in (True, False):
-        options = dict(HAS_LABELS=True, HAS_CE=True, HAS_KD=True, BUCKET=bucket, TOPK=32, BLOCK=128)
+    for bucket, spread in ((True, False), (True, True), (False, False)):  # bucket, spread and renormalize tails
+        options = dict(HAS_LABELS=True, HAS_CE=True, HAS_KD=True, SPREAD=spread, BUCKET=bucket, TOPK=32, BLOCK=128)
         for arch in (80, 90):
             options_f = {**options, "HAS_METRICS": True}
             compile_for(kd.kd_topk_forward_kernel, {**topk_forward, **dict.fromkeys(options_f, "constexpr")},

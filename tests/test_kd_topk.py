@@ -394,7 +394,58 @@ def test_spread_tail_refusals(gen):
     s, t = logits(gen, (2, 10)), logits(gen, (2, 10))
     with pytest.raises(ValueError, match="tail='spread' needs the teacher's log-probabilities"):
         fastkd.kd_loss(s, topk_teacher(t, 3, kind="logits"), tail="spread")
-    with pytest.raises(RuntimeError, match="no 'triton' backend"):
-        fastkd.kd_loss(s, topk_teacher(t, 3), tail="spread", backend="triton")
-    with pytest.raises(ValueError, match="'spread' runs in kd_loss"):
-        fastkd.linear_kd_loss(s[:, :4], torch.randn(10, 4), teacher_logits=topk_teacher(t, 3), tail="spread")
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("k", [1, 5, 37])
+def test_spread_tail_kernels_match_the_reference(gen, k, temperature, dtype, rtol):
+    from conftest import skip_unless_available
+
+    skip_unless_available("triton")
+    s, t = logits(gen, (6, 40)), logits(gen, (6, 40))
+    teacher = topk_teacher(t, k)
+    labels = torch.tensor([3, -100, 0, 39, 7, -100])
+    results = {}
+    for backend in ("triton", "reference"):
+        device = DEVICE if backend == "triton" else "cpu"
+        leaf = s.to(dtype).to(device).requires_grad_()
+        top = TopK(teacher.values.to(device), teacher.indices.to(device))
+        loss, stats = fastkd.kd_loss(
+            leaf,
+            top,
+            labels=labels.to(device),
+            ce_weight=0.3,
+            temperature=temperature,
+            tail="spread",
+            reduction="none",
+            return_stats=True,
+            backend=backend,
+        )
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        results[backend] = (loss, grad, stats)
+    (loss, grad, stats), (want_loss, want_grad, want_stats) = results["triton"], results["reference"]
+    assert_rel_close(loss, want_loss, rtol, what="loss")
+    assert_rel_close(grad, want_grad, rtol, what="grad")
+    for name in want_stats:
+        assert_rel_close(stats[name], want_stats[name], rtol, what=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])  # a TopK teacher has no C++ linear_kd path
+def test_linear_kd_with_a_spread_tail_equals_kd_loss_on_the_logits(gen, backend):
+    from conftest import skip_unless_available
+
+    skip_unless_available(backend)
+    device = DEVICE if backend == "triton" else "cpu"
+    hidden, weight = logits(gen, (7, 5)).to(device), logits(gen, (23, 5)).to(device)
+    top = topk_teacher(logits(gen, (7, 23)), 4)
+    teacher = TopK(top.values.to(device), top.indices.to(device))
+    labels = torch.tensor([1, -100, 2, 22, 0, 5, -100], device=device)
+    options = dict(labels=labels, temperature=2.0, tail="spread", ce_weight=0.5)
+    h = hidden.clone().requires_grad_()
+    got = fastkd.linear_kd_loss(h, weight, teacher_logits=teacher, chunk_rows=3, backend=backend, **options)
+    (grad,) = torch.autograd.grad(got, h)
+    h_ref = hidden.clone().requires_grad_()
+    want = fastkd.kd_loss(h_ref @ weight.T, teacher, backend="reference" if device == "cpu" else "auto", **options)
+    assert_rel_close(got, want, 1e-5)
+    assert_rel_close(grad, torch.autograd.grad(want, h_ref)[0], 1e-5)
