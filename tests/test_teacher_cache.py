@@ -174,3 +174,45 @@ def test_collate_pads_and_a_dataloader_with_workers_reads_the_cache(tmp_path):
     with pytest.raises(KeyError, match="sample 99 is not in the teacher cache"):
         cache[99]
     assert os.path.isdir(tmp_path) and np.load(tmp_path / "shard-00000.samples.npy").shape[1] == 3
+
+
+def test_the_readme_example_caches_a_teacher_and_trains_a_student(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("### Distilling from a cached teacher") :]
+    example = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
+
+    def gpt2(width, seed):
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(vocab_size=90, n_positions=16, n_embd=width, n_layer=1, n_head=2)
+        return transformers.GPT2LMHeadModel(config)
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(12):
+        length = int(torch.randint(3, 10, (), generator=g))
+        rows.append({"id": i, "input_ids": torch.randint(1, 90, (length,), generator=g)})
+
+    def collate(samples):
+        length = max(len(s["input_ids"]) for s in samples)
+        ids = torch.zeros(len(samples), length, dtype=torch.int64)
+        mask = torch.zeros(len(samples), length, dtype=torch.int64)
+        for row, sample in enumerate(samples):
+            ids[row, : len(sample["input_ids"])], mask[row, : len(sample["input_ids"])] = sample["input_ids"], 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {
+            "id": torch.tensor([s["id"] for s in samples]),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+        }
+
+    student = gpt2(16, 0)
+    before = [p.detach().clone() for p in student.parameters()]
+    monkeypatch.chdir(tmp_path)
+    namespace = {"teacher": gpt2(24, 1).eval(), "student": student, "dataset": rows, "collate": collate}
+    exec(example, namespace)
+    cache = TeacherCache(tmp_path / "teacher_cache")
+    assert len(cache) == 12 and cache[3].values.shape == (len(rows[3]["input_ids"]), 64)
+    assert namespace["loss"].isfinite()
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
