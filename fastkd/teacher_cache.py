@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 PARTS = ("values", "indices", "samples")
 VALUE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_TORCH_VALUE_DTYPES = {name: dtype for dtype, name in VALUE_DTYPES.items()}
 
 
 def _index_dtype(vocab_size: int):
@@ -118,7 +119,7 @@ class TeacherCacheWriter:
             raise ValueError(f"sample_ids must be {batch} distinct ids >= 0, got {ids}")
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
             raise ValueError(f"attention_mask must be (B, L) = {(batch, length)}, got {tuple(attention_mask.shape)}")
-        values = top.values.detach().to(self.index["values_torch_dtype"]).cpu()
+        values = top.values.detach().to(_TORCH_VALUE_DTYPES[self.index["values_dtype"]]).cpu()
         indices = top.indices.detach().cpu()
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab_size):
             raise ValueError(f"TopK indices must lie in [0, vocab_size={vocab_size})")
@@ -161,16 +162,12 @@ class TeacherCacheWriter:
                 _sha256(final),
             )
         self.index["shards"].append(shard)
-        _write_json(os.path.join(self.path, INDEX_FILE), _public(self.index))
+        _write_json(os.path.join(self.path, INDEX_FILE), self.index)
         self._values, self._indices, self._samples, self._tokens = [], [], [], 0
 
     def close(self) -> None:
         """Write what is buffered as the last shard."""
         self._flush()
-
-
-def _public(index: dict) -> dict:
-    return {key: value for key, value in index.items() if key != "values_torch_dtype"}
 
 
 class TeacherCache:
@@ -239,7 +236,6 @@ class TeacherCache:
             os.makedirs(path, exist_ok=True)
             index = dict(settings, shards=[])
             _write_json(os.path.join(path, INDEX_FILE), index)
-        index["values_torch_dtype"] = dtype
         return TeacherCacheWriter(path, index, shard_tokens)
 
     def __len__(self) -> int:
