@@ -320,6 +320,10 @@ class Distiller(nn.Module):
             rows = torch.Size((*rows[:-1], max(rows[-1] - 1, 0)))
         return self._counted_rows(None, rows)
 
+    def mask_keys(self) -> list:
+        """The keys of the inputs that :class:`Features` terms read their masks from (``mask="key"``), sorted."""
+        return sorted({t.mask for t in self.terms.values() if isinstance(t, Features) and isinstance(t.mask, str)})
+
     def step_normalizer(self, micro_batches: Sequence[tuple[Any, Optional[torch.Tensor]]]) -> StepNormalizer:
         """The counts of one optimizer step, to pass as ``normalizer=`` to each of its micro-batch calls: then the
         micro-batch losses add up to the loss of the whole step, for every term but London (a per-call value).
@@ -331,10 +335,9 @@ class Distiller(nn.Module):
         are summed over the ranks (one all-reduce of a few numbers) and divided by the world size, so that DDP's
         average gradient equals that of the concatenated batch. A normalizer given as a number or tensor is used as
         it is, on every rank."""
-        features = [term for term in self.terms.values() if isinstance(term, Features) and term.mask is not None]
-        if any(callable(term.mask) for term in features):
+        if any(isinstance(term, Features) and callable(term.mask) for term in self.terms.values()):
             raise ValueError("step_normalizer counts masks given by their key; a Features term has a callable mask")
-        keys = sorted({term.mask for term in features})
+        keys = self.mask_keys()
         counts, device = [], None
         for item in micro_batches:
             if not (isinstance(item, (tuple, list)) and len(item) == 2):

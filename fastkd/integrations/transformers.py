@@ -42,7 +42,7 @@ except ImportError as exc:  # the optional dependency: say how to get it
 
 from ..distiller import Distiller, StepNormalizer
 from ..outputs import Where
-from ..terms import KD, CrossEntropy, Features
+from ..terms import KD, CrossEntropy
 
 ADAPTERS_FILE = "fastkd_adapters.pt"
 
@@ -112,12 +112,9 @@ class DistillationTrainer(transformers.Trainer):
         self._logged = {True: defaultdict(list), False: defaultdict(list)}  # training → name → detached values
         self._steps_since_log = 0  # the optimizer steps whose training terms are in self._logged[True]
 
-    def _mask_keys(self) -> list:
-        return [t.mask for t in self.distiller.terms.values() if isinstance(t, Features) and isinstance(t.mask, str)]
-
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for key in self._mask_keys():
+        for key in self.distiller.mask_keys():
             if key not in self._signature_columns:
                 self._signature_columns.append(key)
 
