@@ -205,6 +205,7 @@ def test_micro_batches_with_the_step_normalizer_add_up_to_the_whole_batch_for_ev
     whole_losses, whole_grads = step_grads(distiller, student, [(inputs, labels)], None)
     micro = split(inputs, labels, [0, 1, 4, 6])  # unequal sizes and padding
     step = distiller.step_normalizer(micro)
+    assert distiller.mask_keys() == ["attention_mask"]  # what step_normalizer sums besides rows and samples
     shifted = labels[:, 1:] if causal_lm else labels
     assert int(step.rows) == int((shifted != -100).sum()) and int(step.samples) == 6
     assert int(step.masks["attention_mask"]) == int(inputs["attention_mask"].sum())
@@ -266,14 +267,8 @@ def _ddp_accumulation_worker(rank, world, init_file, out_dir):
         )
         inputs, labels = padded_batch(3, batch=8)
         mine = split(inputs, labels, [0, 1, 3] if rank == 0 else [3, 6, 8])  # unequal micro-batches per rank
-        step = model.module.step_normalizer(mine)
-        losses = {}
-        for part_inputs, part_labels in mine:
-            out = model(part_inputs, part_labels, normalizer=step)
-            out.loss.backward()
-            for name, value in out.losses.items():
-                losses[name] = losses.get(name, 0) + value.detach()
-        torch.save([p.grad for p in student.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+        losses, grads = step_grads(model, student, mine, model.module.step_normalizer(mine))
+        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
         torch.save(losses, os.path.join(out_dir, f"losses{rank}.pt"))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
