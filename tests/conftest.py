@@ -86,6 +86,24 @@ def logits(gen, shape, dtype=torch.float32, scale=3.0, device="cpu"):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
 
 
+def tiny_gpt2(width: int, seed: int, vocab_size: int):
+    """A one-layer GPT-2 LM built from a config (no download), without dropout, weights seeded; skips the test
+    without transformers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=16,
+        n_embd=width,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
 def tvd_tie_free(s, t, temperature, margin=1e-4):
     """``t`` with the entries moved (by 10·margin·T, or 4 units in the last place of t's dtype if more) where
     log p_s and log p_t at temperature T lie within ``margin`` of each other. There the gradient of TVD,

@@ -14,7 +14,7 @@ from torch import nn
 import fastkd
 from fastkd.distiller import KD, CrossEntropy, Distiller
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, tiny_gpt2
 
 VOCAB = 11
 
@@ -185,17 +185,12 @@ def test_causal_lm_needs_sequence_logits_and_matching_labels():
 # tiny Hugging Face models from configs (no downloads)
 
 
-def tiny_gpt2(width, seed):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=50, n_positions=16, n_embd=width, n_layer=1, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
-    )
-    return transformers.GPT2LMHeadModel(config)
+def gpt2(width, seed):
+    return tiny_gpt2(width, seed, vocab_size=50)
 
 
 def test_hugging_face_causal_lm_ce_term_equals_its_own_loss_with_padding():
-    student, teacher = tiny_gpt2(16, 0), tiny_gpt2(24, 1)
+    student, teacher = gpt2(16, 0), gpt2(24, 1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (3, 9), generator=g)
     attention_mask = torch.ones_like(ids)

@@ -13,25 +13,13 @@ transformers = pytest.importorskip("transformers")
 from fastkd.distiller import KD, CrossEntropy, Features  # noqa: E402
 from fastkd.integrations.transformers import ADAPTERS_FILE, DistillationTrainer  # noqa: E402
 
-from conftest import assert_rel_close  # noqa: E402
+from conftest import assert_rel_close, tiny_gpt2  # noqa: E402
 
 VOCAB, PAD = 40, 0
 
 
 def gpt2(width, seed):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=16,
-        n_embd=width,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-    )
-    return transformers.GPT2LMHeadModel(config)
+    return tiny_gpt2(width, seed, vocab_size=VOCAB)
 
 
 class Sequences(torch.utils.data.Dataset):
@@ -59,7 +47,8 @@ def collate(samples):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def arguments(tmp_path, **overrides):
+def training_options(tmp_path, **overrides) -> dict:
+    """TrainingArguments for one deterministic SGD step on CPU, logging every step, saving nothing."""
     options = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -77,7 +66,11 @@ def arguments(tmp_path, **overrides):
         disable_tqdm=True,
     )
     options.update(overrides)
-    return transformers.TrainingArguments(**options)
+    return options
+
+
+def arguments(tmp_path, **overrides):
+    return transformers.TrainingArguments(**training_options(tmp_path, **overrides))
 
 
 def trainer(tmp_path, terms=None, example_inputs=None, **overrides):

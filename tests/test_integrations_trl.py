@@ -89,26 +89,9 @@ def tokenizer(vocab):
 
 def gkd_run(tmp_path, beta=0.4):
     from datasets import Dataset
-    from test_integrations_transformers import VOCAB, Sequences, collate, gpt2
+    from test_integrations_transformers import VOCAB, Sequences, collate, gpt2, training_options
 
-    args = gkd.GKDConfig(
-        output_dir=str(tmp_path),
-        lmbda=0.0,
-        seq_kd=False,
-        beta=beta,
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        report_to=[],
-        use_cpu=True,
-        seed=7,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-    )
+    args = gkd.GKDConfig(**training_options(tmp_path, max_steps=3), lmbda=0.0, seq_kd=False, beta=beta)
     teacher = gpt2(24, 1)
     with torch.no_grad():  # a sharper teacher than a random student: a loss far from 0
         teacher.transformer.wte.weight.mul_(30)

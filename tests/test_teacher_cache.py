@@ -12,7 +12,7 @@ import torch
 import fastkd
 from fastkd import TeacherCache, TopK, topk_teacher
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, tiny_gpt2
 
 
 def batches(vocab_size, k, seed=0, count=5, batch=3, length=6):
@@ -177,15 +177,9 @@ def test_collate_pads_and_a_dataloader_with_workers_reads_the_cache(tmp_path):
 
 
 def test_the_readme_example_caches_a_teacher_and_trains_a_student(tmp_path, monkeypatch):
-    transformers = pytest.importorskip("transformers")
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     section = readme[readme.index("### Distilling from a cached teacher") :]
     example = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
-
-    def gpt2(width, seed):
-        torch.manual_seed(seed)
-        config = transformers.GPT2Config(vocab_size=90, n_positions=16, n_embd=width, n_layer=1, n_head=2)
-        return transformers.GPT2LMHeadModel(config)
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -207,10 +201,15 @@ def test_the_readme_example_caches_a_teacher_and_trains_a_student(tmp_path, monk
             "labels": labels,
         }
 
-    student = gpt2(16, 0)
+    student = tiny_gpt2(16, 0, vocab_size=90)
     before = [p.detach().clone() for p in student.parameters()]
     monkeypatch.chdir(tmp_path)
-    namespace = {"teacher": gpt2(24, 1).eval(), "student": student, "dataset": rows, "collate": collate}
+    namespace = {
+        "teacher": tiny_gpt2(24, 1, vocab_size=90).eval(),
+        "student": student,
+        "dataset": rows,
+        "collate": collate,
+    }
     exec(example, namespace)
     cache = TeacherCache(tmp_path / "teacher_cache")
     assert len(cache) == 12 and cache[3].values.shape == (len(rows[3]["input_ids"]), 64)
