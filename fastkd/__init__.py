@@ -9,7 +9,7 @@ from .kd import KDLoss, kd_loss
 from .linear_kd import LinearKDLoss, linear_kd_loss
 from .lipschitz import london_loss, spectral_norms
 from .teacher_cache import TeacherCache
-from .topk import TopK, topk_teacher
+from .topk import TopK, sampled_teacher, topk_teacher
 
 __version__ = "0.1.0"
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "LinearKDLoss",
     "dkd_loss",
     "TopK",
+    "sampled_teacher",
     "topk_teacher",
     "TeacherCache",
     "feature_loss",

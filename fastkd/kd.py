@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from . import cpu_backend, cuda_backend, fused_gradient, reference
 from .dispatch import check_backend_name, kernel_op, kernel_or_reference, launchers, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS, KDOptions, Metric, TopKOptions, stats_rows
-from .topk import TAILS, TopK, counted_rows_only
+from .topk import EMPTY, TAILS, TopK, counted_rows_only
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine", "tvd")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -394,6 +394,7 @@ def _kd_topk_rows_op(
     indices: torch.Tensor,
     labels: Optional[torch.Tensor],
     temperature: float,
+    teacher_temperature: float,
     tail: str,
     ignore_index: int,
     ce_weight: float,
@@ -402,7 +403,12 @@ def _kd_topk_rows_op(
     with_metrics: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     options = TopKOptions(
-        temperature=temperature, tail=tail, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        tail=tail,
+        ignore_index=ignore_index,
+        ce_weight=ce_weight,
+        kd_scale=kd_scale,
     )
     return launchers(backend, "kd").kd_topk_forward(
         student, values, indices, labels, options, with_metrics=with_metrics
@@ -410,7 +416,20 @@ def _kd_topk_rows_op(
 
 
 @_kd_topk_rows_op.register_fake
-def _(student, values, indices, labels, temperature, tail, ignore_index, ce_weight, kd_scale, backend, with_metrics):
+def _(
+    student,
+    values,
+    indices,
+    labels,
+    temperature,
+    teacher_temperature,
+    tail,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    backend,
+    with_metrics,
+):
     num_rows = student.shape[0]
     return (
         student.new_empty(num_rows, dtype=torch.float32),
@@ -428,6 +447,7 @@ def _kd_topk_rows_backward_op(
     labels: Optional[torch.Tensor],
     stats: torch.Tensor,
     temperature: float,
+    teacher_temperature: float,
     tail: str,
     ignore_index: int,
     ce_weight: float,
@@ -435,14 +455,31 @@ def _kd_topk_rows_backward_op(
     backend: str,
 ) -> torch.Tensor:
     options = TopKOptions(
-        temperature=temperature, tail=tail, ignore_index=ignore_index, ce_weight=ce_weight, kd_scale=kd_scale
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        tail=tail,
+        ignore_index=ignore_index,
+        ce_weight=ce_weight,
+        kd_scale=kd_scale,
     )
     return launchers(backend, "kd").kd_topk_backward(grad_loss, student, values, indices, labels, stats, options)
 
 
 @_kd_topk_rows_backward_op.register_fake
 def _(
-    grad_loss, student, values, indices, labels, stats, temperature, tail, ignore_index, ce_weight, kd_scale, backend
+    grad_loss,
+    student,
+    values,
+    indices,
+    labels,
+    stats,
+    temperature,
+    teacher_temperature,
+    tail,
+    ignore_index,
+    ce_weight,
+    kd_scale,
+    backend,
 ):
     return student.new_empty(student.shape)
 
@@ -815,11 +852,29 @@ def _reduce(row_loss: torch.Tensor, row_shape, reduction: str, divisor) -> torch
 
 
 def check_topk(
-    topk: TopK, row_shape: torch.Size, num_classes: int, device: torch.device, *, tail, divergence: str, holder: str
+    topk: TopK,
+    row_shape: torch.Size,
+    num_classes: int,
+    device: torch.device,
+    *,
+    tail,
+    divergence: str,
+    holder: str,
+    temperature: float,
 ) -> str:
     """Validate a sparse teacher for rows of shape ``row_shape`` over ``num_classes`` classes on ``device`` (the
-    device of ``holder``, for messages) and return its tail (the default for its kind when ``tail`` is None).
-    Indices are read only for CPU tensors (range, distinct): elsewhere the kernels make such rows NaN."""
+    device of ``holder``, for messages) at the loss's ``temperature``, and return its tail (the default for its
+    kind when ``tail`` is None). Indices are read only for CPU tensors (range, distinct): elsewhere the kernels
+    make such rows NaN."""
+    if topk.kind == "sampled":
+        if tail not in (None, "renormalize"):
+            raise ValueError(f"a sampled TopK teacher is its own distribution: tail must be None, got {tail!r}")
+        if temperature != topk.draw_temperature:
+            raise ValueError(
+                f"this sampled TopK teacher was drawn at temperature {topk.draw_temperature}; its estimate holds "
+                f"there only, got temperature={temperature} (draw it again with sampled_teacher(temperature=...))"
+            )
+        tail = "renormalize"
     tail = tail if tail is not None else ("bucket" if topk.kind == "logprobs" else "renormalize")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -839,21 +894,39 @@ def check_topk(
     if values.device != device:
         raise ValueError(f"TopK must be on the device of {holder} ({device}), got {values.device}")
     if indices.device.type == "cpu" and not torch.compiler.is_compiling() and indices.numel():
-        if bool(((indices < 0) | (indices >= num_classes)).any()):
-            raise ValueError(f"TopK indices must lie in [0, {num_classes})")
-        if k > 1 and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+        present = indices >= 0
+        if bool(((indices < EMPTY) | (indices >= num_classes)).any()):
+            raise ValueError(f"TopK indices must lie in [0, {num_classes}), or be -1 for an empty slot")
+        if k > 1 and bool(
+            (torch.where(present, indices, -1 - _slot_numbers(indices)).sort(dim=-1).values.diff(dim=-1) == 0).any()
+        ):
             raise ValueError("TopK indices must be distinct within a row")
+        if k == num_classes and tail != "renormalize" and bool((present.any(-1) & ~present.all(-1)).any()):
+            raise ValueError(
+                f"a TopK of K = V = {num_classes} slots leaves no class outside it, so tail={tail!r} has nowhere to "
+                "put the mass of its empty slots: give K < V or tail='renormalize'"
+            )
         if topk.kind == "logprobs":
-            _check_topk_mass(values)
+            _check_topk_mass(torch.where(present, values, -math.inf))
     return tail
+
+
+def _slot_numbers(indices: torch.Tensor) -> torch.Tensor:
+    """0, 1, ..., K − 1 along the last dim (distinct stand-ins for empty slots in the duplicate check)."""
+    return torch.arange(indices.shape[-1], device=indices.device, dtype=indices.dtype)
+
+
+def topk_teacher_temperature(topk: TopK, temperature: float) -> float:
+    """T_t of a sparse teacher's log-weights v/T_t: 1 for a sampled teacher (its values are the target), else T."""
+    return 1.0 if topk.kind == "sampled" else temperature
 
 
 def _check_topk_mass(values: torch.Tensor) -> None:
     """Refuse CPU log-probabilities whose probabilities sum to more than 1 by more than the rounding of their dtype
-    allows (Σ_k p_k·|log p_k|·ε: each stored log p_k is off by up to |log p_k|·ε/2)."""
+    allows (Σ_k p_k·|log p_k|·ε: each stored log p_k is off by up to |log p_k|·ε/2); empty slots are −inf."""
     log_p = values.detach().double()
     p = log_p.exp()
-    excess = p.sum(-1) - 1 - (p * log_p.abs()).sum(-1) * torch.finfo(values.dtype).eps - 1e-6
+    excess = p.sum(-1) - 1 - _weighted_abs(p, log_p).sum(-1) * torch.finfo(values.dtype).eps - 1e-6
     if bool((excess > 0).any()):
         row = int((excess > 0).flatten().nonzero()[0])
         mass = float(p.reshape(-1, p.shape[-1])[row].sum())
@@ -861,6 +934,11 @@ def _check_topk_mass(values: torch.Tensor) -> None:
             f"TopK log-probabilities of row {row} sum to probability {mass:.6g} > 1: they are not the "
             f"log-probabilities of one distribution (give logits as TopK(kind='logits'))"
         )
+
+
+def _weighted_abs(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """p·|log p|, 0 where p = 0."""
+    return torch.where(p == 0, 0.0, p * log_p.abs())
 
 
 def _kd_loss_topk(
@@ -886,6 +964,7 @@ def _kd_loss_topk(
         tail=tail,
         divergence=options["divergence"],
         holder="the logits",
+        temperature=options["temperature"],
     )
     k = topk.values.shape[-1]
     student = student_logits.reshape(-1, num_classes)
@@ -904,6 +983,7 @@ def _kd_loss_topk(
     )
     topk_options = TopKOptions(
         temperature=t,
+        teacher_temperature=topk_teacher_temperature(topk, t),
         tail=tail,
         ignore_index=options["ignore_index"],
         ce_weight=options["ce_weight"],
@@ -942,6 +1022,7 @@ def topk_reference_rows(
         indices.long(),
         tail=options.tail,
         temperature=options.temperature,
+        teacher_temperature=options.teacher_temperature,
     )
     if labels is None:
         return rows
@@ -1036,8 +1117,8 @@ def kd_loss(
         tail (str, optional): for a TopK teacher: ``"bucket"`` (default for log-probabilities) keeps the mass
             outside the K as one more class; ``"spread"`` (log-probabilities) spreads it evenly over the V − K
             other classes and takes the KL over all V, which keeps the scale of full-logit KD at T > 1 where the
-            bucket does not; ``"renormalize"`` (default and only choice
-            for logits) renormalises the teacher over its K classes (see :func:`fastkd.reference.kd_topk_rows`).
+            bucket does not; ``"renormalize"`` (default and only choice for logits and sampled teachers)
+            renormalises the teacher over its K classes (see :func:`fastkd.reference.kd_topk_rows`).
         backend (str, default ``"auto"``): ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"``
             (:mod:`fastkd.dispatch`).
 
@@ -1064,9 +1145,12 @@ def kd_loss(
           stacked into one (K, N, V) tensor first. ``return_stats`` measures fidelity to the ensemble at T = 1.
         - A TopK teacher takes ``divergence="kl"``; the student keeps its full-row normalisation and gets a gradient
           on all V logits; ``return_stats`` measures fidelity to the sparse teacher. The Triton kernels sum the
-          student's mass outside the K over those columns themselves (never 1 − Σ_K); CPU tensors and values that
-          require grad run the reference. Rows whose label is ``ignore_index`` may hold anything (a placeholder
-          replaces them). Indices are checked on the host for CPU tensors (in range, distinct), and so are
+          student's mass outside the K over those columns themselves (never 1 − Σ_K); values that require grad run
+          the reference. Slots of index −1 are empty (ragged teachers: top-p, sampled); with tail
+          ``"renormalize"`` a row without entries adds no KD loss. A sampled teacher
+          (:func:`fastkd.sampled_teacher`) is the target itself, not re-tempered, and runs only at the temperature
+          it was drawn at. Rows whose label is ``ignore_index`` may hold anything (their slots are emptied).
+          Indices are checked on the host for CPU tensors (in range or −1, distinct), and so are
           log-probabilities (a row whose probabilities sum to more than 1 beyond its dtype's rounding is refused);
           on CUDA neither is read (a host sync): a row with bad indices comes out NaN, but log-probabilities of
           mass above 1 are not detected and give a finite, meaningless loss.

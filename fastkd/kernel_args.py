@@ -160,7 +160,8 @@ class TopKOptions(NamedTuple):
     """The options of one launch of the sparse-teacher kernels (see :class:`KDOptions`)."""
 
     temperature: float
-    tail: str  # "bucket" or "renormalize" (fastkd.topk.TAILS)
+    teacher_temperature: float  # T_t of the teacher's log-weights v/T_t: T, or 1 for a sampled teacher
+    tail: str  # "bucket", "spread" or "renormalize" (fastkd.topk.TAILS)
     ignore_index: int
     ce_weight: float
     kd_scale: float

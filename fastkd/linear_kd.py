@@ -34,6 +34,7 @@ from .kd import (
     check_topk,
     kd_loss,
     topk_reference_rows,
+    topk_teacher_temperature,
 )
 from .kernel_args import NUM_METRICS, KDOptions, TopKOptions
 from .topk import TopK, counted_rows_only
@@ -57,6 +58,7 @@ class LinearKDOptions(NamedTuple):
     of the ``fastkd::linear_kd_*`` custom ops, taken by keyword (``**options._asdict()``)."""
 
     temperature: float
+    teacher_temperature: float  # a TopK teacher's T_t (see TopKOptions); T for a full teacher
     divergence: str
     beta: float
     ignore_index: int
@@ -80,6 +82,7 @@ class LinearKDOptions(NamedTuple):
     def topk(self) -> TopKOptions:
         return TopKOptions(
             temperature=self.temperature,
+            teacher_temperature=self.teacher_temperature,
             tail=self.tail,
             ignore_index=self.ignore_index,
             ce_weight=self.ce_weight,
@@ -279,6 +282,7 @@ def _linear_kd_forward_op(
     topk_indices: Optional[torch.Tensor],
     labels: Optional[torch.Tensor],
     temperature: float,
+    teacher_temperature: float,
     divergence: str,
     beta: float,
     ignore_index: int,
@@ -307,7 +311,17 @@ def _linear_kd_forward_op(
         labels,
     )
     options = LinearKDOptions(
-        temperature, divergence, beta, ignore_index, ce_weight, kd_scale, tail, vocab_size, softcap, chunk_rows
+        temperature,
+        teacher_temperature,
+        divergence,
+        beta,
+        ignore_index,
+        ce_weight,
+        kd_scale,
+        tail,
+        vocab_size,
+        softcap,
+        chunk_rows,
     )
     return _chunks(
         inputs, options, backend, with_metrics=with_metrics, grad_rows=None, wants=(grad_hidden, grad_weight, grad_bias)
@@ -335,6 +349,7 @@ def _(
     topk_indices,
     labels,
     temperature,
+    teacher_temperature,
     divergence,
     beta,
     ignore_index,
@@ -372,6 +387,7 @@ def _linear_kd_backward_op(
     topk_indices: Optional[torch.Tensor],
     labels: Optional[torch.Tensor],
     temperature: float,
+    teacher_temperature: float,
     divergence: str,
     beta: float,
     ignore_index: int,
@@ -399,7 +415,17 @@ def _linear_kd_backward_op(
         labels,
     )
     options = LinearKDOptions(
-        temperature, divergence, beta, ignore_index, ce_weight, kd_scale, tail, vocab_size, softcap, chunk_rows
+        temperature,
+        teacher_temperature,
+        divergence,
+        beta,
+        ignore_index,
+        ce_weight,
+        kd_scale,
+        tail,
+        vocab_size,
+        softcap,
+        chunk_rows,
     )
     _, _, *grads = _chunks(
         inputs,
@@ -426,6 +452,7 @@ def _(
     topk_indices,
     labels,
     temperature,
+    teacher_temperature,
     divergence,
     beta,
     ignore_index,
@@ -725,6 +752,7 @@ def linear_kd_loss(
             tail=tail,
             divergence=options["divergence"],
             holder="student_hidden",
+            temperature=options["temperature"],
         )
     elif tail is not None:
         raise ValueError("tail applies to a TopK teacher only")
@@ -747,6 +775,9 @@ def linear_kd_loss(
     )
     linear_options = LinearKDOptions(
         temperature=options["temperature"],
+        teacher_temperature=topk_teacher_temperature(teacher_logits, options["temperature"])
+        if topk
+        else options["temperature"],
         divergence=options["divergence"],
         beta=options["beta"],
         ignore_index=options["ignore_index"],

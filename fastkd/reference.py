@@ -264,74 +264,111 @@ def head_logits(
     return softcap * torch.tanh(logits / softcap)
 
 
-def _topk_log_probs(
-    student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p_t, log p_s) over the K classes of a sparse teacher, plus the bucket of the rest with ``tail="bucket"``
-    (and K < V): see :func:`kd_topk_rows`."""
+def _sparse_rows(student_logits, values, indices, temperature, teacher_temperature):
+    """The parts every sparse-teacher formula shares: z = s/T and its log-sum-exp, which slots hold an entry
+    (index ≥ 0), log p_s at them (−inf at empty slots), the teacher's log-weights v/T_t there (−inf at empty
+    slots), which columns are entries (N, V), and the rest's class count V − n."""
     math_dtype = _math_dtype(student_logits, values)
+    num_classes = student_logits.shape[-1]
     z = student_logits.to(math_dtype) / temperature
-    v = values.to(math_dtype)
     log_sum = torch.logsumexp(z, dim=-1, keepdim=True)
-    log_p_s = z.gather(-1, indices) - log_sum
-    weights = v / temperature
+    present = indices >= 0
+    columns = torch.where(present, indices, num_classes)  # empty slots point one past the last class
+    log_p_s = torch.where(present, F.pad(z, (0, 1)).gather(-1, columns) - log_sum, -math.inf)
+    weights = torch.where(present, values.to(math_dtype) / teacher_temperature, -math.inf)
+    entry_columns = torch.zeros((*z.shape[:-1], num_classes + 1), dtype=torch.bool, device=z.device)
+    entry_columns = entry_columns.scatter(-1, columns, True)[..., :num_classes]
+    rest_classes = num_classes - present.sum(-1, keepdim=True)
+    return z, log_sum, present, log_p_s, weights, entry_columns, rest_classes
+
+
+def _tail_log_mass(values, present):
+    """log(1 − Σ_k exp v_k) of log-probabilities v over a row's entries, −inf where they hold all the mass; the sum
+    in float64 (K values a row): in float32 a tail of 1e-3 carries 6e-5 of rounding."""
+    log_mass = torch.logsumexp(torch.where(present, values.double(), -math.inf), dim=-1, keepdim=True)
+    return torch.log(-torch.expm1(log_mass.clamp(max=0.0)))
+
+
+def _topk_log_probs(
+    student_logits: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    tail: str,
+    temperature: float,
+    teacher_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_t, log p_s) over the K slots of a sparse teacher, plus the bucket of the rest with ``tail="bucket"``
+    (and K < V): see :func:`kd_topk_rows`. A row whose p_t is empty (no entries and no bucket) gets log p_t = −inf
+    throughout."""
+    z, log_sum, present, log_p_s, weights, entry_columns, _ = _sparse_rows(
+        student_logits, values, indices, temperature, teacher_temperature
+    )
     if tail in ("bucket", "spread") and indices.shape[-1] < z.shape[-1]:  # K = V: no rest, the bucket is empty
-        rest = torch.logsumexp(z.scatter(-1, indices, -math.inf), dim=-1, keepdim=True) - log_sum
-        # the tail's mass 1 − Σ exp v in float64 (K values a row): in float32 a tail of 1e-3 carries 6e-5 of rounding
-        log_mass = torch.logsumexp(v.double(), dim=-1, keepdim=True).clamp(max=0.0)
-        log_tail = torch.log(-torch.expm1(log_mass)).to(math_dtype)
-        weights = torch.cat([weights, log_tail / temperature], dim=-1)
-        log_p_s = torch.cat([log_p_s, rest], dim=-1)
-    return F.log_softmax(weights, dim=-1), log_p_s
+        log_tail = _tail_log_mass(values, present).to(weights.dtype)
+        weights = torch.cat([weights, log_tail / teacher_temperature], dim=-1)
+        rest = torch.logsumexp(torch.where(entry_columns, -math.inf, z), dim=-1, keepdim=True)
+        log_p_s = torch.cat([log_p_s, rest - log_sum], dim=-1)
+    empty = (weights == -math.inf).all(-1, keepdim=True)  # no entries, no bucket: no softmax (never NaN)
+    log_p_t = torch.where(empty, -math.inf, F.log_softmax(torch.where(empty, 0, weights), dim=-1))
+    return log_p_t, log_p_s
 
 
 def kd_topk_rows(
-    student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, tail: str, temperature: float
+    student_logits: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    tail: str,
+    temperature: float,
+    teacher_temperature: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-row KL(p_t‖p_s) of (N, V) student logits against a sparse teacher given by its top-K entries
     ``values`` / ``indices`` (N, K), float32 (float64 for float64 inputs), before the T² and weights.
 
-    The teacher's log-weights are v_k/T on its K classes (v: logits or log-probabilities); with
-    ``tail="bucket"`` (log-probabilities only) a (K+1)-th pseudo-class, the rest of the vocabulary, has log-weight
-    log(1 − Σ_k exp v_k)/T; p_t is their softmax (at T = 1 exactly the given probabilities and the remaining
-    mass). With ``tail="renormalize"`` p_t is the softmax over the K classes alone. The student keeps its
-    full-row normalisation: log p_s,k = s_k/T − logsumexp(s/T), and its bucket probability is the mass of every
-    class outside the K (a log-sum-exp over those columns).
+    A slot whose index is −1 is empty (a ragged teacher: top-p truncation, sampled draws): it takes no part, so a
+    row has n ≤ K entries. The teacher's log-weights are v_k/T_t on its n classes (v: logits or log-probabilities;
+    T_t = ``teacher_temperature``, T by default; 1 for sampled teachers, whose v are the target itself); with
+    ``tail="bucket"`` (log-probabilities only) an extra pseudo-class, the rest of the vocabulary, has log-weight
+    log(1 − Σ_k exp v_k)/T_t; p_t is their softmax (at T = 1 exactly the given probabilities and the remaining
+    mass). With ``tail="renormalize"`` p_t is the softmax over the n classes alone, and a row without entries
+    has no teacher: its KL is 0. The student keeps its full-row normalisation: log p_s,k = s_k/T − logsumexp(s/T),
+    and its bucket probability is the mass of every class outside the entries (a log-sum-exp over those columns).
 
     ``tail="spread"`` (log-probabilities only) makes the teacher a full distribution: the rest's mass
-    r = 1 − Σ_k exp v_k spread evenly over its V − K classes, each of log-probability log(r/(V − K)), then
-    tempered like the K: log-weights v_k/T and log(r/(V − K))/T. The loss is the full KL over all V classes,
-    Σ_k p_k (log p_k − log p_s,k) + p_j·((V − K)·log p_j − Σ_{i∉K} log p_s,i) with p_j the probability of each
-    class of the rest, so it also measures how far the student's rest is from even, and at T > 1 it keeps the
-    scale of full-logit KD, where the bucket tempers V − K classes as if they were one (bench/topk_tail.py).
-    Tempering inflates a small rest ((V − K)·(r/(V − K))^(1/T) against the K's p_k^(1/T)), also its rounding: where
+    r = 1 − Σ_k exp v_k spread evenly over its V − n classes, each of log-probability log(r/(V − n)), then
+    tempered like the entries: log-weights v_k/T and log(r/(V − n))/T. The loss is the full KL over all V
+    classes, Σ_k p_k (log p_k − log p_s,k) + p_j·((V − n)·log p_j − Σ_{i∉K} log p_s,i) with p_j the probability
+    of each class of the rest, so it also measures how far the student's rest is from even, and at T > 1 it keeps
+    the scale of full-logit KD, where the bucket tempers V − n classes as if they were one (bench/topk_tail.py).
+    Tempering inflates a small rest ((V − n)·(r/(V − n))^(1/T) against the K's p_k^(1/T)), also its rounding: where
     the K hold nearly all the mass and T > 1, store the log-probabilities in float32 rather than bfloat16.
+
+    With K = V the rest is empty whatever the tail (the bucket and the spread drop out).
     """
+    teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
     if tail == "spread" and indices.shape[-1] < student_logits.shape[-1]:
         return _spread_topk_rows(student_logits, values, indices, temperature)
-    log_p_t, log_p_s = _topk_log_probs(student_logits, values, indices, tail=tail, temperature=temperature)
+    log_p_t, log_p_s = _topk_log_probs(
+        student_logits, values, indices, tail=tail, temperature=temperature, teacher_temperature=teacher_temperature
+    )
     return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
 
 
 def _spread_topk_rows(student_logits, values, indices, temperature):
     """:func:`kd_topk_rows` with ``tail="spread"`` and K < V."""
-    math_dtype = _math_dtype(student_logits, values)
-    num_classes, num_slots = student_logits.shape[-1], indices.shape[-1]
-    rest_classes = num_classes - num_slots
-    z = student_logits.to(math_dtype) / temperature
-    log_sum = torch.logsumexp(z, dim=-1, keepdim=True)
-    z_top = z.gather(-1, indices)
-    log_q_top = z_top - log_sum
-    log_q_rest_sum = (z.sum(-1, keepdim=True) - z_top.sum(-1, keepdim=True)) - rest_classes * log_sum
-    v = values.to(math_dtype)
-    log_mass = torch.logsumexp(v.double(), dim=-1, keepdim=True).clamp(max=0.0)
-    log_rest = torch.log(-torch.expm1(log_mass)).to(math_dtype)  # −inf when the K hold all the mass
-    w_top, w_each = v / temperature, (log_rest - math.log(rest_classes)) / temperature
-    log_norm = torch.logsumexp(torch.cat([w_top, w_each + math.log(rest_classes)], dim=-1), dim=-1, keepdim=True)
+    z, log_sum, present, log_q_top, w_top, entry_columns, rest_classes = _sparse_rows(
+        student_logits, values, indices, temperature, temperature
+    )
+    rest_count = rest_classes.to(z.dtype)
+    log_q_rest_sum = torch.where(entry_columns, 0, z).sum(-1, keepdim=True) - rest_count * log_sum
+    log_rest = _tail_log_mass(values, present).to(z.dtype)  # −inf when the entries hold all the mass
+    w_each = (log_rest - torch.log(rest_count)) / temperature
+    log_norm = torch.logsumexp(torch.cat([w_top, w_each + torch.log(rest_count)], dim=-1), dim=-1, keepdim=True)
     log_p_top, log_p_each = w_top - log_norm, w_each - log_norm
     kl_top = _weighted(log_p_top.exp(), log_p_top - log_q_top).sum(-1)
     p_each = log_p_each.exp()
-    kl_rest = torch.where(p_each > 0, p_each * (rest_classes * log_p_each - log_q_rest_sum), 0.0)
+    kl_rest = torch.where(p_each > 0, p_each * (rest_count * log_p_each - log_q_rest_sum), 0.0)
     return kl_top + kl_rest.squeeze(-1)
 
 
@@ -349,11 +386,14 @@ def kd_topk_fidelity_rows(
     the sparse teacher (over its K classes and, with ``tail="bucket"``, the rest as one class: a lower bound of
     the full teacher's entropy), and H(p_s) of the full student row at T = 1; 0 at ignored rows."""
     with torch.no_grad():
-        log_p_t, log_p_s = _topk_log_probs(student_logits, values, indices, tail=tail, temperature=1.0)
+        log_p_t, log_p_s = _topk_log_probs(
+            student_logits, values, indices, tail=tail, temperature=1.0, teacher_temperature=1.0
+        )
         math_dtype = log_p_t.dtype
         s = student_logits.to(math_dtype)
-        v = values.to(math_dtype)
-        top = torch.where(v == v.amax(-1, keepdim=True), indices, student_logits.shape[-1]).amin(-1)
+        v = torch.where(indices >= 0, values.to(math_dtype), -math.inf)
+        top_slots = (v == v.amax(-1, keepdim=True)) & (indices >= 0)
+        top = torch.where(top_slots, indices, student_logits.shape[-1]).amin(-1)
         log_q = F.log_softmax(s, dim=-1)
         rows = torch.stack(
             [

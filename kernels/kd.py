@@ -23,8 +23,6 @@ Each kernel reads top to bottom as: the row's state, a sweep whose block updates
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -938,33 +936,46 @@ def _online_logsumexp(m, total, x):
 
 @triton.jit
 def _topk_slots(VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col, TOPK: tl.constexpr):
-    """A sparse teacher's row: (slot_ok, values as float32 (−inf on padding), indices clamped into [0, V), and
-    whether the indices are valid: each in [0, V), no two equal)."""
+    """A sparse teacher's row: (which slots hold an entry (index ≠ −1, the empty slot), values as float32 (−inf
+    where none), indices clamped into [0, V), whether the entries are valid (each in [0, V), no two equal), and
+    the count of entries n)."""
     slots = tl.arange(0, TOPK)
-    slot_ok = slots < K
+    in_k = slots < K
+    indices = tl.load(INDICES + row * stride_i_row + slots * stride_i_col, mask=in_k, other=-1).to(tl.int64)
+    slot_ok = in_k & (indices != -1)
     values = tl.load(VALUES + row * stride_v_row + slots * stride_v_col, mask=slot_ok, other=float("-inf"))
-    indices = tl.load(INDICES + row * stride_i_row + slots * stride_i_col, mask=slot_ok, other=0).to(tl.int64)
     in_range = (indices >= 0) & (indices < V)
     repeats = tl.zeros((TOPK,), dtype=tl.int32)
     for k in range(0, K):
         index_k = tl.load(INDICES + row * stride_i_row + k * stride_i_col).to(tl.int64)
         repeats += (slot_ok & (indices == index_k)).to(tl.int32)
     valid = tl.sum((slot_ok & (~in_range | (repeats > 1))).to(tl.int32), axis=0) == 0
-    return slot_ok, values.to(tl.float32), tl.where(slot_ok & in_range, indices, 0), valid
+    num_entries = tl.sum(slot_ok.to(tl.int32), axis=0)
+    return slot_ok, values.to(tl.float32), tl.where(slot_ok & in_range, indices, 0), valid, num_entries
+
+
+@triton.jit
+def _spread_shift(V, num_entries, inv_temperature, SPREAD: tl.constexpr):
+    """(1 − 1/T)·log(V − n) with SPREAD (the rest's V − n classes each hold 1/(V − n) of its mass, tempered one
+    by one), else 0: see _sparse_teacher_log_probs."""
+    if SPREAD:
+        return (1.0 - inv_temperature) * tl.log((V - num_entries).to(tl.float32))
+    return 0.0
 
 
 @triton.jit
 def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, tail_shift, BUCKET: tl.constexpr):
-    """(log p_t on the K slots, log p_t of the tail bucket) of a sparse teacher: the softmax of v_k/T (and, with
-    BUCKET, of log(1 − Σ_k exp v_k)/T + tail_shift, the remaining mass of log-probabilities v; tail_shift is
-    (1 − 1/T)·log(V − K) for the "spread" tail, whose V − K classes each get 1/(V − K) of it); without BUCKET the
-    tail is −inf. The tail's mass 1 − Σ_k exp v_k is computed in float64 (K values per row: free): in float32 a tail of
-    1e-3 would carry the rounding of Σ ≈ 1, 6e-5 of itself."""
+    """(log p_t on the K slots, log p_t of the tail bucket) of a sparse teacher: the softmax of v_k/T over the
+    slots holding an entry (and, with BUCKET, of log(1 − Σ_k exp v_k)/T + tail_shift, the remaining mass of
+    log-probabilities v; tail_shift is _spread_shift for the "spread" tail); without BUCKET the tail is −inf (and
+    a row without entries has no p_t: NaN, which the callers mask). The tail's mass 1 − Σ_k exp v_k is computed in
+    float64 (K values per row: free): in float32 a tail of 1e-3 would carry the rounding of Σ ≈ 1, 6e-5 of
+    itself."""
     w = tl.where(slot_ok, values * inv_temperature, float("-inf"))
     top = tl.max(w, axis=0)
     if BUCKET:
         values_64 = values.to(tl.float64)
-        top_v = tl.max(values_64, axis=0)
+        top_v = _finite_or_zero(tl.max(values_64, axis=0))  # no entries: Σ exp v = 0, the tail holds all
         log_mass = top_v + tl.log(tl.sum(tl.exp(values_64 - top_v), axis=0))  # log Σ exp v, ≤ 0 up to rounding
         w_tail = tl.log(-_expm1(tl.minimum(log_mass, 0.0))).to(tl.float32) * inv_temperature + tail_shift
         top = tl.maximum(top, w_tail)
@@ -994,14 +1005,14 @@ def kd_topk_forward_kernel(
     stride_labels,
     num_rows,
     inv_temperature,
-    tail_shift,  # (1 − 1/T)·log(V − K) with SPREAD, else 0 (see _sparse_teacher_log_probs)
+    inv_teacher_temperature,  # 1/T_t of the teacher's log-weights v/T_t (1 for a sampled teacher)
     ignore_index,
     ce_weight,
     kd_scale,
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
     HAS_KD: tl.constexpr,
-    SPREAD: tl.constexpr,  # "spread" tail: the rest's mass evenly over its V − K classes, the KL over all V
+    SPREAD: tl.constexpr,  # "spread" tail: the rest's mass evenly over its V − n classes, the KL over all V
     BUCKET: tl.constexpr,  # the teacher's mass outside the K is one more class ("bucket" or "spread" tail, K < V)
     HAS_METRICS: tl.constexpr,
     TOPK: tl.constexpr,  # K rounded up to a power of 2
@@ -1016,9 +1027,10 @@ def kd_topk_forward_kernel(
     counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
     student_row = STUDENT + row * stride_s_row
     n_cols = tl.where(counted, V, 0)
-    slot_ok, values, indices, indices_ok = _topk_slots(
+    slot_ok, values, indices, indices_ok, num_entries = _topk_slots(
         VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col, TOPK
     )
+    tail_shift = _spread_shift(V, num_entries, inv_teacher_temperature, SPREAD)
     m_a = float("-inf")
     sum_a = 0.0
     m_rest = float("-inf")
@@ -1066,10 +1078,10 @@ def kd_topk_forward_kernel(
     x_k = tl.load(student_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)  # s at the K
     if HAS_KD:
         log_p_s = _log_probs(x_k, inv_temperature, m_a, log_sum_a)
-        log_p_t, log_p_t_tail = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, tail_shift, BUCKET)
+        log_p_t, log_p_t_tail = _sparse_teacher_log_probs(values, slot_ok, inv_teacher_temperature, tail_shift, BUCKET)
         kl = tl.sum(tl.where(slot_ok, _weighted(tl.exp(log_p_t), log_p_t - log_p_s), 0.0), axis=0)
-        if SPREAD:  # p_tail·(log p_each − the mean of log p_s over the rest's V − K classes)
-            rest_classes = (V - K).to(tl.float32)
+        if SPREAD:  # p_tail·(log p_each − the mean of log p_s over the rest's V − n classes)
+            rest_classes = (V - num_entries).to(tl.float32)
             mean_log_p_s_rest = sum_a_rest / rest_classes - (m_a + log_sum_a)
             kl += _weighted(tl.exp(log_p_t_tail), log_p_t_tail - tl.log(rest_classes) - mean_log_p_s_rest)
         elif BUCKET:  # the student's bucket: its mass outside the K
@@ -1125,14 +1137,14 @@ def kd_topk_backward_kernel(
     stride_grad_loss,
     num_rows,
     inv_temperature,
-    tail_shift,  # (1 − 1/T)·log(V − K) with SPREAD, else 0 (see _sparse_teacher_log_probs)
+    inv_teacher_temperature,  # 1/T_t of the teacher's log-weights v/T_t (1 for a sampled teacher)
     ignore_index,
     ce_weight,
     kd_scale,
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
     HAS_KD: tl.constexpr,
-    SPREAD: tl.constexpr,  # "spread" tail: the rest's mass evenly over its V − K classes, the KL over all V
+    SPREAD: tl.constexpr,  # "spread" tail: the rest's mass evenly over its V − n classes, the KL over all V
     BUCKET: tl.constexpr,
     TOPK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -1142,12 +1154,15 @@ def kd_topk_backward_kernel(
     teacher columns rewritten with p_s,k − p_t,k (after a barrier: the same program stored them in the sweep)."""
     row = tl.program_id(0).to(tl.int64)
     counted, label_ok, label = _row_state(LABELS, row, stride_labels, V, ignore_index, HAS_LABELS)
-    slot_ok, values, indices, indices_ok = _topk_slots(
+    slot_ok, values, indices, indices_ok, num_entries = _topk_slots(
         VALUES, INDICES, row, K, V, stride_v_row, stride_v_col, stride_i_row, stride_i_col, TOPK
     )
+    tail_shift = _spread_shift(V, num_entries, inv_teacher_temperature, SPREAD)
     kd_factor, ce_factor = _gradient_factors(
         GRAD_LOSS, row, stride_grad_loss, counted & (~label_ok | ~indices_ok), kd_scale, inv_temperature, ce_weight
     )
+    if not BUCKET:  # a row without entries has no teacher (tail "renormalize"): no KD gradient (NaN stays NaN)
+        kd_factor *= tl.where(num_entries > 0, 1.0, 0.0)
     m_a = _load_slot(STATS, TOPK_MAX_A, row, num_rows)
     log_sum_a = _load_slot(STATS, TOPK_LOG_SUM_A, row, num_rows)
     log_p_t_tail = _load_slot(STATS, TOPK_LOG_P_TAIL, row, num_rows)
@@ -1164,8 +1179,8 @@ def kd_topk_backward_kernel(
         grad = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_KD:
             grad = kd_factor * tl.exp(_log_probs(x_s, inv_temperature, m_a, log_sum_a))
-            if SPREAD:  # each class of the rest has the teacher's p_tail/(V − K)
-                grad -= kd_factor * tl.exp(log_p_t_tail - tl.log((V - K).to(tl.float32)))
+            if SPREAD:  # each class of the rest has the teacher's p_tail/(V − n)
+                grad -= kd_factor * tl.exp(log_p_t_tail - tl.log((V - num_entries).to(tl.float32)))
             elif BUCKET:
                 grad -= kd_factor * tl.exp(log_p_t_tail + _log_probs(x_s, inv_temperature, m_rest, log_sum_rest))
         if HAS_CE:
@@ -1174,7 +1189,7 @@ def kd_topk_backward_kernel(
     if HAS_KD:
         tl.debug_barrier()
         x_k = tl.load(student_row + indices * stride_s_col, mask=slot_ok, other=0.0).to(tl.float32)
-        log_p_t, _ = _sparse_teacher_log_probs(values, slot_ok, inv_temperature, tail_shift, BUCKET)
+        log_p_t, _ = _sparse_teacher_log_probs(values, slot_ok, inv_teacher_temperature, tail_shift, BUCKET)
         grad = kd_factor * (tl.exp(_log_probs(x_k, inv_temperature, m_a, log_sum_a)) - tl.exp(log_p_t))
         if HAS_CE:
             grad += _ce_gradient(x_k, indices == label, m_1, log_sum_1, ce_factor)
@@ -1347,7 +1362,6 @@ def kd_backward(
 def _topk_args(values, indices, labels, options: TopKOptions, student) -> dict:
     """The sparse teacher's arguments and the launch's options."""
     num_slots = values.shape[1]
-    spread = options.tail == "spread" and num_slots < student.shape[1]
     return dict(
         K=num_slots,
         stride_v_row=values.stride(0),
@@ -1355,10 +1369,10 @@ def _topk_args(values, indices, labels, options: TopKOptions, student) -> dict:
         stride_i_row=indices.stride(0),
         stride_i_col=indices.stride(1),
         BUCKET=options.tail in ("bucket", "spread") and num_slots < student.shape[1],
-        SPREAD=spread,
+        SPREAD=options.tail == "spread" and num_slots < student.shape[1],
         TOPK=triton.next_power_of_2(num_slots),
         inv_temperature=1.0 / options.temperature,
-        tail_shift=(1.0 - 1.0 / options.temperature) * math.log(student.shape[1] - num_slots) if spread else 0.0,
+        inv_teacher_temperature=1.0 / options.teacher_temperature,
         ignore_index=options.ignore_index,
         ce_weight=options.ce_weight,
         kd_scale=options.kd_scale,

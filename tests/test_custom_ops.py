@@ -12,7 +12,9 @@ from fastkd.kernel_args import FeatureGroup
 from conftest import backend_device, skip_unless_available
 
 KD_OPTIONS = dict(temperature=2.0, divergence="kl", beta=0.5, ignore_index=-100, ce_weight=0.5, kd_scale=4.0, alpha=1.0)
-TOPK_OPTIONS = dict(temperature=2.0, tail="bucket", ignore_index=-100, ce_weight=0.5, kd_scale=4.0)
+TOPK_OPTIONS = dict(
+    temperature=2.0, teacher_temperature=2.0, tail="bucket", ignore_index=-100, ce_weight=0.5, kd_scale=4.0
+)
 
 
 def kd_cases(device, backend):
@@ -105,6 +107,7 @@ def linear_kd_cases(device, backend):
     options = dict(
         KD_OPTIONS,
         tail="",
+        teacher_temperature=KD_OPTIONS["temperature"],
         vocab_size=10,
         softcap=3.0,
         chunk_rows=3,

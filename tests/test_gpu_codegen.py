@@ -88,9 +88,8 @@ SCRIPT = textwrap.dedent(r"""
                 options, 90)
     topk_common = {"V": "i64", "K": "i32", "stride_s_row": "i64", "stride_s_col": "i64", "stride_v_row": "i64",
                    "stride_v_col": "i64", "stride_i_row": "i64", "stride_i_col": "i64", "stride_labels": "i64",
-                   "num_rows": "i64",
-                   "inv_temperature": "fp32", "tail_shift": "fp32", "ignore_index": "i64", "ce_weight": "fp32",
-                   "kd_scale": "fp32"}
+                   "num_rows": "i64", "inv_temperature": "fp32", "inv_teacher_temperature": "fp32",
+                   "ignore_index": "i64", "ce_weight": "fp32", "kd_scale": "fp32"}
     topk_forward = {"STUDENT": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "LOSS": f32, "STATS": f32,
                     "METRICS": f32, **topk_common}
     topk_backward = {"STUDENT": "*bf16", "VALUES": f32, "INDICES": "*i64", "LABELS": "*i64", "STATS": f32,

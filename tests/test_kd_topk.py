@@ -201,8 +201,10 @@ def test_topk_kernel_rows_with_bad_indices_are_nan(gen):
     """Where the host does not check (CUDA: it would cost a sync) the kernels mark such rows NaN."""
     s = logits(gen, (4, 10)).to(DEVICE)
     values = torch.full((4, 3), -2.0, device=DEVICE)
-    indices = torch.tensor([[0, 1, 2], [0, 10, 2], [4, 5, 4], [9, 8, -1]], device=DEVICE)
-    rows, _, _ = torch.ops.fastkd.kd_topk_rows(s, values, indices, None, 1.0, "bucket", -100, 0.0, 1.0, "triton", False)
+    indices = torch.tensor([[0, 1, -1], [0, 10, 2], [4, 5, 4], [9, 8, -2]], device=DEVICE)  # −1: an empty slot
+    rows, _, _ = torch.ops.fastkd.kd_topk_rows(
+        s, values, indices, None, 1.0, 1.0, "bucket", -100, 0.0, 1.0, "triton", False
+    )
     assert rows[0].isfinite() and rows[1:].isnan().all()
 
 
