@@ -61,8 +61,8 @@ def test_bytes_per_token_at_k_64(tmp_path):
     with TeacherCache.write(tmp_path, k=64, vocab_size=32000) as writer:
         writer.add([0], torch.randn(1, 100, 32000))
     shard = json.loads((tmp_path / "index.json").read_text())["shards"][0]
-    payload = shard["bytes"]["values"] + shard["bytes"]["indices"]
-    assert 256 * 100 <= payload <= 256 * 100 + 512  # bf16 values and uint16 indices, plus two .npy headers
+    payload = shard["bytes"]["values"] + shard["bytes"]["indices"] + shard["bytes"]["counts"]
+    assert 258 * 100 <= payload <= 258 * 100 + 3 * 256  # bf16 values, uint16 indices and counts, three .npy headers
 
 
 def test_resume_after_an_interrupted_write_keeps_every_sample_once(tmp_path):
@@ -168,7 +168,7 @@ def test_collate_pads_and_a_dataloader_with_workers_reads_the_cache(tmp_path):
         for row, sample_id in enumerate(ids):
             n = want[sample_id].values.shape[0]
             assert torch.equal(batch.values[row, :n], want[sample_id].values)
-            assert torch.equal(batch.indices[row, n:], torch.arange(3).expand(longest - n, 3))
+            assert torch.equal(batch.indices[row, n:], torch.full((longest - n, 3), -1))  # padding: no entries
     with pytest.raises(ValueError, match="pad_to=1 is shorter"):
         cache.collate([0], pad_to=1)
     with pytest.raises(KeyError, match="sample 99 is not in the teacher cache"):
@@ -215,3 +215,53 @@ def test_the_readme_example_caches_a_teacher_and_trains_a_student(tmp_path, monk
     assert len(cache) == 12 and cache[3].values.shape == (len(rows[3]["input_ids"]), 64)
     assert namespace["loss"].isfinite()
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+@pytest.mark.parametrize("vocab_size", [1000, 65537])
+def test_ragged_top_p_teachers_round_trip_with_their_counts(tmp_path, vocab_size):
+    k = 6
+    sharpness = torch.tensor([1.0, 2.0, 4.0, 8.0]).view(1, 4, 1)  # flat to peaked tokens: 1 to k entries
+    data = [(ids, logits * sharpness, mask) for ids, logits, mask in batches(vocab_size, k, count=2, length=4)]
+    with TeacherCache.write(tmp_path, k=k, vocab_size=vocab_size, top_p=0.5, shard_tokens=5) as writer:
+        for ids, logits, mask in data:
+            writer.add(ids, logits, mask)
+    cache = TeacherCache(tmp_path)
+    assert json.loads((tmp_path / "index.json").read_text())["top_p"] == 0.5
+    seen_counts = set()
+    for ids, logits, mask in data:
+        top = topk_teacher(logits, k, top_p=0.5)
+        for row, sample_id in enumerate(ids):
+            keep = mask[row].bool()
+            got, want_indices = cache[sample_id], top.indices[row][keep]
+            assert torch.equal(got.indices, want_indices) and torch.equal(got.counts, (want_indices >= 0).sum(-1))
+            present = want_indices >= 0
+            assert torch.equal(got.values[present], top.values[row][keep][present].bfloat16())
+            seen_counts.update(got.counts.tolist())
+    assert len(seen_counts) > 1  # ragged indeed
+
+
+def test_sampled_teachers_round_trip_and_give_the_in_memory_loss(tmp_path):
+    vocab_size, k = 40, 8
+    ((ids, logits, mask),) = batches(vocab_size, k, count=1, batch=3, length=5)
+    with TeacherCache.write(tmp_path, k=k, vocab_size=vocab_size, kind="sampled", temperature=2.0, seed=7) as writer:
+        writer.add(ids, logits, mask)
+    drawn = fastkd.sampled_teacher(logits, k, temperature=2.0, generator=torch.Generator().manual_seed(7))
+    cache = TeacherCache(tmp_path)
+    for row, sample_id in enumerate(ids):
+        keep = mask[row].bool()
+        got = cache[sample_id]
+        assert got.kind == "sampled" and got.draw_temperature == 2.0
+        assert torch.equal(got.indices, drawn.indices[row][keep])
+        present = got.indices >= 0
+        assert torch.equal(got.values[present], drawn.values[row][keep][present])  # log(c/k), bit-exact
+    labels = torch.randint(0, vocab_size, (3, 5)).masked_fill(mask == 0, -100)
+    student = torch.randn(3, 5, vocab_size)
+    got = fastkd.kd_loss(student, cache.collate(ids, pad_to=5), labels=labels, temperature=2.0)
+    assert torch.equal(got, fastkd.kd_loss(student, drawn, labels=labels, temperature=2.0))
+    with TeacherCache.write(tmp_path / "b", k=k, vocab_size=vocab_size, kind="sampled", temperature=2.0) as writer:
+        writer.add(ids, drawn, mask)  # a sampled TopK is stored as its counts
+    assert torch.equal(TeacherCache(tmp_path / "b")[ids[0]].values, cache[ids[0]].values)
+    with pytest.raises(ValueError, match="drawn at temperature 2.0, the cache's is 1.0"):
+        TeacherCache.write(tmp_path / "c", k=k, vocab_size=vocab_size, kind="sampled").add(ids, drawn, mask)
+    with pytest.raises(ValueError, match="top_p must be None or a float"):
+        TeacherCache.write(tmp_path / "d", k=k, vocab_size=vocab_size, kind="sampled", top_p=0.9)
