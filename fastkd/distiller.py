@@ -21,6 +21,7 @@ from torch import nn
 from .adapters import adapter_for
 from .kd import check_ignore_index, check_normalizer, kd_loss, tensor_divisor
 from .outputs import Where, check_where, logits_of, next_token_rows
+from .teacher_cache import TeacherCache
 from .terms import (
     DKD,
     KD,
@@ -145,6 +146,18 @@ def _first_tensor(inputs: Any) -> torch.Tensor:
     raise ValueError(f"a micro-batch without labels needs a tensor among its inputs, got {type(inputs).__name__}")
 
 
+def _check_cached_teacher_terms(terms: Mapping[str, Term], capture: str) -> None:
+    """Refuse what a cached teacher cannot feed: its features, its full logits (DKD), its hidden states."""
+    if capture != "hooks":
+        raise ValueError("a cached teacher has no outputs to capture features from: use capture='hooks'")
+    for name, term in terms.items():
+        if isinstance(term, (Features, London, LinearKD, DKD)) or term.captures()[1]:
+            raise ValueError(
+                f"term {name!r} ({type(term).__name__}) needs the teacher model's features, logits or hidden "
+                "states; a TeacherCache holds only its sparse distribution (use KD, CrossEntropy or Custom)"
+            )
+
+
 def _call(model: nn.Module, inputs: Any):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
@@ -168,6 +181,13 @@ class Distiller(nn.Module):
     the per-row terms, or the :class:`StepNormalizer` of a step of accumulated micro-batches
     (:meth:`step_normalizer`); ``student``: the module to run for the student, when a trainer has wrapped
     ``distiller.student`` (DDP, FSDP, ``torch.compile``) and the wrapper must see the forward.
+
+    ``teacher`` may be a :class:`fastkd.TeacherCache` instead of a model (offline distillation: no teacher runs at
+    train time): ``forward(..., sample_ids=ids)`` then names the batch's samples as they were cached, and
+    :meth:`fastkd.TeacherCache.teacher_for` gives the KD terms their sparse teacher, aligned with the student's
+    logits (right-padded sequences; with ``causal_lm`` the cache holds the teacher's predictions at every position,
+    shifted here like the student's). Only terms that read the teacher's distribution (:class:`KD`, with its
+    ``tail``) or none (:class:`CrossEntropy`, :class:`Custom` without teacher features) apply.
     """
 
     def __init__(
@@ -184,8 +204,9 @@ class Distiller(nn.Module):
         causal_lm: bool = False,
     ):
         super().__init__()
+        cached = isinstance(teacher, TeacherCache)
         for name, model in (("student", student), ("teacher", teacher)):
-            if not isinstance(model, nn.Module):
+            if not isinstance(model, nn.Module) and not (name == "teacher" and cached):
                 raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
         if capture not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
@@ -205,8 +226,11 @@ class Distiller(nn.Module):
                 "terms that read the models' outputs as logits (KD, DKD, CrossEntropy) and as hidden states "
                 "(LinearKD) cannot share a Distiller: give LinearKD a ce_weight instead of a CrossEntropy term"
             )
+        if cached:
+            _check_cached_teacher_terms(terms, capture)
         self.student = student
-        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # held, not registered (see above)
+        # held, not registered (see above)
+        self.__dict__["teacher"] = teacher if cached else teacher.eval().requires_grad_(False)
         self.terms = terms
         self.capture = capture
         self.ignore_index = check_ignore_index(ignore_index)
@@ -256,8 +280,10 @@ class Distiller(nn.Module):
         self._capture.active = True
         try:
             student_out = _call(self.student if student is None else student, inputs)
-            with torch.no_grad():
-                teacher_out = _call(self.teacher, inputs)
+            teacher_out = None
+            if not self._cached_teacher():
+                with torch.no_grad():
+                    teacher_out = _call(self.teacher, inputs)
         finally:
             self._capture.active = False
         self._capture.check_unchanged()
@@ -388,9 +414,17 @@ class Distiller(nn.Module):
         *,
         normalizer: Union[float, torch.Tensor, StepNormalizer, None] = None,
         student: Optional[nn.Module] = None,
+        sample_ids: Union[torch.Tensor, Sequence[int], None] = None,
     ) -> DistillOutput:
         if student is not None and _unwrapped(student) is not _unwrapped(self.student):
             raise ValueError("student must be distiller.student or a wrapper of it (DDP, FSDP, torch.compile)")
+        if (sample_ids is None) == self._cached_teacher():
+            raise ValueError(
+                "a Distiller whose teacher is a TeacherCache needs forward(..., sample_ids=...) (the batch's cached "
+                "samples)"
+                if sample_ids is None
+                else "sample_ids name the samples of a cached teacher; this Distiller's teacher is a model"
+            )
         step = normalizer if isinstance(normalizer, StepNormalizer) else None
         try:
             student_out, teacher_out = self._run_models(inputs, student)
@@ -398,7 +432,11 @@ class Distiller(nn.Module):
             if self.capture == "outputs":
                 student_out, teacher_out = student_out[0], teacher_out[0]
             output = logits_of(student_out, self.logits, "student")
-            student_rows, teacher_rows = output, logits_of(teacher_out, self.logits, "teacher")
+            if sample_ids is not None:
+                teacher_rows = self.teacher.teacher_for(sample_ids, output)
+            else:
+                teacher_rows = logits_of(teacher_out, self.logits, "teacher")
+            student_rows = output
             if self.causal_lm:
                 student_rows, labels = next_token_rows(student_rows, labels, "student")
                 teacher_rows, _ = next_token_rows(teacher_rows, None, "teacher")
@@ -424,7 +462,8 @@ class Distiller(nn.Module):
                         metrics.setdefault(key, metric.detach())
                 weight = term.weight(self.schedule_step)
                 losses[name] = value if weight == 1 else weight * value  # ×1 is exact: no graph node for it
-            if not metrics and student_rows.shape == teacher_rows.shape and "hidden" not in self._reads():
+            full_teacher = isinstance(teacher_rows, torch.Tensor) and student_rows.shape == teacher_rows.shape
+            if not metrics and full_teacher and "hidden" not in self._reads():
                 with torch.no_grad():
                     _, metrics = kd_loss(
                         student_rows, teacher_rows, labels=labels, ignore_index=self.ignore_index, return_stats=True
@@ -432,6 +471,9 @@ class Distiller(nn.Module):
         finally:
             self._capture.clear()
         return DistillOutput(output, losses, functools.reduce(operator.add, losses.values()), metrics)
+
+    def _cached_teacher(self) -> bool:
+        return isinstance(self.teacher, TeacherCache)
 
     def _reads(self) -> set:
         return {term.reads for term in self.terms.values()}
@@ -451,7 +493,8 @@ class Distiller(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.teacher._apply(fn, *args, **kwargs)
+        if not self._cached_teacher():
+            self.teacher._apply(fn, *args, **kwargs)
         return self
 
     def extra_repr(self) -> str:

@@ -19,10 +19,13 @@ and the first label take no part, and a sequence of L labels counts at most L âˆ
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
+
+from .topk import TopK
 
 Where = Union[None, str, int, Callable[[Any], torch.Tensor]]
 
@@ -87,10 +90,13 @@ def logits_of(output: Any, logits: Where, side: str) -> torch.Tensor:
 
 
 def next_token_rows(
-    logits: torch.Tensor, labels: Optional[torch.Tensor], side: str
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(logits[..., :-1, :], labels[..., 1:])``: the next-token predictions of ``(*, L, V)`` logits and their
-    targets (labels ``(*, L)``, or None)."""
+    logits: Union[torch.Tensor, TopK], labels: Optional[torch.Tensor], side: str
+) -> tuple[Union[torch.Tensor, TopK], Optional[torch.Tensor]]:
+    """``(logits[..., :-1, :], labels[..., 1:])``: the next-token predictions of ``(*, L, V)`` logits (or of a
+    sparse teacher's ``(*, L, K)`` entries) and their targets (labels ``(*, L)``, or None)."""
+    if isinstance(logits, TopK):
+        rows, _ = next_token_rows(logits.values, None, side)
+        return dataclasses.replace(logits, values=rows, indices=logits.indices[..., :-1, :]), None
     if logits.dim() < 3:
         raise ValueError(
             f"causal_lm=True needs (batch, sequence, vocab) logits, got the {side}'s of shape {tuple(logits.shape)}"

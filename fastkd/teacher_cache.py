@@ -38,6 +38,7 @@ ids already stored, and leftovers of the interrupted shard are overwritten. Open
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -347,6 +348,26 @@ class TeacherCache:
             values[row, : sample.values.shape[0]] = sample.values
             indices[row, : sample.values.shape[0]] = sample.indices
         return self._topk(values, indices)
+
+    def teacher_for(self, sample_ids, student_logits: torch.Tensor) -> TopK:
+        """The cached teacher of a batch, aligned with its student logits and on their device: ``(B, L, V)`` logits
+        of right-padded samples get :meth:`collate` padded to L; ``(B, V)`` logits (one row a sample) need samples
+        of one token each. ``sample_ids``: (B,) ints, a tensor or a sequence."""
+        ids = sample_ids.tolist() if isinstance(sample_ids, torch.Tensor) else list(sample_ids)
+        rows = student_logits.shape[:-1]
+        if len(ids) != rows[0] or len(rows) > 2:
+            raise ValueError(
+                f"sample_ids must hold one id per sample of the student logits {tuple(student_logits.shape)} "
+                f"((B, V) or (B, L, V)), got {len(ids)}"
+            )
+        if len(rows) == 1:
+            lengths = {self._locations[int(i)][2] for i in ids if int(i) in self._locations}
+            if lengths - {1}:
+                raise ValueError(f"(B, V) student logits take one cached token per sample, found lengths {lengths}")
+        top = self.collate(ids, pad_to=1 if len(rows) == 1 else rows[1])
+        if len(rows) == 1:
+            top = dataclasses.replace(top, values=top.values[:, 0], indices=top.indices[:, 0])
+        return top.to(student_logits.device, non_blocking=True)
 
     def __getstate__(self) -> dict:  # DataLoader workers: reopen the memory maps in the worker
         state = dict(self.__dict__)

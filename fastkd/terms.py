@@ -82,8 +82,9 @@ class Term:
 class KD(Term):
     """:func:`fastkd.kd_loss` (KD part only: CE is its own term) of the student and teacher logits, reduced with
     the distiller's divisor. Rows whose label is ``ignore_index`` are skipped when labels are given. A teacher
-    that returns ``(K, *, V)`` logits is an ensemble (``teacher_weights``, ``ensemble`` as in kd_loss). Also
-    reports the fidelity metrics (for an ensemble, against its distribution at T = 1)."""
+    that returns ``(K, *, V)`` logits is an ensemble (``teacher_weights``, ``ensemble`` as in kd_loss); a cached
+    teacher (:class:`fastkd.TeacherCache`) is sparse (``tail`` as in kd_loss). Also reports the fidelity metrics
+    (for an ensemble, against its distribution at T = 1)."""
 
     reads = "logits"
 
@@ -97,6 +98,7 @@ class KD(Term):
         scale_by_t2: bool = True,
         teacher_weights=None,
         ensemble: str = "prob",
+        tail: Optional[str] = None,
         backend: str = "auto",
     ):
         super().__init__(weight)
@@ -107,6 +109,7 @@ class KD(Term):
             scale_by_t2=scale_by_t2,
             teacher_weights=teacher_weights,
             ensemble=ensemble,
+            tail=tail,
             backend=backend,
         )
         _check_options(

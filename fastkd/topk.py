@@ -72,6 +72,14 @@ class TopK:
         kept = slots < counts.to(indices.device).unsqueeze(-1)
         return cls(values, torch.where(kept, indices, EMPTY), kind, temperature)
 
+    def to(self, device, non_blocking: bool = False) -> "TopK":
+        """This teacher's tensors on ``device``."""
+        return dataclasses.replace(
+            self,
+            values=self.values.to(device, non_blocking=non_blocking),
+            indices=self.indices.to(device, non_blocking=non_blocking),
+        )
+
     @property
     def counts(self) -> torch.Tensor:
         """The entries each row holds (*,), int64."""

@@ -265,3 +265,63 @@ def test_sampled_teachers_round_trip_and_give_the_in_memory_loss(tmp_path):
         TeacherCache.write(tmp_path / "c", k=k, vocab_size=vocab_size, kind="sampled").add(ids, drawn, mask)
     with pytest.raises(ValueError, match="top_p must be None or a float"):
         TeacherCache.write(tmp_path / "d", k=k, vocab_size=vocab_size, kind="sampled", top_p=0.9)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding → linear: (B, L) token ids → (B, L, V) logits."""
+
+    def __init__(self, vocab_size, width, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.head = torch.nn.Embedding(vocab_size, width), torch.nn.Linear(width, vocab_size)
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids))
+
+
+@pytest.mark.parametrize("causal_lm", [False, True])
+def test_a_distiller_trains_from_a_cached_teacher(tmp_path, causal_lm):
+    """The Distiller's KD term with a TeacherCache for teacher is kd_loss against the collated sparse teacher
+    (bit for bit), shifted with causal_lm like the student; no teacher model runs."""
+    vocab_size, k = 30, 5
+    teacher, student = TinyLM(vocab_size, 8, seed=1), TinyLM(vocab_size, 4, seed=2)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (4, 6), generator=g)
+    mask = (torch.arange(6) < torch.tensor([[6], [3], [5], [1]])).long()  # right padding
+    ids = [10, 11, 12, 13]
+    with TeacherCache.write(tmp_path, k=k, vocab_size=vocab_size, dtype=torch.float32) as writer:
+        with torch.no_grad():
+            writer.add(ids, teacher(input_ids), mask)
+    cache = TeacherCache(tmp_path)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    terms = {"kd": fastkd.distiller.KD(temperature=2.0, tail="spread"), "ce": fastkd.distiller.CrossEntropy()}
+    distiller = fastkd.Distiller(student, cache, terms=terms, causal_lm=causal_lm)
+    out = distiller(input_ids, labels, sample_ids=torch.tensor(ids))
+    top, rows, targets = cache.collate(ids, pad_to=6), student(input_ids), labels
+    if causal_lm:
+        rows, top, targets = rows[:, :-1], TopK(top.values[:, :-1], top.indices[:, :-1]), labels[:, 1:]
+    count = (targets != -100).sum()
+    want = fastkd.kd_loss(rows, top, labels=targets, temperature=2.0, tail="spread", normalizer=count)
+    assert torch.equal(out.losses["kd"], want)
+    assert set(out.metrics) >= {"top1_agreement", "predictive_kl"}
+    out.loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    with pytest.raises(ValueError, match="needs forward\\(..., sample_ids=...\\)"):
+        distiller(input_ids, labels)
+    with pytest.raises(ValueError, match="term 'feat' \\(Features\\) needs the teacher model"):
+        fastkd.Distiller(student, cache, terms={"feat": fastkd.distiller.Features("embed", "embed")})
+    with pytest.raises(ValueError, match="this Distiller's teacher is a model"):
+        fastkd.Distiller(student, teacher)(input_ids, labels, sample_ids=ids)
+
+
+def test_a_cached_teacher_of_one_token_per_sample_feeds_classification_logits(tmp_path):
+    logits = torch.randn(5, 1, 12)
+    with TeacherCache.write(tmp_path, k=3, vocab_size=12, dtype=torch.float32) as writer:
+        writer.add(range(5), logits)
+    cache = TeacherCache(tmp_path)
+    student = torch.randn(5, 12)
+    top = cache.teacher_for([4, 0, 2, 1, 3], student)
+    want = topk_teacher(logits[[4, 0, 2, 1, 3], 0], 3)
+    assert torch.equal(top.values, want.values) and torch.equal(top.indices, want.indices)
+    with pytest.raises(ValueError, match="one id per sample"):
+        cache.teacher_for([0, 1], student)
