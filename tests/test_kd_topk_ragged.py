@@ -197,3 +197,27 @@ def test_an_all_ignored_batch_is_zero_on_every_backend(gen):
         loss = fastkd.kd_loss(leaf, top, labels=labels.to(device), ce_weight=0.5, backend=backend, reduction="sum")
         loss.backward()
         assert float(loss.detach()) == 0 and float(leaf.grad.abs().max()) == 0, backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("make", ["ragged", "sampled"])
+def test_linear_kd_with_ragged_and_sampled_teachers_equals_kd_loss_on_the_logits(gen, backend, make):
+    skip_unless_available(backend)
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    hidden, weight = logits(gen, (7, 5)).to(device), logits(gen, (23, 5)).to(device)
+    t = logits(gen, (7, 23))
+    if make == "ragged":
+        top = topk_teacher(t, 4)
+        top = TopK.from_counts(top.values, top.indices, torch.tensor([4, 0, 2, 1, 3, 0, 4]))
+    else:
+        top = sampled_teacher(t, 6, temperature=2.0, generator=gen)
+    teacher = top.to(device)
+    labels = torch.tensor([1, -100, 2, 22, 0, 5, -100], device=device)
+    options = dict(labels=labels, temperature=2.0, tail=None if make == "sampled" else "bucket", ce_weight=0.5)
+    h = hidden.clone().requires_grad_()
+    got = fastkd.linear_kd_loss(h, weight, teacher_logits=teacher, chunk_rows=3, backend=backend, **options)
+    (grad,) = torch.autograd.grad(got, h)
+    h_ref = hidden.clone().requires_grad_()
+    want = fastkd.kd_loss(h_ref @ weight.T, teacher, backend="reference", **options)
+    assert_rel_close(got, want, 1e-5)
+    assert_rel_close(grad, torch.autograd.grad(want, h_ref)[0], 1e-5)
