@@ -1,7 +1,8 @@
 """The ``fastkd`` command line: ``fastkd demo`` distils a student on scikit-learn's digits and compares it with
 the same student trained from scratch; ``fastkd bench`` times fastkd's ops (kd_loss, linear_kd_loss, feature_loss,
 spectral norms) against torch eager, torch.compile, Liger-Kernel (when installed) or a per-layer loop, on this
-machine."""
+machine; ``fastkd cache-teacher`` runs a teacher the user names over their batches into a
+:class:`fastkd.TeacherCache`."""
 
 from __future__ import annotations
 
@@ -42,10 +43,34 @@ def main(argv=None) -> int:
     demo.add_argument("--temperature", type=float, help="KD temperature T (default 2)")
     demo.add_argument("--alpha", type=float, help="weight α of the KD term, 1 − α of the cross-entropy (default 0.9)")
     demo.add_argument("--json", metavar="PATH", help="also write every run's figures as JSON")
+    cache = commands.add_parser(
+        "cache-teacher",
+        help="run a teacher over a dataset once and keep its sparse outputs on disk (fastkd.TeacherCache)",
+    )
+    cache.add_argument("--teacher", required=True, metavar="MODULE:CALLABLE", help="returns the teacher model")
+    cache.add_argument(
+        "--data",
+        required=True,
+        metavar="MODULE:CALLABLE",
+        help="returns an iterable of dict batches: sample ids under --id-key, the model's keyword inputs, "
+        "attention_mask (the tokens kept)",
+    )
+    cache.add_argument("--out", required=True, help="the cache directory")
+    cache.add_argument("--k", type=int, default=64, help="entries per token (default 64)")
+    cache.add_argument("--kind", choices=["topk", "sampled"], default="topk")
+    cache.add_argument("--top-p", type=float, help="kind topk: keep each token's top-p prefix (ragged)")
+    cache.add_argument("--temperature", type=float, default=1.0, help="of the stored distribution (default 1)")
+    cache.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="bf16", help="kind topk: of the values")
+    cache.add_argument("--seed", type=int, default=0, help="kind sampled: seed of the draws")
+    cache.add_argument("--id-key", default="id", help="the batch key of the sample ids (default id)")
+    cache.add_argument("--device", help="torch device to run the teacher on (default: where it is)")
+    cache.add_argument("--resume", action="store_true", help="continue an interrupted cache")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         return _demo(parser, args)
+    if args.command == "cache-teacher":
+        return _cache_teacher(parser, args)
     from . import bench as harness  # imports torch only once the arguments are known to be good
 
     try:
@@ -82,6 +107,53 @@ def _demo(parser: argparse.ArgumentParser, args) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    return 0
+
+
+def _entry_point(parser: argparse.ArgumentParser, name: str, spec: str):
+    """The object ``module:attribute`` names (the current directory importable)."""
+    import importlib
+    import os
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        parser.error(f"{name} must be MODULE:CALLABLE, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        parser.error(f"{name} {spec!r} cannot be loaded: {exc}")
+
+
+def _cache_teacher(parser: argparse.ArgumentParser, args) -> int:
+    import torch
+
+    from .teacher_cache import write_teacher
+
+    teacher = _entry_point(parser, "--teacher", args.teacher)()
+    batches = _entry_point(parser, "--data", args.data)()
+    if args.device is not None:
+        teacher = teacher.to(args.device)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    try:
+        written = write_teacher(
+            args.out,
+            teacher.eval() if isinstance(teacher, torch.nn.Module) else teacher,
+            batches,
+            id_key=args.id_key,
+            device=args.device,
+            k=args.k,
+            kind=args.kind,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            dtype=dtypes[args.dtype],
+            seed=args.seed,
+            resume=args.resume,
+        )
+    except (ValueError, FileExistsError) as exc:
+        parser.error(str(exc))
+    print(f"cached {written} batches in {args.out}")
     return 0
 
 

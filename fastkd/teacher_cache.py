@@ -43,7 +43,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -373,6 +373,39 @@ class TeacherCache:
         state = dict(self.__dict__)
         state["_shards"] = {}
         return state
+
+
+def write_teacher(path: str, teacher, batches: Iterable[Mapping], *, id_key: str = "id", device=None, **options):
+    """Run ``teacher`` over ``batches`` without gradient and cache its outputs at ``path``
+    (:meth:`TeacherCache.write` with ``options``: ``k``, ``vocab_size``, ``kind``, ``top_p``, ...; ``vocab_size``
+    defaults to the logits' last dim). Each batch is a dict: ``batch[id_key]`` the (B,) sample ids,
+    ``attention_mask`` (if present) the tokens to keep; every other entry but ``labels`` goes to the model as a
+    keyword argument (moved to ``device`` if given), and the logits are found in its output by
+    :func:`fastkd.outputs.logits_of`. Returns the number of batches written (``fastkd cache-teacher`` runs this)."""
+    from .outputs import logits_of
+
+    writer, written = None, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if not isinstance(batch, Mapping) or id_key not in batch:
+                    raise ValueError(f"each batch must be a dict holding the sample ids under {id_key!r}")
+                inputs = {key: value for key, value in batch.items() if key not in (id_key, "labels")}
+                if device is not None:
+                    inputs = {key: _to(value, device) for key, value in inputs.items()}
+                logits = logits_of(teacher(**inputs), None, "teacher")
+                if writer is None:
+                    writer = TeacherCache.write(path, **{"vocab_size": logits.shape[-1], **options})
+                writer.add(batch[id_key], logits, batch.get("attention_mask"))
+                written += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    return written
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _read_index(path: str) -> dict:

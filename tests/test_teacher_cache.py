@@ -325,3 +325,45 @@ def test_a_cached_teacher_of_one_token_per_sample_feeds_classification_logits(tm
     assert torch.equal(top.values, want.values) and torch.equal(top.indices, want.indices)
     with pytest.raises(ValueError, match="one id per sample"):
         cache.teacher_for([0, 1], student)
+
+
+def test_the_cache_teacher_command_runs_a_named_teacher_over_named_batches(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_setup.py").write_text(
+        "import torch\n"
+        "class Teacher(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.embed = torch.nn.Embedding(20, 20)\n"
+        "    def forward(self, input_ids, attention_mask):\n"
+        "        return {'logits': self.embed(input_ids) * 4}\n"
+        "def batches():\n"
+        "    g = torch.Generator().manual_seed(1)\n"
+        "    for b in range(3):\n"
+        "        ids = torch.randint(0, 20, (2, 5), generator=g)\n"
+        "        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])\n"
+        "        yield {'id': torch.tensor([2 * b, 2 * b + 1]), 'input_ids': ids, 'attention_mask': mask,\n"
+        "               'labels': ids}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_setup
+
+    from fastkd.cli import main
+
+    args = ["cache-teacher", "--teacher", "my_setup:Teacher", "--data", "my_setup:batches", "--out", "cache"]
+    assert main(args + ["--k", "4", "--top-p", "0.9", "--dtype", "fp32"]) == 0
+    assert "cached 3 batches" in capsys.readouterr().out
+    cache, teacher = TeacherCache(tmp_path / "cache"), my_setup.Teacher()
+    for batch in my_setup.batches():
+        logits = teacher(batch["input_ids"], batch["attention_mask"])["logits"]
+        want = topk_teacher(logits, 4, top_p=0.9)
+        for row, sample_id in enumerate(batch["id"].tolist()):
+            keep = batch["attention_mask"][row].bool()
+            got = cache[sample_id]
+            assert torch.equal(got.indices, want.indices[row][keep])
+            assert torch.equal(got.values[got.indices >= 0], want.values[row][keep][want.indices[row][keep] >= 0])
+    with pytest.raises(SystemExit):
+        main(args)  # the cache exists: an error, not an overwrite
+    with pytest.raises(SystemExit):
+        main(["cache-teacher", "--teacher", "my_setup", "--data", "my_setup:batches", "--out", "other"])
