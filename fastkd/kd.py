@@ -700,14 +700,15 @@ def check_temperature(temperature: float, math_dtype: torch.dtype) -> None:
 def check_labels(
     labels: Optional[torch.Tensor],
     row_shape: torch.Size,
-    num_classes: int,
+    num_classes: Optional[int],
     device: torch.device,
     *,
     ce_weight: float,
     ignore_index: int,
 ) -> None:
     """Validate ``labels`` for rows of shape ``row_shape`` over ``num_classes`` classes on ``device`` (None only
-    without a CE term); label values are read only for CPU tensors (elsewhere a bad row comes out NaN)."""
+    without a CE term); label values are read only for CPU tensors (elsewhere a bad row comes out NaN), and not at
+    all when ``num_classes`` is None."""
     if labels is None:
         if ce_weight != 0:
             raise ValueError("ce_weight != 0 needs labels")
@@ -724,6 +725,8 @@ def check_labels(
     if labels.device != device:
         raise ValueError(f"labels must be on the device of the logits ({device}), got {labels.device}")
     # a free check where reading the labels costs no device sync; elsewhere bad rows come out NaN
+    if num_classes is None:  # not known here (vocabulary-parallel logits): checked later
+        return
     if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel() > 0:
         if cpu_backend.AVAILABLE:  # one host loop, no tensor op
             bad = cpu_backend.first_bad_label(labels, num_classes, ignore_index)
@@ -791,6 +794,11 @@ def _teacher_ensemble(student: torch.Tensor, teacher_logits, teacher_weights, en
         raise ValueError(f"teacher_weights must be finite, non-negative and sum to a positive value, got {values}")
     total = sum(values)
     return teachers, torch.tensor([w / total for w in values], dtype=torch.float32)
+
+
+def _dtensor(x) -> bool:
+    """Whether ``x`` is a DTensor (by name: torch.distributed.tensor is not imported for plain tensors)."""
+    return type(x).__name__ == "DTensor"
 
 
 def _kd_scale(options: dict) -> float:
@@ -1071,6 +1079,8 @@ def kd_loss(
     ensemble: str = "prob",
     tail: Optional[str] = None,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     r"""Knowledge-distillation loss between student and teacher logits, fused in one pass over each row.
 
@@ -1121,6 +1131,12 @@ def kd_loss(
             renormalises the teacher over its K classes (see :func:`fastkd.reference.kd_topk_rows`).
         backend (str, default ``"auto"``): ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"``
             (:mod:`fastkd.dispatch`).
+        group (ProcessGroup, optional): vocabulary parallelism: the logits' last dim is this rank's contiguous
+            slice of the vocabulary, starting at class ``vocab_start`` (default rank × this slice's size: give it
+            when the slices differ in size). Every rank returns the loss of the whole rows; each rank's gradient is
+            its slice of the full gradient; one all-gather in the forward, none in the backward
+            (:mod:`fastkd.distributed`). DTensor logits placed ``Shard(-1)`` on a 1-D mesh need neither argument.
+        vocab_start (int, optional): with ``group``, this rank's first class.
 
     Returns:
         Tensor: the loss, float32 (float64 for float64 inputs); 0-d, or ``*`` with ``reduction="none"``. With
@@ -1174,6 +1190,25 @@ def kd_loss(
     )
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    if (
+        group is not None
+        or vocab_start is not None
+        or (type(student_logits) is not torch.Tensor and _dtensor(student_logits))
+    ):
+        from .distributed import vocab_parallel_kd_loss
+
+        return vocab_parallel_kd_loss(
+            student_logits,
+            teacher_logits,
+            group=group,
+            vocab_start=vocab_start,
+            labels=labels,
+            options=options,
+            return_stats=return_stats,
+            teacher_weights=teacher_weights,
+            ensemble=ensemble,
+            tail=tail,
+        )
     if isinstance(teacher_logits, TopK):
         if teacher_weights is not None or ensemble != "prob":
             raise ValueError("teacher_weights and ensemble apply to several teachers; a TopK teacher is one")

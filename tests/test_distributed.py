@@ -1,0 +1,163 @@
+"""Vocabulary-parallel kd_loss over gloo in spawned processes (world sizes 2 and 3): every rank's loss equals the
+single-process loss on the whole rows, each rank's gradients are its slices of the full gradients, one collective
+per forward and none per backward, DTensor logits placed Shard(-1), and slices that do not tile the vocabulary."""
+
+import functools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastkd
+
+from conftest import assert_rel_close
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "all_gather_object",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "reduce",
+    "gather",
+    "scatter",
+    "barrier",
+)
+
+
+def cases():
+    """(name, V, divergence, dtype, temperature, with labels and CE)."""
+    out = []
+    for num_classes in (1000, 1001):
+        for divergence in ("kl", "reverse_kl"):
+            for dtype in (torch.float32, torch.bfloat16):
+                out.append((f"{num_classes}-{divergence}-{dtype}", num_classes, divergence, dtype))
+    return out
+
+
+def inputs(num_classes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed + num_classes)
+    s = (torch.randn(2, 5, num_classes, generator=g) * 3).to(dtype)
+    t = (torch.randn(2, 5, num_classes, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, num_classes, (2, 5), generator=g)
+    labels[0, 1] = labels[1, 4] = -100
+    return s, t, labels
+
+
+OPTIONS = dict(temperature=2.0, ce_weight=0.3)
+
+
+def count_collectives(counter):
+    """Wrap torch.distributed's collectives to count the calls (in this process)."""
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        @functools.wraps(original)
+        def counted(*args, _original=original, _name=name, **kwargs):
+            counter.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = []
+    count_collectives(calls)
+    results = {}
+    for name, num_classes, divergence, dtype in cases():
+        s, t, labels = inputs(num_classes, dtype)
+        sizes = [len(part) for part in torch.arange(num_classes).tensor_split(world)]
+        start = sum(sizes[:rank])
+        local_s = s[..., start : start + sizes[rank]].clone().requires_grad_()
+        local_t = t[..., start : start + sizes[rank]].clone().requires_grad_()
+        even = len(set(sizes)) == 1
+        calls.clear()
+        loss = fastkd.kd_loss(
+            local_s,
+            local_t,
+            labels=labels,
+            divergence=divergence,
+            group=dist.group.WORLD,
+            vocab_start=None if even else start,
+            **OPTIONS,
+        )
+        forward_calls = list(calls)
+        calls.clear()
+        loss.backward()
+        results[name] = dict(
+            loss=loss.detach(),
+            grad_s=local_s.grad,
+            grad_t=local_t.grad,
+            forward_calls=forward_calls,
+            backward_calls=list(calls),
+        )
+    # slices that do not tile [0, V): every rank raises, none hangs
+    s, t, labels = inputs(1000, torch.float32)
+    try:
+        fastkd.kd_loss(s[..., :10], t[..., :10], group=dist.group.WORLD, vocab_start=5 * rank + 1)
+    except ValueError as exc:
+        results["tiling_error"] = str(exc)
+    if world == 2:  # DTensor logits placed Shard(-1)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        s, t, labels = inputs(1001, torch.float32)
+        ds = distribute_tensor(s, mesh, [Shard(2)]).requires_grad_()
+        dt = distribute_tensor(t, mesh, [Shard(2)])
+        loss = fastkd.kd_loss(ds, dt, labels=labels, **OPTIONS)
+        loss.backward()
+        results["dtensor"] = dict(loss=loss.detach(), grad_s=ds.grad.to_local())
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_kd_loss_equals_the_single_process_loss(tmp_path, world):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name, num_classes, divergence, dtype in cases():
+        rtol = 1e-5 if dtype == torch.float32 else 1e-2
+        s, t, labels = inputs(num_classes, dtype)
+        s, t = s.requires_grad_(), t.requires_grad_()
+        want = fastkd.kd_loss(s, t, labels=labels, divergence=divergence, **OPTIONS)
+        want.backward()
+        for rank, results in enumerate(ranks):
+            got = results[name]
+            assert_rel_close(got["loss"], want, rtol, what=f"{name} loss on rank {rank}")
+            assert got["forward_calls"] == ["all_gather_single"] or got["forward_calls"] == ["all_gather_into_tensor"]
+            assert got["backward_calls"] == []
+        for which, full in (("grad_s", s.grad), ("grad_t", t.grad)):
+            gathered = torch.cat([results[name][which] for results in ranks], dim=-1)
+            assert gathered.dtype == dtype
+            assert_rel_close(gathered, full, rtol, what=f"{name} {which}")
+        assert all(torch.equal(results[name]["loss"], ranks[0][name]["loss"]) for results in ranks)
+    for results in ranks:
+        assert "must be contiguous in rank order" in results["tiling_error"]
+    if world == 2:
+        s, t, labels = inputs(1001, torch.float32)
+        s.requires_grad_()
+        want = fastkd.kd_loss(s, t, labels=labels, **OPTIONS)
+        want.backward()
+        for results in ranks:
+            assert_rel_close(results["dtensor"]["loss"], want, 1e-5)
+        gathered = torch.cat([results["dtensor"]["grad_s"] for results in ranks], dim=-1)
+        assert_rel_close(gathered, s.grad, 1e-5)
+
+
+def test_group_refusals():
+    s = torch.randn(3, 10)
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        fastkd.kd_loss(s, s, group=object())
+    with pytest.raises(ValueError, match="takes divergence in"):
+        fastkd.kd_loss(s, s, divergence="jsd", vocab_start=0)
+    with pytest.raises(ValueError, match="without return_stats"):
+        fastkd.kd_loss(s, s, return_stats=True, vocab_start=0)
