@@ -161,3 +161,61 @@ def test_group_refusals():
         fastkd.kd_loss(s, s, divergence="jsd", vocab_start=0)
     with pytest.raises(ValueError, match="without return_stats"):
         fastkd.kd_loss(s, s, return_stats=True, vocab_start=0)
+
+
+def _mlp(seed, width):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
+
+
+def _fsdp_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def _distiller_terms():
+    return {
+        "kd": fastkd.distiller.KD(temperature=2.0),
+        "ce": fastkd.distiller.CrossEntropy(),
+        "hidden": fastkd.distiller.Features("1", "1", adapter=None),  # a hook by module path inside the shards
+    }
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    student, teacher = _mlp(0, 8), _mlp(1, 8)
+    for layer in (student[0], student[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    teacher.requires_grad_(False)  # forward only: no gradient state
+    for layer in (teacher[0], teacher[2]):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+    distiller = fastkd.Distiller(student, teacher, terms=_distiller_terms(), normalize_across_ranks=True)
+    x, y = _fsdp_batch()
+    out = distiller(x.chunk(world)[rank], y.chunk(world)[rank])
+    out.loss.backward()
+    grads = {name: p.grad.full_tensor() for name, p in student.named_parameters()}
+    teacher_params = {name: p.to_local().numel() for name, p in teacher.named_parameters()}
+    torch.save(dict(grads=grads, teacher_params=teacher_params), os.path.join(out_dir, f"fsdp{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_an_fsdp2_distiller_step_equals_the_unsharded_step(tmp_path):
+    """Student and teacher sharded with fully_shard over 2 gloo ranks, half the batch each: the student's gradients
+    (FSDP averages them over the ranks; normalize_across_ranks divides by the global row count over the world
+    size) equal the single-process step's on the whole batch, and the teacher stays sharded after its forward."""
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    student, teacher = _mlp(0, 8), _mlp(1, 8)
+    x, y = _fsdp_batch()
+    fastkd.Distiller(student, teacher, terms=_distiller_terms())(x, y).loss.backward()
+    for rank in range(2):
+        result = torch.load(tmp_path / f"fsdp{rank}.pt")
+        for name, p in student.named_parameters():
+            assert_rel_close(result["grads"][name], p.grad, 1e-5, what=name)
+        full = {name: p.numel() for name, p in teacher.named_parameters()}
+        assert all(result["teacher_params"][name] < full[name] for name in full if full[name] > 1)
