@@ -7,7 +7,10 @@ all-gather shares them, and every rank merges the W messages itself (an online-s
 
 - forward: **one** collective per call, an all-gather of 8 float32 per row per rank (each rank receives
   32·W bytes per row; also one extra row carrying each rank's slice size and start, which are checked to tile the
-  vocabulary), for ``divergence="kl"`` and ``"reverse_kl"`` with or without the CE term;
+  vocabulary), for ``divergence="kl"`` and ``"reverse_kl"`` with or without the CE term; with ``return_stats``
+  the same message carries 7 more numbers per row (the T = 1 sums of the metrics and each slice's first
+  argmax: 60·W bytes per row); ``"jsd"`` needs the merged normalisers before its mixture terms, so a second
+  all-gather of 2 float32 per row follows (two collectives);
 - backward: **no** collective: each rank's gradient needs the merged normalisers of its rows only, saved by the
   forward.
 
@@ -25,23 +28,25 @@ maxima, w = Σ_r c_b,r·(w_r + S_b,r·((m_b,r − M_b) − (m_a,r − M_a))). Th
 exactly the single-process formula of the kernels (kernels/kd.py), and CE = M_1 + log S_1 − s_label.
 
 This first version computes the slices' statistics and gradients with PyTorch operations in float32 (the merge is
-what this module adds; the fused row kernels per slice come next): JSD, cosine, TVD, DKD, ensembles, sparse
-teachers and ``return_stats`` are refused with ``group``.
+what this module adds; the fused row kernels per slice come next): cosine, TVD, ensembles and sparse teachers
+are refused with ``group``, and dkd_loss and linear_kd_loss take no ``group`` yet.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from . import kd
+from . import kd, reference
+from .topk import TopK
 
-DIVERGENCES = ("kl", "reverse_kl")
-# the message of a row: slots of the (N + 1, FIELDS) float32 tensor each rank sends
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+# the message of a row: slots of the (N + 1, fields) float32 tensor each rank sends; the last 7 only for return_stats
 M_A, S_A, M_B, S_B, W, M_1, S_1, LABEL_LOGIT = range(8)
-FIELDS = 8
+M_T1, S_T1, W_1, U_T, U_S, ARGMAX_S, ARGMAX_T = range(8, 15)
 SLICE_SIZE, SLICE_START = 0, 1  # slots of the extra last row: this rank's slice of the vocabulary
 
 
@@ -54,20 +59,40 @@ def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
     return out.reshape(world, *local.shape)
 
 
-def _slice_message(a, b, s, local_labels, divergence: str) -> torch.Tensor:
-    """The (N, FIELDS) statistics of this rank's slices a = s/T, b = t/T and s (float32)."""
-    m_a, m_b, m_1 = a.amax(-1), b.amax(-1), s.amax(-1)
-    centred_a = a - _finite_or_zero(m_a).unsqueeze(-1)
-    centred_b = b - _finite_or_zero(m_b).unsqueeze(-1)
-    e_a, e_b = centred_a.exp(), centred_b.exp()
-    if divergence == "kl":
+def _centred(x: torch.Tensor):
+    """(max x, x − max x (max 0 where the row is all −inf), its exponentials) along the last dim."""
+    top = x.amax(-1)
+    centred = x - _finite_or_zero(top).unsqueeze(-1)
+    return top, centred, centred.exp()
+
+
+def _slice_message(s, t, local_labels, vocab_start: int, options: dict, with_stats: bool) -> torch.Tensor:
+    """The (N, 8) statistics of this rank's slices of s and t (float32) at T, (N, 15) with the metrics' at T = 1."""
+    inv_t = 1.0 / options["temperature"]
+    m_a, centred_a, e_a = _centred(s * inv_t)
+    m_b, centred_b, e_b = _centred(t * inv_t)
+    m_1, centred_1, e_1 = _centred(s)
+    if options["divergence"] == "kl":
         w = _weighted(e_b, centred_b - centred_a).sum(-1)
-    else:
+    elif options["divergence"] == "reverse_kl":
         w = _weighted(e_a, centred_a - centred_b).sum(-1)
-    s_1 = (s - _finite_or_zero(m_1).unsqueeze(-1)).exp().sum(-1)
+    else:  # jsd: a second exchange, once the normalisers are known
+        w = torch.zeros_like(m_a)
     owned = local_labels >= 0
     label_logit = torch.where(owned, s.gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
-    return torch.stack([m_a, e_a.sum(-1), m_b, e_b.sum(-1), w, m_1, s_1, label_logit], dim=-1)
+    fields = [m_a, e_a.sum(-1), m_b, e_b.sum(-1), w, m_1, e_1.sum(-1), label_logit]
+    if with_stats:
+        m_t1, centred_t1, e_t1 = _centred(t)
+        fields += [
+            m_t1,
+            e_t1.sum(-1),
+            _weighted(e_t1, centred_t1 - centred_1).sum(-1),
+            _weighted(e_t1, centred_t1).sum(-1),
+            _weighted(e_1, centred_1).sum(-1),
+            (s.argmax(-1) + vocab_start).float(),  # the first maximum: exact in float32 up to V = 2^24
+            (t.argmax(-1) + vocab_start).float(),
+        ]
+    return torch.stack(fields, dim=-1)
 
 
 def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
@@ -79,36 +104,104 @@ def _weighted(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(p == 0, 0.0, p * x)
 
 
-def _merge(messages: torch.Tensor, divergence: str):
-    """The rows' merged statistics from the (world, N, FIELDS) messages: (max a, log Σ e_a, max b, log Σ e_b,
-    the divergence, max s, log Σ e_s, s at the label)."""
+def _merged_sum(m: torch.Tensor, total: torch.Tensor):
+    """(M = max_r m_r, Σ_r exp(m_r − M)·total_r, the factors exp(m_r − M)) over the ranks (dim 0)."""
+    top = m.amax(0)
+    scale = torch.exp(m - _finite_or_zero(top))  # 0 for a slice whose entries are all −inf
+    return top, (scale * total).sum(0), scale
 
-    def merged_sum(m, total):
-        top = m.amax(0)
-        scale = torch.exp(m - _finite_or_zero(top))  # 0 for a slice whose entries are all −inf
-        return top, (scale * total).sum(0), scale
 
-    m_a, s_a, scale_a = merged_sum(messages[..., M_A], messages[..., S_A])
-    m_b, s_b, scale_b = merged_sum(messages[..., M_B], messages[..., S_B])
-    m_1, s_1, _ = merged_sum(messages[..., M_1], messages[..., S_1])
-    moved = (messages[..., M_B] - _finite_or_zero(m_b)) - (messages[..., M_A] - _finite_or_zero(m_a))
+def _moved(messages, m_field, top, sum_field, scale):
+    """Σ_r scale_r·S_r·(m_r − M): what re-centring a bracket sum from the ranks' maxima onto M adds."""
+    return (scale * _weighted(messages[..., sum_field], messages[..., m_field] - _finite_or_zero(top))).sum(0)
+
+
+class _Merged(NamedTuple):
+    """A row's merged statistics: maxima and log-sums at T (a = s/T, b = t/T) and of s at T = 1, the divergence
+    where one exchange gives it (kl, reverse_kl), s at the label."""
+
+    m_a: torch.Tensor
+    log_s_a: torch.Tensor
+    m_b: torch.Tensor
+    log_s_b: torch.Tensor
+    divergence: torch.Tensor
+    m_1: torch.Tensor
+    log_s_1: torch.Tensor
+    label_logit: torch.Tensor
+
+
+def _merge(messages: torch.Tensor, divergence: str) -> _Merged:
+    """The rows' merged statistics from the (world, N, fields) messages."""
+    m_a, s_a, scale_a = _merged_sum(messages[..., M_A], messages[..., S_A])
+    m_b, s_b, scale_b = _merged_sum(messages[..., M_B], messages[..., S_B])
+    m_1, s_1, _ = _merged_sum(messages[..., M_1], messages[..., S_1])
+    # w's brackets [(b − m_b) − (a − m_a)] move by (m_b,r − M_b) − (m_a,r − M_a) onto the merged maxima
+    moved_b = _moved(messages, M_B, m_b, S_B, scale_b)
+    moved_a = _moved(messages, M_A, m_a, S_A, scale_a)
     if divergence == "kl":
-        parts = scale_b * (messages[..., W] + _weighted(messages[..., S_B], moved))
-        divergence_value = parts.sum(0) / s_b - s_b.log() + s_a.log()
+        w = (
+            (scale_b * messages[..., W]).sum(0)
+            + moved_b
+            - (scale_b * _weighted(messages[..., S_B], messages[..., M_A] - _finite_or_zero(m_a))).sum(0)
+        )
+        value = w / s_b - s_b.log() + s_a.log()
+    elif divergence == "reverse_kl":
+        w = (
+            (scale_a * messages[..., W]).sum(0)
+            + moved_a
+            - (scale_a * _weighted(messages[..., S_A], messages[..., M_B] - _finite_or_zero(m_b))).sum(0)
+        )
+        value = w / s_a - s_a.log() + s_b.log()
     else:
-        parts = scale_a * (messages[..., W] - _weighted(messages[..., S_A], moved))
-        divergence_value = parts.sum(0) / s_a - s_a.log() + s_b.log()
-    return m_a, s_a.log(), m_b, s_b.log(), divergence_value, m_1, s_1.log(), messages[..., LABEL_LOGIT].sum(0)
+        value = torch.zeros_like(m_a)
+    return _Merged(m_a, s_a.log(), m_b, s_b.log(), value, m_1, s_1.log(), messages[..., LABEL_LOGIT].sum(0))
+
+
+def _merged_metrics(messages: torch.Tensor, merged: _Merged) -> torch.Tensor:
+    """(4, N) fidelity metrics at T = 1 (:data:`fastkd.kd.FIDELITY_METRICS`) from the messages' last 7 fields."""
+    m_1, log_s_1 = merged.m_1, merged.log_s_1
+    m_t1, s_t1, scale_t1 = _merged_sum(messages[..., M_T1], messages[..., S_T1])
+    _, _, scale_1 = _merged_sum(messages[..., M_1], messages[..., S_1])
+    moved_t = _moved(messages, M_T1, m_t1, S_T1, scale_t1)
+    # W_1's brackets [(t − m_t1) − (s − m_1)]: the teacher's shift, minus the student's weighted by e_t1
+    student_shift = (scale_t1 * _weighted(messages[..., S_T1], messages[..., M_1] - _finite_or_zero(m_1))).sum(0)
+    w_1 = (scale_t1 * messages[..., W_1]).sum(0) + moved_t - student_shift
+    u_t = (scale_t1 * messages[..., U_T]).sum(0) + moved_t
+    u_s = (scale_1 * messages[..., U_S]).sum(0) + _moved(messages, M_1, m_1, S_1, scale_1)
+    s_1 = log_s_1.exp()
+    log_s_t1 = s_t1.log()
+    first = torch.finfo(torch.float32).max
+    argmax_s = torch.where(messages[..., M_1] == m_1, messages[..., ARGMAX_S], first).amin(0)
+    argmax_t = torch.where(messages[..., M_T1] == m_t1, messages[..., ARGMAX_T], first).amin(0)
+    return torch.stack(
+        [
+            (argmax_s == argmax_t).float(),
+            w_1 / s_t1 - log_s_t1 + log_s_1,
+            log_s_t1 - u_t / s_t1,
+            log_s_1 - u_s / s_1,
+        ]
+    )
+
+
+def _jsd_parts(student, teacher, merged: _Merged, options: dict):
+    """(log p_s, log p_t, log(p_s/m), log(p_t/m)) of this rank's slices with the merged normalisers (JSD)."""
+    t, beta = options["temperature"], options["beta"]
+    log_p_s = (student.float() / t - merged.m_a.unsqueeze(-1)) - merged.log_s_a.unsqueeze(-1)
+    log_p_t = (teacher.float() / t - merged.m_b.unsqueeze(-1)) - merged.log_s_b.unsqueeze(-1)
+    both_zero = (log_p_t == -math.inf) & (log_p_s == -math.inf)
+    log_ratio = torch.where(both_zero, 0, log_p_t - log_p_s)
+    ratio_s = -reference.log_mixture_ratio(log_ratio, beta)  # log(p_s/m), m = β p_t + (1 − β) p_s
+    ratio_t = -reference.log_mixture_ratio(-log_ratio, 1 - beta)  # log(p_t/m)
+    return log_p_s, log_p_t, ratio_s, ratio_t
 
 
 class _VocabParallelRows(torch.autograd.Function):
-    """Row losses of vocabulary slices: one all-gather in the forward, none in the backward."""
+    """Row losses (and metrics) of vocabulary slices: one all-gather in the forward (two for JSD), none in the
+    backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, group, vocab_start, options):
-        t = options["temperature"]
-        s = student.float()
-        a, b = s / t, teacher.float() / t
+    def forward(ctx, student, teacher, labels, group, vocab_start, options, with_stats):
+        s, t = student.float(), teacher.float()
         num_rows, local_classes = s.shape
         if labels is None:
             counted = torch.ones(num_rows, dtype=torch.bool, device=s.device)
@@ -117,15 +210,26 @@ class _VocabParallelRows(torch.autograd.Function):
             counted = labels != options["ignore_index"]
             shifted = labels.long() - vocab_start
             local_labels = torch.where(counted & (shifted >= 0) & (shifted < local_classes), shifted, -1)
-        message = torch.zeros(num_rows + 1, FIELDS, dtype=torch.float32, device=s.device)
-        message[:num_rows] = _slice_message(a, b, s, local_labels, options["divergence"])
+        local = _slice_message(s, t, local_labels, vocab_start, options, with_stats)
+        message = torch.zeros(num_rows + 1, local.shape[1], dtype=torch.float32, device=s.device)
+        message[:num_rows] = local
         message[num_rows, SLICE_SIZE], message[num_rows, SLICE_START] = local_classes, vocab_start
         gathered = _all_gather(message, group)
         _check_tiling(gathered[:, num_rows], dist.get_rank(group))
         num_classes = int(gathered[:, num_rows, SLICE_SIZE].sum())
-        stats = _merge(gathered[:, :num_rows], options["divergence"])
-        m_a, log_s_a, m_b, log_s_b, divergence_value, m_1, log_s_1, label_logit = stats
-        rows = options["kd_scale"] * divergence_value
+        merged = _merge(gathered[:, :num_rows], options["divergence"])
+        divergence, d_student = merged.divergence, torch.zeros_like(merged.divergence)
+        if options["divergence"] == "jsd":  # the second exchange: Σ p_t log(p_t/m) and Σ p_s log(p_s/m)
+            log_p_s, log_p_t, ratio_s, ratio_t = _jsd_parts(s, t, merged, options)
+            parts = torch.stack(
+                [_weighted(log_p_t.exp(), ratio_t).sum(-1), _weighted(log_p_s.exp(), ratio_s).sum(-1)], dim=-1
+            )
+            divergence, d_student = _all_gather(parts, group).sum(0).unbind(-1)
+            beta = options["beta"]
+            value = (beta * divergence if beta > 0 else 0) + ((1 - beta) * d_student if beta < 1 else 0)
+        else:
+            value = divergence
+        rows = options["kd_scale"] * value
         bad = torch.zeros_like(counted)
         if labels is not None:
             bad = counted & ((labels < 0) | (labels >= num_classes))
@@ -135,19 +239,23 @@ class _VocabParallelRows(torch.autograd.Function):
                     f"got {int(labels[bad][0])}"
                 )
             if options["ce_weight"] != 0:
-                rows = rows + options["ce_weight"] * ((m_1 + log_s_1) - label_logit)
+                rows = rows + options["ce_weight"] * ((merged.m_1 + merged.log_s_1) - merged.label_logit)
         rows = torch.where(counted, torch.where(bad, math.nan, rows), 0.0)
-        merged = torch.stack([m_a, log_s_a, m_b, log_s_b, divergence_value, m_1, log_s_1])
-        ctx.save_for_backward(student, teacher, local_labels, merged, bad, counted)
+        metrics = rows.new_empty(0)
+        if with_stats:
+            metrics = torch.where(counted, _merged_metrics(gathered[:, :num_rows], merged), 0.0)
+        saved = torch.stack([merged.m_a, merged.log_s_a, merged.m_b, merged.log_s_b, divergence, d_student])
+        ctx.save_for_backward(student, teacher, local_labels, saved, merged.m_1, merged.log_s_1, bad, counted)
         ctx.options = options
-        return rows
+        ctx.mark_non_differentiable(metrics)
+        return rows, metrics
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        student, teacher, local_labels, stats, bad, counted = ctx.saved_tensors
+    def backward(ctx, grad_rows, _grad_metrics):
+        student, teacher, local_labels, saved, m_1, log_s_1, bad, counted = ctx.saved_tensors
         options = ctx.options
-        m_a, log_s_a, m_b, log_s_b, divergence_value, m_1, log_s_1 = (x.unsqueeze(-1) for x in stats)
-        t = options["temperature"]
+        m_a, log_s_a, m_b, log_s_b, d_teacher, d_student = (x.unsqueeze(-1) for x in saved)
+        t, beta = options["temperature"], options["beta"]
         grad = torch.where(counted, torch.where(bad, math.nan, grad_rows.float()), 0.0).unsqueeze(-1)
         s = student.float()
         log_p_s = (s / t - m_a) - log_s_a
@@ -156,17 +264,24 @@ class _VocabParallelRows(torch.autograd.Function):
         kd_factor = grad * (options["kd_scale"] / t)
         if options["divergence"] == "kl":
             grad_s = kd_factor * (p_s - p_t)
-            grad_t = kd_factor * _weighted(p_t, (log_p_t - log_p_s) - divergence_value)
-        else:
-            grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - divergence_value)
+            grad_t = kd_factor * _weighted(p_t, (log_p_t - log_p_s) - d_teacher)
+        elif options["divergence"] == "reverse_kl":
+            grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d_teacher)
             grad_t = kd_factor * (p_t - p_s)
+        else:  # ∂JSD/∂a = (1 − β) p_s (log(p_s/m) − KL(p_s‖m)), likewise for b with β and KL(p_t‖m)
+            merged = _Merged(m_a[:, 0], log_s_a[:, 0], m_b[:, 0], log_s_b[:, 0], d_teacher, m_1, log_s_1, m_1)
+            _, _, ratio_s, ratio_t = _jsd_parts(student, teacher, merged, options)
+            grad_s = (kd_factor * (1 - beta)) * _weighted(p_s, ratio_s - d_student)
+            grad_t = (kd_factor * beta) * _weighted(p_t, ratio_t - d_teacher)
         if options["ce_weight"] != 0:
             one_hot = torch.zeros_like(s).scatter_(-1, local_labels.clamp_min(0).unsqueeze(-1), 1.0)
             one_hot = torch.where(local_labels.unsqueeze(-1) >= 0, one_hot, 0.0)
-            grad_s = grad_s + grad * options["ce_weight"] * (((s - m_1) - log_s_1).exp() - one_hot)
+            q = ((s - m_1.unsqueeze(-1)) - log_s_1.unsqueeze(-1)).exp()
+            grad_s = grad_s + grad * options["ce_weight"] * (q - one_hot)
         return (
             grad_s.to(student.dtype) if ctx.needs_input_grad[0] else None,
             grad_t.to(teacher.dtype) if ctx.needs_input_grad[1] else None,
+            None,
             None,
             None,
             None,
@@ -206,8 +321,8 @@ def vocab_parallel_kd_loss(
         raise ValueError(
             f"kd_loss with group= takes divergence in {DIVERGENCES} for now, got {options['divergence']!r}"
         )
-    if return_stats or teacher_weights is not None or ensemble != "prob" or tail is not None:
-        raise ValueError("kd_loss with group= takes one full teacher, without return_stats, for now")
+    if teacher_weights is not None or ensemble != "prob" or tail is not None or isinstance(teacher_logits, TopK):
+        raise ValueError("kd_loss with group= takes one full teacher for now (no ensembles, no TopK)")
     if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
         if group is not None or vocab_start is not None:
             raise ValueError("DTensor logits carry their group and slices: pass neither group nor vocab_start")
@@ -242,9 +357,10 @@ def vocab_parallel_kd_loss(
     teacher = teacher_logits.reshape(-1, num_classes)
     flat_labels = None if labels is None else labels.reshape(-1)
     options = dict(options, kd_scale=kd._kd_scale(options))
-    rows = _VocabParallelRows.apply(student, teacher, flat_labels, group, vocab_start, options)
+    rows, metrics = _VocabParallelRows.apply(student, teacher, flat_labels, group, vocab_start, options, return_stats)
     divisor = kd._divisor(options, flat_labels, student.shape[0])
-    return kd._reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
+    loss = kd._reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
+    return kd._with_stats(loss, metrics, flat_labels, student.shape[0], options) if return_stats else loss
 
 
 def _is_dtensor(x) -> bool:

@@ -34,7 +34,7 @@ def cases():
     """(name, V, divergence, dtype, temperature, with labels and CE)."""
     out = []
     for num_classes in (1000, 1001):
-        for divergence in ("kl", "reverse_kl"):
+        for divergence in ("kl", "reverse_kl", "jsd"):
             for dtype in (torch.float32, torch.bfloat16):
                 out.append((f"{num_classes}-{divergence}-{dtype}", num_classes, divergence, dtype))
     return out
@@ -49,7 +49,7 @@ def inputs(num_classes, dtype, seed=0):
     return s, t, labels
 
 
-OPTIONS = dict(temperature=2.0, ce_weight=0.3)
+OPTIONS = dict(temperature=2.0, ce_weight=0.3, beta=0.3)
 
 
 def count_collectives(counter):
@@ -80,13 +80,14 @@ def _worker(rank, world, init_file, out_dir):
         local_t = t[..., start : start + sizes[rank]].clone().requires_grad_()
         even = len(set(sizes)) == 1
         calls.clear()
-        loss = fastkd.kd_loss(
+        loss, stats = fastkd.kd_loss(
             local_s,
             local_t,
             labels=labels,
             divergence=divergence,
             group=dist.group.WORLD,
             vocab_start=None if even else start,
+            return_stats=True,
             **OPTIONS,
         )
         forward_calls = list(calls)
@@ -94,6 +95,7 @@ def _worker(rank, world, init_file, out_dir):
         loss.backward()
         results[name] = dict(
             loss=loss.detach(),
+            stats=stats,
             grad_s=local_s.grad,
             grad_t=local_t.grad,
             forward_calls=forward_calls,
@@ -128,12 +130,15 @@ def test_vocab_parallel_kd_loss_equals_the_single_process_loss(tmp_path, world):
         rtol = 1e-5 if dtype == torch.float32 else 1e-2
         s, t, labels = inputs(num_classes, dtype)
         s, t = s.requires_grad_(), t.requires_grad_()
-        want = fastkd.kd_loss(s, t, labels=labels, divergence=divergence, **OPTIONS)
+        want, want_stats = fastkd.kd_loss(s, t, labels=labels, divergence=divergence, return_stats=True, **OPTIONS)
         want.backward()
+        exchanges = 2 if divergence == "jsd" else 1
         for rank, results in enumerate(ranks):
             got = results[name]
             assert_rel_close(got["loss"], want, rtol, what=f"{name} loss on rank {rank}")
-            assert got["forward_calls"] == ["all_gather_single"] or got["forward_calls"] == ["all_gather_into_tensor"]
+            for metric, value in want_stats.items():
+                assert_rel_close(got["stats"][metric], value, rtol, what=f"{name} {metric}")
+            assert got["forward_calls"] in (["all_gather_single"] * exchanges, ["all_gather_into_tensor"] * exchanges)
             assert got["backward_calls"] == []
         for which, full in (("grad_s", s.grad), ("grad_t", t.grad)):
             gathered = torch.cat([results[name][which] for results in ranks], dim=-1)
@@ -158,9 +163,9 @@ def test_group_refusals():
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         fastkd.kd_loss(s, s, group=object())
     with pytest.raises(ValueError, match="takes divergence in"):
-        fastkd.kd_loss(s, s, divergence="jsd", vocab_start=0)
-    with pytest.raises(ValueError, match="without return_stats"):
-        fastkd.kd_loss(s, s, return_stats=True, vocab_start=0)
+        fastkd.kd_loss(s, s, divergence="tvd", vocab_start=0)
+    with pytest.raises(ValueError, match="one full teacher"):
+        fastkd.kd_loss(s, fastkd.topk_teacher(s, 2), vocab_start=0)
 
 
 def _mlp(seed, width):
