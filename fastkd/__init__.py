@@ -1,6 +1,6 @@
 """fastkd: knowledge-distillation losses for PyTorch as fused Triton and CUDA (GPU) and C++ (CPU) kernels."""
 
-from . import adapters, lipschitz, schedules
+from . import adapters, lipschitz, relational, schedules
 from .dispatch import backends
 from .distiller import Distiller
 from .dkd import dkd_loss
@@ -8,6 +8,7 @@ from .features import FEED, feature_loss, ofd_margin
 from .kd import KDLoss, kd_loss
 from .linear_kd import LinearKDLoss, linear_kd_loss
 from .lipschitz import london_loss, spectral_norms
+from .relational import rkd_angle_loss, rkd_distance_loss, rkd_loss
 from .teacher_cache import TeacherCache
 from .topk import TopK, sampled_teacher, topk_teacher
 
@@ -27,9 +28,13 @@ __all__ = [
     "FEED",
     "spectral_norms",
     "london_loss",
+    "rkd_loss",
+    "rkd_distance_loss",
+    "rkd_angle_loss",
     "Distiller",
     "adapters",
     "lipschitz",
+    "relational",
     "schedules",
     "backends",
     "__version__",

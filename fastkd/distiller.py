@@ -1,6 +1,6 @@
 r"""``fastkd.Distiller``: a student, a frozen teacher and weighted loss terms, as one ``nn.Module``. Its terms
-(:class:`KD`, :class:`LinearKD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London` and
-:class:`Custom`) live in :mod:`fastkd.terms` and are importable from here.
+(:class:`KD`, :class:`LinearKD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London`,
+:class:`RKD` and :class:`Custom`) live in :mod:`fastkd.terms` and are importable from here.
 
 The guide (an example loop, the one divisor of the per-row terms, gradient accumulation and DDP, how the teacher is
 held, feature capture, schedules, recipes) is the README's section "Train with a Distiller"; the classes' docstrings
@@ -25,6 +25,7 @@ from .teacher_cache import TeacherCache
 from .terms import (
     DKD,
     KD,
+    RKD,
     CrossEntropy,
     Custom,
     DistillBatch,
@@ -47,6 +48,7 @@ __all__ = [
     "CrossEntropy",
     "Features",
     "London",
+    "RKD",
     "Custom",
     "StepNormalizer",
 ]

@@ -538,3 +538,43 @@ def feature_loss_terms(
         term = torch.where(diff.abs() < beta, 0.5 * diff**2 / beta, diff.abs() - 0.5 * beta)
     terms = m * term  # 0 where absent: m = 0 there and the zeroed inputs keep the term finite
     return (terms if counted is None else torch.where(counted, terms, 0)), m
+
+
+def rkd_pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i − x_j‖₂ of (B, D) embeddings, (B, B), from the differences themselves (exactly 0 for equal rows); the
+    gradient at a zero distance is 0."""
+    squared = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
+
+
+def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD's distance-wise loss (Park et al., CVPR 2019, as their code computes it): ψ = d/μ with d the (B, B)
+    pairwise distances and μ the mean of the positive ones (1 if there are none), on each side; the mean over all
+    B² entries of smooth_l1(ψ_s − ψ_t) (δ = 1). The teacher gets no gradient. Math in float32 (float64 for float64
+    inputs)."""
+    dtype = _math_dtype(student, teacher)
+    parts = []
+    for x in (student.to(dtype), teacher.detach().to(dtype)):
+        d = rkd_pairwise_distances(x)
+        positive = d > 0
+        mean = torch.where(positive, d, 0).sum() / positive.sum().clamp_min(1)
+        parts.append(d / torch.where(positive.any(), mean, 1))
+    return F.smooth_l1_loss(parts[0], parts[1], reduction="mean")
+
+
+def rkd_angles(x: torch.Tensor) -> torch.Tensor:
+    """(B, B, B) cosines ⟨e_ij, e_ik⟩ of the unit differences e_ij = (x_j − x_i)/‖x_j − x_i‖ from each anchor i
+    (e_ij = 0 where x_j = x_i), as RKD's code forms them (the (B, B, D) differences, normalised, then batched
+    products; the gradient through a zero difference is 0)."""
+    differences = x.unsqueeze(0) - x.unsqueeze(1)  # [i, j] = x_j − x_i
+    norms = differences.norm(dim=-1, keepdim=True)
+    units = torch.where(norms > 0, differences / torch.where(norms > 0, norms, 1), 0)
+    return torch.bmm(units, units.transpose(1, 2))
+
+
+def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD's angle-wise loss: the mean over all B³ triplets of smooth_l1(ψ_A(s) − ψ_A(t)) with ψ_A the cosines of
+    :func:`rkd_angles` (δ = 1). The teacher gets no gradient."""
+    dtype = _math_dtype(student, teacher)
+    return F.smooth_l1_loss(rkd_angles(student.to(dtype)), rkd_angles(teacher.detach().to(dtype)), reduction="mean")

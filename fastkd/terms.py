@@ -17,6 +17,7 @@ from .features import feature_loss
 from .kd import _check_options, kd_loss
 from .linear_kd import head_parameters, linear_kd_loss
 from .lipschitz import london_loss
+from .relational import rkd_loss
 from .schedules import Schedule, as_schedule
 
 
@@ -414,6 +415,37 @@ class London(Term):
             n_iter=self.n_iter,
             init=self.init,
         )
+
+
+class RKD(Term):
+    """:func:`fastkd.rkd_loss` (relational KD: distance- and angle-wise) of the embeddings named by ``student`` and
+    ``teacher`` (module paths or output keys; each flattened to (B, D), widths may differ; last call unless
+    ``call``). The teacher gets no gradient. With a :class:`StepNormalizer` the value is weighted by this call's
+    share of the step's samples, but the relations stay those of each micro-batch."""
+
+    def __init__(
+        self,
+        student: Any,
+        teacher: Any,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        distance_weight: float = 25.0,
+        angle_weight: float = 50.0,
+        call: int = -1,
+    ):
+        super().__init__(weight)
+        self.student, self.teacher, self.call = student, teacher, call
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+    def captures(self) -> tuple[list, list]:
+        return [self.student], [self.teacher]
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        student = batch.student_feature(self.student, self.call).flatten(1)
+        teacher = batch.teacher_feature(self.teacher, self.call).flatten(1)
+        value = rkd_loss(student, teacher, distance_weight=self.distance_weight, angle_weight=self.angle_weight)
+        step = batch.step_normalizer
+        return value if step is None else value * _share(student.shape[0], step.samples).to(value.dtype)
 
 
 class Custom(Term):
