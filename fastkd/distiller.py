@@ -1,6 +1,6 @@
 r"""``fastkd.Distiller``: a student, a frozen teacher and weighted loss terms, as one ``nn.Module``. Its terms
 (:class:`KD`, :class:`LinearKD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London`,
-:class:`RKD` and :class:`Custom`) live in :mod:`fastkd.terms` and are importable from here.
+:class:`RKD`, :class:`GraphKD` and :class:`Custom`) live in :mod:`fastkd.terms` and are importable from here.
 
 The guide (an example loop, the one divisor of the per-row terms, gradient accumulation and DDP, how the teacher is
 held, feature capture, schedules, recipes) is the README's section "Train with a Distiller"; the classes' docstrings
@@ -30,6 +30,7 @@ from .terms import (
     Custom,
     DistillBatch,
     Features,
+    GraphKD,
     LinearKD,
     London,
     StepNormalizer,
@@ -48,6 +49,7 @@ __all__ = [
     "CrossEntropy",
     "Features",
     "London",
+    "GraphKD",
     "RKD",
     "Custom",
     "StepNormalizer",

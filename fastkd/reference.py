@@ -578,3 +578,22 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     :func:`rkd_angles` (δ = 1). The teacher gets no gradient."""
     dtype = _math_dtype(student, teacher)
     return F.smooth_l1_loss(rkd_angles(student.to(dtype)), rkd_angles(teacher.detach().to(dtype)), reduction="mean")
+
+
+def graph_adjacency(features: torch.Tensor, knn: Optional[int] = None) -> torch.Tensor:
+    """The normalised similarity graph of a batch (Lassance et al., ICASSP 2020, as their code builds it): the
+    features flattened to (B, D) and L2-normalised (eps 1e-12), A = cosine similarities with a zero diagonal,
+    optionally sparsified to each row's ``knn`` largest entries (kept where i is among j's or j among i's), then
+    D^{-1/2} A D^{-1/2} with the degrees d_i = Σ_j A_ij; a row of degree ≤ 0 (possible with negative
+    similarities) is 0. Math in float32 (float64 for float64 input)."""
+    x = F.normalize(features.flatten(1).to(_math_dtype(features)), p=2, dim=1, eps=1e-12)
+    batch = x.shape[0]
+    adjacency = (x @ x.T) * (1 - torch.eye(batch, dtype=x.dtype, device=x.device))
+    if knn is not None and knn < batch - 1:
+        off_diagonal = adjacency - torch.diag(torch.full((batch,), math.inf, dtype=x.dtype, device=x.device))
+        kept = torch.zeros_like(adjacency, dtype=torch.bool).scatter(1, off_diagonal.topk(knn, dim=1).indices, True)
+        adjacency = torch.where(kept | kept.T, adjacency, 0)
+    degree = adjacency.sum(1)
+    positive = degree > 0
+    scale = torch.where(positive, torch.where(positive, degree, 1).rsqrt(), 0)
+    return scale.unsqueeze(1) * adjacency * scale.unsqueeze(0)

@@ -17,7 +17,7 @@ from .features import feature_loss
 from .kd import _check_options, kd_loss
 from .linear_kd import head_parameters, linear_kd_loss
 from .lipschitz import london_loss
-from .relational import rkd_loss
+from .relational import graph_kd_loss, rkd_loss
 from .schedules import Schedule, as_schedule
 
 
@@ -446,6 +446,29 @@ class RKD(Term):
         value = rkd_loss(student, teacher, distance_weight=self.distance_weight, angle_weight=self.angle_weight)
         step = batch.step_normalizer
         return value if step is None else value * _share(student.shape[0], step.samples).to(value.dtype)
+
+
+class GraphKD(Term):
+    """:func:`fastkd.graph_kd_loss` (graph-based relational KD) over the layers named by ``student`` and ``teacher``
+    (lists of module paths or output keys, one graph per pair; last call of each); ``knn`` as there."""
+
+    def __init__(self, student: list, teacher: list, weight: Union[float, Schedule] = 1.0, *, knn=None):
+        super().__init__(weight)
+        if isinstance(student, str) or isinstance(teacher, str) or len(student) != len(teacher) or not student:
+            raise ValueError(
+                f"student and teacher must be lists naming as many layers (≥ 1), got {student!r}, {teacher!r}"
+            )
+        self.student, self.teacher, self.knn = list(student), list(teacher), knn
+
+    def captures(self) -> tuple[list, list]:
+        return self.student, self.teacher
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        return graph_kd_loss(
+            [batch.student_feature(key) for key in self.student],
+            [batch.teacher_feature(key) for key in self.teacher],
+            knn=self.knn,
+        )
 
 
 class Custom(Term):

@@ -101,3 +101,56 @@ def test_the_distiller_rkd_term_reads_the_named_embeddings(gen):
     out = distiller(x)
     want = fastkd.rkd_loss(student[:2](x), teacher[:2](x), distance_weight=2.0, angle_weight=3.0)
     assert torch.equal(out.losses["rkd"], want)
+
+
+def float64_graph(x, knn=None):
+    """The normalised graph written out: cosine similarities, zero diagonal, optional symmetric kNN, D^-1/2 A D^-1/2."""
+    x = x.flatten(1).double()
+    x = x / x.norm(dim=1, keepdim=True)
+    a = x @ x.T
+    a.fill_diagonal_(0)
+    if knn is not None:
+        keep = torch.zeros_like(a, dtype=torch.bool)
+        for i in range(a.shape[0]):
+            others = [j for j in range(a.shape[0]) if j != i]
+            best = sorted(others, key=lambda j: -float(a[i, j]))[:knn]
+            keep[i, best] = True
+        a = torch.where(keep | keep.T, a, 0)
+    d = a.sum(1).rsqrt()
+    return d[:, None] * a * d[None, :]
+
+
+@pytest.mark.parametrize("knn", [None, 2])
+def test_graph_kd_loss_is_the_mean_squared_difference_of_the_normalised_graphs(gen, knn):
+    layers_s = [embeddings(gen, 6, 5).abs(), embeddings(gen, 6, 12).abs().reshape(6, 3, 4)]  # post-ReLU-like
+    layers_t = [embeddings(gen, 6, 7).abs(), embeddings(gen, 6, 2).abs()]
+    got = fastkd.graph_kd_loss(layers_s, layers_t, knn=knn)
+    want = sum(((float64_graph(s, knn) - float64_graph(t, knn)) ** 2).mean() for s, t in zip(layers_s, layers_t)) / 2
+    assert_rel_close(got, want, 1e-12)
+    single = fastkd.graph_kd_loss(layers_s[0], layers_t[0].float(), knn=knn)
+    assert_rel_close(single, ((float64_graph(layers_s[0], knn) - float64_graph(layers_t[0], knn)) ** 2).mean(), 1e-6)
+
+
+def test_graph_kd_loss_degenerate_batches_and_gradient(gen):
+    for batch in (1, 2):
+        s = embeddings(gen, batch, 3).requires_grad_()
+        loss = fastkd.graph_kd_loss(s, embeddings(gen, batch, 4))
+        loss.backward()
+        assert loss.isfinite() and s.grad.isfinite().all()
+    s = embeddings(gen, 5, 3).abs().requires_grad_()
+    t = embeddings(gen, 5, 4).abs()
+    assert torch.autograd.gradcheck(lambda x: fastkd.graph_kd_loss(x, t), (s,))
+    with pytest.raises(ValueError, match="as many student as teacher layers"):
+        fastkd.graph_kd_loss([s], [t, t])
+    with pytest.raises(ValueError, match="knn must be an int >= 1"):
+        fastkd.graph_kd_loss(s, t, knn=0)
+
+
+def test_the_distiller_graph_term_reads_the_named_layers(gen):
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    teacher = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 3))
+    distiller = fastkd.Distiller(student, teacher, terms={"graph": fastkd.distiller.GraphKD(["1", "2"], ["1", "2"])})
+    x = embeddings(gen, 8, 6, torch.float32)
+    want = fastkd.graph_kd_loss([student[:2](x), student(x)], [teacher[:2](x), teacher(x)])
+    assert torch.equal(distiller(x).losses["graph"], want)
