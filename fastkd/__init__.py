@@ -8,7 +8,7 @@ from .features import FEED, feature_loss, ofd_margin
 from .kd import KDLoss, kd_loss
 from .linear_kd import LinearKDLoss, linear_kd_loss
 from .lipschitz import london_loss, spectral_norms
-from .relational import graph_kd_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss
+from .relational import CRDLoss, graph_kd_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss
 from .teacher_cache import TeacherCache
 from .topk import TopK, sampled_teacher, topk_teacher
 
@@ -32,6 +32,7 @@ __all__ = [
     "rkd_distance_loss",
     "rkd_angle_loss",
     "graph_kd_loss",
+    "CRDLoss",
     "Distiller",
     "adapters",
     "lipschitz",

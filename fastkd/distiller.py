@@ -1,6 +1,7 @@
 r"""``fastkd.Distiller``: a student, a frozen teacher and weighted loss terms, as one ``nn.Module``. Its terms
 (:class:`KD`, :class:`LinearKD`, :class:`DKD`, :class:`CrossEntropy`, :class:`Features`, :class:`London`,
-:class:`RKD`, :class:`GraphKD` and :class:`Custom`) live in :mod:`fastkd.terms` and are importable from here.
+:class:`RKD`, :class:`GraphKD`, :class:`CRD` and
+:class:`Custom`) live in :mod:`fastkd.terms` and are importable from here.
 
 The guide (an example loop, the one divisor of the per-row terms, gradient accumulation and DDP, how the teacher is
 held, feature capture, schedules, recipes) is the README's section "Train with a Distiller"; the classes' docstrings
@@ -23,6 +24,7 @@ from .kd import check_ignore_index, check_normalizer, kd_loss, tensor_divisor
 from .outputs import Where, check_where, logits_of, next_token_rows
 from .teacher_cache import TeacherCache
 from .terms import (
+    CRD,
     DKD,
     KD,
     RKD,
@@ -50,6 +52,7 @@ __all__ = [
     "Features",
     "London",
     "GraphKD",
+    "CRD",
     "RKD",
     "Custom",
     "StepNormalizer",
@@ -148,6 +151,13 @@ def _first_tensor(inputs: Any) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     raise ValueError(f"a micro-batch without labels needs a tensor among its inputs, got {type(inputs).__name__}")
+
+
+def _sample_ids(sample_ids, device) -> Optional[torch.Tensor]:
+    """The batch's dataset indices as an int64 tensor on ``device`` (or None)."""
+    if sample_ids is None:
+        return None
+    return torch.as_tensor(sample_ids, dtype=torch.int64).to(device)
 
 
 def _check_cached_teacher_terms(terms: Mapping[str, Term], capture: str) -> None:
@@ -260,6 +270,9 @@ class Distiller(nn.Module):
         for name, term in features.items():
             if isinstance(term.adapter, nn.Module):
                 self.adapters[name] = term.adapter
+        for name, term in terms.items():
+            if isinstance(term, CRD):
+                self.adapters[name] = term.crd
         if len(self.adapters) and _data_parallel(student):
             warnings.warn(
                 "the student is wrapped for data parallelism (DDP or FSDP) inside the Distiller, so the adapters' "
@@ -422,12 +435,10 @@ class Distiller(nn.Module):
     ) -> DistillOutput:
         if student is not None and _unwrapped(student) is not _unwrapped(self.student):
             raise ValueError("student must be distiller.student or a wrapper of it (DDP, FSDP, torch.compile)")
-        if (sample_ids is None) == self._cached_teacher():
+        if sample_ids is None and self._cached_teacher():
             raise ValueError(
                 "a Distiller whose teacher is a TeacherCache needs forward(..., sample_ids=...) (the batch's cached "
                 "samples)"
-                if sample_ids is None
-                else "sample_ids name the samples of a cached teacher; this Distiller's teacher is a model"
             )
         step = normalizer if isinstance(normalizer, StepNormalizer) else None
         try:
@@ -436,7 +447,7 @@ class Distiller(nn.Module):
             if self.capture == "outputs":
                 student_out, teacher_out = student_out[0], teacher_out[0]
             output = logits_of(student_out, self.logits, "student")
-            if sample_ids is not None:
+            if self._cached_teacher():
                 teacher_rows = self.teacher.teacher_for(sample_ids, output)
             else:
                 teacher_rows = logits_of(teacher_out, self.logits, "teacher")
@@ -456,6 +467,7 @@ class Distiller(nn.Module):
                 inputs,
                 self.adapters,
                 step,
+                _sample_ids(sample_ids, output.device),
             )
             losses, metrics = {}, {}
             for name, term in self.terms.items():

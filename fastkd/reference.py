@@ -597,3 +597,24 @@ def graph_adjacency(features: torch.Tensor, knn: Optional[int] = None) -> torch.
     positive = degree > 0
     scale = torch.where(positive, torch.where(positive, degree, 1).rsqrt(), 0)
     return scale.unsqueeze(1) * adjacency * scale.unsqueeze(0)
+
+
+CRD_EPS = 1e-7  # the NCE loss's eps, as RepDistiller's crd/criterion.py
+
+
+def crd_scores(bank: torch.Tensor, contrast_index: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(B, K+1) scores ⟨bank[contrast_index[b, k]], anchors[b]⟩ by gathering the (B, K+1, d) rows, as CRD's code
+    does (the bank gets no gradient)."""
+    rows = bank.detach()[contrast_index]  # (B, K+1, d)
+    return torch.bmm(rows, anchors.unsqueeze(-1)).squeeze(-1)
+
+
+def crd_nce_loss(scores: torch.Tensor, normalizer, *, temperature: float, num_samples: int) -> torch.Tensor:
+    """CRD's NCE loss (Tian et al., ICLR 2020, Eq. 18 as crd/criterion.py computes it) of (B, K+1) scores u, column
+    0 the positive: x = exp(u/τ)/Z, c = K/N + eps; −(Σ_b log(x_b0/(x_b0 + c)) + Σ_{b,k≥1} log((K/N)/(x_bk + c)))/B."""
+    x = torch.exp(scores / temperature) / normalizer
+    negatives = scores.shape[1] - 1
+    noise = negatives / num_samples
+    log_d1 = torch.log(x[:, 0] / (x[:, 0] + noise + CRD_EPS))
+    log_d0 = torch.log(noise / (x[:, 1:] + noise + CRD_EPS))
+    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]

@@ -173,3 +173,197 @@ def rkd_loss(
     if angle_weight:
         loss = loss + angle_weight * rkd_angle_loss(student, teacher)
     return loss
+
+
+class _ContrastScores(torch.autograd.Function):
+    """u[b, k] = ⟨bank[contrast_index[b, k]], anchors[b]⟩ (B, K+1), then the bank's rows ``index`` moved in place to
+    normalize(momentum·bank[index] + (1 − momentum)·update_rows), as CRD's memory does after scoring. The (B, K+1, d)
+    rows are never gathered at once: with N ≤ DENSE_FACTOR·(K+1) all N scores come from one matrix product
+    (B·N floats), else blocks of CONTRAST_BLOCK contrast rows. The backward needs the rows as they were when
+    scored: it reads the bank and puts back the B rows the update moved (kept, B·d floats)."""
+
+    @staticmethod
+    def forward(ctx, bank, contrast_index, anchors, index, update_rows, momentum):
+        scores = _gather_dot(bank, contrast_index, anchors)
+        old_rows = bank[index]
+        moved = old_rows * momentum + update_rows.detach().to(bank.dtype) * (1 - momentum)
+        bank.index_copy_(0, index, torch.nn.functional.normalize(moved, dim=1, eps=1e-12))
+        ctx.bank, ctx.version = bank, bank._version
+        ctx.save_for_backward(contrast_index, index, old_rows)
+        ctx.anchor_dtype = anchors.dtype
+        return scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_scores):
+        contrast_index, index, old_rows = ctx.saved_tensors
+        bank = ctx.bank
+        if bank._version != ctx.version:
+            raise RuntimeError(
+                "CRDLoss: its memory bank changed between this forward and its backward (another forward of the "
+                "same CRDLoss ran in between); call backward before the next forward"
+            )
+        grad = grad_scores.to(bank.dtype)
+        grad_anchors = _scatter_dot(bank, contrast_index, grad)
+        # the rows the update moved: their scores were taken against old_rows, not the bank's rows now
+        position = torch.full((bank.shape[0],), -1, dtype=torch.int64, device=bank.device)
+        position[index] = torch.arange(index.shape[0], device=bank.device)
+        hit = position[contrast_index]
+        weights = torch.zeros(grad.shape[0], index.shape[0], dtype=grad.dtype, device=grad.device)
+        weights.scatter_add_(1, hit.clamp_min(0), torch.where(hit >= 0, grad, 0))
+        grad_anchors += weights @ (old_rows - bank[index])
+        return None, None, grad_anchors.to(ctx.anchor_dtype), None, None, None
+
+
+DENSE_FACTOR = 8  # all N scores by one matrix product when N ≤ DENSE_FACTOR·(K+1)
+CONTRAST_BLOCK = 1024  # contrast rows per block of the gathered scores
+
+
+def _gather_dot(bank, contrast_index, anchors):
+    """(B, K+1) scores without the (B, K+1, d) rows."""
+    anchors = anchors.detach().to(bank.dtype)
+    if bank.shape[0] <= DENSE_FACTOR * contrast_index.shape[1]:
+        return (anchors @ bank.T).gather(1, contrast_index)
+    return torch.cat(
+        [
+            torch.bmm(bank[contrast_index[:, k : k + CONTRAST_BLOCK]], anchors.unsqueeze(-1)).squeeze(-1)
+            for k in range(0, contrast_index.shape[1], CONTRAST_BLOCK)
+        ],
+        dim=1,
+    )
+
+
+def _scatter_dot(bank, contrast_index, grad):
+    """Σ_k grad[b, k]·bank[contrast_index[b, k]], (B, d), without the (B, K+1, d) rows."""
+    if bank.shape[0] <= DENSE_FACTOR * contrast_index.shape[1]:
+        dense = torch.zeros(grad.shape[0], bank.shape[0], dtype=grad.dtype, device=grad.device)
+        return dense.scatter_add_(1, contrast_index, grad) @ bank
+    total = torch.zeros(grad.shape[0], bank.shape[1], dtype=grad.dtype, device=grad.device)
+    for k in range(0, contrast_index.shape[1], CONTRAST_BLOCK):
+        rows = bank[contrast_index[:, k : k + CONTRAST_BLOCK]]
+        total += torch.bmm(grad[:, k : k + CONTRAST_BLOCK].unsqueeze(1), rows).squeeze(1)
+    return total
+
+
+class CRDLoss(torch.nn.Module):
+    r"""Contrastive representation distillation (Tian, Krishnan, Isola, ICLR 2020; the defaults and the algorithm of
+    the authors' code, HobbitLong/RepDistiller ``crd/``): both sides' features are embedded (a linear head each,
+    ``feat_dim`` outputs, L2-normalised), each sample is contrasted with the other side's memory bank row of itself
+    (the positive) and ``num_negatives`` rows drawn uniformly from the ``num_samples`` of the dataset::
+
+        u_bk = ⟨bank[c_bk], v_b⟩,  x = exp(u/τ)/Z,
+        L = −(Σ_b log(x_b0/(x_b0 + K/N + ε)) + Σ_{b,k≥1} log((K/N)/(x_bk + K/N + ε)))/B
+
+    for the student's embedding against the teacher's bank plus the teacher's against the student's (ε = 1e-7; Z of
+    each side is set once, from the first batch, to mean(exp(u/τ))·N, and checkpointed). After scoring, each bank's
+    rows of the batch move to normalize(momentum·row + (1 − momentum)·v) of their side's embedding. The teacher's
+    features get no gradient; both heads train (give ``CRDLoss.parameters()`` to the optimizer).
+
+    ``forward(student_features, teacher_features, index, contrast_index=None)``: features (B, ...) flattened to
+    (B, student_dim) and (B, teacher_dim); ``index`` (B,) the samples' dataset indices (distinct within a batch);
+    ``contrast_index`` (B, K+1) with ``index`` in column 0 (e.g. negatives from other classes, as the authors' CIFAR
+    datasets give them), else drawn on the banks' device from a generator seeded by ``seed`` (its state is
+    checkpointed with the module). The (B, K+1, d) block the authors' code gathers per side (537 MB at B = 64,
+    K = 16384, d = 128) is never built (:class:`_ContrastScores`); their formulation is
+    :func:`fastkd.reference.crd_scores` and :func:`fastkd.reference.crd_nce_loss`.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        student_dim: int,
+        teacher_dim: int,
+        *,
+        feat_dim: int = 128,
+        num_negatives: int = 16384,
+        temperature: float = 0.07,
+        momentum: float = 0.5,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for name, value in (
+            ("num_samples", num_samples),
+            ("student_dim", student_dim),
+            ("teacher_dim", teacher_dim),
+            ("feat_dim", feat_dim),
+            ("num_negatives", num_negatives),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
+        self.num_samples, self.num_negatives = num_samples, num_negatives
+        self.temperature, self.momentum, self.seed = float(temperature), float(momentum), seed
+        self.embed_student = torch.nn.Linear(student_dim, feat_dim)
+        self.embed_teacher = torch.nn.Linear(teacher_dim, feat_dim)
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1.0 / (feat_dim / 3) ** 0.5
+        for name in ("student_bank", "teacher_bank"):
+            self.register_buffer(name, torch.rand(num_samples, feat_dim, generator=generator) * (2 * bound) - bound)
+        self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z of the student's and the teacher's scores
+        self._normalizers_known = False
+        self._generator = None  # drawing the negatives, on the banks' device, made on first use
+
+    def _draw(self, count: int, device) -> torch.Tensor:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.randint(self.num_samples, (count, self.num_negatives), generator=self._generator, device=device)
+
+    def forward(self, student_features, teacher_features, index, contrast_index=None):
+        v_s = torch.nn.functional.normalize(self.embed_student(student_features.flatten(1)), dim=1, eps=1e-12)
+        v_t = torch.nn.functional.normalize(self.embed_teacher(teacher_features.detach().flatten(1)), dim=1, eps=1e-12)
+        contrast_index = self._contrast_index(index, contrast_index, v_s.shape[0], v_s.device)
+        index = contrast_index[:, 0]
+        scores_s = _ContrastScores.apply(self.teacher_bank, contrast_index, v_s, index, v_t, self.momentum)
+        scores_t = _ContrastScores.apply(self.student_bank, contrast_index, v_t, index, v_s, self.momentum)
+        if not self._normalizers_known:
+            self._normalizers_known = bool((self.normalizers >= 0).all())  # once: a host sync
+            if not self._normalizers_known:
+                with torch.no_grad():
+                    for slot, scores in enumerate((scores_s, scores_t)):
+                        self.normalizers[slot] = torch.exp(scores / self.temperature).mean() * self.num_samples
+                self._normalizers_known = True
+        options = dict(temperature=self.temperature, num_samples=self.num_samples)
+        return reference.crd_nce_loss(scores_s, self.normalizers[0], **options) + reference.crd_nce_loss(
+            scores_t, self.normalizers[1], **options
+        )
+
+    def _contrast_index(self, index, contrast_index, batch: int, device) -> torch.Tensor:
+        if (
+            not isinstance(index, torch.Tensor)
+            or index.dtype not in (torch.int64, torch.int32)
+            or index.shape != (batch,)
+        ):
+            raise ValueError(f"index must be an int tensor of shape ({batch},) (the samples' dataset indices)")
+        index = index.to(device=device, dtype=torch.int64)
+        if contrast_index is None:
+            contrast_index = torch.cat([index.unsqueeze(1), self._draw(batch, device)], dim=1)
+        elif (
+            not isinstance(contrast_index, torch.Tensor)
+            or contrast_index.dtype not in (torch.int64, torch.int32)
+            or contrast_index.dim() != 2
+            or contrast_index.shape[0] != batch
+        ):
+            raise ValueError(f"contrast_index must be an int tensor of shape ({batch}, K + 1), index in column 0")
+        contrast_index = contrast_index.to(device=device, dtype=torch.int64)
+        if contrast_index.device.type == "cpu" and contrast_index.numel():
+            if int(contrast_index.min()) < 0 or int(contrast_index.max()) >= self.num_samples:
+                raise ValueError(f"index and contrast_index must lie in [0, num_samples={self.num_samples})")
+            if not torch.equal(contrast_index[:, 0], index):
+                raise ValueError("contrast_index must hold index in its column 0 (the positives)")
+        return contrast_index
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._normalizers_known = False
+
+    def get_extra_state(self):
+        return {"generator": None if self._generator is None else self._generator.get_state()}
+
+    def set_extra_state(self, state):
+        if state["generator"] is not None:
+            device = self.student_bank.device
+            self._generator = torch.Generator(device=device)
+            self._generator.set_state(state["generator"])

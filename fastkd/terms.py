@@ -17,7 +17,7 @@ from .features import feature_loss
 from .kd import _check_options, kd_loss
 from .linear_kd import head_parameters, linear_kd_loss
 from .lipschitz import london_loss
-from .relational import graph_kd_loss, rkd_loss
+from .relational import CRDLoss, graph_kd_loss, rkd_loss
 from .schedules import Schedule, as_schedule
 
 
@@ -47,8 +47,9 @@ class DistillBatch(NamedTuple):
     normalizer: Union[int, torch.Tensor]  # the divisor of the per-row terms
     step: int  # the schedule step
     inputs: Any  # the batch as the distiller got it
-    adapters: Mapping[str, nn.Module] = MappingProxyType({})  # the Features terms' adapters by term name
+    adapters: Mapping[str, nn.Module] = MappingProxyType({})  # the terms' modules by term name (adapters, CRD)
     step_normalizer: Optional[StepNormalizer] = None  # given to the distiller's forward as its normalizer
+    sample_ids: Optional[torch.Tensor] = None  # the samples' dataset indices, given to the distiller's forward
 
     def student_feature(self, key: Any, call: int = -1) -> torch.Tensor:
         """The student's captured feature ``key`` (module path or output key) of call ``call`` in this forward."""
@@ -469,6 +470,44 @@ class GraphKD(Term):
             [batch.teacher_feature(key) for key in self.teacher],
             knn=self.knn,
         )
+
+
+class CRD(Term):
+    """:class:`fastkd.relational.CRDLoss` (contrastive representation distillation) of the features named by
+    ``student`` and ``teacher`` (flattened to (B, student_dim) and (B, teacher_dim)). It needs each sample's index
+    in the dataset: pass ``sample_ids=`` to the distiller's forward (a dataset that returns its indices, e.g.
+    ``(x, y, i)``). The CRDLoss (its two heads, its memory banks, the state of its negatives' generator) is the
+    term's ``crd`` and the distiller's ``adapters[name]``: in ``distiller.parameters()`` and its ``state_dict()``.
+    The authors' CIFAR weight is 0.8 (with CE 1). With a :class:`StepNormalizer` the value is weighted by this
+    call's share of the step's samples."""
+
+    def __init__(
+        self,
+        student: Any,
+        teacher: Any,
+        num_samples: int,
+        student_dim: int,
+        teacher_dim: int,
+        weight: Union[float, Schedule] = 1.0,
+        *,
+        call: int = -1,
+        **crd_options,
+    ):
+        super().__init__(weight)
+        self.student, self.teacher, self.call = student, teacher, call
+        self.crd = CRDLoss(num_samples, student_dim, teacher_dim, **crd_options)
+
+    def captures(self) -> tuple[list, list]:
+        return [self.student], [self.teacher]
+
+    def __call__(self, batch: DistillBatch) -> torch.Tensor:
+        if batch.sample_ids is None:
+            raise ValueError("a CRD term needs the samples' dataset indices: distiller(..., sample_ids=indices)")
+        student = batch.student_feature(self.student, self.call)
+        teacher = batch.teacher_feature(self.teacher, self.call)
+        value = self.crd(student, teacher, batch.sample_ids)
+        step = batch.step_normalizer
+        return value if step is None else value * _share(student.shape[0], step.samples).to(value.dtype)
 
 
 class Custom(Term):

@@ -154,3 +154,107 @@ def test_the_distiller_graph_term_reads_the_named_layers(gen):
     x = embeddings(gen, 8, 6, torch.float32)
     want = fastkd.graph_kd_loss([student[:2](x), student(x)], [teacher[:2](x), teacher(x)])
     assert torch.equal(distiller(x).losses["graph"], want)
+
+
+def crd_reference_step(crd, f_s, f_t, contrast_index):
+    """One step of CRD as RepDistiller computes it (its gathered (B, K+1, d) rows), on a copy of ``crd``: the loss
+    (Z from this batch when not set yet) and the banks after the momentum update."""
+    z = crd.normalizers.clone()
+    v_s = torch.nn.functional.normalize(crd.embed_student(f_s.flatten(1)), dim=1)
+    v_t = torch.nn.functional.normalize(crd.embed_teacher(f_t.flatten(1)), dim=1)
+    u_s = reference.crd_scores(crd.teacher_bank, contrast_index, v_s)
+    u_t = reference.crd_scores(crd.student_bank, contrast_index, v_t)
+    for slot, u in enumerate((u_s, u_t)):
+        if z[slot] < 0:
+            z[slot] = torch.exp(u / crd.temperature).mean().detach() * crd.num_samples
+    options = dict(temperature=crd.temperature, num_samples=crd.num_samples)
+    loss = reference.crd_nce_loss(u_s, z[0], **options) + reference.crd_nce_loss(u_t, z[1], **options)
+    banks = []
+    with torch.no_grad():
+        index = contrast_index[:, 0]
+        for bank, v in ((crd.student_bank, v_s), (crd.teacher_bank, v_t)):
+            rows = bank[index] * crd.momentum + v * (1 - crd.momentum)
+            banks.append(bank.index_copy(0, index, rows / rows.norm(dim=1, keepdim=True)))
+    return loss, banks
+
+
+@pytest.mark.parametrize("num_samples", [60, 3000])  # one matrix product for all N scores, or gathered blocks
+def test_crd_matches_the_authors_algorithm_over_steps(gen, num_samples, monkeypatch):
+    import copy
+
+    monkeypatch.setattr(relational, "CONTRAST_BLOCK", 7)
+    torch.manual_seed(1)
+    crd = relational.CRDLoss(num_samples, 5, 9, feat_dim=6, num_negatives=20, seed=4).double()
+    twin = copy.deepcopy(crd)
+    for step in range(3):
+        f_s, f_t = embeddings(gen, 8, 5), embeddings(gen, 8, 9)
+        index = torch.randperm(num_samples, generator=gen)[:8]
+        negatives = torch.randint(num_samples, (8, 20), generator=gen)
+        negatives[0, :3] = index[0]  # the positive among its own negatives, and other rows' positives too
+        negatives[1, :2] = index[2]
+        contrast_index = torch.cat([index[:, None], negatives], 1)
+        loss = crd(f_s, f_t, index, contrast_index)
+        want, banks = crd_reference_step(twin, f_s, f_t, contrast_index)
+        assert_rel_close(loss, want, 1e-12, what=f"loss at step {step}")
+        got_grads = torch.autograd.grad(loss, list(crd.parameters()))
+        want_grads = torch.autograd.grad(want, list(twin.parameters()))
+        for got, expected in zip(got_grads, want_grads):
+            assert_rel_close(got, expected, 1e-10, what=f"gradient at step {step}")
+        with torch.no_grad():
+            twin.student_bank.copy_(banks[0])
+            twin.teacher_bank.copy_(banks[1])
+            twin.normalizers.copy_(crd.normalizers)
+        assert torch.equal(crd.student_bank, twin.student_bank) and torch.equal(crd.teacher_bank, twin.teacher_bank)
+
+
+def test_crd_negatives_are_deterministic_for_a_seed_and_checkpointed(gen):
+    f_s, f_t, index = embeddings(gen, 4, 3, torch.float32), embeddings(gen, 4, 3, torch.float32), torch.arange(4)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        crd = relational.CRDLoss(100, 3, 3, feat_dim=4, num_negatives=16, seed=11)
+        runs.append([crd(f_s, f_t, index).detach() for _ in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    torch.manual_seed(0)
+    crd = relational.CRDLoss(100, 3, 3, feat_dim=4, num_negatives=16, seed=11)
+    crd(f_s, f_t, index)
+    state = {
+        key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in crd.state_dict().items()
+    }
+    after = crd(f_s, f_t, index).detach()
+    restored = relational.CRDLoss(100, 3, 3, feat_dim=4, num_negatives=16, seed=99)
+    restored.load_state_dict(state)
+    assert torch.equal(restored(f_s, f_t, index).detach(), after)  # banks, Z and the generator's state restored
+
+
+def test_crd_refuses_bad_indices_and_a_backward_after_another_forward(gen):
+    crd = relational.CRDLoss(10, 3, 3, feat_dim=4, num_negatives=5)
+    f = embeddings(gen, 2, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"must lie in \[0, num_samples=10\)"):
+        crd(f, f, torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="index must be an int tensor of shape \\(2,\\)"):
+        crd(f, f, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="column 0"):
+        crd(f, f, torch.tensor([0, 1]), torch.tensor([[1, 2], [0, 3]]))
+    with pytest.raises(ValueError, match="num_negatives must be an int >= 1"):
+        relational.CRDLoss(10, 3, 3, num_negatives=0)
+    first = crd(f.requires_grad_(), f, torch.tensor([0, 1]))
+    crd(f, f, torch.tensor([2, 3]))
+    with pytest.raises(RuntimeError, match="call backward before the next forward"):
+        first.backward()
+
+
+def test_the_distiller_crd_term_trains_its_heads_and_checkpoints_its_banks(gen):
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    teacher = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 3))
+    term = fastkd.distiller.CRD("1", "1", num_samples=50, student_dim=5, teacher_dim=9, num_negatives=12)
+    distiller = fastkd.Distiller(student, teacher, terms={"crd": term})
+    assert any(p is term.crd.embed_student.weight for p in distiller.parameters())
+    assert "adapters.crd.student_bank" in distiller.state_dict()
+    x = embeddings(gen, 4, 6, torch.float32)
+    with pytest.raises(ValueError, match="sample_ids="):
+        distiller(x)
+    out = distiller(x, sample_ids=torch.tensor([3, 7, 1, 0]))
+    out.loss.backward()
+    assert term.crd.embed_student.weight.grad is not None and student[0].weight.grad is not None
