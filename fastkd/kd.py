@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import cpu_backend, cuda_backend, fused_gradient, reference
+from . import cpu_backend, cuda_backend, fused_gradient, reference, second_order
 from .dispatch import check_backend_name, kernel_op, kernel_or_reference, launchers, select_backend
 from .kernel_args import NUM_METRICS, NUM_STATS, KDOptions, Metric, TopKOptions, stats_rows
 from .topk import EMPTY, TAILS, TopK, counted_rows_only
@@ -222,9 +222,14 @@ class _KDLossRows(torch.autograd.Function):
         return row_loss, metrics
 
     @staticmethod
-    @once_differentiable  # the kernels' gradient has no graph of its own: refuse create_graph=True, loudly
     def backward(ctx, grad_loss, _grad_metrics):
         teacher_grad = ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph (fastkd.second_order)
+            ctx.fused_grads = None
+            student, teacher, teacher_weights, labels, _ = ctx.saved_tensors
+            rows = second_order.reference_rows(student, teacher, labels, ctx.options, teacher_weights, ctx.ensemble)
+            grads = second_order.row_gradients(grad_loss, rows, (student, teacher), ctx.needs_input_grad[:2])
+            return (*grads, None, None, None, None, None, None, None)
         if ctx.fused_grads is not None:
             grad_s, grad_t, grad_scale = ctx.fused_grads
             ctx.fused_grads = None  # rescaled in place below: usable once
@@ -362,9 +367,21 @@ class _KDLossReduced(torch.autograd.Function):
         return loss, metrics
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_metrics):
         teacher_grad = ctx.needs_input_grad[1]
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True (second_order)
+            ctx.fused_grads = None
+            student, teacher, labels, normalizer = ctx.saved_tensors
+            rows = second_order.reference_rows(student, teacher, labels, ctx.options)
+            if normalizer is not None:
+                divisor = host_divisor(normalizer)
+            elif ctx.divisor == 0:  # the counted rows
+                divisor = _counted_rows(labels, student.shape[0], ctx.options.ignore_index)
+            else:
+                divisor = ctx.divisor
+            grad_rows = (grad_loss / divisor).expand_as(rows)
+            grads = second_order.row_gradients(grad_rows, rows, (student, teacher), ctx.needs_input_grad[:2])
+            return (*grads, None, None, None, None, None)
 
         def recompute(student, teacher, labels, normalizer):
             return _kd_loss_reduced(

@@ -517,14 +517,17 @@ def test_out_of_range_label_gives_nan_in_the_kernel(kernel, gen):
     assert_rel_close(rows, ref, 1e-6)
 
 
-def test_double_backward_through_a_kernel_raises(kernel, gen):
-    """Second-order gradients are not implemented by the kernels: create_graph=True must fail loudly, not
-    return a gradient without a graph."""
-    s = logits(gen, (3, 20), device=kernel.device).requires_grad_(True)
-    loss = fastkd.kd_loss(s, logits(gen, (3, 20), device=kernel.device), backend=kernel.backend)
-    (grad,) = torch.autograd.grad(loss, s, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|not implemented"):
-        torch.autograd.grad(grad.sum(), s)
+def test_double_backward_through_a_kernel_has_a_graph(kernel, gen):
+    """create_graph=True through a kernel returns a gradient with a graph (fastkd.second_order), never a gradient
+    without one: its own gradient is the reference's (tests/test_second_order.py has every divergence)."""
+    s, t = logits(gen, (3, 20), device=kernel.device), logits(gen, (3, 20), device=kernel.device)
+    second = []
+    for backend in (kernel.backend, "reference"):
+        leaf = s.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fastkd.kd_loss(leaf, t, backend=backend), leaf, create_graph=True)
+        assert grad.requires_grad
+        second.append(torch.autograd.grad((grad * grad).sum(), leaf)[0])
+    assert_rel_close(second[0], second[1], 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
