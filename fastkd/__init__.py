@@ -10,6 +10,7 @@ from .linear_kd import LinearKDLoss, linear_kd_loss
 from .lipschitz import london_loss, spectral_norms
 from .relational import CRDLoss, graph_kd_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss
 from .teacher_cache import TeacherCache
+from .teacher_route import TeacherRoute
 from .topk import TopK, sampled_teacher, topk_teacher
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "sampled_teacher",
     "topk_teacher",
     "TeacherCache",
+    "TeacherRoute",
     "feature_loss",
     "ofd_margin",
     "FEED",

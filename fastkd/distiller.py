@@ -23,6 +23,7 @@ from .adapters import adapter_for
 from .kd import check_ignore_index, check_normalizer, kd_loss, tensor_divisor
 from .outputs import Where, check_where, logits_of, next_token_rows
 from .teacher_cache import TeacherCache
+from .teacher_route import TeacherRoute
 from .terms import (
     CRD,
     DKD,
@@ -201,7 +202,8 @@ class Distiller(nn.Module):
     :meth:`fastkd.TeacherCache.teacher_for` gives the KD terms their sparse teacher, aligned with the student's
     logits (right-padded sequences; with ``causal_lm`` the cache holds the teacher's predictions at every position,
     shifted here like the student's). Only terms that read the teacher's distribution (:class:`KD`, with its
-    ``tail``) or none (:class:`CrossEntropy`, :class:`Custom` without teacher features) apply.
+    ``tail``) or none (:class:`CrossEntropy`, :class:`Custom` without teacher features) apply. A
+    :class:`fastkd.TeacherRoute` teacher (RCO) is moved to the anchor of the schedule step before each forward.
     """
 
     def __init__(
@@ -299,6 +301,8 @@ class Distiller(nn.Module):
             student_out = _call(self.student if student is None else student, inputs)
             teacher_out = None
             if not self._cached_teacher():
+                if isinstance(self.teacher, TeacherRoute):  # RCO: the anchor of this schedule step
+                    self.teacher.at_step(self.schedule_step)
                 with torch.no_grad():
                     teacher_out = _call(self.teacher, inputs)
         finally:
