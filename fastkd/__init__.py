@@ -1,6 +1,6 @@
 """fastkd: knowledge-distillation losses for PyTorch as fused Triton and CUDA (GPU) and C++ (CPU) kernels."""
 
-from . import adapters, lipschitz, meta, relational, schedules
+from . import adapters, datafree, lipschitz, meta, relational, schedules
 from .dispatch import backends
 from .distiller import Distiller
 from .dkd import dkd_loss
@@ -40,6 +40,7 @@ __all__ = [
     "lipschitz",
     "relational",
     "meta",
+    "datafree",
     "schedules",
     "backends",
     "__version__",
