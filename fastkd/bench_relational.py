@@ -1,0 +1,143 @@
+"""``fastkd bench --op relational``: RKD (distance + angle) and CRD, forward+backward, fastkd against the eager
+formulations as the authors' code writes them (:func:`fastkd.reference.rkd_distance_loss`,
+:func:`fastkd.reference.rkd_angle_loss`: the (B, B, D) differences and (B, B, B) angles;
+:func:`fastkd.reference.crd_scores`: the gathered (B, K+1, d) rows) and ``torch.compile`` of them: agreement first,
+then the median time per step (interleaved rounds) and the peak extra memory of one step (CUDA: the allocator's
+peak; CPU: the growth of the peak resident set of a fresh process running only that step)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from . import reference, relational
+from .bench import interleaved_ms
+
+RKD_SHAPE = (256, 512)  # B, D
+CRD_SHAPE = (64, 16384, 128, 50000)  # B, K, d, N
+
+
+def _rkd_inputs(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    batch, width = RKD_SHAPE
+    s = torch.randn(batch, width, generator=g).to(device, dtype).requires_grad_()
+    return s, torch.randn(batch, width, generator=g).to(device, dtype)
+
+
+def _rkd_eager(s, t):
+    return 25 * reference.rkd_distance_loss(s, t) + 50 * reference.rkd_angle_loss(s, t)
+
+
+def _crd_setup(device):
+    batch, negatives, dim, samples = CRD_SHAPE
+    torch.manual_seed(0)
+    crd = relational.CRDLoss(samples, 256, 256, feat_dim=dim, num_negatives=negatives).to(device)
+    g = torch.Generator().manual_seed(1)
+    f_s = torch.randn(batch, 256, generator=g).to(device).requires_grad_()
+    f_t = torch.randn(batch, 256, generator=g).to(device)
+    index = torch.randperm(samples, generator=g)[:batch].to(device)
+    contrast = torch.cat([index[:, None], torch.randint(samples, (batch, negatives), generator=g).to(device)], 1)
+    return crd, f_s, f_t, index, contrast
+
+
+def _crd_eager(crd, f_s, f_t, contrast):
+    """One CRD step as RepDistiller writes it: the gathered rows per side, then the same NCE and bank update."""
+    v_s = torch.nn.functional.normalize(crd.embed_student(f_s), dim=1)
+    v_t = torch.nn.functional.normalize(crd.embed_teacher(f_t), dim=1)
+    u_s = reference.crd_scores(crd.teacher_bank, contrast, v_s)
+    u_t = reference.crd_scores(crd.student_bank, contrast, v_t)
+    options = dict(temperature=crd.temperature, num_samples=crd.num_samples)
+    loss = reference.crd_nce_loss(u_s, crd.normalizers[0], **options)
+    loss = loss + reference.crd_nce_loss(u_t, crd.normalizers[1], **options)
+    with torch.no_grad():
+        index = contrast[:, 0]
+        for bank, v in ((crd.student_bank, v_s), (crd.teacher_bank, v_t)):
+            rows = bank[index] * crd.momentum + v * (1 - crd.momentum)
+            bank.index_copy_(0, index, rows / rows.norm(dim=1, keepdim=True))
+    return loss
+
+
+def _steps(device):
+    """name → a callable running one forward+backward step."""
+    s, t = _rkd_inputs(device)
+    crd, f_s, f_t, index, contrast = _crd_setup(device)
+    crd(f_s, f_t, index, contrast)  # sets Z from a first batch, as training does
+    compiled_rkd = torch.compile(_rkd_eager)
+    return {
+        "rkd fastkd": lambda: relational.rkd_loss(s, t).backward(),
+        "rkd eager": lambda: _rkd_eager(s, t).backward(),
+        "rkd torch.compile": lambda: compiled_rkd(s, t).backward(),
+        "crd fastkd": lambda: crd(f_s, f_t, index, contrast).backward(),
+        "crd eager": lambda: _crd_eager(crd, f_s, f_t, contrast).backward(),
+    }
+
+
+def _agreement(device) -> dict:
+    s, t = _rkd_inputs(device)
+    ours, eager = relational.rkd_loss(s, t), _rkd_eager(s, t)
+    (grad_ours,) = torch.autograd.grad(ours, s)
+    (grad_eager,) = torch.autograd.grad(eager, s)
+    crd, f_s, f_t, index, contrast = _crd_setup(device)
+    crd(f_s, f_t, index, contrast)
+    twin = _crd_setup(device)[0]
+    twin.load_state_dict(crd.state_dict())
+    loss_ours, loss_eager = crd(f_s, f_t, index, contrast), _crd_eager(twin, f_s, f_t, contrast)
+    with torch.no_grad():
+        return {
+            "rkd loss rel. error": float(((ours - eager) / eager).abs()),
+            "rkd grad rel. error": float((grad_ours - grad_eager).norm() / grad_eager.norm()),
+            "crd loss rel. error": float(((loss_ours - loss_eager) / loss_eager).abs()),
+        }
+
+
+def _peak_mb(name: str, device) -> float:
+    """Peak extra memory (MB) of one step of ``name`` (see the module docstring)."""
+    if device.type == "cuda":
+        step = _steps(device)[name]
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    code = (
+        "import resource, torch, sys\n"
+        "from fastkd import bench_relational as b\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
+        f"b.RKD_SHAPE, b.CRD_SHAPE = {RKD_SHAPE}, {CRD_SHAPE}\n"
+        f"steps = b._steps(torch.device('cpu')); step = steps[{name!r}]\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "step()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(device=None, reps: int = 5, json_path=None) -> dict:
+    """Print the table (and write it as JSON) on ``device`` (default cuda when available)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    agreement = _agreement(device)
+    steps = _steps(device)
+    times = interleaved_ms(steps, device, rounds=reps, block_s=0.2)
+    names = [name for name in steps if name != "rkd torch.compile"]  # its compiled graph keeps its own buffers
+    peaks = {name: _peak_mb(name, device) for name in names}
+    batch, width = RKD_SHAPE
+    crd_batch, negatives, dim, samples = CRD_SHAPE
+    print(f"device {device}, threads {torch.get_num_threads()}, fp32, forward+backward, medians of {reps} rounds")
+    print(f"RKD B={batch} D={width}; CRD B={crd_batch} K={negatives} d={dim} N={samples}")
+    for key, value in agreement.items():
+        print(f"  agreement: {key} {value:.2e}")
+    print(f"{'step':<20} {'ms':>10} {'peak MB':>10}")
+    for name, ms in times.items():
+        peak = f"{peaks[name]:.1f}" if name in peaks else "-"
+        print(f"{name:<20} {ms:>10.1f} {peak:>10}")
+    result = dict(device=str(device), agreement=agreement, ms=times, peak_mb=peaks)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return result
