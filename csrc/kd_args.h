@@ -35,6 +35,19 @@ enum Stat : int {
     kNumStats = 8,
 };
 
+// The statistics slots of a sparse (TopK) teacher's kernels (kd_topk_cpu.h), in the same (kNumStats, num_rows)
+// layout; a = s/T, the rest: the columns outside the row's entries.
+enum TopKStat : int {
+    kTopKMaxA = 0,         // max a over the row
+    kTopKLogSumA = 1,      // log Σ exp(a − max a)
+    kTopKLogPTail = 2,     // log p_t of the tail bucket (−inf without one)
+    kTopKKL = 3,           // the row's KL
+    kTopKMaxS = 4,         // max s and log Σ exp(s − max s), at T = 1 (the CE term)
+    kTopKLogSumS = 5,
+    kTopKMaxRest = 6,      // max a and log Σ exp(a − max) over the rest (with a bucket)
+    kTopKLogSumRest = 7,
+};
+
 // Slots of the optional fidelity metrics, laid out (kNumMetrics, num_rows) float32, at T = 1
 enum Metric : int {
     kMetricTop1Agreement = 0,  // argmax s = argmax t (1 or 0)

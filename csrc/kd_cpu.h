@@ -1,6 +1,6 @@
-// The C++ CPU backend of fastkd.kd_loss (and of feature_loss, feature_loss_cpu.h, and the power iteration of
-// fastkd.lipschitz, power_iteration_cpu.h): the table of instruction sets and their kernels (the kd_loss launch
-// arguments are in kd_args.h).
+// The C++ CPU backend of fastkd.kd_loss (with a full teacher, and with a sparse one, kd_topk_cpu.h; and of
+// feature_loss, feature_loss_cpu.h, and the power iteration of fastkd.lipschitz, power_iteration_cpu.h): the table
+// of instruction sets and their kernels (the kd_loss launch arguments are in kd_args.h).
 //
 // No torch headers: Python passes data pointers, shapes, strides and dtype codes (fastkd/cpu_backend.py), so the
 // extension builds in seconds and does not depend on the torch ABI.
@@ -9,6 +9,7 @@
 
 #include "feature_loss_cpu.h"
 #include "kd_args.h"
+#include "kd_topk_cpu.h"
 #include "power_iteration_cpu.h"
 
 namespace fastkd {
@@ -38,8 +39,17 @@ struct CpuIsa {
     void (*feature_flat)(const FeatureFlatArgs&);
 };
 
-namespace avx512 { extern const CpuIsa isa; }
-namespace avx2 { extern const CpuIsa isa; }
-namespace portable { extern const CpuIsa isa; }
+using TopKKernel = void (*)(const TopKArgs&);
+
+// The sparse-teacher kernels of the same instruction set (kd_topk_cpu_impl.h), beside its CpuIsa entry; null when
+// the compiler could not target it.
+struct CpuTopKIsa {
+    TopKKernel forward;
+    TopKKernel backward;
+};
+
+namespace avx512 { extern const CpuIsa isa; extern const CpuTopKIsa topk_isa; }
+namespace avx2 { extern const CpuIsa isa; extern const CpuTopKIsa topk_isa; }
+namespace portable { extern const CpuIsa isa; extern const CpuTopKIsa topk_isa; }
 
 }  // namespace fastkd

@@ -1,5 +1,5 @@
-// fastkd CPU kernels (kd_loss, feature_loss, power iteration) for AVX2 (setup.py compiles this file with -mavx2 -mfma);
-// an empty entry when the compiler did not target it.
+// fastkd CPU kernels (kd_loss with a full or a sparse teacher, feature_loss, power iteration) for AVX2 (setup.py
+// compiles this file with -mavx2 -mfma); empty entries when the compiler did not target it.
 #include "kd_cpu.h"
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #define FASTKD_ISA avx2
@@ -11,7 +11,9 @@
 #include "power_iteration_impl.h"
 #include "feature_loss_impl.h"
 #include "cpu_isa_entry.h"
+#include "kd_topk_cpu_impl.h"
 #else
 extern const fastkd::CpuIsa fastkd::avx2::isa = {"avx2", nullptr, nullptr, nullptr, nullptr,
                                                     nullptr, nullptr, nullptr, nullptr};
+extern const fastkd::CpuTopKIsa fastkd::avx2::topk_isa = {nullptr, nullptr};
 #endif

@@ -1,5 +1,6 @@
-// fastkd CPU kernels (kd_loss, feature_loss, power iteration) for AVX-512 (setup.py compiles this file with -mavx512f
-// -mavx512bw -mavx512dq -mavx512vl -mfma); an empty entry when the compiler did not target it.
+// fastkd CPU kernels (kd_loss with a full or a sparse teacher, feature_loss, power iteration) for AVX-512 (setup.py
+// compiles this file with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma); empty entries when the compiler did
+// not target it.
 #include "kd_cpu.h"
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VL__) && defined(__FMA__)
@@ -14,7 +15,9 @@
 #include "power_iteration_impl.h"
 #include "feature_loss_impl.h"
 #include "cpu_isa_entry.h"
+#include "kd_topk_cpu_impl.h"
 #else
 extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr, nullptr,
                                                     nullptr, nullptr, nullptr, nullptr};
+extern const fastkd::CpuTopKIsa fastkd::avx512::topk_isa = {nullptr, nullptr};
 #endif

@@ -31,6 +31,15 @@ const CpuIsa* best_isa() {
 
 const CpuIsa* g_isa = best_isa();
 
+// The sparse-teacher kernels of the instruction set the kernels run with.
+const CpuTopKIsa& topk_isa() {
+    const CpuTopKIsa* const tables[] = {&avx512::topk_isa, &avx2::topk_isa, &portable::topk_isa};  // as kIsas
+    for (size_t i = 0; i < sizeof kIsas / sizeof kIsas[0]; ++i) {
+        if (kIsas[i] == g_isa) return *tables[i];
+    }
+    return portable::topk_isa;
+}
+
 std::vector<std::string> usable_isas() {
     std::vector<std::string> names;
     for (const CpuIsa* isa : kIsas) {
@@ -82,6 +91,64 @@ void kd_backward(const py::dict& d) {
     read_backward_args(a, d);
     py::gil_scoped_release release;
     g_isa->backward(a);
+}
+
+// The arguments of the sparse-teacher kernels (kd_topk_cpu.h), checked.
+TopKArgs topk_args(const py::dict& d) {
+    TopKArgs a;
+    a.student = rows(d, "student");
+    a.values = rows(d, "values");
+    a.indices = pointer<const void>(d, "indices");
+    const int index_bytes = get<int>(d, "index_bytes");
+    if (index_bytes != 4 && index_bytes != 8) throw std::invalid_argument("index_bytes must be 4 (int32) or 8 (int64)");
+    a.indices_int32 = index_bytes == 4;
+    a.indices_row_stride = get<int64_t>(d, "indices_row_stride");
+    a.num_rows = get<int64_t>(d, "num_rows");
+    a.num_cols = get<int64_t>(d, "num_cols");
+    a.num_slots = get<int64_t>(d, "num_slots");
+    a.labels = pointer<const int64_t>(d, "labels");
+    a.ignore_index = get<int64_t>(d, "ignore_index");
+    a.inv_temperature = get<float>(d, "inv_temperature");
+    a.inv_teacher_temperature = get<float>(d, "inv_teacher_temperature");
+    a.ce_weight = get<float>(d, "ce_weight");
+    a.kd_scale = get<float>(d, "kd_scale");
+    a.bucket = get<bool>(d, "bucket");
+    a.spread = get<bool>(d, "spread");
+    a.stats = pointer<float>(d, "stats");
+    a.num_threads = get<int>(d, "num_threads");
+    if (a.num_rows < 0 || a.num_cols < 1 || a.num_cols > INT32_MAX || a.num_slots < 1) {
+        throw std::invalid_argument("num_rows must be >= 0, num_cols in [1, 2^31) and num_slots >= 1");
+    }
+    if (a.spread && !a.bucket) throw std::invalid_argument("the spread tail is a bucket");
+    if (a.bucket && a.num_slots >= a.num_cols) throw std::invalid_argument("a bucket needs num_slots < num_cols");
+    if (a.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+    if (a.num_rows > 0 && (a.student.data == nullptr || a.values.data == nullptr || a.indices == nullptr ||
+                           a.stats == nullptr)) {
+        throw std::invalid_argument("null data pointer");
+    }
+    a.num_threads = threads_for(a.num_threads, a.num_rows * a.num_cols);
+    return a;
+}
+
+void kd_topk_forward(const py::dict& d) {
+    TopKArgs a = topk_args(d);
+    a.loss = pointer<float>(d, "loss");
+    a.metrics = pointer<float>(d, "metrics");
+    if (a.num_rows > 0 && a.loss == nullptr) throw std::invalid_argument("null loss pointer");
+    py::gil_scoped_release release;
+    topk_isa().forward(a);
+}
+
+void kd_topk_backward(const py::dict& d) {
+    TopKArgs a = topk_args(d);
+    a.grad_loss = pointer<const float>(d, "grad_loss");
+    a.grad_loss_stride = get<int64_t>(d, "grad_loss_stride");
+    a.grad_student = pointer<void>(d, "grad_student");
+    if (a.num_rows > 0 && (a.grad_loss == nullptr || a.grad_student == nullptr)) {
+        throw std::invalid_argument("null gradient pointer");
+    }
+    py::gil_scoped_release release;
+    topk_isa().backward(a);
 }
 
 // kd_loss reduced to one number in one call, where building and reading an argument dict would cost more than the
@@ -325,6 +392,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_isa", &fastkd::set_isa, py::arg("name"), "Run the kernels with this instruction set.");
     m.def("kd_forward", &fastkd::kd_forward, py::arg("args"), "kd_loss forward over all rows (see kd_cpu.h).");
     m.def("kd_backward", &fastkd::kd_backward, py::arg("args"), "kd_loss backward over all rows (see kd_cpu.h).");
+    m.def("kd_topk_forward", &fastkd::kd_topk_forward, py::arg("args"),
+          "kd_loss forward against a sparse (TopK) teacher over all rows (see kd_topk_cpu.h).");
+    m.def("kd_topk_backward", &fastkd::kd_topk_backward, py::arg("args"),
+          "kd_loss backward against a sparse (TopK) teacher over all rows (see kd_topk_cpu.h).");
     m.def("kd_loss_reduced", &fastkd::kd_loss_reduced,
           "kd_loss forward reduced to one number, with the fused gradient (positional arguments, see module.cpp).");
     m.def("first_bad_label", &fastkd::first_bad_label, py::arg("labels"), py::arg("count"), py::arg("num_classes"),

@@ -2,7 +2,8 @@
 
 Ops (``--op``): ``kd`` (kd_loss vs the eager KL expression, torch.compile of it and Liger-Kernel), ``overhead``
 (kd_loss per call at classification shapes on every backend, against eager and torch.compile; CPU with 1 and 2
-threads), ``linear``
+threads), ``topk`` (kd_loss against a sparse teacher, its top-K log-probabilities with the bucket tail, at T = 1 and
+T = 2: the kernels against the reference; CPU with 1 and 2 threads), ``linear``
 (linear_kd_loss from the heads' hidden states vs materialised logits + kd_loss, the eager expression on them,
 torch.compile of it and Liger-Kernel's fused linear JSD at β = 0, forward KL), ``feature``
 (feature_loss with a spatial mask and per-channel standardisation vs the eager expression and torch.compile of it)
@@ -45,9 +46,10 @@ from .features import feature_loss
 from .kd import kd_loss
 from .linear_kd import linear_kd_loss
 from .lipschitz import init_state, spectral_norms
+from .topk import TopK, topk_teacher
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPS = ("kd", "linear", "feature", "lipschitz", "overhead")
+OPS = ("kd", "linear", "feature", "lipschitz", "overhead", "topk")
 DEFAULT_SHAPES = {
     "kd": {
         "cuda": ["256x100:fp32", "1024x1000:fp32", "8192x32000:bf16", "4096x128256:bf16"],
@@ -57,6 +59,7 @@ DEFAULT_SHAPES = {
     "feature": {"cuda": ["64x256x28x28:bf16", "256x256x28x28:bf16"], "cpu": ["16x64x28x28:fp32"]},
     "lipschitz": {"cuda": ["resnet18:fp32", "resnet18:bf16"], "cpu": ["resnet18:fp32"]},
     "overhead": {device: ["8x10", "128x100", "256x100", "256x1000", "1024x1000"] for device in ("cuda", "cpu")},
+    "topk": {"cuda": ["8192x32000x64:bf16"], "cpu": ["2048x32000x64:fp32"]},
 }
 
 CPU = torch.device("cpu")
@@ -82,6 +85,7 @@ SHAPE_FORMS = {
     "feature": "NxCxHxW",
     "lipschitz": "resnet18",
     "overhead": "ROWSxVOCAB",
+    "topk": "ROWSxVOCABxK",
 }
 
 
@@ -465,6 +469,88 @@ def bench_overhead_shape(spec: str, device: torch.device, temperature: float, re
     return results
 
 
+TOPK_TEMPERATURES = (1.0, 2.0)
+
+
+def topk_float64_truth(student: torch.Tensor, teacher: TopK, temperature: float, chunk_rows: int = 256):
+    """Batchmean loss and student gradient of kd_loss against a sparse teacher (tail "bucket"), computed by the
+    reference in float64 a few rows at a time."""
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    grad = torch.empty(student.shape, dtype=torch.float64, device=student.device)
+    for start in range(0, student.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        s = student[rows].detach().double().requires_grad_(True)
+        chunk = TopK(teacher.values[rows].double(), teacher.indices[rows])
+        loss = kd_loss(s, chunk, temperature=temperature, tail="bucket", reduction="sum", backend="reference")
+        (grad[rows],) = torch.autograd.grad(loss, s)
+        total += loss.detach()
+    rows = max(student.shape[0], 1)
+    return total / rows, grad.div_(rows)
+
+
+def bench_topk_shape(spec: str, device: torch.device, reps: int) -> list[Result]:
+    """kd_loss against a sparse teacher (the top-K log-probabilities of N(0, 2²) teacher logits, tail "bucket",
+    batchmean) at each of :data:`TOPK_TEMPERATURES`: the kernel backend of the device (C++ on CPU, Triton on CUDA)
+    against the reference, forward alone (no grad) and forward+backward through autograd, timed in ``reps``
+    interleaved rounds (:func:`interleaved_ms`; CPU timings drift, which then falls on both alike); on CPU once with
+    1 thread and once with 2 (the row's label names T and the thread count). rel err against float64."""
+    (rows, cols, k), dtype = parse_spec(spec, "topk")
+    if k > cols:
+        raise ValueError(f"a topk shape needs K <= VOCAB, got {spec!r}")
+    gen = torch.Generator(device="cpu").manual_seed(rows * 1_000_003 + cols + k)
+    student = (torch.randn(rows, cols, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_(True)
+    teacher = topk_teacher((torch.randn(rows, cols, generator=gen) * 2).to(device), k)
+    kernels = ["triton"] if device.type == "cuda" else (["cpu"] if cpu_backend.AVAILABLE else [])
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for temperature in TOPK_TEMPERATURES:
+            truth_loss, truth_grad = topk_float64_truth(student, teacher, temperature)
+            impls = {
+                f"fastkd ({b})": (
+                    lambda b: lambda s: kd_loss(s, teacher, temperature=temperature, tail="bucket", backend=b)
+                )(b)
+                for b in kernels + ["reference"]
+            }
+            steps, errors = {}, {}
+            for name, impl in impls.items():
+                loss = impl(student)
+                (grad,) = torch.autograd.grad(loss, student)
+                errors[name] = max(relative_error(loss, truth_loss), relative_error(grad, truth_grad))
+                del loss, grad
+
+                def forward(impl=impl):
+                    with torch.no_grad():
+                        return impl(student)
+
+                steps[name, "fwd"] = forward
+                steps[name, "fwd+bwd"] = lambda impl=impl: torch.autograd.grad(impl(student), student)
+            for threads in [None] if device.type == "cuda" else [1, 2]:
+                if threads is not None:
+                    torch.set_num_threads(threads)
+                label = f"{spec} T={temperature:g}" + ("" if threads is None else f" {threads}thr")
+                times = interleaved_ms(steps, device, reps)
+                for name in impls:
+                    error = errors[name]
+                    results.append(
+                        Result(
+                            label,
+                            name,
+                            times[name, "fwd"],
+                            times[name, "fwd+bwd"],
+                            None,
+                            None,
+                            None,
+                            error,
+                            error <= tolerance,
+                        )
+                    )
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
 def eager_feature_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked, per-channel standardised MSE between (N, C, H, W) maps, as eager code writes it."""
     count = mask.sum((2, 3), keepdim=True).clamp_min(1)
@@ -610,8 +696,9 @@ def format_table(results: list[Result]) -> str:
     for r in results:
         if r.implementation.startswith("fastkd") and r.shape not in base:
             base[r.shape] = timed(r)
+    width = max([18] + [len(r.shape) for r in results])  # topk labels name T and the thread count too
     header = (
-        f"{'shape':<18} {'implementation':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'graph ms':>9} "
+        f"{'shape':<{width}} {'implementation':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'graph ms':>9} "
         f"{'fastkd speedup':>14} {'peak MiB':>9} {'roofline':>8} {'rel err':>8}  within tolerance"
     )
     lines = [header, "-" * len(header)]
@@ -619,7 +706,7 @@ def format_table(results: list[Result]) -> str:
         speedup = timed(r) / base[r.shape] if timed(r) and base.get(r.shape) else None
         within = "-" if r.within_tolerance is None else ("yes" if r.within_tolerance else "NO")
         lines.append(
-            f"{r.shape:<18} {r.implementation:<20} {fmt(r.forward_ms, '9.3f')} "
+            f"{r.shape:<{width}} {r.implementation:<20} {fmt(r.forward_ms, '9.3f')} "
             f"{fmt(r.forward_backward_ms, '11.3f')} {fmt(r.graph_ms, '9.3f')} {fmt(speedup, '13.2f')}x "
             f"{fmt(r.peak_extra_mib, '9.1f')} {fmt(r.roofline_pct, '7.1f')}"
             f"{' ' if r.roofline_pct is None else '%'} {fmt(r.max_rel_error, '8.1e')}  {within} {r.note}"
@@ -639,7 +726,7 @@ def plot(report: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install 'fastkd[bench]'") from exc
-    ops = [op for op in OPS if report["results"].get(op) and op != "overhead"]  # overhead: a table only
+    ops = [op for op in OPS if report["results"].get(op) and op not in ("overhead", "topk")]  # tables only
     figure, axes = plt.subplots(2, len(ops), figsize=(5 * len(ops), 7), squeeze=False)
     for column, op in enumerate(ops):
         results = report["results"][op]
@@ -749,6 +836,15 @@ def run(
                 f"speedup = implementation time / fastkd time (the first fastkd row); rel err against float64"
             )
             results = [r for spec in specs for r in bench_overhead_shape(spec, dev, temperature, reps)]
+        elif name == "topk":
+            log(
+                f"kd_loss against a sparse teacher: its top-K log-probabilities, tail='bucket', batchmean, at T = "
+                f"{' and '.join(f'{t:g}' for t in TOPK_TEMPERATURES)} (--temperature does not apply): fwd (no grad) "
+                f"and fwd+bwd (autograd) in ms, medians of {reps} interleaved rounds; speedup = implementation time "
+                f"/ fastkd time (the first fastkd row); rel err = max relative error of loss and student gradient "
+                f"against float64"
+            )
+            results = [r for spec in specs for r in bench_topk_shape(spec, dev, reps)]
         elif name == "feature":
             log(
                 "feature_loss (mse, spatial mask, normalize='channel') forward and forward+backward; rel err against "

@@ -16,18 +16,20 @@ def main(argv=None) -> int:
     bench = commands.add_parser("bench", help="time fastkd's ops against the usual baselines")
     bench.add_argument(
         "--op",
-        choices=["kd", "overhead", "linear", "feature", "lipschitz", "all"],
+        choices=["kd", "overhead", "linear", "feature", "lipschitz", "topk", "relational", "all"],
         default="kd",
         help="kd: kd_loss; overhead: kd_loss per call at classification shapes; linear: linear_kd_loss from hidden "
-        "states and heads; feature: feature_loss; lipschitz: "
-        "spectral norms of ResNet-18's weights; all: each with its default shapes (default kd)",
+        "states and heads; feature: feature_loss; lipschitz: spectral norms of ResNet-18's weights; topk: kd_loss "
+        "with a TopK teacher, C++ vs the reference; relational: RKD and CRD vs their eager formulations; all: each "
+        "with its default shapes (default kd)",
     )
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     bench.add_argument(
         "--shapes",
         nargs="+",
         metavar="SHAPE[:DTYPE]",
-        help="kd: ROWSxVOCAB (8192x32000:bf16); linear: ROWSxHIDDENxVOCAB (8192x4096x128256:bf16); feature: "
+        help="kd: ROWSxVOCAB (8192x32000:bf16); topk: ROWSxVOCABxK (2048x32000x64); linear: ROWSxHIDDENxVOCAB "
+        "(8192x4096x128256:bf16); feature: "
         "NxCxHxW (256x256x28x28:bf16); lipschitz: "
         "resnet18[:bf16]; dtype fp32, fp16 or bf16; default: a few shapes sized for the device",
     )
@@ -73,6 +75,11 @@ def main(argv=None) -> int:
         return _cache_teacher(parser, args)
     from . import bench as harness  # imports torch only once the arguments are known to be good
 
+    if args.op == "relational":
+        from . import bench_relational
+
+        bench_relational.run(args.device, reps=min(args.reps, 5), json_path=args.json)
+        return 0
     try:
         harness.run(
             args.shapes,

@@ -29,6 +29,7 @@ from .kernel_args import (
     FeatureKind,
     FeatureNormalize,
     KDOptions,
+    TopKOptions,
     feature_groups,
     kd_launch_args,
     kd_scalars,
@@ -255,6 +256,71 @@ def kd_backward(
     )
     _extension().kd_backward(args)
     return grad_s, grad_t
+
+
+def _topk_launch_args(student, values, indices, labels, stats, options: TopKOptions) -> tuple[dict, list]:
+    """The argument dict of the sparse-teacher kernels (csrc/module.cpp ``topk_args``) and the tensors it points
+    into (to keep them alive). The tail is decided per launch as the Triton launcher does: a bucket with "bucket" or
+    "spread" and K < V."""
+    student, student_spec = rows_spec(student)
+    values, values_spec = rows_spec(values)
+    if indices.stride(1) != 1 and indices.shape[1] > 1:
+        indices = indices.contiguous()
+    if labels is not None:
+        labels = labels.to(torch.int64).contiguous()
+    num_slots, num_cols = values.shape[1], student.shape[1]
+    args = dict(
+        student=student_spec,
+        values=values_spec,
+        indices=indices.data_ptr(),
+        index_bytes=indices.element_size(),
+        indices_row_stride=indices.stride(0),
+        num_rows=student.shape[0],
+        num_cols=num_cols,
+        num_slots=num_slots,
+        labels=labels.data_ptr() if labels is not None else 0,
+        ignore_index=options.ignore_index,
+        inv_temperature=1.0 / options.temperature,
+        inv_teacher_temperature=1.0 / options.teacher_temperature,
+        ce_weight=options.ce_weight,
+        kd_scale=options.kd_scale,
+        bucket=options.tail in ("bucket", "spread") and num_slots < num_cols,
+        spread=options.tail == "spread" and num_slots < num_cols,
+        stats=stats.data_ptr(),
+        num_threads=torch.get_num_threads(),
+    )
+    return args, [student, values, indices, labels]
+
+
+def kd_topk_forward(student, values, indices, labels, options: TopKOptions, *, with_metrics=False):
+    """Row losses (N,), statistics (NUM_STATS, N; the TopKStat slots) and metrics (NUM_METRICS, N, or empty
+    without ``with_metrics``), float32, of (N, V) CPU logits against a sparse teacher: (N, K) ``values`` and int32
+    or int64 ``indices`` (−1: an empty slot); the same contract as :func:`fastkd.kernels.kd.kd_topk_forward`."""
+    num_rows = student.shape[0]
+    loss = torch.empty(num_rows, dtype=torch.float32)
+    stats = torch.empty(NUM_STATS, num_rows, dtype=torch.float32)
+    metrics = torch.empty((NUM_METRICS, num_rows) if with_metrics else (0,), dtype=torch.float32)
+    if num_rows == 0:
+        return loss, stats, metrics
+    args, _keep = _topk_launch_args(student, values, indices, labels, stats, options)
+    args.update(loss=loss.data_ptr(), metrics=metrics.data_ptr() if with_metrics else 0)
+    _extension().kd_topk_forward(args)
+    return loss, stats, metrics
+
+
+def kd_topk_backward(grad_loss, student, values, indices, labels, stats, options: TopKOptions):
+    """Gradient of Σ grad_loss·row_loss w.r.t. the (N, V) CPU logits against a sparse teacher, contiguous in their
+    dtype, from either backend's forward statistics; the same contract as
+    :func:`fastkd.kernels.kd.kd_topk_backward`."""
+    grad_s = empty(student.shape, student.dtype)
+    if student.shape[0] == 0:
+        return grad_s
+    grad_loss = grad_loss.to(torch.float32)
+    stats = stats.contiguous()
+    args, _keep = _topk_launch_args(student, values, indices, labels, stats, options)
+    args.update(grad_loss=grad_loss.data_ptr(), grad_loss_stride=grad_loss.stride(0), grad_student=grad_s.data_ptr())
+    _extension().kd_topk_backward(args)
+    return grad_s
 
 
 def power_iteration(matrices, u, v, *, n_iter: int, eps: float):

@@ -401,7 +401,7 @@ class _KDLossReduced(torch.autograd.Function):
         return grad_s, grad_t if teacher_grad else None, None, None, None, None, None
 
 
-# a sparse teacher (TopK): Triton only; no gradient to its values
+# a sparse teacher (TopK): Triton and C++ CPU kernels; no gradient to its values
 
 
 @kernel_op("kd_topk_rows")
@@ -969,7 +969,7 @@ def _weighted_abs(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
 def _kd_loss_topk(
     student_logits, topk: TopK, labels, tail, options, return_stats, backend
 ) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
-    """kd_loss against a sparse teacher: validation, the Triton kernels or the reference rows (+ CE), and the
+    """kd_loss against a sparse teacher: validation, the Triton or C++ kernels or the reference rows (+ CE), and the
     reduction."""
     _check_tensors(
         student_logits,
@@ -997,7 +997,7 @@ def _kd_loss_topk(
     flat_labels = None if labels is None else labels.reshape(-1)
     t = options["temperature"]
     chosen = select_backend(
-        backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton", "cuda"), cuda_covers=False
+        backend, student, values, op="kd_loss with a TopK teacher", kernels=("triton", "cpu", "cuda"), cuda_covers=False
     )
     chosen = kernel_or_reference(
         chosen,
@@ -1014,7 +1014,7 @@ def _kd_loss_topk(
         ce_weight=options["ce_weight"],
         kd_scale=_kd_scale(options),
     )
-    if chosen == "triton":
+    if chosen in ("triton", "cpu"):
         rows, metrics = _KDTopKRows.apply(student, values, indices, flat_labels, return_stats, chosen, topk_options)
     else:
         metrics = (
@@ -1178,8 +1178,8 @@ def kd_loss(
           target's logits (one N×V float32 tensor, :func:`fastkd.reference.ensemble_teacher_logits`). A list is
           stacked into one (K, N, V) tensor first. ``return_stats`` measures fidelity to the ensemble at T = 1.
         - A TopK teacher takes ``divergence="kl"``; the student keeps its full-row normalisation and gets a gradient
-          on all V logits; ``return_stats`` measures fidelity to the sparse teacher. The Triton kernels sum the
-          student's mass outside the K over those columns themselves (never 1 − Σ_K); values that require grad run
+          on all V logits; ``return_stats`` measures fidelity to the sparse teacher. The Triton and C++ kernels sum
+          the student's mass outside the K over those columns themselves (never 1 − Σ_K); values that require grad run
           the reference. Slots of index −1 are empty (ragged teachers: top-p, sampled); with tail
           ``"renormalize"`` a row without entries adds no KD loss. A sampled teacher
           (:func:`fastkd.sampled_teacher`) is the target itself, not re-tempered, and runs only at the temperature

@@ -692,7 +692,7 @@ def linear_kd_loss(
         logit_softcap (float, optional): c > 0 of Gemma's c·tanh(z/c), on the logits of both heads.
         chunk_rows (int, optional): rows per chunk (default :func:`default_chunk_rows`).
         backend (str, default ``"auto"``): ``"triton"`` or ``"cpu"`` row kernels (``"auto"``: Triton on CUDA,
-            C++ on CPU; a TopK teacher on CPU tensors and float64 run the reference rows, still chunked);
+            C++ on CPU, also for a TopK teacher; float64 runs the reference rows, still chunked);
             ``"reference"`` the reference rows chunk by chunk.
 
     Returns:
@@ -770,9 +770,7 @@ def linear_kd_loss(
         labels, row_shape, vocab_size, device, ce_weight=options["ce_weight"], ignore_index=options["ignore_index"]
     )
     flat_labels = None if labels is None else labels.reshape(-1)
-    chosen = select_backend(
-        backend, hidden, *teacher_tensors, op="linear_kd_loss", kernels=("triton",) if topk else ("triton", "cpu")
-    )
+    chosen = select_backend(backend, hidden, *teacher_tensors, op="linear_kd_loss", kernels=("triton", "cpu"))
     linear_options = LinearKDOptions(
         temperature=options["temperature"],
         teacher_temperature=topk_teacher_temperature(teacher_logits, options["temperature"])

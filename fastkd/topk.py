@@ -4,7 +4,8 @@ entries (ragged: a different count per row), or tokens sampled from the teacher.
 :class:`TopK` holds them; pass one as ``teacher_logits`` to :func:`fastkd.kd_loss`. :func:`topk_teacher` makes one
 from full teacher logits (top-K, or top-p with ``top_p``), :func:`sampled_teacher` draws one. The loss's
 specification is :func:`fastkd.reference.kd_topk_rows`; its Triton kernels are
-``kd_topk_forward_kernel``/``kd_topk_backward_kernel`` in :mod:`fastkd.kernels.kd`.
+``kd_topk_forward_kernel``/``kd_topk_backward_kernel`` in :mod:`fastkd.kernels.kd`, its C++ CPU kernels
+csrc/kd_topk_cpu_impl.h.
 """
 
 from __future__ import annotations

@@ -262,7 +262,6 @@ GOOD = TopK(torch.full((2, 2), -1.0), torch.tensor([[0, 1], [2, 3]]))
         (lambda: GOOD, dict(tail="middle"), ValueError, "tail must be one of"),
         (lambda: GOOD, dict(teacher_weights=[1.0, 2.0]), ValueError, "a TopK teacher is one"),
         (lambda: GOOD, dict(ensemble="logit"), ValueError, "a TopK teacher is one"),
-        (lambda: GOOD, dict(backend="cpu"), RuntimeError, "TopK teacher has no 'cpu' backend yet"),
     ],
 )
 def test_bad_topk_raises_clear_errors(make, kwargs, error, match):

@@ -17,6 +17,7 @@ TABLE = [
     (kernel_args.DType, "kd_args.h", "DType", ""),
     (kernel_args.Divergence, "kd_args.h", "Divergence", ""),
     (kernel_args.Stat, "kd_args.h", "Stat", "Stat"),
+    (kernel_args.TopKStat, "kd_args.h", "TopKStat", "TopK"),
     (kernel_args.Metric, "kd_args.h", "Metric", "Metric"),
     (kernel_args.FeatureKind, "feature_loss_cpu.h", "FeatureKind", "Kind"),
     (kernel_args.FeatureNormalize, "feature_loss_cpu.h", "FeatureNormalize", "Normalize"),
