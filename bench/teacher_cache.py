@@ -47,7 +47,7 @@ def main(root: str) -> None:
                     cache.collate(order[i : i + BATCH])
             reads.append(SAMPLES * LENGTH / (time.perf_counter() - start))
             shards = cache.index["shards"]
-            payload = sum(s["bytes"][p] for s in shards for p in ("values", "indices", "samples"))
+            payload = sum(s["bytes"][p] for s in shards for p in ("values", "indices", "counts", "samples"))
             shutil.rmtree(path)
         print(
             f"{vocab_size:>8} {payload / (SAMPLES * LENGTH):>12.1f} {statistics.median(writes):>12.3g} "

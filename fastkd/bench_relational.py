@@ -3,7 +3,7 @@ formulations as the authors' code writes them (:func:`fastkd.reference.rkd_dista
 :func:`fastkd.reference.rkd_angle_loss`: the (B, B, D) differences and (B, B, B) angles;
 :func:`fastkd.reference.crd_scores`: the gathered (B, K+1, d) rows) and ``torch.compile`` of them: agreement first,
 then the median time per step (interleaved rounds) and the peak extra memory of one step (CUDA: the allocator's
-peak; CPU: the growth of the peak resident set of a fresh process running only that step)."""
+peak; CPU: the growth of the peak resident set, VmHWM, of a fresh process running only that step)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,16 @@ def _agreement(device) -> dict:
         }
 
 
+def _peak_rss_kb() -> int:
+    """This process's peak resident set (VmHWM, kB). Not ``ru_maxrss``: Linux carries that over from the parent
+    across fork and exec, so a child started by a process that has peaked higher never sees its own peak."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _peak_mb(name: str, device) -> float:
     """Peak extra memory (MB) of one step of ``name`` (see the module docstring)."""
     if device.type == "cuda":
@@ -105,14 +115,14 @@ def _peak_mb(name: str, device) -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     code = (
-        "import resource, torch, sys\n"
+        "import torch\n"
         "from fastkd import bench_relational as b\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
         f"b.RKD_SHAPE, b.CRD_SHAPE = {RKD_SHAPE}, {CRD_SHAPE}\n"
         f"steps = b._steps(torch.device('cpu')); step = steps[{name!r}]\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = b._peak_rss_kb()\n"
         "step()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "print((b._peak_rss_kb() - before) / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -122,10 +132,10 @@ def run(device=None, reps: int = 5, json_path=None) -> dict:
     """Print the table (and write it as JSON) on ``device`` (default cuda when available)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     agreement = _agreement(device)
+    names = ["rkd fastkd", "rkd eager", "crd fastkd", "crd eager"]  # torch.compile's graph keeps its own buffers
+    peaks = {name: _peak_mb(name, device) for name in names}
     steps = _steps(device)
     times = interleaved_ms(steps, device, rounds=reps, block_s=0.2)
-    names = [name for name in steps if name != "rkd torch.compile"]  # its compiled graph keeps its own buffers
-    peaks = {name: _peak_mb(name, device) for name in names}
     batch, width = RKD_SHAPE
     crd_batch, negatives, dim, samples = CRD_SHAPE
     print(f"device {device}, threads {torch.get_num_threads()}, fp32, forward+backward, medians of {reps} rounds")
