@@ -33,8 +33,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -46,6 +49,7 @@ from .features import feature_loss
 from .kd import kd_loss
 from .linear_kd import linear_kd_loss
 from .lipschitz import init_state, spectral_norms
+from .teacher_cache import TeacherCache
 from .topk import TopK, topk_teacher
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -551,6 +555,49 @@ def bench_topk_shape(spec: str, device: torch.device, reps: int) -> list[Result]
     return results
 
 
+def teacher_cache_figures(
+    root: str, vocab_size: int, k: int, *, samples: int = 512, length: int = 512, batch: int = 8, runs: int = 3
+) -> dict:
+    """A :class:`fastkd.TeacherCache` on this machine: bytes per token (every part on disk), write and read
+    throughput in tokens/s (medians of ``runs``). ``samples`` of ``length`` tokens, random top-k log-probabilities
+    in bfloat16 (the teacher's own top-k is not timed); writes include the fsync, checksums and atomic renames;
+    reads are random batches through ``collate``, timed on the second pass (warm page cache, checksums verified on
+    the first), the figure a training loop sees after its first epoch."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        TopK(
+            -torch.rand(batch, length, k, generator=gen) * 10 - 3,  # log-probs well below log(1/k)
+            torch.randint(0, vocab_size, (batch, length, k), generator=gen),
+        )
+        for _ in range(samples // batch)
+    ]
+    tokens = len(batches) * batch * length
+    writes, reads = [], []
+    for run in range(runs):
+        path = os.path.join(root, f"v{vocab_size}-k{k}-{run}")
+        start = time.perf_counter()
+        with TeacherCache.write(path, k=k, vocab_size=vocab_size) as writer:
+            for b, top in enumerate(batches):
+                writer.add(range(b * batch, (b + 1) * batch), top)
+        writes.append(tokens / (time.perf_counter() - start))
+        cache = TeacherCache(path)
+        order = torch.randperm(len(batches) * batch, generator=gen).tolist()
+        for _epoch in range(2):
+            start = time.perf_counter()
+            for i in range(0, len(order), batch):
+                cache.collate(order[i : i + batch])
+        reads.append(tokens / (time.perf_counter() - start))
+        payload = sum(size for shard in cache.index["shards"] for size in shard["bytes"].values())
+        shutil.rmtree(path)
+    return dict(
+        vocab_size=vocab_size,
+        k=k,
+        bytes_per_token=payload / tokens,
+        write_tokens_per_s=statistics.median(writes),
+        read_tokens_per_s=statistics.median(reads),
+    )
+
+
 def eager_feature_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked, per-channel standardised MSE between (N, C, H, W) maps, as eager code writes it."""
     count = mask.sum((2, 3), keepdim=True).clamp_min(1)
@@ -845,6 +892,18 @@ def run(
                 f"against float64"
             )
             results = [r for spec in specs for r in bench_topk_shape(spec, dev, reps)]
+            with tempfile.TemporaryDirectory() as root:
+                caches = []
+                for spec in specs:
+                    (_, vocab_size, k), _ = parse_spec(spec, "topk")
+                    caches.append(teacher_cache_figures(root, vocab_size, k, samples=64))
+            report["teacher_cache"] = caches
+            for figures in caches:
+                log(
+                    f"TeacherCache V={figures['vocab_size']} k={figures['k']} (64 samples x 512 tokens, bfloat16): "
+                    f"{figures['bytes_per_token']:.1f} bytes/token, write {figures['write_tokens_per_s']:.3g} "
+                    f"tokens/s, read {figures['read_tokens_per_s']:.3g} tokens/s (warm, through collate)"
+                )
         elif name == "feature":
             log(
                 "feature_loss (mse, spatial mask, normalize='channel') forward and forward+backward; rel err against "

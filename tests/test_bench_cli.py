@@ -36,7 +36,14 @@ def test_bad_specs_say_the_form(spec, op, message):
 
 
 @pytest.mark.parametrize(
-    "op, shapes", [("feature", ["2x3x4x4"]), ("lipschitz", None), ("linear", ["8x4x16"]), ("overhead", ["4x10"])]
+    "op, shapes",
+    [
+        ("feature", ["2x3x4x4"]),
+        ("lipschitz", None),
+        ("linear", ["8x4x16"]),
+        ("overhead", ["4x10"]),
+        ("topk", ["4x16x3"]),
+    ],
 )
 def test_run_checks_agreement_and_writes_json(tmp_path, monkeypatch, op, shapes):
     monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 30.0)  # measuring it copies 1 GiB
@@ -96,3 +103,26 @@ def test_dtype_applies_to_default_shapes_and_to_shapes_without_one(monkeypatch, 
     monkeypatch.setattr(bench, "bench_lipschitz", lambda spec, *args: seen.append(spec) or [])
     bench.run(shapes, op="lipschitz", device="cpu", dtype="bf16", log=lambda line: None)
     assert seen == expected
+
+
+def test_the_topk_op_reports_the_teacher_cache(monkeypatch):
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda device: 30.0)
+    lines = []
+    report = bench.run(["4x16x3"], op="topk", device="cpu", reps=1, log=lines.append)
+    (figures,) = report["teacher_cache"]
+    assert figures["vocab_size"] == 16 and figures["k"] == 3
+    assert 3 * (2 + 2) + 2 <= figures["bytes_per_token"] <= 3 * (2 + 2) + 2 + 1  # values, indices, counts (+ headers)
+    assert any("TeacherCache V=16 k=3" in line for line in lines)
+
+
+def test_the_relational_op_checks_agreement_first(monkeypatch, capsys):
+    from fastkd import bench_relational
+
+    monkeypatch.setattr(bench_relational, "RKD_SHAPE", (12, 5))
+    monkeypatch.setattr(bench_relational, "CRD_SHAPE", (4, 20, 8, 100))
+    monkeypatch.setattr(bench_relational, "_peak_mb", lambda name, device: 1.0)  # a fresh process per step
+    monkeypatch.setattr(bench_relational.torch, "compile", lambda fn: fn)  # compiling takes a minute on CPU
+    result = bench_relational.run("cpu", reps=1)
+    assert all(value < 1e-4 for value in result["agreement"].values()), result["agreement"]
+    assert set(result["ms"]) == {"rkd fastkd", "rkd eager", "rkd torch.compile", "crd fastkd", "crd eager"}
+    assert "rkd fastkd" in capsys.readouterr().out
