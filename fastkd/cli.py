@@ -40,11 +40,19 @@ def main(argv=None) -> int:
     bench.add_argument("--plot", metavar="PATH", help="also save a figure (PNG/PDF/SVG by extension; needs matplotlib)")
     demo = commands.add_parser("demo", help="distil a student on the digits dataset vs the same student from scratch")
     demo.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda")
-    demo.add_argument("--seeds", type=int, default=5, help="independent runs averaged in the table (default 5)")
+    demo.add_argument(
+        "--seeds", type=int, help="independent runs averaged in the table (default 5; 3 with --suite seeds)"
+    )
     demo.add_argument("--epochs", type=int, help="epochs of every model (default: 300 teacher, 500 students)")
     demo.add_argument("--temperature", type=float, help="KD temperature T (default 2)")
     demo.add_argument("--alpha", type=float, help="weight α of the KD term, 1 − α of the cross-entropy (default 0.9)")
     demo.add_argument("--json", metavar="PATH", help="also write every run's figures as JSON")
+    demo.add_argument(
+        "--suite",
+        choices=["seeds"],
+        help="seeds: every method this project grew from, one row each (fastkd.demo_suite; several minutes)",
+    )
+    demo.add_argument("--method", nargs="+", metavar="NAME", help="with --suite seeds: only these methods")
     cache = commands.add_parser(
         "cache-teacher",
         help="run a teacher over a dataset once and keep its sparse outputs on disk (fastkd.TeacherCache)",
@@ -101,12 +109,29 @@ def _demo(parser: argparse.ArgumentParser, args) -> int:
 
     from . import demo
 
+    if args.method and not args.suite:
+        parser.error("--method picks methods of --suite seeds")
+    if args.suite:
+        from . import demo_suite
+
+        try:
+            demo_suite.run_suite(
+                tuple(args.method or demo_suite.METHODS),
+                seeds=3 if args.seeds is None else args.seeds,
+                epochs=args.epochs,
+                device=args.device,
+                json_path=args.json,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+        return 0
+
     chosen = {
         name: value for name, value in (("temperature", args.temperature), ("alpha", args.alpha)) if value is not None
     }
     try:
         demo.run(
-            seeds=args.seeds,
+            seeds=5 if args.seeds is None else args.seeds,
             epochs=args.epochs,
             device=args.device,
             json_path=args.json,

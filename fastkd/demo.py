@@ -130,20 +130,27 @@ def train(
     seed: int,
     progress: Progress,
     label: str,
+    *,
+    with_rows: bool = False,
+    on_epoch=None,
 ) -> float:
-    """Adam on shuffled mini-batches; ``loss_fn(x, y)`` is the batch loss. Returns the training time (s)."""
+    """Adam on shuffled mini-batches; ``loss_fn(x, y)`` (``loss_fn(x, y, rows)`` with ``with_rows``: the batch's
+    indices in ``data``) is the batch loss; ``on_epoch(epoch)`` runs after each epoch. Returns the training time
+    (s)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for rows in torch.randperm(len(data.y), generator=order).split(settings.batch_size):
             rows = rows.to(data.y.device)
-            loss = loss_fn(data.x[rows], data.y[rows])
+            loss = loss_fn(data.x[rows], data.y[rows], rows) if with_rows else loss_fn(data.x[rows], data.y[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         progress.advance(label)
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     model.eval()
     return time.perf_counter() - start
 

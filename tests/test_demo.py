@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 
 import pytest
 
@@ -54,3 +55,16 @@ def test_demo_command_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_seeds_suite_runs_every_method_on_tiny_epochs():
+    from fastkd import demo_suite
+
+    out, progress = io.StringIO(), io.StringIO()
+    summary = demo_suite.run_suite(seeds=1, epochs=2, stream=out, progress_stream=progress)
+    assert set(summary) == {"teacher", *demo_suite.METHODS}
+    for method in demo_suite.METHODS:
+        assert 0 <= summary[method]["accuracy"][0] <= 100 and math.isfinite(summary[method]["predictive_kl"][0])
+    assert all(name in out.getvalue() for name in demo_suite.METHODS)
+    with pytest.raises(ValueError, match="unknown method"):
+        demo_suite.run_suite(("kd", "nope"), seeds=1, epochs=1, stream=out, progress_stream=progress)
