@@ -60,7 +60,11 @@ def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
 
 
 def _centred(x: torch.Tensor):
-    """(max x, x − max x (max 0 where the row is all −inf), its exponentials) along the last dim."""
+    """(max x, x − max x (max 0 where the row is all −inf), its exponentials) along the last dim (an empty slice:
+    max −inf, no exponentials)."""
+    if x.shape[-1] == 0:
+        top = x.new_full(x.shape[:-1], -math.inf)
+        return top, x, x
     top = x.amax(-1)
     centred = x - _finite_or_zero(top).unsqueeze(-1)
     return top, centred, centred.exp()
@@ -79,7 +83,9 @@ def _slice_message(s, t, local_labels, vocab_start: int, options: dict, with_sta
     else:  # jsd: a second exchange, once the normalisers are known
         w = torch.zeros_like(m_a)
     owned = local_labels >= 0
-    label_logit = torch.where(owned, s.gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
+    label_logit = torch.zeros_like(m_a)
+    if s.shape[-1]:
+        label_logit = torch.where(owned, s.gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
     fields = [m_a, e_a.sum(-1), m_b, e_b.sum(-1), w, m_1, e_1.sum(-1), label_logit]
     if with_stats:
         m_t1, centred_t1, e_t1 = _centred(t)
@@ -89,10 +95,17 @@ def _slice_message(s, t, local_labels, vocab_start: int, options: dict, with_sta
             _weighted(e_t1, centred_t1 - centred_1).sum(-1),
             _weighted(e_t1, centred_t1).sum(-1),
             _weighted(e_1, centred_1).sum(-1),
-            (s.argmax(-1) + vocab_start).float(),  # the first maximum: exact in float32 up to V = 2^24
-            (t.argmax(-1) + vocab_start).float(),
+            _first_argmax(s, vocab_start),  # the first maximum: exact in float32 up to V = 2^24
+            _first_argmax(t, vocab_start),
         ]
     return torch.stack(fields, dim=-1)
+
+
+def _first_argmax(x: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """The class of each row's first maximum in the message's dtype (an empty slice: never the first)."""
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], torch.finfo(x.dtype).max)
+    return (x.argmax(-1) + vocab_start).to(x.dtype)
 
 
 def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
@@ -170,12 +183,12 @@ def _merged_metrics(messages: torch.Tensor, merged: _Merged) -> torch.Tensor:
     u_s = (scale_1 * messages[..., U_S]).sum(0) + _moved(messages, M_1, m_1, S_1, scale_1)
     s_1 = log_s_1.exp()
     log_s_t1 = s_t1.log()
-    first = torch.finfo(torch.float32).max
+    first = torch.finfo(messages.dtype).max
     argmax_s = torch.where(messages[..., M_1] == m_1, messages[..., ARGMAX_S], first).amin(0)
     argmax_t = torch.where(messages[..., M_T1] == m_t1, messages[..., ARGMAX_T], first).amin(0)
     return torch.stack(
         [
-            (argmax_s == argmax_t).float(),
+            (argmax_s == argmax_t).to(messages.dtype),
             w_1 / s_t1 - log_s_t1 + log_s_1,
             log_s_t1 - u_t / s_t1,
             log_s_1 - u_s / s_1,
@@ -186,8 +199,9 @@ def _merged_metrics(messages: torch.Tensor, merged: _Merged) -> torch.Tensor:
 def _jsd_parts(student, teacher, merged: _Merged, options: dict):
     """(log p_s, log p_t, log(p_s/m), log(p_t/m)) of this rank's slices with the merged normalisers (JSD)."""
     t, beta = options["temperature"], options["beta"]
-    log_p_s = (student.float() / t - merged.m_a.unsqueeze(-1)) - merged.log_s_a.unsqueeze(-1)
-    log_p_t = (teacher.float() / t - merged.m_b.unsqueeze(-1)) - merged.log_s_b.unsqueeze(-1)
+    dtype = merged.m_a.dtype
+    log_p_s = (student.to(dtype) / t - merged.m_a.unsqueeze(-1)) - merged.log_s_a.unsqueeze(-1)
+    log_p_t = (teacher.to(dtype) / t - merged.m_b.unsqueeze(-1)) - merged.log_s_b.unsqueeze(-1)
     both_zero = (log_p_t == -math.inf) & (log_p_s == -math.inf)
     log_ratio = torch.where(both_zero, 0, log_p_t - log_p_s)
     ratio_s = -reference.log_mixture_ratio(log_ratio, beta)  # log(p_s/m), m = β p_t + (1 − β) p_s
@@ -201,7 +215,8 @@ class _VocabParallelRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels, group, vocab_start, options, with_stats):
-        s, t = student.float(), teacher.float()
+        math_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+        s, t = student.to(math_dtype), teacher.to(math_dtype)
         num_rows, local_classes = s.shape
         if labels is None:
             counted = torch.ones(num_rows, dtype=torch.bool, device=s.device)
@@ -211,12 +226,12 @@ class _VocabParallelRows(torch.autograd.Function):
             shifted = labels.long() - vocab_start
             local_labels = torch.where(counted & (shifted >= 0) & (shifted < local_classes), shifted, -1)
         local = _slice_message(s, t, local_labels, vocab_start, options, with_stats)
-        message = torch.zeros(num_rows + 1, local.shape[1], dtype=torch.float32, device=s.device)
+        message = torch.zeros(num_rows + 1, local.shape[1], dtype=math_dtype, device=s.device)
         message[:num_rows] = local
         message[num_rows, SLICE_SIZE], message[num_rows, SLICE_START] = local_classes, vocab_start
         gathered = _all_gather(message, group)
-        _check_tiling(gathered[:, num_rows], dist.get_rank(group))
-        num_classes = int(gathered[:, num_rows, SLICE_SIZE].sum())
+        _check_tiling(gathered[:, num_rows], group, local_classes, vocab_start)
+        num_classes = gathered[:, num_rows, SLICE_SIZE].sum()  # a tensor: no host read on CUDA
         merged = _merge(gathered[:, :num_rows], options["divergence"])
         divergence, d_student = merged.divergence, torch.zeros_like(merged.divergence)
         if options["divergence"] == "jsd":  # the second exchange: Σ p_t log(p_t/m) and Σ p_s log(p_s/m)
@@ -235,7 +250,7 @@ class _VocabParallelRows(torch.autograd.Function):
             bad = counted & ((labels < 0) | (labels >= num_classes))
             if labels.device.type == "cpu" and bool(bad.any()):
                 raise ValueError(
-                    f"labels must lie in [0, {num_classes}) or equal ignore_index={options['ignore_index']}, "
+                    f"labels must lie in [0, {int(num_classes)}) or equal ignore_index={options['ignore_index']}, "
                     f"got {int(labels[bad][0])}"
                 )
             if options["ce_weight"] != 0:
@@ -256,10 +271,11 @@ class _VocabParallelRows(torch.autograd.Function):
         options = ctx.options
         m_a, log_s_a, m_b, log_s_b, d_teacher, d_student = (x.unsqueeze(-1) for x in saved)
         t, beta = options["temperature"], options["beta"]
-        grad = torch.where(counted, torch.where(bad, math.nan, grad_rows.float()), 0.0).unsqueeze(-1)
-        s = student.float()
+        dtype = saved.dtype
+        grad = torch.where(counted, torch.where(bad, math.nan, grad_rows.to(dtype)), 0.0).unsqueeze(-1)
+        s = student.to(dtype)
         log_p_s = (s / t - m_a) - log_s_a
-        log_p_t = (teacher.float() / t - m_b) - log_s_b
+        log_p_t = (teacher.to(dtype) / t - m_b) - log_s_b
         p_s, p_t = log_p_s.exp(), log_p_t.exp()
         kd_factor = grad * (options["kd_scale"] / t)
         if options["divergence"] == "kl":
@@ -273,7 +289,7 @@ class _VocabParallelRows(torch.autograd.Function):
             _, _, ratio_s, ratio_t = _jsd_parts(student, teacher, merged, options)
             grad_s = (kd_factor * (1 - beta)) * _weighted(p_s, ratio_s - d_student)
             grad_t = (kd_factor * beta) * _weighted(p_t, ratio_t - d_teacher)
-        if options["ce_weight"] != 0:
+        if options["ce_weight"] != 0 and s.shape[-1]:
             one_hot = torch.zeros_like(s).scatter_(-1, local_labels.clamp_min(0).unsqueeze(-1), 1.0)
             one_hot = torch.where(local_labels.unsqueeze(-1) >= 0, one_hot, 0.0)
             q = ((s - m_1.unsqueeze(-1)) - log_s_1.unsqueeze(-1)).exp()
@@ -289,9 +305,19 @@ class _VocabParallelRows(torch.autograd.Function):
         )
 
 
-def _check_tiling(slices: torch.Tensor, rank: int) -> None:
+_TILINGS_CHECKED = set()  # (group, rank, slice size, start) of the layouts checked on CUDA
+
+
+def _check_tiling(slices: torch.Tensor, group, local_classes: int, vocab_start: int) -> None:
     """Every rank's (slice size, slice start), gathered: the slices must tile [0, V) in rank order. All ranks see
-    the same table, so all of them raise together (no rank is left waiting in a later collective)."""
+    the same table, so all of them raise together (no rank is left waiting in a later collective). On CUDA the
+    check reads the table on the host once per layout of this rank (a sync), not on every call."""
+    rank = dist.get_rank(group)
+    key = (id(group), rank, local_classes, vocab_start)
+    if slices.device.type != "cpu":
+        if key in _TILINGS_CHECKED:
+            return
+        _TILINGS_CHECKED.add(key)
     sizes, starts = slices[:, SLICE_SIZE].long(), slices[:, SLICE_START].long()
     expected = torch.cumsum(sizes, 0) - sizes
     if not torch.equal(starts, expected):
@@ -331,14 +357,7 @@ def vocab_parallel_kd_loss(
         raise RuntimeError("kd_loss with group= needs torch.distributed initialised (init_process_group)")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
-    kd._check_tensors(
-        student_logits,
-        teacher_logits,
-        None,
-        ce_weight=0.0,
-        ignore_index=options["ignore_index"],
-        temperature=options["temperature"],
-    )
+    _check_slices(student_logits, teacher_logits, options["temperature"])
     num_classes = student_logits.shape[-1]
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * num_classes
@@ -353,14 +372,34 @@ def vocab_parallel_kd_loss(
         ce_weight=options["ce_weight"],
         ignore_index=options["ignore_index"],
     )
-    student = student_logits.reshape(-1, num_classes)
-    teacher = teacher_logits.reshape(-1, num_classes)
+    num_rows = student_logits.shape[:-1].numel()  # not reshape(-1, ·): an empty slice has no size to infer from
+    student = student_logits.reshape(num_rows, num_classes)
+    teacher = teacher_logits.reshape(num_rows, num_classes)
     flat_labels = None if labels is None else labels.reshape(-1)
     options = dict(options, kd_scale=kd._kd_scale(options))
     rows, metrics = _VocabParallelRows.apply(student, teacher, flat_labels, group, vocab_start, options, return_stats)
     divisor = kd._divisor(options, flat_labels, student.shape[0])
     loss = kd._reduce(rows, student_logits.shape[:-1], options["reduction"], divisor)
     return kd._with_stats(loss, metrics, flat_labels, student.shape[0], options) if return_stats else loss
+
+
+def _check_slices(student, teacher, temperature: float) -> None:
+    """kd_loss's tensor checks, except that a rank's slice may be empty (a split of V over more ranks than V
+    divides into): that rank still takes part in the collectives."""
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        kd.check_float_tensor(name, x)
+        if x.dim() == 0:
+            raise ValueError(f"{name} must have shape (*, V_slice), got a 0-dim tensor")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    if student.device != teacher.device:
+        raise ValueError(
+            f"student_logits and teacher_logits must be on one device, got {student.device}, {teacher.device}"
+        )
+    kd.check_temperature(temperature, reference._math_dtype(student, teacher))
 
 
 def _is_dtensor(x) -> bool:

@@ -942,8 +942,11 @@ def _slot_numbers(indices: torch.Tensor) -> torch.Tensor:
 
 
 def topk_teacher_temperature(topk: TopK, temperature: float) -> float:
-    """T_t of a sparse teacher's log-weights v/T_t: 1 for a sampled teacher (its values are the target), else T."""
-    return 1.0 if topk.kind == "sampled" else temperature
+    """T_t of a sparse teacher's log-weights v/T_t: 1 for a sampled teacher (its values are the target), T/T_c for
+    log-probabilities taken at T_c (:class:`fastkd.TopK`'s ``temperature``), else T."""
+    if topk.kind == "sampled":
+        return 1.0
+    return temperature / topk.draw_temperature if topk.kind == "logprobs" else temperature
 
 
 def _check_topk_mass(values: torch.Tensor) -> None:

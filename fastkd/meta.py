@@ -35,18 +35,21 @@ def _call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any):
 
 def pilot_update(student: nn.Module, inputs: Any, teacher_logits: torch.Tensor, *, lr: float, **kd_options) -> dict:
     """θ' = θ − lr·∇_θ kd_loss(student(inputs), teacher_logits, **kd_options) for the student's trainable parameters
-    (the others as they are), a dict name → tensor for :func:`quiz_loss`; differentiable with respect to
-    ``teacher_logits`` (and θ). The student module itself is not changed."""
+    (the others as they are) and copies of its buffers, a dict name → tensor for :func:`quiz_loss`;
+    differentiable with respect to ``teacher_logits`` (and θ). The student module itself is not changed (not
+    its BatchNorm statistics either)."""
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
     params = dict(student.named_parameters())
+    # copies of the buffers: the pilot's forward must not move BatchNorm's running statistics of the real student
+    buffers = {name: b.clone() for name, b in student.named_buffers()}
     trainable = {name: p for name, p in params.items() if p.requires_grad}
     if not trainable:
         raise ValueError("the student has no parameter that requires grad")
-    loss = kd_loss(_call(student, params, inputs), teacher_logits, **kd_options)
+    loss = kd_loss(_call(student, {**params, **buffers}, inputs), teacher_logits, **kd_options)
     grads = torch.autograd.grad(loss, tuple(trainable.values()), create_graph=True, allow_unused=True)
     updated = {name: p if g is None else p - lr * g for (name, p), g in zip(trainable.items(), grads)}
-    return {**params, **updated}
+    return {**params, **buffers, **updated}
 
 
 def quiz_loss(student: nn.Module, pilot_params: Mapping[str, torch.Tensor], inputs: Any, labels: torch.Tensor):

@@ -272,7 +272,7 @@ def _sparse_rows(student_logits, values, indices, temperature, teacher_temperatu
     num_classes = student_logits.shape[-1]
     z = student_logits.to(math_dtype) / temperature
     log_sum = torch.logsumexp(z, dim=-1, keepdim=True)
-    present = indices >= 0
+    present = indices >= 0  # −1: an empty slot; other negative indices make the row NaN (kd_topk_rows)
     columns = torch.where(present, indices, num_classes)  # empty slots point one past the last class
     log_p_s = torch.where(present, F.pad(z, (0, 1)).gather(-1, columns) - log_sum, -math.inf)
     weights = torch.where(present, values.to(math_dtype) / teacher_temperature, -math.inf)
@@ -347,23 +347,26 @@ def kd_topk_rows(
     With K = V the rest is empty whatever the tail (the bucket and the spread drop out).
     """
     teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
+    invalid = (indices < -1).any(-1)  # as the kernels: an index below −1 is no empty slot but a bad one
     if tail == "spread" and indices.shape[-1] < student_logits.shape[-1]:
-        return _spread_topk_rows(student_logits, values, indices, temperature)
-    log_p_t, log_p_s = _topk_log_probs(
-        student_logits, values, indices, tail=tail, temperature=temperature, teacher_temperature=teacher_temperature
-    )
-    return _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
+        rows = _spread_topk_rows(student_logits, values, indices, temperature, teacher_temperature)
+    else:
+        log_p_t, log_p_s = _topk_log_probs(
+            student_logits, values, indices, tail=tail, temperature=temperature, teacher_temperature=teacher_temperature
+        )
+        rows = _weighted(log_p_t.exp(), log_p_t - log_p_s).sum(-1)
+    return torch.where(invalid, math.nan, rows)
 
 
-def _spread_topk_rows(student_logits, values, indices, temperature):
+def _spread_topk_rows(student_logits, values, indices, temperature, teacher_temperature):
     """:func:`kd_topk_rows` with ``tail="spread"`` and K < V."""
     z, log_sum, present, log_q_top, w_top, entry_columns, rest_classes = _sparse_rows(
-        student_logits, values, indices, temperature, temperature
+        student_logits, values, indices, temperature, teacher_temperature
     )
     rest_count = rest_classes.to(z.dtype)
     log_q_rest_sum = torch.where(entry_columns, 0, z).sum(-1, keepdim=True) - rest_count * log_sum
     log_rest = _tail_log_mass(values, present).to(z.dtype)  # −inf when the entries hold all the mass
-    w_each = (log_rest - torch.log(rest_count)) / temperature
+    w_each = (log_rest - torch.log(rest_count)) / teacher_temperature
     log_norm = torch.logsumexp(torch.cat([w_top, w_each + torch.log(rest_count)], dim=-1), dim=-1, keepdim=True)
     log_p_top, log_p_each = w_top - log_norm, w_each - log_norm
     kl_top = _weighted(log_p_top.exp(), log_p_top - log_q_top).sum(-1)

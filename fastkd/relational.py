@@ -33,6 +33,7 @@ B³ terms): with c = (d_ij² + d_ik² − d_jk²)/(2 d_ij d_ik) and g = ∂ℓ/�
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -305,10 +306,22 @@ class CRDLoss(torch.nn.Module):
         self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z of the student's and the teacher's scores
         self._normalizers_known = False
         self._generator = None  # drawing the negatives, on the banks' device, made on first use
+        self._saved_generator = None  # (device type, state) from a checkpoint, applied when the generator is made
 
     def _draw(self, count: int, device) -> torch.Tensor:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            saved = self._saved_generator
+            if saved is not None:
+                if saved[0] == device.type:
+                    self._generator.set_state(saved[1])
+                else:
+                    warnings.warn(
+                        f"CRDLoss: the checkpointed state of the negatives' generator is a {saved[0]} one; on "
+                        f"{device.type} the draws start again from seed {self.seed}",
+                        stacklevel=3,
+                    )
+                self._saved_generator = None
         return torch.randint(self.num_samples, (count, self.num_negatives), generator=self._generator, device=device)
 
     def forward(self, student_features, teacher_features, index, contrast_index=None):
@@ -360,10 +373,10 @@ class CRDLoss(torch.nn.Module):
         self._normalizers_known = False
 
     def get_extra_state(self):
-        return {"generator": None if self._generator is None else self._generator.get_state()}
+        if self._generator is None:
+            return {"generator": None if self._saved_generator is None else self._saved_generator}
+        return {"generator": (self._generator.device.type, self._generator.get_state())}
 
     def set_extra_state(self, state):
-        if state["generator"] is not None:
-            device = self.student_bank.device
-            self._generator = torch.Generator(device=device)
-            self._generator.set_state(state["generator"])
+        # applied when the negatives are next drawn, on whatever device the banks are by then
+        self._generator, self._saved_generator = None, state["generator"]

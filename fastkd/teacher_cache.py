@@ -84,8 +84,9 @@ class TeacherCacheWriter:
     """Appends samples to a :class:`TeacherCache` directory (made by :meth:`TeacherCache.write`); a context manager
     whose exit writes the last shard. Not thread-safe; one writer per directory."""
 
-    def __init__(self, path: str, index: dict, shard_tokens: int, generator: Optional[torch.Generator]):
-        self.path, self.index, self.shard_tokens, self.generator = path, index, shard_tokens, generator
+    def __init__(self, path: str, index: dict, shard_tokens: int, seed: int):
+        self.path, self.index, self.shard_tokens, self.seed = path, index, shard_tokens, seed
+        self._generator = None  # kind "sampled": the draws' generator, made on the logits' device at first use
         self._stored = set()
         for shard in index["shards"]:
             samples = np.load(os.path.join(path, shard["files"]["samples"]))
@@ -117,16 +118,18 @@ class TeacherCacheWriter:
                     "a TopK teacher to cache must be of the cache's kind: "
                     + ("sampled (kind='sampled')" if sampled else "log-probabilities (kind='logprobs')")
                 )
-            if sampled and teacher.draw_temperature != temperature:
+            if teacher.draw_temperature != temperature:
                 raise ValueError(
-                    f"the TopK was drawn at temperature {teacher.draw_temperature}, the cache's is {temperature}"
+                    f"the TopK was taken at temperature {teacher.draw_temperature}, the cache's is {temperature}"
                 )
             top = teacher
         elif isinstance(teacher, torch.Tensor) and teacher.is_floating_point():
             if teacher.shape[-1] != vocab_size:
                 raise ValueError(f"teacher logits have {teacher.shape[-1]} classes, the cache vocab_size={vocab_size}")
             if sampled:
-                top = sampled_teacher(teacher.detach(), k, temperature=temperature, generator=self.generator)
+                if self._generator is None or self._generator.device != teacher.device:
+                    self._generator = torch.Generator(device=teacher.device).manual_seed(self.seed)
+                top = sampled_teacher(teacher.detach(), k, temperature=temperature, generator=self._generator)
             else:
                 top = topk_teacher(teacher.detach().float() / temperature, k, top_p=self.index["top_p"])
         else:
@@ -282,8 +285,7 @@ class TeacherCache:
             os.makedirs(path, exist_ok=True)
             index = dict(settings, shards=[])
             _write_json(os.path.join(path, INDEX_FILE), index)
-        generator = torch.Generator().manual_seed(seed) if kind == "sampled" else None
-        return TeacherCacheWriter(path, index, shard_tokens, generator)
+        return TeacherCacheWriter(path, index, shard_tokens, seed)
 
     def __len__(self) -> int:
         return len(self._locations)
@@ -327,9 +329,10 @@ class TeacherCache:
         return self._topk(value_tensor, torch.where(kept, index_tensor, EMPTY))
 
     def _topk(self, values: torch.Tensor, indices: torch.Tensor) -> TopK:
-        if self.index["kind"] == "sampled":
-            return TopK(values, indices, "sampled", self.index["temperature"])
-        return TopK(values, indices)
+        """A TopK of the cache's kind that carries the temperature its entries were taken (or drawn) at."""
+        kind = "sampled" if self.index["kind"] == "sampled" else "logprobs"
+        temperature = self.index["temperature"]
+        return TopK(values, indices, kind, None if kind == "logprobs" and temperature == 1.0 else temperature)
 
     def collate(self, sample_ids: Iterable[int], pad_to: Optional[int] = None) -> TopK:
         """The samples' entries as one ``TopK`` (B, L, k), each sample's tokens first and the rest padding (aligned

@@ -35,19 +35,23 @@ class TopK:
       ``temperature`` (:func:`sampled_teacher`): the loss takes them as the tempered target itself, at that
       temperature only.
 
+    ``temperature``: for ``"sampled"``, the T the tokens were drawn at; for ``"logprobs"``, the T_c they were taken
+    at (log softmax(t/T_c), as a :class:`fastkd.TeacherCache` written with ``temperature`` stores them; default 1):
+    the loss at T then weighs them by T_c/T, so that the target is softmax(t/T) again.
+
     Rows whose label is ``ignore_index`` need no valid entries (:func:`counted_rows_only`)."""
 
     values: torch.Tensor
     indices: torch.Tensor
     kind: str = "logprobs"
-    temperature: Optional[float] = None  # kind "sampled": the T of the softmax(t/T) drawn from (1 if None)
+    temperature: Optional[float] = None  # the T the entries were drawn ("sampled") or taken ("logprobs") at; 1 if None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"TopK kind must be one of {KINDS}, got {self.kind!r}")
         if self.temperature is not None:
-            if self.kind != "sampled":
-                raise ValueError(f"TopK temperature applies to kind='sampled', got kind={self.kind!r}")
+            if self.kind == "logits":
+                raise ValueError("TopK temperature applies to kind 'sampled' or 'logprobs', got kind='logits'")
             if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
                 raise TypeError(f"TopK temperature must be a float, got {type(self.temperature).__name__}")
             if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -88,7 +92,7 @@ class TopK:
 
     @property
     def draw_temperature(self) -> float:
-        """Kind ``"sampled"``: the temperature its tokens were drawn at."""
+        """The temperature the entries were drawn (``"sampled"``) or taken (``"logprobs"``) at: 1 if not given."""
         return 1.0 if self.temperature is None else float(self.temperature)
 
 
@@ -109,6 +113,10 @@ def topk_teacher(
     _check_k(k, teacher_logits)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
+    if top_p is not None and k == teacher_logits.shape[-1]:
+        raise ValueError(
+            "top_p with k = V leaves no class outside the K slots for the tail of the cut entries: give k < V"
+        )
     with torch.no_grad():
         log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
         values, indices = (log_p if kind == "logprobs" else teacher_logits).topk(k, dim=-1)

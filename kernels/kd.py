@@ -967,9 +967,10 @@ def _spread_shift(V, num_entries, inv_temperature, SPREAD: tl.constexpr):
 def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, tail_shift, BUCKET: tl.constexpr):
     """(log p_t on the K slots, log p_t of the tail bucket) of a sparse teacher: the softmax of v_k/T over the
     slots holding an entry (and, with BUCKET, of log(1 − Σ_k exp v_k)/T + tail_shift, the remaining mass of
-    log-probabilities v; tail_shift is _spread_shift for the "spread" tail); without BUCKET the tail is −inf (and
-    a row without entries has no p_t: NaN, which the callers mask). The tail's mass 1 − Σ_k exp v_k is computed in
-    float64 (K values per row: free): in float32 a tail of 1e-3 would carry the rounding of Σ ≈ 1, 6e-5 of
+    log-probabilities v; tail_shift is _spread_shift for the "spread" tail); without BUCKET the tail is −inf, and
+    a row without an entry of finite weight has no p_t (−inf throughout: it adds no KD term). The tail's mass
+    1 − Σ_k exp v_k is computed in float64 (K values per row: free): in float32 a tail of 1e-3 would carry the
+    rounding of Σ ≈ 1, 6e-5 of
     itself."""
     w = tl.where(slot_ok, values * inv_temperature, float("-inf"))
     top = tl.max(w, axis=0)
@@ -981,8 +982,10 @@ def _sparse_teacher_log_probs(values, slot_ok, inv_temperature, tail_shift, BUCK
         top = tl.maximum(top, w_tail)
         log_norm = top + tl.log(tl.sum(tl.exp(w - top), axis=0) + tl.exp(w_tail - top))
         return w - log_norm, w_tail - log_norm
-    log_norm = top + tl.log(tl.sum(tl.exp(w - top), axis=0))
-    return w - log_norm, tl.zeros_like(log_norm) + float("-inf")
+    has_teacher = top > float("-inf")  # some entry of finite weight: else no p_t (the row adds no KD term)
+    shift = tl.where(has_teacher, top, 0.0)
+    log_norm = shift + tl.log(tl.sum(tl.exp(w - shift), axis=0))
+    return tl.where(has_teacher, w - log_norm, float("-inf")), tl.zeros_like(log_norm) + float("-inf")
 
 
 @triton.jit
@@ -1161,8 +1164,9 @@ def kd_topk_backward_kernel(
     kd_factor, ce_factor = _gradient_factors(
         GRAD_LOSS, row, stride_grad_loss, counted & (~label_ok | ~indices_ok), kd_scale, inv_temperature, ce_weight
     )
-    if not BUCKET:  # a row without entries has no teacher (tail "renormalize"): no KD gradient (NaN stays NaN)
-        kd_factor *= tl.where(num_entries > 0, 1.0, 0.0)
+    if not BUCKET:  # a row without entries (or only −inf ones) has no teacher: no KD gradient (NaN stays NaN)
+        has_teacher = tl.max(tl.where(slot_ok, values, float("-inf")), axis=0) > float("-inf")
+        kd_factor *= tl.where(has_teacher, 1.0, 0.0)
     m_a = _load_slot(STATS, TOPK_MAX_A, row, num_rows)
     log_sum_a = _load_slot(STATS, TOPK_LOG_SUM_A, row, num_rows)
     log_p_t_tail = _load_slot(STATS, TOPK_LOG_P_TAIL, row, num_rows)

@@ -101,6 +101,22 @@ def _worker(rank, world, init_file, out_dir):
             forward_calls=forward_calls,
             backward_calls=list(calls),
         )
+    # more ranks than classes (an empty slice takes part too), and float64 logits: float64 math
+    for num_classes, dtype in ((world - 1, torch.float32), (7, torch.float64)):
+        s, t, labels = inputs(num_classes, dtype)
+        sizes = [len(part) for part in torch.arange(num_classes).tensor_split(world)]
+        start = sum(sizes[:rank])
+        local_s = s[..., start : start + sizes[rank]].clone().requires_grad_()
+        loss = fastkd.kd_loss(
+            local_s,
+            t[..., start : start + sizes[rank]],
+            labels=labels,
+            group=dist.group.WORLD,
+            vocab_start=start,
+            **OPTIONS,
+        )
+        loss.backward()
+        results[f"edge-{num_classes}-{dtype}"] = dict(loss=loss.detach(), grad_s=local_s.grad)
     # slices that do not tile [0, V): every rank raises, none hangs
     s, t, labels = inputs(1000, torch.float32)
     try:
@@ -147,6 +163,17 @@ def test_vocab_parallel_kd_loss_equals_the_single_process_loss(tmp_path, world):
         assert all(torch.equal(results[name]["loss"], ranks[0][name]["loss"]) for results in ranks)
     for results in ranks:
         assert "must be contiguous in rank order" in results["tiling_error"]
+    for num_classes, dtype in ((world - 1, torch.float32), (7, torch.float64)):
+        s, t, labels = inputs(num_classes, dtype)
+        s.requires_grad_()
+        want = fastkd.kd_loss(s, t, labels=labels, **OPTIONS)
+        want.backward()
+        name = f"edge-{num_classes}-{dtype}"
+        for results in ranks:
+            assert results[name]["loss"].dtype == dtype
+            assert_rel_close(results[name]["loss"], want, 1e-5 if dtype == torch.float32 else 1e-12, what=name)
+        grad = torch.cat([results[name]["grad_s"] for results in ranks], dim=-1)
+        assert_rel_close(grad, s.grad, 1e-5 if dtype == torch.float32 else 1e-12, what=name)
     if world == 2:
         s, t, labels = inputs(1001, torch.float32)
         s.requires_grad_()

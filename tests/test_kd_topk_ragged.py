@@ -115,8 +115,8 @@ def test_a_sampled_teacher_at_another_temperature_is_refused(gen):
         fastkd.kd_loss(s, teacher, temperature=1.0)
     with pytest.raises(ValueError, match="tail must be None"):
         fastkd.kd_loss(s, teacher, temperature=2.0, tail="bucket")
-    with pytest.raises(ValueError, match="TopK temperature applies to kind='sampled'"):
-        TopK(teacher.values, teacher.indices, "logprobs", 2.0)
+    with pytest.raises(ValueError, match="TopK temperature applies to kind 'sampled' or 'logprobs'"):
+        TopK(teacher.values, teacher.indices, "logits", 2.0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -221,3 +221,48 @@ def test_linear_kd_with_ragged_and_sampled_teachers_equals_kd_loss_on_the_logits
     want = fastkd.kd_loss(h_ref @ weight.T, teacher, backend="reference", **options)
     assert_rel_close(got, want, 1e-5)
     assert_rel_close(grad, torch.autograd.grad(want, h_ref)[0], 1e-5)
+
+
+def test_a_renormalized_row_whose_entries_are_all_minus_inf_has_no_teacher(gen):
+    """Every backend: such a row adds no KD term (loss 0, no gradient), like a row without entries; never NaN."""
+    s = logits(gen, (3, 12))
+    values = torch.tensor([[-math.inf, -math.inf], [1.0, 2.0], [-math.inf, 0.5]])
+    teacher = TopK(values, torch.tensor([[0, 1], [2, 3], [4, 5]]), "logits")
+    results = []
+    backends = ["reference"] + [
+        b for b in ("triton", "cpu") if b != "triton" or fastkd.backends()["triton_interpreter"]
+    ]
+    for backend in backends:
+        if backend == "cpu" and not fastkd.backends()["cpu"]:
+            continue
+        leaf = s.clone().requires_grad_()
+        loss = fastkd.kd_loss(leaf, teacher, temperature=2.0, reduction="none", backend=backend)
+        loss.sum().backward()
+        assert loss[0] == 0 and leaf.grad[0].abs().max() == 0 and loss.isfinite().all(), backend
+        results.append((loss.detach(), leaf.grad))
+    for loss, grad in results[1:]:
+        assert_rel_close(loss, results[0][0], 1e-5)
+        assert_rel_close(grad, results[0][1], 1e-5)
+
+
+def test_an_index_below_minus_one_makes_the_reference_row_nan(gen):
+    s = logits(gen, (2, 6))
+    rows = fastkd.reference.kd_topk_rows(
+        s, torch.zeros(2, 2), torch.tensor([[0, -2], [1, -1]]), tail="bucket", temperature=1.0
+    )
+    assert rows[0].isnan() and rows[1].isfinite()
+
+
+def test_log_probabilities_taken_at_a_temperature_are_weighed_back_to_the_loss_temperature(gen):
+    """A TopK of log softmax(t/T_c) (a cache written at T_c) at loss temperature T is the TopK of log softmax(t)
+    at T: the target is softmax(t/T) on the entries either way (tail renormalize: the entries alone)."""
+    s, t = logits(gen, (4, 20)), logits(gen, (4, 20))
+    at_one = topk_teacher(t, 5)
+    at_two = topk_teacher(t / 2.0, 5)
+    taken = TopK(at_two.values, at_two.indices, "logprobs", 2.0)
+    for temperature in (2.0, 3.0):
+        got = fastkd.kd_loss(s, taken, temperature=temperature, tail="renormalize", backend="reference")
+        want = fastkd.kd_loss(s, at_one, temperature=temperature, tail="renormalize", backend="reference")
+        assert_rel_close(got, want, 1e-5)
+    with pytest.raises(ValueError, match="top_p with k = V"):
+        topk_teacher(t, 20, top_p=0.9)

@@ -67,3 +67,12 @@ def test_pilot_update_refusals():
     with pytest.raises(ValueError, match="no parameter that requires grad"):
         meta.pilot_update(student, x, teacher(x), lr=0.1)
     assert fastkd.meta is meta
+
+
+def test_the_pilot_leaves_the_students_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 5)).train()
+    x = torch.randn(8, 4)
+    before = {name: b.clone() for name, b in student.named_buffers()}
+    meta.pilot_update(student, x, torch.randn(8, 5), lr=0.1)
+    assert all(torch.equal(before[name], b) for name, b in student.named_buffers())

@@ -258,3 +258,10 @@ def test_the_distiller_crd_term_trains_its_heads_and_checkpoints_its_banks(gen):
     out = distiller(x, sample_ids=torch.tensor([3, 7, 1, 0]))
     out.loss.backward()
     assert term.crd.embed_student.weight.grad is not None and student[0].weight.grad is not None
+
+
+def test_graph_knn_of_at_least_b_minus_1_neighbours_is_the_dense_graph(gen):
+    s, t = embeddings(gen, 5, 4).abs(), embeddings(gen, 5, 3).abs()
+    dense = fastkd.graph_kd_loss(s, t)
+    for knn in (4, 5, 50):  # B − 1 = 4 neighbours is every other sample
+        assert torch.equal(fastkd.graph_kd_loss(s, t, knn=knn), dense)

@@ -111,3 +111,24 @@ def test_a_plain_backward_still_takes_the_kernels(gen, monkeypatch):
     fastkd.kd_loss(s, logits(gen, (4, 7)), divergence="jsd", backend="cpu").backward()
     fastkd.kd_loss(s, logits(gen, (4, 7)), backend="cpu").backward()
     assert calls == []
+
+
+@pytest.mark.filterwarnings("ignore:Input #")  # gradgradcheck warns about float32: the kernels take no float64
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_gradgradcheck_on_the_kernel_backends_in_float32(gen, backend):
+    """gradgradcheck of the kernel paths, with float32 finite differences (eps 1e-2) and tolerances to match."""
+    skip_unless_available(backend)
+    device = backend_device(backend)
+    s = logits(gen, (3, 6), scale=1.0, device=device).requires_grad_()
+    t = logits(gen, (3, 6), scale=1.0, device=device).requires_grad_()
+    loose = dict(eps=1e-2, atol=1e-2, rtol=1e-2)
+    for divergence in ("kl", "reverse_kl", "jsd"):
+        assert torch.autograd.gradgradcheck(
+            lambda s, t, d=divergence: fastkd.kd_loss(s, t, temperature=2.0, divergence=d, beta=0.3, backend=backend),
+            (s, t),
+            **loose,
+        )
+    labels = torch.tensor([0, 5, 2], device=device)
+    assert torch.autograd.gradgradcheck(
+        lambda s: fastkd.dkd_loss(s, t.detach(), labels, temperature=2.0, backend=backend), (s,), **loose
+    )

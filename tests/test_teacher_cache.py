@@ -261,7 +261,7 @@ def test_sampled_teachers_round_trip_and_give_the_in_memory_loss(tmp_path):
     with TeacherCache.write(tmp_path / "b", k=k, vocab_size=vocab_size, kind="sampled", temperature=2.0) as writer:
         writer.add(ids, drawn, mask)  # a sampled TopK is stored as its counts
     assert torch.equal(TeacherCache(tmp_path / "b")[ids[0]].values, cache[ids[0]].values)
-    with pytest.raises(ValueError, match="drawn at temperature 2.0, the cache's is 1.0"):
+    with pytest.raises(ValueError, match="taken at temperature 2.0, the cache's is 1.0"):
         TeacherCache.write(tmp_path / "c", k=k, vocab_size=vocab_size, kind="sampled").add(ids, drawn, mask)
     with pytest.raises(ValueError, match="top_p must be None or a float"):
         TeacherCache.write(tmp_path / "d", k=k, vocab_size=vocab_size, kind="sampled", top_p=0.9)
