@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, run the whole test-suite on the GPU, tune, benchmark.
-#   bash bench/gpu_session.sh [tests|cuda|tune|bench|linear|variants|divergences|overhead ...]
+#   bash bench/gpu_session.sh [tests|cuda|tune|bench|linear|variants|divergences|overhead|topk|relational ...]
 # (default: tests tune bench); results under $OUT (or ./gpu-out)
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -24,5 +24,7 @@ for step in $steps; do
         divergences) python3 "$OLDPWD/bench/divergences.py" 2>&1 | tee "$OUT/divergences.log" ;;
         overhead) python3 "$OLDPWD/bench/profile_overhead.py" 256 100 2>&1 | head -12 | tee "$OUT/overhead.log"
                   fastkd bench --op overhead --json "$OUT/overhead.json" 2>&1 | tee -a "$OUT/overhead.log" ;;
+        topk) fastkd bench --op topk --json "$OUT/topk.json" 2>&1 | tee "$OUT/topk.log" ;;  # issue 19: ragged/sampled on GPU
+        relational) fastkd bench --op relational --json "$OUT/relational.json" 2>&1 | tee "$OUT/relational.log" ;;  # 21
     esac
 done
