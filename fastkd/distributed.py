@@ -29,7 +29,9 @@ exactly the single-process formula of the kernels (kernels/kd.py), and CE = M_1 
 
 This first version computes the slices' statistics and gradients with PyTorch operations in float32 (the merge is
 what this module adds; the fused row kernels per slice come next): cosine, TVD, ensembles and sparse teachers
-are refused with ``group``, and dkd_loss and linear_kd_loss take no ``group`` yet.
+are refused with ``group``, and linear_kd_loss takes no ``group`` yet. :func:`fastkd.dkd_loss` takes ``group``
+too: its message holds the non-target classes' statistics and both target logits (9 numbers a row, one
+all-gather), and NCKD, TCKD and their gradients follow as in the single-process kernels.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ import torch.distributed as dist
 from . import kd, reference
 from .topk import TopK
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd")  # kd_loss's; dkd_loss takes the same path as "dkd"
 # the message of a row: slots of the (N + 1, fields) float32 tensor each rank sends; the last 7 only for return_stats
 M_A, S_A, M_B, S_B, W, M_1, S_1, LABEL_LOGIT = range(8)
 M_T1, S_T1, W_1, U_T, U_S, ARGMAX_S, ARGMAX_T = range(8, 15)
+TEACHER_LABEL_LOGIT = 8  # dkd (no return_stats): t at the label, beside s's in LABEL_LOGIT
 SLICE_SIZE, SLICE_START = 0, 1  # slots of the extra last row: this rank's slice of the vocabulary
 
 
@@ -73,10 +76,12 @@ def _centred(x: torch.Tensor):
 def _slice_message(s, t, local_labels, vocab_start: int, options: dict, with_stats: bool) -> torch.Tensor:
     """The (N, 8) statistics of this rank's slices of s and t (float32) at T, (N, 15) with the metrics' at T = 1."""
     inv_t = 1.0 / options["temperature"]
-    m_a, centred_a, e_a = _centred(s * inv_t)
-    m_b, centred_b, e_b = _centred(t * inv_t)
+    dkd = options["divergence"] == "dkd"
+    target = _target_columns(local_labels, s.shape[-1]) if dkd else None
+    m_a, centred_a, e_a = _centred(_without(s * inv_t, target))  # dkd: the non-target classes only
+    m_b, centred_b, e_b = _centred(_without(t * inv_t, target))
     m_1, centred_1, e_1 = _centred(s)
-    if options["divergence"] == "kl":
+    if options["divergence"] in ("kl", "dkd"):  # dkd: NCKD, KL(p̂_t‖p̂_s)
         w = _weighted(e_b, centred_b - centred_a).sum(-1)
     elif options["divergence"] == "reverse_kl":
         w = _weighted(e_a, centred_a - centred_b).sum(-1)
@@ -87,6 +92,12 @@ def _slice_message(s, t, local_labels, vocab_start: int, options: dict, with_sta
     if s.shape[-1]:
         label_logit = torch.where(owned, s.gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
     fields = [m_a, e_a.sum(-1), m_b, e_b.sum(-1), w, m_1, e_1.sum(-1), label_logit]
+    if dkd:
+        fields.append(
+            torch.where(owned, t.gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
+            if t.shape[-1]
+            else torch.zeros_like(m_a)
+        )
     if with_stats:
         m_t1, centred_t1, e_t1 = _centred(t)
         fields += [
@@ -99,6 +110,17 @@ def _slice_message(s, t, local_labels, vocab_start: int, options: dict, with_sta
             _first_argmax(t, vocab_start),
         ]
     return torch.stack(fields, dim=-1)
+
+
+def _target_columns(local_labels: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """(N, V_slice) bool: the column of each row's label, where this rank holds it."""
+    columns = torch.arange(num_columns, device=local_labels.device)
+    return columns == local_labels.unsqueeze(-1)
+
+
+def _without(x: torch.Tensor, target) -> torch.Tensor:
+    """``x`` with the target columns at −inf (``target`` None: ``x``)."""
+    return x if target is None else x.masked_fill(target, -math.inf)
 
 
 def _first_argmax(x: torch.Tensor, vocab_start: int) -> torch.Tensor:
@@ -151,7 +173,7 @@ def _merge(messages: torch.Tensor, divergence: str) -> _Merged:
     # w's brackets [(b − m_b) − (a − m_a)] move by (m_b,r − M_b) − (m_a,r − M_a) onto the merged maxima
     moved_b = _moved(messages, M_B, m_b, S_B, scale_b)
     moved_a = _moved(messages, M_A, m_a, S_A, scale_a)
-    if divergence == "kl":
+    if divergence in ("kl", "dkd"):
         w = (
             (scale_b * messages[..., W]).sum(0)
             + moved_b
@@ -194,6 +216,18 @@ def _merged_metrics(messages: torch.Tensor, merged: _Merged) -> torch.Tensor:
             log_s_1 - u_s / s_1,
         ]
     )
+
+
+def _tckd(messages: torch.Tensor, merged: _Merged, temperature: float):
+    """(p_t,gt − p_s,gt, TCKD = KL(b_t‖b_s)) with b = [p_gt, 1 − p_gt] at T, from the target logits and the
+    non-target log-sum-exps: log p_gt = −softplus(r − z_gt), log(1 − p_gt) = −softplus(z_gt − r)."""
+    gap_s = merged.label_logit / temperature - (merged.m_a + merged.log_s_a)
+    gap_t = messages[..., TEACHER_LABEL_LOGIT].sum(0) / temperature - (merged.m_b + merged.log_s_b)
+    softplus = torch.nn.functional.softplus
+    log_p_s, log_q_s, log_p_t, log_q_t = -softplus(-gap_s), -softplus(gap_s), -softplus(-gap_t), -softplus(gap_t)
+    p_t, q_t = log_p_t.exp(), log_q_t.exp()
+    tckd = _weighted(p_t, log_p_t - log_p_s) + _weighted(q_t, log_q_t - log_q_s)
+    return p_t - log_p_s.exp(), tckd
 
 
 def _jsd_parts(student, teacher, merged: _Merged, options: dict):
@@ -242,6 +276,9 @@ class _VocabParallelRows(torch.autograd.Function):
             divergence, d_student = _all_gather(parts, group).sum(0).unbind(-1)
             beta = options["beta"]
             value = (beta * divergence if beta > 0 else 0) + ((1 - beta) * d_student if beta < 1 else 0)
+        elif options["divergence"] == "dkd":  # α·TCKD + β·NCKD from the merged target logits
+            d_student, tckd = _tckd(gathered[:, :num_rows], merged, options["temperature"])
+            value = options["alpha"] * tckd + options["beta"] * divergence
         else:
             value = divergence
         rows = options["kd_scale"] * value
@@ -274,8 +311,9 @@ class _VocabParallelRows(torch.autograd.Function):
         dtype = saved.dtype
         grad = torch.where(counted, torch.where(bad, math.nan, grad_rows.to(dtype)), 0.0).unsqueeze(-1)
         s = student.to(dtype)
-        log_p_s = (s / t - m_a) - log_s_a
-        log_p_t = (teacher.to(dtype) / t - m_b) - log_s_b
+        target = _target_columns(local_labels, s.shape[-1]) if options["divergence"] == "dkd" else None
+        log_p_s = (_without(s / t, target) - m_a) - log_s_a  # dkd: p̂, the non-target classes
+        log_p_t = (_without(teacher.to(dtype) / t, target) - m_b) - log_s_b
         p_s, p_t = log_p_s.exp(), log_p_t.exp()
         kd_factor = grad * (options["kd_scale"] / t)
         if options["divergence"] == "kl":
@@ -284,6 +322,10 @@ class _VocabParallelRows(torch.autograd.Function):
         elif options["divergence"] == "reverse_kl":
             grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d_teacher)
             grad_t = kd_factor * (p_t - p_s)
+        elif options["divergence"] == "dkd":  # non-target: β(p̂_s − p̂_t) + α·d1·p̂_s; the target: −α·d1
+            alpha, d1 = options["alpha"], d_student
+            grad_s = kd_factor * torch.where(target, -alpha * d1, beta * (p_s - p_t) + alpha * d1 * p_s)
+            grad_t = None  # dkd_loss gives the teacher no gradient
         else:  # ∂JSD/∂a = (1 − β) p_s (log(p_s/m) − KL(p_s‖m)), likewise for b with β and KL(p_t‖m)
             merged = _Merged(m_a[:, 0], log_s_a[:, 0], m_b[:, 0], log_s_b[:, 0], d_teacher, m_1, log_s_1, m_1)
             _, _, ratio_s, ratio_t = _jsd_parts(student, teacher, merged, options)
@@ -296,7 +338,7 @@ class _VocabParallelRows(torch.autograd.Function):
             grad_s = grad_s + grad * options["ce_weight"] * (q - one_hot)
         return (
             grad_s.to(student.dtype) if ctx.needs_input_grad[0] else None,
-            grad_t.to(teacher.dtype) if ctx.needs_input_grad[1] else None,
+            grad_t.to(teacher.dtype) if ctx.needs_input_grad[1] and grad_t is not None else None,
             None,
             None,
             None,
@@ -343,12 +385,14 @@ def vocab_parallel_kd_loss(
 ):
     """:func:`fastkd.kd_loss` with ``group`` (or DTensor logits): see the module docstring. ``options`` are kd_loss's,
     validated."""
-    if options["divergence"] not in DIVERGENCES:
+    if options["divergence"] not in DIVERGENCES + ("dkd",):
         raise ValueError(
             f"kd_loss with group= takes divergence in {DIVERGENCES} for now, got {options['divergence']!r}"
         )
     if teacher_weights is not None or ensemble != "prob" or tail is not None or isinstance(teacher_logits, TopK):
         raise ValueError("kd_loss with group= takes one full teacher for now (no ensembles, no TopK)")
+    if options["divergence"] == "dkd" and torch.is_grad_enabled() and teacher_logits.requires_grad:
+        raise ValueError("dkd_loss with group= gives teacher_logits no gradient: detach them")
     if _is_dtensor(student_logits) or _is_dtensor(teacher_logits):
         if group is not None or vocab_start is not None:
             raise ValueError("DTensor logits carry their group and slices: pass neither group nor vocab_start")

@@ -9,13 +9,13 @@ specification is :func:`fastkd.reference.dkd_loss_rows`. They give no gradient t
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from . import reference
 from .dispatch import kernel_or_reference, select_backend
-from .kd import _check_options, _check_tensors, _divisor, _finite_number, _KDLossRows, _reduce
+from .kd import _check_options, _check_tensors, _divisor, _dtensor, _finite_number, _KDLossRows, _reduce
 from .kernel_args import KDOptions
 
 
@@ -32,6 +32,8 @@ def dkd_loss(
     ce_weight: float = 0.0,
     normalizer: Union[float, torch.Tensor, None] = None,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
 ) -> torch.Tensor:
     r"""Decoupled KD loss of ``(*, V)`` logits (V ≥ 2) against integer ``labels`` of shape ``*``.
 
@@ -60,6 +62,8 @@ def dkd_loss(
         reduction (str, default ``"batchmean"``), ignore_index (int, default -100), ce_weight (float, default 0.0),
             normalizer (float or 0-d Tensor, optional), backend (str, default ``"auto"``): as in
             :func:`fastkd.kd_loss`.
+        group, vocab_start: vocabulary-parallel logits, as in :func:`fastkd.kd_loss` (one all-gather of 9 numbers
+            a row in the forward, none in the backward; the teacher gets no gradient).
 
     Returns:
         Tensor: float32 (float64 for float64 inputs), 0-d, or ``*`` with ``reduction="none"``.
@@ -83,6 +87,21 @@ def dkd_loss(
     beta = _finite_number("beta", beta)
     if labels is None:
         raise ValueError("dkd_loss needs labels: the target class splits each distribution")
+    if group is not None or vocab_start is not None or _dtensor(student_logits):
+        from .distributed import vocab_parallel_kd_loss
+
+        return vocab_parallel_kd_loss(
+            student_logits,
+            teacher_logits,
+            group=group,
+            vocab_start=vocab_start,
+            labels=labels,
+            options=dict(options, divergence="dkd", alpha=alpha, beta=beta),
+            return_stats=False,
+            teacher_weights=None,
+            ensemble="prob",
+            tail=None,
+        )
     _check_tensors(
         student_logits,
         teacher_logits,

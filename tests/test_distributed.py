@@ -101,6 +101,28 @@ def _worker(rank, world, init_file, out_dir):
             forward_calls=forward_calls,
             backward_calls=list(calls),
         )
+    # dkd_loss: the non-target statistics and both target logits in one all-gather
+    for num_classes in (1000, 1001):
+        s, t, labels = inputs(num_classes, torch.float32)
+        sizes = [len(part) for part in torch.arange(num_classes).tensor_split(world)]
+        start = sum(sizes[:rank])
+        local_s = s[..., start : start + sizes[rank]].clone().requires_grad_()
+        calls.clear()
+        loss = fastkd.dkd_loss(
+            local_s,
+            t[..., start : start + sizes[rank]],
+            labels,
+            temperature=4.0,
+            ce_weight=0.3,
+            group=dist.group.WORLD,
+            vocab_start=start,
+        )
+        forward_calls = list(calls)
+        calls.clear()
+        loss.backward()
+        results[f"dkd-{num_classes}"] = dict(
+            loss=loss.detach(), grad_s=local_s.grad, forward_calls=forward_calls, backward_calls=list(calls)
+        )
     # more ranks than classes (an empty slice takes part too), and float64 logits: float64 math
     for num_classes, dtype in ((world - 1, torch.float32), (7, torch.float64)):
         s, t, labels = inputs(num_classes, dtype)
@@ -163,6 +185,16 @@ def test_vocab_parallel_kd_loss_equals_the_single_process_loss(tmp_path, world):
         assert all(torch.equal(results[name]["loss"], ranks[0][name]["loss"]) for results in ranks)
     for results in ranks:
         assert "must be contiguous in rank order" in results["tiling_error"]
+    for num_classes in (1000, 1001):
+        s, t, labels = inputs(num_classes, torch.float32)
+        s.requires_grad_()
+        want = fastkd.dkd_loss(s, t, labels, temperature=4.0, ce_weight=0.3)
+        want.backward()
+        name = f"dkd-{num_classes}"
+        for results in ranks:
+            assert_rel_close(results[name]["loss"], want, 1e-5, what=name)
+            assert len(results[name]["forward_calls"]) == 1 and results[name]["backward_calls"] == []
+        assert_rel_close(torch.cat([r[name]["grad_s"] for r in ranks], dim=-1), s.grad, 1e-5, what=name)
     for num_classes, dtype in ((world - 1, torch.float32), (7, torch.float64)):
         s, t, labels = inputs(num_classes, dtype)
         s.requires_grad_()
@@ -193,6 +225,8 @@ def test_group_refusals():
         fastkd.kd_loss(s, s, divergence="tvd", vocab_start=0)
     with pytest.raises(ValueError, match="one full teacher"):
         fastkd.kd_loss(s, fastkd.topk_teacher(s, 2), vocab_start=0)
+    with pytest.raises(ValueError, match="gives teacher_logits no gradient"):
+        fastkd.dkd_loss(s, s.clone().requires_grad_(), torch.tensor([0, 1, 2]), vocab_start=0)
 
 
 def _mlp(seed, width):
