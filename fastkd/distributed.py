@@ -9,8 +9,9 @@ all-gather shares them, and every rank merges the W messages itself (an online-s
   32·W bytes per row; also one extra row carrying each rank's slice size and start, which are checked to tile the
   vocabulary), for ``divergence="kl"`` and ``"reverse_kl"`` with or without the CE term; with ``return_stats``
   the same message carries 7 more numbers per row (the T = 1 sums of the metrics and each slice's first
-  argmax: 60·W bytes per row); ``"jsd"`` needs the merged normalisers before its mixture terms, so a second
-  all-gather of 2 float32 per row follows (two collectives);
+  argmax: 60·W bytes per row); ``"cosine"`` sends ‖e_a‖², ‖e_b‖² and ⟨e_a, e_b⟩ in the same slots (one
+  collective); ``"jsd"`` and ``"tvd"`` need the merged normalisers before their terms, so a second all-gather
+  of 2 (jsd) or 3 (tvd) numbers per row follows (two collectives);
 - backward: **no** collective: each rank's gradient needs the merged normalisers of its rows only, saved by the
   forward.
 
@@ -28,8 +29,8 @@ maxima, w = Σ_r c_b,r·(w_r + S_b,r·((m_b,r − M_b) − (m_a,r − M_a))). Th
 exactly the single-process formula of the kernels (kernels/kd.py), and CE = M_1 + log S_1 − s_label.
 
 This first version computes the slices' statistics and gradients with PyTorch operations in float32 (the merge is
-what this module adds; the fused row kernels per slice come next): cosine, TVD, ensembles and sparse teachers
-are refused with ``group``, and linear_kd_loss takes no ``group`` yet. :func:`fastkd.dkd_loss` takes ``group``
+what this module adds; the fused row kernels per slice come next): ensembles and sparse teachers are refused with
+``group``, and linear_kd_loss takes no ``group`` yet. :func:`fastkd.dkd_loss` takes ``group``
 too: its message holds the non-target classes' statistics and both target logits (9 numbers a row, one
 all-gather), and NCKD, TCKD and their gradients follow as in the single-process kernels.
 """
@@ -45,7 +46,7 @@ import torch.distributed as dist
 from . import kd, reference
 from .topk import TopK
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")  # kd_loss's; dkd_loss takes the same path as "dkd"
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "cosine", "tvd")  # kd_loss's; dkd_loss takes the same path as "dkd"
 # the message of a row: slots of the (N + 1, fields) float32 tensor each rank sends; the last 7 only for return_stats
 M_A, S_A, M_B, S_B, W, M_1, S_1, LABEL_LOGIT = range(8)
 M_T1, S_T1, W_1, U_T, U_S, ARGMAX_S, ARGMAX_T = range(8, 15)
@@ -85,13 +86,16 @@ def _slice_message(s, t, local_labels, vocab_start: int, options: dict, with_sta
         w = _weighted(e_b, centred_b - centred_a).sum(-1)
     elif options["divergence"] == "reverse_kl":
         w = _weighted(e_a, centred_a - centred_b).sum(-1)
-    else:  # jsd: a second exchange, once the normalisers are known
+    elif options["divergence"] == "cosine":  # ⟨e_a, e_b⟩, and ‖e‖² in the sums' slots (the normalisers cancel)
+        w = (e_a * e_b).sum(-1)
+    else:  # jsd, tvd: a second exchange, once the normalisers are known
         w = torch.zeros_like(m_a)
     owned = local_labels >= 0
     label_logit = torch.zeros_like(m_a)
     if s.shape[-1]:
         label_logit = torch.where(owned, s.gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
-    fields = [m_a, e_a.sum(-1), m_b, e_b.sum(-1), w, m_1, e_1.sum(-1), label_logit]
+    power = 2 if options["divergence"] == "cosine" else 1
+    fields = [m_a, e_a.pow(power).sum(-1), m_b, e_b.pow(power).sum(-1), w, m_1, e_1.sum(-1), label_logit]
     if dkd:
         fields.append(
             torch.where(owned, t.gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
@@ -166,7 +170,10 @@ class _Merged(NamedTuple):
 
 
 def _merge(messages: torch.Tensor, divergence: str) -> _Merged:
-    """The rows' merged statistics from the (world, N, fields) messages."""
+    """The rows' merged statistics from the (world, N, fields) messages (cosine: log ‖e‖₂ in the log-sums' place,
+    the cosine as the divergence)."""
+    if divergence == "cosine":
+        return _merge_cosine(messages)
     m_a, s_a, scale_a = _merged_sum(messages[..., M_A], messages[..., S_A])
     m_b, s_b, scale_b = _merged_sum(messages[..., M_B], messages[..., S_B])
     m_1, s_1, _ = _merged_sum(messages[..., M_1], messages[..., S_1])
@@ -190,6 +197,25 @@ def _merge(messages: torch.Tensor, divergence: str) -> _Merged:
     else:
         value = torch.zeros_like(m_a)
     return _Merged(m_a, s_a.log(), m_b, s_b.log(), value, m_1, s_1.log(), messages[..., LABEL_LOGIT].sum(0))
+
+
+def _merge_cosine(messages: torch.Tensor) -> _Merged:
+    """Cosine: ‖e_a‖², ‖e_b‖² and ⟨e_a, e_b⟩ move onto the merged maxima by the squared and the mixed factors."""
+    m_a, _, scale_a = _merged_sum(messages[..., M_A], messages[..., S_A])
+    m_b, _, scale_b = _merged_sum(messages[..., M_B], messages[..., S_B])
+    m_1, s_1, _ = _merged_sum(messages[..., M_1], messages[..., S_1])
+    s_aa = (scale_a * scale_a * messages[..., S_A]).sum(0)
+    s_bb = (scale_b * scale_b * messages[..., S_B]).sum(0)
+    s_ab = (scale_a * scale_b * messages[..., W]).sum(0)
+    cosine = s_ab / (s_aa * s_bb).sqrt()
+    label_logit = messages[..., LABEL_LOGIT].sum(0)
+    return _Merged(m_a, 0.5 * s_aa.log(), m_b, 0.5 * s_bb.log(), cosine, m_1, s_1.log(), label_logit)
+
+
+def _sign_of_difference(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+    """sign(p_s − p_t): 0 where equal (autograd's subgradient of |x| at 0), NaN where either is NaN."""
+    difference = p_s - p_t
+    return torch.where(difference.isnan(), math.nan, torch.sign(difference))
 
 
 def _merged_metrics(messages: torch.Tensor, merged: _Merged) -> torch.Tensor:
@@ -230,12 +256,18 @@ def _tckd(messages: torch.Tensor, merged: _Merged, temperature: float):
     return p_t - log_p_s.exp(), tckd
 
 
+def _slice_log_probs(student, teacher, merged: _Merged, temperature: float):
+    """(log p_s, log p_t) of this rank's slices with the merged normalisers."""
+    dtype = merged.m_a.dtype
+    log_p_s = (student.to(dtype) / temperature - merged.m_a.unsqueeze(-1)) - merged.log_s_a.unsqueeze(-1)
+    log_p_t = (teacher.to(dtype) / temperature - merged.m_b.unsqueeze(-1)) - merged.log_s_b.unsqueeze(-1)
+    return log_p_s, log_p_t
+
+
 def _jsd_parts(student, teacher, merged: _Merged, options: dict):
     """(log p_s, log p_t, log(p_s/m), log(p_t/m)) of this rank's slices with the merged normalisers (JSD)."""
-    t, beta = options["temperature"], options["beta"]
-    dtype = merged.m_a.dtype
-    log_p_s = (student.to(dtype) / t - merged.m_a.unsqueeze(-1)) - merged.log_s_a.unsqueeze(-1)
-    log_p_t = (teacher.to(dtype) / t - merged.m_b.unsqueeze(-1)) - merged.log_s_b.unsqueeze(-1)
+    beta = options["beta"]
+    log_p_s, log_p_t = _slice_log_probs(student, teacher, merged, options["temperature"])
     both_zero = (log_p_t == -math.inf) & (log_p_s == -math.inf)
     log_ratio = torch.where(both_zero, 0, log_p_t - log_p_s)
     ratio_s = -reference.log_mixture_ratio(log_ratio, beta)  # log(p_s/m), m = β p_t + (1 − β) p_s
@@ -279,6 +311,14 @@ class _VocabParallelRows(torch.autograd.Function):
         elif options["divergence"] == "dkd":  # α·TCKD + β·NCKD from the merged target logits
             d_student, tckd = _tckd(gathered[:, :num_rows], merged, options["temperature"])
             value = options["alpha"] * tckd + options["beta"] * divergence
+        elif options["divergence"] == "tvd":  # the second exchange: Σ|p_s − p_t|, Σ p_s·σ, Σ p_t·σ
+            p_s, p_t = (x.exp() for x in _slice_log_probs(s, t, merged, options["temperature"]))
+            sign = _sign_of_difference(p_s, p_t)
+            parts = torch.stack([(p_s - p_t).abs().sum(-1), (p_s * sign).sum(-1), (p_t * sign).sum(-1)], dim=-1)
+            total, divergence, d_student = _all_gather(parts, group).sum(0).unbind(-1)
+            value = 0.5 * total
+        elif options["divergence"] == "cosine":
+            value = 1 - divergence
         else:
             value = divergence
         rows = options["kd_scale"] * value
@@ -322,6 +362,13 @@ class _VocabParallelRows(torch.autograd.Function):
         elif options["divergence"] == "reverse_kl":
             grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d_teacher)
             grad_t = kd_factor * (p_t - p_s)
+        elif options["divergence"] == "cosine":  # p is p/‖p‖ here: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
+            grad_s = -kd_factor * (p_s * (p_t - d_teacher * p_s))
+            grad_t = -kd_factor * (p_t * (p_s - d_teacher * p_t))
+        elif options["divergence"] == "tvd":  # ∂/∂a = ½ p_s (σ − Σ p_s σ), ∂/∂b = ½ p_t (Σ p_t σ − σ)
+            sign = _sign_of_difference(p_s, p_t)
+            grad_s = (0.5 * kd_factor) * (p_s * (sign - d_teacher))
+            grad_t = (0.5 * kd_factor) * (p_t * (d_student - sign))
         elif options["divergence"] == "dkd":  # non-target: β(p̂_s − p̂_t) + α·d1·p̂_s; the target: −α·d1
             alpha, d1 = options["alpha"], d_student
             grad_s = kd_factor * torch.where(target, -alpha * d1, beta * (p_s - p_t) + alpha * d1 * p_s)

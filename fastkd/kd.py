@@ -1154,9 +1154,9 @@ def kd_loss(
         group (ProcessGroup, optional): vocabulary parallelism: the logits' last dim is this rank's contiguous
             slice of the vocabulary, starting at class ``vocab_start`` (default rank × this slice's size: give it
             when the slices differ in size). Every rank returns the loss of the whole rows; each rank's gradient is
-            its slice of the full gradient; one all-gather in the forward (two for ``"jsd"``), none in the
-            backward (:mod:`fastkd.distributed`; kl, reverse_kl and jsd). DTensor logits placed ``Shard(-1)``
-            on a 1-D mesh need neither argument.
+            its slice of the full gradient; one all-gather in the forward (two for ``"jsd"`` and ``"tvd"``), none
+            in the backward (:mod:`fastkd.distributed`; every divergence, one full teacher). DTensor logits
+            placed ``Shard(-1)`` on a 1-D mesh need neither argument.
         vocab_start (int, optional): with ``group``, this rank's first class.
 
     Returns:
