@@ -275,32 +275,38 @@ def _jsd_parts(student, teacher, merged: _Merged, options: dict):
     return log_p_s, log_p_t, ratio_s, ratio_t
 
 
-class _VocabParallelRows(torch.autograd.Function):
-    """Row losses (and metrics) of vocabulary slices: one all-gather in the forward (two for JSD), none in the
-    backward."""
+def _local_labels(labels, num_rows: int, local_classes: int, vocab_start: int, ignore_index: int, device):
+    """(counted rows, each row's label column in this slice or −1)."""
+    if labels is None:
+        return (
+            torch.ones(num_rows, dtype=torch.bool, device=device),
+            torch.full((num_rows,), -1, dtype=torch.int64, device=device),
+        )
+    counted = labels != ignore_index
+    shifted = labels.long() - vocab_start
+    return counted, torch.where(counted & (shifted >= 0) & (shifted < local_classes), shifted, -1)
 
-    @staticmethod
-    def forward(ctx, student, teacher, labels, group, vocab_start, options, with_stats):
-        math_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-        s, t = student.to(math_dtype), teacher.to(math_dtype)
-        num_rows, local_classes = s.shape
-        if labels is None:
-            counted = torch.ones(num_rows, dtype=torch.bool, device=s.device)
-            local_labels = torch.full((num_rows,), -1, dtype=torch.int64, device=s.device)
-        else:
-            counted = labels != options["ignore_index"]
-            shifted = labels.long() - vocab_start
-            local_labels = torch.where(counted & (shifted >= 0) & (shifted < local_classes), shifted, -1)
-        local = _slice_message(s, t, local_labels, vocab_start, options, with_stats)
-        message = torch.zeros(num_rows + 1, local.shape[1], dtype=math_dtype, device=s.device)
-        message[:num_rows] = local
-        message[num_rows, SLICE_SIZE], message[num_rows, SLICE_START] = local_classes, vocab_start
-        gathered = _all_gather(message, group)
-        _check_tiling(gathered[:, num_rows], group, local_classes, vocab_start)
-        num_classes = gathered[:, num_rows, SLICE_SIZE].sum()  # a tensor: no host read on CUDA
-        merged = _merge(gathered[:, :num_rows], options["divergence"])
-        divergence, d_student = merged.divergence, torch.zeros_like(merged.divergence)
-        if options["divergence"] == "jsd":  # the second exchange: Σ p_t log(p_t/m) and Σ p_s log(p_s/m)
+
+def _exchange(local: torch.Tensor, local_classes: int, vocab_start: int, group) -> tuple:
+    """The one all-gather of the forward: every rank's (N, fields) statistics and its slice; returns the (world, N,
+    fields) messages and V (a tensor: no host read on CUDA), after checking that the slices tile [0, V)."""
+    num_rows = local.shape[0]
+    message = torch.zeros(num_rows + 1, local.shape[1], dtype=local.dtype, device=local.device)
+    message[:num_rows] = local
+    message[num_rows, SLICE_SIZE], message[num_rows, SLICE_START] = local_classes, vocab_start
+    gathered = _all_gather(message, group)
+    _check_tiling(gathered[:, num_rows], group, local_classes, vocab_start)
+    return gathered[:, :num_rows], gathered[:, num_rows, SLICE_SIZE].sum()
+
+
+def _row_losses(messages, num_classes, slices, labels, counted, options: dict, with_stats: bool, group):
+    """(row losses, metrics, saved statistics) from the gathered messages; ``slices`` (this rank's s and t in the
+    math dtype) feed JSD's and TVD's second exchange (None where they are not at hand: those are refused)."""
+    merged = _merge(messages, options["divergence"])
+    divergence, d_student = merged.divergence, torch.zeros_like(merged.divergence)
+    if options["divergence"] in ("jsd", "tvd"):  # the second exchange, once the normalisers are merged
+        s, t = slices
+        if options["divergence"] == "jsd":  # Σ p_t log(p_t/m), Σ p_s log(p_s/m)
             log_p_s, log_p_t, ratio_s, ratio_t = _jsd_parts(s, t, merged, options)
             parts = torch.stack(
                 [_weighted(log_p_t.exp(), ratio_t).sum(-1), _weighted(log_p_s.exp(), ratio_s).sum(-1)], dim=-1
@@ -308,81 +314,111 @@ class _VocabParallelRows(torch.autograd.Function):
             divergence, d_student = _all_gather(parts, group).sum(0).unbind(-1)
             beta = options["beta"]
             value = (beta * divergence if beta > 0 else 0) + ((1 - beta) * d_student if beta < 1 else 0)
-        elif options["divergence"] == "dkd":  # α·TCKD + β·NCKD from the merged target logits
-            d_student, tckd = _tckd(gathered[:, :num_rows], merged, options["temperature"])
-            value = options["alpha"] * tckd + options["beta"] * divergence
-        elif options["divergence"] == "tvd":  # the second exchange: Σ|p_s − p_t|, Σ p_s·σ, Σ p_t·σ
+        else:  # Σ|p_s − p_t|, Σ p_s·σ, Σ p_t·σ
             p_s, p_t = (x.exp() for x in _slice_log_probs(s, t, merged, options["temperature"]))
             sign = _sign_of_difference(p_s, p_t)
             parts = torch.stack([(p_s - p_t).abs().sum(-1), (p_s * sign).sum(-1), (p_t * sign).sum(-1)], dim=-1)
             total, divergence, d_student = _all_gather(parts, group).sum(0).unbind(-1)
             value = 0.5 * total
-        elif options["divergence"] == "cosine":
-            value = 1 - divergence
-        else:
-            value = divergence
-        rows = options["kd_scale"] * value
-        bad = torch.zeros_like(counted)
-        if labels is not None:
-            bad = counted & ((labels < 0) | (labels >= num_classes))
-            if labels.device.type == "cpu" and bool(bad.any()):
-                raise ValueError(
-                    f"labels must lie in [0, {int(num_classes)}) or equal ignore_index={options['ignore_index']}, "
-                    f"got {int(labels[bad][0])}"
-                )
-            if options["ce_weight"] != 0:
-                rows = rows + options["ce_weight"] * ((merged.m_1 + merged.log_s_1) - merged.label_logit)
-        rows = torch.where(counted, torch.where(bad, math.nan, rows), 0.0)
-        metrics = rows.new_empty(0)
-        if with_stats:
-            metrics = torch.where(counted, _merged_metrics(gathered[:, :num_rows], merged), 0.0)
-        saved = torch.stack([merged.m_a, merged.log_s_a, merged.m_b, merged.log_s_b, divergence, d_student])
-        ctx.save_for_backward(student, teacher, local_labels, saved, merged.m_1, merged.log_s_1, bad, counted)
+    elif options["divergence"] == "dkd":  # α·TCKD + β·NCKD from the merged target logits
+        d_student, tckd = _tckd(messages, merged, options["temperature"])
+        value = options["alpha"] * tckd + options["beta"] * divergence
+    elif options["divergence"] == "cosine":
+        value = 1 - divergence
+    else:
+        value = divergence
+    rows = options["kd_scale"] * value
+    bad = torch.zeros_like(counted)
+    if labels is not None:
+        bad = counted & ((labels < 0) | (labels >= num_classes))
+        if labels.device.type == "cpu" and bool(bad.any()):
+            raise ValueError(
+                f"labels must lie in [0, {int(num_classes)}) or equal ignore_index={options['ignore_index']}, "
+                f"got {int(labels[bad][0])}"
+            )
+        if options["ce_weight"] != 0:
+            rows = rows + options["ce_weight"] * ((merged.m_1 + merged.log_s_1) - merged.label_logit)
+    rows = torch.where(counted, torch.where(bad, math.nan, rows), 0.0)
+    metrics = rows.new_empty(0)
+    if with_stats:
+        metrics = torch.where(counted, _merged_metrics(messages, merged), 0.0)
+    saved = torch.stack(
+        [merged.m_a, merged.log_s_a, merged.m_b, merged.log_s_b, divergence, d_student, merged.m_1, merged.log_s_1]
+    )
+    return rows, metrics, saved, bad
+
+
+def _slice_gradients(s, t, local_labels, saved, grad_rows, counted, bad, options: dict):
+    """(∂/∂s, ∂/∂t) of Σ grad_rows·row_loss for this rank's slices s and t (math dtype) from the rows' saved
+    statistics: no collective. ∂/∂t is None for DKD (no teacher gradient)."""
+    m_a, log_s_a, m_b, log_s_b, d_teacher, d_student, m_1, log_s_1 = (x.unsqueeze(-1) for x in saved)
+    temperature, beta = options["temperature"], options["beta"]
+    grad = torch.where(counted, torch.where(bad, math.nan, grad_rows.to(s.dtype)), 0.0).unsqueeze(-1)
+    target = _target_columns(local_labels, s.shape[-1]) if options["divergence"] == "dkd" else None
+    log_p_s = (_without(s / temperature, target) - m_a) - log_s_a  # dkd: p̂, the non-target classes
+    log_p_t = (_without(t / temperature, target) - m_b) - log_s_b
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    kd_factor = grad * (options["kd_scale"] / temperature)
+    divergence = options["divergence"]
+    if divergence == "kl":
+        grad_s = kd_factor * (p_s - p_t)
+        grad_t = kd_factor * _weighted(p_t, (log_p_t - log_p_s) - d_teacher)
+    elif divergence == "reverse_kl":
+        grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d_teacher)
+        grad_t = kd_factor * (p_t - p_s)
+    elif divergence == "cosine":  # p is p/‖p‖ here: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
+        grad_s = -kd_factor * (p_s * (p_t - d_teacher * p_s))
+        grad_t = -kd_factor * (p_t * (p_s - d_teacher * p_t))
+    elif divergence == "tvd":  # ∂/∂a = ½ p_s (σ − Σ p_s σ), ∂/∂b = ½ p_t (Σ p_t σ − σ)
+        sign = _sign_of_difference(p_s, p_t)
+        grad_s = (0.5 * kd_factor) * (p_s * (sign - d_teacher))
+        grad_t = (0.5 * kd_factor) * (p_t * (d_student - sign))
+    elif divergence == "dkd":  # non-target: β(p̂_s − p̂_t) + α·d1·p̂_s; the target: −α·d1
+        alpha, d1 = options["alpha"], d_student
+        grad_s = kd_factor * torch.where(target, -alpha * d1, beta * (p_s - p_t) + alpha * d1 * p_s)
+        grad_t = None
+    else:  # ∂JSD/∂a = (1 − β) p_s (log(p_s/m) − KL(p_s‖m)), likewise for b with β and KL(p_t‖m)
+        merged = _Merged(m_a[:, 0], log_s_a[:, 0], m_b[:, 0], log_s_b[:, 0], d_teacher, m_1, log_s_1, m_1)
+        _, _, ratio_s, ratio_t = _jsd_parts(s, t, merged, options)
+        grad_s = (kd_factor * (1 - beta)) * _weighted(p_s, ratio_s - d_student)
+        grad_t = (kd_factor * beta) * _weighted(p_t, ratio_t - d_teacher)
+    if options["ce_weight"] != 0 and s.shape[-1]:
+        one_hot = torch.zeros_like(s).scatter_(-1, local_labels.clamp_min(0).unsqueeze(-1), 1.0)
+        one_hot = torch.where(local_labels.unsqueeze(-1) >= 0, one_hot, 0.0)
+        grad_s = grad_s + grad * options["ce_weight"] * (((s - m_1) - log_s_1).exp() - one_hot)
+    return grad_s, grad_t
+
+
+def _math_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+class _VocabParallelRows(torch.autograd.Function):
+    """Row losses (and metrics) of vocabulary slices: one all-gather in the forward (two for JSD and TVD), none in
+    the backward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, group, vocab_start, options, with_stats):
+        dtype = _math_dtype(student, teacher)
+        s, t = student.to(dtype), teacher.to(dtype)
+        counted, local_labels = _local_labels(
+            labels, s.shape[0], s.shape[1], vocab_start, options["ignore_index"], s.device
+        )
+        local = _slice_message(s, t, local_labels, vocab_start, options, with_stats)
+        messages, num_classes = _exchange(local, s.shape[1], vocab_start, group)
+        rows, metrics, saved, bad = _row_losses(
+            messages, num_classes, (s, t), labels, counted, options, with_stats, group
+        )
+        ctx.save_for_backward(student, teacher, local_labels, saved, bad, counted)
         ctx.options = options
         ctx.mark_non_differentiable(metrics)
         return rows, metrics
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_metrics):
-        student, teacher, local_labels, saved, m_1, log_s_1, bad, counted = ctx.saved_tensors
-        options = ctx.options
-        m_a, log_s_a, m_b, log_s_b, d_teacher, d_student = (x.unsqueeze(-1) for x in saved)
-        t, beta = options["temperature"], options["beta"]
-        dtype = saved.dtype
-        grad = torch.where(counted, torch.where(bad, math.nan, grad_rows.to(dtype)), 0.0).unsqueeze(-1)
-        s = student.to(dtype)
-        target = _target_columns(local_labels, s.shape[-1]) if options["divergence"] == "dkd" else None
-        log_p_s = (_without(s / t, target) - m_a) - log_s_a  # dkd: p̂, the non-target classes
-        log_p_t = (_without(teacher.to(dtype) / t, target) - m_b) - log_s_b
-        p_s, p_t = log_p_s.exp(), log_p_t.exp()
-        kd_factor = grad * (options["kd_scale"] / t)
-        if options["divergence"] == "kl":
-            grad_s = kd_factor * (p_s - p_t)
-            grad_t = kd_factor * _weighted(p_t, (log_p_t - log_p_s) - d_teacher)
-        elif options["divergence"] == "reverse_kl":
-            grad_s = kd_factor * _weighted(p_s, (log_p_s - log_p_t) - d_teacher)
-            grad_t = kd_factor * (p_t - p_s)
-        elif options["divergence"] == "cosine":  # p is p/‖p‖ here: ∂(1 − cos)/∂a = −p_s (p_t − cos·p_s)
-            grad_s = -kd_factor * (p_s * (p_t - d_teacher * p_s))
-            grad_t = -kd_factor * (p_t * (p_s - d_teacher * p_t))
-        elif options["divergence"] == "tvd":  # ∂/∂a = ½ p_s (σ − Σ p_s σ), ∂/∂b = ½ p_t (Σ p_t σ − σ)
-            sign = _sign_of_difference(p_s, p_t)
-            grad_s = (0.5 * kd_factor) * (p_s * (sign - d_teacher))
-            grad_t = (0.5 * kd_factor) * (p_t * (d_student - sign))
-        elif options["divergence"] == "dkd":  # non-target: β(p̂_s − p̂_t) + α·d1·p̂_s; the target: −α·d1
-            alpha, d1 = options["alpha"], d_student
-            grad_s = kd_factor * torch.where(target, -alpha * d1, beta * (p_s - p_t) + alpha * d1 * p_s)
-            grad_t = None  # dkd_loss gives the teacher no gradient
-        else:  # ∂JSD/∂a = (1 − β) p_s (log(p_s/m) − KL(p_s‖m)), likewise for b with β and KL(p_t‖m)
-            merged = _Merged(m_a[:, 0], log_s_a[:, 0], m_b[:, 0], log_s_b[:, 0], d_teacher, m_1, log_s_1, m_1)
-            _, _, ratio_s, ratio_t = _jsd_parts(student, teacher, merged, options)
-            grad_s = (kd_factor * (1 - beta)) * _weighted(p_s, ratio_s - d_student)
-            grad_t = (kd_factor * beta) * _weighted(p_t, ratio_t - d_teacher)
-        if options["ce_weight"] != 0 and s.shape[-1]:
-            one_hot = torch.zeros_like(s).scatter_(-1, local_labels.clamp_min(0).unsqueeze(-1), 1.0)
-            one_hot = torch.where(local_labels.unsqueeze(-1) >= 0, one_hot, 0.0)
-            q = ((s - m_1.unsqueeze(-1)) - log_s_1.unsqueeze(-1)).exp()
-            grad_s = grad_s + grad * options["ce_weight"] * (q - one_hot)
+        student, teacher, local_labels, saved, bad, counted = ctx.saved_tensors
+        s, t = student.to(saved.dtype), teacher.to(saved.dtype)
+        grad_s, grad_t = _slice_gradients(s, t, local_labels, saved, grad_rows, counted, bad, ctx.options)
         return (
             grad_s.to(student.dtype) if ctx.needs_input_grad[0] else None,
             grad_t.to(teacher.dtype) if ctx.needs_input_grad[1] and grad_t is not None else None,
