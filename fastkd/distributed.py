@@ -30,7 +30,8 @@ exactly the single-process formula of the kernels (kernels/kd.py), and CE = M_1 
 
 This first version computes the slices' statistics and gradients with PyTorch operations in float32 (the merge is
 what this module adds; the fused row kernels per slice come next): ensembles and sparse teachers are refused with
-``group``, and linear_kd_loss takes no ``group`` yet. :func:`fastkd.dkd_loss` takes ``group``
+``group``. :func:`fastkd.linear_kd_loss` takes ``group`` for vocabulary-sharded heads
+(:func:`vocab_parallel_linear_kd_loss`: kl, reverse_kl, cosine, one exchange). :func:`fastkd.dkd_loss` takes ``group``
 too: its message holds the non-target classes' statistics and both target logits (9 numbers a row, one
 all-gather), and NCKD, TCKD and their gradients follow as in the single-process kernels.
 """
@@ -42,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from . import kd, reference
 from .topk import TopK
@@ -551,3 +553,176 @@ def dtensor_slices(student_logits, teacher_logits):
     num_classes, world, rank = student_logits.shape[-1], mesh.size(), mesh.get_local_rank()
     chunk = -(-num_classes // world)  # torch.chunk's split, as Shard places it
     return student_logits.to_local(), teacher_logits.to_local(), mesh.get_group(), min(rank * chunk, num_classes)
+
+
+class _VocabParallelLinear(torch.autograd.Function):
+    """linear_kd_loss over vocabulary-sharded heads: this rank's slice of the logits is made chunk by chunk of rows
+    (never the N×V_slice logits at once), twice: for the statistics of the one all-gather, and in the backward
+    for the gradients. The hidden states' gradient is this rank's part of it: the sum over the group is the full
+    gradient, which the tensor-parallel layer that made the hidden states reduces (Megatron's and torch's
+    column-parallel heads do)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        teacher_logits,
+        labels,
+        group,
+        vocab_start,
+        options,
+        chunk_rows,
+        with_stats,
+    ):
+        def logits(rows):
+            z_s = F.linear(hidden[rows], weight, bias)
+            z_t = (
+                teacher_logits[rows]
+                if teacher_logits is not None
+                else F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+            )
+            return z_s, z_t
+
+        dtype = _math_dtype(hidden, weight)
+        num_rows, local_classes = hidden.shape[0], weight.shape[0]
+        counted, local_labels = _local_labels(
+            labels, num_rows, local_classes, vocab_start, options["ignore_index"], hidden.device
+        )
+        parts = []
+        for start in range(0, num_rows, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, num_rows))
+            z_s, z_t = (z.to(dtype) for z in logits(rows))
+            parts.append(_slice_message(z_s, z_t, local_labels[rows], vocab_start, options, with_stats))
+        local = torch.cat(parts) if parts else hidden.new_zeros((0, 15 if with_stats else 8), dtype=dtype)
+        messages, num_classes = _exchange(local, local_classes, vocab_start, group)
+        row_loss, metrics, saved, bad = _row_losses(
+            messages, num_classes, None, labels, counted, options, with_stats, group
+        )
+        ctx.save_for_backward(
+            hidden,
+            weight,
+            bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            teacher_logits,
+            local_labels,
+            saved,
+            bad,
+            counted,
+        )
+        ctx.options, ctx.chunk_rows = options, chunk_rows
+        ctx.mark_non_differentiable(metrics)
+        return row_loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_metrics):
+        (
+            hidden,
+            weight,
+            bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            teacher_logits,
+            local_labels,
+            saved,
+            bad,
+            counted,
+        ) = ctx.saved_tensors
+        dtype = saved.dtype
+        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=dtype, device=bias.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, min(start + ctx.chunk_rows, hidden.shape[0]))
+            z_s = F.linear(hidden[rows], weight, bias).to(dtype)
+            z_t = (
+                teacher_logits[rows]
+                if teacher_logits is not None
+                else F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+            ).to(dtype)
+            grad_z, _ = _slice_gradients(
+                z_s, z_t, local_labels[rows], saved[:, rows], grad_rows[rows], counted[rows], bad[rows], ctx.options
+            )
+            grad_hidden[rows] = grad_z @ weight.to(dtype)
+            grad_weight += grad_z.T @ hidden[rows].to(dtype)
+            if grad_bias is not None:
+                grad_bias += grad_z.sum(0)
+        return (
+            grad_hidden.to(hidden.dtype),
+            grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            *([None] * 10),
+        )
+
+
+def vocab_parallel_linear_kd_loss(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher_logits,
+    labels,
+    *,
+    group,
+    vocab_start,
+    options: dict,
+    chunk_rows,
+    return_stats: bool,
+):
+    """:func:`fastkd.linear_kd_loss` with ``group``: ``student_weight`` (and ``teacher_weight``, or the columns of
+    ``teacher_logits``) hold this rank's contiguous slice of the vocabulary; ``options`` are linear_kd_loss's,
+    validated. One all-gather in the forward (kl, reverse_kl, cosine, with or without CE), none in the backward."""
+    if options["divergence"] not in ("kl", "reverse_kl", "cosine"):
+        raise ValueError(
+            f"linear_kd_loss with group= takes divergence 'kl', 'reverse_kl' or 'cosine' for now (one exchange), got "
+            f"{options['divergence']!r}"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("linear_kd_loss with group= needs torch.distributed initialised (init_process_group)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+    for name, x in (
+        ("teacher_weight", teacher_weight),
+        ("teacher_bias", teacher_bias),
+        ("teacher_logits", teacher_logits),
+    ):
+        if isinstance(x, torch.Tensor) and torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError(f"linear_kd_loss with group= gives {name} no gradient: detach it")
+    local_classes = student_weight.shape[0]
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * local_classes
+    elif isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0 (this rank's first class), got {vocab_start!r}")
+    row_shape = student_hidden.shape[:-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    flat_labels = None if labels is None else labels.reshape(-1)
+    t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    t_logits = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    options = dict(options, kd_scale=kd._kd_scale(options))
+    rows, metrics = _VocabParallelLinear.apply(
+        hidden,
+        student_weight,
+        student_bias,
+        t_hidden,
+        teacher_weight,
+        teacher_bias,
+        t_logits,
+        flat_labels,
+        group,
+        vocab_start,
+        options,
+        max(1, int(chunk_rows)),
+        return_stats,
+    )
+    divisor = kd._divisor(options, flat_labels, hidden.shape[0])
+    loss = kd._reduce(rows, row_shape, options["reduction"], divisor)
+    return kd._with_stats(loss, metrics, flat_labels, hidden.shape[0], options) if return_stats else loss

@@ -659,6 +659,8 @@ def linear_kd_loss(
     return_stats: bool = False,
     tail: Optional[str] = None,
     backend: str = "auto",
+    group=None,
+    vocab_start: Optional[int] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, dict]]:
     r""":func:`fastkd.kd_loss` of the logits two output heads give, computed chunk by chunk of rows, never holding
     the N×V logits.
@@ -694,6 +696,13 @@ def linear_kd_loss(
         backend (str, default ``"auto"``): ``"triton"`` or ``"cpu"`` row kernels (``"auto"``: Triton on CUDA,
             C++ on CPU, also for a TopK teacher; float64 runs the reference rows, still chunked);
             ``"reference"`` the reference rows chunk by chunk.
+        group (ProcessGroup, optional), vocab_start (int, optional): vocabulary-parallel heads, as in
+            :func:`fastkd.kd_loss`: ``student_weight`` (with ``student_bias``) and ``teacher_weight`` (or the
+            columns of ``teacher_logits``) are this rank's slice of the vocabulary. One all-gather in the forward,
+            none in the backward (:func:`fastkd.distributed.vocab_parallel_linear_kd_loss`); kl, reverse_kl and
+            cosine, with or without CE; no softcap, ``vocab_size`` or TopK teacher; the teacher gets no gradient.
+            The hidden states' gradient is this rank's part (its slice's logits): the layer that made them reduces
+            it over the group, as a column-parallel head's input gradient is.
 
     Returns:
         Tensor (and a stats dict with ``return_stats``): as :func:`fastkd.kd_loss`.
@@ -733,6 +742,24 @@ def linear_kd_loss(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     _check_head("student", student_hidden, student_weight, student_bias, None, None)
+    if group is not None or vocab_start is not None:
+        return _vocab_parallel(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            teacher_logits,
+            labels,
+            options,
+            group=group,
+            vocab_start=vocab_start,
+            chunk_rows=chunk_rows,
+            vocab_size=vocab_size,
+            logit_softcap=logit_softcap,
+            return_stats=return_stats,
+        )
     device, row_shape = student_hidden.device, student_hidden.shape[:-1]
     if isinstance(teacher_logits, TopK):  # padded rows may hold anything
         teacher_logits = counted_rows_only(teacher_logits, labels, options["ignore_index"])
@@ -804,6 +831,72 @@ def linear_kd_loss(
     elif options["reduction"] == "batchmean":
         loss = loss / _divisor(options, flat_labels, num_rows)
     return _with_stats(loss, metrics, flat_labels, num_rows, options) if return_stats else loss
+
+
+def _vocab_parallel(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    teacher_logits,
+    labels,
+    options,
+    *,
+    group,
+    vocab_start,
+    chunk_rows,
+    vocab_size,
+    logit_softcap,
+    return_stats,
+):
+    """linear_kd_loss with ``group``: the checks of its sharded heads, then :mod:`fastkd.distributed`."""
+    from .distributed import vocab_parallel_linear_kd_loss
+
+    if isinstance(teacher_logits, TopK) or vocab_size is not None or logit_softcap is not None:
+        raise ValueError("linear_kd_loss with group= takes no TopK teacher, vocab_size or logit_softcap for now")
+    row_shape, local_classes = student_hidden.shape[:-1], student_weight.shape[0]
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None:
+            raise ValueError("give the teacher either as teacher_hidden and teacher_weight or as teacher_logits")
+        if teacher_logits.shape != (*row_shape, local_classes):
+            raise ValueError(
+                f"teacher_logits must have shape {(*row_shape, local_classes)} (this rank's slice), got "
+                f"{tuple(teacher_logits.shape)}"
+            )
+    else:
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, row_shape, student_hidden.device)
+        if teacher_weight.shape[0] != local_classes:
+            raise ValueError(
+                f"teacher_weight must hold this rank's {local_classes} classes, like student_weight, got "
+                f"{teacher_weight.shape[0]}"
+            )
+    check_labels(
+        labels,
+        row_shape,
+        None,
+        student_hidden.device,
+        ce_weight=options["ce_weight"],
+        ignore_index=options["ignore_index"],
+    )
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(row_shape.numel(), student_hidden.shape[-1], max(local_classes, 1))
+    return vocab_parallel_linear_kd_loss(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        teacher_logits,
+        labels,
+        group=group,
+        vocab_start=vocab_start,
+        options=options,
+        chunk_rows=chunk_rows,
+        return_stats=return_stats,
+    )
 
 
 def linear_kd_loss_reference(

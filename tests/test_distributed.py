@@ -52,6 +52,16 @@ def inputs(num_classes, dtype, seed=0):
 OPTIONS = dict(temperature=2.0, ce_weight=0.3, beta=0.3)
 
 
+def linear_inputs():
+    """Hidden states (2, 5, 6), heads (V = 301) of both sides, labels with ignored rows."""
+    g = torch.Generator().manual_seed(7)
+    h, th = torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 4, generator=g)
+    w, b, tw = torch.randn(301, 6, generator=g), torch.randn(301, generator=g), torch.randn(301, 4, generator=g)
+    labels = torch.randint(0, 301, (2, 5), generator=g)
+    labels[1, 2] = -100
+    return h, w, b, th, tw, labels
+
+
 def count_collectives(counter):
     """Wrap torch.distributed's collectives to count the calls (in this process)."""
     for name in COLLECTIVES:
@@ -123,6 +133,41 @@ def _worker(rank, world, init_file, out_dir):
         results[f"dkd-{num_classes}"] = dict(
             loss=loss.detach(), grad_s=local_s.grad, forward_calls=forward_calls, backward_calls=list(calls)
         )
+    # linear_kd_loss over vocabulary-sharded heads (hidden states replicated), from teacher heads or logits
+    h, w, b, th, tw, labels = linear_inputs()
+    sizes = [len(part) for part in torch.arange(w.shape[0]).tensor_split(world)]
+    start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    for teacher_as in ("head", "logits"):
+        leaf_h, leaf_w, leaf_b = h.clone().requires_grad_(), w[start:end].clone().requires_grad_(), b[start:end].clone()
+        leaf_b.requires_grad_()
+        teacher = (
+            dict(teacher_hidden=th, teacher_weight=tw[start:end])
+            if teacher_as == "head"
+            else dict(teacher_logits=(th @ tw.T)[..., start:end])
+        )
+        calls.clear()
+        loss = fastkd.linear_kd_loss(
+            leaf_h,
+            leaf_w,
+            student_bias=leaf_b,
+            labels=labels,
+            chunk_rows=3,
+            group=dist.group.WORLD,
+            vocab_start=start,
+            **teacher,
+            **OPTIONS,
+        )
+        forward_calls = list(calls)
+        calls.clear()
+        loss.backward()
+        results[f"linear-{teacher_as}"] = dict(
+            loss=loss.detach(),
+            grad_h=leaf_h.grad,
+            grad_w=leaf_w.grad,
+            grad_b=leaf_b.grad,
+            forward_calls=forward_calls,
+            backward_calls=list(calls),
+        )
     # more ranks than classes (an empty slice takes part too), and float64 logits: float64 math
     for num_classes, dtype in ((world - 1, torch.float32), (7, torch.float64)):
         s, t, labels = inputs(num_classes, dtype)
@@ -185,6 +230,19 @@ def test_vocab_parallel_kd_loss_equals_the_single_process_loss(tmp_path, world):
         assert all(torch.equal(results[name]["loss"], ranks[0][name]["loss"]) for results in ranks)
     for results in ranks:
         assert "must be contiguous in rank order" in results["tiling_error"]
+    h, w, b, th, tw, labels = linear_inputs()
+    leaf_h, leaf_w, leaf_b = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    want = fastkd.linear_kd_loss(leaf_h, leaf_w, th, tw, student_bias=leaf_b, labels=labels, **OPTIONS)
+    want.backward()
+    for teacher_as in ("head", "logits"):
+        name = f"linear-{teacher_as}"
+        for results in ranks:
+            assert_rel_close(results[name]["loss"], want, 1e-5, what=name)
+            assert len(results[name]["forward_calls"]) == 1 and results[name]["backward_calls"] == []
+        # the hidden states' gradient: each rank's part, summed over the group (as the TP layer's reduction does)
+        assert_rel_close(sum(r[name]["grad_h"] for r in ranks), leaf_h.grad, 1e-5, what=f"{name} grad_h")
+        assert_rel_close(torch.cat([r[name]["grad_w"] for r in ranks]), leaf_w.grad, 1e-5, what=f"{name} grad_w")
+        assert_rel_close(torch.cat([r[name]["grad_b"] for r in ranks]), leaf_b.grad, 1e-5, what=f"{name} grad_b")
     for num_classes in (1000, 1001):
         s, t, labels = inputs(num_classes, torch.float32)
         s.requires_grad_()
@@ -223,6 +281,13 @@ def test_group_refusals():
         fastkd.kd_loss(s, s, group=object())
     with pytest.raises(ValueError, match="one full teacher"):
         fastkd.kd_loss(s, fastkd.topk_teacher(s, 2), vocab_start=0)
+    h, w, tw = torch.randn(3, 4), torch.randn(10, 4), torch.randn(10, 2)
+    with pytest.raises(ValueError, match="takes divergence 'kl', 'reverse_kl' or 'cosine'"):
+        fastkd.linear_kd_loss(h, w, torch.randn(3, 2), tw, divergence="jsd", vocab_start=0)
+    with pytest.raises(ValueError, match="no TopK teacher, vocab_size or logit_softcap"):
+        fastkd.linear_kd_loss(h, w, torch.randn(3, 2), tw, logit_softcap=30.0, vocab_start=0)
+    with pytest.raises(ValueError, match="teacher_weight must hold this rank's 10 classes"):
+        fastkd.linear_kd_loss(h, w, torch.randn(3, 2), tw[:9], vocab_start=0)
     with pytest.raises(ValueError, match="gives teacher_logits no gradient"):
         fastkd.dkd_loss(s, s.clone().requires_grad_(), torch.tensor([0, 1, 2]), vocab_start=0)
 
