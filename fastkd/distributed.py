@@ -31,7 +31,7 @@ exactly the single-process formula of the kernels (kernels/kd.py), and CE = M_1 
 This first version computes the slices' statistics and gradients with PyTorch operations in float32 (the merge is
 what this module adds; the fused row kernels per slice come next): ensembles and sparse teachers are refused with
 ``group``. :func:`fastkd.linear_kd_loss` takes ``group`` for vocabulary-sharded heads
-(:func:`vocab_parallel_linear_kd_loss`: kl, reverse_kl, cosine, one exchange). :func:`fastkd.dkd_loss` takes ``group``
+(:func:`vocab_parallel_linear_kd_loss`, every divergence). :func:`fastkd.dkd_loss` takes ``group``
 too: its message holds the non-target classes' statistics and both target logits (9 numbers a row, one
 all-gather), and NCKD, TCKD and their gradients follow as in the single-process kernels.
 """
@@ -301,26 +301,32 @@ def _exchange(local: torch.Tensor, local_classes: int, vocab_start: int, group) 
     return gathered[:, :num_rows], gathered[:, num_rows, SLICE_SIZE].sum()
 
 
-def _row_losses(messages, num_classes, slices, labels, counted, options: dict, with_stats: bool, group):
-    """(row losses, metrics, saved statistics) from the gathered messages; ``slices`` (this rank's s and t in the
-    math dtype) feed JSD's and TVD's second exchange (None where they are not at hand: those are refused)."""
+def _second_parts(s, t, merged, options: dict) -> torch.Tensor:
+    """This slice's share of what JSD and TVD sum once the normalisers are merged: (n, 2) Σ p_t log(p_t/m) and
+    Σ p_s log(p_s/m) (jsd), (n, 3) Σ|p_s − p_t|, Σ p_s·σ and Σ p_t·σ (tvd)."""
+    if options["divergence"] == "jsd":
+        log_p_s, log_p_t, ratio_s, ratio_t = _jsd_parts(s, t, merged, options)
+        return torch.stack(
+            [_weighted(log_p_t.exp(), ratio_t).sum(-1), _weighted(log_p_s.exp(), ratio_s).sum(-1)], dim=-1
+        )
+    p_s, p_t = (x.exp() for x in _slice_log_probs(s, t, merged, options["temperature"]))
+    sign = _sign_of_difference(p_s, p_t)
+    return torch.stack([(p_s - p_t).abs().sum(-1), (p_s * sign).sum(-1), (p_t * sign).sum(-1)], dim=-1)
+
+
+def _row_losses(messages, num_classes, second_parts, labels, counted, options: dict, with_stats: bool, group):
+    """(row losses, metrics, saved statistics) from the gathered messages; ``second_parts(merged)`` gives this
+    rank's :func:`_second_parts` of every row for JSD's and TVD's second exchange."""
     merged = _merge(messages, options["divergence"])
     divergence, d_student = merged.divergence, torch.zeros_like(merged.divergence)
     if options["divergence"] in ("jsd", "tvd"):  # the second exchange, once the normalisers are merged
-        s, t = slices
-        if options["divergence"] == "jsd":  # Σ p_t log(p_t/m), Σ p_s log(p_s/m)
-            log_p_s, log_p_t, ratio_s, ratio_t = _jsd_parts(s, t, merged, options)
-            parts = torch.stack(
-                [_weighted(log_p_t.exp(), ratio_t).sum(-1), _weighted(log_p_s.exp(), ratio_s).sum(-1)], dim=-1
-            )
-            divergence, d_student = _all_gather(parts, group).sum(0).unbind(-1)
+        sums = _all_gather(second_parts(merged), group).sum(0)
+        if options["divergence"] == "jsd":
+            divergence, d_student = sums.unbind(-1)
             beta = options["beta"]
             value = (beta * divergence if beta > 0 else 0) + ((1 - beta) * d_student if beta < 1 else 0)
-        else:  # Σ|p_s − p_t|, Σ p_s·σ, Σ p_t·σ
-            p_s, p_t = (x.exp() for x in _slice_log_probs(s, t, merged, options["temperature"]))
-            sign = _sign_of_difference(p_s, p_t)
-            parts = torch.stack([(p_s - p_t).abs().sum(-1), (p_s * sign).sum(-1), (p_t * sign).sum(-1)], dim=-1)
-            total, divergence, d_student = _all_gather(parts, group).sum(0).unbind(-1)
+        else:
+            total, divergence, d_student = sums.unbind(-1)
             value = 0.5 * total
     elif options["divergence"] == "dkd":  # α·TCKD + β·NCKD from the merged target logits
         d_student, tckd = _tckd(messages, merged, options["temperature"])
@@ -409,7 +415,14 @@ class _VocabParallelRows(torch.autograd.Function):
         local = _slice_message(s, t, local_labels, vocab_start, options, with_stats)
         messages, num_classes = _exchange(local, s.shape[1], vocab_start, group)
         rows, metrics, saved, bad = _row_losses(
-            messages, num_classes, (s, t), labels, counted, options, with_stats, group
+            messages,
+            num_classes,
+            lambda merged: _second_parts(s, t, merged, options),
+            labels,
+            counted,
+            options,
+            with_stats,
+            group,
         )
         ctx.save_for_backward(student, teacher, local_labels, saved, bad, counted)
         ctx.options = options
@@ -600,8 +613,17 @@ class _VocabParallelLinear(torch.autograd.Function):
             parts.append(_slice_message(z_s, z_t, local_labels[rows], vocab_start, options, with_stats))
         local = torch.cat(parts) if parts else hidden.new_zeros((0, 15 if with_stats else 8), dtype=dtype)
         messages, num_classes = _exchange(local, local_classes, vocab_start, group)
+
+        def second_parts(merged):  # JSD, TVD: the slice's logits once more, chunk by chunk
+            parts = []
+            for start in range(0, num_rows, chunk_rows):
+                rows = slice(start, min(start + chunk_rows, num_rows))
+                z_s, z_t = (z.to(dtype) for z in logits(rows))
+                parts.append(_second_parts(z_s, z_t, _Merged(*(x[rows] for x in merged)), options))
+            return torch.cat(parts)
+
         row_loss, metrics, saved, bad = _row_losses(
-            messages, num_classes, None, labels, counted, options, with_stats, group
+            messages, num_classes, second_parts, labels, counted, options, with_stats, group
         )
         ctx.save_for_backward(
             hidden,
@@ -680,12 +702,10 @@ def vocab_parallel_linear_kd_loss(
 ):
     """:func:`fastkd.linear_kd_loss` with ``group``: ``student_weight`` (and ``teacher_weight``, or the columns of
     ``teacher_logits``) hold this rank's contiguous slice of the vocabulary; ``options`` are linear_kd_loss's,
-    validated. One all-gather in the forward (kl, reverse_kl, cosine, with or without CE), none in the backward."""
-    if options["divergence"] not in ("kl", "reverse_kl", "cosine"):
-        raise ValueError(
-            f"linear_kd_loss with group= takes divergence 'kl', 'reverse_kl' or 'cosine' for now (one exchange), got "
-            f"{options['divergence']!r}"
-        )
+    validated. One all-gather in the forward (two for jsd and tvd, whose second pass over the chunks follows the
+    first exchange), none in the backward."""
+    if options["divergence"] not in DIVERGENCES:
+        raise ValueError(f"linear_kd_loss with group= takes divergence in {DIVERGENCES}, got {options['divergence']!r}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("linear_kd_loss with group= needs torch.distributed initialised (init_process_group)")
     if not isinstance(group, dist.ProcessGroup):

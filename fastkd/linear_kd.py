@@ -699,8 +699,8 @@ def linear_kd_loss(
         group (ProcessGroup, optional), vocab_start (int, optional): vocabulary-parallel heads, as in
             :func:`fastkd.kd_loss`: ``student_weight`` (with ``student_bias``) and ``teacher_weight`` (or the
             columns of ``teacher_logits``) are this rank's slice of the vocabulary. One all-gather in the forward,
-            none in the backward (:func:`fastkd.distributed.vocab_parallel_linear_kd_loss`); kl, reverse_kl and
-            cosine, with or without CE; no softcap, ``vocab_size`` or TopK teacher; the teacher gets no gradient.
+            none in the backward (:func:`fastkd.distributed.vocab_parallel_linear_kd_loss`; two for jsd and tvd),
+            with or without CE; no softcap, ``vocab_size`` or TopK teacher; the teacher gets no gradient.
             The hidden states' gradient is this rank's part (its slice's logits): the layer that made them reduces
             it over the group, as a column-parallel head's input gradient is.
 
