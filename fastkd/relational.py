@@ -27,7 +27,8 @@ Here neither is built. The cosines come from the pairwise distances alone (the l
 ⟨x_j − x_i, x_k − x_i⟩ = (d_ij² + d_ik² − d_jk²)/2), which ``torch.cdist`` computes from the differences without
 the matrix-product shortcut (exactly 0 for equal embeddings). The angle loss then runs over blocks of anchors i,
 (b, B, B) at a time, and its gradient with respect to the distances is written out (no autograd graph of the
-B³ terms): with c = (d_ij² + d_ik² − d_jk²)/(2 d_ij d_ik) and g = ∂ℓ/∂c,
+B³ terms; on CUDA the Triton kernels of :mod:`fastkd.kernels.relational` do the same tile by tile): with
+c = (d_ij² + d_ik² − d_jk²)/(2 d_ij d_ik) and g = ∂ℓ/∂c,
 ∂c/∂d_ij = 1/d_ik − c/d_ij (likewise for d_ik) and ∂c/∂d_jk = −d_jk/(d_ij d_ik). Memory: O(B² + b·B²).
 """
 
@@ -40,6 +41,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import reference
+from .dispatch import launchers, select_backend
 
 ANCHOR_BLOCK_ELEMENTS = 1 << 19  # b·B² elements per block of anchors: a few such float32 blocks live at once
 
@@ -84,12 +86,17 @@ def _anchor_blocks(batch: int):
 
 
 class _RKDAngle(torch.autograd.Function):
-    """The angle loss from the two (B, B) distance matrices, block by block of anchors; gradient to the student's
+    """The angle loss from the two (B, B) distance matrices: block by block of anchors in PyTorch operations, or the
+    Triton kernels of fastkd.kernels.relational (tile by tile, nothing of B³ stored); gradient to the student's
     distances only."""
 
     @staticmethod
-    def forward(ctx, d_s, d_t):
+    def forward(ctx, d_s, d_t, backend):
         batch = d_s.shape[0]
+        ctx.save_for_backward(d_s, d_t)
+        ctx.backend = backend
+        if backend == "triton":
+            return launchers("triton", "relational").rkd_angle_forward(d_s, d_t) / max(batch, 1) ** 3
         total = d_s.new_zeros(())
         for anchors in _anchor_blocks(batch):
             c_s, _ = _cosines(d_s, anchors)
@@ -97,7 +104,6 @@ class _RKDAngle(torch.autograd.Function):
             diff = c_s - c_t
             absolute = diff.abs()
             total = total + torch.where(absolute < 1, 0.5 * diff * diff, absolute - 0.5).sum()
-        ctx.save_for_backward(d_s, d_t)
         return total / max(batch, 1) ** 3
 
     @staticmethod
@@ -105,8 +111,11 @@ class _RKDAngle(torch.autograd.Function):
     def backward(ctx, grad_loss):
         d_s, d_t = ctx.saved_tensors
         batch = d_s.shape[0]
-        grad_d = torch.zeros_like(d_s)
         scale = grad_loss / max(batch, 1) ** 3
+        if ctx.backend == "triton":  # the scale stays on the device: no host sync
+            kernels = launchers("triton", "relational")
+            return kernels.rkd_angle_backward(d_s, d_t, scale.float().reshape(())).to(d_s.dtype), None, None
+        grad_d = torch.zeros_like(d_s)
         safe = torch.where(d_s > 0, d_s, 1)
         for anchors in _anchor_blocks(batch):
             c_s, valid = _cosines(d_s, anchors)
@@ -117,7 +126,7 @@ class _RKDAngle(torch.autograd.Function):
             grad_d[anchors] += 2 * ((g / d_i.unsqueeze(1)).sum(2) - (g * c_s).sum(2) / d_i)
             # ∂c/∂d_jk = −d_jk/(d_ij d_ik), summed over the anchors
             grad_d -= d_s * (g / (d_i.unsqueeze(2) * d_i.unsqueeze(1))).sum(0)
-        return grad_d, None
+        return grad_d, None, None
 
 
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -133,11 +142,17 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return torch.nn.functional.smooth_l1_loss(parts[0], parts[1], reduction="mean")
 
 
-def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """RKD's angle-wise loss L_A of (B, D_s) and (B, D_t) embeddings (module docstring), without the (B, B, D) and
-    (B, B, B) tensors. The teacher gets no gradient."""
+    (B, B, B) tensors. The teacher gets no gradient. ``backend``: ``"triton"`` (chosen by ``"auto"`` for CUDA
+    tensors; CPU ones under the interpreter) runs the kernels of :mod:`fastkd.kernels.relational`; otherwise the
+    blocks of anchors in PyTorch operations; ``"reference"`` the authors' (B, B, D) formulation."""
     _check_embeddings(student, teacher)
-    return _RKDAngle.apply(_distances(student), _distances(teacher.detach()))
+    if backend == "reference":
+        return reference.rkd_angle_loss(student, teacher)
+    d_s, d_t = _distances(student), _distances(teacher.detach())
+    chosen = select_backend(backend, d_s, d_t, op="rkd_angle_loss", kernels=("triton",))
+    return _RKDAngle.apply(d_s, d_t, chosen)
 
 
 def graph_kd_loss(student_features, teacher_features, *, knn: Optional[int] = None) -> torch.Tensor:
@@ -160,10 +175,16 @@ def graph_kd_loss(student_features, teacher_features, *, knn: Optional[int] = No
 
 
 def rkd_loss(
-    student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """RKD (Park et al., CVPR 2019): distance_weight·L_D + angle_weight·L_A of (B, D_s) student and (B, D_t) teacher
-    embeddings (module docstring; the teacher gets no gradient). A weight of 0 skips its part."""
+    embeddings (module docstring; the teacher gets no gradient). A weight of 0 skips its part; ``backend`` as in
+    :func:`rkd_angle_loss`."""
     _check_embeddings(student, teacher)
     for name, weight in (("distance_weight", distance_weight), ("angle_weight", angle_weight)):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
@@ -172,7 +193,7 @@ def rkd_loss(
     if distance_weight:
         loss = loss + distance_weight * rkd_distance_loss(student, teacher)
     if angle_weight:
-        loss = loss + angle_weight * rkd_angle_loss(student, teacher)
+        loss = loss + angle_weight * rkd_angle_loss(student, teacher, backend=backend)
     return loss
 
 

@@ -1,4 +1,5 @@
-"""The Triton kernels of kd_loss, feature_loss and spectral_norms compile for sm_80 and sm_90 (PTX), without a GPU.
+"""The Triton kernels of kd_loss, feature_loss, spectral_norms and RKD's angle loss compile for sm_80 and sm_90
+(PTX), without a GPU.
 
 The CPU test-suite runs these kernels under the Triton interpreter, which executes Python and so cannot see
 errors that only the GPU code generator raises (a loop-carried variable changing type, say). This compiles a
@@ -21,7 +22,7 @@ SCRIPT = textwrap.dedent(r"""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fastkd.kernel_args import Divergence, Ensemble, FeatureGroup, FeatureKind, FeatureNormalize
-    from fastkd.kernels import features, kd, lipschitz
+    from fastkd.kernels import features, kd, lipschitz, relational
 
     def compile_for(fn, signature, constexprs, arch):
         return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
@@ -102,6 +103,14 @@ SCRIPT = textwrap.dedent(r"""
                         options_f, arch)
             compile_for(kd.kd_topk_backward_kernel, {**topk_backward, **dict.fromkeys(options, "constexpr")},
                         options, arch)
+    distances = {"D_S": f32, "D_T": f32}
+    for arch in (80, 90):
+        options = dict(BLOCK=64)
+        constexprs = dict.fromkeys(options, "constexpr")
+        compile_for(relational.rkd_angle_forward_kernel, {**distances, "PARTIAL": f32, "num": "i64", **constexprs},
+                    options, arch)
+        for kernel in (relational.rkd_angle_pair_grad_kernel, relational.rkd_angle_row_grad_kernel):
+            compile_for(kernel, {**distances, "SCALE": f32, "GRAD": f32, "num": "i64", **constexprs}, options, arch)
     print("compiled")
 """)
 

@@ -265,3 +265,23 @@ def test_graph_knn_of_at_least_b_minus_1_neighbours_is_the_dense_graph(gen):
     dense = fastkd.graph_kd_loss(s, t)
     for knn in (4, 5, 50):  # B − 1 = 4 neighbours is every other sample
         assert torch.equal(fastkd.graph_kd_loss(s, t, knn=knn), dense)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 9, 20])
+def test_the_triton_angle_kernels_match_the_reference(gen, batch):
+    """The tile kernels (under the interpreter on CPU) against the authors' formulation, also with equal rows."""
+    from conftest import DEVICE, skip_unless_available
+
+    skip_unless_available("triton")
+    s, t = embeddings(gen, batch, 5, torch.float32), embeddings(gen, batch, 7, torch.float32)
+    if batch > 5:
+        s[4] = s[1]
+        t[3] = t[0]
+    results = []
+    for backend, device in (("triton", DEVICE), ("reference", torch.device("cpu"))):
+        leaf = s.clone().to(device).requires_grad_()
+        loss = fastkd.rkd_loss(leaf, t.to(device), backend=backend)
+        loss.backward()
+        results.append((loss.detach().cpu(), leaf.grad.cpu()))
+    assert_rel_close(results[0][0], results[1][0], 1e-5, what="loss")
+    assert_rel_close(results[0][1], results[1][1], 1e-5, what="grad")
