@@ -11,6 +11,7 @@
 #include "kd_args.h"
 #include "kd_topk_cpu.h"
 #include "power_iteration_cpu.h"
+#include "relational_cpu.h"
 
 namespace fastkd {
 
@@ -48,8 +49,28 @@ struct CpuTopKIsa {
     TopKKernel backward;
 };
 
-namespace avx512 { extern const CpuIsa isa; extern const CpuTopKIsa topk_isa; }
-namespace avx2 { extern const CpuIsa isa; extern const CpuTopKIsa topk_isa; }
-namespace portable { extern const CpuIsa isa; extern const CpuTopKIsa topk_isa; }
+// The relational kernels of the same instruction set (relational_cpu_impl.h), likewise.
+struct CpuRelationalIsa {
+    void (*rkd_angle_forward)(const RKDAngleArgs&);
+    void (*rkd_angle_backward)(const RKDAngleArgs&);
+    void (*bank_gather_dot)(const BankDotArgs&);
+    void (*bank_scatter_dot)(const BankDotArgs&);
+};
+
+namespace avx512 {
+extern const CpuIsa isa;
+extern const CpuTopKIsa topk_isa;
+extern const CpuRelationalIsa relational_isa;
+}  // namespace avx512
+namespace avx2 {
+extern const CpuIsa isa;
+extern const CpuTopKIsa topk_isa;
+extern const CpuRelationalIsa relational_isa;
+}  // namespace avx2
+namespace portable {
+extern const CpuIsa isa;
+extern const CpuTopKIsa topk_isa;
+extern const CpuRelationalIsa relational_isa;
+}  // namespace portable
 
 }  // namespace fastkd

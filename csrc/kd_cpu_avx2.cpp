@@ -12,8 +12,10 @@
 #include "feature_loss_impl.h"
 #include "cpu_isa_entry.h"
 #include "kd_topk_cpu_impl.h"
+#include "relational_cpu_impl.h"
 #else
 extern const fastkd::CpuIsa fastkd::avx2::isa = {"avx2", nullptr, nullptr, nullptr, nullptr,
                                                     nullptr, nullptr, nullptr, nullptr};
 extern const fastkd::CpuTopKIsa fastkd::avx2::topk_isa = {nullptr, nullptr};
+extern const fastkd::CpuRelationalIsa fastkd::avx2::relational_isa = {nullptr, nullptr, nullptr, nullptr};
 #endif

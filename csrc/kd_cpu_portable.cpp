@@ -9,3 +9,4 @@
 #include "feature_loss_impl.h"
 #include "cpu_isa_entry.h"
 #include "kd_topk_cpu_impl.h"
+#include "relational_cpu_impl.h"

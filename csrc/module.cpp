@@ -40,6 +40,15 @@ const CpuTopKIsa& topk_isa() {
     return portable::topk_isa;
 }
 
+const CpuRelationalIsa& relational_isa() {
+    const CpuRelationalIsa* const tables[] = {&avx512::relational_isa, &avx2::relational_isa,
+                                              &portable::relational_isa};  // as kIsas
+    for (int i = 0; i < 3; ++i) {
+        if (kIsas[i] == g_isa) return *tables[i];
+    }
+    return portable::relational_isa;
+}
+
 std::vector<std::string> usable_isas() {
     std::vector<std::string> names;
     for (const CpuIsa* isa : kIsas) {
@@ -275,6 +284,76 @@ void power_iteration(const py::dict& d) {
     g_isa->power_iteration(a);
 }
 
+// RKD's angle loss (relational_cpu.h): the checked arguments, run on threads_for(B³) threads.
+RKDAngleArgs rkd_angle_args(const py::dict& d) {
+    RKDAngleArgs a;
+    a.student = pointer<const float>(d, "student");
+    a.teacher = pointer<const float>(d, "teacher");
+    a.num = get<int64_t>(d, "num");
+    a.row_stride = get<int64_t>(d, "row_stride");
+    a.num_threads = get<int>(d, "num_threads");
+    if (a.num < 0 || a.row_stride < a.num || a.num_threads < 1) {
+        throw std::invalid_argument("num must be >= 0, row_stride >= num and num_threads >= 1");
+    }
+    if (a.num > 0 && (a.student == nullptr || a.teacher == nullptr)) throw std::invalid_argument("null distances");
+    a.num_threads = threads_for(a.num_threads, a.num * a.num * a.num);
+    return a;
+}
+
+void rkd_angle_forward(const py::dict& d) {
+    RKDAngleArgs a = rkd_angle_args(d);
+    a.loss = pointer<float>(d, "loss");
+    if (a.loss == nullptr) throw std::invalid_argument("null loss pointer");
+    py::gil_scoped_release release;
+    relational_isa().rkd_angle_forward(a);
+}
+
+void rkd_angle_backward(const py::dict& d) {
+    RKDAngleArgs a = rkd_angle_args(d);
+    a.scale = get<float>(d, "scale");
+    a.grad = pointer<float>(d, "grad");
+    if (a.num > 0 && a.grad == nullptr) throw std::invalid_argument("null grad pointer");
+    py::gil_scoped_release release;
+    relational_isa().rkd_angle_backward(a);
+}
+
+// CRD's bank scores (relational_cpu.h): the checked arguments, run on threads_for(B·C·d) threads.
+BankDotArgs bank_dot_args(const py::dict& d) {
+    BankDotArgs a;
+    a.bank = rows(d, "bank");
+    a.num_bank_rows = get<int64_t>(d, "num_bank_rows");
+    a.dim = get<int64_t>(d, "dim");
+    a.index = pointer<const int64_t>(d, "index");
+    a.num_queries = get<int64_t>(d, "num_queries");
+    a.num_contrast = get<int64_t>(d, "num_contrast");
+    a.num_threads = get<int>(d, "num_threads");
+    if (a.num_bank_rows < 1 || a.dim < 1 || a.bank.row_stride < a.dim || a.num_queries < 0 || a.num_contrast < 1 ||
+        a.num_threads < 1) {
+        throw std::invalid_argument("bank sizes, dim, num_queries, num_contrast or num_threads out of range");
+    }
+    if (a.num_queries > 0 && (a.bank.data == nullptr || a.index == nullptr)) throw std::invalid_argument("null data");
+    a.num_threads = threads_for(a.num_threads, a.num_queries * a.num_contrast * a.dim);
+    return a;
+}
+
+void bank_gather_dot(const py::dict& d) {
+    BankDotArgs a = bank_dot_args(d);
+    a.query = pointer<const float>(d, "query");
+    a.scores = pointer<float>(d, "scores");
+    if (a.num_queries > 0 && (a.query == nullptr || a.scores == nullptr)) throw std::invalid_argument("null data");
+    py::gil_scoped_release release;
+    relational_isa().bank_gather_dot(a);
+}
+
+void bank_scatter_dot(const py::dict& d) {
+    BankDotArgs a = bank_dot_args(d);
+    a.grad = pointer<const float>(d, "grad");
+    a.grad_query = pointer<float>(d, "grad_query");
+    if (a.num_queries > 0 && (a.grad == nullptr || a.grad_query == nullptr)) throw std::invalid_argument("null data");
+    py::gil_scoped_release release;
+    relational_isa().bank_scatter_dot(a);
+}
+
 Strided3 strided3(const py::dict& d, const char* key, bool allow_uint8 = false) {
     // (pointer, dtype code, (stride n, stride c, stride s)); pointer 0: absent
     const auto spec = get<std::tuple<uintptr_t, int, std::tuple<int64_t, int64_t, int64_t>>>(d, key);
@@ -409,6 +488,14 @@ PYBIND11_MODULE(_C, m) {
           "feature_loss: gradients of the scaled sum of terms (feature_loss_cpu.h).");
     m.def("feature_loss_flat", &fastkd::feature_loss_flat,
           "feature_loss of plain contiguous features reduced to one number, with its gradients (module.cpp).");
+    m.def("rkd_angle_forward", &fastkd::rkd_angle_forward, py::arg("args"),
+          "RKD's angle loss: the sum of smooth L1 over the B³ triplets (relational_cpu.h).");
+    m.def("rkd_angle_backward", &fastkd::rkd_angle_backward, py::arg("args"),
+          "RKD's angle loss: the gradient w.r.t. the student's distances (relational_cpu.h).");
+    m.def("bank_gather_dot", &fastkd::bank_gather_dot, py::arg("args"),
+          "CRD: scores of query rows against bank rows read by index (relational_cpu.h).");
+    m.def("bank_scatter_dot", &fastkd::bank_scatter_dot, py::arg("args"),
+          "CRD: the scores' gradient w.r.t. the query rows (relational_cpu.h).");
     m.def("empty_buffer", &fastkd::empty_buffer, py::arg("nbytes"),
           "Uninitialised uint8 array from the buffer pool (csrc/buffer_pool.h).");
     m.def("empty_cache", &fastkd::buffer_pool::empty, "Free the pool's cached blocks.");

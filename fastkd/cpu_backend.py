@@ -436,3 +436,64 @@ def feature_backward(scale, student, teacher, mask, margin, *, kind, normalize, 
             )
         )
     return grad_s, grad_t
+
+
+def _rkd_angle_args(d_s: torch.Tensor, d_t: torch.Tensor) -> tuple[dict, list]:
+    d_s, d_t = d_s.to(torch.float32).contiguous(), d_t.to(torch.float32).contiguous()
+    num = d_s.shape[0]
+    args = dict(
+        student=d_s.data_ptr(), teacher=d_t.data_ptr(), num=num, row_stride=num, num_threads=torch.get_num_threads()
+    )
+    return args, [d_s, d_t]
+
+
+def rkd_angle_forward(d_s: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
+    """RKD's angle loss summed over the B³ triplets from the (B, B) distances, float32 0-d (csrc/relational_cpu.h);
+    the contract of :func:`fastkd.kernels.relational.rkd_angle_forward`."""
+    args, _keep = _rkd_angle_args(d_s, d_t)
+    loss = torch.zeros((), dtype=torch.float32)
+    _extension().rkd_angle_forward(dict(args, loss=loss.data_ptr()))
+    return loss
+
+
+def rkd_angle_backward(d_s: torch.Tensor, d_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """∂(scale·Σ ℓ)/∂d_s, (B, B) float32; the contract of :func:`fastkd.kernels.relational.rkd_angle_backward`."""
+    args, _keep = _rkd_angle_args(d_s, d_t)
+    grad = torch.empty(d_s.shape, dtype=torch.float32)
+    _extension().rkd_angle_backward(dict(args, scale=float(scale), grad=grad.data_ptr()))
+    return grad
+
+
+def _bank_dot_args(bank: torch.Tensor, contrast_index: torch.Tensor) -> tuple[dict, list]:
+    bank, bank_spec = rows_spec(bank)
+    contrast_index = contrast_index.to(torch.int64).contiguous()
+    args = dict(
+        bank=bank_spec,
+        num_bank_rows=bank.shape[0],
+        dim=bank.shape[1],
+        index=contrast_index.data_ptr(),
+        num_queries=contrast_index.shape[0],
+        num_contrast=contrast_index.shape[1],
+        num_threads=torch.get_num_threads(),
+    )
+    return args, [bank, contrast_index]
+
+
+def crd_gather_dot(bank: torch.Tensor, contrast_index: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """scores[b, c] = ⟨bank[contrast_index[b, c]], anchors[b]⟩, (B, C) float32, reading the bank rows in place
+    (csrc/relational_cpu.h); the contract of :func:`fastkd.kernels.relational.crd_gather_dot`."""
+    args, _keep = _bank_dot_args(bank, contrast_index)
+    anchors = anchors.to(torch.float32).contiguous()
+    scores = torch.empty(contrast_index.shape, dtype=torch.float32)
+    _extension().bank_gather_dot(dict(args, query=anchors.data_ptr(), scores=scores.data_ptr()))
+    return scores
+
+
+def crd_scatter_dot(bank: torch.Tensor, contrast_index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Σ_c grad[b, c]·bank[contrast_index[b, c]], (B, d) float32; the contract of
+    :func:`fastkd.kernels.relational.crd_scatter_dot`."""
+    args, _keep = _bank_dot_args(bank, contrast_index)
+    grad = grad.to(torch.float32).contiguous()
+    grad_anchors = torch.empty((contrast_index.shape[0], bank.shape[1]), dtype=torch.float32)
+    _extension().bank_scatter_dot(dict(args, grad=grad.data_ptr(), grad_query=grad_anchors.data_ptr()))
+    return grad_anchors

@@ -27,7 +27,8 @@ Here neither is built. The cosines come from the pairwise distances alone (the l
 ⟨x_j − x_i, x_k − x_i⟩ = (d_ij² + d_ik² − d_jk²)/2), which ``torch.cdist`` computes from the differences without
 the matrix-product shortcut (exactly 0 for equal embeddings). The angle loss then runs over blocks of anchors i,
 (b, B, B) at a time, and its gradient with respect to the distances is written out (no autograd graph of the
-B³ terms; on CUDA the Triton kernels of :mod:`fastkd.kernels.relational` do the same tile by tile): with
+B³ terms; the Triton kernels of :mod:`fastkd.kernels.relational` and the C++ ones of csrc/relational_cpu.h do
+the same without the blocks, tile by tile or a class j per thread): with
 c = (d_ij² + d_ik² − d_jk²)/(2 d_ij d_ik) and g = ∂ℓ/∂c,
 ∂c/∂d_ij = 1/d_ik − c/d_ij (likewise for d_ik) and ∂c/∂d_jk = −d_jk/(d_ij d_ik). Memory: O(B² + b·B²).
 """
@@ -41,7 +42,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import reference
-from .dispatch import launchers, select_backend
+from .dispatch import check_backend_name, launchers, select_backend
 
 ANCHOR_BLOCK_ELEMENTS = 1 << 19  # b·B² elements per block of anchors: a few such float32 blocks live at once
 
@@ -87,16 +88,16 @@ def _anchor_blocks(batch: int):
 
 class _RKDAngle(torch.autograd.Function):
     """The angle loss from the two (B, B) distance matrices: block by block of anchors in PyTorch operations, or the
-    Triton kernels of fastkd.kernels.relational (tile by tile, nothing of B³ stored); gradient to the student's
-    distances only."""
+    kernels (Triton: fastkd.kernels.relational, tile by tile; C++: csrc/relational_cpu.h, a class per thread;
+    nothing of B³ stored); gradient to the student's distances only."""
 
     @staticmethod
     def forward(ctx, d_s, d_t, backend):
         batch = d_s.shape[0]
         ctx.save_for_backward(d_s, d_t)
         ctx.backend = backend
-        if backend == "triton":
-            return launchers("triton", "relational").rkd_angle_forward(d_s, d_t) / max(batch, 1) ** 3
+        if backend in ("triton", "cpu"):
+            return launchers(backend, "relational").rkd_angle_forward(d_s, d_t) / max(batch, 1) ** 3
         total = d_s.new_zeros(())
         for anchors in _anchor_blocks(batch):
             c_s, _ = _cosines(d_s, anchors)
@@ -112,8 +113,8 @@ class _RKDAngle(torch.autograd.Function):
         d_s, d_t = ctx.saved_tensors
         batch = d_s.shape[0]
         scale = grad_loss / max(batch, 1) ** 3
-        if ctx.backend == "triton":  # the scale stays on the device: no host sync
-            kernels = launchers("triton", "relational")
+        if ctx.backend in ("triton", "cpu"):  # the scale stays on the device: no host sync on CUDA
+            kernels = launchers(ctx.backend, "relational")
             return kernels.rkd_angle_backward(d_s, d_t, scale.float().reshape(())).to(d_s.dtype), None, None
         grad_d = torch.zeros_like(d_s)
         safe = torch.where(d_s > 0, d_s, 1)
@@ -145,13 +146,15 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """RKD's angle-wise loss L_A of (B, D_s) and (B, D_t) embeddings (module docstring), without the (B, B, D) and
     (B, B, B) tensors. The teacher gets no gradient. ``backend``: ``"triton"`` (chosen by ``"auto"`` for CUDA
-    tensors; CPU ones under the interpreter) runs the kernels of :mod:`fastkd.kernels.relational`; otherwise the
-    blocks of anchors in PyTorch operations; ``"reference"`` the authors' (B, B, D) formulation."""
+    tensors; CPU ones under the interpreter) runs the kernels of :mod:`fastkd.kernels.relational`, ``"cpu"``
+    (chosen by ``"auto"`` for CPU tensors when the extension is built) the C++ kernels of csrc/relational_cpu.h;
+    float64 (or no kernel) runs the blocks of anchors in PyTorch operations; ``"reference"`` the authors'
+    (B, B, D) formulation."""
     _check_embeddings(student, teacher)
     if backend == "reference":
         return reference.rkd_angle_loss(student, teacher)
     d_s, d_t = _distances(student), _distances(teacher.detach())
-    chosen = select_backend(backend, d_s, d_t, op="rkd_angle_loss", kernels=("triton",))
+    chosen = select_backend(backend, d_s, d_t, op="rkd_angle_loss", kernels=("triton", "cpu"))
     return _RKDAngle.apply(d_s, d_t, chosen)
 
 
@@ -200,19 +203,21 @@ def rkd_loss(
 class _ContrastScores(torch.autograd.Function):
     """u[b, k] = ⟨bank[contrast_index[b, k]], anchors[b]⟩ (B, K+1), then the bank's rows ``index`` moved in place to
     normalize(momentum·bank[index] + (1 − momentum)·update_rows), as CRD's memory does after scoring. The (B, K+1, d)
-    rows are never gathered at once: with N ≤ DENSE_FACTOR·(K+1) all N scores come from one matrix product
-    (B·N floats), else blocks of CONTRAST_BLOCK contrast rows. The backward needs the rows as they were when
-    scored: it reads the bank and puts back the B rows the update moved (kept, B·d floats)."""
+    rows are never gathered: with N ≤ DENSE_FACTOR·(K+1) all N scores come from one matrix product (B·N floats;
+    faster than reading K+1 random rows per sample there, on this CPU too: bench/RESULTS.md), else the gather-dot
+    kernels read each bank row by index in place (``backend`` "triton" or "cpu"), or, on the reference backend,
+    blocks of CONTRAST_BLOCK gathered rows. The backward needs the rows as they were when scored: it reads the bank
+    and puts back the B rows the update moved (kept, B·d floats)."""
 
     @staticmethod
-    def forward(ctx, bank, contrast_index, anchors, index, update_rows, momentum):
-        scores = _gather_dot(bank, contrast_index, anchors)
+    def forward(ctx, bank, contrast_index, anchors, index, update_rows, momentum, backend):
+        scores = _gather_dot(bank, contrast_index, anchors, backend)
         old_rows = bank[index]
         moved = old_rows * momentum + update_rows.detach().to(bank.dtype) * (1 - momentum)
         bank.index_copy_(0, index, torch.nn.functional.normalize(moved, dim=1, eps=1e-12))
         ctx.bank, ctx.version = bank, bank._version
         ctx.save_for_backward(contrast_index, index, old_rows)
-        ctx.anchor_dtype = anchors.dtype
+        ctx.anchor_dtype, ctx.backend = anchors.dtype, backend
         return scores
 
     @staticmethod
@@ -226,7 +231,7 @@ class _ContrastScores(torch.autograd.Function):
                 "same CRDLoss ran in between); call backward before the next forward"
             )
         grad = grad_scores.to(bank.dtype)
-        grad_anchors = _scatter_dot(bank, contrast_index, grad)
+        grad_anchors = _scatter_dot(bank, contrast_index, grad, ctx.backend)
         # the rows the update moved: their scores were taken against old_rows, not the bank's rows now
         position = torch.full((bank.shape[0],), -1, dtype=torch.int64, device=bank.device)
         position[index] = torch.arange(index.shape[0], device=bank.device)
@@ -234,18 +239,25 @@ class _ContrastScores(torch.autograd.Function):
         weights = torch.zeros(grad.shape[0], index.shape[0], dtype=grad.dtype, device=grad.device)
         weights.scatter_add_(1, hit.clamp_min(0), torch.where(hit >= 0, grad, 0))
         grad_anchors += weights @ (old_rows - bank[index])
-        return None, None, grad_anchors.to(ctx.anchor_dtype), None, None, None
+        return None, None, grad_anchors.to(ctx.anchor_dtype), None, None, None, None
 
 
 DENSE_FACTOR = 8  # all N scores by one matrix product when N ≤ DENSE_FACTOR·(K+1)
 CONTRAST_BLOCK = 1024  # contrast rows per block of the gathered scores
 
 
-def _gather_dot(bank, contrast_index, anchors):
+def _dense(bank, contrast_index) -> bool:
+    return bank.shape[0] <= DENSE_FACTOR * contrast_index.shape[1]
+
+
+def _gather_dot(bank, contrast_index, anchors, backend):
     """(B, K+1) scores without the (B, K+1, d) rows."""
-    anchors = anchors.detach().to(bank.dtype)
-    if bank.shape[0] <= DENSE_FACTOR * contrast_index.shape[1]:
-        return (anchors @ bank.T).gather(1, contrast_index)
+    anchors = anchors.detach()
+    if _dense(bank, contrast_index):
+        return (anchors.to(bank.dtype) @ bank.T).gather(1, contrast_index)
+    if backend != "reference":
+        return launchers(backend, "relational").crd_gather_dot(bank, contrast_index, anchors).to(bank.dtype)
+    anchors = anchors.to(bank.dtype)
     return torch.cat(
         [
             torch.bmm(bank[contrast_index[:, k : k + CONTRAST_BLOCK]], anchors.unsqueeze(-1)).squeeze(-1)
@@ -255,11 +267,13 @@ def _gather_dot(bank, contrast_index, anchors):
     )
 
 
-def _scatter_dot(bank, contrast_index, grad):
+def _scatter_dot(bank, contrast_index, grad, backend):
     """Σ_k grad[b, k]·bank[contrast_index[b, k]], (B, d), without the (B, K+1, d) rows."""
-    if bank.shape[0] <= DENSE_FACTOR * contrast_index.shape[1]:
+    if _dense(bank, contrast_index):
         dense = torch.zeros(grad.shape[0], bank.shape[0], dtype=grad.dtype, device=grad.device)
         return dense.scatter_add_(1, contrast_index, grad) @ bank
+    if backend != "reference":
+        return launchers(backend, "relational").crd_scatter_dot(bank, contrast_index, grad.float()).to(grad.dtype)
     total = torch.zeros(grad.shape[0], bank.shape[1], dtype=grad.dtype, device=grad.device)
     for k in range(0, contrast_index.shape[1], CONTRAST_BLOCK):
         rows = bank[contrast_index[:, k : k + CONTRAST_BLOCK]]
@@ -286,8 +300,9 @@ class CRDLoss(torch.nn.Module):
     ``contrast_index`` (B, K+1) with ``index`` in column 0 (e.g. negatives from other classes, as the authors' CIFAR
     datasets give them), else drawn on the banks' device from a generator seeded by ``seed`` (its state is
     checkpointed with the module). The (B, K+1, d) block the authors' code gathers per side (537 MB at B = 64,
-    K = 16384, d = 128) is never built (:class:`_ContrastScores`); their formulation is
-    :func:`fastkd.reference.crd_scores` and :func:`fastkd.reference.crd_nce_loss`.
+    K = 16384, d = 128) is never built (:class:`_ContrastScores`; ``backend`` as in :func:`fastkd.kd_loss`, "auto":
+    Triton on CUDA, C++ on CPU, PyTorch operations for float64, chooses its gather-dot kernels); their formulation
+    is :func:`fastkd.reference.crd_scores` and :func:`fastkd.reference.crd_nce_loss`.
     """
 
     def __init__(
@@ -301,8 +316,10 @@ class CRDLoss(torch.nn.Module):
         temperature: float = 0.07,
         momentum: float = 0.5,
         seed: int = 0,
+        backend: str = "auto",
     ):
         super().__init__()
+        check_backend_name(backend)
         for name, value in (
             ("num_samples", num_samples),
             ("student_dim", student_dim),
@@ -317,7 +334,7 @@ class CRDLoss(torch.nn.Module):
         if not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
         self.num_samples, self.num_negatives = num_samples, num_negatives
-        self.temperature, self.momentum, self.seed = float(temperature), float(momentum), seed
+        self.temperature, self.momentum, self.seed, self.backend = float(temperature), float(momentum), seed, backend
         self.embed_student = torch.nn.Linear(student_dim, feat_dim)
         self.embed_teacher = torch.nn.Linear(teacher_dim, feat_dim)
         generator = torch.Generator().manual_seed(seed)
@@ -350,8 +367,9 @@ class CRDLoss(torch.nn.Module):
         v_t = torch.nn.functional.normalize(self.embed_teacher(teacher_features.detach().flatten(1)), dim=1, eps=1e-12)
         contrast_index = self._contrast_index(index, contrast_index, v_s.shape[0], v_s.device)
         index = contrast_index[:, 0]
-        scores_s = _ContrastScores.apply(self.teacher_bank, contrast_index, v_s, index, v_t, self.momentum)
-        scores_t = _ContrastScores.apply(self.student_bank, contrast_index, v_t, index, v_s, self.momentum)
+        backend = select_backend(self.backend, self.teacher_bank, v_s, op="CRDLoss", kernels=("triton", "cpu"))
+        scores_s = _ContrastScores.apply(self.teacher_bank, contrast_index, v_s, index, v_t, self.momentum, backend)
+        scores_t = _ContrastScores.apply(self.student_bank, contrast_index, v_t, index, v_s, self.momentum, backend)
         if not self._normalizers_known:
             self._normalizers_known = bool((self.normalizers >= 0).all())  # once: a host sync
             if not self._normalizers_known:

@@ -7,6 +7,10 @@ j), Σ_k ℓ: the caller sums the (B, B) partials (a fixed order: the same bits 
 g = clamp(c_s − c_t, −1, 1)·scale (scale = the incoming gradient ÷ B³, read on the device), writes ∂/∂d_s in two
 kernels that own what they write (no atomics): one program per tile (j, k) sums −g·d_jk/(d_ij·d_ik) over the
 anchors; then one program per (anchor i, block of j) adds 2·Σ_k g·(1/d_ik − c/d_ij) to row i.
+
+For CRD's memory bank, two kernels read the contrast rows by index where they lie, never gathering the (B, C, d)
+rows: the scores u[b, c] = ⟨bank[contrast_index[b, c]], anchors[b]⟩, and their gradient w.r.t. the anchors,
+Σ_c grad[b, c]·bank[contrast_index[b, c]] (each program owns what it writes: no atomics, the same bits every run).
 """
 
 from __future__ import annotations
@@ -134,3 +138,92 @@ def rkd_angle_backward(d_s: torch.Tensor, d_t: torch.Tensor, scale: torch.Tensor
     rkd_angle_pair_grad_kernel[(blocks, blocks)](d_s, d_t, scale, grad, num, **config)
     rkd_angle_row_grad_kernel[(num, blocks)](d_s, d_t, scale, grad, num, **config)
     return grad
+
+
+@triton.jit
+def crd_gather_dot_kernel(
+    BANK, INDEX, ANCHORS, SCORES, num_c, dim, bank_stride, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """SCORES[b, c] = Σ_k BANK[INDEX[b, c], k]·ANCHORS[b, k]; one program per (b, block of c)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in = c < num_c
+    rows = BANK + tl.load(INDEX + b * num_c + c, mask=c_in, other=0).to(tl.int64) * bank_stride
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for start in range(0, dim, BLOCK_D):
+        k = start + tl.arange(0, BLOCK_D)
+        k_in = k < dim
+        anchor = tl.load(ANCHORS + b * dim + k, mask=k_in, other=0.0).to(tl.float32)
+        tile = tl.load(rows[:, None] + k[None, :], mask=c_in[:, None] & k_in[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(tile * anchor[None, :], axis=1)
+    tl.store(SCORES + b * num_c + c, total, mask=c_in)
+
+
+@triton.jit
+def crd_scatter_dot_kernel(
+    BANK, INDEX, GRAD, OUT, num_b, num_c, dim, bank_stride, chunk, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """OUT[s, b, k] = Σ_c GRAD[b, c]·BANK[INDEX[b, c], k] over the chunk s of c; one program per (b, block of k,
+    chunk s): with few samples the chunks keep the GPU busy, and the caller sums the (S, B, d) partials."""
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    part = tl.program_id(2).to(tl.int64)
+    k_in = k < dim
+    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(part * chunk, tl.minimum(part * chunk + chunk, num_c), BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_in = c < tl.minimum(part * chunk + chunk, num_c)
+        rows = BANK + tl.load(INDEX + b * num_c + c, mask=c_in, other=0).to(tl.int64) * bank_stride
+        grad = tl.load(GRAD + b * num_c + c, mask=c_in, other=0.0)
+        tile = tl.load(rows[:, None] + k[None, :], mask=c_in[:, None] & k_in[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(grad[:, None] * tile, axis=0)
+    tl.store(OUT + (part * num_b + b) * dim + k, total, mask=k_in)
+
+
+SCATTER_CHUNK = 1024  # contrast rows per program of the scatter-dot (a multiple of BLOCK_C)
+
+
+def _crd_launch_config(num_c: int, dim: int) -> dict:
+    """A (BLOCK_C, BLOCK_D) tile of at most 64 × 128 = 8192 bank elements."""
+    block_c = max(16, min(64, triton.next_power_of_2(max(num_c, 1))))
+    block_d = max(16, min(128, triton.next_power_of_2(max(dim, 1))))
+    return dict(BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4)
+
+
+def _unit_column_stride(bank: torch.Tensor) -> torch.Tensor:
+    return bank if bank.stride(1) == 1 else bank.contiguous()
+
+
+def crd_gather_dot(bank: torch.Tensor, contrast_index: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """scores[b, c] = ⟨bank[contrast_index[b, c]], anchors[b]⟩, (B, C) float32, without gathering the (B, C, d)
+    rows; bank (N, d) with any row stride, anchors (B, d), each float32, float16 or bfloat16."""
+    num_b, num_c = contrast_index.shape
+    dim = bank.shape[1]
+    scores = torch.empty((num_b, num_c), dtype=torch.float32, device=bank.device)
+    if scores.numel() == 0:
+        return scores
+    bank = _unit_column_stride(bank)
+    config = _crd_launch_config(num_c, dim)
+    grid = (num_b, triton.cdiv(num_c, config["BLOCK_C"]))
+    crd_gather_dot_kernel[grid](
+        bank, contrast_index.contiguous(), anchors.contiguous(), scores, num_c, dim, bank.stride(0), **config
+    )
+    return scores
+
+
+def crd_scatter_dot(bank: torch.Tensor, contrast_index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Σ_c grad[b, c]·bank[contrast_index[b, c]], (B, d) float32 (the scores' gradient w.r.t. the anchors); grad
+    (B, C) float32."""
+    num_b, num_c = contrast_index.shape
+    dim = bank.shape[1]
+    if num_b == 0 or num_c == 0 or dim == 0:
+        return torch.zeros((num_b, dim), dtype=torch.float32, device=bank.device)
+    bank = _unit_column_stride(bank)
+    config = _crd_launch_config(num_c, dim)
+    chunk = triton.cdiv(SCATTER_CHUNK, config["BLOCK_C"]) * config["BLOCK_C"]
+    parts = torch.empty((triton.cdiv(num_c, chunk), num_b, dim), dtype=torch.float32, device=bank.device)
+    grid = (num_b, triton.cdiv(dim, config["BLOCK_D"]), parts.shape[0])
+    crd_scatter_dot_kernel[grid](
+        bank, contrast_index.contiguous(), grad.contiguous(), parts, num_b, num_c, dim, bank.stride(0), chunk, **config
+    )
+    return parts.sum(0)  # in a fixed order: the same bits every run

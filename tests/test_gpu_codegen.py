@@ -111,6 +111,13 @@ SCRIPT = textwrap.dedent(r"""
                     options, arch)
         for kernel in (relational.rkd_angle_pair_grad_kernel, relational.rkd_angle_row_grad_kernel):
             compile_for(kernel, {**distances, "SCALE": f32, "GRAD": f32, "num": "i64", **constexprs}, options, arch)
+        bank = {"BANK": "*bf16", "INDEX": "*i64", "num_c": "i64", "dim": "i64", "bank_stride": "i64"}
+        options = dict(BLOCK_C=64, BLOCK_D=128)
+        constexprs = dict.fromkeys(options, "constexpr")
+        compile_for(relational.crd_gather_dot_kernel, {**bank, "ANCHORS": f32, "SCORES": f32, **constexprs},
+                    options, arch)
+        compile_for(relational.crd_scatter_dot_kernel, {**bank, "GRAD": f32, "OUT": f32, "num_b": "i64",
+                                                        "chunk": "i64", **constexprs}, options, arch)
     print("compiled")
 """)
 

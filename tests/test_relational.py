@@ -267,21 +267,69 @@ def test_graph_knn_of_at_least_b_minus_1_neighbours_is_the_dense_graph(gen):
         assert torch.equal(fastkd.graph_kd_loss(s, t, knn=knn), dense)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("batch", [1, 2, 9, 20])
-def test_the_triton_angle_kernels_match_the_reference(gen, batch):
-    """The tile kernels (under the interpreter on CPU) against the authors' formulation, also with equal rows."""
-    from conftest import DEVICE, skip_unless_available
-
-    skip_unless_available("triton")
-    s, t = embeddings(gen, batch, 5, torch.float32), embeddings(gen, batch, 7, torch.float32)
+def test_the_angle_kernels_match_the_float64_reference(gen, kernel, batch, dtype, rtol):
+    """The kernels (Triton tiles, under the interpreter on CPU; C++ with each instruction set) against the
+    authors' formulation in float64 on the same (rounded) inputs, loss and gradient, also with equal rows."""
+    s, t = embeddings(gen, batch, 5, dtype), embeddings(gen, batch, 7, dtype)
     if batch > 5:
         s[4] = s[1]
         t[3] = t[0]
-    results = []
-    for backend, device in (("triton", DEVICE), ("reference", torch.device("cpu"))):
-        leaf = s.clone().to(device).requires_grad_()
-        loss = fastkd.rkd_loss(leaf, t.to(device), backend=backend)
-        loss.backward()
-        results.append((loss.detach().cpu(), leaf.grad.cpu()))
-    assert_rel_close(results[0][0], results[1][0], 1e-5, what="loss")
-    assert_rel_close(results[0][1], results[1][1], 1e-5, what="grad")
+    leaf = s.clone().to(kernel.device).requires_grad_()
+    loss = fastkd.rkd_loss(leaf, t.to(kernel.device), backend=kernel.backend)
+    loss.backward()
+    truth = s.double().requires_grad_()
+    want = 25 * reference.rkd_distance_loss(truth, t.double()) + 50 * reference.rkd_angle_loss(truth, t.double())
+    want.backward()
+    assert loss.dtype == torch.float32
+    assert_rel_close(loss, want, rtol, what="loss")
+    assert_rel_close(leaf.grad, truth.grad, rtol, what="grad")
+
+
+def test_the_cpu_angle_kernels_give_the_same_bits_on_any_thread_count(gen):
+    from conftest import skip_unless_available
+
+    skip_unless_available("cpu")
+    s, t = embeddings(gen, 45, 6, torch.float32), embeddings(gen, 45, 3, torch.float32)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            leaf = s.clone().requires_grad_()
+            loss = relational.rkd_angle_loss(leaf, t, backend="cpu")
+            loss.backward()
+            results.append((loss.detach(), leaf.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for result in results[1:] for a, b in zip(result, results[0]))
+
+
+@pytest.mark.parametrize("num_negatives", [4, 70])  # N = 500 > 8·(K+1): the gather-dot kernels; 70: one matmul
+def test_crd_on_the_kernels_matches_the_float64_algorithm_over_steps(gen, kernel, num_negatives):
+    import copy
+
+    torch.manual_seed(1)
+    crd = relational.CRDLoss(500, 5, 9, feat_dim=6, num_negatives=num_negatives, backend=kernel.backend)
+    twin = copy.deepcopy(crd).double()
+    crd = crd.to(kernel.device)
+    for step in range(3):
+        f_s, f_t = embeddings(gen, 8, 5), embeddings(gen, 8, 9)
+        index = torch.randperm(500, generator=gen)[:8]
+        negatives = torch.randint(500, (8, num_negatives), generator=gen)
+        negatives[0, :2] = index[0]
+        negatives[1, :2] = index[2]
+        contrast_index = torch.cat([index[:, None], negatives], 1)
+        loss = crd(f_s.float().to(kernel.device), f_t.float().to(kernel.device), index, contrast_index)
+        want, banks = crd_reference_step(twin, f_s, f_t, contrast_index)
+        assert_rel_close(loss, want, 1e-5, what=f"loss at step {step}")
+        got_grads = torch.autograd.grad(loss, list(crd.parameters()))
+        want_grads = torch.autograd.grad(want, list(twin.parameters()))
+        for got, expected in zip(got_grads, want_grads):
+            assert_rel_close(got, expected, 1e-5, what=f"gradient at step {step}")
+        with torch.no_grad():
+            twin.student_bank.copy_(banks[0])
+            twin.teacher_bank.copy_(banks[1])
+            twin.normalizers.copy_(crd.normalizers)
+        assert_rel_close(crd.student_bank, twin.student_bank, 1e-6, what="student bank")
+        assert_rel_close(crd.teacher_bank, twin.teacher_bank, 1e-6, what="teacher bank")
