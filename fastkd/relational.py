@@ -400,11 +400,14 @@ class CRDLoss(torch.nn.Module):
         ):
             raise ValueError(f"contrast_index must be an int tensor of shape ({batch}, K + 1), index in column 0")
         contrast_index = contrast_index.to(device=device, dtype=torch.int64)
+        in_range = f"index and contrast_index must lie in [0, num_samples={self.num_samples})"
         if contrast_index.device.type == "cpu" and contrast_index.numel():
             if int(contrast_index.min()) < 0 or int(contrast_index.max()) >= self.num_samples:
-                raise ValueError(f"index and contrast_index must lie in [0, num_samples={self.num_samples})")
+                raise ValueError(in_range)
             if not torch.equal(contrast_index[:, 0], index):
                 raise ValueError("contrast_index must hold index in its column 0 (the positives)")
+        elif contrast_index.numel():  # a device-side assertion (no host sync): the kernels after it do not run
+            torch._assert_async(((contrast_index >= 0) & (contrast_index < self.num_samples)).all(), in_range)
         return contrast_index
 
     def _load_from_state_dict(self, *args, **kwargs):
