@@ -31,6 +31,10 @@ B³ terms; the Triton kernels of :mod:`fastkd.kernels.relational` and the C++ on
 the same without the blocks, tile by tile or a class j per thread): with
 c = (d_ij² + d_ik² − d_jk²)/(2 d_ij d_ik) and g = ∂ℓ/∂c,
 ∂c/∂d_ij = 1/d_ik − c/d_ij (likewise for d_ik) and ∂c/∂d_jk = −d_jk/(d_ij d_ik). Memory: O(B² + b·B²).
+
+The kernels are the custom ops ``fastkd::rkd_angle_sum``, ``rkd_angle_grad``, ``crd_gather_dot`` and
+``crd_scatter_dot``: ``torch.compile(fullgraph=True)`` traces :func:`rkd_loss` and :class:`CRDLoss` (the latter
+after its first batch, whose Z takes one host read).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import reference
-from .dispatch import check_backend_name, launchers, select_backend
+from .dispatch import check_backend_name, kernel_op, launchers, select_backend
 
 ANCHOR_BLOCK_ELEMENTS = 1 << 19  # b·B² elements per block of anchors: a few such float32 blocks live at once
 
@@ -86,6 +90,28 @@ def _anchor_blocks(batch: int):
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
+@kernel_op("rkd_angle_sum")
+def _rkd_angle_sum_op(d_s: torch.Tensor, d_t: torch.Tensor, backend: str) -> torch.Tensor:
+    """The kernels' forward: Σ ℓ over the B³ triplets of the (B, B) distances, float32 0-d."""
+    return launchers(backend, "relational").rkd_angle_forward(d_s, d_t)
+
+
+@_rkd_angle_sum_op.register_fake
+def _(d_s, d_t, backend):
+    return d_s.new_empty((), dtype=torch.float32)
+
+
+@kernel_op("rkd_angle_grad")
+def _rkd_angle_grad_op(d_s: torch.Tensor, d_t: torch.Tensor, scale: torch.Tensor, backend: str) -> torch.Tensor:
+    """The kernels' backward: ∂(scale·Σ ℓ)/∂d_s, (B, B) float32; ``scale`` float32 0-d."""
+    return launchers(backend, "relational").rkd_angle_backward(d_s, d_t, scale)
+
+
+@_rkd_angle_grad_op.register_fake
+def _(d_s, d_t, scale, backend):
+    return d_s.new_empty(d_s.shape, dtype=torch.float32)
+
+
 class _RKDAngle(torch.autograd.Function):
     """The angle loss from the two (B, B) distance matrices: block by block of anchors in PyTorch operations, or the
     kernels (Triton: fastkd.kernels.relational, tile by tile; C++: csrc/relational_cpu.h, a class per thread;
@@ -97,7 +123,7 @@ class _RKDAngle(torch.autograd.Function):
         ctx.save_for_backward(d_s, d_t)
         ctx.backend = backend
         if backend in ("triton", "cpu"):
-            return launchers(backend, "relational").rkd_angle_forward(d_s, d_t) / max(batch, 1) ** 3
+            return _rkd_angle_sum_op(d_s, d_t, backend) / max(batch, 1) ** 3
         total = d_s.new_zeros(())
         for anchors in _anchor_blocks(batch):
             c_s, _ = _cosines(d_s, anchors)
@@ -114,8 +140,7 @@ class _RKDAngle(torch.autograd.Function):
         batch = d_s.shape[0]
         scale = grad_loss / max(batch, 1) ** 3
         if ctx.backend in ("triton", "cpu"):  # the scale stays on the device: no host sync on CUDA
-            kernels = launchers(ctx.backend, "relational")
-            return kernels.rkd_angle_backward(d_s, d_t, scale.float().reshape(())).to(d_s.dtype), None, None
+            return _rkd_angle_grad_op(d_s, d_t, scale.float().reshape(()), ctx.backend).to(d_s.dtype), None, None
         grad_d = torch.zeros_like(d_s)
         safe = torch.where(d_s > 0, d_s, 1)
         for anchors in _anchor_blocks(batch):
@@ -200,6 +225,32 @@ def rkd_loss(
     return loss
 
 
+@kernel_op("crd_gather_dot")
+def _crd_gather_dot_op(
+    bank: torch.Tensor, contrast_index: torch.Tensor, anchors: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """scores[b, c] = ⟨bank[contrast_index[b, c]], anchors[b]⟩, (B, C) float32, the bank rows read in place."""
+    return launchers(backend, "relational").crd_gather_dot(bank, contrast_index, anchors)
+
+
+@_crd_gather_dot_op.register_fake
+def _(bank, contrast_index, anchors, backend):
+    return bank.new_empty(contrast_index.shape, dtype=torch.float32)
+
+
+@kernel_op("crd_scatter_dot")
+def _crd_scatter_dot_op(
+    bank: torch.Tensor, contrast_index: torch.Tensor, grad: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """Σ_c grad[b, c]·bank[contrast_index[b, c]], (B, d) float32; ``grad`` (B, C) float32."""
+    return launchers(backend, "relational").crd_scatter_dot(bank, contrast_index, grad)
+
+
+@_crd_scatter_dot_op.register_fake
+def _(bank, contrast_index, grad, backend):
+    return bank.new_empty((contrast_index.shape[0], bank.shape[1]), dtype=torch.float32)
+
+
 class _ContrastScores(torch.autograd.Function):
     """u[b, k] = ⟨bank[contrast_index[b, k]], anchors[b]⟩ (B, K+1), then the bank's rows ``index`` moved in place to
     normalize(momentum·bank[index] + (1 − momentum)·update_rows), as CRD's memory does after scoring. The (B, K+1, d)
@@ -215,7 +266,7 @@ class _ContrastScores(torch.autograd.Function):
         old_rows = bank[index]
         moved = old_rows * momentum + update_rows.detach().to(bank.dtype) * (1 - momentum)
         bank.index_copy_(0, index, torch.nn.functional.normalize(moved, dim=1, eps=1e-12))
-        ctx.bank, ctx.version = bank, bank._version
+        ctx.bank, ctx.version = bank, None if torch.compiler.is_compiling() else bank._version
         ctx.save_for_backward(contrast_index, index, old_rows)
         ctx.anchor_dtype, ctx.backend = anchors.dtype, backend
         return scores
@@ -225,7 +276,7 @@ class _ContrastScores(torch.autograd.Function):
     def backward(ctx, grad_scores):
         contrast_index, index, old_rows = ctx.saved_tensors
         bank = ctx.bank
-        if bank._version != ctx.version:
+        if ctx.version is not None and bank._version != ctx.version:  # not recorded under torch.compile
             raise RuntimeError(
                 "CRDLoss: its memory bank changed between this forward and its backward (another forward of the "
                 "same CRDLoss ran in between); call backward before the next forward"
@@ -256,7 +307,7 @@ def _gather_dot(bank, contrast_index, anchors, backend):
     if _dense(bank, contrast_index):
         return (anchors.to(bank.dtype) @ bank.T).gather(1, contrast_index)
     if backend != "reference":
-        return launchers(backend, "relational").crd_gather_dot(bank, contrast_index, anchors).to(bank.dtype)
+        return _crd_gather_dot_op(bank, contrast_index, anchors, backend).to(bank.dtype)
     anchors = anchors.to(bank.dtype)
     return torch.cat(
         [
@@ -273,7 +324,7 @@ def _scatter_dot(bank, contrast_index, grad, backend):
         dense = torch.zeros(grad.shape[0], bank.shape[0], dtype=grad.dtype, device=grad.device)
         return dense.scatter_add_(1, contrast_index, grad) @ bank
     if backend != "reference":
-        return launchers(backend, "relational").crd_scatter_dot(bank, contrast_index, grad.float()).to(grad.dtype)
+        return _crd_scatter_dot_op(bank, contrast_index, grad.float(), backend).to(grad.dtype)
     total = torch.zeros(grad.shape[0], bank.shape[1], dtype=grad.dtype, device=grad.device)
     for k in range(0, contrast_index.shape[1], CONTRAST_BLOCK):
         rows = bank[contrast_index[:, k : k + CONTRAST_BLOCK]]
@@ -401,13 +452,17 @@ class CRDLoss(torch.nn.Module):
             raise ValueError(f"contrast_index must be an int tensor of shape ({batch}, K + 1), index in column 0")
         contrast_index = contrast_index.to(device=device, dtype=torch.int64)
         in_range = f"index and contrast_index must lie in [0, num_samples={self.num_samples})"
-        if contrast_index.device.type == "cpu" and contrast_index.numel():
+        positives = "contrast_index must hold index in its column 0 (the positives)"
+        if not contrast_index.numel():
+            return contrast_index
+        if contrast_index.device.type == "cpu" and not torch.compiler.is_compiling():
             if int(contrast_index.min()) < 0 or int(contrast_index.max()) >= self.num_samples:
                 raise ValueError(in_range)
             if not torch.equal(contrast_index[:, 0], index):
-                raise ValueError("contrast_index must hold index in its column 0 (the positives)")
-        elif contrast_index.numel():  # a device-side assertion (no host sync): the kernels after it do not run
+                raise ValueError(positives)
+        else:  # asserted on the device (no host sync, no graph break): the kernels after a failure do not run
             torch._assert_async(((contrast_index >= 0) & (contrast_index < self.num_samples)).all(), in_range)
+            torch._assert_async((contrast_index[:, 0] == index).all(), positives)
         return contrast_index
 
     def _load_from_state_dict(self, *args, **kwargs):

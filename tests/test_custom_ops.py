@@ -1,6 +1,7 @@
 """torch.library.opcheck of every fastkd custom op on each kernel backend: the schema, the fake (meta) kernel
 against the real one, and AOT dispatch with dynamic shapes (torch.compile's path). The ops are called by the
-autograd.Functions of fastkd.kd, fastkd.linear_kd, fastkd.features and fastkd.lipschitz, which own their gradients:
+autograd.Functions of fastkd.kd, fastkd.linear_kd, fastkd.features, fastkd.lipschitz and fastkd.relational, which
+own their gradients:
 the ops register no autograd kernel, so the registration check runs with inputs that need no gradient."""
 
 import pytest
@@ -123,7 +124,24 @@ def linear_kd_cases(device, backend):
     ]
 
 
-@pytest.mark.parametrize("cases", [kd_cases, feature_cases, power_iteration_cases, linear_kd_cases])
+def relational_cases(device, backend):
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(7, 5, generator=g).to(device), torch.randn(7, 3, generator=g).to(device)
+    d_s, d_t = torch.cdist(x, x), torch.cdist(y, y)
+    bank, contrast_index = torch.randn(30, 6, generator=g).to(device), torch.randint(30, (4, 9), generator=g).to(device)
+    anchors, grad = torch.randn(4, 6, generator=g).to(device), torch.randn(4, 9, generator=g).to(device)
+    return [
+        (torch.ops.fastkd.rkd_angle_sum.default, (d_s, d_t, backend), {}),
+        (torch.ops.fastkd.rkd_angle_grad.default, (d_s, d_t, torch.tensor(0.5, device=device), backend), {}),
+        (torch.ops.fastkd.crd_gather_dot.default, (bank, contrast_index, anchors, backend), {}),
+        (torch.ops.fastkd.crd_scatter_dot.default, (bank, contrast_index, grad, backend), {}),
+    ]
+
+
+ALL_CASES = [kd_cases, feature_cases, power_iteration_cases, linear_kd_cases, relational_cases]
+
+
+@pytest.mark.parametrize("cases", ALL_CASES)
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_opcheck(backend, cases):
     skip_unless_available(backend)
@@ -143,10 +161,14 @@ EAGER_CALLS = {  # the callables fastkd's autograd.Functions use: in eager mode 
     "power_iteration": fastkd.lipschitz._power_iteration_op,
     "linear_kd_forward": fastkd.linear_kd._linear_kd_forward_op,
     "linear_kd_backward": fastkd.linear_kd._linear_kd_backward_op,
+    "rkd_angle_sum": fastkd.relational._rkd_angle_sum_op,
+    "rkd_angle_grad": fastkd.relational._rkd_angle_grad_op,
+    "crd_gather_dot": fastkd.relational._crd_gather_dot_op,
+    "crd_scatter_dot": fastkd.relational._crd_scatter_dot_op,
 }
 
 
-@pytest.mark.parametrize("cases", [kd_cases, feature_cases, power_iteration_cases, linear_kd_cases])
+@pytest.mark.parametrize("cases", ALL_CASES)
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_eager_calls_and_custom_ops_give_the_same_bits(backend, cases):
     skip_unless_available(backend)
@@ -154,6 +176,8 @@ def test_eager_calls_and_custom_ops_give_the_same_bits(backend, cases):
         name = op.name().split("::")[1]
         through_op = op(*args, **kwargs)
         direct = EAGER_CALLS[name](*args, **kwargs)
+        if isinstance(through_op, torch.Tensor):  # one output
+            through_op, direct = (through_op,), (direct,)
         for a, b in zip(through_op, direct):
             for x, y in zip(a, b) if isinstance(a, list) else ((a, b),):
                 assert torch.equal(x, y), f"{name}: the eager call and the custom op differ"

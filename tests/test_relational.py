@@ -333,3 +333,38 @@ def test_crd_on_the_kernels_matches_the_float64_algorithm_over_steps(gen, kernel
             twin.normalizers.copy_(crd.normalizers)
         assert_rel_close(crd.student_bank, twin.student_bank, 1e-6, what="student bank")
         assert_rel_close(crd.teacher_bank, twin.teacher_bank, 1e-6, what="teacher bank")
+
+
+def test_rkd_and_crd_compile_fullgraph_to_the_eager_results(gen, kernel):
+    """torch.compile sees the kernels as custom ops (no graph break): the same loss and gradients as eager."""
+    s, t = (
+        embeddings(gen, 9, 5, torch.float32).to(kernel.device),
+        embeddings(gen, 9, 4, torch.float32).to(kernel.device),
+    )
+
+    def rkd_step(x):
+        return fastkd.rkd_loss(x, t, backend=kernel.backend)
+
+    results = []
+    for step in (rkd_step, torch.compile(rkd_step, fullgraph=True, backend="aot_eager")):
+        leaf = s.clone().requires_grad_()
+        loss = step(leaf)
+        results.append((loss, torch.autograd.grad(loss, leaf)[0]))
+    for got, want in zip(*results):
+        assert_rel_close(got, want, 1e-6)
+    gathered = relational.CRDLoss(500, 5, 4, feat_dim=6, num_negatives=7, backend=kernel.backend).to(kernel.device)
+    index = torch.randperm(500, generator=gen)[:9].to(kernel.device)
+    contrast_index = torch.cat([index[:, None], torch.randint(500, (9, 7), generator=gen).to(kernel.device)], 1)
+    gathered(s, t, index, contrast_index)  # Z from a first batch (a host read, once)
+    import copy
+
+    twin = copy.deepcopy(gathered)
+    leaf = s.clone().requires_grad_()
+    want = gathered(leaf, t, index, contrast_index)
+    (want_grad,) = torch.autograd.grad(want, leaf)
+    leaf = s.clone().requires_grad_()
+    got = torch.compile(twin, fullgraph=True, backend="aot_eager")(leaf, t, index, contrast_index)
+    (got_grad,) = torch.autograd.grad(got, leaf)
+    assert_rel_close(got, want, 1e-6)
+    assert_rel_close(got_grad, want_grad, 1e-6)
+    assert torch.equal(twin.student_bank, gathered.student_bank)
