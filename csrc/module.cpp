@@ -327,11 +327,13 @@ BankDotArgs bank_dot_args(const py::dict& d) {
     a.num_queries = get<int64_t>(d, "num_queries");
     a.num_contrast = get<int64_t>(d, "num_contrast");
     a.num_threads = get<int>(d, "num_threads");
-    if (a.num_bank_rows < 1 || a.dim < 1 || a.bank.row_stride < a.dim || a.num_queries < 0 || a.num_contrast < 1 ||
+    if (a.num_bank_rows < 1 || a.dim < 1 || a.bank.row_stride < a.dim || a.num_queries < 0 || a.num_contrast < 0 ||
         a.num_threads < 1) {
         throw std::invalid_argument("bank sizes, dim, num_queries, num_contrast or num_threads out of range");
     }
-    if (a.num_queries > 0 && (a.bank.data == nullptr || a.index == nullptr)) throw std::invalid_argument("null data");
+    if (a.num_queries > 0 && a.num_contrast > 0 && (a.bank.data == nullptr || a.index == nullptr)) {
+        throw std::invalid_argument("null data");
+    }
     a.num_threads = threads_for(a.num_threads, a.num_queries * a.num_contrast * a.dim);
     return a;
 }
@@ -340,7 +342,9 @@ void bank_gather_dot(const py::dict& d) {
     BankDotArgs a = bank_dot_args(d);
     a.query = pointer<const float>(d, "query");
     a.scores = pointer<float>(d, "scores");
-    if (a.num_queries > 0 && (a.query == nullptr || a.scores == nullptr)) throw std::invalid_argument("null data");
+    if (a.num_queries > 0 && a.num_contrast > 0 && (a.query == nullptr || a.scores == nullptr)) {
+        throw std::invalid_argument("null data");
+    }
     py::gil_scoped_release release;
     relational_isa().bank_gather_dot(a);
 }
@@ -349,7 +353,9 @@ void bank_scatter_dot(const py::dict& d) {
     BankDotArgs a = bank_dot_args(d);
     a.grad = pointer<const float>(d, "grad");
     a.grad_query = pointer<float>(d, "grad_query");
-    if (a.num_queries > 0 && (a.grad == nullptr || a.grad_query == nullptr)) throw std::invalid_argument("null data");
+    if (a.num_queries > 0 && (a.grad_query == nullptr || (a.num_contrast > 0 && a.grad == nullptr))) {
+        throw std::invalid_argument("null data");
+    }
     py::gil_scoped_release release;
     relational_isa().bank_scatter_dot(a);
 }

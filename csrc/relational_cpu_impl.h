@@ -30,7 +30,9 @@ PaddedDistances pad_distances(const RKDAngleArgs& a) {
     m.inv_teacher.assign(size, 0.0f);
     for (int64_t i = 0; i < a.num; ++i) {
         for (int64_t j = 0; j < a.num; ++j) {
-            const float s = a.student[i * a.row_stride + j], t = a.teacher[i * a.row_stride + j];
+            // a NaN distance counts as 0, as the masks of the other backends treat it (d > 0 is false)
+            const float s0 = a.student[i * a.row_stride + j], t0 = a.teacher[i * a.row_stride + j];
+            const float s = s0 > 0 ? s0 : 0.0f, t = t0 > 0 ? t0 : 0.0f;
             m.student[i * m.stride + j] = s;
             m.teacher[i * m.stride + j] = t;
             m.inv_student[i * m.stride + j] = s > 0 ? 1.0f / s : 0.0f;

@@ -39,6 +39,7 @@ after its first batch, whose Z takes one host read).
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional
 
@@ -171,12 +172,12 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """RKD's angle-wise loss L_A of (B, D_s) and (B, D_t) embeddings (module docstring), without the (B, B, D) and
     (B, B, B) tensors. The teacher gets no gradient. ``backend``: ``"triton"`` (chosen by ``"auto"`` for CUDA
-    tensors; CPU ones under the interpreter) runs the kernels of :mod:`fastkd.kernels.relational`, ``"cpu"``
+    tensors; on CPU ones under the interpreter) runs the kernels of :mod:`fastkd.kernels.relational`, ``"cpu"``
     (chosen by ``"auto"`` for CPU tensors when the extension is built) the C++ kernels of csrc/relational_cpu.h;
     float64 (or no kernel) runs the blocks of anchors in PyTorch operations; ``"reference"`` the authors'
-    (B, B, D) formulation."""
+    (B, B, D) formulation (also when ``FASTKD_BACKEND=reference`` stands for ``"auto"``)."""
     _check_embeddings(student, teacher)
-    if backend == "reference":
+    if backend == "reference" or (backend == "auto" and os.environ.get("FASTKD_BACKEND") == "reference"):
         return reference.rkd_angle_loss(student, teacher)
     d_s, d_t = _distances(student), _distances(teacher.detach())
     chosen = select_backend(backend, d_s, d_t, op="rkd_angle_loss", kernels=("triton", "cpu"))
@@ -251,46 +252,47 @@ def _(bank, contrast_index, grad, backend):
     return bank.new_empty((contrast_index.shape[0], bank.shape[1]), dtype=torch.float32)
 
 
-class _ContrastScores(torch.autograd.Function):
-    """u[b, k] = ⟨bank[contrast_index[b, k]], anchors[b]⟩ (B, K+1), then the bank's rows ``index`` moved in place to
-    normalize(momentum·bank[index] + (1 − momentum)·update_rows), as CRD's memory does after scoring. The (B, K+1, d)
-    rows are never gathered: with N ≤ DENSE_FACTOR·(K+1) all N scores come from one matrix product (B·N floats;
-    faster than reading K+1 random rows per sample there, on this CPU too: bench/RESULTS.md), else the gather-dot
-    kernels read each bank row by index in place (``backend`` "triton" or "cpu"), or, on the reference backend,
-    blocks of CONTRAST_BLOCK gathered rows. The backward needs the rows as they were when scored: it reads the bank
-    and puts back the B rows the update moved (kept, B·d floats)."""
+class _CRDSide(torch.autograd.Function):
+    """One side of CRD: the NCE loss of anchors v (B, d) against a bank, (loss, Z). Scores
+    u[b, k] = ⟨bank[contrast_index[b, k]], v_b⟩ (B, K+1); Z = ``normalizer``, or mean(exp(u/τ))·N where it is
+    still unset (< 0: the first batch); the loss is :func:`fastkd.reference.crd_nce_loss`. Then the bank's rows
+    ``index`` move in place to normalize(momentum·row + (1 − momentum)·update_rows), as CRD's memory does.
+
+    The gradient w.r.t. v is taken in the forward, from the bank rows as they were scored, before the update:
+    with x = exp(u/τ)/Z and c = K/N + ε, ∂L/∂u_b0 = −c/(τB(x_b0 + c)) and ∂L/∂u_bk = x_bk/(τB(x_bk + c)) (k ≥ 1; Z
+    is a constant, as in the authors' code), then Σ_k ∂L/∂u_bk·bank[contrast_index[b, k]]. The backward only scales
+    those B·d numbers: it never reads the bank, so another forward in between (gradient accumulation) or
+    torch.compile reusing the bank's memory cannot change it.
+
+    The (B, K+1, d) rows are never gathered: with N ≤ DENSE_FACTOR·(K+1) all N scores come from one matrix product
+    (B·N floats; faster than reading K+1 random rows per sample there, on this CPU too: bench/RESULTS.md), else the
+    gather-dot and scatter-dot kernels read each bank row by index in place (``backend`` "triton" or "cpu"), or, on
+    the reference backend, blocks of CONTRAST_BLOCK gathered rows."""
 
     @staticmethod
-    def forward(ctx, bank, contrast_index, anchors, index, update_rows, momentum, backend):
+    def forward(ctx, bank, contrast_index, anchors, index, update_rows, normalizer, options):
+        momentum, temperature, num_samples, backend = options
         scores = _gather_dot(bank, contrast_index, anchors, backend)
+        z = torch.where(normalizer >= 0, normalizer, torch.exp(scores / temperature).mean() * num_samples)
+        loss = reference.crd_nce_loss(scores, z, temperature=temperature, num_samples=num_samples)
+        ctx.mark_non_differentiable(z)
+        ctx.anchor_dtype = anchors.dtype
+        if ctx.needs_input_grad[2]:
+            x = torch.exp(scores / temperature) / z
+            c = (scores.shape[1] - 1) / num_samples + reference.CRD_EPS
+            scale = 1 / (temperature * scores.shape[0])
+            grad_scores = torch.cat([-c * scale / (x[:, :1] + c), x[:, 1:] * scale / (x[:, 1:] + c)], dim=1)
+            ctx.save_for_backward(_scatter_dot(bank, contrast_index, grad_scores, backend))
         old_rows = bank[index]
         moved = old_rows * momentum + update_rows.detach().to(bank.dtype) * (1 - momentum)
         bank.index_copy_(0, index, torch.nn.functional.normalize(moved, dim=1, eps=1e-12))
-        ctx.bank, ctx.version = bank, None if torch.compiler.is_compiling() else bank._version
-        ctx.save_for_backward(contrast_index, index, old_rows)
-        ctx.anchor_dtype, ctx.backend = anchors.dtype, backend
-        return scores
+        return loss, z
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_scores):
-        contrast_index, index, old_rows = ctx.saved_tensors
-        bank = ctx.bank
-        if ctx.version is not None and bank._version != ctx.version:  # not recorded under torch.compile
-            raise RuntimeError(
-                "CRDLoss: its memory bank changed between this forward and its backward (another forward of the "
-                "same CRDLoss ran in between); call backward before the next forward"
-            )
-        grad = grad_scores.to(bank.dtype)
-        grad_anchors = _scatter_dot(bank, contrast_index, grad, ctx.backend)
-        # the rows the update moved: their scores were taken against old_rows, not the bank's rows now
-        position = torch.full((bank.shape[0],), -1, dtype=torch.int64, device=bank.device)
-        position[index] = torch.arange(index.shape[0], device=bank.device)
-        hit = position[contrast_index]
-        weights = torch.zeros(grad.shape[0], index.shape[0], dtype=grad.dtype, device=grad.device)
-        weights.scatter_add_(1, hit.clamp_min(0), torch.where(hit >= 0, grad, 0))
-        grad_anchors += weights @ (old_rows - bank[index])
-        return None, None, grad_anchors.to(ctx.anchor_dtype), None, None, None, None
+    def backward(ctx, grad_loss, grad_z):
+        (grad_anchors,) = ctx.saved_tensors
+        return None, None, (grad_anchors * grad_loss).to(ctx.anchor_dtype), None, None, None, None
 
 
 DENSE_FACTOR = 8  # all N scores by one matrix product when N ≤ DENSE_FACTOR·(K+1)
@@ -344,14 +346,16 @@ class CRDLoss(torch.nn.Module):
     for the student's embedding against the teacher's bank plus the teacher's against the student's (ε = 1e-7; Z of
     each side is set once, from the first batch, to mean(exp(u/τ))·N, and checkpointed). After scoring, each bank's
     rows of the batch move to normalize(momentum·row + (1 − momentum)·v) of their side's embedding. The teacher's
-    features get no gradient; both heads train (give ``CRDLoss.parameters()`` to the optimizer).
+    features get no gradient; both heads train (give ``CRDLoss.parameters()`` to the optimizer). Each forward takes
+    its gradient from the bank as it scored it, so several forwards may run before their backwards (gradient
+    accumulation over micro-batches) and each loss keeps its own gradient.
 
     ``forward(student_features, teacher_features, index, contrast_index=None)``: features (B, ...) flattened to
     (B, student_dim) and (B, teacher_dim); ``index`` (B,) the samples' dataset indices (distinct within a batch);
     ``contrast_index`` (B, K+1) with ``index`` in column 0 (e.g. negatives from other classes, as the authors' CIFAR
     datasets give them), else drawn on the banks' device from a generator seeded by ``seed`` (its state is
     checkpointed with the module). The (B, K+1, d) block the authors' code gathers per side (537 MB at B = 64,
-    K = 16384, d = 128) is never built (:class:`_ContrastScores`; ``backend`` as in :func:`fastkd.kd_loss`, "auto":
+    K = 16384, d = 128) is never built (:class:`_CRDSide`; ``backend`` as in :func:`fastkd.kd_loss`, "auto":
     Triton on CUDA, C++ on CPU, PyTorch operations for float64, chooses its gather-dot kernels); their formulation
     is :func:`fastkd.reference.crd_scores` and :func:`fastkd.reference.crd_nce_loss`.
     """
@@ -393,7 +397,6 @@ class CRDLoss(torch.nn.Module):
         for name in ("student_bank", "teacher_bank"):
             self.register_buffer(name, torch.rand(num_samples, feat_dim, generator=generator) * (2 * bound) - bound)
         self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z of the student's and the teacher's scores
-        self._normalizers_known = False
         self._generator = None  # drawing the negatives, on the banks' device, made on first use
         self._saved_generator = None  # (device type, state) from a checkpoint, applied when the generator is made
 
@@ -419,19 +422,13 @@ class CRDLoss(torch.nn.Module):
         contrast_index = self._contrast_index(index, contrast_index, v_s.shape[0], v_s.device)
         index = contrast_index[:, 0]
         backend = select_backend(self.backend, self.teacher_bank, v_s, op="CRDLoss", kernels=("triton", "cpu"))
-        scores_s = _ContrastScores.apply(self.teacher_bank, contrast_index, v_s, index, v_t, self.momentum, backend)
-        scores_t = _ContrastScores.apply(self.student_bank, contrast_index, v_t, index, v_s, self.momentum, backend)
-        if not self._normalizers_known:
-            self._normalizers_known = bool((self.normalizers >= 0).all())  # once: a host sync
-            if not self._normalizers_known:
-                with torch.no_grad():
-                    for slot, scores in enumerate((scores_s, scores_t)):
-                        self.normalizers[slot] = torch.exp(scores / self.temperature).mean() * self.num_samples
-                self._normalizers_known = True
-        options = dict(temperature=self.temperature, num_samples=self.num_samples)
-        return reference.crd_nce_loss(scores_s, self.normalizers[0], **options) + reference.crd_nce_loss(
-            scores_t, self.normalizers[1], **options
-        )
+        options = (self.momentum, self.temperature, self.num_samples, backend)
+        z = self.normalizers
+        loss_s, z_s = _CRDSide.apply(self.teacher_bank, contrast_index, v_s, index, v_t, z[0], options)
+        loss_t, z_t = _CRDSide.apply(self.student_bank, contrast_index, v_t, index, v_s, z[1], options)
+        with torch.no_grad():  # Z of each side is set by the first batch, on the device (no host sync)
+            self.normalizers.copy_(torch.stack([z_s, z_t]))
+        return loss_s + loss_t
 
     def _contrast_index(self, index, contrast_index, batch: int, device) -> torch.Tensor:
         if (
@@ -464,10 +461,6 @@ class CRDLoss(torch.nn.Module):
             torch._assert_async(((contrast_index >= 0) & (contrast_index < self.num_samples)).all(), in_range)
             torch._assert_async((contrast_index[:, 0] == index).all(), positives)
         return contrast_index
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._normalizers_known = False
 
     def get_extra_state(self):
         if self._generator is None:

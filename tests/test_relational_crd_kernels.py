@@ -122,3 +122,9 @@ def test_the_same_bits_every_run(gen, kernels, device):
     first = kernels.crd_gather_dot(bank, index, anchors), kernels.crd_scatter_dot(bank, index, grad)
     second = kernels.crd_gather_dot(bank, index, anchors), kernels.crd_scatter_dot(bank, index, grad)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_no_contrast_rows_give_empty_scores_and_a_zero_gradient(gen, kernels, device):
+    bank, index = randn(gen, device, 10, 3), torch.empty((4, 0), dtype=torch.int64, device=device)
+    assert kernels.crd_gather_dot(bank, index, randn(gen, device, 4, 3)).shape == (4, 0)
+    assert torch.equal(kernels.crd_scatter_dot(bank, index, randn(gen, device, 4, 0)), torch.zeros(4, 3, device=device))
