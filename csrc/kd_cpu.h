@@ -55,6 +55,7 @@ struct CpuRelationalIsa {
     void (*rkd_angle_backward)(const RKDAngleArgs&);
     void (*bank_gather_dot)(const BankDotArgs&);
     void (*bank_scatter_dot)(const BankDotArgs&);
+    void (*bank_score_grad)(const BankDotArgs&);
 };
 
 namespace avx512 {

@@ -17,5 +17,6 @@
 extern const fastkd::CpuIsa fastkd::avx2::isa = {"avx2", nullptr, nullptr, nullptr, nullptr,
                                                     nullptr, nullptr, nullptr, nullptr};
 extern const fastkd::CpuTopKIsa fastkd::avx2::topk_isa = {nullptr, nullptr};
-extern const fastkd::CpuRelationalIsa fastkd::avx2::relational_isa = {nullptr, nullptr, nullptr, nullptr};
+extern const fastkd::CpuRelationalIsa fastkd::avx2::relational_isa = {nullptr, nullptr, nullptr, nullptr,
+                                                                          nullptr};
 #endif

@@ -21,5 +21,6 @@
 extern const fastkd::CpuIsa fastkd::avx512::isa = {"avx512", nullptr, nullptr, nullptr, nullptr,
                                                     nullptr, nullptr, nullptr, nullptr};
 extern const fastkd::CpuTopKIsa fastkd::avx512::topk_isa = {nullptr, nullptr};
-extern const fastkd::CpuRelationalIsa fastkd::avx512::relational_isa = {nullptr, nullptr, nullptr, nullptr};
+extern const fastkd::CpuRelationalIsa fastkd::avx512::relational_isa = {nullptr, nullptr, nullptr, nullptr,
+                                                                          nullptr};
 #endif

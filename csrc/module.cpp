@@ -360,6 +360,22 @@ void bank_scatter_dot(const py::dict& d) {
     relational_isa().bank_scatter_dot(a);
 }
 
+void bank_score_grad(const py::dict& d) {
+    BankDotArgs a = bank_dot_args(d);
+    a.query = pointer<const float>(d, "query");
+    a.scores = pointer<float>(d, "scores");
+    a.grad_query = pointer<float>(d, "grad_query");
+    a.inv_temperature = get<float>(d, "inv_temperature");
+    a.inv_normalizer = get<float>(d, "inv_normalizer");
+    a.noise = get<float>(d, "noise");
+    a.grad_scale = get<float>(d, "grad_scale");
+    if (a.num_queries > 0 && (a.query == nullptr || a.grad_query == nullptr || (a.num_contrast > 0 && !a.scores))) {
+        throw std::invalid_argument("null data");
+    }
+    py::gil_scoped_release release;
+    relational_isa().bank_score_grad(a);
+}
+
 Strided3 strided3(const py::dict& d, const char* key, bool allow_uint8 = false) {
     // (pointer, dtype code, (stride n, stride c, stride s)); pointer 0: absent
     const auto spec = get<std::tuple<uintptr_t, int, std::tuple<int64_t, int64_t, int64_t>>>(d, key);
@@ -502,6 +518,9 @@ PYBIND11_MODULE(_C, m) {
           "CRD: scores of query rows against bank rows read by index (relational_cpu.h).");
     m.def("bank_scatter_dot", &fastkd::bank_scatter_dot, py::arg("args"),
           "CRD: the scores' gradient w.r.t. the query rows (relational_cpu.h).");
+    m.def("bank_score_grad", &fastkd::bank_score_grad, py::arg("args"),
+          "CRD: scores and their NCE gradient w.r.t. the query rows from one read of each bank row "
+          "(relational_cpu.h).");
     m.def("empty_buffer", &fastkd::empty_buffer, py::arg("nbytes"),
           "Uninitialised uint8 array from the buffer pool (csrc/buffer_pool.h).");
     m.def("empty_cache", &fastkd::buffer_pool::empty, "Free the pool's cached blocks.");

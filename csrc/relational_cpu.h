@@ -8,7 +8,9 @@
 //             ∂/∂d_ij += 2·Σ_k g(i, j, k)·(1/d_ik − c(i, j, k)/d_ij), both from one pass in which each thread owns
 //             a class j (no atomics; results independent of the thread count).
 // CRD, for a bank (N, d) and B query rows: scores[b, c] = ⟨bank[index[b, c]], query[b]⟩ (gather-dot) and
-// grad_query[b] = Σ_c grad[b, c]·bank[index[b, c]] (scatter-dot), reading the bank rows in place.
+// grad_query[b] = Σ_c grad[b, c]·bank[index[b, c]] (scatter-dot), reading the bank rows in place; and both from one
+// read of each row (score-grad), where grad[b, c] is CRD's NCE gradient of the score itself: with
+// x = exp(u/τ)/Z, −noise·scale/(x + noise) for the positive (c = 0) and x·scale/(x + noise) for the others.
 #pragma once
 #include <cstdint>
 
@@ -35,6 +37,8 @@ struct BankDotArgs {
     float* scores = nullptr;       // gather-dot: (num_queries, num_contrast) contiguous float32
     const float* grad = nullptr;   // scatter-dot: (num_queries, num_contrast) contiguous float32
     float* grad_query = nullptr;   // scatter-dot: (num_queries, dim) contiguous float32
+    // score-grad: 1/τ, 1/Z, noise = K/N + ε and scale = 1/(τB) (writes scores and grad_query)
+    float inv_temperature = 1, inv_normalizer = 1, noise = 0, grad_scale = 0;
     int num_threads = 1;
 };
 

@@ -1,6 +1,7 @@
 // RKD's angle loss and CRD's memory-bank scores for one instruction set (see relational_cpu.h): included last by
 // kd_cpu_<isa>.cpp with FASTKD_ISA and FASTKD_VEC_BYTES defined, after simd.h.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -195,11 +196,58 @@ void bank_scatter_dot(const BankDotArgs& a) {
     }
 }
 
+// The scores of one query's contrast rows and their NCE gradient summed over the rows, each row read once (the
+// second sweep over it hits the cache): blocks of kSumBlock rows summed apart, as in the scatter-dot.
+void bank_score_grad(const BankDotArgs& a) {
+    const int64_t dim = a.dim, padded = (dim + kLanes - 1) / kLanes * kLanes;
+    const char* bank = static_cast<const char*>(a.bank.data);
+    const int64_t row_bytes = a.bank.row_stride * element_size(a.bank.dtype);
+    const int64_t dim_bytes = dim * element_size(a.bank.dtype);
+#pragma omp parallel num_threads(a.num_threads)
+    {
+        std::vector<float> sum(padded), block(padded);
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < a.num_queries; ++q) {
+            const int64_t* index = a.index + q * a.num_contrast;
+            const float* query = a.query + q * dim;
+            for (int64_t c = 0; c < padded; ++c) sum[c] = 0.0f;
+            for (int64_t start = 0; start < a.num_contrast; start += kSumBlock) {
+                const int64_t end = start + kSumBlock < a.num_contrast ? start + kSumBlock : a.num_contrast;
+                for (int64_t c = 0; c < padded; ++c) block[c] = 0.0f;
+                for (int64_t k = start; k < end; ++k) {
+                    if (k + kPrefetchAhead < a.num_contrast) {
+                        prefetch_row(bank + index[k + kPrefetchAhead] * row_bytes, dim_bytes);
+                    }
+                    const void* row = bank + index[k] * row_bytes;
+                    vf dot = splat(0.0f);
+                    for (int64_t c = 0; c < dim; c += kLanes) {
+                        const int n = static_cast<int>(dim - c < kLanes ? dim - c : kLanes);
+                        dot += load_lanes(row, a.bank.dtype, c, n, 0.0f) * load_lanes(query, kFloat32, c, n, 0.0f);
+                    }
+                    const float u = hsum(dot);
+                    a.scores[q * a.num_contrast + k] = u;
+                    const float x = std::exp(u * a.inv_temperature) * a.inv_normalizer;
+                    const float g = (k == 0 ? -a.noise : x) * a.grad_scale / (x + a.noise);
+                    for (int64_t c = 0; c < dim; c += kLanes) {
+                        const int n = static_cast<int>(dim - c < kLanes ? dim - c : kLanes);
+                        const vf x_row = load_lanes(row, a.bank.dtype, c, n, 0.0f);
+                        vstore(block.data() + c, vload(block.data() + c) + g * x_row);
+                    }
+                }
+                for (int64_t c = 0; c < padded; c += kLanes) {
+                    vstore(sum.data() + c, vload(sum.data() + c) + vload(block.data() + c));
+                }
+            }
+            for (int64_t c = 0; c < dim; ++c) a.grad_query[q * dim + c] = sum[c];
+        }
+    }
+}
+
 }  // namespace
 
 // This instruction set's entry in the table of relational kernels (kd_cpu.h).
 extern const CpuRelationalIsa relational_isa = {rkd_angle_forward, rkd_angle_backward, bank_gather_dot,
-                                                bank_scatter_dot};
+                                                bank_scatter_dot, bank_score_grad};
 
 }  // namespace FASTKD_ISA
 }  // namespace fastkd

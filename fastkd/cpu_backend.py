@@ -497,3 +497,23 @@ def crd_scatter_dot(bank: torch.Tensor, contrast_index: torch.Tensor, grad: torc
     grad_anchors = torch.empty((contrast_index.shape[0], bank.shape[1]), dtype=torch.float32)
     _extension().bank_scatter_dot(dict(args, grad=grad.data_ptr(), grad_query=grad_anchors.data_ptr()))
     return grad_anchors
+
+
+def crd_score_grad(bank, contrast_index, anchors, normalizer, *, temperature: float, noise: float, grad_scale: float):
+    """(scores (B, C), their NCE gradient summed over the rows (B, d)), float32, from one read of each bank row
+    (csrc/relational_cpu.h); the contract of :func:`fastkd.kernels.relational.crd_score_grad`."""
+    args, _keep = _bank_dot_args(bank, contrast_index)
+    anchors = anchors.to(torch.float32).contiguous()
+    scores = torch.empty(contrast_index.shape, dtype=torch.float32)
+    grad_anchors = torch.empty((contrast_index.shape[0], bank.shape[1]), dtype=torch.float32)
+    args.update(
+        query=anchors.data_ptr(),
+        scores=scores.data_ptr(),
+        grad_query=grad_anchors.data_ptr(),
+        inv_temperature=1.0 / temperature,
+        inv_normalizer=1.0 / float(normalizer),
+        noise=noise,
+        grad_scale=grad_scale,
+    )
+    _extension().bank_score_grad(args)
+    return scores, grad_anchors

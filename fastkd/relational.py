@@ -252,6 +252,34 @@ def _(bank, contrast_index, grad, backend):
     return bank.new_empty((contrast_index.shape[0], bank.shape[1]), dtype=torch.float32)
 
 
+@kernel_op("crd_score_grad")
+def _crd_score_grad_op(
+    bank: torch.Tensor,
+    contrast_index: torch.Tensor,
+    anchors: torch.Tensor,
+    normalizer: torch.Tensor,
+    temperature: float,
+    noise: float,
+    grad_scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (B, C), their NCE gradient summed over the bank rows (B, d)), float32, each row read once."""
+    return launchers(backend, "relational").crd_score_grad(
+        bank, contrast_index, anchors, normalizer, temperature=temperature, noise=noise, grad_scale=grad_scale
+    )
+
+
+@_crd_score_grad_op.register_fake
+def _(bank, contrast_index, anchors, normalizer, temperature, noise, grad_scale, backend):
+    return (
+        bank.new_empty(contrast_index.shape, dtype=torch.float32),
+        bank.new_empty((contrast_index.shape[0], bank.shape[1]), dtype=torch.float32),
+    )
+
+
+FUSED_MAX_DIM = 1024  # widest rows whose scores and gradient come from one read (Triton keeps a row in one tile)
+
+
 class _CRDSide(torch.autograd.Function):
     """One side of CRD: the NCE loss of anchors v (B, d) against a bank, (loss, Z). Scores
     u[b, k] = ⟨bank[contrast_index[b, k]], v_b⟩ (B, K+1); Z = ``normalizer``, or mean(exp(u/τ))·N where it is
@@ -260,7 +288,9 @@ class _CRDSide(torch.autograd.Function):
 
     The gradient w.r.t. v is taken in the forward, from the bank rows as they were scored, before the update:
     with x = exp(u/τ)/Z and c = K/N + ε, ∂L/∂u_b0 = −c/(τB(x_b0 + c)) and ∂L/∂u_bk = x_bk/(τB(x_bk + c)) (k ≥ 1; Z
-    is a constant, as in the authors' code), then Σ_k ∂L/∂u_bk·bank[contrast_index[b, k]]. The backward only scales
+    is a constant, as in the authors' code), then Σ_k ∂L/∂u_bk·bank[contrast_index[b, k]]. Once Z is set (every
+    batch after the first), the kernels take the score and the gradient term of a row from one read of it
+    (``fastkd::crd_score_grad``; rows up to FUSED_MAX_DIM wide). The backward only scales
     those B·d numbers: it never reads the bank, so another forward in between (gradient accumulation) or
     torch.compile reusing the bank's memory cannot change it.
 
@@ -271,18 +301,34 @@ class _CRDSide(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bank, contrast_index, anchors, index, update_rows, normalizer, options):
-        momentum, temperature, num_samples, backend = options
-        scores = _gather_dot(bank, contrast_index, anchors, backend)
-        z = torch.where(normalizer >= 0, normalizer, torch.exp(scores / temperature).mean() * num_samples)
+        momentum, temperature, num_samples, backend, normalizer_set = options
+        noise = (contrast_index.shape[1] - 1) / num_samples + reference.CRD_EPS
+        scale = 1 / (temperature * max(contrast_index.shape[0], 1))
+        ctx.anchor_dtype = anchors.dtype
+        one_read = (
+            ctx.needs_input_grad[2]
+            and normalizer_set
+            and backend != "reference"
+            and not _dense(bank, contrast_index)
+            and bank.shape[1] <= FUSED_MAX_DIM
+        )
+        if one_read:  # Z is known: each row's score and gradient term from one read
+            scores, grad_anchors = _crd_score_grad_op(
+                bank, contrast_index, anchors.detach(), normalizer.float(), temperature, noise, scale, backend
+            )
+            scores = scores.to(bank.dtype)
+            z = normalizer
+        else:
+            scores = _gather_dot(bank, contrast_index, anchors, backend)
+            z = torch.where(normalizer >= 0, normalizer, torch.exp(scores / temperature).mean() * num_samples)
         loss = reference.crd_nce_loss(scores, z, temperature=temperature, num_samples=num_samples)
         ctx.mark_non_differentiable(z)
-        ctx.anchor_dtype = anchors.dtype
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and not one_read:
             x = torch.exp(scores / temperature) / z
-            c = (scores.shape[1] - 1) / num_samples + reference.CRD_EPS
-            scale = 1 / (temperature * scores.shape[0])
-            grad_scores = torch.cat([-c * scale / (x[:, :1] + c), x[:, 1:] * scale / (x[:, 1:] + c)], dim=1)
-            ctx.save_for_backward(_scatter_dot(bank, contrast_index, grad_scores, backend))
+            grad_scores = torch.cat([-noise * scale / (x[:, :1] + noise), x[:, 1:] * scale / (x[:, 1:] + noise)], 1)
+            grad_anchors = _scatter_dot(bank, contrast_index, grad_scores, backend)
+        if ctx.needs_input_grad[2]:
+            ctx.save_for_backward(grad_anchors)
         old_rows = bank[index]
         moved = old_rows * momentum + update_rows.detach().to(bank.dtype) * (1 - momentum)
         bank.index_copy_(0, index, torch.nn.functional.normalize(moved, dim=1, eps=1e-12))
@@ -397,6 +443,7 @@ class CRDLoss(torch.nn.Module):
         for name in ("student_bank", "teacher_bank"):
             self.register_buffer(name, torch.rand(num_samples, feat_dim, generator=generator) * (2 * bound) - bound)
         self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z of the student's and the teacher's scores
+        self._normalizers_set = False  # True once a forward ran since construction or loading: Z is then ≥ 0
         self._generator = None  # drawing the negatives, on the banks' device, made on first use
         self._saved_generator = None  # (device type, state) from a checkpoint, applied when the generator is made
 
@@ -422,12 +469,13 @@ class CRDLoss(torch.nn.Module):
         contrast_index = self._contrast_index(index, contrast_index, v_s.shape[0], v_s.device)
         index = contrast_index[:, 0]
         backend = select_backend(self.backend, self.teacher_bank, v_s, op="CRDLoss", kernels=("triton", "cpu"))
-        options = (self.momentum, self.temperature, self.num_samples, backend)
+        options = (self.momentum, self.temperature, self.num_samples, backend, self._normalizers_set)
         z = self.normalizers
         loss_s, z_s = _CRDSide.apply(self.teacher_bank, contrast_index, v_s, index, v_t, z[0], options)
         loss_t, z_t = _CRDSide.apply(self.student_bank, contrast_index, v_t, index, v_s, z[1], options)
         with torch.no_grad():  # Z of each side is set by the first batch, on the device (no host sync)
             self.normalizers.copy_(torch.stack([z_s, z_t]))
+        self._normalizers_set = True  # known without reading the device: after a forward, Z is set
         return loss_s + loss_t
 
     def _contrast_index(self, index, contrast_index, batch: int, device) -> torch.Tensor:
@@ -461,6 +509,10 @@ class CRDLoss(torch.nn.Module):
             torch._assert_async(((contrast_index >= 0) & (contrast_index < self.num_samples)).all(), in_range)
             torch._assert_async((contrast_index[:, 0] == index).all(), positives)
         return contrast_index
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._normalizers_set = False  # a checkpoint may hold an unset Z (−1)
 
     def get_extra_state(self):
         if self._generator is None:

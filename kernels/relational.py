@@ -10,7 +10,8 @@ anchors; then one program per (anchor i, block of j) adds 2·Σ_k g·(1/d_ik −
 
 For CRD's memory bank, two kernels read the contrast rows by index where they lie, never gathering the (B, C, d)
 rows: the scores u[b, c] = ⟨bank[contrast_index[b, c]], anchors[b]⟩, and their gradient w.r.t. the anchors,
-Σ_c grad[b, c]·bank[contrast_index[b, c]] (each program owns what it writes: no atomics, the same bits every run).
+Σ_c grad[b, c]·bank[contrast_index[b, c]] (each program owns what it writes: no atomics, the same bits every run);
+and both from one read of each row when the gradient is CRD's NCE gradient of the score itself (crd_score_grad).
 """
 
 from __future__ import annotations
@@ -227,3 +228,82 @@ def crd_scatter_dot(bank: torch.Tensor, contrast_index: torch.Tensor, grad: torc
         bank, contrast_index.contiguous(), grad.contiguous(), parts, num_b, num_c, dim, bank.stride(0), chunk, **config
     )
     return parts.sum(0)  # in a fixed order: the same bits every run
+
+
+@triton.jit
+def crd_score_grad_kernel(
+    BANK,
+    INDEX,
+    ANCHORS,
+    Z,
+    SCORES,
+    OUT,
+    num_b,
+    num_c,
+    dim,
+    bank_stride,
+    chunk,
+    inv_temperature,
+    noise,
+    grad_scale,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """SCORES[b, c] = ⟨BANK[INDEX[b, c]], ANCHORS[b]⟩ and OUT[s, b] = Σ_c g(SCORES[b, c])·BANK[INDEX[b, c]] over the
+    chunk s of c, each (BLOCK_C, d) tile of rows read once (BLOCK_D ≥ d); g is CRD's NCE gradient of the score:
+    x = exp(u/τ)/Z, −noise·scale/(x + noise) at c = 0, x·scale/(x + noise) elsewhere."""
+    b = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1).to(tl.int64)
+    k = tl.arange(0, BLOCK_D)
+    k_in = k < dim
+    anchor = tl.load(ANCHORS + b * dim + k, mask=k_in, other=0.0).to(tl.float32)
+    inv_z = 1.0 / tl.load(Z).to(tl.float32)
+    end = tl.minimum(part * chunk + chunk, num_c)
+    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(part * chunk, end, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_in = c < end
+        rows = BANK + tl.load(INDEX + b * num_c + c, mask=c_in, other=0).to(tl.int64) * bank_stride
+        tile = tl.load(rows[:, None] + k[None, :], mask=c_in[:, None] & k_in[None, :], other=0.0).to(tl.float32)
+        u = tl.sum(tile * anchor[None, :], axis=1)
+        tl.store(SCORES + b * num_c + c, u, mask=c_in)
+        x = tl.exp(u * inv_temperature) * inv_z
+        g = tl.where(c == 0, -noise, x) * grad_scale / (x + noise)
+        total += tl.sum(tl.where(c_in, g, 0.0)[:, None] * tile, axis=0)
+    tl.store(OUT + (part * num_b + b) * dim + k, total, mask=k_in)
+
+
+def crd_score_grad(bank, contrast_index, anchors, normalizer, *, temperature: float, noise: float, grad_scale: float):
+    """(scores (B, C), Σ_c g(u_bc)·bank[contrast_index[b, c]] (B, d)), float32, each bank row read once: g is CRD's
+    NCE gradient of the score (crd_score_grad_kernel), ``normalizer`` Z a 0-d tensor on the device (no host read).
+    The whole width d goes in one tile: for very wide rows use crd_gather_dot and crd_scatter_dot."""
+    num_b, num_c = contrast_index.shape
+    dim = bank.shape[1]
+    scores = torch.empty((num_b, num_c), dtype=torch.float32, device=bank.device)
+    if num_b == 0 or num_c == 0:
+        return scores, torch.zeros((num_b, dim), dtype=torch.float32, device=bank.device)
+    bank = _unit_column_stride(bank)
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_c = max(16, min(64, 8192 // block_d))
+    chunk = triton.cdiv(SCATTER_CHUNK, block_c) * block_c
+    parts = torch.empty((triton.cdiv(num_c, chunk), num_b, dim), dtype=torch.float32, device=bank.device)
+    crd_score_grad_kernel[(num_b, parts.shape[0])](
+        bank,
+        contrast_index.contiguous(),
+        anchors.contiguous(),
+        normalizer.reshape(()),
+        scores,
+        parts,
+        num_b,
+        num_c,
+        dim,
+        bank.stride(0),
+        chunk,
+        1.0 / temperature,
+        noise,
+        grad_scale,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return scores, parts.sum(0)

@@ -135,6 +135,11 @@ def relational_cases(device, backend):
         (torch.ops.fastkd.rkd_angle_grad.default, (d_s, d_t, torch.tensor(0.5, device=device), backend), {}),
         (torch.ops.fastkd.crd_gather_dot.default, (bank, contrast_index, anchors, backend), {}),
         (torch.ops.fastkd.crd_scatter_dot.default, (bank, contrast_index, grad, backend), {}),
+        (
+            torch.ops.fastkd.crd_score_grad.default,
+            (bank, contrast_index, anchors, torch.tensor(2.0, device=device), 0.07, 0.05, 0.5, backend),
+            {},
+        ),
     ]
 
 
@@ -165,6 +170,7 @@ EAGER_CALLS = {  # the callables fastkd's autograd.Functions use: in eager mode 
     "rkd_angle_grad": fastkd.relational._rkd_angle_grad_op,
     "crd_gather_dot": fastkd.relational._crd_gather_dot_op,
     "crd_scatter_dot": fastkd.relational._crd_scatter_dot_op,
+    "crd_score_grad": fastkd.relational._crd_score_grad_op,
 }
 
 

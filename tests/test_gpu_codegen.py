@@ -116,6 +116,10 @@ SCRIPT = textwrap.dedent(r"""
         constexprs = dict.fromkeys(options, "constexpr")
         compile_for(relational.crd_gather_dot_kernel, {**bank, "ANCHORS": f32, "SCORES": f32, **constexprs},
                     options, arch)
+        compile_for(relational.crd_score_grad_kernel, {**bank, "ANCHORS": f32, "Z": f32, "SCORES": f32, "OUT": f32,
+                                                       "num_b": "i64", "chunk": "i64", "inv_temperature": "fp32",
+                                                       "noise": "fp32", "grad_scale": "fp32", **constexprs},
+                    options, arch)
         compile_for(relational.crd_scatter_dot_kernel, {**bank, "GRAD": f32, "OUT": f32, "num_b": "i64",
                                                         "chunk": "i64", **constexprs}, options, arch)
     print("compiled")

@@ -128,3 +128,28 @@ def test_no_contrast_rows_give_empty_scores_and_a_zero_gradient(gen, kernels, de
     bank, index = randn(gen, device, 10, 3), torch.empty((4, 0), dtype=torch.int64, device=device)
     assert kernels.crd_gather_dot(bank, index, randn(gen, device, 4, 3)).shape == (4, 0)
     assert torch.equal(kernels.crd_scatter_dot(bank, index, randn(gen, device, 4, 0)), torch.zeros(4, 3, device=device))
+
+
+@pytest.mark.parametrize(
+    "dim, num_contrast, bank_dtype", [(3, 1, torch.float32), (130, 17, torch.bfloat16), (20, 2100, torch.float32)]
+)
+def test_score_grad_reads_each_row_once_for_the_nce_gradient(gen, kernels, device, dim, num_contrast, bank_dtype):
+    """Scores and Σ_c g(u_bc)·row_c, g CRD's NCE gradient of the score, against float64 math on the same inputs
+    (2100 contrast rows: more than one chunk of the Triton kernel)."""
+    bank = randn(gen, device, 300, dim, dtype=bank_dtype) * 0.3
+    index = contrast_index(gen, device, 300, 3, num_contrast)
+    anchors = randn(gen, device, 3, dim) * 0.3
+    z, temperature, noise, scale = torch.tensor(2.5, device=device), 0.07, 0.05, 1 / (0.07 * 3)
+    scores, grad = kernels.crd_score_grad(
+        bank, index, anchors, z, temperature=temperature, noise=noise, grad_scale=scale
+    )
+    rows = bank.double()[index]
+    products = rows * anchors.double()[:, None, :]
+    want_scores = products.sum(-1)
+    assert_float32_close(scores, want_scores, products.abs().sum(-1))
+    x = torch.exp(want_scores / temperature) / 2.5
+    g = torch.where(torch.arange(num_contrast, device=device) == 0, -noise, x) * scale / (x + noise)
+    terms = g[:, :, None] * rows
+    torch.testing.assert_close(
+        grad.cpu().double(), terms.sum(1).cpu(), rtol=1e-5, atol=1e-6 * float(terms.abs().sum(1).max())
+    )
