@@ -32,9 +32,9 @@ the same without the blocks, tile by tile or a class j per thread): with
 c = (d_ij² + d_ik² − d_jk²)/(2 d_ij d_ik) and g = ∂ℓ/∂c,
 ∂c/∂d_ij = 1/d_ik − c/d_ij (likewise for d_ik) and ∂c/∂d_jk = −d_jk/(d_ij d_ik). Memory: O(B² + b·B²).
 
-The kernels are the custom ops ``fastkd::rkd_angle_sum``, ``rkd_angle_grad``, ``crd_gather_dot`` and
-``crd_scatter_dot``: ``torch.compile(fullgraph=True)`` traces :func:`rkd_loss` and :class:`CRDLoss` (the latter
-after its first batch, whose Z takes one host read).
+The kernels are the custom ops ``fastkd::rkd_angle_sum``, ``rkd_angle_grad``, ``crd_gather_dot``,
+``crd_scatter_dot`` and ``crd_score_grad``: ``torch.compile(fullgraph=True)`` traces :func:`rkd_loss` and
+:class:`CRDLoss` (no host read: Z is set on the device).
 """
 
 from __future__ import annotations
@@ -301,12 +301,14 @@ class _CRDSide(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bank, contrast_index, anchors, index, update_rows, normalizer, options):
-        momentum, temperature, num_samples, backend, normalizer_set = options
+        momentum, temperature, num_samples, backend, normalizer_set, grad_enabled = options
         noise = (contrast_index.shape[1] - 1) / num_samples + reference.CRD_EPS
-        scale = 1 / (temperature * max(contrast_index.shape[0], 1))
+        scale = 1 / (temperature * contrast_index.shape[0])
+        math_dtype = reference._math_dtype(bank)  # fp16 overflows exp(u/τ) from u ≈ 0.78: the loss in float32
         ctx.anchor_dtype = anchors.dtype
+        wants_grad = ctx.needs_input_grad[2] and grad_enabled  # the forward itself runs without grad mode
         one_read = (
-            ctx.needs_input_grad[2]
+            wants_grad
             and normalizer_set
             and backend != "reference"
             and not _dense(bank, contrast_index)
@@ -316,19 +318,17 @@ class _CRDSide(torch.autograd.Function):
             scores, grad_anchors = _crd_score_grad_op(
                 bank, contrast_index, anchors.detach(), normalizer.float(), temperature, noise, scale, backend
             )
-            scores = scores.to(bank.dtype)
             z = normalizer
         else:
-            scores = _gather_dot(bank, contrast_index, anchors, backend)
+            scores = _gather_dot(bank, contrast_index, anchors, backend).to(math_dtype)
             z = torch.where(normalizer >= 0, normalizer, torch.exp(scores / temperature).mean() * num_samples)
         loss = reference.crd_nce_loss(scores, z, temperature=temperature, num_samples=num_samples)
         ctx.mark_non_differentiable(z)
-        if ctx.needs_input_grad[2] and not one_read:
+        if wants_grad and not one_read:
             x = torch.exp(scores / temperature) / z
             grad_scores = torch.cat([-noise * scale / (x[:, :1] + noise), x[:, 1:] * scale / (x[:, 1:] + noise)], 1)
-            grad_anchors = _scatter_dot(bank, contrast_index, grad_scores, backend)
-        if ctx.needs_input_grad[2]:
-            ctx.save_for_backward(grad_anchors)
+            grad_anchors = _scatter_dot(bank, contrast_index, grad_scores.to(bank.dtype), backend)
+        ctx.save_for_backward(grad_anchors if wants_grad else None)
         old_rows = bank[index]
         moved = old_rows * momentum + update_rows.detach().to(bank.dtype) * (1 - momentum)
         bank.index_copy_(0, index, torch.nn.functional.normalize(moved, dim=1, eps=1e-12))
@@ -338,6 +338,8 @@ class _CRDSide(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, grad_z):
         (grad_anchors,) = ctx.saved_tensors
+        if grad_anchors is None:
+            raise RuntimeError("CRDLoss: this loss was computed without grad mode; its gradient was not taken")
         return None, None, (grad_anchors * grad_loss).to(ctx.anchor_dtype), None, None, None, None
 
 
@@ -469,7 +471,8 @@ class CRDLoss(torch.nn.Module):
         contrast_index = self._contrast_index(index, contrast_index, v_s.shape[0], v_s.device)
         index = contrast_index[:, 0]
         backend = select_backend(self.backend, self.teacher_bank, v_s, op="CRDLoss", kernels=("triton", "cpu"))
-        options = (self.momentum, self.temperature, self.num_samples, backend, self._normalizers_set)
+        grad_enabled = torch.is_grad_enabled()
+        options = (self.momentum, self.temperature, self.num_samples, backend, self._normalizers_set, grad_enabled)
         z = self.normalizers
         loss_s, z_s = _CRDSide.apply(self.teacher_bank, contrast_index, v_s, index, v_t, z[0], options)
         loss_t, z_t = _CRDSide.apply(self.student_bank, contrast_index, v_t, index, v_s, z[1], options)
@@ -485,6 +488,8 @@ class CRDLoss(torch.nn.Module):
             or index.shape != (batch,)
         ):
             raise ValueError(f"index must be an int tensor of shape ({batch},) (the samples' dataset indices)")
+        if batch == 0:
+            raise ValueError("CRDLoss needs a batch of at least one sample (an empty one would set Z to NaN)")
         index = index.to(device=device, dtype=torch.int64)
         if contrast_index is None:
             contrast_index = torch.cat([index.unsqueeze(1), self._draw(batch, device)], dim=1)
@@ -509,6 +514,14 @@ class CRDLoss(torch.nn.Module):
             torch._assert_async(((contrast_index >= 0) & (contrast_index < self.num_samples)).all(), in_range)
             torch._assert_async((contrast_index[:, 0] == index).all(), positives)
         return contrast_index
+
+    def _apply(self, fn, recurse=True):
+        # Z stays float32 when the module goes to half precision: it is about exp(1/τ)·N (10⁶ and more), past fp16
+        z = self.normalizers
+        super()._apply(fn, recurse)
+        if self.normalizers.dtype in (torch.float16, torch.bfloat16):
+            self.normalizers = z.to(device=self.normalizers.device, dtype=torch.float32)
+        return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -238,6 +238,34 @@ def test_crd_refuses_bad_indices(gen):
         crd(f, f, torch.tensor([0, 1]), torch.tensor([[1, 2], [0, 3]]))
     with pytest.raises(ValueError, match="num_negatives must be an int >= 1"):
         relational.CRDLoss(10, 3, 3, num_negatives=0)
+    with pytest.raises(ValueError, match="at least one sample"):
+        crd(f[:0], f[:0], torch.tensor([], dtype=torch.int64))
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_crd_in_half_precision_keeps_z_and_the_loss_in_float32(gen, half):
+    """Scores of aligned pairs pass τ·ln(65504) ≈ 0.78, where exp(u/τ) overflows fp16, and Z ≈ exp(1/τ)·N lies past
+    it: Z stays float32 and the loss is taken in float32, against float64 math on the same rounded module."""
+    import copy
+
+    torch.manual_seed(0)
+    crd = relational.CRDLoss(50, 4, 4, feat_dim=3, num_negatives=9, temperature=0.07)
+    index = torch.arange(6)
+    contrast_index = torch.cat([index[:, None], torch.randint(50, (6, 9), generator=gen)], 1)
+    f = embeddings(gen, 6, 4, torch.float32)
+    with torch.no_grad():
+        crd.embed_teacher.load_state_dict(crd.embed_student.state_dict())
+        crd.student_bank[:6] = crd.teacher_bank[:6] = torch.nn.functional.normalize(crd.embed_student(f), dim=1)
+    crd(f, f, index, contrast_index)  # Z from a first batch
+    half_crd = crd.to(half)
+    assert half_crd.normalizers.dtype == torch.float32 and half_crd.student_bank.dtype == half
+    twin = copy.deepcopy(half_crd).double()
+    loss = half_crd(f.to(half), f.to(half), index, contrast_index)
+    want, _ = crd_reference_step(twin, f.to(half).double(), f.to(half).double(), contrast_index)
+    assert loss.dtype == torch.float32 and loss.isfinite()
+    assert_rel_close(loss, want, 1e-2)
+    with torch.no_grad():  # a forward without grad mode takes no gradient, and gives the same loss
+        assert half_crd(f.to(half), f.to(half), index, contrast_index).isfinite()
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -376,7 +404,7 @@ def test_rkd_and_crd_compile_fullgraph_to_the_eager_results(gen, kernel):
     gathered = relational.CRDLoss(500, 5, 4, feat_dim=6, num_negatives=7, backend=kernel.backend).to(kernel.device)
     index = torch.randperm(500, generator=gen)[:9].to(kernel.device)
     contrast_index = torch.cat([index[:, None], torch.randint(500, (9, 7), generator=gen).to(kernel.device)], 1)
-    gathered(s, t, index, contrast_index)  # Z from a first batch (a host read, once)
+    gathered(s, t, index, contrast_index)  # Z from a first batch
     import copy
 
     twin = copy.deepcopy(gathered)
