@@ -132,115 +132,102 @@ void rkd_angle_backward(const RKDAngleArgs& a) {
 
 constexpr int64_t kPrefetchAhead = 8;  // bank rows asked for this many contrast samples ahead (random reads)
 
-constexpr int64_t kSumBlock = 128;  // scatter-dot: contrast rows summed apart before joining the total (rounding)
+constexpr int64_t kSumBlock = 128;  // weighted row sums: contrast rows summed apart before joining the total
 
-inline void prefetch_row(const char* row, int64_t bytes) {
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(row + offset, 0, 3);
-}
+// Where the bank's rows lie, and how to read one.
+struct BankRows {
+    const char* data;
+    int dtype;
+    int64_t row_bytes, dim, dim_bytes;
 
-void bank_gather_dot(const BankDotArgs& a) {
-    const int64_t total = a.num_queries * a.num_contrast, dim = a.dim;
-    const char* bank = static_cast<const char*>(a.bank.data);
-    const int64_t row_bytes = a.bank.row_stride * element_size(a.bank.dtype);
-    const int64_t dim_bytes = dim * element_size(a.bank.dtype);
-#pragma omp parallel for num_threads(a.num_threads) schedule(static)
-    for (int64_t flat = 0; flat < total; ++flat) {
-        if (flat + kPrefetchAhead < total) {
-            prefetch_row(bank + a.index[flat + kPrefetchAhead] * row_bytes, dim_bytes);
-        }
-        const void* row = bank + a.index[flat] * row_bytes;
-        const float* query = a.query + flat / a.num_contrast * dim;
-        vf dot = splat(0.0f);
+    explicit BankRows(const BankDotArgs& a)
+        : data(static_cast<const char*>(a.bank.data)),
+          dtype(a.bank.dtype),
+          row_bytes(a.bank.row_stride * element_size(a.bank.dtype)),
+          dim(a.dim),
+          dim_bytes(a.dim * element_size(a.bank.dtype)) {}
+
+    const void* row(int64_t index) const { return data + index * row_bytes; }
+
+    void prefetch(int64_t index) const {
+        const char* start = data + index * row_bytes;
+        for (int64_t offset = 0; offset < dim_bytes; offset += 64) __builtin_prefetch(start + offset, 0, 3);
+    }
+
+    // ⟨row, query⟩ with a float32 query of dim entries
+    float dot(const void* row, const float* query) const {
+        vf sum = splat(0.0f);
         for (int64_t c = 0; c < dim; c += kLanes) {
             const int n = static_cast<int>(dim - c < kLanes ? dim - c : kLanes);
-            dot += load_lanes(row, a.bank.dtype, c, n, 0.0f) * load_lanes(query, kFloat32, c, n, 0.0f);
+            sum += load_lanes(row, dtype, c, n, 0.0f) * load_lanes(query, kFloat32, c, n, 0.0f);
         }
-        a.scores[flat] = hsum(dot);
+        return hsum(sum);
+    }
+
+    // total[0, dim) += weight·row (total padded to whole vectors)
+    void add(const void* row, float weight, float* total) const {
+        for (int64_t c = 0; c < dim; c += kLanes) {
+            const int n = static_cast<int>(dim - c < kLanes ? dim - c : kLanes);
+            vstore(total + c, vload(total + c) + weight * load_lanes(row, dtype, c, n, 0.0f));
+        }
+    }
+};
+
+void bank_gather_dot(const BankDotArgs& a) {
+    const BankRows bank(a);
+    const int64_t total = a.num_queries * a.num_contrast;
+#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+    for (int64_t flat = 0; flat < total; ++flat) {
+        if (flat + kPrefetchAhead < total) bank.prefetch(a.index[flat + kPrefetchAhead]);
+        a.scores[flat] = bank.dot(bank.row(a.index[flat]), a.query + flat / a.num_contrast * a.dim);
     }
 }
 
-void bank_scatter_dot(const BankDotArgs& a) {
-    const int64_t dim = a.dim, padded = (dim + kLanes - 1) / kLanes * kLanes;
-    const char* bank = static_cast<const char*>(a.bank.data);
-    const int64_t row_bytes = a.bank.row_stride * element_size(a.bank.dtype);
-    const int64_t dim_bytes = dim * element_size(a.bank.dtype);
-#pragma omp parallel num_threads(a.num_threads)
-    {
-        std::vector<float> sum(padded), block(padded);  // the rows of one block of kSumBlock, then of all blocks
-#pragma omp for schedule(static)
-        for (int64_t q = 0; q < a.num_queries; ++q) {
-            const int64_t* index = a.index + q * a.num_contrast;
-            const float* grad = a.grad + q * a.num_contrast;
-            for (int64_t c = 0; c < padded; ++c) sum[c] = 0.0f;
-            for (int64_t start = 0; start < a.num_contrast; start += kSumBlock) {
-                const int64_t end = start + kSumBlock < a.num_contrast ? start + kSumBlock : a.num_contrast;
-                for (int64_t c = 0; c < padded; ++c) block[c] = 0.0f;
-                for (int64_t k = start; k < end; ++k) {
-                    if (k + kPrefetchAhead < a.num_contrast) {
-                        prefetch_row(bank + index[k + kPrefetchAhead] * row_bytes, dim_bytes);
-                    }
-                    const void* row = bank + index[k] * row_bytes;
-                    const float g = grad[k];
-                    for (int64_t c = 0; c < dim; c += kLanes) {
-                        const int n = static_cast<int>(dim - c < kLanes ? dim - c : kLanes);
-                        const vf x = load_lanes(row, a.bank.dtype, c, n, 0.0f);
-                        vstore(block.data() + c, vload(block.data() + c) + g * x);
-                    }
-                }
-                for (int64_t c = 0; c < padded; c += kLanes) {
-                    vstore(sum.data() + c, vload(sum.data() + c) + vload(block.data() + c));
-                }
-            }
-            for (int64_t c = 0; c < dim; ++c) a.grad_query[q * dim + c] = sum[c];
-        }
-    }
-}
-
-// The scores of one query's contrast rows and their NCE gradient summed over the rows, each row read once (the
-// second sweep over it hits the cache): blocks of kSumBlock rows summed apart, as in the scatter-dot.
-void bank_score_grad(const BankDotArgs& a) {
-    const int64_t dim = a.dim, padded = (dim + kLanes - 1) / kLanes * kLanes;
-    const char* bank = static_cast<const char*>(a.bank.data);
-    const int64_t row_bytes = a.bank.row_stride * element_size(a.bank.dtype);
-    const int64_t dim_bytes = dim * element_size(a.bank.dtype);
+// grad_query[q] = Σ_k weight(q, k, row_k)·row_k over each query's contrast rows, a query per thread, in blocks of
+// kSumBlock rows summed apart before joining the total (rounding); weight may read the row (it is in cache then).
+template <typename Weight>
+void sum_weighted_rows(const BankDotArgs& a, Weight weight) {
+    const BankRows bank(a);
+    const int64_t padded = (a.dim + kLanes - 1) / kLanes * kLanes;
 #pragma omp parallel num_threads(a.num_threads)
     {
         std::vector<float> sum(padded), block(padded);
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < a.num_queries; ++q) {
             const int64_t* index = a.index + q * a.num_contrast;
-            const float* query = a.query + q * dim;
             for (int64_t c = 0; c < padded; ++c) sum[c] = 0.0f;
             for (int64_t start = 0; start < a.num_contrast; start += kSumBlock) {
                 const int64_t end = start + kSumBlock < a.num_contrast ? start + kSumBlock : a.num_contrast;
                 for (int64_t c = 0; c < padded; ++c) block[c] = 0.0f;
                 for (int64_t k = start; k < end; ++k) {
-                    if (k + kPrefetchAhead < a.num_contrast) {
-                        prefetch_row(bank + index[k + kPrefetchAhead] * row_bytes, dim_bytes);
-                    }
-                    const void* row = bank + index[k] * row_bytes;
-                    vf dot = splat(0.0f);
-                    for (int64_t c = 0; c < dim; c += kLanes) {
-                        const int n = static_cast<int>(dim - c < kLanes ? dim - c : kLanes);
-                        dot += load_lanes(row, a.bank.dtype, c, n, 0.0f) * load_lanes(query, kFloat32, c, n, 0.0f);
-                    }
-                    const float u = hsum(dot);
-                    a.scores[q * a.num_contrast + k] = u;
-                    const float x = std::exp(u * a.inv_temperature) * a.inv_normalizer;
-                    const float g = (k == 0 ? -a.noise : x) * a.grad_scale / (x + a.noise);
-                    for (int64_t c = 0; c < dim; c += kLanes) {
-                        const int n = static_cast<int>(dim - c < kLanes ? dim - c : kLanes);
-                        const vf x_row = load_lanes(row, a.bank.dtype, c, n, 0.0f);
-                        vstore(block.data() + c, vload(block.data() + c) + g * x_row);
-                    }
+                    if (k + kPrefetchAhead < a.num_contrast) bank.prefetch(index[k + kPrefetchAhead]);
+                    const void* row = bank.row(index[k]);
+                    bank.add(row, weight(q, k, bank, row), block.data());
                 }
                 for (int64_t c = 0; c < padded; c += kLanes) {
                     vstore(sum.data() + c, vload(sum.data() + c) + vload(block.data() + c));
                 }
             }
-            for (int64_t c = 0; c < dim; ++c) a.grad_query[q * dim + c] = sum[c];
+            for (int64_t c = 0; c < a.dim; ++c) a.grad_query[q * a.dim + c] = sum[c];
         }
     }
+}
+
+void bank_scatter_dot(const BankDotArgs& a) {
+    sum_weighted_rows(a, [&](int64_t q, int64_t k, const BankRows&, const void*) {
+        return a.grad[q * a.num_contrast + k];
+    });
+}
+
+// The scores of the contrast rows and their NCE gradient summed over the rows, each row read once (the second
+// sweep over it, in sum_weighted_rows, hits the cache).
+void bank_score_grad(const BankDotArgs& a) {
+    sum_weighted_rows(a, [&](int64_t q, int64_t k, const BankRows& bank, const void* row) {
+        const float u = bank.dot(row, a.query + q * a.dim);
+        a.scores[q * a.num_contrast + k] = u;
+        const float x = std::exp(u * a.inv_temperature) * a.inv_normalizer;
+        return (k == 0 ? -a.noise : x) * a.grad_scale / (x + a.noise);
+    });
 }
 
 }  // namespace
