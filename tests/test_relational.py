@@ -178,6 +178,37 @@ def crd_reference_step(crd, f_s, f_t, contrast_index):
     return loss, banks
 
 
+def assert_crd_steps_follow_the_authors(crd, twin, gen, *, loss_rtol, grad_rtol, bank_rtol=None, features=None):
+    """Three steps of ``crd`` against :func:`crd_reference_step` on ``twin`` (float64), with positives among the
+    negatives: the losses, the parameters' gradients and the banks (bank_rtol None: the same bits). ``features``
+    puts the float64 features where ``crd`` takes them."""
+    num_samples, num_negatives = crd.num_samples, crd.num_negatives
+    for step in range(3):
+        f_s, f_t = embeddings(gen, 8, 5), embeddings(gen, 8, 9)
+        index = torch.randperm(num_samples, generator=gen)[:8]
+        negatives = torch.randint(num_samples, (8, num_negatives), generator=gen)
+        negatives[0, :3] = index[0]  # the positive among its own negatives, and other rows' positives too
+        negatives[1, :2] = index[2]
+        contrast_index = torch.cat([index[:, None], negatives], 1)
+        inputs = (f_s, f_t) if features is None else (features(f_s), features(f_t))
+        loss = crd(*inputs, index, contrast_index)
+        want, banks = crd_reference_step(twin, f_s, f_t, contrast_index)
+        assert_rel_close(loss, want, loss_rtol, what=f"loss at step {step}")
+        got_grads = torch.autograd.grad(loss, list(crd.parameters()))
+        want_grads = torch.autograd.grad(want, list(twin.parameters()))
+        for got, expected in zip(got_grads, want_grads):
+            assert_rel_close(got, expected, grad_rtol, what=f"gradient at step {step}")
+        with torch.no_grad():
+            twin.student_bank.copy_(banks[0])
+            twin.teacher_bank.copy_(banks[1])
+            twin.normalizers.copy_(crd.normalizers)
+        for got, expected in ((crd.student_bank, twin.student_bank), (crd.teacher_bank, twin.teacher_bank)):
+            if bank_rtol is None:
+                assert torch.equal(got, expected)
+            else:
+                assert_rel_close(got, expected, bank_rtol, what=f"bank at step {step}")
+
+
 @pytest.mark.parametrize("num_samples", [60, 3000])  # one matrix product for all N scores, or gathered blocks
 def test_crd_matches_the_authors_algorithm_over_steps(gen, num_samples, monkeypatch):
     import copy
@@ -185,26 +216,7 @@ def test_crd_matches_the_authors_algorithm_over_steps(gen, num_samples, monkeypa
     monkeypatch.setattr(relational, "CONTRAST_BLOCK", 7)
     torch.manual_seed(1)
     crd = relational.CRDLoss(num_samples, 5, 9, feat_dim=6, num_negatives=20, seed=4).double()
-    twin = copy.deepcopy(crd)
-    for step in range(3):
-        f_s, f_t = embeddings(gen, 8, 5), embeddings(gen, 8, 9)
-        index = torch.randperm(num_samples, generator=gen)[:8]
-        negatives = torch.randint(num_samples, (8, 20), generator=gen)
-        negatives[0, :3] = index[0]  # the positive among its own negatives, and other rows' positives too
-        negatives[1, :2] = index[2]
-        contrast_index = torch.cat([index[:, None], negatives], 1)
-        loss = crd(f_s, f_t, index, contrast_index)
-        want, banks = crd_reference_step(twin, f_s, f_t, contrast_index)
-        assert_rel_close(loss, want, 1e-12, what=f"loss at step {step}")
-        got_grads = torch.autograd.grad(loss, list(crd.parameters()))
-        want_grads = torch.autograd.grad(want, list(twin.parameters()))
-        for got, expected in zip(got_grads, want_grads):
-            assert_rel_close(got, expected, 1e-10, what=f"gradient at step {step}")
-        with torch.no_grad():
-            twin.student_bank.copy_(banks[0])
-            twin.teacher_bank.copy_(banks[1])
-            twin.normalizers.copy_(crd.normalizers)
-        assert torch.equal(crd.student_bank, twin.student_bank) and torch.equal(crd.teacher_bank, twin.teacher_bank)
+    assert_crd_steps_follow_the_authors(crd, copy.deepcopy(crd), gen, loss_rtol=1e-12, grad_rtol=1e-10)
 
 
 def test_crd_negatives_are_deterministic_for_a_seed_and_checkpointed(gen):
@@ -361,27 +373,12 @@ def test_crd_on_the_kernels_matches_the_float64_algorithm_over_steps(gen, kernel
     torch.manual_seed(1)
     crd = relational.CRDLoss(500, 5, 9, feat_dim=6, num_negatives=num_negatives, backend=kernel.backend)
     twin = copy.deepcopy(crd).double()
-    crd = crd.to(kernel.device)
-    for step in range(3):
-        f_s, f_t = embeddings(gen, 8, 5), embeddings(gen, 8, 9)
-        index = torch.randperm(500, generator=gen)[:8]
-        negatives = torch.randint(500, (8, num_negatives), generator=gen)
-        negatives[0, :2] = index[0]
-        negatives[1, :2] = index[2]
-        contrast_index = torch.cat([index[:, None], negatives], 1)
-        loss = crd(f_s.float().to(kernel.device), f_t.float().to(kernel.device), index, contrast_index)
-        want, banks = crd_reference_step(twin, f_s, f_t, contrast_index)
-        assert_rel_close(loss, want, 1e-5, what=f"loss at step {step}")
-        got_grads = torch.autograd.grad(loss, list(crd.parameters()))
-        want_grads = torch.autograd.grad(want, list(twin.parameters()))
-        for got, expected in zip(got_grads, want_grads):
-            assert_rel_close(got, expected, 1e-5, what=f"gradient at step {step}")
-        with torch.no_grad():
-            twin.student_bank.copy_(banks[0])
-            twin.teacher_bank.copy_(banks[1])
-            twin.normalizers.copy_(crd.normalizers)
-        assert_rel_close(crd.student_bank, twin.student_bank, 1e-6, what="student bank")
-        assert_rel_close(crd.teacher_bank, twin.teacher_bank, 1e-6, what="teacher bank")
+
+    def features(x):
+        return x.float().to(kernel.device)
+
+    options = dict(features=features, loss_rtol=1e-5, grad_rtol=1e-5, bank_rtol=1e-6)
+    assert_crd_steps_follow_the_authors(crd.to(kernel.device), twin, gen, **options)
 
 
 def test_rkd_and_crd_compile_fullgraph_to_the_eager_results(gen, kernel):
