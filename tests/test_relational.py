@@ -252,6 +252,13 @@ def test_crd_refuses_bad_indices(gen):
         relational.CRDLoss(10, 3, 3, num_negatives=0)
     with pytest.raises(ValueError, match="at least one sample"):
         crd(f[:0], f[:0], torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        relational.CRDLoss(10, 3, 3, backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastkd.rkd_loss(f, f, backend="gpu")
+    in_float64 = relational.CRDLoss(10, 3, 3, feat_dim=4, num_negatives=5, backend="cpu").double()
+    with pytest.raises(RuntimeError, match="use backend='reference' for other dtypes"):
+        in_float64(f.double(), f.double(), torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
